@@ -25,7 +25,7 @@ from typing import IO, Any, ClassVar, TypeVar
 from viaduct.config import provenance as prov
 from viaduct.config import typing_utils as tu
 from viaduct.config.errors import ConfigError, did_you_mean, warn
-from viaduct.config.types import DType, FunctionRef
+from viaduct.config.types import DType, FunctionRef, Partial
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -230,6 +230,8 @@ class ConfigBase:
             )
         if info.normalize is not None and value is not None:
             value = _normalize(info.normalize, value)
+        elif type(value) is functools.partial:  # compare by value, like every other config value
+            value = Partial(value.func, *value.args, **value.keywords)
         object.__setattr__(self, name, value)
         sources = d.get(_PROV)
         if sources is None:
@@ -435,8 +437,10 @@ def _normalize(kind: str, value: Any) -> Any:
     try:
         if kind == "dtype":
             return value if isinstance(value, DType) else DType(value)
-        if isinstance(value, (FunctionRef, functools.partial)) or not (callable(value) or isinstance(value, str)):
+        if isinstance(value, FunctionRef) or not (callable(value) or isinstance(value, str)):
             return value
+        if isinstance(value, functools.partial):
+            return value if type(value) is Partial else Partial(value.func, *value.args, **value.keywords)
         return FunctionRef(value)
     except ValueError:
         return value  # left as given; check_types() reports it with the field path

@@ -521,11 +521,11 @@ def check_type(value: Any, tp: Any) -> str | None:
     if tp is Any or tp is object:
         return None
     if tu.is_union(tp):
-        reasons = [check_type(value, m) for m in tu.union_members(tp)]
+        members = [m for m in tu.union_members(tp) if m is not tu.NoneType or value is None]
+        reasons = [check_type(value, m) for m in members]
         if any(r is None for r in reasons):
             return None
-        real = [r for r in reasons if r and not r.startswith("expected")]
-        return real[0] if len(real) == 1 else f"expected {tu.type_name(tp)}, got {_describe(value)}"
+        return reasons[0] if len(reasons) == 1 else f"expected {tu.type_name(tp)}, got {_describe(value)}"
     if value is None:
         return None if tp is tu.NoneType else f"must not be None (expected {tu.type_name(tp)})"
     if tu.is_literal(tp):

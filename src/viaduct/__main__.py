@@ -1,0 +1,3 @@
+from viaduct.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The `viaduct` command.
+
+    viaduct config show     [--recipe NAME | --config-file F] [--provenance] [--resolved] [overrides...]
+    viaduct config validate [--recipe NAME | --config-file F] [--world-size N] [overrides...]
+    viaduct config diff A B     (each a YAML file or a recipe name)
+    viaduct config schema   [--output F]
+    viaduct config recipes
+
+Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
+flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from viaduct.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from viaduct.training.config import ConfigContainer
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", metavar="NAME", help="recipe to start from (default: the embedded default)")
+    p.add_argument("--config-file", metavar="PATH",
+                   help="YAML file: a full config (with _target_) or partial overrides on top of the recipe")
+    p.add_argument("--help-config", action="store_true", help="list every --component.field flag and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="viaduct", description="viaduct: configuration-centred LLM training")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cfg = sub.add_parser("config", help="show, validate, compare and describe configurations")
+    csub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    show = csub.add_parser("show", help="print a configuration as YAML")
+    _add_source_args(show)
+    show.add_argument("--provenance", action="store_true", help="say where each value came from")
+    show.add_argument("--resolved", action="store_true", help="validate first and show derived values too")
+    show.add_argument("--output", metavar="PATH", help="write the YAML here instead of printing it")
+
+    val = csub.add_parser("validate", help="check a configuration (exit 2 with every problem if invalid)")
+    _add_source_args(val)
+    val.add_argument("--world-size", type=int, metavar="N", help="number of processes to validate for")
+
+    diff = csub.add_parser("diff", help="field-level differences between two configurations")
+    diff.add_argument("a", help="YAML file or recipe name")
+    diff.add_argument("b", help="YAML file or recipe name")
+
+    schema = csub.add_parser("schema", help="JSON Schema of the YAML format (for editor completion)")
+    schema.add_argument("--output", metavar="PATH", help="write the schema here instead of printing it")
+
+    csub.add_parser("recipes", help="list the recipes")
+    return parser
+
+
+def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str]) -> ConfigContainer:
+    """recipe < YAML file < CLI flags and overrides, in that order."""
+    from viaduct.config.arguments import add_config_arguments, apply_parsed_args
+    from viaduct.config.overrides import process_config_with_overrides
+    from viaduct.config.yaml_io import load_yaml_file
+    from viaduct.recipes import DEFAULT_RECIPE, get_recipe
+    from viaduct.training.config import ConfigContainer
+
+    flags = [a for a in extra if a.startswith("--")]
+    overrides = [a for a in extra if not a.startswith("--")]
+    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
+    if bad:
+        raise ConfigError(f"not an override: {' '.join(bad)} (write key.path=value, or --component.field VALUE)")
+
+    cfg = None
+    file_is_full = False
+    if config_file is not None:
+        data, _ = load_yaml_file(config_file)
+        file_is_full = isinstance(data, dict) and "_target_" in data
+    if file_is_full and recipe is None:
+        cfg = ConfigContainer.from_yaml(config_file)  # type: ignore[arg-type]
+    else:
+        cfg = get_recipe(recipe or DEFAULT_RECIPE)()
+        if config_file is not None:
+            cfg = process_config_with_overrides(cfg, config_filepath=config_file)
+    if flags:
+        parser = argparse.ArgumentParser(prog="viaduct", add_help=False)
+        add_config_arguments(parser, cfg)
+        namespace, unknown = parser.parse_known_args(_pair_flags(flags, extra))
+        if unknown:
+            from viaduct.config.errors import did_you_mean
+
+            names = [a for action in parser._actions for a in action.option_strings]
+            problems = [f"unknown flag {u}" + (f"; {did_you_mean(u, names)}" if did_you_mean(u, names) else "")
+                        for u in unknown if u.startswith("--")]
+            raise ConfigError("; ".join(problems) or f"unexpected arguments: {' '.join(unknown)}")
+        apply_parsed_args(cfg, namespace)
+    if overrides:
+        process_config_with_overrides(cfg, cli_overrides=overrides)
+    return cfg
+
+
+def _pair_flags(flags: list[str], extra: Sequence[str]) -> list[str]:
+    """The flags with their values (the argument after a flag that is not itself a flag/override)."""
+    out: list[str] = []
+    items = list(extra)
+    i = 0
+    while i < len(items):
+        a = items[i]
+        if a.startswith("--"):
+            out.append(a)
+            while i + 1 < len(items) and not items[i + 1].startswith("--") and "=" not in items[i + 1]:
+                out.append(items[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
+def _print_config_help(recipe: str | None) -> None:
+    from viaduct.config.arguments import add_config_arguments
+    from viaduct.recipes import DEFAULT_RECIPE, get_recipe
+
+    parser = argparse.ArgumentParser(prog="viaduct config {show,validate}", add_help=False,
+                                     description="Every field of the configuration as a flag.")
+    add_config_arguments(parser, get_recipe(recipe or DEFAULT_RECIPE)())
+    parser.print_help()
+
+
+def _config_from_operand(operand: str) -> ConfigContainer:
+    if Path(operand).is_file():
+        return load_config(None, operand, [])
+    return load_config(operand, None, [])
+
+
+def _summary(cfg: ConfigContainer) -> str:
+    t, s = cfg.train, cfg.scheduler
+    parts = [
+        f"world size {cfg.world_size}, data-parallel {cfg.data_parallel_size}",
+        f"global batch {t.global_batch_size} = {cfg.num_microbatches} micro-batches of {t.micro_batch_size}"
+        f" × {cfg.data_parallel_size} ranks",
+        f"{t.train_iters} iterations",
+        f"LR warmup {s.lr_warmup_steps} samples, decay {s.lr_decay_steps} samples ({s.lr_decay_style})",
+    ]
+    return "configuration is valid: " + "; ".join(parts)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "config":
+        parser.error(f"unknown command {args.command}")
+    if args.action in ("diff", "schema", "recipes") and extra:
+        parser.error(f"unexpected arguments: {' '.join(extra)}")
+    out = sys.stdout
+    if args.action == "recipes":
+        from viaduct.recipes import list_recipes
+
+        for name, doc in list_recipes().items():
+            out.write(f"{name:32s} {doc}\n")
+        return 0
+    if args.action == "schema":
+        from viaduct.config.schema import json_schema
+        from viaduct.training.config import ConfigContainer
+
+        text = json.dumps(json_schema(ConfigContainer), indent=2) + "\n"
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            out.write(text)
+        return 0
+    if args.action == "diff":
+        from viaduct.config.diff import diff
+
+        changes = diff(_config_from_operand(args.a), _config_from_operand(args.b))
+        for c in changes:
+            out.write(f"{c}\n")
+        if not changes:
+            out.write("no differences\n")
+        return 0
+    if args.help_config:
+        _print_config_help(args.recipe)
+        return 0
+    cfg = load_config(args.recipe, args.config_file, extra)
+    if args.action == "validate":
+        cfg.validate(world_size=args.world_size)
+        out.write(_summary(cfg) + "\n")
+        return 0
+    # show
+    if args.resolved:
+        cfg.validate()
+    if args.output:
+        cfg.to_yaml(args.output)
+        return 0
+    cfg.print_yaml(provenance=args.provenance)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    from viaduct.config.errors import ConfigWarning
+
+    warnings.simplefilter("always", ConfigWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    try:
+        return run(argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_CONFIG_ERROR
+    except BrokenPipeError:  # `viaduct config show | head`
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

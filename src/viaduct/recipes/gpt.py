@@ -1,0 +1,56 @@
+"""Small GPT recipes: the embedded default that trains on a laptop CPU."""
+
+from __future__ import annotations
+
+from viaduct.config.types import FunctionRef
+from viaduct.models import GPTModelProvider
+from viaduct.recipes.registry import recipe
+from viaduct.training.config import (
+    CheckpointConfig,
+    ConfigContainer,
+    LoggerConfig,
+    MockGPTDatasetConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TrainingConfig,
+)
+
+
+def tiny_gpt_model(seq_length: int = 256) -> GPTModelProvider:
+    """A 4-layer, 256-wide Llama-style GPT (about 3M parameters with a byte-level vocabulary)."""
+    return GPTModelProvider(
+        num_layers=4,
+        hidden_size=256,
+        ffn_hidden_size=704,
+        num_attention_heads=4,
+        seq_length=seq_length,
+        normalization="RMSNorm",
+        activation_func=FunctionRef("silu"),
+        gated_linear_unit=True,
+        position_embedding_type="rope",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        share_embeddings_and_output_weights=True,
+        make_vocab_size_divisible_by=64,
+    )
+
+
+@recipe("default", "tiny_gpt")
+def tiny_gpt_pretrain_config() -> ConfigContainer:
+    """The embedded default: a tiny GPT trained on CPU in minutes, with nothing to download."""
+    seq_length = 256
+    return ConfigContainer(
+        model=tiny_gpt_model(seq_length),
+        train=TrainingConfig(train_iters=300, global_batch_size=16, micro_batch_size=8, eval_interval=100,
+                             eval_iters=5),
+        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=30, start_weight_decay=0.1,
+                                  end_weight_decay=0.1),
+        # Synthetic tokens until the bundled corpus (Python's own documentation) is wired in.
+        dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=None, num_workers=0),
+        logger=LoggerConfig(log_interval=10),
+        tokenizer=TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
+        checkpoint=CheckpointConfig(),
+    )

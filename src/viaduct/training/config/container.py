@@ -1,0 +1,319 @@
+"""`ConfigContainer`: the single source of truth for a training run, and its validation.
+
+`validate()` is the lazy point of the design: constructors and assignments only store values;
+`validate()` derives everything that depends on them and checks the whole tree, reporting every
+problem in one `ConfigError`. It runs, in this order (documented in docs/configuration.md):
+
+1. reset every value derived by a previous validate() (so it is idempotent and follows edits);
+2. check every field's type and every "not supported yet" setting;
+3. resolve and apply the mixed-precision recipe to model / optimizer / ddp;
+4. data-parallel size from the world size and TP·PP·CP;
+5. one owner for the sequence length (model.seq_length <-> dataset.seq_length);
+6. each component's finalize(): dataset, ddp, optimizer, model, logger, train, scheduler,
+   checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft;
+7. cross-component rules: batch sizes and micro-batches, evaluation batches, scheduler steps
+   (in samples), PEFT needs a pretrained checkpoint.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from viaduct.config import ConfigBase, ConfigError, Problem, derived
+from viaduct.config.errors import warn
+from viaduct.config.provenance import is_user_set
+from viaduct.models.provider import ModelProvider
+from viaduct.peft.base import PEFT
+from viaduct.training.comm_overlap import CommOverlapConfig
+from viaduct.training.config.checkpoint import CheckpointConfig
+from viaduct.training.config.dataset import DataloaderConfig, GPTDatasetConfig
+from viaduct.training.config.distributed import DistributedDataParallelConfig, DistributedInitConfig
+from viaduct.training.config.logger import LoggerConfig
+from viaduct.training.config.optimizer import OptimizerConfig
+from viaduct.training.config.profiling import ProfilingConfig
+from viaduct.training.config.resilience import (
+    FaultToleranceConfig,
+    InProcessRestartConfig,
+    NVRxStragglerDetectionConfig,
+    RerunStateMachineConfig,
+    StragglerDetectionConfig,
+)
+from viaduct.training.config.rng import RNGConfig
+from viaduct.training.config.scheduler import SchedulerConfig, compute_scheduler_steps
+from viaduct.training.config.tokenizer import TokenizerConfig
+from viaduct.training.config.train import TrainingConfig
+from viaduct.training.mixed_precision import MixedPrecisionConfig, apply_mixed_precision, get_mixed_precision_config
+
+# The order in which components finalize (step 6 above). A component's finalize may rely on the
+# ones before it having run (e.g. train before scheduler).
+FINALIZE_ORDER = (
+    "dataset",
+    "ddp",
+    "optimizer",
+    "model",
+    "logger",
+    "train",
+    "scheduler",
+    "checkpoint",
+    "profiling",
+    "rng",
+    "tokenizer",
+    "rerun_state_machine",
+    "comm_overlap",
+    "peft",
+    "dist",
+)
+
+
+@dataclass(kw_only=True)
+class ConfigContainer(ConfigBase):
+    """Every setting of a training run: model, loop, optimizer, data, logging, checkpoints, ..."""
+
+    model: ModelProvider
+    """Model architecture, precision and parallelism strategy (GPT, T5, Mamba)."""
+    train: TrainingConfig
+    """Training loop: batch sizes, iterations, evaluation, exit conditions."""
+    optimizer: OptimizerConfig
+    """Optimizer type and hyperparameters (the learning rate lives here)."""
+    scheduler: SchedulerConfig
+    """Learning-rate and weight-decay schedules."""
+    dataset: DataloaderConfig
+    """Data loading: dataset kind, paths, splits, loader workers."""
+    logger: LoggerConfig
+    """Console, TensorBoard and Weights & Biases logging."""
+    tokenizer: TokenizerConfig
+    """Tokenizer kind and files."""
+    checkpoint: CheckpointConfig
+    """Checkpoint saving, loading and resuming."""
+    dist: DistributedInitConfig = field(default_factory=DistributedInitConfig)
+    """Process-group initialization."""
+    ddp: DistributedDataParallelConfig = field(default_factory=DistributedDataParallelConfig)
+    """Data-parallel gradient reduction settings."""
+    rng: RNGConfig = field(default_factory=RNGConfig)
+    """Random seeds."""
+    rerun_state_machine: RerunStateMachineConfig = field(default_factory=RerunStateMachineConfig)
+    """NaN / spiky-loss checks on the training loss."""
+    mixed_precision: MixedPrecisionConfig | str | None = None
+    """Mixed-precision recipe, by name ("bf16_mixed", "fp16_mixed") or as an object."""
+    comm_overlap: CommOverlapConfig | None = None
+    """Communication-overlap settings."""
+    peft: PEFT | None = None
+    """Parameter-efficient fine-tuning (LoRA, DoRA)."""
+    profiling: ProfilingConfig | None = None
+    """Profiling with the PyTorch profiler and memory snapshots."""
+    ft: FaultToleranceConfig | None = None
+    """Fault tolerance and automatic recovery (not supported yet)."""
+    straggler: StragglerDetectionConfig | None = None
+    """GPU straggler detection (not supported yet)."""
+    nvrx_straggler: NVRxStragglerDetectionConfig | None = None
+    """NVIDIA Resiliency Extension straggler detection (not supported yet)."""
+    inprocess_restart: InProcessRestartConfig | None = None
+    """In-process restart for fault tolerance (not supported yet)."""
+
+    data_parallel_size: int | None = derived()
+    """Data-parallel size: world size / (tensor × pipeline × context parallel); set by validate()."""
+    num_microbatches: int | None = derived()
+    """Micro-batches per step: global batch / (micro batch × data-parallel size); set by validate()."""
+    world_size: int | None = derived()
+    """The world size validate() assumed (argument, torch.distributed, $WORLD_SIZE, or 1)."""
+
+    _legacy_fields_ = {
+        "env_vars": "environment variables are set by the launcher, not the config (HEAD-only field)",
+        "validation": "evaluation settings live in train (eval_iters, eval_interval, eval_*_batch_size)",
+        "optimizer_config_override_provider": "parameter groups follow the fixed no-weight-decay rule",
+        "tensor_inspect": "Transformer Engine tensor inspection has no pure-PyTorch equivalent",
+    }
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, world_size: int | None = None) -> "ConfigContainer":
+        """Derive every dependent value and check the whole configuration (see module docstring).
+
+        Raises `ConfigError` listing every problem. Idempotent: edit, validate again, and all
+        derived values are recomputed from the user's values. Returns self.
+        """
+        self._reset_derived()
+        problems: list[Problem] = self.check_types()
+        broken = {p.path.split(".", 1)[0].split("[", 1)[0] for p in problems}
+
+        if "mixed_precision" not in broken and not {"model", "optimizer", "ddp"} & broken:
+            problems += self._apply_mixed_precision()
+        world = self._world_size(world_size)
+        self._derive("world_size", world, "validate(world_size)")
+        if "model" not in broken:
+            problems += self._data_parallel_size(world)
+        if not {"model", "dataset"} & broken:
+            problems += self._sync_seq_length()
+        for name in FINALIZE_ORDER:
+            component = getattr(self, name)
+            if component is None or name in broken:
+                continue
+            try:
+                component.finalize()
+            except ConfigError as exc:
+                problems += [p.prefixed(name) for p in exc.problems]
+                broken.add(name)
+        problems += self._cross_checks(broken)
+        if problems:
+            raise ConfigError(self._with_sources(problems), header=f"invalid configuration ({len(problems)} "
+                              f"problem{'s' if len(problems) != 1 else ''})")
+        return self
+
+    def _apply_mixed_precision(self) -> list[Problem]:
+        mp = self.mixed_precision
+        if mp is None:
+            return []
+        label = mp if isinstance(mp, str) else "object"
+        if isinstance(mp, str):
+            try:
+                mp = get_mixed_precision_config(mp)
+            except ConfigError as exc:
+                return [p.prefixed("mixed_precision") if p.path else
+                        Problem("mixed_precision", p.message, self.mixed_precision, p.fix) for p in exc.problems]
+            problems = [p.prefixed("mixed_precision") for p in mp.check_types()]
+            if problems:
+                return problems
+        try:
+            mp.finalize()
+        except ConfigError as exc:
+            return [p.prefixed("mixed_precision") for p in exc.problems]
+        for note in apply_mixed_precision(mp, self.model, self.optimizer, self.ddp, label=label):
+            warn(note)
+        return []
+
+    @staticmethod
+    def _world_size(world_size: int | None) -> int:
+        if world_size is not None:
+            return int(world_size)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size())
+        for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+            if os.environ.get(var, "").isdigit():
+                return int(os.environ[var])
+        return 1
+
+    def _data_parallel_size(self, world: int) -> list[Problem]:
+        m = self.model
+        tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+        model_parallel = tp * pp * cp
+        if world <= 0 or world % model_parallel:
+            return [Problem(
+                "model.tensor_model_parallel_size",
+                f"world size {world} is not divisible by tensor × pipeline × context parallel size "
+                f"({tp} × {pp} × {cp} = {model_parallel})",
+                fix=f"run on a multiple of {model_parallel} processes or change the parallel sizes",
+            )]
+        self._derive("data_parallel_size", world // model_parallel, f"world {world} / (TP·PP·CP {model_parallel})")
+        return []
+
+    def _sync_seq_length(self) -> list[Problem]:
+        """One owner for the sequence length: whichever side the user set wins; both set must agree."""
+        ds = self.dataset
+        if not isinstance(ds, GPTDatasetConfig):
+            return []  # custom datasets carry no sequence length (Bridge issue #894)
+        model_len, data_len = self.model.seq_length, ds.seq_length
+        if data_len is None:
+            ds._derive("seq_length", model_len, "model.seq_length")
+            return []
+        if model_len == data_len:
+            return []
+        if not is_user_set(self.model.source_of("seq_length")):
+            self.model._derive("seq_length", data_len, "dataset.seq_length")
+            return []
+        return [Problem(
+            "dataset.seq_length",
+            f"conflicts with model.seq_length ({model_len}, from {self.model.source_of('seq_length')})",
+            data_len,
+            fix="set one of them only (the other follows), or make them equal",
+            source=ds.source_of("seq_length"),
+        )]
+
+    def _cross_checks(self, broken: set[str]) -> list[Problem]:
+        problems: list[Problem] = []
+        if {"train", "model"} & broken or self.data_parallel_size is None:
+            return problems
+        t, dp = self.train, self.data_parallel_size
+        if t.micro_batch_size is None:
+            problems.append(Problem("train.micro_batch_size", "must be set", None,
+                                    fix="set train.micro_batch_size (samples per forward pass per rank)"))
+        if t.global_batch_size is None:
+            problems.append(Problem("train.global_batch_size", "must be set", None,
+                                    fix="set train.global_batch_size (samples per optimizer step)"))
+        if problems:
+            return problems
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            lower = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
+            problems.append(Problem(
+                "train.global_batch_size",
+                f"must be divisible by train.micro_batch_size × data-parallel size "
+                f"({t.micro_batch_size} × {dp} = {per_step})",
+                t.global_batch_size,
+                fix=f"use a multiple of {per_step} (e.g. {lower} or {lower + per_step})",
+            ))
+        else:
+            self._derive("num_microbatches", t.global_batch_size // per_step,
+                         f"global {t.global_batch_size} / (micro {t.micro_batch_size} × DP {dp})")
+        if t.rampup_batch_size:
+            start, incr = t.rampup_batch_size[0], t.rampup_batch_size[1]
+            for name, v in (("start", start), ("increment", incr)):
+                if v % per_step:
+                    problems.append(Problem("train.rampup_batch_size", f"the {name} batch size {v} must be "
+                                            f"divisible by micro batch × data-parallel size ({per_step})",
+                                            t.rampup_batch_size, fix=f"use multiples of {per_step}"))
+        eval_gbs = t.eval_global_batch_size or t.global_batch_size
+        eval_mbs = t.eval_micro_batch_size or t.micro_batch_size
+        if eval_gbs % (eval_mbs * dp):
+            problems.append(Problem(
+                "train.eval_global_batch_size",
+                f"evaluation batch {eval_gbs} must be divisible by eval micro batch × data-parallel size "
+                f"({eval_mbs} × {dp} = {eval_mbs * dp})",
+                eval_gbs,
+                fix="set train.eval_global_batch_size / train.eval_micro_batch_size accordingly",
+            ))
+        if "scheduler" not in broken and t.train_iters is not None:
+            try:
+                compute_scheduler_steps(self.scheduler, train_iters=t.train_iters, train_samples=t.train_samples,
+                                        global_batch_size=t.global_batch_size)
+            except ConfigError as exc:
+                problems += exc.problems
+        if self.peft is not None and not self.checkpoint.pretrained_checkpoint:
+            problems.append(Problem("peft", "fine-tuning with PEFT needs base weights", type(self.peft).__name__,
+                                    fix="set checkpoint.pretrained_checkpoint to the base model's checkpoint"))
+        return problems
+
+    def _with_sources(self, problems: list[Problem]) -> list[Problem]:
+        sources = None
+        out = []
+        for p in problems:
+            if p.source is None and p.path:
+                if sources is None:
+                    sources = self.provenance()
+                src = sources.get(p.path.split("[", 1)[0])
+                if src is not None and src != "default":
+                    from dataclasses import replace
+
+                    p = replace(p, source=src)
+            out.append(p)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def get_data_parallel_size(self, world_size: int) -> int:
+        """world_size / (TP·PP·CP); raises `ConfigError` when it does not divide."""
+        problems = self._data_parallel_size(world_size)
+        if problems:
+            raise ConfigError(problems)
+        return world_size // (
+            self.model.tensor_model_parallel_size
+            * self.model.pipeline_model_parallel_size
+            * self.model.context_parallel_size
+        )
+
+    def log_non_default_values(self) -> dict[str, Any]:
+        """Dotted path -> value for every field not at its default (what this run changed)."""
+        from viaduct.config.diff import non_default_values
+
+        return non_default_values(self)
