@@ -29,13 +29,18 @@ EXIT_CONFIG_ERROR = 2
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", metavar="NAME", help="recipe to start from (default: the embedded default)")
-    p.add_argument("--config-file", metavar="PATH",
-                   help="YAML file: a full config (with _target_) or partial overrides on top of the recipe")
+    p.add_argument(
+        "--config-file",
+        metavar="PATH",
+        help="YAML file: a full config (with _target_) or partial overrides on top of the recipe",
+    )
     p.add_argument("--help-config", action="store_true", help="list every --component.field flag and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="viaduct", description="viaduct: configuration-centred LLM training")
+    parser = argparse.ArgumentParser(
+        prog="viaduct", description="viaduct: configuration-centred LLM training"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cfg = sub.add_parser("config", help="show, validate, compare and describe configurations")
     csub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -69,11 +74,12 @@ def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str
     from viaduct.recipes import DEFAULT_RECIPE, get_recipe
     from viaduct.training.config import ConfigContainer
 
-    flags = [a for a in extra if a.startswith("--")]
-    overrides = [a for a in extra if not a.startswith("--")]
+    flags, overrides = split_flags(extra)
     bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
     if bad:
-        raise ConfigError(f"not an override: {' '.join(bad)} (write key.path=value, or --component.field VALUE)")
+        raise ConfigError(
+            f"not an override: {' '.join(bad)} (write key.path=value, or --component.field VALUE)"
+        )
 
     cfg = None
     file_is_full = False
@@ -87,15 +93,18 @@ def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str
         if config_file is not None:
             cfg = process_config_with_overrides(cfg, config_filepath=config_file)
     if flags:
-        parser = argparse.ArgumentParser(prog="viaduct", add_help=False)
+        parser = argparse.ArgumentParser(prog="viaduct", add_help=False, allow_abbrev=False)
         add_config_arguments(parser, cfg)
-        namespace, unknown = parser.parse_known_args(_pair_flags(flags, extra))
+        namespace, unknown = parser.parse_known_args(flags)
         if unknown:
             from viaduct.config.errors import did_you_mean
 
             names = [a for action in parser._actions for a in action.option_strings]
-            problems = [f"unknown flag {u}" + (f"; {did_you_mean(u, names)}" if did_you_mean(u, names) else "")
-                        for u in unknown if u.startswith("--")]
+            problems = [
+                f"unknown flag {u}" + (f"; {did_you_mean(u, names)}" if did_you_mean(u, names) else "")
+                for u in unknown
+                if u.startswith("--")
+            ]
             raise ConfigError("; ".join(problems) or f"unexpected arguments: {' '.join(unknown)}")
         apply_parsed_args(cfg, namespace)
     if overrides:
@@ -103,28 +112,35 @@ def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str
     return cfg
 
 
-def _pair_flags(flags: list[str], extra: Sequence[str]) -> list[str]:
-    """The flags with their values (the argument after a flag that is not itself a flag/override)."""
-    out: list[str] = []
+def split_flags(extra: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(generated flags with their values, Hydra-style overrides) from the trailing arguments."""
+    flags: list[str] = []
+    overrides: list[str] = []
     items = list(extra)
     i = 0
     while i < len(items):
         a = items[i]
         if a.startswith("--"):
-            out.append(a)
-            while i + 1 < len(items) and not items[i + 1].startswith("--") and "=" not in items[i + 1]:
-                out.append(items[i + 1])
+            flags.append(a)
+            # A flag's values follow it: anything that is neither a flag nor an override.
+            while i + 1 < len(items) and not items[i + 1].startswith(("--", "~")) and "=" not in items[i + 1]:
+                flags.append(items[i + 1])
                 i += 1
+        else:
+            overrides.append(a)
         i += 1
-    return out
+    return flags, overrides
 
 
 def _print_config_help(recipe: str | None) -> None:
     from viaduct.config.arguments import add_config_arguments
     from viaduct.recipes import DEFAULT_RECIPE, get_recipe
 
-    parser = argparse.ArgumentParser(prog="viaduct config {show,validate}", add_help=False,
-                                     description="Every field of the configuration as a flag.")
+    parser = argparse.ArgumentParser(
+        prog="viaduct config {show,validate}",
+        add_help=False,
+        description="Every field of the configuration as a flag.",
+    )
     add_config_arguments(parser, get_recipe(recipe or DEFAULT_RECIPE)())
     parser.print_help()
 

@@ -53,11 +53,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg: ConfigBase) -> No
         help_text = doc or None
         inner = tu.strip_optional(tp)
         if inner is bool:
-            group.add_argument(_flag(path), dest=dest, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(
+                _flag(path),
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
             continue
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text,
-                                  "metavar": tu.type_name(inner).upper() if not tu.is_literal(inner) else None}
+        kwargs: dict[str, Any] = {
+            "dest": dest,
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+            "metavar": tu.type_name(inner).upper() if not tu.is_literal(inner) else None,
+        }
         if tu.is_literal(inner):
             kwargs["choices"] = [str(c) for c in tu.args(inner)]
         elif tu.is_enum_type(inner):
@@ -74,7 +83,7 @@ def apply_parsed_args(cfg: ConfigBase, namespace: argparse.Namespace) -> ConfigB
     for dest, value in vars(namespace).items():
         if not dest.startswith(_DEST_PREFIX):
             continue
-        path = dest[len(_DEST_PREFIX):]
+        path = dest[len(_DEST_PREFIX) :]
         if isinstance(value, list):
             text = "[" + ", ".join(value) + "]"
         elif isinstance(value, bool):

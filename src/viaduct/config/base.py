@@ -34,6 +34,7 @@ _registry: dict[str, type] = {}
 _by_target: dict[str, type] = {}
 _PROV = "_vd_prov"
 _READY = "_vd_ready"
+_PREV = "_vd_prev"
 
 
 def unsupported(reason: str, default: Any = None, **kwargs: Any) -> Any:
@@ -189,7 +190,9 @@ class ConfigBase:
                 return c
         names = [a for c in choices for a in (c._aliases_ or (c.__name__,))]
         hint = did_you_mean(low, names)
-        raise CoerceError(f"{name!r} does not name a {cls.__name__}", fix=hint or f"use one of {', '.join(names)}")
+        raise CoerceError(
+            f"{name!r} does not name a {cls.__name__}", fix=hint or f"use one of {', '.join(names)}"
+        )
 
     @classmethod
     def from_string(cls, name: str) -> ConfigBase:
@@ -278,16 +281,26 @@ class ConfigBase:
         info = type(self).spec().fields[name]
         if info.normalize is not None and value is not None:
             value = _normalize(info.normalize, value)
+        sources = self.__dict__.setdefault(_PROV, {})
+        previous = sources.get(name)
+        if prov.is_user_set(previous):
+            # Remember what the user set, so the next validate() starts from it again.
+            self.__dict__.setdefault(_PREV, {})[name] = (self.__dict__.get(name), previous)
         object.__setattr__(self, name, value)
-        self.__dict__.setdefault(_PROV, {})[name] = prov.DERIVED_PREFIX + (f" ({reason})" if reason else "")
+        sources[name] = prov.DERIVED_PREFIX + (f" ({reason})" if reason else "")
 
     def _reset_derived(self) -> None:
         """Undo every derived value (recursively) so validate() starts from the user's values."""
         sources = self.__dict__.get(_PROV, {})
+        previous = self.__dict__.get(_PREV, {})
         for name, info in type(self).spec().fields.items():
             if prov.is_derived(sources.get(name)) or (info.derived and name in self.__dict__):
-                object.__setattr__(self, name, info.default_value() if not info.required else None)
-                sources.pop(name, None)
+                if name in previous:
+                    value, sources[name] = previous.pop(name)
+                    object.__setattr__(self, name, value)
+                else:
+                    object.__setattr__(self, name, info.default_value() if not info.required else None)
+                    sources.pop(name, None)
             value = self.__dict__.get(name)
             if isinstance(value, ConfigBase):
                 value._reset_derived()
@@ -449,8 +462,10 @@ def _normalize(kind: str, value: Any) -> Any:
 def _is_default(info: FieldInfo, value: Any) -> bool:
     if info.default is not _MISSING:
         d = info.default
-        return value is d or (type(value) is type(d) and value == d) or (
-            info.normalize is not None and value == d
+        return (
+            value is d
+            or (type(value) is type(d) and value == d)
+            or (info.normalize is not None and value == d)
         )
     if info.default_factory is not _MISSING:
         cache = _factory_defaults.get(info.default_factory, _MISSING)

@@ -57,8 +57,13 @@ class DecodeContext:
                 return f"{self.source}:{line}"
         return self.source
 
-    def problem(self, path: str, message: str, value: Any = Problem.__dataclass_fields__["value"].default,
-                fix: str | None = None) -> None:
+    def problem(
+        self,
+        path: str,
+        message: str,
+        value: Any = Problem.__dataclass_fields__["value"].default,
+        fix: str | None = None,
+    ) -> None:
         self.problems.append(Problem(path, message, value, fix, self.source_for(path)))
 
 
@@ -114,7 +119,9 @@ def encode(value: Any, tp: Any = Any) -> Any:
         return {"_target_": DType(value).target, "_call_": False}
     if callable(value):
         return {"_target_": _path_of_callable(value), "_call_": False}
-    raise CoerceError(f"a {type(value).__name__} cannot be saved to YAML", fix="use a plain value or a config class")
+    raise CoerceError(
+        f"a {type(value).__name__} cannot be saved to YAML", fix="use a plain value or a config class"
+    )
 
 
 def _path_of_callable(fn: Any) -> str:
@@ -267,7 +274,12 @@ def _coerce_literal(value: Any, tp: Any) -> Any:
         for c in choices:
             if isinstance(c, str) and c.lower() == value.lower():
                 return c
-            if isinstance(c, int) and not isinstance(c, bool) and value.strip().lstrip("-").isdigit() and int(value) == c:
+            if (
+                isinstance(c, int)
+                and not isinstance(c, bool)
+                and value.strip().lstrip("-").isdigit()
+                and int(value) == c
+            ):
                 return c
     str_choices = [str(c) for c in choices]
     hint = did_you_mean(str(value), str_choices)
@@ -507,7 +519,13 @@ def decode_any(value: Any, path: str, ctx: DecodeContext) -> Any:
         return FunctionRef(target)
     if isinstance(obj, type) and issubclass(obj, Enum):
         return _coerce_enum(value, obj)
-    if target in ("pathlib.Path", "pathlib.PosixPath", "builtins.tuple", "builtins.set", "builtins.frozenset"):
+    if target in (
+        "pathlib.Path",
+        "pathlib.PosixPath",
+        "builtins.tuple",
+        "builtins.set",
+        "builtins.frozenset",
+    ):
         return obj(*args, **kwargs)
     raise CoerceError(f"_target_ {target!r} cannot be called from a config file", fix="name a config class")
 

@@ -69,9 +69,7 @@ class ConfigError(ValueError):
 
     def _render(self) -> str:
         n = len(self.problems)
-        header = self.header or (
-            "invalid configuration" if n != 1 else "invalid configuration (1 problem)"
-        )
+        header = self.header or ("invalid configuration" if n != 1 else "invalid configuration (1 problem)")
         if n == 1 and self.header is None:
             return f"{header}: {self.problems[0]}"
         lines = [f"{header} ({n} problems):" if self.header is None else f"{header}:"]

@@ -62,8 +62,13 @@ def _new_config(tp: Any, current: Any) -> ConfigBase:
     return cls.concrete_class()()
 
 
-def merge_mapping(obj: ConfigBase, mapping: Mapping[str, Any], path: str, ctx: DecodeContext,
-                  base: type[ConfigBase] | None = None) -> ConfigBase:
+def merge_mapping(
+    obj: ConfigBase,
+    mapping: Mapping[str, Any],
+    path: str,
+    ctx: DecodeContext,
+    base: type[ConfigBase] | None = None,
+) -> ConfigBase:
     """Apply a (partial) mapping onto `obj` in place; returns `obj`, or its replacement when the
     mapping's `_target_` names another class."""
     target = mapping.get("_target_")
@@ -149,8 +154,14 @@ def _apply_one(root: ConfigBase, text: str, source: str) -> list[Problem]:
     src = f"{source} {text!r}"
     m = _OVERRIDE.match(text.strip())
     if m is None:
-        return [Problem("", f"cannot parse override {text!r}", fix="write key.path=value, +key=value, ++key=value or ~key",
-                        source=source)]
+        return [
+            Problem(
+                "",
+                f"cannot parse override {text!r}",
+                fix="write key.path=value, +key=value, ++key=value or ~key",
+                source=source,
+            )
+        ]
     op, key, raw = m.group("op") or "", m.group("key"), m.group("value")
     if op != "~" and raw is None:
         return [Problem(key, f"override {text!r} has no value", fix=f"write {key}=VALUE", source=source)]
@@ -160,18 +171,25 @@ def _apply_one(root: ConfigBase, text: str, source: str) -> list[Problem]:
     try:
         _apply_path(root, parts, op, value, raw, ctx)
     except CoerceError as exc:
-        ctx.problem(key, exc.message, value if raw is not None else Problem.__dataclass_fields__["value"].default,
-                    exc.fix)
+        ctx.problem(
+            key,
+            exc.message,
+            value if raw is not None else Problem.__dataclass_fields__["value"].default,
+            exc.fix,
+        )
     return ctx.problems
 
 
-def _apply_path(root: ConfigBase, parts: list[str], op: str, value: Any, raw: str | None, ctx: DecodeContext) -> None:
+def _apply_path(
+    root: ConfigBase, parts: list[str], op: str, value: Any, raw: str | None, ctx: DecodeContext
+) -> None:
     # Walk to the parent of the last key, remembering how each object hangs off its owner.
     owner: Any = None
     owner_key = ""
     owner_tp: Any = type(root)
     obj: Any = root
     tp: Any = type(root)
+    created = False  # `+a.b=v` may add `a` itself when it was unset
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
         if isinstance(obj, ConfigBase):
@@ -186,6 +204,7 @@ def _apply_path(root: ConfigBase, parts: list[str], op: str, value: Any, raw: st
                 if op == "~":
                     raise CoerceError(f"{where} is not set, nothing to delete")
                 child = _new_config(info.type, child)
+                created = True
                 with setting_source(ctx.source):
                     setattr(obj, part, child)
             owner, owner_key, owner_tp = obj, part, info.type
@@ -195,8 +214,10 @@ def _apply_path(root: ConfigBase, parts: list[str], op: str, value: Any, raw: st
                 if op in ("+", "++"):
                     obj[part] = {}
                 else:
-                    raise CoerceError(f"no key {part!r} in {where.rsplit('.', 1)[0]}",
-                                      fix=f"use +{'.'.join(parts)}=... to add it")
+                    raise CoerceError(
+                        f"no key {part!r} in {where.rsplit('.', 1)[0]}",
+                        fix=f"use +{'.'.join(parts)}=... to add it",
+                    )
             owner, owner_key, owner_tp = obj, part, tp
             obj, tp = obj[part], codec_dict_value_type(tp)
         else:
@@ -207,7 +228,7 @@ def _apply_path(root: ConfigBase, parts: list[str], op: str, value: Any, raw: st
         if last == "_target_":
             _switch_class(owner, owner_key, owner_tp, obj, value, ctx)
             return
-        _set_field(obj, last, op, value, path, ctx)
+        _set_field(obj, last, "++" if created and op == "+" else op, value, path, ctx)
     elif isinstance(obj, dict):
         vt = codec_dict_value_type(tp)
         if op == "~":
@@ -234,9 +255,13 @@ def _set_field(obj: ConfigBase, name: str, op: str, value: Any, path: str, ctx: 
     spec = type(obj).spec()
     info = spec.fields.get(name)
     if info is None or name.startswith("_"):
-        raise CoerceError(f"no such field in {type(obj).__name__}", fix=did_you_mean(name, spec.public_names()) or None)
+        raise CoerceError(
+            f"no such field in {type(obj).__name__}", fix=did_you_mean(name, spec.public_names()) or None
+        )
     if info.derived:
-        raise CoerceError("is derived by validate() and cannot be set", fix="set the fields it is computed from")
+        raise CoerceError(
+            "is derived by validate() and cannot be set", fix="set the fields it is computed from"
+        )
     current = getattr(obj, name)
     if op == "~":
         if info.required:
@@ -246,7 +271,9 @@ def _set_field(obj: ConfigBase, name: str, op: str, value: Any, path: str, ctx: 
         obj.__dict__.get("_vd_prov", {}).pop(name, None)
         return
     if op == "+" and current is not None and not isinstance(current, dict):
-        raise CoerceError(f"already has a value ({current!r})", fix=f"use {path}=... or ++{path}=... to replace it")
+        raise CoerceError(
+            f"already has a value ({current!r})", fix=f"use {path}=... or ++{path}=... to replace it"
+        )
     if isinstance(current, dict) and isinstance(value, dict) and op in ("+", "++"):
         new_value = dict(current)
         new_value.update(coerce(value, info.type, path, ctx))
@@ -257,7 +284,9 @@ def _set_field(obj: ConfigBase, name: str, op: str, value: Any, path: str, ctx: 
             setattr(obj, name, new_value)
 
 
-def _switch_class(owner: Any, key: str, owner_tp: Any, obj: ConfigBase, target: Any, ctx: DecodeContext) -> None:
+def _switch_class(
+    owner: Any, key: str, owner_tp: Any, obj: ConfigBase, target: Any, ctx: DecodeContext
+) -> None:
     """`peft._target_=viaduct.peft.DoRA`: a new object of that class, keeping the fields the user set."""
     base = config_type_in(owner_tp) or type(obj)
     if not isinstance(target, str):
@@ -302,8 +331,14 @@ def process_config_with_overrides(
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(Problem("", "expected a mapping at the top level", type(data).__name__,
-                                      source=str(config_filepath)))
+            raise ConfigError(
+                Problem(
+                    "",
+                    "expected a mapping at the top level",
+                    type(data).__name__,
+                    source=str(config_filepath),
+                )
+            )
         config = merge_mapping(config, data, "", ctx)  # type: ignore[assignment]
         problems.extend(ctx.problems)
         if ctx.dropped:

@@ -44,8 +44,9 @@ def _define(cls: type[ConfigBase], defs: dict[str, Any]) -> str:
         return name
     defs[name] = {}  # placeholder against recursion
     docs = field_docstrings(cls)
-    props: dict[str, Any] = {"_target_": {"type": "string", "description": "class of this object",
-                                          "enum": [cls.target()]}}
+    props: dict[str, Any] = {
+        "_target_": {"type": "string", "description": "class of this object", "enum": [cls.target()]}
+    }
     required = []
     for fname, info in cls.spec().fields.items():
         if fname.startswith("_") or info.derived:
@@ -86,8 +87,12 @@ def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if o in (list, set, frozenset, tuple):
         a = tu.args(tp)
         if o is tuple and a and not (len(a) == 2 and a[1] is Ellipsis):
-            return {"type": "array", "prefixItems": [_type_schema(t, defs) for t in a], "minItems": len(a),
-                    "maxItems": len(a)}
+            return {
+                "type": "array",
+                "prefixItems": [_type_schema(t, defs) for t in a],
+                "minItems": len(a),
+                "maxItems": len(a),
+            }
         return {"type": "array", "items": _type_schema(a[0], defs) if a else {}}
     if o is dict:
         a = tu.args(tp)

@@ -23,30 +23,34 @@ from viaduct.config.errors import did_you_mean
 from viaduct.config.types import _DTYPE_ALIASES, ACTIVATIONS, import_path
 
 # Exact non-viaduct targets that are safe: pure functions and value types.
-_SAFE_TORCH_FUNCTIONS = {
-    "torch.nn.functional." + n
-    for n in ("gelu", "relu", "silu", "sigmoid", "tanh", "softplus", "mish", "elu", "leaky_relu", "glu")
-} | {
-    "torch.sigmoid",
-    "torch.tanh",
-    "torch._C._nn.gelu",  # how torch.nn.functional.gelu names itself
-    "torch._C._nn.silu",
-} | {
-    "torch.nn.init." + n
-    for n in (
-        "normal_",
-        "uniform_",
-        "zeros_",
-        "ones_",
-        "constant_",
-        "xavier_normal_",
-        "xavier_uniform_",
-        "kaiming_normal_",
-        "kaiming_uniform_",
-        "trunc_normal_",
-        "orthogonal_",
-    )
-}
+_SAFE_TORCH_FUNCTIONS = (
+    {
+        "torch.nn.functional." + n
+        for n in ("gelu", "relu", "silu", "sigmoid", "tanh", "softplus", "mish", "elu", "leaky_relu", "glu")
+    }
+    | {
+        "torch.sigmoid",
+        "torch.tanh",
+        "torch._C._nn.gelu",  # how torch.nn.functional.gelu names itself
+        "torch._C._nn.silu",
+    }
+    | {
+        "torch.nn.init." + n
+        for n in (
+            "normal_",
+            "uniform_",
+            "zeros_",
+            "ones_",
+            "constant_",
+            "xavier_normal_",
+            "xavier_uniform_",
+            "kaiming_normal_",
+            "kaiming_uniform_",
+            "trunc_normal_",
+            "orthogonal_",
+        )
+    }
+)
 _SAFE_EXACT = {
     "signal.Signals",
     "pathlib.Path",

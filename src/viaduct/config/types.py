@@ -81,9 +81,15 @@ class DType:
 
     @property
     def itemsize(self) -> int:
-        return {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "bfloat16": 2, "float16": 2, "int16": 2}.get(
-            self.name, 1
-        )
+        return {
+            "float64": 8,
+            "int64": 8,
+            "float32": 4,
+            "int32": 4,
+            "bfloat16": 2,
+            "float16": 2,
+            "int16": 2,
+        }.get(self.name, 1)
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("DType is immutable")
@@ -244,8 +250,10 @@ class Partial(functools.partial):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, functools.partial):
             return NotImplemented
-        return (self.func == other.func or other.func == self.func) and self.args == other.args and (
-            self.keywords == other.keywords
+        return (
+            (self.func == other.func or other.func == self.func)
+            and self.args == other.args
+            and (self.keywords == other.keywords)
         )
 
     def __hash__(self) -> int:

@@ -28,7 +28,9 @@ def _scalar_yaml(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def dump_yaml_with_comments(data: dict[str, Any], comments: dict[str, str], prefix: str = "", indent: int = 0) -> str:
+def dump_yaml_with_comments(
+    data: dict[str, Any], comments: dict[str, str], prefix: str = "", indent: int = 0
+) -> str:
     """Like `dump_yaml`, with `# comment` after each value whose dotted path is in `comments`."""
     lines: list[str] = []
     pad = " " * indent
@@ -58,7 +60,12 @@ def _lines_of(node: Any, prefix: str, out: dict[str, int], problems: list[Proble
             path = f"{prefix}.{key}" if prefix else key
             if key in seen:
                 problems.append(
-                    Problem(path, "key appears twice", fix="keep one", source=f"{source}:{key_node.start_mark.line + 1}")
+                    Problem(
+                        path,
+                        "key appears twice",
+                        fix="keep one",
+                        source=f"{source}:{key_node.start_mark.line + 1}",
+                    )
                 )
             seen.add(key)
             out[path] = key_node.start_mark.line + 1
@@ -111,6 +118,11 @@ def load_yaml_file(path: str | Path) -> tuple[Any, dict[str, int]]:
     p = Path(path)
     if not p.is_file():
         raise ConfigFileNotFoundError(
-            Problem("", "config file not found", str(p), fix="check the path (relative paths start at the current directory)")
+            Problem(
+                "",
+                "config file not found",
+                str(p),
+                fix="check the path (relative paths start at the current directory)",
+            )
         )
     return parse_yaml_text(p.read_text(), str(p))

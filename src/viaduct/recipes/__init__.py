@@ -1,7 +1,7 @@
 """Recipes: plain functions that return a complete `ConfigContainer`.
 
-    from viaduct.recipes import llama32_1b_pretrain_config, get_recipe
-    cfg = get_recipe("llama32_1b")()
+from viaduct.recipes import llama32_1b_pretrain_config, get_recipe
+cfg = get_recipe("llama32_1b")()
 """
 
 from viaduct.recipes.gpt import tiny_gpt_model, tiny_gpt_pretrain_config

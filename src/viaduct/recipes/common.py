@@ -54,9 +54,12 @@ def pretrain_common(model: GPTModelProvider, *, name: str, seq_length: int) -> C
         dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=seq_length, split="9999,8,2"),
         logger=LoggerConfig(log_interval=10, tensorboard_dir=f"{run_dir}/tb_logs"),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=model.vocab_size),
-        checkpoint=CheckpointConfig(save=f"{run_dir}/checkpoints", load=f"{run_dir}/checkpoints", save_interval=500),
-        ddp=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                                          average_in_collective=True),
+        checkpoint=CheckpointConfig(
+            save=f"{run_dir}/checkpoints", load=f"{run_dir}/checkpoints", save_interval=500
+        ),
+        ddp=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=True, average_in_collective=True
+        ),
         rng=RNGConfig(seed=1234),
         mixed_precision="bf16_mixed",
     )

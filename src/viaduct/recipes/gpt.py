@@ -43,11 +43,13 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
     seq_length = 256
     return ConfigContainer(
         model=tiny_gpt_model(seq_length),
-        train=TrainingConfig(train_iters=300, global_batch_size=16, micro_batch_size=8, eval_interval=100,
-                             eval_iters=5),
+        train=TrainingConfig(
+            train_iters=300, global_batch_size=16, micro_batch_size=8, eval_interval=100, eval_iters=5
+        ),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0),
-        scheduler=SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=30, start_weight_decay=0.1,
-                                  end_weight_decay=0.1),
+        scheduler=SchedulerConfig(
+            lr_decay_style="cosine", lr_warmup_iters=30, start_weight_decay=0.1, end_weight_decay=0.1
+        ),
         # Synthetic tokens until the bundled corpus (Python's own documentation) is wired in.
         dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=None, num_workers=0),
         logger=LoggerConfig(log_interval=10),

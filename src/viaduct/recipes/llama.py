@@ -29,8 +29,9 @@ def llama_model(**shape: object) -> GPTModelProvider:
 
 def llama3_model(**shape: object) -> GPTModelProvider:
     """Llama 3: grouped-query attention with 8 groups, rotary base 500k, 128k vocabulary."""
-    base: dict[str, object] = dict(num_query_groups=8, rotary_base=500_000, vocab_size=128_256, seq_length=8192,
-                                   init_method_std=0.01)
+    base: dict[str, object] = dict(
+        num_query_groups=8, rotary_base=500_000, vocab_size=128_256, seq_length=8192, init_method_std=0.01
+    )
     base.update(shape)
     return llama_model(**base)
 
@@ -38,9 +39,16 @@ def llama3_model(**shape: object) -> GPTModelProvider:
 @recipe("llama32_1b")
 def llama32_1b_pretrain_config() -> ConfigContainer:
     """Llama 3.2 1B shape (16 layers, 2048 wide, tied embeddings, RoPE scaling factor 32)."""
-    model = llama3_model(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
-                         kv_channels=64, share_embeddings_and_output_weights=True, rope_scaling=True,
-                         rope_scaling_factor=32.0)
+    model = llama3_model(
+        num_layers=16,
+        hidden_size=2048,
+        ffn_hidden_size=8192,
+        num_attention_heads=32,
+        kv_channels=64,
+        share_embeddings_and_output_weights=True,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+    )
     return pretrain_common(model, name="llama32_1b", seq_length=8192)
 
 

@@ -45,6 +45,12 @@ def get_recipe(name: str) -> RecipeFn:
     if fn is None:
         known = sorted(_RECIPES) + sorted(_ALIASES)
         hint = did_you_mean(name, known)
-        raise ConfigError(Problem("recipe", "no such recipe", name,
-                                  fix=(hint + " " if hint else "") + f"known recipes: {', '.join(known)}"))
+        raise ConfigError(
+            Problem(
+                "recipe",
+                "no such recipe",
+                name,
+                fix=(hint + " " if hint else "") + f"known recipes: {', '.join(known)}",
+            )
+        )
     return fn

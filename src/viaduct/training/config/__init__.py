@@ -1,6 +1,6 @@
 """Every config component of a training run (contract: the import path Megatron Bridge users know).
 
-    from viaduct.training.config import ConfigContainer, TrainingConfig, OptimizerConfig, ...
+from viaduct.training.config import ConfigContainer, TrainingConfig, OptimizerConfig, ...
 """
 
 from viaduct.training.comm_overlap import CommOverlapConfig

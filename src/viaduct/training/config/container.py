@@ -43,7 +43,11 @@ from viaduct.training.config.rng import RNGConfig
 from viaduct.training.config.scheduler import SchedulerConfig, compute_scheduler_steps
 from viaduct.training.config.tokenizer import TokenizerConfig
 from viaduct.training.config.train import TrainingConfig
-from viaduct.training.mixed_precision import MixedPrecisionConfig, apply_mixed_precision, get_mixed_precision_config
+from viaduct.training.mixed_precision import (
+    MixedPrecisionConfig,
+    apply_mixed_precision,
+    get_mixed_precision_config,
+)
 
 # The order in which components finalize (step 6 above). A component's finalize may rely on the
 # ones before it having run (e.g. train before scheduler).
@@ -156,8 +160,10 @@ class ConfigContainer(ConfigBase):
                 broken.add(name)
         problems += self._cross_checks(broken)
         if problems:
-            raise ConfigError(self._with_sources(problems), header=f"invalid configuration ({len(problems)} "
-                              f"problem{'s' if len(problems) != 1 else ''})")
+            raise ConfigError(
+                self._with_sources(problems),
+                header=f"invalid configuration ({len(problems)} problem{'s' if len(problems) != 1 else ''})",
+            )
         return self
 
     def _apply_mixed_precision(self) -> list[Problem]:
@@ -169,8 +175,12 @@ class ConfigContainer(ConfigBase):
             try:
                 mp = get_mixed_precision_config(mp)
             except ConfigError as exc:
-                return [p.prefixed("mixed_precision") if p.path else
-                        Problem("mixed_precision", p.message, self.mixed_precision, p.fix) for p in exc.problems]
+                return [
+                    p.prefixed("mixed_precision")
+                    if p.path
+                    else Problem("mixed_precision", p.message, self.mixed_precision, p.fix)
+                    for p in exc.problems
+                ]
             problems = [p.prefixed("mixed_precision") for p in mp.check_types()]
             if problems:
                 return problems
@@ -199,13 +209,17 @@ class ConfigContainer(ConfigBase):
         tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
         model_parallel = tp * pp * cp
         if world <= 0 or world % model_parallel:
-            return [Problem(
-                "model.tensor_model_parallel_size",
-                f"world size {world} is not divisible by tensor × pipeline × context parallel size "
-                f"({tp} × {pp} × {cp} = {model_parallel})",
-                fix=f"run on a multiple of {model_parallel} processes or change the parallel sizes",
-            )]
-        self._derive("data_parallel_size", world // model_parallel, f"world {world} / (TP·PP·CP {model_parallel})")
+            return [
+                Problem(
+                    "model.tensor_model_parallel_size",
+                    f"world size {world} is not divisible by tensor × pipeline × context parallel size "
+                    f"({tp} × {pp} × {cp} = {model_parallel})",
+                    fix=f"run on a multiple of {model_parallel} processes or change the parallel sizes",
+                )
+            ]
+        self._derive(
+            "data_parallel_size", world // model_parallel, f"world {world} / (TP·PP·CP {model_parallel})"
+        )
         return []
 
     def _sync_seq_length(self) -> list[Problem]:
@@ -222,66 +236,82 @@ class ConfigContainer(ConfigBase):
         if not is_user_set(self.model.source_of("seq_length")):
             self.model._derive("seq_length", data_len, "dataset.seq_length")
             return []
-        return [Problem(
-            "dataset.seq_length",
-            f"conflicts with model.seq_length ({model_len}, from {self.model.source_of('seq_length')})",
-            data_len,
-            fix="set one of them only (the other follows), or make them equal",
-            source=ds.source_of("seq_length"),
-        )]
+        return [
+            Problem(
+                "dataset.seq_length",
+                f"conflicts with model.seq_length ({model_len}, from {self.model.source_of('seq_length')})",
+                data_len,
+                fix="set one of them only (the other follows), or make them equal",
+                source=ds.source_of("seq_length"),
+            )
+        ]
 
     def _cross_checks(self, broken: set[str]) -> list[Problem]:
         problems: list[Problem] = []
-        if {"train", "model"} & broken or self.data_parallel_size is None:
-            return problems
+        if "train" in broken or self.data_parallel_size is None:
+            return problems  # train.finalize() already reported unset or non-positive batch sizes
         t, dp = self.train, self.data_parallel_size
-        if t.micro_batch_size is None:
-            problems.append(Problem("train.micro_batch_size", "must be set", None,
-                                    fix="set train.micro_batch_size (samples per forward pass per rank)"))
-        if t.global_batch_size is None:
-            problems.append(Problem("train.global_batch_size", "must be set", None,
-                                    fix="set train.global_batch_size (samples per optimizer step)"))
-        if problems:
-            return problems
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
             lower = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
-            problems.append(Problem(
-                "train.global_batch_size",
-                f"must be divisible by train.micro_batch_size × data-parallel size "
-                f"({t.micro_batch_size} × {dp} = {per_step})",
-                t.global_batch_size,
-                fix=f"use a multiple of {per_step} (e.g. {lower} or {lower + per_step})",
-            ))
+            problems.append(
+                Problem(
+                    "train.global_batch_size",
+                    f"must be divisible by train.micro_batch_size × data-parallel size "
+                    f"({t.micro_batch_size} × {dp} = {per_step})",
+                    t.global_batch_size,
+                    fix=f"use a multiple of {per_step} (e.g. {lower} or {lower + per_step})",
+                )
+            )
         else:
-            self._derive("num_microbatches", t.global_batch_size // per_step,
-                         f"global {t.global_batch_size} / (micro {t.micro_batch_size} × DP {dp})")
+            self._derive(
+                "num_microbatches",
+                t.global_batch_size // per_step,
+                f"global {t.global_batch_size} / (micro {t.micro_batch_size} × DP {dp})",
+            )
         if t.rampup_batch_size:
-            start, incr = t.rampup_batch_size[0], t.rampup_batch_size[1]
-            for name, v in (("start", start), ("increment", incr)):
+            for name, v in zip(("start", "increment"), t.rampup_batch_size[:2]):
                 if v % per_step:
-                    problems.append(Problem("train.rampup_batch_size", f"the {name} batch size {v} must be "
-                                            f"divisible by micro batch × data-parallel size ({per_step})",
-                                            t.rampup_batch_size, fix=f"use multiples of {per_step}"))
-        eval_gbs = t.eval_global_batch_size or t.global_batch_size
-        eval_mbs = t.eval_micro_batch_size or t.micro_batch_size
+                    problems.append(
+                        Problem(
+                            "train.rampup_batch_size",
+                            f"the {name} batch size {v} must be divisible by micro batch × data-parallel "
+                            f"size ({per_step})",
+                            t.rampup_batch_size,
+                            fix=f"use multiples of {per_step}",
+                        )
+                    )
+        eval_gbs, eval_mbs = t.effective_eval_global_batch_size, t.effective_eval_micro_batch_size
         if eval_gbs % (eval_mbs * dp):
-            problems.append(Problem(
-                "train.eval_global_batch_size",
-                f"evaluation batch {eval_gbs} must be divisible by eval micro batch × data-parallel size "
-                f"({eval_mbs} × {dp} = {eval_mbs * dp})",
-                eval_gbs,
-                fix="set train.eval_global_batch_size / train.eval_micro_batch_size accordingly",
-            ))
-        if "scheduler" not in broken and t.train_iters is not None:
+            problems.append(
+                Problem(
+                    "train.eval_global_batch_size",
+                    f"evaluation batch {eval_gbs} must be divisible by eval micro batch × data-parallel size "
+                    f"({eval_mbs} × {dp} = {eval_mbs * dp})",
+                    eval_gbs,
+                    fix=f"set train.eval_global_batch_size to a multiple of {eval_mbs * dp} "
+                    "(or change train.eval_micro_batch_size)",
+                )
+            )
+        if "scheduler" not in broken:
             try:
-                compute_scheduler_steps(self.scheduler, train_iters=t.train_iters, train_samples=t.train_samples,
-                                        global_batch_size=t.global_batch_size)
+                compute_scheduler_steps(
+                    self.scheduler,
+                    train_iters=t.effective_train_iters if t.train_samples is None else None,
+                    train_samples=t.train_samples,
+                    global_batch_size=t.global_batch_size,
+                )
             except ConfigError as exc:
                 problems += exc.problems
         if self.peft is not None and not self.checkpoint.pretrained_checkpoint:
-            problems.append(Problem("peft", "fine-tuning with PEFT needs base weights", type(self.peft).__name__,
-                                    fix="set checkpoint.pretrained_checkpoint to the base model's checkpoint"))
+            problems.append(
+                Problem(
+                    "peft",
+                    "fine-tuning with PEFT needs base weights",
+                    type(self.peft).__name__,
+                    fix="set checkpoint.pretrained_checkpoint to the base model's checkpoint",
+                )
+            )
         return problems
 
     def _with_sources(self, problems: list[Problem]) -> list[Problem]:

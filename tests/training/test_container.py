@@ -1,0 +1,181 @@
+import pytest
+
+from viaduct.config import ConfigError, ConfigWarning, DType, apply_overrides
+from viaduct.models import GPTModelProvider
+from viaduct.recipes import get_recipe, list_recipes, tiny_gpt_pretrain_config
+from viaduct.training.config import ConfigContainer
+
+
+def tiny() -> ConfigContainer:
+    return tiny_gpt_pretrain_config()
+
+
+def test_validate_derives_topology_and_schedule():
+    cfg = tiny().validate(world_size=2)
+    assert cfg.world_size == 2 and cfg.data_parallel_size == 2
+    assert cfg.num_microbatches == 16 // (8 * 2)
+    assert cfg.scheduler.lr_decay_steps == 300 * 16 and cfg.scheduler.lr_warmup_steps == 30 * 16
+
+
+def test_validate_is_idempotent_and_follows_edits():
+    cfg = tiny()
+    cfg.train.train_iters = 1000
+    cfg.validate()
+    assert cfg.scheduler.lr_decay_steps == 1000 * 16
+    cfg.train.train_iters = 5000
+    cfg.validate()
+    assert cfg.scheduler.lr_decay_steps == 5000 * 16
+    first = cfg.to_dict()
+    cfg.validate()
+    assert cfg.to_dict() == first
+    cfg.model.hidden_size = 512
+    cfg.model.ffn_hidden_size = None
+    cfg.validate()
+    assert cfg.model.ffn_hidden_size == 4 * 512
+
+
+def test_world_size_from_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert tiny().validate().data_parallel_size == 2
+
+
+def test_batch_size_rule_names_both_fields_and_numbers():
+    cfg = tiny()
+    cfg.train.global_batch_size = 24
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=2)
+    (p,) = [p for p in info.value.problems if p.path == "train.global_batch_size"]
+    assert "divisible by train.micro_batch_size × data-parallel size (8 × 2 = 16)" in p.message
+    assert p.value == 24 and "16 or 32" in p.fix
+
+
+def test_all_problems_reported_at_once_with_sources():
+    cfg = tiny()
+    apply_overrides(cfg, ["train.global_batch_size=24", "optimizer.lr=-1"])
+    cfg.model.num_attention_heads = 3
+    cfg.ft = __import__("viaduct.training.config", fromlist=["FaultToleranceConfig"]).FaultToleranceConfig()
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=2)
+    paths = {p.path for p in info.value.problems}
+    assert {"train.global_batch_size", "model.num_attention_heads", "ft"} <= paths
+    text = str(info.value)
+    assert "ft: fault tolerance is not supported yet" in text
+    assert "CLI 'train.global_batch_size=24'" in text
+    assert "test_container.py" in text  # the Python line that set num_attention_heads
+
+
+def test_seq_length_has_one_owner():
+    cfg = tiny()  # the dataset leaves seq_length unset: it follows the model
+    cfg.validate()
+    assert cfg.dataset.seq_length == cfg.model.seq_length == 256
+    cfg.model.seq_length = 512
+    cfg.validate()
+    assert cfg.dataset.seq_length == 512
+    cfg = tiny()
+    cfg.model = GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4)  # seq_length left default
+    cfg.dataset.seq_length = 128
+    cfg.validate()
+    assert cfg.model.seq_length == 128  # the side the user set wins
+    cfg.model.seq_length = 64
+    with pytest.raises(ConfigError, match="dataset.seq_length: conflicts with model.seq_length"):
+        cfg.validate()
+
+
+def test_exactly_one_of_train_iters_and_train_samples():
+    cfg = tiny()
+    cfg.train.train_samples = 1000
+    with pytest.raises(ConfigError, match="train"):
+        cfg.validate()
+    cfg.train.train_iters = None
+    cfg.scheduler.lr_warmup_iters = 0
+    cfg.scheduler.lr_warmup_samples = 160
+    cfg.validate()
+    assert cfg.train.effective_train_iters == 1000 // 16
+    assert cfg.scheduler.lr_decay_steps == 1000 and cfg.scheduler.lr_warmup_steps == 160
+
+
+def test_mixed_precision_recipe_applies_and_is_recomputed():
+    cfg = tiny()
+    cfg.mixed_precision = "bf16_mixed"
+    cfg.validate()
+    assert cfg.model.bf16 and cfg.model.params_dtype == DType("bf16") and cfg.optimizer.bf16
+    assert cfg.ddp.grad_reduce_in_fp32
+    cfg.mixed_precision = None
+    cfg.validate()
+    assert not cfg.model.bf16 and cfg.model.params_dtype == DType("fp32")
+    cfg.mixed_precision = "bf16-mixed"  # hyphens work too
+    cfg.validate()
+    assert cfg.model.bf16
+
+
+def test_mixed_precision_warns_when_it_overrides_a_user_value():
+    cfg = tiny()
+    cfg.model.params_dtype = "fp16"
+    cfg.mixed_precision = "bf16_mixed"
+    with pytest.warns(ConfigWarning, match="params_dtype"):
+        cfg.validate()
+    assert cfg.model.params_dtype == DType("bf16")
+    cfg.mixed_precision = None  # the user's own value comes back
+    cfg.validate()
+    assert cfg.model.params_dtype == DType("fp16") and cfg.model.source_of("params_dtype").startswith("python")
+
+
+def test_unknown_mixed_precision_recipe():
+    cfg = tiny()
+    cfg.mixed_precision = "bf16_mixd"
+    with pytest.raises(ConfigError, match="mixed_precision.*bf16_mixed"):
+        cfg.validate()
+
+
+def test_peft_needs_a_pretrained_checkpoint(tmp_path):
+    cfg = apply_overrides(tiny(), ["peft=lora"])
+    with pytest.raises(ConfigError, match="peft: fine-tuning with PEFT needs base weights.*pretrained_checkpoint"):
+        cfg.validate()
+    (tmp_path / "base").mkdir()
+    cfg.checkpoint.pretrained_checkpoint = str(tmp_path / "base")
+    cfg.validate()
+
+
+def test_missing_pretrained_checkpoint_is_an_error():
+    cfg = tiny()
+    cfg.checkpoint.pretrained_checkpoint = "/no/such/checkpoint"
+    with pytest.raises(ConfigError, match="checkpoint.pretrained_checkpoint"):
+        cfg.validate()
+
+
+def test_save_interval_needs_save():
+    cfg = tiny()
+    cfg.checkpoint.save_interval = 10
+    with pytest.raises(ConfigError, match="checkpoint.save_interval"):
+        cfg.validate()
+
+
+def test_parallel_sizes_are_not_supported_yet():
+    cfg = tiny()
+    cfg.model.tensor_model_parallel_size = 2
+    with pytest.raises(ConfigError, match="not supported yet"):
+        cfg.validate(world_size=2)
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_recipe_validates_and_round_trips(name, tmp_path):
+    cfg = get_recipe(name)()
+    path = tmp_path / "r.yaml"
+    cfg.to_yaml(path)
+    assert ConfigContainer.from_yaml(path) == cfg
+    cfg.validate(world_size=2)
+    cfg.to_yaml(path)
+    back = ConfigContainer.from_yaml(path)
+    assert back == cfg
+    back.validate(world_size=2)
+    assert back.to_dict() == cfg.to_dict()
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(ConfigError, match="no such recipe.*did you mean llama32_1b.*known recipes"):
+        get_recipe("llama32_1")
+
+
+def test_non_default_values():
+    values = tiny().log_non_default_values()
+    assert values["model.num_layers"] == 4 and "model.layernorm_epsilon" not in values
