@@ -43,7 +43,12 @@ def test_what_is_config_container():
     optimizer_config, scheduler_config, dataset_config = o["optimizer"], o["scheduler"], o["dataset"]
     logger_config, tokenizer_config, checkpoint_config = o["logger"], o["tokenizer"], o["checkpoint"]
     distributed_config, ddp_config = DistributedInitConfig(), DistributedDataParallelConfig()
-    peft_config, profiling_config, mp_config, comm_overlap_config = None, ProfilingConfig(), "bf16_mixed", None
+    peft_config, profiling_config, mp_config, comm_overlap_config = (
+        None,
+        ProfilingConfig(),
+        "bf16_mixed",
+        None,
+    )
 
     # ConfigContainer brings together all training configurations
     config = ConfigContainer(
@@ -64,23 +69,48 @@ def test_what_is_config_container():
         comm_overlap=comm_overlap_config,  # Communication overlap settings
     )
     config.validate()
-    assert config.model.bf16 and config.model.params_dtype == get_mixed_precision_config("bf16_mixed").params_dtype
+    assert (
+        config.model.bf16
+        and config.model.params_dtype == get_mixed_precision_config("bf16_mixed").params_dtype
+    )
 
 
 def test_component_table_required_and_defaults():
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(ConfigContainer)}
-    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING and f.init}
-    assert required == {"model", "train", "optimizer", "scheduler", "dataset", "logger", "tokenizer", "checkpoint"}
+    required = {
+        n
+        for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.init
+    }
+    assert required == {
+        "model",
+        "train",
+        "optimizer",
+        "scheduler",
+        "dataset",
+        "logger",
+        "tokenizer",
+        "checkpoint",
+    }
     cfg = ConfigContainer(model=GPTModelProvider(), train=TrainingConfig(), **other_configs())
     assert type(cfg.dist).__name__ == "DistributedInitConfig" and type(cfg.ddp).__name__ == (
-        "DistributedDataParallelConfig")
+        "DistributedDataParallelConfig"
+    )
     assert type(cfg.rng).__name__ == "RNGConfig" and type(cfg.rerun_state_machine).__name__ == (
-        "RerunStateMachineConfig")
-    for name in ("mixed_precision", "comm_overlap", "peft", "profiling", "ft", "straggler", "nvrx_straggler",
-                 "inprocess_restart"):
+        "RerunStateMachineConfig"
+    )
+    for name in (
+        "mixed_precision",
+        "comm_overlap",
+        "peft",
+        "profiling",
+        "ft",
+        "straggler",
+        "nvrx_straggler",
+        "inprocess_restart",
+    ):
         assert getattr(cfg, name) is None, name
 
 
@@ -121,8 +151,11 @@ def test_lazy_configuration_and_deferred_validation():
     assert config.train_iters == 5000
 
     # Validation happens automatically right when training starts (pretrain calls validate first)
-    container = ConfigContainer(model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4),
-                                train=config, **other_configs(seq_length=1024))
+    container = ConfigContainer(
+        model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4),
+        train=config,
+        **other_configs(seq_length=1024),
+    )
     config.global_batch_size, config.micro_batch_size = 32, 4
     container.validate()
     assert container.scheduler.lr_decay_steps == 5000 * 32  # dependent values use the override
@@ -168,9 +201,11 @@ def test_usage(capsys):
 
 def test_export_and_import(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = ConfigContainer(model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4),
-                             train=TrainingConfig(train_iters=10, global_batch_size=4, micro_batch_size=2),
-                             **other_configs(1024))
+    config = ConfigContainer(
+        model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4),
+        train=TrainingConfig(train_iters=10, global_batch_size=4, micro_batch_size=2),
+        **other_configs(1024),
+    )
     # Save to file
     config.to_yaml("config.yaml")
     # Load configuration from YAML file
@@ -180,9 +215,10 @@ def test_export_and_import(tmp_path, monkeypatch):
 
 
 def test_seq_length_mismatch_is_caught_at_validation():
-    config = ConfigContainer(model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                                    seq_length=4096),
-                             train=TrainingConfig(train_iters=10, global_batch_size=4, micro_batch_size=2),
-                             **other_configs(2048))
+    config = ConfigContainer(
+        model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=4096),
+        train=TrainingConfig(train_iters=10, global_batch_size=4, micro_batch_size=2),
+        **other_configs(2048),
+    )
     with pytest.raises(ValueError, match=r"dataset.seq_length: conflicts with model.seq_length \(4096"):
         config.validate()

@@ -9,8 +9,9 @@ import yaml
 
 
 def viaduct(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "viaduct", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "viaduct", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_show_default_with_provenance():
@@ -22,8 +23,16 @@ def test_show_default_with_provenance():
 def test_show_applies_file_then_flags_then_overrides(tmp_path):
     over = tmp_path / "over.yaml"
     over.write_text("train:\n  train_iters: 40\noptimizer:\n  lr: 0.01\n")
-    r = viaduct("config", "show", "--config-file", str(over), "--optimizer.lr", "0.02", "train.train_iters=50",
-                "--no-train.manual-gc")
+    r = viaduct(
+        "config",
+        "show",
+        "--config-file",
+        str(over),
+        "--optimizer.lr",
+        "0.02",
+        "train.train_iters=50",
+        "--no-train.manual-gc",
+    )
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(r.stdout)
     assert data["train"]["train_iters"] == 50 and data["optimizer"]["lr"] == 0.02
@@ -50,7 +59,10 @@ def test_errors_exit_2_without_traceback(tmp_path):
     r = viaduct("config", "validate", "train.trian_iters=5", "train.global_batch_size=7")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    assert "train.trian_iters: no such field in TrainingConfig" in r.stderr and "did you mean train_iters" in r.stderr
+    assert (
+        "train.trian_iters: no such field in TrainingConfig" in r.stderr
+        and "did you mean train_iters" in r.stderr
+    )
     r = viaduct("config", "validate", "train.global_batch_size=7")
     assert r.returncode == 2 and "train.global_batch_size" in r.stderr and "divisible" in r.stderr
     r = viaduct("config", "show", "--recipe", "nope")
@@ -91,7 +103,8 @@ def test_recipes_listed():
 
 def test_config_layer_does_not_import_torch():
     code = (
-        "import sys; from viaduct.recipes import get_recipe; from viaduct.training.config import ConfigContainer;"
+        "import sys; from viaduct.recipes import get_recipe;"
+        "from viaduct.training.config import ConfigContainer;"
         "c = get_recipe('llama3_8b')(); c.validate(); ConfigContainer.from_dict(c.to_dict());"
         "print('torch' in sys.modules)"
     )

@@ -46,7 +46,9 @@ def test_yaml_round_trip_through_a_file(tmp_path):
     cfg.to_yaml(path)
     assert Everything.from_yaml(path) == cfg
     text = path.read_text()
-    assert text.startswith("_target_: tests.config.sample.Everything\n") or "_target_:" in text.splitlines()[0]
+    assert (
+        text.startswith("_target_: tests.config.sample.Everything\n") or "_target_:" in text.splitlines()[0]
+    )
     assert "_target_: torch.bfloat16" in text and "_call_: false" in text
     assert "- 128" in text  # a tuple field is written as a plain list; its annotation restores it
 
@@ -125,7 +127,9 @@ def test_abstract_union_needs_a_target_or_name():
 def test_provenance_records_defaults_python_and_loader():
     cfg = Everything(inner=Inner(iters=3))
     assert cfg.inner.source_of("lr") == "default"
-    assert cfg.inner.source_of("iters").startswith("python ") and "test_base.py" in cfg.inner.source_of("iters")
+    assert cfg.inner.source_of("iters").startswith("python ") and "test_base.py" in cfg.inner.source_of(
+        "iters"
+    )
     cfg.inner.lr = 0.1
     line = cfg.inner.source_of("lr")
     assert line.startswith("python ") and line.endswith(str(_lineno() - 2))

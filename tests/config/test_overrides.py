@@ -92,7 +92,9 @@ def test_switch_subconfig_by_name_mapping_and_target():
 
 def test_every_problem_is_reported_with_path_value_and_source():
     with pytest.raises(ConfigError) as info:
-        apply_overrides(make(), ["inner.iter=1", "inner.lr=fast", "nope", "colr=red", "dtype=fp7", "inner.style=x"])
+        apply_overrides(
+            make(), ["inner.iter=1", "inner.lr=fast", "nope", "colr=red", "dtype=fp7", "inner.style=x"]
+        )
     problems = info.value.problems
     assert len(problems) == 6
     by_path = {p.path: p for p in problems}
@@ -129,7 +131,10 @@ def test_yaml_typos_are_errors_with_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         process_config_with_overrides(make(), config_filepath=path)
     by_path = {p.path: p for p in info.value.problems}
-    assert by_path["inner.itres"].source == f"file {path}:3" and by_path["inner.itres"].fix == "did you mean iters?"
+    assert (
+        by_path["inner.itres"].source == f"file {path}:3"
+        and by_path["inner.itres"].fix == "did you mean iters?"
+    )
     assert by_path["colour"].source == f"file {path}:4"
 
 

@@ -58,7 +58,9 @@ def test_dangerous_targets_are_refused_before_anything_runs(target, booby_trap, 
 
 def test_refused_in_yaml_files_too(tmp_path, booby_trap):
     path = tmp_path / "evil.yaml"
-    path.write_text("_target_: tests.config.sample.Everything\ninner: {}\ninit:\n  _target_: vd_booby_trap.boom\n")
+    path.write_text(
+        "_target_: tests.config.sample.Everything\ninner: {}\ninit:\n  _target_: vd_booby_trap.boom\n"
+    )
     with pytest.raises(ConfigError, match="vd_booby_trap.boom' is not allowed"):
         Everything.from_yaml(path)
     assert not booby_trap.exists()

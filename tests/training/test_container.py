@@ -72,7 +72,9 @@ def test_seq_length_has_one_owner():
     cfg.validate()
     assert cfg.dataset.seq_length == 512
     cfg = tiny()
-    cfg.model = GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4)  # seq_length left default
+    cfg.model = GPTModelProvider(
+        num_layers=2, hidden_size=64, num_attention_heads=4
+    )  # seq_length left default
     cfg.dataset.seq_length = 128
     cfg.validate()
     assert cfg.model.seq_length == 128  # the side the user set wins
@@ -117,7 +119,9 @@ def test_mixed_precision_warns_when_it_overrides_a_user_value():
     assert cfg.model.params_dtype == DType("bf16")
     cfg.mixed_precision = None  # the user's own value comes back
     cfg.validate()
-    assert cfg.model.params_dtype == DType("fp16") and cfg.model.source_of("params_dtype").startswith("python")
+    assert cfg.model.params_dtype == DType("fp16") and cfg.model.source_of("params_dtype").startswith(
+        "python"
+    )
 
 
 def test_unknown_mixed_precision_recipe():
@@ -129,7 +133,9 @@ def test_unknown_mixed_precision_recipe():
 
 def test_peft_needs_a_pretrained_checkpoint(tmp_path):
     cfg = apply_overrides(tiny(), ["peft=lora"])
-    with pytest.raises(ConfigError, match="peft: fine-tuning with PEFT needs base weights.*pretrained_checkpoint"):
+    with pytest.raises(
+        ConfigError, match="peft: fine-tuning with PEFT needs base weights.*pretrained_checkpoint"
+    ):
         cfg.validate()
     (tmp_path / "base").mkdir()
     cfg.checkpoint.pretrained_checkpoint = str(tmp_path / "base")

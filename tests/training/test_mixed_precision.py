@@ -25,7 +25,7 @@ class FakeOptimizer(ConfigBase):
     """bf16."""
     fp16: bool = False
     """fp16."""
-    params_dtype: DType = DType("float32")  # noqa: RUF009
+    params_dtype: DType = DType("float32")
     """Weight dtype."""
     loss_scale: float | None = None
     """Static loss scale."""

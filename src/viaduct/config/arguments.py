@@ -44,7 +44,7 @@ def _iter_fields(obj: ConfigBase | type[ConfigBase], prefix: str) -> Iterator[tu
 def add_config_arguments(parser: argparse.ArgumentParser, cfg: ConfigBase) -> None:
     """Add one flag per field of `cfg` (recursively) to `parser`, grouped by component."""
     groups: dict[str, Any] = {}
-    for path, tp, doc, value in _iter_fields(cfg, ""):
+    for path, tp, doc, _value in _iter_fields(cfg, ""):
         top = path.split(".", 1)[0] if "." in path else "config"
         group = groups.get(top)
         if group is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import itertools
 import textwrap
 
 
@@ -24,7 +25,7 @@ def _own_docstrings(cls: type) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     body = node.body
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if (
             isinstance(stmt, ast.AnnAssign)
             and isinstance(stmt.target, ast.Name)

@@ -37,7 +37,7 @@ def strip_optional(tp: Any) -> Any:
     members = [m for m in union_members(tp) if m is not NoneType]
     if len(members) == 1:
         return members[0]
-    return Union[tuple(members)]  # noqa: UP007 (runtime construction)
+    return Union[tuple(members)]
 
 
 def is_literal(tp: Any) -> bool:

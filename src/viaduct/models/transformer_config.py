@@ -64,7 +64,7 @@ class TransformerConfig(ConfigBase):
     """Give only the query/key/value projection a bias."""
     gated_linear_unit: bool = False
     """Gated MLP: fc1 produces two halves, act(a) * b (with silu this is SwiGLU)."""
-    activation_func: FunctionRef = FunctionRef("gelu")  # noqa: RUF009 (immutable)
+    activation_func: FunctionRef = FunctionRef("gelu")
     """MLP activation: gelu, silu, relu, squared_relu, fast_gelu, quick_gelu, ... or a dotted path."""
     qk_layernorm: bool = False
     """Normalize queries and keys (with `normalization`) before attention."""
@@ -186,7 +186,7 @@ class TransformerConfig(ConfigBase):
     """Train in float16 (with loss scaling); excludes bf16."""
     bf16: bool = False
     """Train in bfloat16; excludes fp16."""
-    params_dtype: DType = DType("float32")  # noqa: RUF009 (immutable)
+    params_dtype: DType = DType("float32")
     """Dtype of the weights when they are created."""
     autocast_dtype: DType | None = None
     """Dtype of autocast regions; unset means params_dtype."""

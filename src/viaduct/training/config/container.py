@@ -18,7 +18,7 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from viaduct.config import ConfigBase, ConfigError, Problem, derived
 from viaduct.config.errors import warn
@@ -122,7 +122,7 @@ class ConfigContainer(ConfigBase):
     world_size: int | None = derived()
     """The world size validate() assumed (argument, torch.distributed, $WORLD_SIZE, or 1)."""
 
-    _legacy_fields_ = {
+    _legacy_fields_: ClassVar[dict[str, str]] = {
         "env_vars": "environment variables are set by the launcher, not the config (HEAD-only field)",
         "validation": "evaluation settings live in train (eval_iters, eval_interval, eval_*_batch_size)",
         "optimizer_config_override_provider": "parameter groups follow the fixed no-weight-decay rule",
@@ -228,6 +228,9 @@ class ConfigContainer(ConfigBase):
         if not isinstance(ds, GPTDatasetConfig):
             return []  # custom datasets carry no sequence length (Bridge issue #894)
         model_len, data_len = self.model.seq_length, ds.seq_length
+        if data_len is None and ds.sequence_length is not None:  # Megatron Core's name for it
+            ds._derive("seq_length", ds.sequence_length, "dataset.sequence_length")
+            data_len = ds.sequence_length
         if data_len is None:
             ds._derive("seq_length", model_len, "model.seq_length")
             return []

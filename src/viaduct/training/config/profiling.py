@@ -1,0 +1,87 @@
+"""`profiling`: PyTorch profiler traces and memory snapshots over a window of steps."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from viaduct.config import ConfigBase, Problems, unsupported
+from viaduct.training.config._checks import positive
+
+
+@dataclass(kw_only=True)
+class ProfilingConfig(ConfigBase):
+    """Profile steps profile_step_start to profile_step_end on the ranks in profile_ranks."""
+
+    _component_: ClassVar[str] = "profiling"
+
+    use_pytorch_profiler: bool = False
+    """Record a torch.profiler trace of the profiled steps (viewable in TensorBoard or Perfetto)."""
+
+    profile_step_start: int = 10
+    """First profiled step."""
+
+    profile_step_end: int = 12
+    """Step at which profiling stops."""
+
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that profile; empty profiles none."""
+
+    pytorch_profiler_collect_shapes: bool = False
+    """Record tensor shapes in the PyTorch profiler trace."""
+
+    pytorch_profiler_collect_callstack: bool = False
+    """Record Python call stacks in the PyTorch profiler trace."""
+
+    record_memory_history: bool = False
+    """Record the allocator's history from setup on and dump a memory snapshot at profile_step_end."""
+
+    memory_snapshot_path: str = "snapshot.pickle"
+    """File of the memory snapshot; _<rank> is inserted before the extension."""
+
+    record_shapes: bool = False
+    """Record tensor shapes in NVTX ranges."""
+
+    nvtx_ranges: bool = False
+    """Annotate steps and model regions with NVTX ranges."""
+
+    use_nsys_profiler: bool = unsupported("nsys profiling (cudaProfilerApi capture range)", default=False)
+    """Start/stop the CUDA profiler around the profiled steps, for nsys --capture-range=cudaProfilerApi."""
+
+    pytorch_profiler_collect_chakra: bool = unsupported("Chakra execution traces", default=False)
+    """Also record a Chakra execution trace."""
+
+    def finalize(self) -> None:
+        """Check the step window, the ranks and the profiler choice."""
+        p = Problems()
+        if self.use_pytorch_profiler and self.use_nsys_profiler:
+            p.add(
+                "use_nsys_profiler",
+                "the nsys and PyTorch profilers exclude each other",
+                True,
+                fix="set one of profiling.use_nsys_profiler / profiling.use_pytorch_profiler to false",
+            )
+        positive(p, self, "profile_step_start", zero_ok=True)
+        positive(p, self, "profile_step_end", zero_ok=True)
+        start, end = self.profile_step_start, self.profile_step_end
+        if start >= 0 and end >= 0 and end < start:
+            p.add(
+                "profile_step_end",
+                f"({end}) is before profile_step_start ({start})",
+                end,
+                fix="set profiling.profile_step_end >= profiling.profile_step_start",
+            )
+        bad = [r for r in self.profile_ranks if r < 0]
+        if bad:
+            p.add(
+                "profile_ranks",
+                "ranks are >= 0",
+                bad,
+                fix="list only non-negative ranks in profiling.profile_ranks",
+            )
+        if self.record_memory_history and not self.memory_snapshot_path.strip():
+            p.add(
+                "memory_snapshot_path",
+                "is empty",
+                self.memory_snapshot_path,
+                fix="set profiling.memory_snapshot_path to a file name",
+            )
+        p.raise_if_any()

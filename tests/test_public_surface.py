@@ -1,0 +1,63 @@
+"""The public config surface is a contract: a new, renamed or re-defaulted field is a deliberate act.
+
+When this test fails on purpose, regenerate the snapshot:
+    python tests/test_public_surface.py > tests/public_surface.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+SNAPSHOT = Path(__file__).with_name("public_surface.json")
+
+
+def surface() -> dict:
+    from viaduct.config.codec import encode
+    from viaduct.config.typing_utils import type_name
+    from viaduct.training.config.reference import _classes
+
+    out = {}
+    for cls in _classes():
+        fields = {}
+        for name, info in cls.spec().fields.items():
+            if name.startswith("_"):
+                continue
+            fields[name] = {
+                "type": type_name(info.type),
+                "default": "<required>" if info.required else encode(info.default_value(), info.type),
+                **({"derived": True} if info.derived else {}),
+                **({"unsupported": info.unsupported} if info.unsupported else {}),
+            }
+        out[f"{cls.__module__}.{cls.__qualname__}"] = fields
+    return json.loads(json.dumps(out, default=repr))
+
+
+def test_public_surface_matches_snapshot():
+    assert surface() == json.loads(SNAPSHOT.read_text()), (
+        "the config surface changed; if on purpose, regenerate tests/public_surface.json (module docstring)"
+    )
+
+
+def test_every_field_has_a_docstring():
+    from viaduct.config.docstrings import field_docstrings
+    from viaduct.training.config.reference import _classes
+
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in _classes()
+        for name in cls.spec().public_names()
+        if not field_docstrings(cls).get(name)
+    ]
+    assert missing == []
+
+
+def test_left_out_fields_doc_is_current():
+    from viaduct.training.config.reference import left_out_fields_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "left-out-fields.md"
+    assert doc.read_text() == left_out_fields_markdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+    print(json.dumps(surface(), indent=1, sort_keys=True))
