@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from viaduct.config.types import FunctionRef
 from viaduct.models import GPTModelProvider
+from viaduct.recipes.llama import llama_model
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import (
     CheckpointConfig,
@@ -19,19 +19,12 @@ from viaduct.training.config import (
 
 def tiny_gpt_model(seq_length: int = 256) -> GPTModelProvider:
     """A 4-layer, 256-wide Llama-style GPT (about 3M parameters with a byte-level vocabulary)."""
-    return GPTModelProvider(
+    return llama_model(
         num_layers=4,
         hidden_size=256,
         ffn_hidden_size=704,
         num_attention_heads=4,
         seq_length=seq_length,
-        normalization="RMSNorm",
-        activation_func=FunctionRef("silu"),
-        gated_linear_unit=True,
-        position_embedding_type="rope",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         share_embeddings_and_output_weights=True,
         make_vocab_size_divisible_by=64,
     )

@@ -285,7 +285,8 @@ class ConfigContainer(ConfigBase):
                         )
                     )
         eval_gbs, eval_mbs = t.effective_eval_global_batch_size, t.effective_eval_micro_batch_size
-        if eval_gbs % (eval_mbs * dp):
+        eval_follows_train = t.eval_global_batch_size is None and t.eval_micro_batch_size is None
+        if eval_gbs % (eval_mbs * dp) and not (eval_follows_train and problems):
             problems.append(
                 Problem(
                     "train.eval_global_batch_size",
