@@ -94,6 +94,8 @@ def _normalizer_kind(tp: Any) -> str | None:
         return "dtype"
     if FunctionRef in members or any(tu.is_callable_type(m) for m in members):
         return "function"
+    if float in members and int not in members:
+        return "float"  # 16 and 16.0 are the same setting; keep one spelling so YAML is stable
     return None
 
 
@@ -447,6 +449,8 @@ def _finish_decode(cls: type[T], data: dict[str, Any], ctx: Any, build_config: A
 
 
 def _normalize(kind: str, value: Any) -> Any:
+    if kind == "float":
+        return float(value) if type(value) is int else value
     try:
         if kind == "dtype":
             return value if isinstance(value, DType) else DType(value)
