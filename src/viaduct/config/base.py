@@ -35,6 +35,7 @@ _by_target: dict[str, type] = {}
 _PROV = "_vd_prov"
 _READY = "_vd_ready"
 _PREV = "_vd_prev"
+_OWN = "_vd_own_derived"
 
 
 def unsupported(reason: str, default: Any = None, **kwargs: Any) -> Any:
@@ -278,8 +279,13 @@ class ConfigBase:
                 out.update(value.provenance(path))
         return out
 
-    def _derive(self, name: str, value: Any, reason: str = "") -> None:
-        """Set a value computed by validation; the next validate() recomputes it from scratch."""
+    def _derive(self, name: str, value: Any, reason: str = "", *, own: bool = False) -> None:
+        """Set a value computed by validation; the next validate() recomputes it from scratch.
+
+        `own=True` marks a value this object's own finalize() derives, so that a standalone
+        finalize() can recompute it (`_undo_own_derivations`) without undoing what the container
+        derived (mixed precision, sequence length).
+        """
         info = type(self).spec().fields[name]
         if info.normalize is not None and value is not None:
             value = _normalize(info.normalize, value)
@@ -290,6 +296,15 @@ class ConfigBase:
             self.__dict__.setdefault(_PREV, {})[name] = (self.__dict__.get(name), previous)
         object.__setattr__(self, name, value)
         sources[name] = prov.DERIVED_PREFIX + (f" ({reason})" if reason else "")
+        if own:
+            self.__dict__.setdefault(_OWN, {})[name] = sources[name]
+
+    def _undo_own_derivations(self) -> None:
+        """Reset what the previous finalize() derived, unless something else has set it since."""
+        for name, source in self.__dict__.pop(_OWN, {}).items():
+            if self.source_of(name) == source:
+                object.__setattr__(self, name, type(self).spec().fields[name].default_value())
+                self.__dict__[_PROV].pop(name, None)
 
     def _reset_derived(self) -> None:
         """Undo every derived value (recursively) so validate() starts from the user's values."""

@@ -22,7 +22,6 @@ from viaduct.models.enums import AttnBackend
 # What `recompute_modules` may name (Megatron Core's choices).
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts", "mla_up_proj")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-_OWN = "_vd_finalize_derived"  # field -> provenance string that finalize() wrote (see _undo_own)
 
 
 @dataclass(kw_only=True)
@@ -343,36 +342,24 @@ class TransformerConfig(ConfigBase):
         self._check_parallelism(p, bad)
         p.raise_if_any()
 
-    def _derive_own(self, name: str, value: Any, reason: str) -> None:
-        """`_derive`, remembering the value so the next finalize() can recompute it."""
-        self._derive(name, value, reason)
-        self.__dict__.setdefault(_OWN, {})[name] = self.source_of(name)
-
-    def _undo_own_derivations(self) -> None:
-        """Reset what the previous finalize() derived, unless something else has set it since."""
-        for name, source in self.__dict__.pop(_OWN, {}).items():
-            if self.source_of(name) == source:
-                object.__setattr__(self, name, type(self).spec().fields[name].default_value())
-                self._record_sources({name: prov.DEFAULT})
-
     def _derive_defaults(self, bad: set[str]) -> None:
         def ok(*names: str) -> bool:
             return not bad.intersection(names)
 
         h, heads = self.hidden_size, self.num_attention_heads
         if ok("num_query_groups", "num_attention_heads") and self.num_query_groups is None and heads > 0:
-            self._derive_own("num_query_groups", heads, "= num_attention_heads")
+            self._derive("num_query_groups", heads, "= num_attention_heads", own=True)
         if ok("kv_channels", "hidden_size", "num_attention_heads") and self.kv_channels is None:
             if h > 0 and heads > 0 and h % heads == 0:
-                self._derive_own("kv_channels", h // heads, "= hidden_size / num_attention_heads")
+                self._derive("kv_channels", h // heads, "= hidden_size / num_attention_heads", own=True)
         if ok("ffn_hidden_size", "hidden_size") and self.ffn_hidden_size is None and h > 0:
-            self._derive_own("ffn_hidden_size", 4 * h, "= 4 x hidden_size")
+            self._derive("ffn_hidden_size", 4 * h, "= 4 x hidden_size", own=True)
         if ok("autocast_dtype", "params_dtype") and self.autocast_dtype is None:
-            self._derive_own("autocast_dtype", self.params_dtype, "= params_dtype")
+            self._derive("autocast_dtype", self.params_dtype, "= params_dtype", own=True)
         if ok("embedding_init_method_std", "init_method_std") and self.embedding_init_method_std is None:
-            self._derive_own("embedding_init_method_std", self.init_method_std, "= init_method_std")
+            self._derive("embedding_init_method_std", self.init_method_std, "= init_method_std", own=True)
         if ok("recompute_modules") and self.recompute_modules is None:
-            self._derive_own("recompute_modules", ["core_attn"], "default selective recompute")
+            self._derive("recompute_modules", ["core_attn"], "default selective recompute", own=True)
         tp, pp, ep = (
             self.tensor_model_parallel_size,
             self.pipeline_model_parallel_size,
@@ -383,14 +370,16 @@ class TransformerConfig(ConfigBase):
                 etp, why = (
                     (1, "1 with expert parallelism") if ep > 1 else (tp, "= tensor_model_parallel_size")
                 )
-                self._derive_own("expert_tensor_parallel_size", etp, why)
+                self._derive("expert_tensor_parallel_size", etp, why, own=True)
         if ok("microbatch_group_size_per_vp_stage", "pipeline_model_parallel_size"):
             if self.microbatch_group_size_per_vp_stage is None:
-                self._derive_own("microbatch_group_size_per_vp_stage", pp, "= pipeline_model_parallel_size")
+                self._derive(
+                    "microbatch_group_size_per_vp_stage", pp, "= pipeline_model_parallel_size", own=True
+                )
         if ok("pipeline_dtype", "params_dtype", "pipeline_model_parallel_size"):
             if self.pipeline_dtype is None and pp > 1:
-                self._derive_own(
-                    "pipeline_dtype", self.params_dtype, "= params_dtype with pipeline parallelism"
+                self._derive(
+                    "pipeline_dtype", self.params_dtype, "= params_dtype with pipeline parallelism", own=True
                 )
         fp32_softmax = bool(self.attention_softmax_in_fp32 or self.apply_query_key_layer_scaling)
         self._derive(
