@@ -1,8 +1,9 @@
-"""Small GPT recipes: the embedded default that trains on a laptop CPU."""
+"""GPT recipes: the embedded default that trains on a laptop CPU, and GPT-2."""
 
 from __future__ import annotations
 
-from viaduct.models import GPTModelProvider
+from viaduct.models import GPT2ModelProvider124M, GPTModelProvider
+from viaduct.recipes.common import pretrain_common
 from viaduct.recipes.llama import llama_model
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import (
@@ -49,3 +50,10 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
         tokenizer=TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
         checkpoint=CheckpointConfig(),
     )
+
+
+@recipe("gpt2_124m")
+def gpt2_124m_pretrain_config() -> ConfigContainer:
+    """GPT-2 124M shape (12 layers, 768 wide, learned positions, 1024-token context)."""
+    model = GPT2ModelProvider124M()
+    return pretrain_common(model, name="gpt2_124m", seq_length=model.seq_length)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from viaduct.config.types import FunctionRef
-from viaduct.models import GPTModelProvider
+from viaduct.models import (
+    GPTModelProvider,
+    Llama2ModelProvider7B,
+    Llama3ModelProvider8B,
+    Llama32ModelProvider1B,
+)
 from viaduct.recipes.common import pretrain_common
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import ConfigContainer
 
 
 def llama_model(**shape: object) -> GPTModelProvider:
-    """The Llama architecture: RMSNorm, SwiGLU, RoPE, no biases, no dropout, untied embeddings."""
+    """A plain `GPTModelProvider` with the Llama architecture (RMSNorm, SwiGLU, RoPE, no biases,
+    no dropout, untied embeddings) and the given shape; for custom sizes that keep the generic
+    `_target_`. The published sizes are classes: `viaduct.models.Llama32ModelProvider1B` ...
+    """
     base: dict[str, object] = dict(
         normalization="RMSNorm",
         activation_func=FunctionRef("silu"),
@@ -27,33 +35,23 @@ def llama_model(**shape: object) -> GPTModelProvider:
     return GPTModelProvider(**base)  # type: ignore[arg-type]
 
 
-def llama3_model(**shape: object) -> GPTModelProvider:
-    """Llama 3: grouped-query attention with 8 groups, rotary base 500k, 128k vocabulary."""
-    base: dict[str, object] = dict(
-        num_query_groups=8, rotary_base=500_000, vocab_size=128_256, seq_length=8192, init_method_std=0.01
-    )
-    base.update(shape)
-    return llama_model(**base)
-
-
 @recipe("llama32_1b")
 def llama32_1b_pretrain_config() -> ConfigContainer:
     """Llama 3.2 1B shape (16 layers, 2048 wide, tied embeddings, RoPE scaling factor 32)."""
-    model = llama3_model(
-        num_layers=16,
-        hidden_size=2048,
-        ffn_hidden_size=8192,
-        num_attention_heads=32,
-        kv_channels=64,
-        share_embeddings_and_output_weights=True,
-        rope_scaling=True,
-        rope_scaling_factor=32.0,
-    )
-    return pretrain_common(model, name="llama32_1b", seq_length=8192)
+    seq_length = 8192  # pretraining context (the published model extends to 128k)
+    model = Llama32ModelProvider1B(seq_length=seq_length)
+    return pretrain_common(model, name="llama32_1b", seq_length=seq_length)
 
 
 @recipe("llama3_8b")
 def llama3_8b_pretrain_config() -> ConfigContainer:
     """Llama 3 8B shape (32 layers, 4096 wide, 14336 FFN, 8 KV groups)."""
-    model = llama3_model(num_layers=32, hidden_size=4096, ffn_hidden_size=14_336, num_attention_heads=32)
-    return pretrain_common(model, name="llama3_8b", seq_length=8192)
+    model = Llama3ModelProvider8B()
+    return pretrain_common(model, name="llama3_8b", seq_length=model.seq_length)
+
+
+@recipe("llama2_7b")
+def llama2_7b_pretrain_config() -> ConfigContainer:
+    """Llama 2 7B shape (32 layers, 4096 wide, 11008 FFN, multi-head attention, 4k context)."""
+    model = Llama2ModelProvider7B()
+    return pretrain_common(model, name="llama2_7b", seq_length=model.seq_length)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from viaduct.config import DType, unsupported
+from viaduct.config import ConfigError, DType, Problem, unsupported
 from viaduct.models.provider import ModelProvider
+
+if TYPE_CHECKING:
+    from viaduct.models.gpt.model import GPTModel
 
 
 @dataclass(kw_only=True)
@@ -36,3 +40,82 @@ class GPTModelProvider(ModelProvider):
     """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
     hf_model_revision: str | None = None
     """Revision (branch, tag or commit) of hf_model_id."""
+
+    # ------------------------------------------------------------------ building
+
+    def padded_vocab_size(self) -> int:
+        """The output/embedding size: vocab_size, rounded up to make_vocab_size_divisible_by x TP
+        when should_pad_vocab is on (padding rows are never a label, so they only cost compute)."""
+        if self.vocab_size is None:
+            raise ConfigError(
+                [
+                    Problem(
+                        "model.vocab_size",
+                        "must be set before the model is built",
+                        None,
+                        fix="set model.vocab_size, or let the tokenizer fill it in pretrain()",
+                    )
+                ]
+            )
+        if not self.should_pad_vocab:
+            return self.vocab_size
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def provide(
+        self,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        *,
+        device: Any = None,
+    ) -> GPTModel:
+        """Finalize, then build the model as a plain `nn.Module` in this process (no distributed setup).
+
+        Weights are created in params_dtype on `device`: by default torch's current default device
+        (so `with torch.device("cuda"): provider.provide()` builds on the GPU), the CPU with
+        use_cpu_initialization, or `meta` with init_model_with_meta_device (call
+        `model.to_empty(device=...)` and `model.init_weights()` afterwards). perform_initialization
+        false leaves the weights uninitialized (they are about to be loaded).
+        """
+        import torch
+
+        from viaduct.models.gpt.model import GPTModel
+
+        if vp_stage is not None:
+            raise ConfigError(
+                [
+                    Problem(
+                        "vp_stage",
+                        "virtual pipeline parallelism is not supported yet",
+                        vp_stage,
+                        fix="call provide() without vp_stage",
+                    )
+                ]
+            )
+        self.finalize()
+        vocab = self.padded_vocab_size()
+        if device is None:
+            if self.init_model_with_meta_device:
+                device = "meta"
+            elif self.use_cpu_initialization:
+                device = "cpu"
+            else:
+                device = torch.get_default_device()
+        device = torch.device(device)
+        # Build on meta (no memory, no throwaway init), then allocate and initialize once.
+        model = GPTModel(
+            self,
+            vocab,
+            pre_process=pre_process,
+            post_process=post_process,
+            device="meta",
+            dtype=self.params_dtype.torch,
+        )
+        if device.type != "meta":
+            model.to_empty(device=device)
+            if self.perform_initialization:
+                model.init_weights()
+            elif model.rotary is not None:
+                model.rotary.reset_parameters()
+        return model

@@ -1,0 +1,1 @@
+"""Building blocks of the models: plain `nn.Module`s that know nothing of `torch.distributed`."""

@@ -1,0 +1,150 @@
+"""Causal self-attention with a fused QKV projection, grouped-query heads and optional QK norm."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from viaduct.models.common.norms import Norm
+from viaduct.models.common.rotary import apply_rotary
+from viaduct.models.enums import AttnBackend
+
+if TYPE_CHECKING:
+    from viaduct.models.transformer_config import TransformerConfig
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+# AttnBackend -> the SDPA kernels allowed (None: PyTorch picks; unfused/local run our own math path).
+_SDPA_BACKENDS: dict[AttnBackend, list[SDPBackend] | None] = {
+    AttnBackend.auto: None,
+    AttnBackend.flash: [SDPBackend.FLASH_ATTENTION],
+    AttnBackend.fused: [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+}
+
+
+def sliding_window_mask(seq_len: int, window: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Boolean [seq, seq] mask (True = may attend): causal, and at most window[0] tokens back."""
+    i = torch.arange(seq_len, device=device)
+    dist = i[:, None] - i[None, :]  # query position - key position
+    allowed = dist >= 0
+    if window[0] >= 0:
+        allowed = allowed & (dist <= window[0])
+    return allowed
+
+
+class SelfAttention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention (Megatron's `SelfAttention`).
+
+    One GEMM produces all queries, keys and values: [q heads | k groups | v groups] x kv_channels.
+    """
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        *,
+        recompute_core_attention: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        assert cfg.kv_channels is not None and cfg.num_query_groups is not None, "finalize() the config first"
+        self.num_heads, self.num_groups = cfg.num_attention_heads, cfg.num_query_groups
+        self.head_dim = cfg.kv_channels
+        kw = {"device": device, "dtype": dtype}
+        qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
+        self.linear_qkv = nn.Linear(
+            cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear or cfg.add_qkv_bias, **kw
+        )
+        self.q_layernorm: Norm | None = None
+        self.k_layernorm: Norm | None = None
+        if cfg.qk_layernorm:
+            norm = dict(zero_centered_gamma=cfg.layernorm_zero_centered_gamma, **kw)
+            self.q_layernorm = Norm(self.head_dim, cfg.normalization, cfg.layernorm_epsilon, **norm)
+            self.k_layernorm = Norm(self.head_dim, cfg.normalization, cfg.layernorm_epsilon, **norm)
+        self.linear_proj = nn.Linear(
+            self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear, **kw
+        )
+        self.scale = cfg.softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = cfg.attention_dropout
+        self.backend = cfg.attention_backend
+        self.window = cfg.window_size
+        self.softmax_in_fp32 = cfg.effective_attention_softmax_in_fp32
+        self.rotary_interleaved = cfg.rotary_interleaved
+        self.recompute_core_attention = recompute_core_attention
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [batch, seq, hidden]; attn_mask bool, True = may attend, broadcastable to [b, 1, s, s]."""
+        b, s, _ = x.shape
+        qkv = self.linear_qkv(x).view(b, s, self.num_heads + 2 * self.num_groups, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_groups, self.num_groups], dim=2)
+        if self.q_layernorm is not None and self.k_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if rope is not None:
+            q = apply_rotary(q, *rope, interleaved=self.rotary_interleaved)
+            k = apply_rotary(k, *rope, interleaved=self.rotary_interleaved)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
+        if self.recompute_core_attention and torch.is_grad_enabled():
+            out = checkpoint(self.core_attention, q, k, v, attn_mask, use_reentrant=False)
+        else:
+            out = self.core_attention(q, k, v, attn_mask)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.linear_proj(out)
+
+    def core_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v over [batch, heads, seq, head_dim]."""
+        if self.window is not None:
+            window = sliding_window_mask(q.shape[2], self.window, q.device)
+            attn_mask = window if attn_mask is None else attn_mask & window
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.backend in (AttnBackend.unfused, AttnBackend.local):
+            return self._math_attention(q, k, v, attn_mask, dropout_p)
+        kwargs = dict(
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=attn_mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_groups != self.num_heads,
+        )
+        backends = _SDPA_BACKENDS[self.backend]
+        if self.backend == AttnBackend.fused and q.device.type != "cuda":
+            raise ValueError(
+                f"model.attention_backend=fused: the cuDNN / memory-efficient attention kernels need "
+                f"CUDA, but the model runs on {q.device.type}; use attention_backend=auto (or flash)"
+            )
+        if backends is None:
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def _math_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """The plain matmul-softmax-matmul path (attention_backend unfused / local)."""
+        if self.num_groups != self.num_heads:
+            rep = self.num_heads // self.num_groups
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = q @ k.transpose(-2, -1)  # [batch, heads, seq_q, seq_k]
+        if self.softmax_in_fp32:
+            scores = scores.float()
+        scores = scores * self.scale
+        if attn_mask is None:
+            s_q, s_k = scores.shape[-2:]
+            attn_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        probs = F.dropout(torch.softmax(scores, dim=-1).to(v.dtype), dropout_p)
+        return probs @ v

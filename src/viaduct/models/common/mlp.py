@@ -1,0 +1,43 @@
+"""The feed-forward block: fc1 -> activation (optionally gated) -> fc2."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from viaduct.models.transformer_config import TransformerConfig
+
+
+class MLP(nn.Module):
+    """Megatron's MLP. With a gated linear unit, fc1 produces [gate | up] in one GEMM and the output
+    is act(gate) * up (SwiGLU when the activation is silu)."""
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        assert cfg.ffn_hidden_size is not None, "finalize() the config first"
+        kw = {"device": device, "dtype": dtype}
+        ffn = cfg.ffn_hidden_size
+        self.gated = cfg.gated_linear_unit
+        self.linear_fc1 = nn.Linear(
+            cfg.hidden_size, 2 * ffn if self.gated else ffn, bias=cfg.add_bias_linear, **kw
+        )
+        self.linear_fc2 = nn.Linear(ffn, cfg.hidden_size, bias=cfg.add_bias_linear, **kw)
+        self.activation = cfg.activation_func.resolve()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.activation(gate) * up
+        else:
+            h = self.activation(h)
+        return self.linear_fc2(h)

@@ -1,0 +1,39 @@
+"""`torch.compile` applied from outside the model, in place (parameter names do not change).
+
+Two scopes. "model" (the default) compiles the model's forward as one graph, so a layer's last
+residual add fuses with the next layer's norm; the chunked loss, which has its own compiled kernels,
+stays outside (a graph break). "layers" compiles each transformer layer on its own (as torchtitan
+does): compile time stays flat in depth, at about 1% of step time on small models. Activation
+recompute set on the model stays in effect either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import nn
+
+from viaduct.models.common.norms import Norm
+from viaduct.models.common.transformer import TransformerLayer
+
+
+def compile_model(
+    model: nn.Module, scope: Literal["model", "layers"] = "model", **compile_kwargs: Any
+) -> nn.Module:
+    """Compile `model` in place and return it.
+
+    `compile_kwargs` go to `torch.compile` (backend="aot_eager" checks tracing without a C compiler).
+    """
+    if scope == "model":
+        model.compile(**compile_kwargs)
+        return model
+    if scope != "layers":
+        raise ValueError(f"compile scope must be 'model' or 'layers', got {scope!r}")
+    compile_kwargs.setdefault("fullgraph", True)
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            module.compile(**compile_kwargs)
+    for module in model.children():
+        if isinstance(module, Norm):
+            module.compile(**compile_kwargs)
+    return model
