@@ -54,12 +54,31 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=50)
     args = ap.parse_args()
     cli = cli_validate(args.recipe, max(5, args.repeat // 10))
-    print(json.dumps({"bench": "cli_validate_s", "recipe": args.recipe, "median": round(statistics.median(cli), 4),
-                      "min": round(min(cli), 4), "runs": len(cli), "target": 0.5}))
+    print(
+        json.dumps(
+            {
+                "bench": "cli_validate_s",
+                "recipe": args.recipe,
+                "median": round(statistics.median(cli), 4),
+                "min": round(min(cli), 4),
+                "runs": len(cli),
+                "target": 0.5,
+            }
+        )
+    )
     ip = in_process(args.recipe, args.repeat)
-    print(json.dumps({"bench": "in_process_ms", "recipe": args.recipe,
-                      "median": round(1000 * statistics.median(ip), 2), "min": round(1000 * min(ip), 2),
-                      "runs": len(ip), "target": 20}))
+    print(
+        json.dumps(
+            {
+                "bench": "in_process_ms",
+                "recipe": args.recipe,
+                "median": round(1000 * statistics.median(ip), 2),
+                "min": round(1000 * min(ip), 2),
+                "runs": len(ip),
+                "target": 20,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,18 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
         dict(model="gpt2_124m", batch=64, seq=1024, compile_scope="layers"),
         dict(model="gpt2_124m", batch=32, seq=1024, compile=False),
     ],
+    # The embedded default on a laptop-class CPU (float32, eager).
+    "cpu": [
+        dict(model="recipe:default", batch=8, seq=256, dtype="fp32", vocab=512),
+        dict(
+            model="recipe:default",
+            batch=8,
+            seq=256,
+            dtype="fp32",
+            vocab=512,
+            overrides=dict(num_layers=2, hidden_size=128, ffn_hidden_size=352),
+        ),
+    ],
 }
 
 
@@ -88,8 +100,16 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, seq = spec["batch"], spec["seq"]
-    provider = GPTModelProvider.variant(spec["model"])()
+    if spec["model"].startswith("recipe:"):  # the model of a recipe, e.g. recipe:default
+        from viaduct.recipes import get_recipe
+
+        provider = get_recipe(spec["model"].split(":", 1)[1])().model
+        provider.vocab_size = provider.vocab_size or spec.get("vocab", 512)
+    else:
+        provider = GPTModelProvider.variant(spec["model"])()
     provider.seq_length = seq
+    for name, value in spec.get("overrides", {}).items():
+        setattr(provider, name, value)
     provider.hidden_dropout = provider.attention_dropout = 0.0
     provider.should_pad_vocab = True
     if spec.get("untied"):
@@ -98,8 +118,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         provider.cross_entropy_loss_fusion = False
     if spec.get("backend"):
         provider.attention_backend = AttnBackend[spec["backend"]]
-    if spec.get("dtype", "bf16") == "bf16":
-        provider.apply_overrides_and_finalize(dtype="bf16")
+    provider.apply_overrides_and_finalize(dtype=spec.get("dtype", "bf16"))
     rc = spec.get("recompute")
     if rc == "full":
         provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = (

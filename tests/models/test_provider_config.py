@@ -272,6 +272,13 @@ RULES = [
     ({"cross_entropy_fusion_impl": "te"}, "cross_entropy_fusion_impl", "not supported yet"),
     ({"mtp_num_layers": 1}, "mtp_num_layers", "multi-token prediction is not supported yet"),
     ({"hidden_size": "wide"}, "hidden_size", "expected int"),
+    ({"distribute_saved_activations": True}, "distribute_saved_activations", "needs tensor parallelism"),
+    ({"window_size": (4, 2)}, "window_size", "right side must be 0 or -1"),
+    (
+        {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "moe_act"]},
+        "recompute_modules",
+        "'moe_act' recompute mixture-of-experts",
+    ),
 ]
 
 

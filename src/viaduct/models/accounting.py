@@ -149,22 +149,17 @@ def estimate_memory(
     per_layer = _layer_activation_elements(p) * act_dtype
     if p.hidden_dropout > 0:
         per_layer += 2 * p.hidden_size  # two bool masks
-    if p.recompute_granularity == "selective":
-        assert p.kv_channels is not None and p.num_query_groups is not None and p.ffn_hidden_size is not None
-        mods = set(p.recompute_modules or ())
-        if "core_attn" in mods:
-            per_layer -= p.num_attention_heads * p.kv_channels * act_dtype
-        if "mlp" in mods:
-            per_layer -= (3 if p.gated_linear_unit else 2) * p.ffn_hidden_size * act_dtype
-        if "layernorm" in mods:
-            per_layer -= 2 * p.hidden_size * act_dtype
+    if p.recompute_granularity == "selective" and "mlp" in (p.recompute_modules or ()):
+        # The fused attention kernels keep only q, k, v and the output, so core_attn frees nothing here.
+        assert p.ffn_hidden_size is not None
+        per_layer -= (3 if p.gated_linear_unit else 2) * p.ffn_hidden_size * act_dtype
     residual_bytes = 4 if p.fp32_residual_connection else act_dtype
     if p.recompute_granularity == "full":
         k = p.recompute_num_layers or 1
         if p.recompute_method == "uniform":
             kept = -(-p.num_layers // k) * p.hidden_size * residual_bytes + k * per_layer
-        else:
-            kept = k * p.hidden_size * residual_bytes + (p.num_layers - k) * per_layer + per_layer
+        else:  # the kept layers' activations are gone by the time the first k are recomputed
+            kept = k * p.hidden_size * residual_bytes + max((p.num_layers - k) * per_layer, per_layer)
     else:
         kept = p.num_layers * per_layer
     activations = tokens * (kept + 2 * p.hidden_size * act_dtype)  # + final norm input/output

@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from viaduct.models.common.norms import Norm
-from viaduct.models.common.transformer import TransformerLayer
+from viaduct.models.common.transformer import TransformerBlock, TransformerLayer
 
 
 def compile_model(
@@ -33,7 +32,6 @@ def compile_model(
     for module in model.modules():
         if isinstance(module, TransformerLayer):
             module.compile(**compile_kwargs)
-    for module in model.children():
-        if isinstance(module, Norm):
-            module.compile(**compile_kwargs)
+        elif isinstance(module, TransformerBlock) and module.final_layernorm is not None:
+            module.final_layernorm.compile(**compile_kwargs)
     return model

@@ -21,6 +21,10 @@ from viaduct.models.enums import AttnBackend
 
 # What `recompute_modules` may name (Megatron Core's choices).
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts", "mla_up_proj")
+_MOE_RECOMPUTE_MODULES = ("moe", "moe_act", "shared_experts", "mla_up_proj")
+# Recomputing a norm only pays if its output is discarded after the next GEMM reads it (Megatron's
+# CheckpointWithoutOutput); plain checkpointing would keep both and save nothing.
+_UNSUPPORTED_RECOMPUTE = ("layernorm",)
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -72,9 +76,9 @@ class TransformerConfig(ConfigBase):
     softmax_scale: float | None = None
     """Attention score scale; unset means 1 / sqrt(kv_channels)."""
     attention_softmax_in_fp32: bool = False
-    """Compute the attention softmax in float32."""
+    """Softmax in float32 on the unfused attention path (the fused kernels always accumulate in float32)."""
     apply_query_key_layer_scaling: bool = False
-    """Scale attention scores by the layer number (an fp16 stabilizer); implies softmax in float32."""
+    """fp16 stabilizer: implies attention_softmax_in_fp32 (fused kernels never hold scores in fp16)."""
     attention_backend: AttnBackend = AttnBackend.auto
     """Attention kernel: flash, fused (cuDNN/efficient), unfused, local (math) or auto (PyTorch picks)."""
     calculate_per_token_loss: bool = False
@@ -232,7 +236,7 @@ class TransformerConfig(ConfigBase):
     recompute_modules: list[str] | None = None
     """Submodules recomputed with selective recompute; unset means ["core_attn"]."""
     distribute_saved_activations: bool = False
-    """Shard recompute checkpoints over the tensor-parallel group (excludes sequence_parallel)."""
+    """Shard recompute checkpoints over the tensor-parallel group (needs tensor parallelism)."""
     cpu_offloading: bool = unsupported("activation offloading to CPU", default=False)
     """Offload activations (and optionally weights) to CPU memory."""
     cpu_offloading_num_layers: int = 0
@@ -254,7 +258,7 @@ class TransformerConfig(ConfigBase):
     masked_softmax_fusion: bool = True
     """Fuse scale, mask and softmax (viaduct: left to the attention kernel / torch.compile)."""
     cross_entropy_loss_fusion: bool = True
-    """Fuse the cross-entropy loss computation."""
+    """Fuse the output layer and the cross entropy in chunks, never holding all logits in float32."""
     cross_entropy_fusion_impl: Literal["native", "te"] = "native"
     """Implementation of the fused cross entropy (te = Transformer Engine, not supported)."""
     bias_activation_fusion: bool = False
@@ -474,6 +478,12 @@ class TransformerConfig(ConfigBase):
             "entries must be >= 0 (or -1 for unbounded)",
             "set model.window_size to (left, right) or unset it",
         )
+        r(
+            "window_size",
+            lambda v: v is not None and all(w >= -1 for w in v) and v[1] not in (0, -1),
+            "the right side must be 0 or -1: decoder attention is causal, it never looks ahead",
+            "set model.window_size to (left, 0)",
+        )
 
     def _check_precision(self, p: Problems, bad: set[str]) -> None:
         def r(name: str, test: Any, rule: str, fix: str, *deps: str) -> None:
@@ -549,6 +559,27 @@ class TransformerConfig(ConfigBase):
             lambda v: v and self.sequence_parallel,
             "cannot be combined with sequence_parallel",
             "set model.distribute_saved_activations=false",
+        )
+        r(
+            "distribute_saved_activations",
+            lambda v: v and not self.sequence_parallel,
+            "needs tensor parallelism, which is not supported yet",
+            "set model.distribute_saved_activations=false",
+        )
+        norms = [m for m in modules or () if m in _UNSUPPORTED_RECOMPUTE]
+        r(
+            "recompute_modules",
+            lambda v: self.recompute_granularity == "selective" and norms,
+            "recomputing 'layernorm' is not supported yet (it would save no memory here)",
+            "recompute core_attn or mlp, or use recompute_granularity=full",
+        )
+        moe_only = [m for m in modules or () if m in _MOE_RECOMPUTE_MODULES]
+        r(
+            "recompute_modules",
+            lambda v: self.recompute_granularity == "selective" and moe_only,
+            f"{', '.join(map(repr, moe_only))} recompute mixture-of-experts or multi-latent attention "
+            "parts, which are not supported yet",
+            "recompute core_attn or mlp",
         )
 
     def _check_parallelism(self, p: Problems, bad: set[str]) -> None:

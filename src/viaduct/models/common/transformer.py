@@ -28,7 +28,8 @@ class TransformerLayer(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)); dropout on each branch (Megatron's `TransformerLayer`).
 
     Selective recompute (`recompute_modules`) re-runs the named parts in the backward pass instead of
-    keeping their activations: core_attn (the attention kernel), mlp, layernorm.
+    keeping their activations: core_attn (the attention kernel; the fused kernels keep nothing
+    beyond q, k, v and the output, so this frees the score matrices of the unfused path), mlp.
     """
 
     def __init__(
@@ -51,23 +52,22 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
         self.residual_post_norm = cfg.apply_residual_connection_post_layernorm
         self.recompute_mlp = "mlp" in selective
-        self.recompute_norm = "layernorm" in selective
 
     def forward(
         self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h = _maybe_checkpoint(self.recompute_norm, self.input_layernorm, x)
+        h = self.input_layernorm(x)
         residual = h if self.residual_post_norm else x
         h = self.self_attention(h, rope, attn_mask)
         x = residual + F.dropout(h, self.hidden_dropout, self.training)
-        h = _maybe_checkpoint(self.recompute_norm, self.pre_mlp_layernorm, x)
+        h = self.pre_mlp_layernorm(x)
         residual = h if self.residual_post_norm else x
         h = _maybe_checkpoint(self.recompute_mlp, self.mlp, h)
         return residual + F.dropout(h, self.hidden_dropout, self.training)
 
 
 class TransformerBlock(nn.Module):
-    """The layers in order, with full-layer activation recompute when configured.
+    """The layers in order (then the final norm, with post_process), with full-layer recompute.
 
     recompute_method "uniform": the layers are cut into chunks of recompute_num_layers and only each
     chunk's input is kept. "block": the first recompute_num_layers layers are recomputed one by one,
@@ -78,6 +78,7 @@ class TransformerBlock(nn.Module):
         self,
         cfg: TransformerConfig,
         *,
+        post_process: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -85,6 +86,16 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, i + 1, device=device, dtype=dtype) for i in range(cfg.num_layers)
         )
+        self.final_layernorm: Norm | None = None
+        if post_process:
+            self.final_layernorm = Norm(
+                cfg.hidden_size,
+                cfg.normalization,
+                cfg.layernorm_epsilon,
+                zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
+                device=device,
+                dtype=dtype,
+            )
         full = cfg.recompute_granularity == "full"
         self.recompute_method = cfg.recompute_method if full else None
         self.recompute_num_layers = cfg.recompute_num_layers or 0
@@ -99,11 +110,11 @@ class TransformerBlock(nn.Module):
                 x = checkpoint(
                     _run_layers, layers[start : start + n], x, rope, attn_mask, use_reentrant=False
                 )
-            return x
-        for i, layer in enumerate(layers):
-            recompute = self.recompute_method == "block" and i < n
-            x = _maybe_checkpoint(recompute, layer, x, rope, attn_mask)
-        return x
+        else:
+            for i, layer in enumerate(layers):
+                recompute = self.recompute_method == "block" and i < n
+                x = _maybe_checkpoint(recompute, layer, x, rope, attn_mask)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
 def _run_layers(

@@ -92,19 +92,10 @@ class GPTModel(nn.Module):
                 interpolation_factor=cfg.seq_len_interpolation_factor,
                 device=device,
             )
-        self.decoder = TransformerBlock(cfg, **kw)
-        self.final_layernorm: Norm | None = None
+        self.decoder = TransformerBlock(cfg, post_process=post_process, **kw)
         self.output_layer: nn.Linear | None = None
-        if post_process:
-            self.final_layernorm = Norm(
-                cfg.hidden_size,
-                cfg.normalization,
-                cfg.layernorm_epsilon,
-                zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
-                **kw,
-            )
-            if not (self.tied and pre_process):
-                self.output_layer = nn.Linear(cfg.hidden_size, vocab_size, bias=False, **kw)
+        if post_process and not (self.tied and pre_process):
+            self.output_layer = nn.Linear(cfg.hidden_size, vocab_size, bias=False, **kw)
         self.fp32_residual = cfg.fp32_residual_connection
         self.fused_loss = cfg.cross_entropy_loss_fusion
         self.upcast_loss = not cfg.fp16_lm_cross_entropy
@@ -186,10 +177,9 @@ class GPTModel(nn.Module):
             else contextlib.nullcontext()
         )
         with autocast:
-            h = self.decoder(h, rope, allowed)
-            if self.final_layernorm is None:
+            h = self.decoder(h, rope, allowed)  # final norm included with post_process
+            if not self.post_process:
                 return h
-            h = self.final_layernorm(h)
             if labels is None:
                 logits = F.linear(h, self.output_weight())
                 return logits.to(self.logit_dtype) if self.logit_dtype is not None else logits

@@ -27,7 +27,7 @@ class GPTModelProvider(ModelProvider):
     parallel_output: bool = True
     """Keep the logits split over tensor-parallel ranks for the loss (no gather)."""
     fp16_lm_cross_entropy: bool = False
-    """Compute the language-model cross entropy in half precision."""
+    """Unfused loss only: cross entropy in the logits' half precision, not float32."""
     logit_dtype: DType | None = None
     """Dtype of the output logits; unset means the compute dtype."""
     scatter_embedding_sequence_parallel: bool = True
@@ -50,7 +50,7 @@ class GPTModelProvider(ModelProvider):
             raise ConfigError(
                 [
                     Problem(
-                        "model.vocab_size",
+                        "vocab_size",
                         "must be set before the model is built",
                         None,
                         fix="set model.vocab_size, or let the tokenizer fill it in pretrain()",
