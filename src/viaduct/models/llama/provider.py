@@ -6,6 +6,8 @@ them, and each size has a short name for overrides (`model=llama32_1b`). Shapes 
 Hugging Face `config.json` of the model named in `hf_model_id`.
 
 Fusion flags keep the `GPTModelProvider` defaults: in viaduct they are only hints.
+
+Redeclared fields only change defaults; their help text is the `GPTModelProvider` field's.
 """
 
 from __future__ import annotations
@@ -24,29 +26,17 @@ class LlamaModelProvider(GPTModelProvider):
     _aliases_ = ("llama",)
 
     normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
-    """Normalization layer type."""
     layernorm_epsilon: float = 1e-5
-    """Epsilon of every LayerNorm / RMSNorm."""
     activation_func: FunctionRef = FunctionRef("silu")
-    """MLP activation: gelu, silu, relu, squared_relu, fast_gelu, quick_gelu, ... or a dotted path."""
     gated_linear_unit: bool = True
-    """Gated MLP: fc1 produces two halves, act(a) * b (with silu this is SwiGLU)."""
     position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
-    """Positions: learned absolute embeddings, rotary (rope), YaRN-scaled rotary, or none."""
     rotary_base: int = 10000
-    """Rotary embedding base (theta)."""
     add_bias_linear: bool = False
-    """Give every linear layer a bias."""
     hidden_dropout: float = 0.0
-    """Dropout probability on the hidden states (after attention and after the MLP)."""
     attention_dropout: float = 0.0
-    """Dropout probability on the attention weights."""
     share_embeddings_and_output_weights: bool = False
-    """Tie the output layer to the input embedding."""
     seq_length: int = 4096
-    """Maximum sequence length; must match dataset.seq_length (the container syncs them)."""
     init_method_std: float = 0.02
-    """Standard deviation of the normal weight init (output layers are scaled by 1/sqrt(2 x num_layers))."""
 
 
 # ---------------------------------------------------------------------------- Llama 2
@@ -59,17 +49,11 @@ class Llama2ModelProvider7B(LlamaModelProvider):
     _aliases_ = ("llama2_7b",)
 
     num_layers: int = 32
-    """Number of transformer layers."""
     hidden_size: int = 4096
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 11008
-    """Hidden size of the MLP."""
     num_attention_heads: int = 32
-    """Number of query attention heads."""
     vocab_size: int | None = 32000
-    """Unpadded vocabulary size."""
     hf_model_id: str | None = "meta-llama/Llama-2-7b-hf"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -79,17 +63,11 @@ class Llama2ModelProvider13B(LlamaModelProvider):
     _aliases_ = ("llama2_13b",)
 
     num_layers: int = 40
-    """Number of transformer layers."""
     hidden_size: int = 5120
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 13824
-    """Hidden size of the MLP."""
     num_attention_heads: int = 40
-    """Number of query attention heads."""
     vocab_size: int | None = 32000
-    """Unpadded vocabulary size."""
     hf_model_id: str | None = "meta-llama/Llama-2-13b-hf"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -99,19 +77,12 @@ class Llama2ModelProvider70B(LlamaModelProvider):
     _aliases_ = ("llama2_70b",)
 
     num_layers: int = 80
-    """Number of transformer layers."""
     hidden_size: int = 8192
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 28672
-    """Hidden size of the MLP."""
     num_attention_heads: int = 64
-    """Number of query attention heads."""
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     vocab_size: int | None = 32000
-    """Unpadded vocabulary size."""
     hf_model_id: str | None = "meta-llama/Llama-2-70b-hf"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 # ---------------------------------------------------------------------------- Llama 3
@@ -124,15 +95,10 @@ class Llama3ModelProvider(LlamaModelProvider):
     _aliases_ = ("llama3",)
 
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     rotary_base: int = 500_000
-    """Rotary embedding base (theta)."""
     vocab_size: int | None = 128_256
-    """Unpadded vocabulary size."""
     seq_length: int = 8192
-    """Maximum sequence length; must match dataset.seq_length (the container syncs them)."""
     init_method_std: float = 0.01
-    """Standard deviation of the normal weight init (output layers are scaled by 1/sqrt(2 x num_layers))."""
 
 
 @dataclass(kw_only=True)
@@ -142,15 +108,10 @@ class Llama3ModelProvider8B(Llama3ModelProvider):
     _aliases_ = ("llama3_8b",)
 
     num_layers: int = 32
-    """Number of transformer layers."""
     hidden_size: int = 4096
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 14_336
-    """Hidden size of the MLP."""
     num_attention_heads: int = 32
-    """Number of query attention heads."""
     hf_model_id: str | None = "meta-llama/Meta-Llama-3-8B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -160,15 +121,10 @@ class Llama3ModelProvider70B(Llama3ModelProvider):
     _aliases_ = ("llama3_70b",)
 
     num_layers: int = 80
-    """Number of transformer layers."""
     hidden_size: int = 8192
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 28_672
-    """Hidden size of the MLP."""
     num_attention_heads: int = 64
-    """Number of query attention heads."""
     hf_model_id: str | None = "meta-llama/Meta-Llama-3-70B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 # ---------------------------------------------------------------------------- Llama 3.1
@@ -181,11 +137,8 @@ class Llama31ModelProvider(Llama3ModelProvider):
     _aliases_ = ("llama31",)
 
     rope_scaling: bool = True
-    """Llama-3.1-style rotary frequency scaling (needs position_embedding_type rope)."""
     rope_scaling_factor: float = 8.0
-    """Factor of the Llama-3.1-style rotary scaling."""
     seq_length: int = 131_072
-    """Maximum sequence length; must match dataset.seq_length (the container syncs them)."""
 
 
 @dataclass(kw_only=True)
@@ -195,15 +148,10 @@ class Llama31ModelProvider8B(Llama31ModelProvider):
     _aliases_ = ("llama31_8b",)
 
     num_layers: int = 32
-    """Number of transformer layers."""
     hidden_size: int = 4096
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 14_336
-    """Hidden size of the MLP."""
     num_attention_heads: int = 32
-    """Number of query attention heads."""
     hf_model_id: str | None = "meta-llama/Llama-3.1-8B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -213,15 +161,10 @@ class Llama31ModelProvider70B(Llama31ModelProvider):
     _aliases_ = ("llama31_70b",)
 
     num_layers: int = 80
-    """Number of transformer layers."""
     hidden_size: int = 8192
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 28_672
-    """Hidden size of the MLP."""
     num_attention_heads: int = 64
-    """Number of query attention heads."""
     hf_model_id: str | None = "meta-llama/Llama-3.1-70B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -231,17 +174,11 @@ class Llama31ModelProvider405B(Llama31ModelProvider):
     _aliases_ = ("llama31_405b",)
 
     num_layers: int = 126
-    """Number of transformer layers."""
     hidden_size: int = 16_384
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 53_248
-    """Hidden size of the MLP."""
     num_attention_heads: int = 128
-    """Number of query attention heads."""
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     hf_model_id: str | None = "meta-llama/Llama-3.1-405B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 # ---------------------------------------------------------------------------- Llama 3.2
@@ -254,23 +191,14 @@ class Llama32ModelProvider1B(Llama31ModelProvider):
     _aliases_ = ("llama32_1b",)
 
     num_layers: int = 16
-    """Number of transformer layers."""
     hidden_size: int = 2048
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 8192
-    """Hidden size of the MLP."""
     num_attention_heads: int = 32
-    """Number of query attention heads."""
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     kv_channels: int | None = 64
-    """Size of each attention head."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     rope_scaling_factor: float = 32.0
-    """Factor of the Llama-3.1-style rotary scaling."""
     hf_model_id: str | None = "meta-llama/Llama-3.2-1B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -280,20 +208,11 @@ class Llama32ModelProvider3B(Llama31ModelProvider):
     _aliases_ = ("llama32_3b",)
 
     num_layers: int = 28
-    """Number of transformer layers."""
     hidden_size: int = 3072
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 8192
-    """Hidden size of the MLP."""
     num_attention_heads: int = 24
-    """Number of query attention heads."""
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     kv_channels: int | None = 128
-    """Size of each attention head."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     rope_scaling_factor: float = 32.0
-    """Factor of the Llama-3.1-style rotary scaling."""
     hf_model_id: str | None = "meta-llama/Llama-3.2-3B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""

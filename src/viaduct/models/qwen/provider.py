@@ -4,6 +4,8 @@ Each class only changes field defaults of `GPTModelProvider`; names follow Megat
 (`megatron.bridge.models.qwen.Qwen25ModelProvider500M` ...) so a Bridge YAML `_target_` maps onto
 them, and each size has a short name for overrides (`model=qwen3_600m`). Shapes are those of the
 Hugging Face `config.json` of the model named in `hf_model_id`.
+
+Redeclared fields only change defaults; their help text is the `GPTModelProvider` field's.
 """
 
 from __future__ import annotations
@@ -24,33 +26,19 @@ class Qwen25ModelProvider(GPTModelProvider):
     _aliases_ = ("qwen25",)
 
     normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
-    """Normalization layer type."""
     layernorm_epsilon: float = 1e-6
-    """Epsilon of every LayerNorm / RMSNorm."""
     activation_func: FunctionRef = FunctionRef("silu")
-    """MLP activation: gelu, silu, relu, squared_relu, fast_gelu, quick_gelu, ... or a dotted path."""
     gated_linear_unit: bool = True
-    """Gated MLP: fc1 produces two halves, act(a) * b (with silu this is SwiGLU)."""
     position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
-    """Positions: learned absolute embeddings, rotary (rope), YaRN-scaled rotary, or none."""
     rotary_base: int = 1_000_000
-    """Rotary embedding base (theta)."""
     add_bias_linear: bool = False
-    """Give every linear layer a bias."""
     add_qkv_bias: bool = True
-    """Give only the query/key/value projection a bias."""
     hidden_dropout: float = 0.0
-    """Dropout probability on the hidden states (after attention and after the MLP)."""
     attention_dropout: float = 0.0
-    """Dropout probability on the attention weights."""
     share_embeddings_and_output_weights: bool = False
-    """Tie the output layer to the input embedding."""
     vocab_size: int | None = 151_936
-    """Unpadded vocabulary size."""
     seq_length: int = 32_768
-    """Maximum sequence length; must match dataset.seq_length (the container syncs them)."""
     init_method_std: float = 0.02
-    """Standard deviation of the normal weight init (output layers are scaled by 1/sqrt(2 x num_layers))."""
 
 
 @dataclass(kw_only=True)
@@ -60,19 +48,12 @@ class Qwen25ModelProvider500M(Qwen25ModelProvider):
     _aliases_ = ("qwen25_500m",)
 
     num_layers: int = 24
-    """Number of transformer layers."""
     hidden_size: int = 896
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 4864
-    """Hidden size of the MLP."""
     num_attention_heads: int = 14
-    """Number of query attention heads."""
     num_query_groups: int | None = 2
-    """Key/value head groups for grouped-query attention."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     hf_model_id: str | None = "Qwen/Qwen2.5-0.5B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -82,19 +63,12 @@ class Qwen25ModelProvider1P5B(Qwen25ModelProvider):
     _aliases_ = ("qwen25_1p5b",)
 
     num_layers: int = 28
-    """Number of transformer layers."""
     hidden_size: int = 1536
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 8960
-    """Hidden size of the MLP."""
     num_attention_heads: int = 12
-    """Number of query attention heads."""
     num_query_groups: int | None = 2
-    """Key/value head groups for grouped-query attention."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     hf_model_id: str | None = "Qwen/Qwen2.5-1.5B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -104,19 +78,12 @@ class Qwen25ModelProvider3B(Qwen25ModelProvider):
     _aliases_ = ("qwen25_3b",)
 
     num_layers: int = 36
-    """Number of transformer layers."""
     hidden_size: int = 2048
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 11008
-    """Hidden size of the MLP."""
     num_attention_heads: int = 16
-    """Number of query attention heads."""
     num_query_groups: int | None = 2
-    """Key/value head groups for grouped-query attention."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     hf_model_id: str | None = "Qwen/Qwen2.5-3B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -126,19 +93,12 @@ class Qwen25ModelProvider7B(Qwen25ModelProvider):
     _aliases_ = ("qwen25_7b",)
 
     num_layers: int = 28
-    """Number of transformer layers."""
     hidden_size: int = 3584
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 18944
-    """Hidden size of the MLP."""
     num_attention_heads: int = 28
-    """Number of query attention heads."""
     num_query_groups: int | None = 4
-    """Key/value head groups for grouped-query attention."""
     vocab_size: int | None = 152_064
-    """Unpadded vocabulary size."""
     hf_model_id: str | None = "Qwen/Qwen2.5-7B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -148,19 +108,12 @@ class Qwen25ModelProvider14B(Qwen25ModelProvider):
     _aliases_ = ("qwen25_14b",)
 
     num_layers: int = 48
-    """Number of transformer layers."""
     hidden_size: int = 5120
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 13824
-    """Hidden size of the MLP."""
     num_attention_heads: int = 40
-    """Number of query attention heads."""
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     vocab_size: int | None = 152_064
-    """Unpadded vocabulary size."""
     hf_model_id: str | None = "Qwen/Qwen2.5-14B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 # ---------------------------------------------------------------------------- Qwen 3
@@ -173,39 +126,22 @@ class Qwen3ModelProvider(GPTModelProvider):
     _aliases_ = ("qwen3",)
 
     normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
-    """Normalization layer type."""
     layernorm_epsilon: float = 1e-6
-    """Epsilon of every LayerNorm / RMSNorm."""
     activation_func: FunctionRef = FunctionRef("silu")
-    """MLP activation: gelu, silu, relu, squared_relu, fast_gelu, quick_gelu, ... or a dotted path."""
     gated_linear_unit: bool = True
-    """Gated MLP: fc1 produces two halves, act(a) * b (with silu this is SwiGLU)."""
     position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
-    """Positions: learned absolute embeddings, rotary (rope), YaRN-scaled rotary, or none."""
     rotary_base: int = 1_000_000
-    """Rotary embedding base (theta)."""
     add_bias_linear: bool = False
-    """Give every linear layer a bias."""
     add_qkv_bias: bool = False
-    """Give only the query/key/value projection a bias."""
     qk_layernorm: bool = True
-    """Normalize queries and keys (with `normalization`) before attention."""
     num_query_groups: int | None = 8
-    """Key/value head groups for grouped-query attention."""
     kv_channels: int | None = 128
-    """Size of each attention head (Qwen 3 fixes it at 128, independent of the width)."""
     hidden_dropout: float = 0.0
-    """Dropout probability on the hidden states (after attention and after the MLP)."""
     attention_dropout: float = 0.0
-    """Dropout probability on the attention weights."""
     share_embeddings_and_output_weights: bool = False
-    """Tie the output layer to the input embedding."""
     vocab_size: int | None = 151_936
-    """Unpadded vocabulary size."""
     seq_length: int = 40_960
-    """Maximum sequence length; must match dataset.seq_length (the container syncs them)."""
     init_method_std: float = 0.02
-    """Standard deviation of the normal weight init (output layers are scaled by 1/sqrt(2 x num_layers))."""
 
 
 @dataclass(kw_only=True)
@@ -215,17 +151,11 @@ class Qwen3ModelProvider600M(Qwen3ModelProvider):
     _aliases_ = ("qwen3_600m",)
 
     num_layers: int = 28
-    """Number of transformer layers."""
     hidden_size: int = 1024
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 3072
-    """Hidden size of the MLP."""
     num_attention_heads: int = 16
-    """Number of query attention heads."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     hf_model_id: str | None = "Qwen/Qwen3-0.6B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -235,17 +165,11 @@ class Qwen3ModelProvider1P7B(Qwen3ModelProvider):
     _aliases_ = ("qwen3_1p7b",)
 
     num_layers: int = 28
-    """Number of transformer layers."""
     hidden_size: int = 2048
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 6144
-    """Hidden size of the MLP."""
     num_attention_heads: int = 16
-    """Number of query attention heads."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     hf_model_id: str | None = "Qwen/Qwen3-1.7B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -255,17 +179,11 @@ class Qwen3ModelProvider4B(Qwen3ModelProvider):
     _aliases_ = ("qwen3_4b",)
 
     num_layers: int = 36
-    """Number of transformer layers."""
     hidden_size: int = 2560
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 9728
-    """Hidden size of the MLP."""
     num_attention_heads: int = 32
-    """Number of query attention heads."""
     share_embeddings_and_output_weights: bool = True
-    """Tie the output layer to the input embedding."""
     hf_model_id: str | None = "Qwen/Qwen3-4B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
 
 
 @dataclass(kw_only=True)
@@ -275,12 +193,7 @@ class Qwen3ModelProvider8B(Qwen3ModelProvider):
     _aliases_ = ("qwen3_8b",)
 
     num_layers: int = 36
-    """Number of transformer layers."""
     hidden_size: int = 4096
-    """Model width: the size of the hidden states."""
     ffn_hidden_size: int | None = 12288
-    """Hidden size of the MLP."""
     num_attention_heads: int = 32
-    """Number of query attention heads."""
     hf_model_id: str | None = "Qwen/Qwen3-8B"
-    """Hugging Face model id this configuration comes from (for export and tokenizer defaults)."""
