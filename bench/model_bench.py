@@ -3,8 +3,9 @@
     python bench/model_bench.py --model llama32_1b --batch 16 --seq 2048            # one run
     python bench/model_bench.py --sweep issue3                                       # the issue's table
 
-A step is forward + backward + fused AdamW on float32 master weights, with bf16 weights and
-activations (Megatron's bf16 mixed precision). MFU uses DESIGN.md §4: FLOPs per token from
+A step is forward + backward + the training loop's optimizer (fused AdamW on float32 master
+weights and main grads, gradient clipping), with bf16 weights and activations (Megatron's bf16
+mixed precision). MFU uses DESIGN.md §4: FLOPs per token from
 `viaduct.models.accounting.flops_per_token` over 989 TFLOP/s. Each sweep entry runs in its own
 process so peak memory and an out-of-memory error stay with their run.
 """
@@ -50,53 +51,14 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-class MasterWeightAdamW:
-    """Fused AdamW on float32 copies of 16-bit weights (Megatron's main params / main grads).
-
-    Each 16-bit gradient is copied into its float32 main grad as soon as autograd has produced it
-    (a post-accumulate hook) and freed at once, so the 16-bit gradients never all exist together.
-    After the step the updated float32 weights are copied back into the 16-bit ones.
-    """
-
-    def __init__(self, params: list[Any], **adam: Any) -> None:
-        import torch
-
-        self.params = [p for p in params if p.requires_grad]
-        self.master = [p.detach().float() if p.dtype != torch.float32 else p for p in self.params]
-        self.half = [(p, m) for p, m in zip(self.params, self.master) if p is not m]
-        for p, m in self.half:
-            m.requires_grad_(True)
-            m.grad = torch.zeros_like(m)
-            p.register_post_accumulate_grad_hook(self._hook(m))
-        self.opt = torch.optim.AdamW(self.master, fused=torch.cuda.is_available(), **adam)
-
-    @staticmethod
-    def _hook(master: Any) -> Any:
-        def hook(p: Any) -> None:
-            master.grad.copy_(p.grad)
-            p.grad = None
-
-        return hook
-
-    def step(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            self.opt.step()
-            if self.half:
-                torch._foreach_copy_([p for p, _ in self.half], [m for _, m in self.half])
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from viaduct.models import AttnBackend, GPTModelProvider
     from viaduct.models.accounting import estimate_memory, flops_per_token, mfu, num_parameters
     from viaduct.models.compile import compile_model
+    from viaduct.training.config import OptimizerConfig
+    from viaduct.training.optim import build_optimizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, seq = spec["batch"], spec["seq"]
@@ -135,17 +97,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("compile", device == "cuda"):
         kw = {"mode": spec["compile_mode"]} if spec.get("compile_mode") else {}
         compile_model(model, spec.get("compile_scope", "model"), **kw)
-    opt = MasterWeightAdamW(list(model.parameters()), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    # The training loop's own optimizer: fp32 master weights and main grads, fused AdamW, clipping.
+    opt_cfg = OptimizerConfig(lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=spec.get("clip_grad", 1.0))
+    opt = build_optimizer(opt_cfg, model)
     g = torch.Generator(device=device).manual_seed(0)
     vocab = provider.vocab_size or 1
     x = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=g)
     inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def step() -> torch.Tensor:
+        opt.zero_grad()
         loss = model(inputs, labels=labels).mean()
         loss.backward()
         opt.step()
-        opt.zero_grad()
         return loss.detach()
 
     t0 = time.perf_counter()

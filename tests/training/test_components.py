@@ -170,7 +170,6 @@ def test_spec_defaults():
             "injection",
         ),
         (ProfilingConfig(use_nsys_profiler=True), "profiling.use_nsys_profiler", "nsys"),
-        (TrainingConfig(rampup_batch_size=[16, 8, 1000]), "train.rampup_batch_size", "ramp-up"),
         (FaultToleranceConfig(), "ft", "fault tolerance"),
         (NVRxStragglerDetectionConfig(), "nvrx_straggler", "NVRx straggler detection"),
     ],

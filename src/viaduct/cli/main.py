@@ -5,6 +5,8 @@
     viaduct config diff A B     (each a YAML file or a recipe name)
     viaduct config schema   [--output F]
     viaduct config recipes
+    viaduct pretrain        [--recipe NAME | --config-file F] [overrides...]   (also under torchrun)
+    viaduct finetune        [--recipe NAME | --config-file F] [overrides...]
 
 Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
 flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2.
@@ -63,7 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--output", metavar="PATH", help="write the schema here instead of printing it")
 
     csub.add_parser("recipes", help="list the recipes")
+
+    for name, text in (
+        ("pretrain", "train a model (the embedded default without arguments); works under torchrun"),
+        ("finetune", "train from checkpoint.pretrained_checkpoint (or resume checkpoint.load)"),
+    ):
+        run_p = sub.add_parser(name, help=text, description=text)
+        _add_source_args(run_p)
     return parser
+
+
+def _train(command: str, args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from viaduct.training.pretrain import finetune, pretrain
+
+    if args.help_config:
+        _print_config_help(args.recipe)
+        return 0
+    cfg = load_config(args.recipe, args.config_file, extra)
+    (pretrain if command == "pretrain" else finetune)(cfg)
+    return 0
 
 
 def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str]) -> ConfigContainer:
@@ -166,6 +186,8 @@ def _summary(cfg: ConfigContainer) -> str:
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command in ("pretrain", "finetune"):
+        return _train(args.command, args, extra)
     if args.command != "config":
         parser.error(f"unknown command {args.command}")
     if args.action in ("diff", "schema", "recipes") and extra:

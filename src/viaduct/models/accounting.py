@@ -74,6 +74,18 @@ def flops_per_token(
     return 6.0 * matmul_params + (attention / 2 if causal else attention)
 
 
+# Dense bf16 peaks (no sparsity) of the accelerators we measure on; MFU is only reported for these.
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its name (torch.cuda.get_device_name), None if unknown."""
+    for key, value in _PEAK_BF16_FLOPS.items():
+        if key in device_name.upper():
+            return value
+    return None
+
+
 def mfu(tokens_per_second: float, flops_per_tok: float, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:
     """Model FLOPs utilization in [0, 1]."""
     return tokens_per_second * flops_per_tok / peak_flops

@@ -52,7 +52,7 @@ def pretrain_common(model: GPTModelProvider, *, name: str, seq_length: int) -> C
             weight_decay_incr_style="constant",
         ),
         dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=seq_length, split="9999,8,2"),
-        logger=LoggerConfig(log_interval=10, tensorboard_dir=f"{run_dir}/tb_logs"),
+        logger=LoggerConfig(log_interval=10, log_throughput=True, tensorboard_dir=f"{run_dir}/tb_logs"),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=model.vocab_size),
         checkpoint=CheckpointConfig(
             save=f"{run_dir}/checkpoints", load=f"{run_dir}/checkpoints", save_interval=500

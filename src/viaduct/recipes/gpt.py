@@ -46,7 +46,7 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
         ),
         # Synthetic tokens until the bundled corpus (Python's own documentation) is wired in.
         dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=None, num_workers=0),
-        logger=LoggerConfig(log_interval=10),
+        logger=LoggerConfig(log_interval=10, log_throughput=True),
         tokenizer=TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
         checkpoint=CheckpointConfig(),
     )

@@ -255,7 +255,18 @@ class ConfigContainer(ConfigBase):
             return problems  # train.finalize() already reported unset or non-positive batch sizes
         t, dp = self.train, self.data_parallel_size
         per_step = t.micro_batch_size * dp
-        if t.global_batch_size % per_step:
+        if t.global_batch_size % per_step and t.decrease_batch_size_if_needed:
+            used = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
+            warn(
+                f"train.global_batch_size {t.global_batch_size} is not divisible by micro batch × data-parallel "
+                f"size ({per_step}); decrease_batch_size_if_needed: each step uses {used} samples"
+            )
+            self._derive(
+                "num_microbatches",
+                used // per_step,
+                f"global {used} (rounded down) / (micro × DP {per_step})",
+            )
+        elif t.global_batch_size % per_step:
             lower = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
             problems.append(
                 Problem(
@@ -307,6 +318,25 @@ class ConfigContainer(ConfigBase):
                 )
             except ConfigError as exc:
                 problems += exc.problems
+        lr, init = self.optimizer.lr, self.scheduler.lr_warmup_init
+        if "optimizer" not in broken and "scheduler" not in broken and lr is not None and init > lr:
+            problems.append(
+                Problem(
+                    "scheduler.lr_warmup_init",
+                    f"warmup starts above the peak learning rate (optimizer.lr = {lr})",
+                    init,
+                    fix="set scheduler.lr_warmup_init <= optimizer.lr",
+                )
+            )
+        if self.logger.log_progress and not self.checkpoint.save:
+            problems.append(
+                Problem(
+                    "logger.log_progress",
+                    "writes progress.txt into the checkpoint directory, but checkpoint.save is not set",
+                    True,
+                    fix="set checkpoint.save, or logger.log_progress=false",
+                )
+            )
         if self.peft is not None and not self.checkpoint.pretrained_checkpoint:
             problems.append(
                 Problem(

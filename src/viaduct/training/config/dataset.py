@@ -119,7 +119,7 @@ class GPTDatasetConfig(DataloaderConfig):
     """Exclude end-of-document tokens from the loss."""
 
     create_attention_mask: bool = True
-    """Have the dataset build an attention mask (False leaves masking to the attention kernel)."""
+    """Let the dataset build document masks (with reset_attention_mask); the causal mask is the kernel's."""
 
     num_dataset_builder_threads: int = 1
     """Threads that build the dataset indices."""
@@ -182,6 +182,13 @@ class GPTDatasetConfig(DataloaderConfig):
                 "must be in [0, 2**32)",
                 self.random_seed,
                 fix="set dataset.random_seed to a non-negative 32-bit number",
+            )
+        if self.reset_attention_mask and not self.create_attention_mask:
+            p.add(
+                "reset_attention_mask",
+                "needs create_attention_mask: the per-document mask is built by the dataset",
+                True,
+                fix="set dataset.create_attention_mask=true, or dataset.reset_attention_mask=false",
             )
         positive(p, self, "num_dataset_builder_threads")
         positive(p, self, "mid_level_dataset_surplus", zero_ok=True)

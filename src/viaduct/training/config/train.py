@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, Problems, derived, unsupported
+from viaduct.config import ConfigBase, Problems, derived
 from viaduct.training.config._checks import positive
 
 
@@ -24,7 +24,7 @@ class TrainingConfig(ConfigBase):
     global_batch_size: int | None = None
     """Samples per optimizer step over all ranks: micro_batch_size × data-parallel size × accumulation."""
 
-    rampup_batch_size: list[int] | None = unsupported("batch-size ramp-up", default=None)  # noqa: RUF009
+    rampup_batch_size: list[int] | None = None
     """Batch-size ramp-up as [start batch size, increment, ramp-up samples]."""
 
     decrease_batch_size_if_needed: bool = False
@@ -42,8 +42,8 @@ class TrainingConfig(ConfigBase):
     exit_duration_in_mins: int | None = None
     """Save and exit after this many minutes of wall-clock time (maximum over ranks)."""
 
-    exit_signal_handler: bool = False
-    """Save a checkpoint and exit when exit_signal is received."""
+    exit_signal_handler: bool = True
+    """Finish the step, save a checkpoint (when checkpoint.save is set) and exit 0 on exit_signal."""
 
     exit_signal: signal.Signals = signal.SIGTERM
     """Signal that makes training save a checkpoint and exit."""
@@ -86,6 +86,12 @@ class TrainingConfig(ConfigBase):
 
     skip_train: bool = False
     """Skip the training loop: only evaluate on the validation and test sets, then exit."""
+
+    torch_compile: bool | None = None
+    """Compile the model with torch.compile; None compiles on CUDA and runs eagerly on the CPU."""
+
+    torch_compile_scope: Literal["model", "layers"] | None = None
+    """Compile the whole model or each layer; None: the model on one rank, layers under data parallelism."""
 
     effective_train_iters: int | None = derived()
     """Optimizer steps of the whole run: train_iters, or train_samples // global_batch_size."""
@@ -145,6 +151,18 @@ class TrainingConfig(ConfigBase):
             positive(p, self, name)
         positive(p, self, "manual_gc_interval", zero_ok=True)
         positive(p, self, "eval_iters", zero_ok=True)
+        if self.rampup_batch_size is not None:
+            r = self.rampup_batch_size
+            fix = "set train.rampup_batch_size to [start, increment, samples], e.g. [16, 16, 100000]"
+            if len(r) != 3 or any(v <= 0 for v in r):
+                p.add("rampup_batch_size", "needs three positive numbers", r, fix=fix)
+            elif gbs is not None and (r[0] > gbs or (gbs - r[0]) % r[1]):
+                p.add(
+                    "rampup_batch_size",
+                    f"must ramp from its start to global_batch_size ({gbs}) in whole increments",
+                    r,
+                    fix=fix + f" with (global_batch_size - start) divisible by the increment",
+                )
         bad_skips = [i for i in self.iterations_to_skip if i < 1]
         if bad_skips:
             p.add(

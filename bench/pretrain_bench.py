@@ -1,0 +1,120 @@
+"""Speed of the whole training loop (`pretrain()`), against the pure model step of model_bench.py.
+
+    python bench/pretrain_bench.py                                   # Llama-3.2-1B shape, 16×2048, one GPU
+    python bench/pretrain_bench.py --compare                         # also the model benchmark: loop overhead
+    torchrun --nproc-per-node 2 bench/pretrain_bench.py --mbs 16 --gbs 32   # data parallel
+
+The run is a real `pretrain()` of a recipe (mock data through DataLoader workers, the optimizer,
+scheduler, logging every `--log-interval` steps) with checkpoints and evaluation off. Timing: the
+device is synchronised once after `--warmup` steps and once at the end (a callback), so the loop
+itself keeps its own no-sync behaviour in between. One JSON line per run (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from viaduct.config import apply_overrides
+    from viaduct.models.accounting import flops_per_token, mfu, peak_flops
+    from viaduct.recipes import get_recipe
+    from viaduct.training.callbacks import Callback
+    from viaduct.training.pretrain import pretrain
+
+    cfg = get_recipe(args.recipe)()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = args.warmup + args.steps
+    apply_overrides(
+        cfg,
+        [
+            f"dataset.seq_length={args.seq}",
+            f"train.micro_batch_size={args.mbs}",
+            f"train.global_batch_size={args.gbs}",
+            f"train.train_iters={steps}",
+            "train.eval_iters=0",
+            "scheduler.lr_warmup_iters=2",
+            "checkpoint.save=null",
+            "checkpoint.load=null",
+            "checkpoint.save_interval=null",
+            "logger.tensorboard_dir=null",
+            f"logger.log_interval={args.log_interval}",
+            *args.overrides,
+        ],
+    )
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.t: dict[int, float] = {}
+
+        def on_train_step_end(self, ctx: Any) -> None:
+            step = ctx.state.train_state.step
+            if step in (args.warmup, steps):
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                self.t[step] = time.perf_counter()
+
+    clock = Clock()
+    state = pretrain(cfg, callbacks=[clock])
+    dt = (clock.t[steps] - clock.t[args.warmup]) / args.steps
+    tokens_per_gpu = args.gbs * args.seq / world / dt
+    fpt = flops_per_token(cfg.model, args.seq)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak_flops(name)
+    return dict(
+        bench="pretrain",
+        recipe=args.recipe,
+        world_size=world,
+        seq=args.seq,
+        micro_batch=args.mbs,
+        global_batch=args.gbs,
+        overrides=args.overrides,
+        device=name,
+        torch=torch.__version__,
+        step_ms=round(dt * 1e3, 1),
+        tokens_per_s_per_gpu=round(tokens_per_gpu),
+        mfu_pct=round(100 * mfu(tokens_per_gpu, fpt, peak), 1) if peak else None,
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        steps=state.train_state.step,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="llama32_1b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=16)
+    ap.add_argument("--gbs", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--log-interval", type=int, default=10)
+    ap.add_argument("--compare", action="store_true", help="also run model_bench.py on the same shape")
+    ap.add_argument("overrides", nargs="*", help="config overrides (a.b=v)")
+    args = ap.parse_args()
+    model_result: dict[str, Any] | None = None
+    if args.compare:  # first, so the two runs never hold GPU memory at the same time
+        spec = dict(model=args.recipe, batch=args.mbs, seq=args.seq, steps=args.steps)
+        bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_bench.py")
+        proc = subprocess.run([sys.executable, bench, "--spec", json.dumps(spec)], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        model_result = json.loads(lines[-1]) if lines else {"error": proc.stderr[-800:]}
+    result = run_pretrain(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if model_result is not None:
+        result["model_bench"] = model_result
+        if "step_ms" in model_result:
+            per_micro = result["step_ms"] / (args.gbs // (args.mbs * result["world_size"]))
+            result["loop_overhead_pct"] = round(100 * (per_micro / model_result["step_ms"] - 1), 2)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

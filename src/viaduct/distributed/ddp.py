@@ -1,0 +1,143 @@
+"""Data parallelism through `torch.nn.parallel.DistributedDataParallel`, driven by the `ddp` config.
+
+DDP all-reduces gradients in buckets while backward runs. Our communication hook decides *how*:
+
+* `grad_reduce_in_fp32`: 16-bit gradients are all-reduced in float32. With the optimizer's float32
+  main gradients, the hook adds the last micro-batch's gradients to the main gradients the earlier
+  micro-batches accumulated, all-reduces that float32 sum and writes it back: accumulation and
+  reduction both happen in float32, as in Megatron.
+* `average_in_collective`: the collective averages (ReduceOp.AVG, NCCL); otherwise, and always on
+  gloo, which has no AVG, gradients are divided by the data-parallel size before a SUM (Megatron's
+  default). A per-token loss (`model.calculate_per_token_loss`) is summed, not averaged: the loop
+  divides by the global token count afterwards.
+* `check_for_nan_in_grad`: each bucket is checked before it is reduced, so the error names the
+  rank whose gradients went bad (this reads a flag per bucket: a device synchronisation).
+* `overlap_grad_reduce=False` puts all gradients in one bucket, so the reduction starts after
+  backward, as Megatron does without overlap; with overlap, `bucket_size` (parameters) or
+  `num_buckets` sets the bucket size (default max(40M, 1M × data-parallel size) parameters).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from viaduct.training.config.distributed import DistributedDataParallelConfig
+
+if TYPE_CHECKING:
+    from viaduct.distributed.init import DistributedContext
+    from viaduct.training.optim import MixedPrecisionOptimizer
+
+_MB = 1024 * 1024
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A rank produced NaN or infinite gradients (ddp.check_for_nan_in_grad)."""
+
+
+def bucket_cap_mb(model: nn.Module, cfg: DistributedDataParallelConfig, dp_size: int) -> float:
+    """DDP's bucket size in MiB from the config's parameter counts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_bytes = sum(p.numel() * p.element_size() for p in params)
+    elem = params[0].element_size() if params else 4
+    if not cfg.overlap_grad_reduce:
+        return total_bytes / _MB + 1  # one bucket: the reduction waits for the whole backward
+    if cfg.num_buckets is not None:
+        return max(total_bytes / cfg.num_buckets / _MB, 1 / _MB)
+    count = cfg.bucket_size if cfg.bucket_size is not None else max(40_000_000, 1_000_000 * dp_size)
+    return count * elem / _MB
+
+
+def _comm_hook(
+    optimizer: MixedPrecisionOptimizer,
+    *,
+    group: Any,
+    dp_size: int,
+    reduce_fp32: bool,
+    average: bool,
+    avg_op: bool,
+    check_nan: bool,
+    rank: int,
+) -> Any:
+    """DDP communication hook implementing the rules in the module docstring."""
+
+    # No annotations here: DDP checks them at runtime and `from __future__ import annotations`
+    # would turn dist.GradBucket into a string it rejects.
+    def hook(_state, bucket):  # type: ignore[no-untyped-def]
+        buffer = bucket.buffer()
+        if check_nan and not bool(torch.isfinite(buffer).all()):
+            raise NonFiniteGradientError(
+                f"rank {rank}: NaN or infinite gradients before the data-parallel all-reduce "
+                "(ddp.check_for_nan_in_grad); lower the learning rate or check the data of this rank"
+            )
+        slots = [optimizer.by_param.get(id(p)) for p in bucket.parameters()]
+        main = optimizer.fp32_main_grads and all(s is not None and s.has_copy for s in slots)
+        if main:
+            # Main-gradient mode: the earlier micro-batches sit in the float32 main grads.
+            for s, g in zip(slots, bucket.gradients()):
+                optimizer.add_to_main_grad(s, g)  # type: ignore[arg-type]
+            flat = torch.cat([s.master.grad.view(-1) for s in slots])  # type: ignore[union-attr]
+        elif reduce_fp32 and buffer.dtype != torch.float32:
+            flat = buffer.float()
+        else:
+            flat = buffer
+        op = dist.ReduceOp.SUM
+        if average and avg_op:
+            op = dist.ReduceOp.AVG
+        elif average:
+            flat.div_(dp_size)
+        fut = dist.all_reduce(flat, op=op, group=group, async_op=True).get_future()
+
+        def done(f: torch.futures.Future[Any]) -> torch.Tensor:
+            out = f.value()[0]
+            if main:
+                offset = 0
+                for s in slots:
+                    g = s.master.grad  # type: ignore[union-attr]
+                    g.copy_(out[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                return buffer  # the 16-bit .grad copies are not used in this mode
+            if out is not buffer:
+                buffer.copy_(out)
+            return buffer
+
+        return fut.then(done)
+
+    return hook
+
+
+def wrap_data_parallel(
+    model: nn.Module,
+    cfg: DistributedDataParallelConfig,
+    optimizer: MixedPrecisionOptimizer,
+    ctx: DistributedContext,
+    *,
+    per_token_loss: bool = False,
+) -> DistributedDataParallel:
+    """Wrap `model` in DDP over all ranks (pure data parallelism) with viaduct's communication hook."""
+    dp_size = ctx.world_size
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        bucket_cap_mb=bucket_cap_mb(model, cfg, dp_size),
+        broadcast_buffers=False,  # buffers are deterministic (rotary tables); nothing to sync
+        gradient_as_bucket_view=False,
+    )
+    ddp.register_comm_hook(
+        None,
+        _comm_hook(
+            optimizer,
+            group=None,
+            dp_size=dp_size,
+            reduce_fp32=cfg.grad_reduce_in_fp32,
+            average=not per_token_loss,
+            avg_op=cfg.average_in_collective and ctx.backend == "nccl",
+            check_nan=cfg.check_for_nan_in_grad,
+            rank=ctx.rank,
+        ),
+    )
+    return ddp

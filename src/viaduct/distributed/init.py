@@ -1,0 +1,100 @@
+"""Process-group setup from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
+
+One process with no environment needs no process group at all. CUDA is used when present (NCCL
+between GPUs); without it everything runs on the CPU over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from viaduct.training.config.distributed import DistributedInitConfig
+
+
+@dataclass
+class DistributedContext:
+    """Where this process stands: its rank, the world, its device and its process groups."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    created: bool = False
+    """Whether viaduct created the default process group (and so destroys it at the end)."""
+    host_group: Any = None
+    """A gloo group for host-side collectives (exit decisions, timers): no device synchronisation."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.rank == self.world_size - 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() else default
+
+
+def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
+    """Set the device and, under a launcher, create the default process group."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", cfg.local_rank)
+    if torch.cuda.is_available():
+        index = 0 if cfg.external_gpu_device_mapping else local_rank
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    created = False
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    elif world > 1:
+        backend = cfg.distributed_backend if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=cfg.distributed_timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+        created = True
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+    host_group = None
+    if backend is not None:
+        host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return DistributedContext(rank, world, local_rank, device, backend, created, host_group)
+
+
+def set_timeout_after_init(ctx: DistributedContext, cfg: DistributedInitConfig) -> None:
+    """Apply dist.distributed_timeout_seconds_after_init (after the first step), if set."""
+    if cfg.distributed_timeout_seconds_after_init is None or ctx.backend is None:
+        return
+    # torch has no public setter; this is the hook Megatron uses too.
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timedelta(seconds=cfg.distributed_timeout_seconds_after_init), None)
+
+
+def destroy_distributed(ctx: DistributedContext, *, abort: bool = False) -> None:
+    """Tear down what `initialize_distributed` created (abort after an error: peers may be gone)."""
+    if not ctx.created or not dist.is_initialized():
+        return
+    if abort and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        try:
+            dist.distributed_c10d._abort_process_group()
+            return
+        except Exception:  # fall back to the graceful path
+            pass
+    dist.destroy_process_group()

@@ -1,0 +1,6 @@
+"""Test kit shipped with the package: run one function on N real processes (gloo on CPU, NCCL on GPU)."""
+
+from viaduct.testing.configs import tiny_pretrain_config
+from viaduct.testing.distributed import free_port, run_distributed
+
+__all__ = ["free_port", "run_distributed", "tiny_pretrain_config"]

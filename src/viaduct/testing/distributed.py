@@ -1,0 +1,86 @@
+"""`run_distributed(fn, world_size)`: spawn real processes that form a process group, with a hard timeout.
+
+Each process gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so
+code under test initializes exactly as it would under `torchrun`. `fn(rank, world_size, *args)`
+runs in every process; what rank 0 returns (picklable) comes back. A failure on any rank raises
+here with that rank's traceback; a hang is killed after `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        # Plain pickle bytes: tensors sent through the queue as shared memory would vanish with this
+        # process before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(result) if rank == 0 else None))
+    except BaseException:  # report every failure, including SystemExit, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> Any:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return rank 0's result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"run_distributed: ranks {sorted(set(range(world_size)) - set(results))} "
+                                   f"did not finish within {timeout:.0f} s")
+            try:
+                rank, status, payload = queue.get(timeout=min(remaining, 1.0))
+            except queue_mod.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                if dead:
+                    raise RuntimeError(f"run_distributed: rank {dead[0]} died with exit code "
+                                       f"{procs[dead[0]].exitcode} before reporting") from None
+                continue
+            results[rank] = (status, payload)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return pickle.loads(results[0][1])

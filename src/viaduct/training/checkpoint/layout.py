@@ -1,0 +1,204 @@
+"""On-disk layout of a checkpoint root, crash-safe writes, finding checkpoints and retention.
+
+```
+<root>/
+  latest_checkpointed_iteration.txt   tracker: the step of the newest complete checkpoint (Megatron-LM's)
+  iter_0000500/                       one complete checkpoint (see `Checkpointer` for its files)
+  iter_0000600.tmp/                   a checkpoint being written (or left by a crash): never loaded
+```
+
+A checkpoint directory gets its final name `iter_NNNNNNN` only by a rename after every file in it
+is written and fsynced, so any directory with that name is complete; anything else (`.tmp`,
+`.replaced`, `.deleting`) is ignored by loading and cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "metadata.json"
+"""JSON description of a checkpoint: format, step, world size, what it holds (readable without torch)."""
+COMMON = "common.pt"
+TRAIN_STATE = "train_state.pt"
+RUN_CONFIG = "run_config.yaml"
+RNG_DIR = "rng"
+TOKENIZER_DIR = "tokenizer"
+TORCH_TENSORS = "model_optim.pt"
+"""The single tensor file of the "torch" format."""
+DCP_METADATA = ".metadata"
+"""Written by torch.distributed.checkpoint last, after all shards."""
+
+CHECKPOINT_VERSION = 1
+
+_ITER = re.compile(r"^iter_(\d{7,})$")
+_LEFTOVER = re.compile(r"^iter_(\d{7,})\.(tmp|replaced|deleting)$")
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def tmp_path(root: Path, step: int) -> Path:
+    # Deterministic, so every rank knows it without a collective; rank 0 clears a stale one first.
+    return root / f"{iter_name(step)}.tmp"
+
+
+def rng_file(directory: Path, rank: int) -> Path:
+    return directory / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` holds a checkpoint itself (rather than being a root of iter_N directories)."""
+    return path.is_dir() and any((path / name).is_file() for name in (METADATA, DCP_METADATA, TORCH_TENSORS))
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _ITER.match(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Directories left by interrupted saves, replacements or deletions."""
+    if not root.is_dir():
+        return []
+    return sorted(e for e in root.iterdir() if _LEFTOVER.match(e.name) and e.is_dir())
+
+
+def read_tracker(root: Path) -> int | None:
+    """The step in the tracker file; None when there is none. Raises ValueError on other content."""
+    path = root / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path} holds {text[:40]!r}, not a step number")
+    return int(text)
+
+
+def metadata_of(directory: Path) -> dict[str, Any]:
+    """The checkpoint's metadata.json, or what can be inferred from its files when it has none."""
+    path = directory / METADATA
+    if path.is_file():
+        return json.loads(path.read_text())
+    fmt = "torch" if (directory / TORCH_TENSORS).is_file() else "torch_dist"
+    return {
+        "format": fmt,
+        "contents": {"model": True, "optimizer": True, "rng": (directory / RNG_DIR).is_dir()},
+    }
+
+
+# ---------------------------------------------------------------------------------------- durable writes
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created / renamed files) durable; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file(obj: Any, path: Path) -> int:
+    """torch.save `obj` to `path` and fsync it; returns the number of bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` durably (no atomicity: used inside a not yet renamed directory)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically: a reader sees the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_text(tmp, text)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_tracker(root: Path, step: int) -> None:
+    write_text_atomic(root / TRACKER, f"{step}\n")
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory so that a crash midway never leaves a half-deleted `iter_N`."""
+    if not path.exists():
+        return
+    doomed = path
+    if _ITER.match(path.name):
+        doomed = path.with_name(f"{path.name}.deleting")
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Give the fully written `tmp` its final name (replacing an older save of the same step)."""
+    fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------- retention
+
+
+def retention_victims(
+    checkpoints: Iterable[tuple[int, Path]],
+    *,
+    keep_recent: int,
+    retain_interval: int | None,
+    protected: Iterable[Path],
+) -> list[Path]:
+    """Checkpoints `most_recent_k` lets go: all but the `keep_recent` newest, sparing multiples of
+    `retain_interval` and the `protected` directories (the one just saved, the one loaded)."""
+    if keep_recent is None or keep_recent < 1:
+        return []
+    ordered = sorted(checkpoints)
+    keep = {path for _, path in ordered[-keep_recent:]}
+    spared = {os.path.realpath(p) for p in protected}
+    return [
+        path
+        for step, path in ordered
+        if path not in keep
+        and not (retain_interval and step % retain_interval == 0)
+        and os.path.realpath(path) not in spared
+    ]

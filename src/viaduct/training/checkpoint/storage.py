@@ -1,0 +1,206 @@
+"""Where a checkpoint's tensors go: the two `checkpoint.ckpt_format`s behind one small interface.
+
+* ``"torch_dist"`` (`DcpStorage`): torch.distributed.checkpoint. Every rank takes part; tensors that
+  data-parallel ranks hold identically are written once (spread over the ranks with
+  `fully_parallel_save`, else all by the lowest rank). Loading reads whatever layout was saved, so a
+  checkpoint written by 2 ranks loads into 1 (or 8). Works in a single process without a process group.
+* ``"torch"`` (`TorchStorage`): rank 0 writes one `torch.save` file; every rank reads it (memory-mapped).
+
+Both load *in place* into target tensors, and only ever with `weights_only` unpickling: DCP is never
+given a non-tensor value, and the torch file holds a flat dict of tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from viaduct.training.checkpoint.flat import TensorInfo
+from viaduct.training.checkpoint.layout import TORCH_TENSORS, save_file
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns on every single-process call ("assuming the intent is to save in a single process"),
+    # which is exactly what we ask for with no_dist=True.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
+class TensorStorage(Protocol):
+    """A checkpoint format: all ranks call each method with the same directory."""
+
+    name: str
+
+    def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` (identical on every data-parallel rank) into `directory`."""
+
+    def describe(self, directory: Path) -> dict[str, TensorInfo]:
+        """The tensors a checkpoint holds, by key, without reading their data."""
+
+    def read(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
+        """Fill every tensor of `targets` in place from the checkpoint (keys must be present)."""
+
+
+class DcpStorage:
+    """torch.distributed.checkpoint files: `__<rank>_<n>.distcp` shards and `.metadata`."""
+
+    name = "torch_dist"
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        group: Any = None,
+        fully_parallel_save: bool = True,
+        fully_parallel_load: bool = False,
+        assume_constant_structure: bool = False,
+    ) -> None:
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.fully_parallel_save = fully_parallel_save
+        self.fully_parallel_load = fully_parallel_load
+        self.assume_constant_structure = assume_constant_structure
+        # DCP caches plans in class-level dicts keyed by this string: one key per storage object, so two
+        # checkpointers in one process (tests, a teacher model) never mix their plans.
+        self._plan_key = f"viaduct-{id(self)}"
+
+    @property
+    def _no_dist(self) -> bool:
+        return self.world_size == 1 or not (dist.is_available() and dist.is_initialized())
+
+    def _save_planner(self) -> Any:
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        # dedup_save_to_lowest_rank=False balances the replicated tensors over the ranks by size.
+        kwargs: dict[str, Any] = {"dedup_save_to_lowest_rank": not self.fully_parallel_save}
+        if (
+            self.assume_constant_structure
+            and "enable_plan_caching" in inspect.signature(DefaultSavePlanner).parameters
+        ):
+            kwargs["enable_plan_caching"] = True  # reuse the global plan while the local plans repeat
+        planner = DefaultSavePlanner(**kwargs)
+        planner._cached_plans_key = self._plan_key
+        return planner
+
+    def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet_single_process():
+            dcp.save(
+                dict(tensors),
+                storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
+                planner=self._save_planner(),
+                process_group=self.group,
+                no_dist=self._no_dist,
+            )
+
+    def describe(self, directory: Path) -> dict[str, TensorInfo]:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        meta = FileSystemReader(str(directory)).read_metadata()
+        return {
+            key: TensorInfo(tuple(m.size), m.properties.dtype)
+            for key, m in meta.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)
+        }
+
+    def read(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
+        if self.fully_parallel_load and not self._no_dist:
+            self._read_spread(directory, targets)
+        else:
+            self._read(directory, targets)
+
+    def _read(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet_single_process():
+            dcp.load(
+                dict(targets),
+                storage_reader=dcp.FileSystemReader(str(directory)),
+                process_group=self.group,
+                no_dist=self._no_dist,
+            )
+
+    def _read_spread(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
+        """Each rank reads a share of the tensors (balanced by bytes), then sends it to the others."""
+        owner = assign_owners(targets, self.world_size)
+        mine = {k: t for k, t in targets.items() if owner[k] == self.rank}
+        self._read(directory, mine)
+        for key in sorted(targets):  # same order on every rank
+            t = targets[key]
+            # Device tensors over the default group (NCCL on GPUs), host tensors over the gloo group.
+            group = None if t.device.type != "cpu" else self.group
+            if t.is_contiguous():
+                dist.broadcast(t, src=owner[key], group=group)
+            else:
+                buf = t.contiguous()
+                dist.broadcast(buf, src=owner[key], group=group)
+                t.copy_(buf)
+
+
+def assign_owners(targets: dict[str, torch.Tensor], world_size: int) -> dict[str, int]:
+    """Greedy: largest tensor first, to the rank with the fewest bytes so far (deterministic)."""
+    load = [0] * world_size
+    owner = {}
+    for key in sorted(targets, key=lambda k: (-targets[k].numel() * targets[k].element_size(), k)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[key] = rank
+        load[rank] += targets[key].numel() * targets[key].element_size()
+    return owner
+
+
+class TorchStorage:
+    """One `model_optim.pt` written by rank 0 (every rank holds the same replicated tensors)."""
+
+    name = "torch"
+
+    def __init__(self, *, rank: int) -> None:
+        self.rank = rank
+
+    def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        if self.rank == 0:
+            save_file(dict(tensors), directory / TORCH_TENSORS)
+
+    def _open(self, directory: Path) -> dict[str, torch.Tensor]:
+        # mmap: describe() and partial reads touch only the pages they need.
+        data = torch.load(directory / TORCH_TENSORS, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise ValueError(f"{directory / TORCH_TENSORS} is not a flat dict of tensors")
+        return data
+
+    def describe(self, directory: Path) -> dict[str, TensorInfo]:
+        return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._open(directory).items()}
+
+    def read(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
+        data = self._open(directory)
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(data[key])
+
+
+def make_storage(fmt: str, *, rank: int, world_size: int, group: Any, cfg: Any) -> TensorStorage:
+    """The storage for format `fmt` ("torch_dist" or "torch"), tuned by `cfg` (a CheckpointConfig)."""
+    if fmt == "torch":
+        return TorchStorage(rank=rank)
+    if fmt == "torch_dist":
+        return DcpStorage(
+            rank=rank,
+            world_size=world_size,
+            group=group,
+            fully_parallel_save=cfg.fully_parallel_save,
+            fully_parallel_load=cfg.fully_parallel_load,
+            assume_constant_structure=cfg.ckpt_assume_constant_structure,
+        )
+    raise ValueError(f"unknown checkpoint format {fmt!r}")

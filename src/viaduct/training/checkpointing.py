@@ -1,0 +1,388 @@
+"""Saving and loading training checkpoints (spec §8): `Checkpointer(cfg, ctx)`.
+
+One checkpoint is a directory ``<checkpoint.save>/iter_NNNNNNN/`` holding
+
+* the model and optimizer tensors: torch.distributed.checkpoint shards (``ckpt_format="torch_dist"``)
+  or one ``model_optim.pt`` (``"torch"``), keyed ``model.<name>`` / ``optimizer.<kind>.<name>``;
+* ``common.pt``: everything that is not a tensor (scheduler state, optimizer hyperparameters, loss
+  scaler), ``train_state.pt`` (step, consumed samples, FLOPs), ``rng/rank_NNNNN.pt`` (one per rank),
+  ``metadata.json`` (format, step, world size, contents), ``run_config.yaml`` and ``tokenizer/``;
+
+and ``<checkpoint.save>/latest_checkpointed_iteration.txt`` names the newest one.
+
+Crash safety: all ranks write into ``iter_NNNNNNN.tmp``; once every rank reports success, rank 0
+renames it to its final name and then replaces the tracker atomically. A directory with a final name is
+therefore always complete, and loading never looks at anything else. Every file is read back with
+``torch.load(weights_only=True)``: a checkpoint can never run code.
+
+Which checkpoint is loaded (spec §8.3): ``checkpoint.load`` (its tracker, or ``ckpt_step``; or the
+directory itself when it is one checkpoint) for a full resume, or weights only with ``finetune``; when
+``load`` holds nothing, ``pretrained_checkpoint`` (weights only); otherwise nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from viaduct.config import ConfigError, Problem
+from viaduct.training.checkpoint import layout as L
+from viaduct.training.checkpoint.errors import CheckpointError, checkpoint_problem
+from viaduct.training.checkpoint.flat import model_tensors, nbytes, optimizer_tensors
+from viaduct.training.checkpoint.resolve import resolve
+from viaduct.training.checkpoint.restore import (
+    LoadReport,
+    check_shapes,
+    model_targets,
+    optimizer_read_targets,
+    restore_optimizer,
+)
+from viaduct.training.checkpoint.storage import TensorStorage, make_storage
+
+if TYPE_CHECKING:
+    from viaduct.distributed.init import DistributedContext
+    from viaduct.training.config import ConfigContainer
+    from viaduct.training.state import TrainState
+
+__all__ = ["CheckpointError", "Checkpointer", "LoadReport"]
+
+log = logging.getLogger("viaduct")
+
+# Files of a Hugging Face / SentencePiece / tiktoken tokenizer directory worth keeping with the weights
+# (a tokenizer_model directory may also hold the model's weights, which must not be copied).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def unsupported_problems(cfg: ConfigContainer) -> list[Problem]:
+    """Checkpoint settings that validate() accepts but this version cannot honour yet."""
+    problems = []
+    if cfg.checkpoint.async_save:
+        problems.append(
+            Problem(
+                "checkpoint.async_save",
+                "async save is not supported yet",
+                True,
+                fix="set checkpoint.async_save to false (checkpoints are written synchronously)",
+            )
+        )
+    return problems
+
+
+class Checkpointer:
+    """Saves and loads checkpoints as `cfg.checkpoint` says; every rank calls every method."""
+
+    def __init__(self, cfg: ConfigContainer, ctx: DistributedContext) -> None:
+        problems = unsupported_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
+        self.cfg = cfg
+        self.ccfg = cfg.checkpoint
+        self.ctx = ctx
+        self.last_load: LoadReport | None = None
+        self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
+        self._storages: dict[str, TensorStorage] = {}
+
+    # ------------------------------------------------------------------------------------------ save
+
+    def save(
+        self, step: int, *, model: nn.Module, optimizer: Any, scheduler: Any, train_state: TrainState
+    ) -> str:
+        """Write the checkpoint of `step` under `checkpoint.save`; returns its directory."""
+        c = self.ccfg
+        if c.save is None:
+            raise ConfigError(
+                Problem(
+                    "checkpoint.save", "is not set: there is nowhere to save to", fix="set checkpoint.save"
+                )
+            )
+        root = Path(c.save).expanduser()
+        final, tmp = root / L.iter_name(step), L.tmp_path(root, step)
+        rank = self.ctx.rank
+        t0 = time.perf_counter()
+        self._info("saving checkpoint at iteration %d to %s in %s format", step, root, c.ckpt_format)
+
+        # Collect everything before the first collective: an error here must not strand the other ranks.
+        tensors = model_tensors(model)
+        common: dict[str, Any] = {
+            "checkpoint_version": L.CHECKPOINT_VERSION,
+            "step": int(step),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
+        with_optim = bool(c.save_optim and optimizer is not None)
+        if with_optim:
+            opt_tensors, common["optimizer"] = optimizer_tensors(optimizer.state_dict())
+            tensors.update(opt_tensors)
+        rng_state = _rng_module().get_rng_state() if c.save_rng else None
+        storage = self._storage(c.ckpt_format)
+        size = nbytes(tensors)
+
+        def prepare() -> None:
+            if rank == 0:
+                L.remove_dir(tmp)  # a stale one from a crashed save of the same step
+                tmp.mkdir(parents=True)
+
+        def write() -> None:
+            storage.write(tmp, tensors)
+            if rng_state is not None:
+                L.save_file(rng_state, L.rng_file(tmp, rank))
+            if rank == 0:
+                self._write_rank0_files(tmp, step, common, train_state, size, with_optim)
+
+        def finish() -> None:
+            if rank == 0:
+                for d in (tmp / L.RNG_DIR, tmp):
+                    L.fsync_dir(d)
+                L.commit(tmp, final)
+                L.write_tracker(root, step)
+                self._apply_retention(root, final)
+
+        for phase in (prepare, write, finish):
+            self._collectively("save", phase)
+        self._info(
+            "successfully saved checkpoint from iteration %d to %s: %s",
+            step,
+            final,
+            _rate(size, time.perf_counter() - t0),
+        )
+        return str(final)
+
+    def _write_rank0_files(
+        self,
+        directory: Path,
+        step: int,
+        common: dict[str, Any],
+        train_state: TrainState,
+        size: int,
+        optim: bool,
+    ) -> None:
+        c = self.ccfg
+        L.save_file(common, directory / L.COMMON)
+        L.save_file(train_state.state_dict(), directory / L.TRAIN_STATE)
+        L.write_text(directory / L.RUN_CONFIG, self.cfg.to_yaml())
+        tokenizer = self._copy_tokenizer_assets(directory) if c.save_tokenizer_assets else False
+        meta = {
+            "checkpoint_version": L.CHECKPOINT_VERSION,
+            "format": c.ckpt_format,
+            "step": int(step),
+            "world_size": self.ctx.world_size,
+            "contents": {"model": True, "optimizer": optim, "rng": c.save_rng, "tokenizer": tokenizer},
+            "tensor_bytes": size,
+            "torch_version": torch.__version__,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # Written last by rank 0: its presence marks a directory as a checkpoint (see is_checkpoint_dir).
+        L.write_text(directory / L.METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def _copy_tokenizer_assets(self, directory: Path) -> bool:
+        """Copy the tokenizer's local files into `directory/tokenizer/`; False when there are none
+        (byte-level / null tokenizers, or a Hugging Face hub id that is not on this disk)."""
+        tok = getattr(self.cfg, "tokenizer", None)
+        sources: list[Path] = []
+        for name in ("tokenizer_model", "vocab_file", "merge_file"):
+            value = getattr(tok, name, None)
+            if not value:
+                continue
+            src = Path(value).expanduser()
+            if src.is_file():
+                sources.append(src)
+            elif src.is_dir():
+                sources += [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+        if not sources:
+            return False
+        dest = directory / L.TOKENIZER_DIR
+        dest.mkdir(exist_ok=True)
+        for src in sources:
+            shutil.copy2(src, dest / src.name)
+        return True
+
+    def _apply_retention(self, root: Path, just_saved: Path) -> None:
+        for leftover in L.leftovers(root):
+            L.remove_dir(leftover)
+        protected = [just_saved] + ([self._loaded_dir] if self._loaded_dir is not None else [])
+        victims = L.retention_victims(
+            L.list_checkpoints(root),
+            keep_recent=self.ccfg.most_recent_k,
+            retain_interval=self.ccfg.save_retain_interval,
+            protected=protected,
+        )
+        for victim in victims:
+            L.remove_dir(victim)
+        if victims:
+            self._info(
+                "removed old checkpoints (most_recent_k=%d): %s",
+                self.ccfg.most_recent_k,
+                [v.name for v in victims],
+            )
+
+    # ------------------------------------------------------------------------------------------ load
+
+    def load(
+        self, *, model: nn.Module, optimizer: Any, scheduler: Any, train_state: TrainState
+    ) -> int | None:
+        """Load what the config asks for; returns the loaded step (0 for weights only) or None."""
+        source = resolve(self.ccfg, verbose=self.ctx.rank == 0)
+        if source is None:
+            return None
+        directory, weights_only, fld = source.directory, source.weights_only, source.field
+        c = self.ccfg
+        t0 = time.perf_counter()
+        try:
+            meta = L.metadata_of(directory)
+            storage = self._storage(meta.get("format", "torch_dist"))
+            available = storage.describe(directory)
+        except Exception as exc:
+            raise checkpoint_problem(fld, "cannot read the checkpoint's index", directory, cause=exc) from exc
+        contents = meta.get("contents", {})
+        self._info(
+            "loading checkpoint from %s (%s format%s)",
+            directory,
+            storage.name,
+            ", weights only" * weights_only,
+        )
+
+        report = LoadReport(str(directory), 0, weights_only)
+        targets = model_targets(model, available, c.dist_ckpt_strictness, fld, directory, report)
+        full_optim = not weights_only and c.load_optim and optimizer is not None
+        if full_optim and not contents.get("optimizer", True):
+            self._info(
+                "the checkpoint holds no optimizer state (saved with save_optim=false): fresh optimizer"
+            )
+            full_optim = False
+        opt_targets: dict[str, torch.Tensor] = {}
+        if optimizer is not None and (full_optim or c.load_main_params_from_ckpt):
+            opt_targets = optimizer_read_targets(
+                optimizer, available, full_state=full_optim, fld=fld, directory=directory
+            )
+        check_shapes({**targets, **opt_targets}, available, fld, directory)
+        common = {} if weights_only else self._read_pt(directory / L.COMMON, fld)
+
+        try:
+            storage.read(directory, {**targets, **opt_targets})
+        except Exception as exc:
+            raise checkpoint_problem(fld, "cannot read its tensors", directory, cause=exc) from exc
+        report.parts.append("model")
+        if optimizer is not None:
+            restore_optimizer(
+                optimizer,
+                opt_targets,
+                common if full_optim else None,
+                fld=fld,
+                directory=directory,
+                report=report,
+            )
+        if not weights_only:
+            if scheduler is not None and common.get("scheduler") is not None:
+                scheduler.load_state_dict(common["scheduler"])  # ConfigError on a schedule mismatch
+                report.parts.append("scheduler")
+            train_state.load_state_dict(self._read_pt(directory / L.TRAIN_STATE, fld))
+            report.parts.append("train_state")
+            if c.load_rng:
+                self._restore_rng(directory, contents, fld, report)
+            report.step = train_state.step
+
+        self._loaded_dir = directory
+        self.last_load = report
+        self._info(
+            "loaded checkpoint from %s at iteration %d (%s): %s",
+            directory,
+            int(meta.get("step", report.step)),
+            ", ".join(report.parts),
+            _rate(nbytes({**targets, **opt_targets}), time.perf_counter() - t0),
+        )
+        return report.step
+
+    def _restore_rng(self, directory: Path, contents: dict[str, Any], fld: str, report: LoadReport) -> None:
+        path = L.rng_file(directory, self.ctx.rank)
+        if not contents.get("rng", False):
+            self._info(
+                "the checkpoint holds no RNG state (saved with save_rng=false): keeping the seeded ones"
+            )
+            return
+        if not path.is_file():  # saved by fewer ranks than this run has
+            log.warning(
+                "no RNG state for rank %d in %s: it keeps its seeded generators", self.ctx.rank, directory
+            )
+            return
+        _rng_module().set_rng_state(self._read_pt(path, fld))
+        report.parts.append("rng")
+
+    @staticmethod
+    def _read_pt(path: Path, fld: str) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # missing, truncated, or holding objects weights_only refuses
+            raise checkpoint_problem(fld, f"cannot read {path.name}", path, cause=exc) from exc
+
+    # ------------------------------------------------------------------------------------------ misc
+
+    def finalize(self) -> None:
+        """Wait for checkpoint writes still in flight (none: saves are synchronous in this version)."""
+
+    def _storage(self, fmt: str) -> TensorStorage:
+        if fmt not in self._storages:  # kept per format so DCP's plan cache survives between saves
+            self._storages[fmt] = make_storage(
+                fmt, rank=self.ctx.rank, world_size=self.ctx.world_size, group=self._group, cfg=self.ccfg
+            )
+        return self._storages[fmt]
+
+    @property
+    def _group(self) -> Any:
+        return self.ctx.host_group if self._distributed else None
+
+    @property
+    def _distributed(self) -> bool:
+        return self.ctx.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _collectively(self, what: str, fn: Callable[[], None]) -> None:
+        """Run `fn` on every rank, then agree on success (a barrier that also spreads failures)."""
+        error: Exception | None = None
+        try:
+            fn()
+        except Exception as exc:
+            error = exc
+        if not self._distributed:
+            if error is not None:
+                raise error
+            return
+        ok = torch.tensor([0 if error is not None else 1], dtype=torch.int32)  # host tensor: gloo group
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.host_group)
+        if error is not None:
+            raise error
+        if not bool(ok.item()):
+            raise RuntimeError(f"checkpoint {what} failed on another rank; see that rank's error")
+
+    def _info(self, msg: str, *args: Any) -> None:
+        if self.ctx.rank == 0:
+            log.info(msg, *args)
+
+
+def _rate(size: int, seconds: float) -> str:
+    gb = size / 1e9
+    return f"{gb:.3f} GB in {seconds:.2f} s ({gb / max(seconds, 1e-9):.2f} GB/s)"
+
+
+def _rng_module() -> Any:
+    # Imported when used: the RNG helpers pull in NumPy, which loading weights alone does not need.
+    from viaduct.training import rng
+
+    return rng

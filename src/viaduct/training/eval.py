@@ -1,0 +1,53 @@
+"""Evaluation: the training forward step without gradients, over `eval_iters` batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from viaduct.training.optim import MixedPrecisionOptimizer
+from viaduct.training.step import MetricAccumulator, forward_backward
+
+
+def evaluate(
+    forward_step: Callable[[Iterator[Any], nn.Module], Any],
+    data_iterator: Iterator[Any],
+    model: nn.Module,
+    optimizer: MixedPrecisionOptimizer,
+    eval_iters: int,
+    num_microbatches: int,
+) -> dict[str, float]:
+    """Mean of each reported metric over `eval_iters` evaluation batches and all data-parallel ranks.
+
+    `[sum, count]` reports are summed over every batch before dividing, so the result is the
+    token-weighted mean; the model is put back into training mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total = MetricAccumulator()
+    try:
+        with torch.no_grad():
+            for _ in range(eval_iters):
+                batch = forward_backward(
+                    forward_step, data_iterator, model, optimizer, num_microbatches, forward_only=True
+                )
+                for name, value in batch.pairs.items():
+                    total.pairs[name] = value if name not in total.pairs else total.pairs[name] + value
+                for name, value in batch.scalars.items():
+                    mean = value / max(batch.n, 1)
+                    total.scalars[name] = mean if name not in total.scalars else total.scalars[name] + mean
+                total.n += 1
+        reduced = total.reduce()
+        values = torch.stack(list(reduced.values())).cpu().tolist() if reduced else []
+    finally:
+        model.train(was_training)
+    return dict(zip(reduced.keys(), values))
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(20) as Megatron does so a diverged run prints a number."""
+    return math.exp(min(20.0, loss))

@@ -1,0 +1,345 @@
+"""The optimizer of a training run, built from `OptimizerConfig` (Megatron's `MegatronOptimizer`).
+
+`build_optimizer(cfg, model, ...)` returns a `MixedPrecisionOptimizer`:
+
+* **Parameter groups** as Megatron makes them: no weight decay for biases and 1-D parameters
+  (norms), and, with `decoupled_lr`, the input embedding and output layer in groups of their own
+  carrying `max_lr` / `min_lr` for the scheduler.
+* **Master weights.** 16-bit parameters (bf16 / fp16) get float32 copies; the torch optimizer
+  (fused AdamW / Adam / SGD on CUDA) updates those, and the result is copied back. float32
+  parameters are updated in place, with no copy.
+* **Main gradients.** With 16-bit parameters and `fp32_main_grads` (ddp.grad_reduce_in_fp32), each
+  16-bit gradient is added into its float32 main gradient as soon as autograd produces it (a
+  post-accumulate hook) and freed at once, so micro-batches accumulate in float32. Under DDP the
+  last micro-batch's gradients go through DDP instead, whose communication hook adds them to the
+  main gradients and all-reduces in float32 (see `viaduct.distributed.ddp`). Without
+  `fp32_main_grads`, gradients accumulate in the parameter dtype and are widened at the step.
+* **fp16 loss scaling**, gradient clipping, `grad_norm_skip_threshold`, and zero counting.
+
+Nothing in `step()` waits for the device, except where a decision must be taken on the host:
+fp16 overflow checks and a finite `grad_norm_skip_threshold` (both read one scalar per step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from viaduct.training.config.optimizer import OptimizerConfig
+from viaduct.training.loss_scaler import ConstantLossScaler, DynamicLossScaler
+
+# Megatron's names for the parameters that decoupled_lr applies to.
+_EMBEDDING_OR_OUTPUT = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _is_embedding_or_output(name: str) -> bool:
+    return name.removeprefix("module.").removeprefix("_orig_mod.") in _EMBEDDING_OR_OUTPUT
+
+
+def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    return name.endswith(".bias") or p.ndim == 1
+
+
+@dataclass
+class _Slot:
+    """One trainable parameter and what the optimizer keeps for it."""
+
+    name: str
+    param: nn.Parameter  # the model's parameter (any dtype)
+    master: torch.Tensor  # float32 copy that the torch optimizer updates (the parameter itself if fp32)
+    fresh: bool = True  # main gradient not yet written this step (the first write copies, later ones add)
+
+    @property
+    def has_copy(self) -> bool:
+        return self.master is not self.param
+
+
+class MixedPrecisionOptimizer:
+    """Megatron-style optimizer over a model's parameters; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: OptimizerConfig,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        *,
+        fp32_main_grads: bool = True,
+        device: torch.device | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.slots: list[_Slot] = []
+        for name, p in named_params:
+            if not p.requires_grad:
+                continue
+            if p.dtype == torch.float32:
+                master = p
+            else:
+                master = p.detach().float().requires_grad_(True)
+            self.slots.append(_Slot(name, p, master))
+        if not self.slots:
+            raise ValueError("the model has no trainable parameters")
+        device = device or self.slots[0].param.device
+        self.by_param = {id(s.param): s for s in self.slots}
+        self.copies = [s for s in self.slots if s.has_copy]
+        # Main gradients by hook only make sense where there is a float32 copy to hold them.
+        self.fp32_main_grads = bool(fp32_main_grads and self.copies)
+        self._hooks_active = True
+        self._hook_handles: list[Any] = []
+        if self.fp32_main_grads:
+            for s in self.copies:
+                s.master.grad = torch.zeros_like(s.master)
+                self._hook_handles.append(s.param.register_post_accumulate_grad_hook(self._hook(s)))
+
+        self.optimizer = self._make_torch_optimizer(device)
+        self.scaler: ConstantLossScaler | None = None
+        if cfg.fp16:
+            if cfg.loss_scale is not None:
+                self.scaler = ConstantLossScaler(cfg.loss_scale, device)
+            else:
+                self.scaler = DynamicLossScaler(
+                    cfg.initial_loss_scale,
+                    cfg.min_loss_scale,
+                    int(cfg.loss_scale_window),
+                    cfg.hysteresis,
+                    device,
+                )
+        self._grad_scale: torch.Tensor | None = None  # extra factor applied to grads at the step
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_torch_optimizer(self, device: torch.device) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+        for s in self.slots:
+            decoupled = cfg.decoupled_lr is not None and _is_embedding_or_output(s.name)
+            groups.setdefault((_no_weight_decay(s.name, s.param), decoupled), []).append(s.master)
+        param_groups = []
+        for (no_wd, decoupled), params in sorted(groups.items()):
+            group: dict[str, Any] = {
+                "params": params,
+                "wd_mult": 0.0 if no_wd else 1.0,
+                "lr_mult": 1.0,
+                "weight_decay": 0.0 if no_wd else cfg.weight_decay,
+            }
+            if decoupled:
+                group["max_lr"] = cfg.decoupled_lr
+                # Megatron: an unset decoupled_min_lr falls back to min_lr.
+                floor = cfg.decoupled_min_lr if cfg.decoupled_min_lr is not None else cfg.min_lr
+                group["min_lr"] = floor or 0.0
+            param_groups.append(group)
+        lr = cfg.lr if cfg.lr is not None else 0.0
+        # Fused kernels run on CUDA only; on CPU foreach is the fast path.
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(param_groups, lr=lr, momentum=cfg.sgd_momentum, **fast)
+        adam_cls = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
+        return adam_cls(
+            param_groups,
+            lr=lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            **fast,
+        )
+
+    def _hook(self, slot: _Slot) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            if not self._hooks_active or p.grad is None:
+                return
+            self.add_to_main_grad(slot, p.grad)
+            p.grad = None
+
+        return hook
+
+    def add_to_main_grad(self, slot: _Slot, grad: torch.Tensor) -> None:
+        """Accumulate `grad` (any dtype) into the slot's float32 main gradient."""
+        if slot.fresh:
+            slot.master.grad.copy_(grad)
+            slot.fresh = False
+        else:
+            slot.master.grad.add_(grad)
+
+    # ------------------------------------------------------------------ the loop's interface
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The torch optimizer's groups (the scheduler writes lr and weight_decay here)."""
+        return self.optimizer.param_groups
+
+    def set_hooks_active(self, active: bool) -> None:
+        """Whether the post-accumulate hooks take gradients (False: leave them to DDP's reduction)."""
+        self._hooks_active = active
+
+    def zero_grad(self) -> None:
+        for s in self.slots:
+            s.param.grad = None
+            s.fresh = True
+            if not self.fp32_main_grads and s.has_copy:
+                s.master.grad = None
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on: multiplied by the fp16 loss scale, if any."""
+        return loss if self.scaler is None else loss * self.scaler.scale
+
+    def scale_grads(self, factor: torch.Tensor | float) -> None:
+        """Multiply the gradients by `factor` at the next step (per-token loss normalization)."""
+        self._grad_scale = factor if self._grad_scale is None else self._grad_scale * factor
+
+    def _main_grads(self) -> list[torch.Tensor]:
+        """Float32 gradients of the masters, collected from wherever this step left them."""
+        grads = []
+        for s in self.slots:
+            if s.has_copy and not self.fp32_main_grads:
+                if s.param.grad is not None:
+                    s.master.grad = s.param.grad.float()
+                    s.param.grad = None
+            elif s.has_copy and s.fresh:
+                s.master.grad.zero_()  # a parameter that got no gradient this step
+                s.fresh = False
+            if s.master.grad is not None:
+                grads.append(s.master.grad)
+        return grads
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, torch.Tensor, torch.Tensor | None]:
+        """Unscale, check, clip and apply the gradients; returns (updated, grad norm, zero count).
+
+        The grad norm (before clipping) and the zero count are device tensors. `updated` is False
+        when fp16 gradients overflowed or the norm exceeded `grad_norm_skip_threshold`.
+        """
+        grads = self._main_grads()
+        factor = self._grad_scale
+        self._grad_scale = None
+        found_inf = None
+        if self.scaler is not None:
+            inv = self.scaler.inv_scale
+            if factor is not None:
+                inv = inv * factor
+            found_inf = torch.zeros(1, device=inv.device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+        elif factor is not None:
+            torch._foreach_mul_(grads, factor)
+
+        grad_norm = nn.utils.get_total_norm(grads, foreach=True)
+        if self.cfg.clip_grad > 0:
+            # Scale by min(1, clip / norm) on the device: no host round trip to decide.
+            coef = (self.cfg.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef)
+        num_zeros = None
+        if self.cfg.log_num_zeros_in_grad:
+            num_zeros = sum((g == 0).sum() for g in grads)
+
+        updated = True
+        if found_inf is not None:
+            overflow = bool(found_inf.item())  # host decision: skip and shrink the scale
+            self.scaler.update(overflow)  # type: ignore[union-attr]
+            updated = not overflow
+        if updated and math.isfinite(self.cfg.grad_norm_skip_threshold):
+            updated = bool(grad_norm <= self.cfg.grad_norm_skip_threshold)
+        if updated:
+            self.optimizer.step()
+            if self.copies:
+                torch._foreach_copy_([s.param for s in self.copies], [s.master for s in self.copies])
+        return updated, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def layer_grad_norms(self) -> tuple[list[str], torch.Tensor]:
+        """L2 norm of the gradients per layer, as applied (unscaled and clipped): names and a device tensor.
+
+        A "layer" is `decoder.layers.N`; other parameters group by their module (`embedding`, ...).
+        Read after `step()`, before the next `zero_grad()`.
+        """
+        groups: dict[str, list[torch.Tensor]] = {}
+        for s in self.slots:
+            g = s.master.grad
+            if g is None:
+                continue
+            parts = s.name.split(".")
+            key = ".".join(parts[:3]) if parts[:2] == ["decoder", "layers"] else parts[0]
+            groups.setdefault(key, []).append(g)
+        names = list(groups)
+        norms = [nn.utils.get_total_norm(groups[n], foreach=True) for n in names]
+        return names, torch.stack(norms) if norms else torch.zeros(0)
+
+    @torch.no_grad()
+    def params_norm(self) -> torch.Tensor:
+        """L2 norm of all trainable parameters (float32 masters), as a device tensor."""
+        return nn.utils.get_total_norm([s.master for s in self.slots], foreach=True)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name (not by position), plus the loss scaler.
+
+        {"state": {name: {"exp_avg": ..., "step": ...}}, "master": {name: fp32 tensor} (16-bit
+        params only), "param_groups": [hyperparameters without params], "loss_scaler": {...}}.
+        """
+        inner = self.optimizer.state_dict()
+        index_to_name = {}
+        i = 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                index_to_name[i] = self._name_of_master(p)
+                i += 1
+        state = {index_to_name[k]: v for k, v in inner["state"].items()}
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} | {"param_names": [index_to_name[j] for j in g["params"]]}
+            for g in inner["param_groups"]
+        ]
+        out: dict[str, Any] = {
+            "state": state,
+            "param_groups": groups,
+            "master": {s.name: s.master for s in self.copies},
+        }
+        if self.scaler is not None:
+            out["loss_scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` produced (names must match; the groups' lr/wd come back too)."""
+        name_to_index = {}
+        i = 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                name_to_index[self._name_of_master(p)] = i
+                i += 1
+        unknown = sorted(set(state["state"]) - set(name_to_index))
+        if unknown:
+            raise ValueError(f"optimizer checkpoint has state for parameters this model lacks: {unknown[:5]}")
+        if len(state["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError("optimizer checkpoint has different parameter groups than this model")
+        groups = []
+        for saved, live in zip(state["param_groups"], self.optimizer.param_groups):
+            live_names = [self._name_of_master(p) for p in live["params"]]
+            if set(saved["param_names"]) != set(live_names):
+                raise ValueError("optimizer checkpoint groups its parameters differently than this model")
+            g = {k: v for k, v in saved.items() if k != "param_names"}
+            g["params"] = [name_to_index[n] for n in live_names]  # positional, in the live order
+            groups.append(g)
+        inner = {"state": {name_to_index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+        self.optimizer.load_state_dict(inner)
+        with torch.no_grad():
+            for s in self.copies:
+                if s.name in state["master"]:
+                    s.master.copy_(state["master"][s.name])
+                    s.param.copy_(s.master)
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
+
+    def _name_of_master(self, master: torch.Tensor) -> str:
+        if not hasattr(self, "_master_names"):
+            self._master_names = {id(s.master): s.name for s in self.slots}
+        return self._master_names[id(master)]
+
+
+def build_optimizer(
+    cfg: OptimizerConfig,
+    model: nn.Module,
+    *,
+    fp32_main_grads: bool = True,
+) -> MixedPrecisionOptimizer:
+    """The optimizer for `model` (unwrapped: parameter names as the model has them)."""
+    return MixedPrecisionOptimizer(cfg, model.named_parameters(), fp32_main_grads=fp32_main_grads)

@@ -1,0 +1,149 @@
+"""One optimizer step: forward/backward over the micro-batches, then the update (spec §5.3 item 6).
+
+Reading it top to bottom gives the whole contract: zero the gradients; for each micro-batch run the
+user's forward step and loss function, normalize the loss, backward (inside DDP's `no_sync` for all
+but the last micro-batch, so gradients are reduced once); reduce the reported metrics over
+micro-batches and data-parallel ranks on the device; step the optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from viaduct.training.forward_step import unpack_loss
+from viaduct.training.optim import MixedPrecisionOptimizer
+
+
+@dataclass
+class StepResult:
+    """What a step leaves on the device; nothing here has been read by the host."""
+
+    updated: bool
+    grad_norm: torch.Tensor | None
+    num_zeros: torch.Tensor | None
+    losses: dict[str, torch.Tensor]
+    """Reduced metrics: [sum, count] reports become sum/count; scalars are micro-batch means."""
+
+
+class MetricAccumulator:
+    """Sums `[sum, count]` reports and averages scalar reports over micro-batches, on the device."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[str, torch.Tensor] = {}
+        self.scalars: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, report: dict[str, Any]) -> None:
+        self.n += 1
+        for name, value in report.items():
+            t = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            target = self.pairs if t.numel() == 2 else self.scalars
+            if t.numel() not in (1, 2):
+                raise ValueError(f"loss_func report {name!r} has {t.numel()} elements; use a scalar or [sum, count]")
+            t = t.view(-1) if t.numel() == 2 else t.view(())
+            target[name] = t if name not in target else target[name] + t
+
+    def reduce(self, group: Any = None) -> dict[str, torch.Tensor]:
+        """Final values: all-reduced over `group` when torch.distributed is initialized."""
+        names_p, names_s = sorted(self.pairs), sorted(self.scalars)
+        if not names_p and not names_s:
+            return {}
+        parts = [self.pairs[n] for n in names_p] + [(self.scalars[n] / max(self.n, 1)).view(1) for n in names_s]
+        flat = torch.cat(parts)
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size(group)
+            dist.all_reduce(flat, group=group)
+            scale = torch.ones_like(flat)
+            scale[2 * len(names_p) :] = 1.0 / world  # scalars: mean over ranks
+            flat = flat * scale
+        out = {}
+        for i, n in enumerate(names_p):
+            out[n] = flat[2 * i] / flat[2 * i + 1].clamp(min=1)
+        for j, n in enumerate(names_s):
+            out[n] = flat[2 * len(names_p) + j]
+        return out
+
+
+def forward_backward(
+    forward_step: Callable[[Iterator[Any], nn.Module], Any],
+    data_iterator: Iterator[Any],
+    model: nn.Module,
+    optimizer: MixedPrecisionOptimizer,
+    num_microbatches: int,
+    *,
+    per_token_loss: bool = False,
+    forward_only: bool = False,
+) -> MetricAccumulator:
+    """Run the micro-batches of one step (no pipeline parallelism); returns the accumulated reports."""
+    metrics = MetricAccumulator()
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    total_tokens: torch.Tensor | None = None
+    for i in range(num_microbatches):
+        last = i == num_microbatches - 1
+        sync_here = not ddp or last
+        if not forward_only:
+            # Main-gradient hooks take every micro-batch except the one DDP reduces.
+            optimizer.set_hooks_active(not (ddp and last))
+        ctx = model.no_sync() if ddp and not sync_here and not forward_only else contextlib.nullcontext()
+        with ctx:
+            output, loss_func = forward_step(data_iterator, model)
+            loss, num_tokens, report = unpack_loss(loss_func(output))
+            metrics.add(report)
+            if forward_only:
+                continue
+            if num_tokens is not None and per_token_loss:
+                total_tokens = num_tokens.detach() if total_tokens is None else total_tokens + num_tokens.detach()
+            elif num_tokens is not None:
+                loss = loss / num_tokens.clamp(min=1)
+                loss = loss / num_microbatches
+            else:
+                loss = loss / num_microbatches
+            optimizer.scale_loss(loss).backward()
+    if total_tokens is not None:
+        # Megatron's per-token loss: gradients of the loss sum, divided by all tokens of the step.
+        if dist.is_available() and dist.is_initialized():
+            total_tokens = total_tokens.clone()
+            dist.all_reduce(total_tokens)
+        optimizer.scale_grads(1.0 / total_tokens.clamp(min=1))
+    return metrics
+
+
+def train_step(
+    forward_step: Callable[[Iterator[Any], nn.Module], Any],
+    data_iterator: Iterator[Any],
+    model: nn.Module,
+    optimizer: MixedPrecisionOptimizer,
+    num_microbatches: int,
+    *,
+    per_token_loss: bool = False,
+    empty_cache_level: int = 0,
+    timers: Any = None,
+) -> StepResult:
+    """Forward/backward over `num_microbatches`, then the optimizer step."""
+    optimizer.zero_grad()
+    timer = timers("forward-backward", log_level=1) if timers is not None else None
+    if timer is not None:
+        timer.start()
+    metrics = forward_backward(
+        forward_step, data_iterator, model, optimizer, num_microbatches, per_token_loss=per_token_loss
+    )
+    if timer is not None:
+        timer.stop()
+    if empty_cache_level >= 1 and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    timer = timers("optimizer", log_level=1) if timers is not None else None
+    if timer is not None:
+        timer.start()
+    updated, grad_norm, num_zeros = optimizer.step()
+    if timer is not None:
+        timer.stop()
+    if empty_cache_level >= 2 and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return StepResult(updated, grad_norm, num_zeros, metrics.reduce())

@@ -1,0 +1,188 @@
+"""`pretrain()` end to end on the CPU: loss falls, accumulation, data parallel, exits, logging, contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from viaduct.config import ConfigError
+from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.training.callbacks import Callback, CallbackContext
+from viaduct.training.gpt_step import forward_step as gpt_forward_step
+from viaduct.training.pretrain import finetune, pretrain
+from viaduct.training.state import GlobalState
+
+
+class Recorder(Callback):
+    """Keeps the step losses and the final weights (through the public callback API)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.weights: dict[str, torch.Tensor] = {}
+        self.events: list[str] = []
+        self.eval_losses: list[dict] = []
+
+    def on_train_start(self, ctx: CallbackContext) -> None:
+        self.events.append("train_start")
+
+    def on_train_step_end(self, ctx: CallbackContext) -> None:
+        losses = ctx.metrics["losses"]  # empty for a skipped iteration
+        if losses:
+            self.losses.append(float(losses["lm loss"]))  # a host sync, fine in a test
+
+    def on_eval_end(self, ctx: CallbackContext) -> None:
+        self.eval_losses.append(ctx.metrics["losses"])
+
+    def on_test_end(self, ctx: CallbackContext) -> None:
+        self.events.append("test_end")
+
+    def on_train_end(self, ctx: CallbackContext) -> None:
+        self.events.append("train_end")
+        model = ctx.model.module if hasattr(ctx.model, "module") else ctx.model
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_falls_on_cpu():
+    rec = Recorder()
+    state = pretrain(tiny_pretrain_config("train.train_iters=40", "optimizer.lr=3e-3"), callbacks=[rec])
+    assert state.train_state.step == 40 and state.train_state.consumed_train_samples == 320
+    assert len(rec.losses) == 40
+    first, last = sum(rec.losses[:5]) / 5, sum(rec.losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)  # the count-up pattern of the mock data is learnable
+    assert rec.events == ["train_start", "train_end", "test_end"]
+    assert rec.eval_losses and math.isfinite(rec.eval_losses[-1]["lm loss"])
+    assert state.train_state.floating_point_operations_so_far > 0
+
+
+# SGD for the equality tests: Adam divides by sqrt(v) + eps, which turns float32 summation-order
+# noise on near-zero gradients into visible weight differences and hides what is being tested.
+SGD = ("optimizer.optimizer=sgd", "optimizer.lr=0.1")
+
+
+def test_accumulation_over_micro_batches_equals_one_large_batch():
+    weights = []
+    for mbs in (8, 2):
+        rec = Recorder()
+        cfg = tiny_pretrain_config("train.train_iters=3", f"train.micro_batch_size={mbs}", *SGD)
+        pretrain(cfg, callbacks=[rec])
+        weights.append(rec.weights)
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _dp_worker(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    rec = Recorder()
+    pretrain(tiny_pretrain_config("train.train_iters=3", "train.micro_batch_size=2", *SGD), callbacks=[rec])
+    return rec.weights
+
+
+@pytest.mark.distributed
+def test_data_parallel_matches_one_process():
+    rec = Recorder()
+    pretrain(tiny_pretrain_config("train.train_iters=3", "train.micro_batch_size=2", *SGD), callbacks=[rec])
+    dp = run_distributed(_dp_worker, 2, timeout=120)
+    for name, w in rec.weights.items():
+        torch.testing.assert_close(dp[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_forward_step_contract_variants():
+    """Both signatures and both loss-function return forms train."""
+    seen = {}
+
+    def plain(data_iterator, model):
+        seen["plain"] = True
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+
+        def loss_func(o):  # legacy form: (mean loss, {name: value})
+            loss = (o * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+            return loss, {"lm loss": loss.detach()}
+
+        return out, loss_func
+
+    def with_state(state: GlobalState, data_iterator, model):
+        seen.setdefault("steps", []).append(state.train_state.step)
+        return gpt_forward_step(state, data_iterator, model)
+
+    rec = Recorder()
+    pretrain(tiny_pretrain_config("train.train_iters=2"), plain, callbacks=[rec])
+    assert seen["plain"] and len(rec.losses) == 2
+    pretrain(tiny_pretrain_config("train.train_iters=2"), with_state)
+    # The state is live: micro-batches of the first step see 0, of the second 1, evaluation 2.
+    assert seen["steps"][:4] == [0, 0, 1, 1] and seen["steps"][-1] == 2
+
+
+def test_bad_loss_func_return_is_a_clear_error():
+    def bad(data_iterator, model):
+        batch = next(data_iterator)
+        return model(batch["tokens"], labels=batch["labels"]), lambda o: o.sum()
+
+    with pytest.raises(TypeError, match="loss_func must return"):
+        pretrain(tiny_pretrain_config("train.train_iters=1"), bad)
+
+
+def test_unsupported_settings_fail_before_anything_runs(tmp_path):
+    cfg = tiny_pretrain_config(
+        "model.tensor_model_parallel_size=2", f"logger.save_config_filepath={tmp_path}/cfg.yaml"
+    )
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg)
+    assert "model.tensor_model_parallel_size" in str(err.value)
+    assert not (tmp_path / "cfg.yaml").exists()
+
+
+def test_invalid_config_reports_every_problem_before_setup(tmp_path):
+    cfg = tiny_pretrain_config(f"logger.save_config_filepath={tmp_path}/cfg.yaml")
+    cfg.train.micro_batch_size = 3  # 8 is not divisible by 3
+    cfg.optimizer.lr = -1.0
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg)
+    text = str(err.value)
+    assert "train.global_batch_size" in text and "optimizer.lr" in text
+    assert not (tmp_path / "cfg.yaml").exists()
+
+
+def test_save_config_filepath_writes_the_resolved_yaml(tmp_path):
+    from viaduct.training.config import ConfigContainer
+
+    path = tmp_path / "run.yaml"
+    pretrain(tiny_pretrain_config("train.train_iters=1", f"logger.save_config_filepath={path}"))
+    loaded = ConfigContainer.from_yaml(path)
+    assert loaded.train.train_iters == 1 and loaded.model.num_layers == 2
+
+
+def test_exit_interval_stops_early_and_skips_final_evaluation():
+    rec = Recorder()
+    state = pretrain(tiny_pretrain_config("train.train_iters=10", "train.exit_interval=3"), callbacks=[rec])
+    assert state.train_state.step == 3
+    assert "exit_interval" in state.user_state["exit_reason"]
+    assert "test_end" not in rec.events
+
+
+def test_iterations_to_skip_consume_data_without_updates():
+    rec = Recorder()
+    state = pretrain(tiny_pretrain_config("train.train_iters=4", "train.iterations_to_skip=[2, 3]"), callbacks=[rec])
+    ts = state.train_state
+    assert ts.step == 4 and ts.consumed_train_samples == 32 and ts.skipped_train_samples == 16
+    assert len(rec.losses) == 2  # only steps 1 and 4 ran forward
+
+
+def test_rampup_batch_size_grows_the_batch():
+    state = pretrain(
+        tiny_pretrain_config("train.train_iters=6", "train.rampup_batch_size=[4, 4, 16]", "train.micro_batch_size=4")
+    )
+    # One increment over 16 samples: batches of 4 until 16 samples are consumed, then 8: 4·4 + 2·8.
+    assert state.train_state.consumed_train_samples == 32
+
+
+def test_finetune_needs_a_checkpoint():
+    with pytest.raises(ConfigError, match="pretrained_checkpoint"):
+        finetune(tiny_pretrain_config())
+
+
+def test_per_token_loss_trains():
+    rec = Recorder()
+    pretrain(tiny_pretrain_config("train.train_iters=3", "model.calculate_per_token_loss=true"), callbacks=[rec])
+    assert len(rec.losses) == 3 and all(math.isfinite(v) for v in rec.losses)
