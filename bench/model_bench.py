@@ -98,7 +98,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         kw = {"mode": spec["compile_mode"]} if spec.get("compile_mode") else {}
         compile_model(model, spec.get("compile_scope", "model"), **kw)
     # The training loop's own optimizer: fp32 master weights and main grads, fused AdamW, clipping.
-    opt_cfg = OptimizerConfig(lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=spec.get("clip_grad", 1.0))
+    opt_cfg = OptimizerConfig(
+        lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=spec.get("clip_grad", 1.0)
+    )
     opt = build_optimizer(opt_cfg, model)
     g = torch.Generator(device=device).manual_seed(0)
     vocab = provider.vocab_size or 1

@@ -81,7 +81,9 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         step_ms=round(dt * 1e3, 1),
         tokens_per_s_per_gpu=round(tokens_per_gpu),
         mfu_pct=round(100 * mfu(tokens_per_gpu, fpt, peak), 1) if peak else None,
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if torch.cuda.is_available()
+        else None,
         steps=state.train_state.step,
     )
 
@@ -102,7 +104,9 @@ def main() -> None:
     if args.compare:  # first, so the two runs never hold GPU memory at the same time
         spec = dict(model=args.recipe, batch=args.mbs, seq=args.seq, steps=args.steps)
         bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_bench.py")
-        proc = subprocess.run([sys.executable, bench, "--spec", json.dumps(spec)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, bench, "--spec", json.dumps(spec)], capture_output=True, text=True
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         model_result = json.loads(lines[-1]) if lines else {"error": proc.stderr[-800:]}
     result = run_pretrain(args)

@@ -222,7 +222,7 @@ def tiny(**dataset_fields) -> ConfigContainer:
     cfg.train.train_iters = 6
     cfg.train.eval_interval = 3
     cfg.train.eval_iters = 2
-    cfg.scheduler.lr_warmup_iters = 1
+    cfg.scheduler.lr_warmup_fraction, cfg.scheduler.lr_warmup_iters = None, 1
     for name, value in dataset_fields.items():
         setattr(cfg.dataset, name, value)
     return cfg.validate(world_size=2)
@@ -264,6 +264,7 @@ def test_sample_counts():
     assert get_sample_counts(cfg) == (96, 0, 0)
     cfg.train.train_iters, cfg.train.train_samples = None, 100
     cfg.scheduler.lr_warmup_iters, cfg.scheduler.lr_warmup_samples = 0, 16
+    cfg.scheduler.lr_warmup_fraction = None
     cfg.validate(world_size=2)
     assert get_sample_counts(cfg)[0] == 100
 

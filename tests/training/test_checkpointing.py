@@ -22,7 +22,7 @@ from viaduct.distributed.init import DistributedContext
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import tiny_gpt_pretrain_config
 from viaduct.training.checkpointing import Checkpointer, CheckpointError
-from viaduct.training.config import CheckpointConfig, ConfigContainer
+from viaduct.training.config import CheckpointConfig, ConfigContainer, SchedulerConfig
 from viaduct.training.optim import build_optimizer
 from viaduct.training.scheduler import build_scheduler
 from viaduct.training.state import TrainState
@@ -43,7 +43,8 @@ def make_cfg(world_size: int = 1, **ckpt: Any) -> ConfigContainer:
         attention_dropout=0.0,
     )
     cfg.train.train_iters = 20
-    cfg.scheduler.lr_warmup_iters = 2  # short: a few steps go through warmup and decay
+    # Short warmup and decay: a few steps move the schedule (set whole, independent of the recipe's).
+    cfg.scheduler = SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=2)
     cfg.checkpoint = CheckpointConfig(**ckpt)
     return cfg.validate(world_size=world_size)
 

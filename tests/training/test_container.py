@@ -91,6 +91,7 @@ def test_exactly_one_of_train_iters_and_train_samples():
     cfg.train.train_iters = None
     cfg.scheduler.lr_warmup_iters = 0
     cfg.scheduler.lr_warmup_samples = 160
+    cfg.scheduler.lr_warmup_fraction = None
     cfg.validate()
     assert cfg.train.effective_train_iters == 1000 // 16
     assert cfg.scheduler.lr_decay_steps == 1000 and cfg.scheduler.lr_warmup_steps == 160

@@ -131,7 +131,9 @@ def test_without_fp32_main_grads_gradients_are_widened_at_the_step():
 
 def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     model = Tiny(torch.float16)
-    opt = build_optimizer(_cfg(fp16=True, initial_loss_scale=2.0**16, hysteresis=2, loss_scale_window=3), model)
+    opt = build_optimizer(
+        _cfg(fp16=True, initial_loss_scale=2.0**16, hysteresis=2, loss_scale_window=3), model
+    )
     assert isinstance(opt.scaler, DynamicLossScaler)
     before = [p.detach().clone() for p in model.parameters()]
     for expected_scale in (2.0**16, 2.0**15):  # hysteresis 2: the first overflow keeps the scale

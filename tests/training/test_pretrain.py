@@ -163,7 +163,9 @@ def test_exit_interval_stops_early_and_skips_final_evaluation():
 
 def test_iterations_to_skip_consume_data_without_updates():
     rec = Recorder()
-    state = pretrain(tiny_pretrain_config("train.train_iters=4", "train.iterations_to_skip=[2, 3]"), callbacks=[rec])
+    state = pretrain(
+        tiny_pretrain_config("train.train_iters=4", "train.iterations_to_skip=[2, 3]"), callbacks=[rec]
+    )
     ts = state.train_state
     assert ts.step == 4 and ts.consumed_train_samples == 32 and ts.skipped_train_samples == 16
     assert len(rec.losses) == 2  # only steps 1 and 4 ran forward
@@ -171,7 +173,9 @@ def test_iterations_to_skip_consume_data_without_updates():
 
 def test_rampup_batch_size_grows_the_batch():
     state = pretrain(
-        tiny_pretrain_config("train.train_iters=6", "train.rampup_batch_size=[4, 4, 16]", "train.micro_batch_size=4")
+        tiny_pretrain_config(
+            "train.train_iters=6", "train.rampup_batch_size=[4, 4, 16]", "train.micro_batch_size=4"
+        )
     )
     # One increment over 16 samples: batches of 4 until 16 samples are consumed, then 8: 4·4 + 2·8.
     assert state.train_state.consumed_train_samples == 32
@@ -184,5 +188,7 @@ def test_finetune_needs_a_checkpoint():
 
 def test_per_token_loss_trains():
     rec = Recorder()
-    pretrain(tiny_pretrain_config("train.train_iters=3", "model.calculate_per_token_loss=true"), callbacks=[rec])
+    pretrain(
+        tiny_pretrain_config("train.train_iters=3", "model.calculate_per_token_loss=true"), callbacks=[rec]
+    )
     assert len(rec.losses) == 3 and all(math.isfinite(v) for v in rec.losses)

@@ -349,7 +349,7 @@ def _config(**scheduler: Any):
     cfg.optimizer.min_lr = 1e-4
     cfg.optimizer.weight_decay = 0.05
     cfg.scheduler.lr_decay_style = "linear"
-    cfg.scheduler.lr_warmup_iters = 10
+    cfg.scheduler.lr_warmup_fraction, cfg.scheduler.lr_warmup_iters = None, 10
     cfg.scheduler.lr_warmup_init = 0.0
     cfg.scheduler.start_weight_decay = None
     cfg.scheduler.end_weight_decay = None

@@ -42,7 +42,7 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
         ),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0),
         scheduler=SchedulerConfig(
-            lr_decay_style="cosine", lr_warmup_iters=30, start_weight_decay=0.1, end_weight_decay=0.1
+            lr_decay_style="cosine", lr_warmup_fraction=0.1, start_weight_decay=0.1, end_weight_decay=0.1
         ),
         # Synthetic tokens until the bundled corpus (Python's own documentation) is wired in.
         dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=None, num_workers=0),

@@ -64,15 +64,19 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         while len(results) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"run_distributed: ranks {sorted(set(range(world_size)) - set(results))} "
-                                   f"did not finish within {timeout:.0f} s")
+                raise TimeoutError(
+                    f"run_distributed: ranks {sorted(set(range(world_size)) - set(results))} "
+                    f"did not finish within {timeout:.0f} s"
+                )
             try:
                 rank, status, payload = queue.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
                 if dead:
-                    raise RuntimeError(f"run_distributed: rank {dead[0]} died with exit code "
-                                       f"{procs[dead[0]].exitcode} before reporting") from None
+                    raise RuntimeError(
+                        f"run_distributed: rank {dead[0]} died with exit code "
+                        f"{procs[dead[0]].exitcode} before reporting"
+                    ) from None
                 continue
             results[rank] = (status, payload)
             if status == "error":

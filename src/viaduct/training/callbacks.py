@@ -58,7 +58,9 @@ class Callback:
 class CallbackManager:
     """Runs the hooks of several callbacks in order."""
 
-    def __init__(self, callbacks: Iterable[Callback | Mapping[str, Callable[..., Any]]] | None = None) -> None:
+    def __init__(
+        self, callbacks: Iterable[Callback | Mapping[str, Callable[..., Any]]] | None = None
+    ) -> None:
         self.callbacks: list[Callback | Mapping[str, Callable[..., Any]]] = []
         for cb in callbacks or ():
             if isinstance(cb, Mapping):

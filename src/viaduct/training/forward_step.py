@@ -60,9 +60,13 @@ def unpack_loss(result: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[st
         (loss, report), num_tokens = result, None
     else:
         raise TypeError(
-            "loss_func must return (loss, num_tokens, {name: tensor([sum, count])}) or (loss, {name: value}); "
-            f"got {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+            "loss_func must return (loss, num_tokens, {name: tensor([sum, count])}) "
+            "or (loss, {name: value}); "
+            f"got {type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, tuple) else "")
         )
     if not isinstance(report, dict):
-        raise TypeError(f"the last item returned by loss_func must be a dict of metrics, got {type(report).__name__}")
+        raise TypeError(
+            f"the last item returned by loss_func must be a dict of metrics, got {type(report).__name__}"
+        )
     return loss, num_tokens, report

@@ -16,7 +16,9 @@ import torch
 from viaduct.training.state import GlobalState
 
 
-def get_batch(data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+def get_batch(
+    data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, torch.Tensor]:
     """The next micro-batch, moved to `device` (asynchronously from pinned memory)."""
     batch = next(data_iterator)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

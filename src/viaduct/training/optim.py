@@ -286,7 +286,8 @@ class MixedPrecisionOptimizer:
                 i += 1
         state = {index_to_name[k]: v for k, v in inner["state"].items()}
         groups = [
-            {k: v for k, v in g.items() if k != "params"} | {"param_names": [index_to_name[j] for j in g["params"]]}
+            {k: v for k, v in g.items() if k != "params"}
+            | {"param_names": [index_to_name[j] for j in g["params"]]}
             for g in inner["param_groups"]
         ]
         out: dict[str, Any] = {

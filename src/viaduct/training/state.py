@@ -46,7 +46,9 @@ class TrainState:
             "consumed_train_samples": torch.tensor(self.consumed_train_samples),
             "skipped_train_samples": torch.tensor(self.skipped_train_samples),
             "consumed_valid_samples": torch.tensor(self.consumed_valid_samples),
-            "floating_point_operations_so_far": torch.tensor(self.floating_point_operations_so_far, dtype=torch.float64),
+            "floating_point_operations_so_far": torch.tensor(
+                self.floating_point_operations_so_far, dtype=torch.float64
+            ),
             "do_train": torch.tensor(self.do_train),
             "do_valid": torch.tensor(self.do_valid),
             "do_test": torch.tensor(self.do_test),

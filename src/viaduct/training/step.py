@@ -46,7 +46,9 @@ class MetricAccumulator:
             t = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             target = self.pairs if t.numel() == 2 else self.scalars
             if t.numel() not in (1, 2):
-                raise ValueError(f"loss_func report {name!r} has {t.numel()} elements; use a scalar or [sum, count]")
+                raise ValueError(
+                    f"loss_func report {name!r} has {t.numel()} elements; use a scalar or [sum, count]"
+                )
             t = t.view(-1) if t.numel() == 2 else t.view(())
             target[name] = t if name not in target else target[name] + t
 
@@ -55,7 +57,9 @@ class MetricAccumulator:
         names_p, names_s = sorted(self.pairs), sorted(self.scalars)
         if not names_p and not names_s:
             return {}
-        parts = [self.pairs[n] for n in names_p] + [(self.scalars[n] / max(self.n, 1)).view(1) for n in names_s]
+        parts = [self.pairs[n] for n in names_p] + [
+            (self.scalars[n] / max(self.n, 1)).view(1) for n in names_s
+        ]
         flat = torch.cat(parts)
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(group)
@@ -99,7 +103,9 @@ def forward_backward(
             if forward_only:
                 continue
             if num_tokens is not None and per_token_loss:
-                total_tokens = num_tokens.detach() if total_tokens is None else total_tokens + num_tokens.detach()
+                total_tokens = (
+                    num_tokens.detach() if total_tokens is None else total_tokens + num_tokens.detach()
+                )
             elif num_tokens is not None:
                 loss = loss / num_tokens.clamp(min=1)
                 loss = loss / num_microbatches

@@ -150,7 +150,7 @@ def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[fl
         for name, value in r.losses.items():
             if rsm.check_for_spiky_loss and recent and value > rsm.spiky_loss_factor * max(recent):
                 log.warning(
-                    "spiky loss at iteration %d: %s = %.4f is more than %.1f × the largest of the last %d (%.4f)",
+                    "spiky loss at iteration %d: %s = %.4f is over %.1f × the largest of the last %d (%.4f)",
                     r.step,
                     name,
                     value,

@@ -258,8 +258,8 @@ class ConfigContainer(ConfigBase):
         if t.global_batch_size % per_step and t.decrease_batch_size_if_needed:
             used = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
             warn(
-                f"train.global_batch_size {t.global_batch_size} is not divisible by micro batch × data-parallel "
-                f"size ({per_step}); decrease_batch_size_if_needed: each step uses {used} samples"
+                f"train.global_batch_size {t.global_batch_size} is not divisible by micro batch × "
+                f"data-parallel size ({per_step}); decrease_batch_size_if_needed: each step uses {used} samples"
             )
             self._derive(
                 "num_microbatches",

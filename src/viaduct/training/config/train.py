@@ -161,7 +161,7 @@ class TrainingConfig(ConfigBase):
                     "rampup_batch_size",
                     f"must ramp from its start to global_batch_size ({gbs}) in whole increments",
                     r,
-                    fix=fix + f" with (global_batch_size - start) divisible by the increment",
+                    fix=fix + " with (global_batch_size - start) divisible by the increment",
                 )
         bad_skips = [i for i in self.iterations_to_skip if i < 1]
         if bad_skips:

@@ -1,0 +1,144 @@
+"""Whole runs as users start them: TensorBoard files, fp16 skips, the CLI, SIGTERM, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from viaduct.testing import tiny_pretrain_config
+from viaduct.training.pretrain import pretrain
+
+
+def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(tb_dir))
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_step_with_megatron_names(tmp_path):
+    tb = tmp_path / "tb"
+    cfg = tiny_pretrain_config(
+        "train.train_iters=6",
+        "logger.log_interval=3",
+        f"logger.tensorboard_dir={tb}",
+        "logger.log_params_norm=true",
+        "logger.log_validation_ppl_to_tensorboard=true",
+        "logger.log_l2_norm_grad_to_tensorboard=true",
+        "train.eval_interval=3",
+    )
+    pretrain(cfg)
+    s = _scalars(tb)
+    assert [step for step, _ in s["lm loss"]] == [1, 2, 3, 4, 5, 6]  # every step, though synced every 3
+    assert [x for x, _ in s["lm loss vs samples"]] == [8, 16, 24, 32, 40, 48]
+    assert {"learning-rate", "batch-size", "grad-norm", "params-norm"} <= set(s)
+    assert [step for step, _ in s["lm loss validation"]] == [3, 6]
+    assert "lm loss validation ppl" in s
+    assert any(tag.startswith("grad-norm/decoder.layers.0") for tag in s)
+    assert s["batch-size"][0][1] == 8
+
+
+def test_fp16_overflows_are_skipped_and_counted(tmp_path, caplog):
+    tb = tmp_path / "tb"
+    cfg = tiny_pretrain_config(
+        "mixed_precision=fp16_mixed",
+        "mixed_precision.initial_loss_scale=1e30",  # overflows at once; the scale halves until it fits
+        "mixed_precision.hysteresis=1",
+        "train.train_iters=6",
+        "logger.log_interval=6",
+        f"logger.tensorboard_dir={tb}",
+    )
+    with caplog.at_level("INFO", logger="viaduct"):
+        state = pretrain(cfg)
+    assert state.train_state.step == 6
+    line = next(r.getMessage() for r in caplog.records if "iteration        6/" in r.getMessage())
+    skipped = int(re.search(r"number of skipped iterations:\s+(\d+)", line).group(1))
+    assert skipped >= 1
+    scales = [v for _, v in _scalars(tb)["loss-scale"]]
+    assert scales[0] < 1e30 and scales == sorted(scales, reverse=True)
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "viaduct", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_cli_runs_the_embedded_default(tmp_path):
+    """`viaduct pretrain` with no config trains the default recipe (shortened here for CI)."""
+    proc = _cli(
+        "pretrain",
+        "train.train_iters=2",
+        "train.global_batch_size=8",
+        "logger.log_interval=1",
+        "train.eval_iters=1",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "iteration        2/       2" in out and "lm loss" in out and "tokens per second per GPU" in out
+    assert "validation loss at iteration 2" in out
+
+
+def test_cli_config_error_exits_2_with_the_field(tmp_path):
+    proc = _cli("pretrain", "train.train_iter=4", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train_iters" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
+    save = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "viaduct",
+            "pretrain",
+            "--config-file",
+            str(_tiny_yaml(tmp_path)),
+            "train.train_iters=100000",
+            "logger.log_interval=1",
+            "train.eval_iters=0",
+            f"checkpoint.save={save}",
+            "checkpoint.save_interval=100000",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "iteration        3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "received SIGTERM" in out
+    step = int((save / "latest_checkpointed_iteration.txt").read_text().strip())
+    assert step >= 3 and (save / f"iter_{step:07d}").is_dir()
+
+
+def _tiny_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    tiny_pretrain_config().to_yaml(path)
+    return path
