@@ -259,7 +259,7 @@ class ConfigContainer(ConfigBase):
             used = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
             warn(
                 f"train.global_batch_size {t.global_batch_size} is not divisible by micro batch × "
-                f"data-parallel size ({per_step}); decrease_batch_size_if_needed: each step uses {used} samples"
+                f"data-parallel size ({per_step}); decrease_batch_size_if_needed: steps use {used} samples"
             )
             self._derive(
                 "num_microbatches",
