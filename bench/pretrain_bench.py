@@ -36,7 +36,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     apply_overrides(
         cfg,
         [
-            f"dataset.seq_length={args.seq}",
+            f"model.seq_length={args.seq}",
             f"train.micro_batch_size={args.mbs}",
             f"train.global_batch_size={args.gbs}",
             f"train.train_iters={steps}",
