@@ -52,6 +52,33 @@ def bucket_cap_mb(model: nn.Module, cfg: DistributedDataParallelConfig, dp_size:
     return count * elem / _MB
 
 
+def _main_grad_buffer(
+    flats: dict[int, tuple[tuple[int, ...], torch.Tensor]], index: int, slots: list[Any], buffer: torch.Tensor
+) -> torch.Tensor:
+    """The flat float32 buffer behind the main grads of one DDP bucket (made on first use).
+
+    The slots' `master.grad` become views into it, in the bucket's parameter order; DDP may rebuild
+    its buckets after the first iteration, so a bucket whose parameters changed gets a new buffer
+    (the gradients accumulated so far are carried over).
+    """
+    ids = tuple(id(s) for s in slots)
+    entry = flats.get(index)
+    if entry is not None and entry[0] == ids:
+        return entry[1]
+    total = max(buffer.numel(), sum(s.master.numel() for s in slots))
+    flat = torch.zeros(total, dtype=torch.float32, device=buffer.device)
+    offset = 0
+    for s in slots:
+        n = s.master.numel()
+        view = flat[offset : offset + n].view_as(s.master)
+        if not s.fresh and s.master.grad is not None:
+            view.copy_(s.master.grad)
+        s.master.grad = view
+        offset += n
+    flats[index] = (ids, flat)
+    return flat
+
+
 def _comm_hook(
     optimizer: MixedPrecisionOptimizer,
     *,
@@ -64,6 +91,7 @@ def _comm_hook(
     rank: int,
 ) -> Any:
     """DDP communication hook implementing the rules in the module docstring."""
+    flats: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     # No annotations here: DDP checks them at runtime and `from __future__ import annotations`
     # would turn dist.GradBucket into a string it rejects.
@@ -77,10 +105,19 @@ def _comm_hook(
         slots = [optimizer.by_param.get(id(p)) for p in bucket.parameters()]
         main = optimizer.fp32_main_grads and all(s is not None and s.has_copy for s in slots)
         if main:
-            # Main-gradient mode: the earlier micro-batches sit in the float32 main grads.
-            for s, g in zip(slots, bucket.gradients()):
-                optimizer.add_to_main_grad(s, g)  # type: ignore[arg-type]
-            flat = torch.cat([s.master.grad.view(-1) for s in slots])  # type: ignore[union-attr]
+            # Main-gradient mode: the float32 main grads of this bucket's parameters live in one flat
+            # buffer, so the 16-bit bucket is added into it with one kernel and all-reduced in place.
+            flat = _main_grad_buffer(flats, bucket.index(), slots, buffer)  # type: ignore[arg-type]
+            fresh = [s.fresh for s in slots]  # type: ignore[union-attr]
+            if flat.numel() == buffer.numel() and all(fresh):
+                flat.copy_(buffer)
+            elif flat.numel() == buffer.numel() and not any(fresh):
+                flat.add_(buffer)
+            else:
+                for s, g in zip(slots, bucket.gradients()):
+                    optimizer.add_to_main_grad(s, g)  # type: ignore[arg-type]
+            for s in slots:
+                s.fresh = False  # type: ignore[union-attr]
         elif reduce_fp32 and buffer.dtype != torch.float32:
             flat = buffer.float()
         else:
@@ -95,12 +132,7 @@ def _comm_hook(
         def done(f: torch.futures.Future[Any]) -> torch.Tensor:
             out = f.value()[0]
             if main:
-                offset = 0
-                for s in slots:
-                    g = s.master.grad  # type: ignore[union-attr]
-                    g.copy_(out[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
-                return buffer  # the 16-bit .grad copies are not used in this mode
+                return buffer  # reduced in place into the main grads; the 16-bit copies go unused
             if out is not buffer:
                 buffer.copy_(out)
             return buffer
@@ -125,7 +157,8 @@ def wrap_data_parallel(
         device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
         bucket_cap_mb=bucket_cap_mb(model, cfg, dp_size),
         broadcast_buffers=False,  # buffers are deterministic (rotary tables); nothing to sync
-        gradient_as_bucket_view=False,
+        # .grad becomes a view into DDP's bucket: no copy back after the reduction.
+        gradient_as_bucket_view=True,
     )
     ddp.register_comm_hook(
         None,

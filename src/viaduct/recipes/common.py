@@ -17,7 +17,7 @@ from viaduct.training.config import (
 )
 
 
-def pretrain_common(model: GPTModelProvider, *, name: str, seq_length: int) -> ConfigContainer:
+def pretrain_common(model: GPTModelProvider, *, name: str) -> ConfigContainer:
     """A complete pretraining config around `model`: AdamW + cosine, mock data, bf16 mixed precision.
 
     Recipes call this, then change what differs; everything stays overridable from YAML and CLI.
@@ -51,7 +51,8 @@ def pretrain_common(model: GPTModelProvider, *, name: str, seq_length: int) -> C
             end_weight_decay=0.033,
             weight_decay_incr_style="constant",
         ),
-        dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=seq_length, split="9999,8,2"),
+        # The model owns the sequence length; the dataset follows it (one owner, Bridge issue #879).
+        dataset=MockGPTDatasetConfig(random_seed=1234, split="9999,8,2"),
         logger=LoggerConfig(log_interval=10, log_throughput=True, tensorboard_dir=f"{run_dir}/tb_logs"),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=model.vocab_size),
         checkpoint=CheckpointConfig(

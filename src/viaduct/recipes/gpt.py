@@ -56,4 +56,4 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
 def gpt2_124m_pretrain_config() -> ConfigContainer:
     """GPT-2 124M shape (12 layers, 768 wide, learned positions, 1024-token context)."""
     model = GPT2ModelProvider124M()
-    return pretrain_common(model, name="gpt2_124m", seq_length=model.seq_length)
+    return pretrain_common(model, name="gpt2_124m")

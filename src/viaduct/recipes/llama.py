@@ -40,18 +40,18 @@ def llama32_1b_pretrain_config() -> ConfigContainer:
     """Llama 3.2 1B shape (16 layers, 2048 wide, tied embeddings, RoPE scaling factor 32)."""
     seq_length = 8192  # pretraining context (the published model extends to 128k)
     model = Llama32ModelProvider1B(seq_length=seq_length)
-    return pretrain_common(model, name="llama32_1b", seq_length=seq_length)
+    return pretrain_common(model, name="llama32_1b")
 
 
 @recipe("llama3_8b")
 def llama3_8b_pretrain_config() -> ConfigContainer:
     """Llama 3 8B shape (32 layers, 4096 wide, 14336 FFN, 8 KV groups)."""
     model = Llama3ModelProvider8B()
-    return pretrain_common(model, name="llama3_8b", seq_length=model.seq_length)
+    return pretrain_common(model, name="llama3_8b")
 
 
 @recipe("llama2_7b")
 def llama2_7b_pretrain_config() -> ConfigContainer:
     """Llama 2 7B shape (32 layers, 4096 wide, 11008 FFN, multi-head attention, 4k context)."""
     model = Llama2ModelProvider7B()
-    return pretrain_common(model, name="llama2_7b", seq_length=model.seq_length)
+    return pretrain_common(model, name="llama2_7b")

@@ -15,11 +15,11 @@ _SEQ_LENGTH = 4096
 def qwen25_500m_pretrain_config() -> ConfigContainer:
     """Qwen 2.5 0.5B shape (24 layers, 896 wide, 2 KV groups, QKV bias, tied embeddings)."""
     model = Qwen25ModelProvider500M(seq_length=_SEQ_LENGTH)
-    return pretrain_common(model, name="qwen25_500m", seq_length=_SEQ_LENGTH)
+    return pretrain_common(model, name="qwen25_500m")
 
 
 @recipe("qwen3_600m")
 def qwen3_600m_pretrain_config() -> ConfigContainer:
     """Qwen 3 0.6B shape (28 layers, 1024 wide, 16 heads of 128, QK norm, tied embeddings)."""
     model = Qwen3ModelProvider600M(seq_length=_SEQ_LENGTH)
-    return pretrain_common(model, name="qwen3_600m", seq_length=_SEQ_LENGTH)
+    return pretrain_common(model, name="qwen3_600m")
