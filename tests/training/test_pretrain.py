@@ -232,3 +232,80 @@ def test_per_token_loss_trains():
         tiny_pretrain_config("train.train_iters=3", "model.calculate_per_token_loss=true"), callbacks=[rec]
     )
     assert len(rec.losses) == 3 and all(math.isfinite(v) for v in rec.losses)
+
+
+def _nan_on_rank_1(rank: int, world_size: int) -> None:
+    def forward_step(state: GlobalState, data_iterator, model):
+        output, loss_func = gpt_forward_step(state, data_iterator, model)
+        if rank == 1:
+            output = output * float("nan")
+        return output, loss_func
+
+    pretrain(tiny_pretrain_config("ddp.check_for_nan_in_grad=true"), forward_step)
+
+
+@pytest.mark.distributed
+def test_nan_gradients_are_caught_before_the_all_reduce_and_name_the_rank():
+    with pytest.raises(RuntimeError, match=r"rank 1: NaN or infinite gradients"):
+        run_distributed(_nan_on_rank_1, 2, timeout=120)
+
+
+def _weight_hash_worker(rank: int, world_size: int) -> int:
+    state = pretrain(
+        tiny_pretrain_config("train.train_iters=2", "train.check_weight_hash_across_dp_replicas_interval=1")
+    )
+    return state.train_state.step
+
+
+@pytest.mark.distributed
+def test_weight_hash_check_passes_for_healthy_replicas():
+    assert run_distributed(_weight_hash_worker, 2, timeout=120) == 2
+
+
+def test_nan_loss_stops_the_run_with_the_iteration():
+    from viaduct.training.train import NonFiniteLossError
+
+    def forward_step(state: GlobalState, data_iterator, model):
+        output, loss_func = gpt_forward_step(state, data_iterator, model)
+        return (output * float("nan") if state.train_state.step == 2 else output), loss_func
+
+    with pytest.raises(NonFiniteLossError, match="iteration 3"):
+        pretrain(tiny_pretrain_config("logger.log_interval=2"), forward_step)
+
+
+def test_exit_duration_in_mins_exits_after_the_step():
+    class OldJob(Callback):
+        def on_train_start(self, ctx: CallbackContext) -> None:
+            ctx.state.start_time -= 3600  # as if the job had run for an hour
+
+    state = pretrain(tiny_pretrain_config("train.exit_duration_in_mins=30"), callbacks=[OldJob()])
+    assert state.train_state.step == 1 and "exit_duration_in_mins" in state.user_state["exit_reason"]
+
+
+def test_skip_train_only_evaluates():
+    rec = Recorder()
+    state = pretrain(tiny_pretrain_config("train.skip_train=true"), callbacks=[rec])
+    assert state.train_state.step == 0 and not rec.losses
+    assert "lm loss" in state.user_state["validation"] and "lm loss" in state.user_state["test"]
+
+
+def test_large_gradient_warning(caplog):
+    from viaduct.training.train import _check_large_grads
+
+    recent: list[float] = []
+    with caplog.at_level("WARNING", logger="viaduct"):
+        for step, norm in enumerate([1.0] * 10 + [50.0], start=1):
+            _check_large_grads(step, norm, recent)
+    assert "unexpectedly large gradients at iteration 11" in caplog.text
+
+
+def test_comm_overlap_choices_land_on_ddp():
+    from viaduct.training.comm_overlap import CommOverlapConfig
+
+    cfg = tiny_pretrain_config()
+    cfg.comm_overlap = CommOverlapConfig(overlap_grad_reduce=True, bucket_size=12345)
+    cfg.validate()
+    assert cfg.ddp.overlap_grad_reduce is True and cfg.ddp.bucket_size == 12345
+    cfg.comm_overlap = None
+    cfg.validate()
+    assert cfg.ddp.overlap_grad_reduce is False and cfg.ddp.bucket_size is None

@@ -29,7 +29,13 @@ class DistributedContext:
     created: bool = False
     """Whether viaduct created the default process group (and so destroys it at the end)."""
     host_group: Any = None
-    """A gloo group for host-side collectives (exit decisions, timers): no device synchronisation."""
+    """A gloo group for host-side collectives (exit decisions): no device synchronisation. None when
+    dist.use_gloo_process_groups is false: those collectives then go through the default group."""
+
+    @property
+    def host_device(self) -> torch.device:
+        """Where tensors of host-side collectives must live for `host_group`."""
+        return torch.device("cpu") if self.host_group is not None else self.device
 
     @property
     def distributed(self) -> bool:
@@ -72,8 +78,10 @@ def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
         created = True
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
     host_group = None
-    if backend is not None:
-        host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    if backend == "gloo":
+        host_group = dist.group.WORLD
+    elif backend is not None and cfg.use_gloo_process_groups:
+        host_group = dist.new_group(backend="gloo")
     return DistributedContext(rank, world, local_rank, device, backend, created, host_group)
 
 

@@ -364,7 +364,8 @@ class Checkpointer:
             if error is not None:
                 raise error
             return
-        ok = torch.tensor([0 if error is not None else 1], dtype=torch.int32)  # host tensor: gloo group
+        # A host tensor over the gloo group; on the default (NCCL) group when there is none.
+        ok = torch.tensor([0 if error is not None else 1], dtype=torch.int32, device=self.ctx.host_device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.host_group)
         if error is not None:
             raise error

@@ -4,7 +4,9 @@ Every optional field defaults to None, meaning "let the policy decide"; an expli
 wins over the policy. The policy itself (pipeline send/receive style from the PP/VPP sizes,
 data-parallel overlap and bucket size when the distributed optimizer is on) is applied by the
 parallelism code when it lands: tensor, pipeline and expert parallelism and the distributed
-optimizer are not supported yet, so today this config only records and checks choices.
+optimizer are not supported yet. What applies today: an explicit `overlap_grad_reduce` or
+`bucket_size` is copied onto `ddp` by `ConfigContainer.validate()` (as Bridge does), and settings
+of the unsupported features are reported.
 
 Difference from Bridge: `tp_comm_overlap` is a required bool there; here it defaults to False
 (tensor-parallel overlap is not supported yet, so True is reported).
@@ -80,6 +82,8 @@ class CommOverlapConfig(ConfigBase):
                 "overlap_param_gather_with_optimizer_step",
                 "overlapping the parameter gather with the optimizer",
             ),
+            ("overlap_param_gather", "the distributed optimizer's parameter gather"),
+            ("align_param_gather", "the distributed optimizer's parameter gather"),
         ):
             if getattr(self, name) is True:
                 p.add(

@@ -65,6 +65,15 @@ def runtime_problems(cfg: ConfigContainer) -> list[Problem]:
                 fix="remove model.virtual_pipeline_model_parallel_size",
             )
         )
+    if getattr(cfg.dataset, "trust_remote_code", None) is not None:
+        problems.append(
+            Problem(
+                "dataset.trust_remote_code",
+                "applies to Hugging Face datasets, which are not supported yet",
+                cfg.dataset.trust_remote_code,
+                fix="remove dataset.trust_remote_code",
+            )
+        )
     if cfg.peft is not None:
         problems.append(
             Problem(

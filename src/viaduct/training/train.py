@@ -163,6 +163,22 @@ def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[fl
                 del recent[:-100]
 
 
+def _check_large_grads(step: int, norm: float, recent: list[float]) -> None:
+    """Warn when the gradient norm jumps above 10 × the largest of the last 100 (ddp.check_for_large_grads)."""
+    if len(recent) >= 10 and norm > 10 * max(recent):
+        log.warning(
+            "unexpectedly large gradients at iteration %d: grad norm %.4g is over 10 × the largest of the "
+            "last %d steps (%.4g)",
+            step,
+            norm,
+            len(recent),
+            max(recent),
+        )
+    if math.isfinite(norm):
+        recent.append(norm)
+        del recent[:-100]
+
+
 def _weights_match_across_ranks(module: nn.Module, group: Any = None) -> bool:
     """All data-parallel replicas hold bitwise-identical weights (one checksum per parameter)."""
     with torch.no_grad():
@@ -181,9 +197,9 @@ def _decide_exit(state: GlobalState) -> tuple[bool, bool]:
     over = t.exit_duration_in_mins is not None and minutes > t.exit_duration_in_mins
     ctx = state.dist
     if ctx is not None and ctx.distributed and (handler is not None or t.exit_duration_in_mins is not None):
-        flags = torch.tensor([float(signal), float(over)])
+        flags = torch.tensor([float(signal), float(over)], device=ctx.host_device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.host_group)
-        signal, over = bool(flags[0]), bool(flags[1])
+        signal, over = bool(flags[0]), bool(flags[1])  # a device sync without the gloo group
     return signal, over
 
 
@@ -205,6 +221,7 @@ def train(state: GlobalState, tc: TrainContext) -> None:
 
     pending: list[_Pending] = []
     recent_losses: list[float] = []
+    recent_norms: list[float] = []
     interval_start, interval_steps, interval_samples = time.time(), 0, 0
     last_saved_step = ts.step if ts.step > 0 else None
     first_step = True
@@ -242,6 +259,8 @@ def train(state: GlobalState, tc: TrainContext) -> None:
             skipped = not result.updated
             if result.updated:
                 scheduler.step(increment=gbs)
+            if cfg.ddp.check_for_large_grads and result.grad_norm is not None:
+                _check_large_grads(step, float(result.grad_norm), recent_norms)  # opt-in host sync
 
         ts.step = step
         ts.consumed_train_samples += gbs

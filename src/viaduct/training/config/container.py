@@ -6,7 +6,8 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
 
 1. reset every value derived by a previous validate() (so it is idempotent and follows edits);
 2. check every field's type and every "not supported yet" setting;
-3. resolve and apply the mixed-precision recipe to model / optimizer / ddp;
+3. resolve and apply the mixed-precision recipe to model / optimizer / ddp, and comm_overlap's
+   explicit data-parallel choices (overlap_grad_reduce, bucket_size) to ddp;
 4. data-parallel size from the world size and TP·PP·CP;
 5. one owner for the sequence length (model.seq_length <-> dataset.seq_length);
 6. each component's finalize(): dataset, ddp, optimizer, model, logger, train, scheduler,
@@ -143,6 +144,8 @@ class ConfigContainer(ConfigBase):
 
         if "mixed_precision" not in broken and not {"model", "optimizer", "ddp"} & broken:
             problems += self._apply_mixed_precision()
+        if self.comm_overlap is not None and not {"comm_overlap", "ddp"} & broken:
+            self._apply_comm_overlap()
         world = self._world_size(world_size)
         self._derive("world_size", world, "validate(world_size)")
         if "model" not in broken:
@@ -191,6 +194,21 @@ class ConfigContainer(ConfigBase):
         for note in apply_mixed_precision(mp, self.model, self.optimizer, self.ddp, label=label):
             warn(note)
         return []
+
+    def _apply_comm_overlap(self) -> None:
+        """Explicit data-parallel overlap choices of comm_overlap land on ddp (Bridge's behaviour)."""
+        co = self.comm_overlap
+        for name in ("overlap_grad_reduce", "bucket_size"):
+            value = getattr(co, name)
+            if value is None or getattr(self.ddp, name) == value:
+                continue
+            source = self.ddp.source_of(name)
+            if is_user_set(source):
+                warn(
+                    f"ddp.{name}={getattr(self.ddp, name)!r} (from {source}) is overridden by "
+                    f"comm_overlap.{name}={value!r}"
+                )
+            self.ddp._derive(name, value, f"comm_overlap.{name}")
 
     @staticmethod
     def _world_size(world_size: int | None) -> int:
