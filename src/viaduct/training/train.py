@@ -164,7 +164,7 @@ def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[fl
 
 
 def _check_large_grads(step: int, norm: float, recent: list[float]) -> None:
-    """Warn when the gradient norm jumps above 10 × the largest of the last 100 (ddp.check_for_large_grads)."""
+    """Warn when the grad norm jumps over 10 × the largest of the last 100 (ddp.check_for_large_grads)."""
     if len(recent) >= 10 and norm > 10 * max(recent):
         log.warning(
             "unexpectedly large gradients at iteration %d: grad norm %.4g is over 10 × the largest of the "
