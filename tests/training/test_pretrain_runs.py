@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from viaduct.testing import tiny_pretrain_config
+from viaduct.testing import free_port, tiny_pretrain_config
 from viaduct.training.pretrain import pretrain
 
 
@@ -142,3 +142,101 @@ def _tiny_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     tiny_pretrain_config().to_yaml(path)
     return path
+
+
+def _losses(cfg) -> list[float]:
+    from viaduct.training.callbacks import Callback
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_step_end(self, ctx) -> None:
+            self.values.append(float(ctx.metrics["losses"]["lm loss"]))
+
+    rec = Losses()
+    pretrain(cfg, callbacks=[rec])
+    return rec.values
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
+    """6 steps straight equal 3 steps, a restart from the checkpoint, and 3 more (fp32, CPU)."""
+    common = ("train.train_iters=6", "train.eval_iters=0", "dataset.num_workers=0")
+    straight = _losses(tiny_pretrain_config(*common))
+    save = tmp_path / "ckpt"
+    first = _losses(tiny_pretrain_config(*common, "train.exit_interval=3", f"checkpoint.save={save}"))
+    second = _losses(tiny_pretrain_config(*common, f"checkpoint.save={save}", f"checkpoint.load={save}"))
+    assert len(first) == 3 and len(second) == 3
+    assert first + second == straight  # bitwise: same data position, RNG, optimizer and schedule
+
+
+def test_finetune_starts_from_pretrained_weights_at_step_0(tmp_path):
+    from viaduct.training.pretrain import finetune
+
+    save = tmp_path / "base"
+    base = _losses(
+        tiny_pretrain_config("train.train_iters=20", "optimizer.lr=3e-3", f"checkpoint.save={save}")
+    )
+    tuned = _losses(
+        tiny_pretrain_config(
+            "train.train_iters=2", "train.eval_iters=0", f"checkpoint.pretrained_checkpoint={save}"
+        )
+    )
+    fresh = _losses(tiny_pretrain_config("train.train_iters=2", "train.eval_iters=0"))
+    assert len(tuned) == 2  # counted from step 0
+    assert tuned[0] < fresh[0] - 0.5 and tuned[0] <= base[0]
+    with pytest.raises(ValueError, match="pretrained_checkpoint"):
+        finetune(tiny_pretrain_config(f"checkpoint.pretrained_checkpoint={tmp_path / 'missing'}"))
+
+
+def test_profiler_and_progress_file_through_pretrain(tmp_path):
+    save = tmp_path / "ckpt"
+    cfg = tiny_pretrain_config(
+        "train.train_iters=4",
+        f"checkpoint.save={save}",
+        "logger.log_progress=true",
+        f"logger.tensorboard_dir={tmp_path / 'tb'}",
+        "+profiling.use_pytorch_profiler=true",
+        "profiling.profile_step_start=2",
+        "profiling.profile_step_end=3",
+        "logger.timing_log_level=1",
+        "logger.log_timers_to_tensorboard=true",
+    )
+    pretrain(cfg)
+    traces = list((tmp_path / "torch_profile").glob("*.pt.trace.json*"))
+    assert len(traces) == 1
+    progress = (save / "progress.txt").read_text()
+    assert "Starting job" in progress and "Saved checkpoint" in progress
+    tags = set(_scalars(tmp_path / "tb"))
+    assert any("forward-backward" in t for t in tags), tags
+
+
+@pytest.mark.distributed
+def test_torchrun_runs_data_parallel(tmp_path):
+    yaml = _tiny_yaml(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "viaduct",
+            "pretrain",
+            "--config-file",
+            str(yaml),
+            "train.train_iters=2",
+            "train.eval_iters=0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "world size 2" in out and "iteration        2/       2" in out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from viaduct.config.errors import ConfigWarning
 
-    warnings.simplefilter("always", ConfigWarning)
+    # Under torchrun every rank validates the same config: rank 0 alone reports the warnings.
+    rank = os.environ.get("RANK", "0")
+    warnings.simplefilter("always" if rank in ("", "0") else "ignore", ConfigWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
     try:
         return run(argv)

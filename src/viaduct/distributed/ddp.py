@@ -19,6 +19,7 @@ DDP all-reduces gradients in buckets while backward runs. Our communication hook
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -152,11 +153,17 @@ def wrap_data_parallel(
 ) -> DistributedDataParallel:
     """Wrap `model` in DDP over all ranks (pure data parallelism) with viaduct's communication hook."""
     dp_size = ctx.world_size
+    # Buffers are deterministic (rotary tables): no need to sync them before every forward. Newer
+    # torch names the switch forward_sync_buffers (broadcast_buffers is deprecated there).
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {
+        "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False
+    }
     ddp = DistributedDataParallel(
         model,
         device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
         bucket_cap_mb=bucket_cap_mb(model, cfg, dp_size),
-        broadcast_buffers=False,  # buffers are deterministic (rotary tables); nothing to sync
+        **no_buffer_sync,
         # .grad becomes a view into DDP's bucket: no copy back after the reduction.
         gradient_as_bucket_view=True,
     )

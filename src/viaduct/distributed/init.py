@@ -99,10 +99,17 @@ def destroy_distributed(ctx: DistributedContext, *, abort: bool = False) -> None
     """Tear down what `initialize_distributed` created (abort after an error: peers may be gone)."""
     if not ctx.created or not dist.is_initialized():
         return
+    # Drop our handle on the groups: a process group still referenced at interpreter exit has its
+    # gloo threads torn down during finalization, which aborts the process (SIGABRT).
+    ctx.host_group = None
     if abort and hasattr(dist.distributed_c10d, "_abort_process_group"):
         try:
             dist.distributed_c10d._abort_process_group()
             return
         except Exception:  # fall back to the graceful path
             pass
+    if not abort:
+        # Every rank reaches the end before any tears its connections down: a rank that left early
+        # would break a peer still finishing its last collective.
+        dist.barrier(group=ctx.host_group)
     dist.destroy_process_group()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -150,6 +151,8 @@ def _run(
             except Exception:  # keep closing the others; an error already on its way matters more
                 if not failed:
                     raise
+        tc = None  # the DDP wrapper and its hooks hold the process group: free them first
+        gc.collect()
         if state.dist is not None:
             destroy_distributed(state.dist, abort=failed)
     return state
