@@ -21,7 +21,12 @@ from viaduct.data import (
 )
 from viaduct.data.tokenizers import ByteLevelTokenizer, NullTokenizer
 from viaduct.recipes import tiny_gpt_pretrain_config
-from viaduct.training.config import ConfigContainer, GPTDatasetConfig, MockGPTDatasetConfig
+from viaduct.training.config import (
+    ConfigContainer,
+    GPTDatasetConfig,
+    MockGPTDatasetConfig,
+    TokenizerConfig,
+)
 
 S = 64
 
@@ -218,6 +223,8 @@ def test_cyclic_sampler_total_samples_bounds_and_bad_resume():
 
 def tiny(**dataset_fields) -> ConfigContainer:
     cfg = tiny_gpt_pretrain_config()
+    cfg.dataset = MockGPTDatasetConfig(random_seed=1234, num_workers=0)  # the default trains on pydoc
+    cfg.tokenizer = TokenizerConfig(tokenizer_type="ByteLevelTokenizer")
     cfg.model.seq_length = 32
     cfg.train.train_iters = 6
     cfg.train.eval_interval = 3
@@ -312,7 +319,7 @@ def test_split_with_no_samples_gives_no_iterator():
     assert iterators(cfg)[1] is None
 
 
-def test_unsupported_data_settings_raise():
+def test_unsupported_settings_and_missing_data_raise():
     cfg = tiny(num_workers=0)
     cfg.dataset.dataloader_type = "batch"
     with pytest.raises(ConfigError, match="batch is not supported yet") as exc:
@@ -324,7 +331,7 @@ def test_unsupported_data_settings_raise():
     with pytest.raises(ConfigError) as exc:
         iterators(cfg)
     (p,) = exc.value.problems
-    assert p.path == "dataset.data_path" and "indexed datasets" in p.message
+    assert p.path == "dataset.data_path" and "do not exist" in p.message
     cfg.dataset = GPTDatasetConfig(random_seed=1, seq_length=32, num_workers=0)  # names no data: mock
     cfg.validate(world_size=2)
     assert next(iterators(cfg)[0])["tokens"].shape == (8, 32)

@@ -76,6 +76,21 @@ def test_null_tokenizer_megatron_semantics():
         tok.tokenize("3 x")
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
+        TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=300),
+    ],
+)
+def test_uniform_extras(cfg: TokenizerConfig):
+    tok = build_tokenizer(cfg)
+    assert tok.name == cfg.tokenizer_type
+    assert (tok.eos, tok.unk, tok.additional_special_tokens_ids) == (tok.eod, None, [])
+    texts = ["1 2 3", "", "45 6"]
+    assert tok.tokenize_batch(texts) == [tok.tokenize(t) for t in texts]
+
+
 def test_null_tokenizer_explicit_eod_and_pad():
     cfg = TokenizerConfig(
         tokenizer_type="NullTokenizer", vocab_size=50, null_tokenizer_eod_id=0, null_tokenizer_pad_id=1
@@ -109,15 +124,53 @@ def test_null_tokenizer_problems_reported_together():
 
 
 @pytest.mark.parametrize(
-    "kind", ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "TikTokenizer"]
+    ("kind", "needs"),
+    [
+        ("HuggingFaceTokenizer", {"tokenizer.tokenizer_model"}),
+        ("SentencePieceTokenizer", {"tokenizer.tokenizer_model"}),
+        ("GPT2BPETokenizer", {"tokenizer.vocab_file", "tokenizer.merge_file"}),
+        ("TikTokenizer", {"tokenizer.tokenizer_model", "tokenizer.tiktoken_pattern"}),
+    ],
 )
-def test_unsupported_tokenizer_types_raise(kind: str):
+def test_file_tokenizers_name_the_fields_they_need(kind: str, needs: set[str]):
     with pytest.raises(ConfigError) as exc:
-        build_tokenizer(TokenizerConfig(tokenizer_type=kind, tokenizer_model="x"))
+        build_tokenizer(TokenizerConfig(tokenizer_type=kind))
+    assert {p.path for p in exc.value.problems} == needs
+    assert all(p.fix for p in exc.value.problems)
+
+
+def test_unknown_tokenizer_type_raises():
+    with pytest.raises(ConfigError) as exc:
+        build_tokenizer(TokenizerConfig(tokenizer_type="BertWordPieceCase"))  # type: ignore[arg-type]
     p = _problem(exc, "tokenizer.tokenizer_type")
-    assert p.message == f"{kind} is not supported yet"
-    assert p.value == kind
+    assert p.value == "BertWordPieceCase" and "BertWordPieceCase" in p.message
     assert all(name in p.fix for name in supported_tokenizer_types())
+    assert len(supported_tokenizer_types()) == 6
+
+
+def test_fields_of_other_tokenizer_types_are_not_silently_ignored():
+    cfg = TokenizerConfig(
+        tokenizer_type="ByteLevelTokenizer",
+        tokenizer_model="x",
+        tiktoken_pattern="v2",
+        hf_tokenizer_kwargs={"use_fast": True},
+        trust_remote_code=True,
+        chat_template="{{ x }}",
+        null_tokenizer_pad_id=0,
+    )
+    with pytest.raises(ConfigError) as exc:
+        build_tokenizer(cfg)
+    assert {p.path for p in exc.value.problems} == {
+        "tokenizer.tokenizer_model",
+        "tokenizer.tiktoken_pattern",
+        "tokenizer.hf_tokenizer_kwargs",
+        "tokenizer.trust_remote_code",
+        "tokenizer.chat_template",
+        "tokenizer.null_tokenizer_pad_id",
+    }
+    with pytest.raises(ConfigError) as exc:
+        build_tokenizer(TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=10, vocab_file="v.json"))
+    assert "only GPT2BPETokenizer" in _problem(exc, "tokenizer.vocab_file").message
 
 
 def test_missing_tokenizer_type_raises():

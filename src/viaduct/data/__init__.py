@@ -1,10 +1,18 @@
 """Data for training: tokenizers, datasets, resumable samplers and the loaders the loop reads.
 
-Built now: byte-level and null tokenizers, synthetic (mock) GPT data, the "single" and "cyclic"
-samplers. Megatron indexed datasets (.bin/.idx), blends and the file-based tokenizers come later
-and plug into `build_tokenizer` and `build_train_valid_test_datasets`.
+* `indexed`: Megatron's `.bin`/`.idx` format (memory-mapped reader, streaming writer);
+  `preprocess`: JSONL -> indexed dataset (`viaduct data preprocess`);
+* `gpt_dataset`, `blended`, `builder`: Megatron's GPT dataset (documents packed into samples
+  through cached document / sample / shuffle indices), blends and splits; `mock`: synthetic data;
+* `tokenizers`: Hugging Face, SentencePiece, GPT-2 BPE, tiktoken, null and byte-level;
+* `builtin`: the embedded default corpus (Python's documentation) and its BPE tokenizer;
+* `samplers`, `loaders`: resumable samplers and the DataLoaders the loop reads.
 """
 
+from viaduct.data.blended import BlendedDataset
+from viaduct.data.builder import build_gpt_datasets
+from viaduct.data.gpt_dataset import GPTDataset
+from viaduct.data.indexed import IndexedDataset, IndexedDatasetWriter
 from viaduct.data.loaders import (
     build_data_loader,
     build_train_valid_test_data_iterators,
@@ -16,13 +24,18 @@ from viaduct.data.samplers import PretrainingRandomSampler, PretrainingSampler
 from viaduct.data.tokenizers import ByteLevelTokenizer, NullTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
+    "BlendedDataset",
     "ByteLevelTokenizer",
+    "GPTDataset",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
     "MockGPTDataset",
     "NullTokenizer",
     "PretrainingRandomSampler",
     "PretrainingSampler",
     "Tokenizer",
     "build_data_loader",
+    "build_gpt_datasets",
     "build_tokenizer",
     "build_train_valid_test_data_iterators",
     "build_train_valid_test_datasets",

@@ -5,8 +5,8 @@
 `build_train_valid_test_data_iterators` wraps them in DataLoaders whose batch samplers resume at
 the consumed sample counts, so a resumed run sees exactly the batches it would have seen.
 
-Only synthetic data (`MockGPTDataset`) is built for now; Megatron indexed datasets (.bin/.idx),
-blends and splits slot into `build_train_valid_test_datasets` later.
+Synthetic data comes from `MockGPTDataset`; named data (indexed `.bin`/`.idx` prefixes, blends,
+splits, `builtin:` corpora) from `viaduct.data.builder.build_gpt_datasets`.
 """
 
 from __future__ import annotations
@@ -63,16 +63,14 @@ def build_train_valid_test_datasets(
             fix=f"use a mock dataset (dataset._target_: {MockGPTDatasetConfig.target()})",
         )
         raise ConfigError(p.items)
-    if not isinstance(ds, MockGPTDatasetConfig):
-        for name in ("data_path", "blend", "blend_per_split"):
-            if getattr(ds, name) is not None:
-                p.add(
-                    f"dataset.{name}",
-                    "indexed datasets (.bin/.idx) are not supported yet",
-                    getattr(ds, name),
-                    fix=f"remove dataset.{name} to train on synthetic tokens",
-                )
-        p.raise_if_any()
+    if not isinstance(ds, MockGPTDatasetConfig) and any(
+        getattr(ds, name) is not None for name in ("data_path", "blend", "blend_per_split")
+    ):
+        # Megatron indexed datasets (.bin/.idx): splits, blends, cached indices. In a distributed
+        # run, call this on global rank 0 first, then barrier, then on the other ranks (cache hits).
+        from viaduct.data.builder import build_gpt_datasets
+
+        return build_gpt_datasets(cfg, tokenizer, sample_counts)
     seq_length = ds.seq_length if ds.seq_length is not None else cfg.model.seq_length
     # split_matrix is derived by validate(); a split given 0 weight there gets no dataset.
     matrix = ds.split_matrix if ds.split_matrix is not None else [(0.0, 1.0)] * len(SPLITS)

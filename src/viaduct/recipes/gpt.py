@@ -9,8 +9,8 @@ from viaduct.recipes.registry import recipe
 from viaduct.training.config import (
     CheckpointConfig,
     ConfigContainer,
+    GPTDatasetConfig,
     LoggerConfig,
-    MockGPTDatasetConfig,
     OptimizerConfig,
     SchedulerConfig,
     TokenizerConfig,
@@ -19,7 +19,7 @@ from viaduct.training.config import (
 
 
 def tiny_gpt_model(seq_length: int = 256) -> GPTModelProvider:
-    """A 4-layer, 256-wide Llama-style GPT (about 3M parameters with a byte-level vocabulary)."""
+    """A 4-layer, 256-wide Llama-style GPT (about 4M parameters with the 4,096-token built-in vocabulary)."""
     return llama_model(
         num_layers=4,
         hidden_size=256,
@@ -44,10 +44,11 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
         scheduler=SchedulerConfig(
             lr_decay_style="cosine", lr_warmup_fraction=0.1, start_weight_decay=0.1, end_weight_decay=0.1
         ),
-        # Synthetic tokens until the bundled corpus (Python's own documentation) is wired in.
-        dataset=MockGPTDatasetConfig(random_seed=1234, seq_length=None, num_workers=0),
+        # Python's own documentation (pydoc_data), with a BPE tokenizer trained on it: both built on
+        # first use and cached (viaduct.data.builtin); nothing is downloaded.
+        dataset=GPTDatasetConfig(data_path="builtin:pydoc", split="90,5,5", random_seed=1234, num_workers=0),
         logger=LoggerConfig(log_interval=10, log_throughput=True),
-        tokenizer=TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="builtin:pydoc-bpe"),
         checkpoint=CheckpointConfig(),
     )
 

@@ -164,7 +164,11 @@ def _setup(
     callbacks: CallbackManager,
     resources: list,
 ) -> Any:
-    from viaduct.data.loaders import build_train_valid_test_data_iterators, get_sample_counts
+    from viaduct.data.loaders import (
+        build_train_valid_test_data_iterators,
+        build_train_valid_test_datasets,
+        get_sample_counts,
+    )
     from viaduct.data.tokenizers import build_tokenizer
     from viaduct.distributed.ddp import wrap_data_parallel
     from viaduct.models.accounting import flops_per_token, peak_flops
@@ -201,7 +205,8 @@ def _setup(
     )
 
     # Tokenizer first: an unset model vocabulary follows it.
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    # Rank 0 builds what gets cached on disk (built-in tokenizer, dataset indices) before the others.
+    tokenizer = _rank0_first(ctx, lambda: build_tokenizer(cfg.tokenizer))
     state.tokenizer = tokenizer
     _sync_vocab(cfg, tokenizer)
 
@@ -228,6 +233,11 @@ def _setup(
     dp = cfg.data_parallel_size or 1
     ts = state.train_state
     train_samples, valid_samples, test_samples = get_sample_counts(cfg)
+    if ctx.distributed:
+        counts = (train_samples, valid_samples, test_samples)
+        _rank0_first(
+            ctx, lambda: build_train_valid_test_datasets(cfg, tokenizer, counts) if ctx.rank == 0 else None
+        )
     train_it, valid_it, test_it = build_train_valid_test_data_iterators(
         cfg,
         tokenizer,
@@ -295,6 +305,17 @@ def _setup(
         f"per step; setup took {time.time() - t0:.1f} s"
     )
     return tc
+
+
+def _rank0_first(ctx: Any, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0, then on the other ranks (which then find rank 0's cached files)."""
+    if not ctx.distributed:
+        return fn()
+    import torch.distributed as dist
+
+    result = fn() if ctx.rank == 0 else None
+    dist.barrier(group=ctx.host_group)
+    return result if ctx.rank == 0 else fn()
 
 
 def _sync_vocab(cfg: ConfigContainer, tokenizer: Any) -> None:

@@ -1,19 +1,33 @@
 """Tokenizers behind one small surface, built from `TokenizerConfig` by `build_tokenizer(cfg)`.
 
-Every tokenizer has `vocab_size`, `eod` (end-of-document id), `pad` and `bos` (None when it has none),
-`tokenize(text) -> ids` and `detokenize(ids) -> text`. Built now: `ByteLevelTokenizer` and Megatron's
-`NullTokenizer`. The Hugging Face, SentencePiece, GPT-2 BPE and TikToken tokenizers slot in later as
-entries of `_BUILDERS`; until then asking for them is a `ConfigError`, never a silent fallback.
+Every tokenizer has `vocab_size` (added and special tokens included), `eod` (end-of-document id),
+`pad` and `bos` (None when it has none), `tokenize(text) -> ids` and `detokenize(ids) -> text`; the
+built-in ones also have `name` (their tokenizer_type), `eos`, `unk` and
+`additional_special_tokens_ids` (the `vocab_extra_ids` sentinels) and `tokenize_batch(texts)`.
+`tokenize` appends no eod; only a Hugging Face post-processor adds tokens (as in Megatron).
+
+Types: `HuggingFaceTokenizer` (local tokenizer.json), `SentencePieceTokenizer` (.model),
+`GPT2BPETokenizer` (vocab.json + merges.txt), `TikTokenizer` (.tiktoken), Megatron's
+`NullTokenizer` and the file-free `ByteLevelTokenizer`. Every option a type cannot honour is a
+`ConfigError`, never silently ignored. `detokenize` follows Megatron per type: Hugging Face, GPT-2
+and tiktoken write special tokens as text, SentencePiece and byte-level drop them.
 """
 
 from __future__ import annotations
+
+import copy
 
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from viaduct.config import ConfigError, Problems
+from viaduct.data.tokenizers._common import check_unused_fields
 from viaduct.data.tokenizers.byte_level import ByteLevelTokenizer
+from viaduct.data.tokenizers.gpt2_bpe import GPT2BPETokenizer, build_gpt2_bpe
+from viaduct.data.tokenizers.huggingface import HuggingFaceTokenizer, build_huggingface
 from viaduct.data.tokenizers.null import NullTokenizer
+from viaduct.data.tokenizers.sentencepiece import SentencePieceTokenizer, build_sentencepiece
+from viaduct.data.tokenizers.tiktoken import TikTokenizer, build_tiktoken
 
 if TYPE_CHECKING:
     from viaduct.training.config.tokenizer import TokenizerConfig
@@ -35,9 +49,9 @@ class Tokenizer(Protocol):
 
 def _build_byte_level(cfg: TokenizerConfig) -> Tokenizer:
     p = Problems()
+    check_unused_fields(p, cfg)
     _no_special_tokens(p, cfg)
-    if cfg.vocab_extra_ids < 0:
-        p.add("tokenizer.vocab_extra_ids", "must be >= 0", cfg.vocab_extra_ids, fix="set it to 0 or more")
+    if cfg.vocab_extra_ids < 0:  # check_unused_fields reported it; the size below needs it valid
         p.raise_if_any()
     tok = ByteLevelTokenizer(vocab_extra_ids=cfg.vocab_extra_ids)
     # Its vocabulary is fixed: a different vocab_size would be silently ignored, so say so.
@@ -55,6 +69,7 @@ def _build_byte_level(cfg: TokenizerConfig) -> Tokenizer:
 
 def _build_null(cfg: TokenizerConfig) -> Tokenizer:
     p = Problems()
+    check_unused_fields(p, cfg)
     _no_special_tokens(p, cfg)
     if cfg.vocab_extra_ids:
         p.add(
@@ -105,14 +120,18 @@ def _no_special_tokens(p: Problems, cfg: TokenizerConfig) -> None:
             "tokenizer.special_tokens",
             f"{cfg.tokenizer_type} cannot add special tokens",
             cfg.special_tokens,
-            fix="remove tokenizer.special_tokens (they apply to tokenizers that are not supported yet)",
+            fix="remove tokenizer.special_tokens (they apply to tokenizers read from files)",
         )
 
 
-# tokenizer_type -> builder. Later tokenizers register here; the Protocol above is all they must meet.
+# tokenizer_type -> builder. New tokenizers register here; the Protocol above is all they must meet.
 _BUILDERS: dict[str, Callable[[TokenizerConfig], Tokenizer]] = {
-    "ByteLevelTokenizer": _build_byte_level,
+    "HuggingFaceTokenizer": build_huggingface,
+    "SentencePieceTokenizer": build_sentencepiece,
+    "GPT2BPETokenizer": build_gpt2_bpe,
+    "TikTokenizer": build_tiktoken,
     "NullTokenizer": _build_null,
+    "ByteLevelTokenizer": _build_byte_level,
 }
 
 
@@ -126,21 +145,32 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     kind = cfg.tokenizer_type
     builder = _BUILDERS.get(kind) if kind is not None else None
     if builder is not None:
+        from viaduct.data import builtin
+
+        if builtin.is_builtin(cfg.tokenizer_model):
+            # A tokenizer viaduct builds itself (builtin:pydoc-bpe): made on first use, then cached.
+            cfg = copy.deepcopy(cfg)
+            cfg.tokenizer_model = builtin.resolve_tokenizer(cfg.tokenizer_model)
         return builder(cfg)
-    supported = " or ".join(_BUILDERS)
+    supported = ", ".join(_BUILDERS)
     p = Problems()
     p.add(
         "tokenizer.tokenizer_type",
-        "must be set" if kind is None else f"{kind} is not supported yet",
+        "must be set" if kind is None else f"{kind} is not a tokenizer type viaduct builds",
         kind,
-        fix=f"set tokenizer.tokenizer_type to {supported} (NullTokenizer also needs tokenizer.vocab_size)",
+        fix=f"set tokenizer.tokenizer_type to one of {supported} "
+        "(NullTokenizer also needs tokenizer.vocab_size)",
     )
     raise ConfigError(p.items)
 
 
 __all__ = [
     "ByteLevelTokenizer",
+    "GPT2BPETokenizer",
+    "HuggingFaceTokenizer",
     "NullTokenizer",
+    "SentencePieceTokenizer",
+    "TikTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "supported_tokenizer_types",

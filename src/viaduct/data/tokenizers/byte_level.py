@@ -14,10 +14,14 @@ NUM_BYTES = 256
 class ByteLevelTokenizer:
     """UTF-8 bytes as token ids 0..255, plus eod, pad, bos and optional sentinel ids after them."""
 
+    name = "ByteLevelTokenizer"
+
     def __init__(self, vocab_extra_ids: int = 0) -> None:
         if vocab_extra_ids < 0:
             raise ValueError(f"vocab_extra_ids must be >= 0, got {vocab_extra_ids}")
         self.eod: int = NUM_BYTES
+        self.eos: int = NUM_BYTES
+        self.unk: int | None = None  # every text is bytes: nothing is unknown
         self.pad: int | None = NUM_BYTES + 1
         self.bos: int | None = NUM_BYTES + 2
         first_extra = NUM_BYTES + 3
@@ -28,6 +32,10 @@ class ByteLevelTokenizer:
     def tokenize(self, text: str) -> list[int]:
         """The UTF-8 bytes of `text` (no special ids are added)."""
         return list(text.encode("utf-8"))
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`tokenize` of each text."""
+        return [list(t.encode("utf-8")) for t in texts]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of the byte ids; special ids are dropped, invalid UTF-8 becomes U+FFFD."""

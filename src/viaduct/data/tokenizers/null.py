@@ -11,6 +11,8 @@ from collections.abc import Sequence
 class NullTokenizer:
     """Token ids in, token ids out; `vocab_size` given, eod defaults to the last id, no bos."""
 
+    name = "NullTokenizer"
+
     def __init__(self, vocab_size: int, eod_id: int | None = None, pad_id: int = -1) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
@@ -21,6 +23,9 @@ class NullTokenizer:
             raise ValueError(f"pad id {pad_id} is outside the vocabulary [0, {vocab_size}) (-1 means none)")
         self.vocab_size: int = vocab_size
         self.eod: int = eod
+        self.eos: int = eod
+        self.unk: int | None = None
+        self.additional_special_tokens_ids: list[int] = []
         self.pad: int | None = None if pad_id == -1 else pad_id
         self.bos: int | None = None
 
@@ -36,6 +41,10 @@ class NullTokenizer:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
             ids.append(i)
         return ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`tokenize` of each text."""
+        return [self.tokenize(t) for t in texts]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """[3, 1, 4] -> "3 1 4" (special ids included, as in Megatron)."""

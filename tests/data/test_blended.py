@@ -1,0 +1,215 @@
+"""Blends, splits and the dataset builder: weights, data_path / blend / blend_per_split, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from viaduct.config import ConfigError
+from viaduct.data import build_train_valid_test_datasets
+from viaduct.data.blended import BlendedDataset, blend_counts, blending_indices
+from viaduct.data.builder import build_gpt_datasets
+from viaduct.data.gpt_dataset import GPTDataset
+from viaduct.data.indexed import IndexedDatasetWriter
+from viaduct.data.tokenizers import NullTokenizer
+from viaduct.recipes import tiny_gpt_pretrain_config
+from viaduct.training.config import GPTDatasetConfig
+
+VOCAB = 1000
+EOD = VOCAB - 1
+S = 16
+
+
+def write_prefix(path: Path, docs: int, lo: int, hi: int, seed: int = 0) -> str:
+    """`docs` documents of tokens drawn from [lo, hi), each ending with EOD."""
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(str(path), np.uint16) as w:
+        for _ in range(docs):
+            toks = rng.integers(lo, hi, size=int(rng.integers(2, 40))).astype(np.uint16)
+            toks[-1] = EOD
+            w.add_document(toks)
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Two prefixes told apart by their token ranges: a in [0, 400), b in [400, 800)."""
+    return write_prefix(tmp_path / "a", 300, 0, 400), write_prefix(tmp_path / "b", 200, 400, 800, seed=1)
+
+
+def cfg_with(**dataset):
+    cfg = tiny_gpt_pretrain_config()
+    cfg.model.seq_length = S
+    dataset.setdefault("random_seed", 1234)
+    cfg.dataset = GPTDatasetConfig(seq_length=S, num_workers=0, **dataset)
+    return cfg
+
+
+def source(sample) -> str:
+    real = sample["tokens"][sample["tokens"] != EOD]
+    assert torch.all(real < 400) or torch.all(real >= 400), "a sample mixes two prefixes"
+    return "a" if torch.all(real < 400) else "b"
+
+
+# ----------------------------------------------------------------------------------- blend order
+
+
+def test_blend_tracks_the_weights_on_every_prefix():
+    weights = [0.2, 0.3, 0.5]
+    ids, ranks = blending_indices(weights, 10_000)
+    seen = np.cumsum(np.eye(3, dtype=np.int64)[ids], axis=0)  # [n, dataset] counts after n samples
+    n = np.arange(1, 10_001)[:, None]
+    assert np.abs(seen - n * np.array(weights)).max() <= 1.5
+    for d in range(3):  # each component is read in order 0, 1, 2, ...
+        assert np.array_equal(ranks[ids == d], np.arange((ids == d).sum()))
+    again = blending_indices([2, 3, 5], 10_000)  # unnormalised weights, same blend
+    assert np.array_equal(again[0], ids) and np.array_equal(again[1], ranks)
+    assert blend_counts([0.0, 1.0], 7).tolist() == [0, 7]
+
+
+def test_blended_dataset_caches_and_checks_component_sizes(tmp_path, data):
+    from viaduct.data.indexed import IndexedDataset
+
+    parts = [
+        GPTDataset(
+            IndexedDataset(p),
+            np.arange(100),
+            400,
+            S,
+            GPTDatasetConfig(random_seed=1),
+            NullTokenizer(VOCAB),
+            "train",
+        )
+        for p in data
+    ]
+    first = BlendedDataset(parts, [0.25, 0.75], 500, 1, tmp_path / "blend")
+    again = BlendedDataset(parts, [0.25, 0.75], 500, 1, tmp_path / "blend")
+    assert first.built_anew and not again.built_anew
+    assert np.array_equal(first.dataset_index, again.dataset_index)
+    assert [source(first[i]) for i in range(8)] == ["a" if d == 0 else "b" for d in first.dataset_index[:8]]
+    with pytest.raises(ValueError, match="runs short"):
+        BlendedDataset(parts, [0.25, 0.75], 10 * len(parts[1]), 1)
+
+
+# ---------------------------------------------------------------------------------------- builder
+
+
+def test_data_path_weights_are_honoured(data):
+    a, b = data
+    cfg = cfg_with(data_path=f"0.3 {a} 0.7 {b}", split="1,0,0")
+    train, valid, test = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10_000, 0, 0))
+    assert isinstance(train, BlendedDataset) and valid is None and test is None
+    assert len(train) == 10_000
+    share_b = float(np.mean(train.dataset_index == 1))
+    assert abs(share_b - 0.7) < 0.02
+    picks = [source(train[i]) for i in range(0, 10_000, 97)]
+    expect = ["a" if train.dataset_index[i] == 0 else "b" for i in range(0, 10_000, 97)]
+    assert picks == expect
+    # Each component was sized num_samples × weight × (1 + surplus) at least.
+    assert len(train.datasets[1]) >= 10_000 * 0.7 * 1.005
+
+
+def test_unweighted_prefixes_are_weighted_by_size(data):
+    a, b = data
+    cfg = cfg_with(data_path=[a, b], split="1,0,0")
+    train, _, _ = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (2000, 0, 0))
+    tokens = [int(ds.indexed.sequence_lengths.sum()) for ds in train.datasets]
+    assert train.weights[0] == pytest.approx(tokens[0] / sum(tokens), abs=0.01)
+
+
+def test_split_cuts_each_prefix_by_documents(data):
+    a, _ = data
+    cfg = cfg_with(data_path=a, split="8,1,1")
+    parts = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (100, 20, 20))
+    assert all(isinstance(d, GPTDataset) for d in parts)
+    docs = [set(d.documents.tolist()) for d in parts]
+    assert docs[0] == set(range(240)) and docs[1] == set(range(240, 270)) and docs[2] == set(range(270, 300))
+    assert all(set(d.document_index.tolist()) == docs[i] for i, d in enumerate(parts))
+    assert all(len(d) >= n for d, n in zip(parts, (100, 20, 20)))
+    # A split with no samples, or no share, gets no dataset.
+    assert build_gpt_datasets(cfg_with(data_path=a, split="1,1,0"), NullTokenizer(VOCAB), (10, 0, 5))[1:] == (
+        None,
+        None,
+    )
+
+
+def test_blend_per_split_gives_each_split_its_data(data):
+    a, b = data
+    cfg = cfg_with(blend_per_split=[([a, b], [0.5, 0.5]), ([b], None), None])
+    train, valid, test = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (400, 40, 10))
+    assert isinstance(train, BlendedDataset) and isinstance(valid, GPTDataset) and test is None
+    assert {source(valid[i]) for i in range(len(valid))} == {"b"}
+    assert valid.documents.tolist() == list(range(200))  # the whole prefix
+    assert abs(float(np.mean(train.dataset_index == 0)) - 0.5) < 0.02
+
+
+def test_through_the_loader_and_deterministic_with_threads(data):
+    a, b = data
+    cfg = cfg_with(data_path=f"1 {a} 1 {b}", split="98,2,0", num_dataset_builder_threads=4)
+    cfg.validate()
+    train, valid, _ = build_train_valid_test_datasets(cfg, NullTokenizer(VOCAB), (300, 30, 0))
+    cfg.dataset.num_dataset_builder_threads = 1
+    train1, _, _ = build_train_valid_test_datasets(cfg, NullTokenizer(VOCAB), (300, 30, 0))
+    assert isinstance(train, BlendedDataset) and isinstance(valid, BlendedDataset)
+    assert not train1.built_anew  # the same blend: a cache hit
+    assert all(torch.equal(train[i]["tokens"], train1[i]["tokens"]) for i in range(0, 300, 7))
+
+
+def test_missing_prefixes_are_named_with_their_field(tmp_path, data):
+    a, _ = data
+    cfg = cfg_with(data_path=f"0.5 {a} 0.5 {tmp_path / 'nope'}", split="1,0,0")
+    with pytest.raises(ConfigError) as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 0, 0))
+    (p,) = exc.value.problems
+    assert p.path == "dataset.data_path" and str(tmp_path / "nope") in p.message
+    cfg = cfg_with(blend_per_split=[([str(tmp_path / "x")], None), ([str(tmp_path / "y")], None), None])
+    with pytest.raises(ConfigError) as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 10, 0))
+    assert [p.path for p in exc.value.problems] == [
+        "dataset.blend_per_split[0]",
+        "dataset.blend_per_split[1]",
+    ]
+
+
+def test_vocabulary_too_small_for_the_data(data):
+    a, b = data
+    cfg = cfg_with(data_path=[a, b], split="1,0,0")
+    with pytest.raises(ConfigError) as exc:
+        build_gpt_datasets(cfg, NullTokenizer(500), (10, 0, 0))
+    assert [p.path for p in exc.value.problems] == [a + ".bin", b + ".bin"]  # both hold EOD 999
+    p = exc.value.problems[0]
+    assert "999" in p.message and "500" in p.message and "model.vocab_size" in p.message
+    with pytest.raises(ConfigError, match="vocabulary has 900 ids"):
+        build_gpt_datasets(cfg, NullTokenizer(900), (10, 0, 0))  # again: the max comes from the cache
+
+
+def test_per_dataset_sequences_path(tmp_path, data):
+    a, b = data
+    table = tmp_path / "counts.json"
+    table.write_text(json.dumps({a: [300, 300], b: [200, 200]}))
+    cfg = cfg_with(data_path=f"0.5 {a} 0.5 {b}", split="9,1,0", per_dataset_sequences_path=str(table))
+    train, valid, _ = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (100, 10, 0))
+    assert train.datasets[0].documents.tolist() == list(range(270))
+    assert valid.datasets[1].documents.tolist() == list(range(180, 200))
+    hit, _, _ = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (100, 10, 0))
+    assert all(d._indexed is None for d in hit.datasets)  # counts and caches: no index was opened
+    assert torch.equal(hit[5]["tokens"], train[5]["tokens"])
+    table.write_text(json.dumps({a: [300, 300]}))
+    with pytest.raises(ConfigError, match="no entry for prefix") as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (100, 10, 0))
+    assert exc.value.problems[0].path == "dataset.per_dataset_sequences_path"
+    table.write_text(json.dumps({a: [300, 300], b: [150, 150]}))  # wrong: b holds 200
+    with pytest.raises(ConfigError, match="holds 150 sequences, but its index holds 200"):
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (100, 10, 0))
+
+
+def test_a_split_without_documents_is_an_error(data):
+    a, _ = data
+    cfg = cfg_with(data_path=a, split="1000,1,0")  # 300 documents: the validation share rounds to none
+    with pytest.raises(ConfigError, match="gives the validation split no documents") as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 10, 0))
+    assert exc.value.problems[0].path == "dataset.split"
