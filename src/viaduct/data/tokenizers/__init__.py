@@ -16,7 +16,6 @@ and tiktoken write special tokens as text, SentencePiece and byte-level drop the
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
