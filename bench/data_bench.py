@@ -19,6 +19,7 @@ Each benchmark is a function `bench_<what>(args)` registered in BENCHES; add oth
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import os
@@ -149,6 +150,17 @@ class TiktokenBPE:
         return self._enc.decode(list(ids))
 
 
+def write_tiktoken_file(tokenizer_json: Path, out: Path) -> Path:
+    """The trained BPE as a `.tiktoken` file (base64 token bytes, rank), for viaduct's TikTokenizer."""
+    spec = json.loads(tokenizer_json.read_text())
+    specials = {t["content"] for t in spec.get("added_tokens", [])}
+    to_byte = _byte_of_char()
+    vocab = spec["model"]["vocab"]
+    rows = sorted((i, bytes(to_byte[c] for c in tok)) for tok, i in vocab.items() if tok not in specials)
+    out.write_text("".join(f"{base64.b64encode(b).decode()} {rank}\n" for rank, (_, b) in enumerate(rows)))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- preprocess
 
 
@@ -175,6 +187,15 @@ def bench_preprocess(args: argparse.Namespace) -> list[dict]:
         "direct": (None, functools.partial(DirectBPE, str(tok_file))),
         "direct-batch": (None, functools.partial(DirectBPE, str(tok_file), batch=True)),
         "tiktoken": (None, functools.partial(TiktokenBPE, str(tok_file))),
+        # viaduct's own TikTokenizer type on the same merges (ids shifted by its reserved specials).
+        "tiktokenizer": (
+            TokenizerConfig(
+                tokenizer_type="TikTokenizer",
+                tokenizer_model=str(write_tiktoken_file(tok_file, work / "bpe.tiktoken")),
+                tiktoken_pattern="v2",
+            ),
+            None,
+        ),
     }
     first_output: dict[int, Path] = {}
     results = []
@@ -333,6 +354,8 @@ def bench_read(args: argparse.Namespace) -> list[dict]:
     import torch
     from torch.utils.data import DataLoader
 
+    from viaduct.data.loaders import collate_samples
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="viaduct-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     prefix = token_file(work, args.tokens, args.max_doc_tokens)
@@ -344,7 +367,13 @@ def bench_read(args: argparse.Namespace) -> list[dict]:
             for workers in (int(w) for w in args.loader_workers.split(",")):
                 # Sample ids 0, 1, 2, ... cycling: the dataset's shuffle index makes the reads random.
                 cycle = itertools.islice(itertools.cycle(range(len(ds))), 1 << 40)
-                loader = DataLoader(ds, batch_size=args.batch_size, sampler=cycle, num_workers=workers)
+                loader = DataLoader(
+                    ds,
+                    batch_size=args.batch_size,
+                    sampler=cycle,
+                    num_workers=workers,
+                    collate_fn=collate_samples,
+                )
                 it = iter(loader)
                 next(it)  # start the workers and fault in the index pages
                 samples, t0 = 0, time.perf_counter()
@@ -391,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--tokenizer",
         default="hf,direct,direct-batch,tiktoken",
-        help="comma-separated: hf, direct, direct-batch, tiktoken",
+        help="comma-separated: hf, direct, direct-batch, tiktoken, tiktokenizer",
     )
     rd = p.add_argument_group("read / index")
     rd.add_argument("--tokens", type=int, default=100_000_000, help="tokens in the generated indexed dataset")

@@ -240,3 +240,21 @@ def test_torchrun_runs_data_parallel(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "world size 2" in out and "iteration        2/       2" in out
+
+
+def test_resume_on_the_builtin_corpus_continues_exactly(tmp_path):
+    """The same on real packed documents (the pydoc corpus): the data position resumes exactly."""
+    common = (
+        "train.train_iters=6",
+        "train.eval_iters=0",
+        "dataset._target_=viaduct.training.config.GPTDatasetConfig",
+        "dataset.data_path=builtin:pydoc",
+        "dataset.split=90,5,5",
+        "tokenizer.tokenizer_type=HuggingFaceTokenizer",
+        "tokenizer.tokenizer_model=builtin:pydoc-bpe",
+    )
+    straight = _losses(tiny_pretrain_config(*common))
+    save = tmp_path / "ckpt"
+    first = _losses(tiny_pretrain_config(*common, "train.exit_interval=3", f"checkpoint.save={save}"))
+    second = _losses(tiny_pretrain_config(*common, f"checkpoint.save={save}", f"checkpoint.load={save}"))
+    assert first + second == straight

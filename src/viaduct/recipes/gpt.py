@@ -38,7 +38,7 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
     return ConfigContainer(
         model=tiny_gpt_model(seq_length),
         train=TrainingConfig(
-            train_iters=300, global_batch_size=16, micro_batch_size=8, eval_interval=100, eval_iters=5
+            train_iters=200, global_batch_size=16, micro_batch_size=8, eval_interval=50, eval_iters=5
         ),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0),
         scheduler=SchedulerConfig(
