@@ -18,7 +18,7 @@ def test_show_default_with_provenance():
     r = viaduct("config", "show", "--provenance")
     assert r.returncode == 0, r.stderr
     assert "num_layers: 4  # python viaduct/recipes/llama.py:" in r.stdout
-    assert "train_iters: 300  # python viaduct/recipes/gpt.py:" in r.stdout
+    assert "train_iters: 200  # python viaduct/recipes/gpt.py:" in r.stdout
 
 
 def test_show_applies_file_then_flags_then_overrides(tmp_path):

@@ -14,7 +14,7 @@ def test_validate_derives_topology_and_schedule():
     cfg = tiny().validate(world_size=2)
     assert cfg.world_size == 2 and cfg.data_parallel_size == 2
     assert cfg.num_microbatches == 16 // (8 * 2)
-    assert cfg.scheduler.lr_decay_steps == 300 * 16 and cfg.scheduler.lr_warmup_steps == 30 * 16
+    assert cfg.scheduler.lr_decay_steps == 200 * 16 and cfg.scheduler.lr_warmup_steps == 20 * 16  # 10% warmup
 
 
 def test_validate_is_idempotent_and_follows_edits():

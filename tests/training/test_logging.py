@@ -128,7 +128,7 @@ def test_console_line_formats_and_averages_over_non_skipped_steps(capsys):
     (line,) = train_lines(capsys.readouterr().out)
 
     assert re.match(r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration ", line)
-    assert " iteration        4/     300 |" in line
+    assert " iteration        4/     200 |" in line
     assert " consumed samples:           64 |" in line
     assert " elapsed time per iteration (ms): 250.0 |" in line
     # 4e12 FLOPs in 1 s on 1 GPU = 4.0 TFLOP/s; 400% of a 1e12 peak; 16384 tokens/s.
@@ -588,7 +588,7 @@ def test_write_config_file(tmp_path):
     cfg = make_cfg(save_config_filepath=str(path))
     assert write_config_file(cfg, rank=1) is None and not path.exists()
     assert write_config_file(cfg, rank=0) == str(path)
-    assert "train_iters: 300" in path.read_text()
+    assert "train_iters: 200" in path.read_text()
 
 
 # ---------------------------------------------------------------------------------------- progress.txt
