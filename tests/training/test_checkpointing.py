@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from viaduct.config import ConfigError
 from viaduct.distributed.init import DistributedContext
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import tiny_gpt_pretrain_config
@@ -335,12 +334,6 @@ def test_leftover_tmp_dirs_are_ignored_and_cleaned_up(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- safety
-
-
-def test_async_save_is_refused_at_construction() -> None:
-    cfg = make_cfg(save="/tmp/unused-viaduct-ckpt", async_save=True)
-    with pytest.raises(ConfigError, match="checkpoint.async_save: async save is not supported yet"):
-        Checkpointer(cfg, ctx1())
 
 
 def test_unreadable_or_unsafe_files_give_clear_errors(tmp_path: Path) -> None:

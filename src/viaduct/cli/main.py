@@ -8,6 +8,7 @@
     viaduct pretrain        [--recipe NAME | --config-file F] [overrides...]   (also under torchrun)
     viaduct finetune        [--recipe NAME | --config-file F] [overrides...]
     viaduct data preprocess --input F.jsonl --json-keys text --tokenizer-type T ... --output-prefix P
+    viaduct checkpoint inspect PATH [--json]
 
 Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
 flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2.
@@ -74,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         run_p = sub.add_parser(name, help=text, description=text)
         _add_source_args(run_p)
+    from viaduct.cli.checkpoint import add_checkpoint_parser
     from viaduct.cli.data import add_data_parser
 
     add_data_parser(sub)
+    add_checkpoint_parser(sub)
     return parser
 
 
@@ -193,12 +196,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command in ("pretrain", "finetune"):
         return _train(args.command, args, extra)
-    if args.command == "data":
+    if args.command in ("data", "checkpoint"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        from viaduct.cli.data import run_data
+        if args.command == "data":
+            from viaduct.cli.data import run_data
 
-        return run_data(args)
+            return run_data(args)
+        from viaduct.cli.checkpoint import run_checkpoint
+
+        return run_checkpoint(args)
     if args.command != "config":
         parser.error(f"unknown command {args.command}")
     if args.action in ("diff", "schema", "recipes") and extra:

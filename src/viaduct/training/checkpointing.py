@@ -15,6 +15,11 @@ renames it to its final name and then replaces the tracker atomically. A directo
 therefore always complete, and loading never looks at anything else. Every file is read back with
 ``torch.load(weights_only=True)``: a checkpoint can never run code.
 
+Async saves (``checkpoint.async_save``): `save()` stages the model and optimizer tensors in reused CPU
+buffers (pinned for GPU tensors) and snapshots the rest, which is all the training loop waits for; a
+background thread then writes the files and does the same crash-safe finish, agreeing on success over
+a gloo group of its own. The next `save()` and `finalize()` wait for it and raise its error.
+
 Which checkpoint is loaded (spec §8.3): ``checkpoint.load`` (its tracker, or ``ckpt_step``; or the
 directory itself when it is one checkpoint) for a full resume, or weights only with ``finetune``; when
 ``load`` holds nothing, ``pretrained_checkpoint`` (weights only); otherwise nothing.
@@ -34,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint import layout as L
+from viaduct.training.checkpoint.async_writer import AsyncWriter, StagingBuffers, snapshot
 from viaduct.training.checkpoint.errors import CheckpointError, checkpoint_problem
 from viaduct.training.checkpoint.flat import model_tensors, nbytes, optimizer_tensors
 from viaduct.training.checkpoint.resolve import resolve
@@ -73,19 +80,15 @@ _TOKENIZER_FILES = (
 )
 
 
+# DCP raises CheckpointException, a BaseException subclass that `except Exception` would let through
+# as a raw traceback (a truncated shard, a missing file on another rank).
+_READ_ERRORS: tuple[type[BaseException], ...] = (Exception, CheckpointException)
+
+
 def unsupported_problems(cfg: ConfigContainer) -> list[Problem]:
     """Checkpoint settings that validate() accepts but this version cannot honour yet."""
-    problems = []
-    if cfg.checkpoint.async_save:
-        problems.append(
-            Problem(
-                "checkpoint.async_save",
-                "async save is not supported yet",
-                True,
-                fix="set checkpoint.async_save to false (checkpoints are written synchronously)",
-            )
-        )
-    return problems
+    del cfg  # every validated setting is supported (async_save since the background writer)
+    return []
 
 
 class Checkpointer:
@@ -101,13 +104,30 @@ class Checkpointer:
         self.last_load: LoadReport | None = None
         self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
         self._storages: dict[str, TensorStorage] = {}
+        # Async saves: CPU staging buffers, the background writer, and its own gloo group. Collectives
+        # of one group must not interleave between threads, and the training loop keeps using the
+        # host group, so the writer thread gets a group of its own (created here: on every rank, at
+        # the same point, as group creation requires).
+        self._writer: AsyncWriter | None = None
+        self._staging = StagingBuffers()
+        self._async_group: Any = None
+        self._async_storages: dict[str, TensorStorage] = {}
+        if self.ccfg.async_save:
+            self._writer = AsyncWriter()
+            if self._distributed:
+                self._async_group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------------------------------ save
 
     def save(
         self, step: int, *, model: nn.Module, optimizer: Any, scheduler: Any, train_state: TrainState
     ) -> str:
-        """Write the checkpoint of `step` under `checkpoint.save`; returns its directory."""
+        """Write the checkpoint of `step` under `checkpoint.save`; returns its directory.
+
+        With `checkpoint.async_save` this returns once the state is staged in CPU memory: the directory
+        appears (complete, with the tracker updated) when the background write finishes. It first waits
+        for the previous async save, raising its error if it failed.
+        """
         c = self.ccfg
         if c.save is None:
             raise ConfigError(
@@ -119,7 +139,16 @@ class Checkpointer:
         final, tmp = root / L.iter_name(step), L.tmp_path(root, step)
         rank = self.ctx.rank
         t0 = time.perf_counter()
-        self._info("saving checkpoint at iteration %d to %s in %s format", step, root, c.ckpt_format)
+        use_async = self._writer is not None and (self._async_group is not None or not self._distributed)
+        if use_async:
+            self.wait_for_pending_save()  # its buffers are about to be reused; raises its error
+        self._info(
+            "saving checkpoint at iteration %d to %s in %s format%s",
+            step,
+            root,
+            c.ckpt_format,
+            " (async)" * use_async,
+        )
 
         # Collect everything before the first collective: an error here must not strand the other ranks.
         tensors = model_tensors(model)
@@ -133,7 +162,8 @@ class Checkpointer:
             opt_tensors, common["optimizer"] = optimizer_tensors(optimizer.state_dict())
             tensors.update(opt_tensors)
         rng_state = _rng_module().get_rng_state() if c.save_rng else None
-        storage = self._storage(c.ckpt_format)
+        state = train_state.state_dict()
+        run_config = self.cfg.to_yaml() if rank == 0 else ""
         size = nbytes(tensors)
 
         def prepare() -> None:
@@ -141,44 +171,96 @@ class Checkpointer:
                 L.remove_dir(tmp)  # a stale one from a crashed save of the same step
                 tmp.mkdir(parents=True)
 
-        def write() -> None:
+        def write(storage: TensorStorage, tensors: dict[str, torch.Tensor]) -> None:
             storage.write(tmp, tensors)
             if rng_state is not None:
                 L.save_file(rng_state, L.rng_file(tmp, rank))
             if rank == 0:
-                self._write_rank0_files(tmp, step, common, train_state, size, with_optim)
+                self._write_rank0_files(tmp, step, common, state, run_config, size, with_optim)
 
         def finish() -> None:
             if rank == 0:
                 for d in (tmp / L.RNG_DIR, tmp):
                     L.fsync_dir(d)
                 L.commit(tmp, final)
-                L.write_tracker(root, step)
+                L.write_tracker(root, step)  # last: the tracker never names an incomplete checkpoint
                 self._apply_retention(root, final)
 
-        for phase in (prepare, write, finish):
-            self._collectively("save", phase)
+        if not use_async:
+            storage = self._storage(c.ckpt_format)
+            self._collectively("save", prepare)
+            self._collectively("save", lambda: write(storage, tensors))
+            self._collectively("save", finish)
+            self._info(
+                "successfully saved checkpoint from iteration %d to %s: %s",
+                step,
+                final,
+                _rate(size, time.perf_counter() - t0),
+            )
+            return str(final)
+
+        # Async: stage (the only part that blocks the loop), then write and finish in the background.
+        staged: dict[str, Any] = {}
+
+        def stage_and_prepare() -> None:
+            staged["tensors"] = self._staging.stage(tensors)
+            # Non-tensor state may share objects (or hold tensors) that training keeps changing.
+            staged["common"], staged["rng"] = snapshot(common), snapshot(rng_state)
+            prepare()
+
+        self._collectively("save", stage_and_prepare)  # over the host group, on this thread
+        common, rng_state = staged["common"], staged["rng"]
+        storage = self._async_storage(c.ckpt_format)
+        group = self._async_group
+        blocked = time.perf_counter() - t0
         self._info(
-            "successfully saved checkpoint from iteration %d to %s: %s",
+            "checkpoint at iteration %d staged in CPU memory: the loop was blocked %.3f s "
+            "(%.3f GB staged, %.3f GB newly allocated)",
             step,
-            final,
-            _rate(size, time.perf_counter() - t0),
+            blocked,
+            size / 1e9,
+            self._staging.allocated_bytes / 1e9,
         )
+
+        def background() -> None:
+            t1 = time.perf_counter()
+            self._collectively("save", lambda: write(storage, staged["tensors"]), group=group)
+            self._collectively("save", finish, group=group)
+            self._info(
+                "successfully saved checkpoint from iteration %d to %s (async; written in the background: "
+                "%s; loop blocked %.3f s)",
+                step,
+                final,
+                _rate(size, time.perf_counter() - t1),
+                blocked,
+            )
+
+        assert self._writer is not None
+        self._writer.submit(f"checkpoint save of iteration {step} to {final}", background)
         return str(final)
+
+    def wait_for_pending_save(self) -> None:
+        """Block until the async save in flight (if any) is complete; raise its error if it failed."""
+        if self._writer is None:
+            return
+        waited = self._writer.wait()
+        if waited > 0.001:
+            self._info("waited %.3f s for the previous asynchronous checkpoint save", waited)
 
     def _write_rank0_files(
         self,
         directory: Path,
         step: int,
         common: dict[str, Any],
-        train_state: TrainState,
+        train_state: dict[str, Any],
+        run_config: str,
         size: int,
         optim: bool,
     ) -> None:
         c = self.ccfg
         L.save_file(common, directory / L.COMMON)
-        L.save_file(train_state.state_dict(), directory / L.TRAIN_STATE)
-        L.write_text(directory / L.RUN_CONFIG, self.cfg.to_yaml())
+        L.save_file(train_state, directory / L.TRAIN_STATE)
+        L.write_text(directory / L.RUN_CONFIG, run_config)
         tokenizer = self._copy_tokenizer_assets(directory) if c.save_tokenizer_assets else False
         meta = {
             "checkpoint_version": L.CHECKPOINT_VERSION,
@@ -244,13 +326,19 @@ class Checkpointer:
         if source is None:
             return None
         directory, weights_only, fld = source.directory, source.weights_only, source.field
+        if not weights_only and (directory / L.RUN_CONFIG).is_file():
+            from viaduct.training.checkpoint.config_check import check_resume_config
+
+            # Compare the saved run's config with this one before any tensor is read: shape changes
+            # are refused, the rest is reported.
+            check_resume_config(directory / L.RUN_CONFIG, self.cfg)
         c = self.ccfg
         t0 = time.perf_counter()
         try:
             meta = L.metadata_of(directory)
             storage = self._storage(meta.get("format", "torch_dist"))
             available = storage.describe(directory)
-        except Exception as exc:
+        except _READ_ERRORS as exc:
             raise checkpoint_problem(fld, "cannot read the checkpoint's index", directory, cause=exc) from exc
         contents = meta.get("contents", {})
         self._info(
@@ -278,7 +366,7 @@ class Checkpointer:
 
         try:
             storage.read(directory, {**targets, **opt_targets})
-        except Exception as exc:
+        except _READ_ERRORS as exc:
             raise checkpoint_problem(fld, "cannot read its tensors", directory, cause=exc) from exc
         report.parts.append("model")
         if optimizer is not None:
@@ -330,13 +418,34 @@ class Checkpointer:
     def _read_pt(path: Path, fld: str) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # missing, truncated, or holding objects weights_only refuses
+        except _READ_ERRORS as exc:  # missing, truncated, or holding objects weights_only refuses
             raise checkpoint_problem(fld, f"cannot read {path.name}", path, cause=exc) from exc
 
     # ------------------------------------------------------------------------------------------ misc
 
     def finalize(self) -> None:
-        """Wait for checkpoint writes still in flight (none: saves are synchronous in this version)."""
+        """Wait for the async checkpoint write still in flight; raise its error if it failed.
+
+        Also releases the writer's process group (a group still referenced when the interpreter exits
+        aborts the process); later saves are then synchronous.
+        """
+        try:
+            self.wait_for_pending_save()
+        finally:
+            self._writer = None
+            self._async_group = None
+            self._async_storages.clear()
+
+    def _async_storage(self, fmt: str) -> TensorStorage:
+        if fmt not in self._async_storages:  # its own object: DCP's plan cache is keyed per storage
+            self._async_storages[fmt] = make_storage(
+                fmt,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                group=self._async_group,
+                cfg=self.ccfg,
+            )
+        return self._async_storages[fmt]
 
     def _storage(self, fmt: str) -> TensorStorage:
         if fmt not in self._storages:  # kept per format so DCP's plan cache survives between saves
@@ -353,20 +462,24 @@ class Checkpointer:
     def _distributed(self) -> bool:
         return self.ctx.world_size > 1 and dist.is_available() and dist.is_initialized()
 
-    def _collectively(self, what: str, fn: Callable[[], None]) -> None:
-        """Run `fn` on every rank, then agree on success (a barrier that also spreads failures)."""
-        error: Exception | None = None
+    def _collectively(self, what: str, fn: Callable[[], None], group: Any = None) -> None:
+        """Run `fn` on every rank, then agree on success (a barrier that also spreads failures).
+
+        Over the host group, or `group` (a gloo group: the async writer's, from its own thread).
+        """
+        error: BaseException | None = None
         try:
             fn()
-        except Exception as exc:
+        except _READ_ERRORS as exc:
             error = exc
         if not self._distributed:
             if error is not None:
                 raise error
             return
         # A host tensor over the gloo group; on the default (NCCL) group when there is none.
-        ok = torch.tensor([0 if error is not None else 1], dtype=torch.int32, device=self.ctx.host_device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.host_group)
+        device = self.ctx.host_device if group is None else torch.device("cpu")
+        ok = torch.tensor([0 if error is not None else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.host_group if group is None else group)
         if error is not None:
             raise error
         if not bool(ok.item()):

@@ -386,6 +386,7 @@ def _save(state: GlobalState, tc: TrainContext, step: int) -> None:
             ts.floating_point_operations_so_far,
             time.time() - state.start_time,
             state.dist.world_size if state.dist is not None else 1,
+            async_save=state.cfg.checkpoint.async_save,  # type: ignore[union-attr]
         )
     tc.callbacks.fire(
         "on_checkpoint_save",

@@ -1,0 +1,282 @@
+"""checkpoint.async_save: staged in CPU memory, written in a background thread, waited for and checked.
+
+A real tiny pretrain run saving asynchronously writes what a synchronous one writes and resumes
+bitwise; the staged copy is immune to training changing the model right after save() returns; the
+next save waits for the previous one; a background error surfaces from finalize() (or the next save);
+and two gloo ranks agree over the writer's own group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from viaduct.distributed.init import DistributedContext
+from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.training.checkpoint.async_writer import AsyncWriter, StagingBuffers
+from viaduct.training.checkpointing import Checkpointer
+from viaduct.training.config import ConfigContainer
+from viaduct.training.optim import build_optimizer
+from viaduct.training.pretrain import pretrain
+from viaduct.training.scheduler import build_scheduler
+from viaduct.training.state import TrainState
+
+COMMON = ("train.eval_iters=0", "dataset.num_workers=0", "logger.log_interval=100")
+
+
+def _losses(cfg: ConfigContainer) -> list[float]:
+    from viaduct.training.callbacks import Callback
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_step_end(self, ctx: Any) -> None:
+            self.values.append(float(ctx.metrics["losses"]["lm loss"]))
+
+    rec = Losses()
+    pretrain(cfg, callbacks=[rec])
+    return rec.values
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _dcp_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(directory)).read_metadata()
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(out, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=True)
+    return out
+
+
+def _assert_equal(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _assert_same_checkpoints(sync_root: Path, async_root: Path) -> None:
+    assert _files(sync_root) == _files(async_root)
+    for rel in _files(sync_root):
+        a, b = sync_root / rel, async_root / rel
+        if rel.endswith(".pt"):
+            _assert_equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True), rel)
+        elif rel.endswith("metadata.json"):
+            ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
+            ma.pop("saved_at"), mb.pop("saved_at")
+            assert ma == mb, rel
+        elif rel.endswith(".metadata"):
+            _assert_equal(_dcp_tensors(a.parent), _dcp_tensors(b.parent), rel)
+        elif rel.endswith(".txt"):
+            assert a.read_text() == b.read_text(), rel
+
+
+def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(tmp_path: Path) -> None:
+    """4 steps saving every 2 (sync vs async), then a resume from the async checkpoint for 2 more."""
+    straight = _losses(tiny_pretrain_config(*COMMON, "train.train_iters=6"))
+    runs = {}
+    for mode in ("sync", "async"):
+        save = tmp_path / mode
+        runs[mode] = _losses(
+            tiny_pretrain_config(
+                *COMMON,
+                "train.train_iters=6",
+                "train.exit_interval=4",
+                "checkpoint.save_interval=2",
+                f"checkpoint.async_save={mode == 'async'}",
+                f"checkpoint.save={save}",
+            )
+        )
+    assert runs["sync"] == runs["async"] == straight[:4]
+    sync_root, async_root = tmp_path / "sync", tmp_path / "async"
+    assert sorted(p.name for p in async_root.iterdir()) == [
+        "iter_0000002",
+        "iter_0000004",
+        "latest_checkpointed_iteration.txt",
+    ]
+    assert (async_root / "latest_checkpointed_iteration.txt").read_text() == "4\n"
+    _assert_same_checkpoints(sync_root, async_root)
+
+    resumed = _losses(
+        tiny_pretrain_config(
+            *COMMON,
+            "train.train_iters=6",
+            "checkpoint.async_save=true",
+            f"checkpoint.save={async_root}",
+            f"checkpoint.load={async_root}",
+        )
+    )
+    assert runs["async"] + resumed == straight  # bitwise
+    assert (async_root / "latest_checkpointed_iteration.txt").read_text() == "6\n"
+
+
+# ------------------------------------------------------------------------------------ the Checkpointer
+
+
+class Run:
+    """The tiny config's model with a real optimizer and scheduler, stepped on random tokens."""
+
+    def __init__(self, cfg: ConfigContainer, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.model = cfg.model.provide()
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.train_state = TrainState()
+
+    def objects(self) -> dict[str, Any]:
+        return dict(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, train_state=self.train_state
+        )
+
+    def step(self) -> Run:
+        seq = self.cfg.model.seq_length
+        x = torch.randint(0, 256, (2, seq))
+        self.optimizer.zero_grad()
+        self.model(x, labels=torch.roll(x, -1, 1)).float().mean().backward()
+        self.optimizer.step()
+        self.scheduler.step(8)
+        self.train_state.step += 1
+        return self
+
+    def save(self, ckpt: Checkpointer) -> str:
+        return ckpt.save(self.train_state.step, **self.objects())
+
+
+def _cfg(save: Path, **overrides: Any) -> ConfigContainer:
+    extra = [f"checkpoint.{k}={v}" for k, v in overrides.items()]
+    cfg = tiny_pretrain_config(f"checkpoint.save={save}", f"checkpoint.load={save}", *extra)
+    cfg.model.vocab_size = 256
+    return cfg.validate()
+
+
+def test_staged_copy_is_immune_to_training_and_next_save_waits(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, async_save=True)
+    run = Run(cfg).step()
+    ckpt = Checkpointer(cfg, DistributedContext())
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.save(ckpt)
+    with torch.no_grad():  # training changes the weights while the write may still be running
+        for p in run.model.parameters():
+            p.zero_()
+    run.step()
+    run.save(ckpt)
+    # The second save waited for the first: iter 1 is complete (final name) before save() returned.
+    assert (tmp_path / "iter_0000001" / "metadata.json").is_file()
+    assert not (tmp_path / "iter_0000001.tmp").exists()
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() in ("1\n", "2\n")
+    ckpt.finalize()
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000001",
+        "iter_0000002",
+        "latest_checkpointed_iteration.txt",
+    ]
+
+    sync_cfg = _cfg(tmp_path, ckpt_step=1)
+    fresh = Run(sync_cfg, seed=5)
+    assert Checkpointer(sync_cfg, DistributedContext()).load(**fresh.objects()) == 1
+    _assert_equal(before, fresh.model.state_dict(), "model")  # not the zeros written after save()
+
+
+def test_background_error_is_raised_by_finalize_and_by_the_next_save(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, async_save=True)
+    run = Run(cfg).step()
+    ckpt = Checkpointer(cfg, DistributedContext())
+    # A directory where the tracker's temporary file must go: replacing the tracker fails for real.
+    blocker = tmp_path / f".latest_checkpointed_iteration.txt.tmp-{os.getpid()}"
+    blocker.mkdir()
+    run.save(ckpt)  # returns: the error happens in the background
+    with pytest.raises(RuntimeError, match="asynchronous checkpoint save of iteration 1") as info:
+        ckpt.finalize()
+    assert isinstance(info.value.__cause__, IsADirectoryError)
+    assert not (tmp_path / "latest_checkpointed_iteration.txt").exists()  # tracker never half-updated
+
+    ckpt = Checkpointer(cfg, DistributedContext())
+    run.save(ckpt)
+    run.step()
+    with pytest.raises(RuntimeError, match="iteration 1"):
+        run.save(ckpt)  # the next save reports the previous one's failure before starting
+    blocker.rmdir()
+    run.save(ckpt)
+    ckpt.finalize()
+    ckpt.finalize()  # nothing left in flight; an error is raised once
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2\n"
+
+
+def test_staging_buffers_are_reused_and_tied_tensors_staged_once() -> None:
+    w = torch.randn(4, 3)
+    tensors = {"a": w, "tied": w, "b": torch.arange(5)}
+    pool = StagingBuffers()
+    first = pool.stage(tensors)
+    assert first["a"] is first["tied"] and pool.allocated_bytes == w.nbytes + 5 * 8
+    w.add_(1)
+    second = pool.stage(tensors)
+    assert second["a"] is first["a"] and pool.allocated_bytes == 0  # same buffers, new values
+    assert torch.equal(second["a"], w) and second["a"].data_ptr() != w.data_ptr()
+
+
+def test_writer_runs_one_at_a_time() -> None:
+    order: list[str] = []
+    writer = AsyncWriter()
+    writer.submit("a", lambda: order.append("a"))
+    writer.submit("b", lambda: order.append("b"))  # waits for "a" first
+    writer.wait()
+    assert order == ["a", "b"] and not writer.busy
+
+
+# ------------------------------------------------------------------------------------------- 2 ranks
+
+
+def _two_rank_async(rank: int, world: int, root: str) -> list[str]:
+    from viaduct.distributed.init import destroy_distributed, initialize_distributed
+
+    cfg = _cfg(Path(root), async_save=True)
+    ctx = initialize_distributed(cfg.dist)
+    try:
+        run = Run(cfg).step()  # same seed on both ranks: replicas, as under DDP
+        ckpt = Checkpointer(cfg, ctx)
+        run.save(ckpt)
+        run.step()
+        # The loop's host group is busy on this thread while the writer uses its own group.
+        torch.distributed.barrier(group=ctx.host_group)
+        run.save(ckpt)
+        ckpt.finalize()
+        return sorted(p.name for p in (Path(root) / "iter_0000002").iterdir())
+    finally:
+        destroy_distributed(ctx)
+
+
+@pytest.mark.distributed
+def test_two_ranks_save_asynchronously(tmp_path: Path) -> None:
+    names = run_distributed(_two_rank_async, 2, str(tmp_path), timeout=60)
+    assert "rng" in names and sum(n.endswith(".distcp") for n in names) == 2
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2\n"
+    cfg = _cfg(tmp_path)
+    fresh = Run(cfg, seed=3)
+    assert Checkpointer(cfg, DistributedContext()).load(**fresh.objects()) == 2
