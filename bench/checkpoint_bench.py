@@ -27,6 +27,8 @@ def _config(small: bool, root: Path, fmt: str, async_save: bool = False) -> Any:
     from viaduct.testing import tiny_pretrain_config
 
     cfg = tiny_pretrain_config() if small else get_recipe("llama32_1b")()
+    if cfg.model.vocab_size is None:  # pretrain() takes it from the tokenizer; Llama 3's has 128,256
+        cfg.model.vocab_size = 256 if small else 128256
     cfg.checkpoint.save = str(root)
     cfg.checkpoint.load = str(root)
     cfg.checkpoint.ckpt_format = fmt
@@ -46,7 +48,7 @@ def _build(cfg: Any, device: torch.device, small: bool) -> dict[str, Any]:
     model = cfg.model.provide().to(device=device, dtype=dtype)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg, optimizer)
-    x = torch.randint(0, 256, (1, 128), device=device)
+    x = torch.randint(0, 256, (1, min(128, cfg.model.seq_length)), device=device)
     model(x, labels=torch.roll(x, -1, 1)).float().mean().backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             step = i + 1
             _sync(device)
             t0 = time.perf_counter()
+            objs["train_state"].step = step
             path = Path(ckpt.save(step, **objs))
             seconds = time.perf_counter() - t0
             size = _disk_bytes(path)
@@ -109,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
             loader = Checkpointer(cfg, DistributedContext(device=device))
             _sync(device)
             t0 = time.perf_counter()
-            loaded = loader.load(**objs)
+            loader.load(**objs)
             _sync(device)
             seconds = time.perf_counter() - t0
-            size = int(
-                json.loads((root / f"iter_{loaded:07d}" / "metadata.json").read_text())["tensor_bytes"]
-            )
+            assert loader.last_load is not None
+            meta = json.loads((Path(loader.last_load.path) / "metadata.json").read_text())
+            size = int(meta["tensor_bytes"])
             _emit(
                 what="load",
                 **common,
