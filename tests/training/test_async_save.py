@@ -275,7 +275,8 @@ def _two_rank_async(rank: int, world: int, root: str) -> list[str]:
 @pytest.mark.distributed
 def test_two_ranks_save_asynchronously(tmp_path: Path) -> None:
     names = run_distributed(_two_rank_async, 2, str(tmp_path), timeout=60)
-    assert "rng" in names and sum(n.endswith(".distcp") for n in names) == 2
+    ranks = {n.split("_")[2] for n in names if n.endswith(".distcp")}  # __<rank>_<file>.distcp
+    assert "rng" in names and ranks == {"0", "1"}
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2\n"
     cfg = _cfg(tmp_path)
     fresh = Run(cfg, seed=3)
