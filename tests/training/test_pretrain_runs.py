@@ -258,3 +258,13 @@ def test_resume_on_the_builtin_corpus_continues_exactly(tmp_path):
     first = _losses(tiny_pretrain_config(*common, "train.exit_interval=3", f"checkpoint.save={save}"))
     second = _losses(tiny_pretrain_config(*common, f"checkpoint.save={save}", f"checkpoint.load={save}"))
     assert first + second == straight
+
+
+def test_resume_with_a_longer_run_is_accepted_and_reported(tmp_path, caplog):
+    save = tmp_path / "ckpt"
+    common = ("train.eval_iters=0", f"checkpoint.save={save}")
+    _losses(tiny_pretrain_config("train.train_iters=6", "train.exit_interval=3", *common))
+    with caplog.at_level("INFO", logger="viaduct"):
+        more = _losses(tiny_pretrain_config("train.train_iters=8", f"checkpoint.load={save}", *common))
+    assert len(more) == 5  # steps 4..8 of the longer run
+    assert "train.train_iters" in caplog.text and "scheduler.lr_decay_steps" in caplog.text

@@ -20,6 +20,7 @@ mismatch raises `ConfigError`). The sample count always comes from the checkpoin
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,6 +53,8 @@ _FIELD_OF: dict[str, str] = {
     "lr_wsd_decay_style": "scheduler.lr_wsd_decay_style",
 }
 _WSD_ONLY = ("wsd_decay_steps", "lr_wsd_decay_style")
+
+log = logging.getLogger("viaduct")
 
 
 class HasParamGroups(Protocol):
@@ -277,12 +280,14 @@ class OptimizerParamScheduler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint: the sample count always; the schedule per the resume rules.
 
-        Raises `ConfigError` listing every schedule value that differs from the checkpoint's when
-        neither `override_opt_param_scheduler` nor `use_checkpoint_opt_param_scheduler` is set.
-        Keys missing from `state` (older or Megatron checkpoints) keep this run's value.
+        `use_checkpoint_opt_param_scheduler` takes the checkpoint's schedule;
+        `override_opt_param_scheduler` keeps this run's quietly; with neither, this run's values win
+        too (a longer `train_iters` or a new `lr` is a deliberate change on resume), and every value
+        that differs from the checkpoint's is logged. Keys missing from `state` (older or Megatron
+        checkpoints) keep this run's value.
         """
-        p = Problems()
         taken: dict[str, Any] = {}
+        changed: list[str] = []
         for key, field in _FIELD_OF.items():
             if key not in state or self.override_opt_param_scheduler:
                 continue
@@ -291,15 +296,14 @@ class OptimizerParamScheduler:
                 taken[key] = theirs
             elif mine != theirs and not self._inert(key, state):
                 unit = " samples" if key.endswith("_steps") else ""
-                p.add(
-                    field,
-                    f"this run's value ({mine!r}{unit}) differs from the checkpoint's ({theirs!r}{unit})",
-                    fix="set scheduler.override_opt_param_scheduler=true to keep this run's value, or "
-                    "scheduler.use_checkpoint_opt_param_scheduler=true to take the checkpoint's",
-                )
-        if p:
-            raise ConfigError(
-                p.items, header="the checkpoint's learning-rate schedule does not match this configuration"
+                changed.append(f"{field}: {theirs!r}{unit} in the checkpoint -> {mine!r}{unit} now")
+        if changed:
+            log.warning(
+                "the learning-rate schedule changed on resume; it continues from sample %d with this "
+                "run's values (scheduler.use_checkpoint_opt_param_scheduler=true keeps the checkpoint's):"
+                "\n  %s",
+                int(state["num_steps"]),
+                "\n  ".join(changed),
             )
         for key, value in taken.items():
             setattr(self, key, value)

@@ -53,10 +53,10 @@ class SchedulerConfig(ConfigBase):
     """Learning rate at the start of warmup."""
 
     override_opt_param_scheduler: bool = False
-    """On resume, take the schedule from this config and ignore the one stored in the checkpoint."""
+    """On resume, keep this config's schedule without listing how it differs from the checkpoint's."""
 
     use_checkpoint_opt_param_scheduler: bool = False
-    """On resume, take the schedule from the checkpoint and ignore this config."""
+    """On resume, take the schedule from the checkpoint (by default this config's wins, changes logged)."""
 
     start_weight_decay: float | None = None
     """Weight decay at the start of the run; None (with end_weight_decay None) uses optimizer.weight_decay."""
