@@ -215,7 +215,10 @@ def _same(a: object, b: object, where: str = "") -> None:
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.suffix in (".tmp", ".deleting", ".replaced"))
+    """Temporary directories of a save, and the tracker's temporary file, left by a crash."""
+    return sorted(
+        p.name for p in root.iterdir() if p.suffix in (".tmp", ".deleting", ".replaced") or ".tmp-" in p.name
+    )
 
 
 @pytest.mark.parametrize(

@@ -300,6 +300,9 @@ class Checkpointer:
     def _apply_retention(self, root: Path, just_saved: Path) -> None:
         for leftover in L.leftovers(root):
             L.remove_dir(leftover)
+        # A crash while the tracker was being replaced leaves its temporary file (never read).
+        for stale in root.glob(f".{L.TRACKER}.tmp-*"):
+            stale.unlink(missing_ok=True)
         protected = [just_saved] + ([self._loaded_dir] if self._loaded_dir is not None else [])
         victims = L.retention_victims(
             L.list_checkpoints(root),
