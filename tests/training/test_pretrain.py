@@ -221,9 +221,12 @@ def test_rampup_batch_size_grows_the_batch():
     assert state.train_state.consumed_train_samples == 32
 
 
-def test_finetune_needs_a_checkpoint():
+def test_finetune_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="pretrained_checkpoint"):
         finetune(tiny_pretrain_config())
+    empty = tmp_path / "none_yet"  # load == save may be missing for pretrain, not for finetune
+    with pytest.raises(ConfigError, match="checkpoint.load: finetune"):
+        finetune(tiny_pretrain_config(f"checkpoint.load={empty}", f"checkpoint.save={empty}"))
 
 
 def test_per_token_loss_trains():
@@ -255,6 +258,29 @@ def _weight_hash_worker(rank: int, world_size: int) -> int:
         tiny_pretrain_config("train.train_iters=2", "train.check_weight_hash_across_dp_replicas_interval=1")
     )
     return state.train_state.step
+
+
+def _hash_detects(rank: int, world_size: int) -> tuple[bool, bool]:
+    import torch.distributed as dist
+
+    from viaduct.training.train import _weights_match_across_ranks
+
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        same = _weights_match_across_ranks(model)
+        if rank == 1:
+            with torch.no_grad():
+                model.weight[0, 0] += 1e-6  # one replica drifts by one small step
+        return same, _weights_match_across_ranks(model)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_weight_hash_check_tells_equal_from_drifted_replicas():
+    assert run_distributed(_hash_detects, 2, timeout=60) == (True, False)
 
 
 @pytest.mark.distributed

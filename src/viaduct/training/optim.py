@@ -84,6 +84,7 @@ class MixedPrecisionOptimizer:
             raise ValueError("the model has no trainable parameters")
         device = device or self.slots[0].param.device
         self.by_param = {id(s.param): s for s in self.slots}
+        self._name_of_master = {id(s.master): s.name for s in self.slots}  # checkpoints key by name
         self.copies = [s for s in self.slots if s.has_copy]
         # Main gradients by hook only make sense where there is a float32 copy to hold them.
         self.fp32_main_grads = bool(fp32_main_grads and self.copies)
@@ -282,7 +283,7 @@ class MixedPrecisionOptimizer:
         i = 0
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                index_to_name[i] = self._name_of_master(p)
+                index_to_name[i] = self._name_of_master[id(p)]
                 i += 1
         state = {index_to_name[k]: v for k, v in inner["state"].items()}
         groups = [
@@ -305,7 +306,7 @@ class MixedPrecisionOptimizer:
         i = 0
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                name_to_index[self._name_of_master(p)] = i
+                name_to_index[self._name_of_master[id(p)]] = i
                 i += 1
         unknown = sorted(set(state["state"]) - set(name_to_index))
         if unknown:
@@ -314,7 +315,7 @@ class MixedPrecisionOptimizer:
             raise ValueError("optimizer checkpoint has different parameter groups than this model")
         groups = []
         for saved, live in zip(state["param_groups"], self.optimizer.param_groups):
-            live_names = [self._name_of_master(p) for p in live["params"]]
+            live_names = [self._name_of_master[id(p)] for p in live["params"]]
             if set(saved["param_names"]) != set(live_names):
                 raise ValueError("optimizer checkpoint groups its parameters differently than this model")
             g = {k: v for k, v in saved.items() if k != "param_names"}
@@ -329,11 +330,6 @@ class MixedPrecisionOptimizer:
                     s.param.copy_(s.master)
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
-
-    def _name_of_master(self, master: torch.Tensor) -> str:
-        if not hasattr(self, "_master_names"):
-            self._master_names = {id(s.master): s.name for s in self.slots}
-        return self._master_names[id(master)]
 
 
 def build_optimizer(

@@ -219,9 +219,14 @@ def _setup(
         model=model, optimizer=optimizer, scheduler=scheduler, train_state=state.train_state
     )
     if loaded is None and state.user_state.get("checkpoint_load_required"):
-        raise FileNotFoundError(
-            f"finetune(): no checkpoint found in checkpoint.load={cfg.checkpoint.load!r} / "
-            f"checkpoint.pretrained_checkpoint={cfg.checkpoint.pretrained_checkpoint!r}"
+        raise ConfigError(
+            Problem(
+                "checkpoint.load",
+                "finetune() needs a checkpoint, and this directory holds none",
+                cfg.checkpoint.load,
+                fix="point checkpoint.load at a directory with a checkpoint, "
+                "or set checkpoint.pretrained_checkpoint",
+            )
         )
 
     trained = _compile(cfg, model, ctx)
@@ -234,10 +239,9 @@ def _setup(
     ts = state.train_state
     train_samples, valid_samples, test_samples = get_sample_counts(cfg)
     if ctx.distributed:
+        # Rank 0 builds the dataset index caches first; the other ranks then read them.
         counts = (train_samples, valid_samples, test_samples)
-        _rank0_first(
-            ctx, lambda: build_train_valid_test_datasets(cfg, tokenizer, counts) if ctx.rank == 0 else None
-        )
+        _rank0_first(ctx, lambda: build_train_valid_test_datasets(cfg, tokenizer, counts), others=False)
     train_it, valid_it, test_it = build_train_valid_test_data_iterators(
         cfg,
         tokenizer,
@@ -307,15 +311,16 @@ def _setup(
     return tc
 
 
-def _rank0_first(ctx: Any, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0, then on the other ranks (which then find rank 0's cached files)."""
+def _rank0_first(ctx: Any, fn: Callable[[], Any], *, others: bool = True) -> Any:
+    """Run `fn` on rank 0, then (unless `others` is False) on the other ranks, which then find
+    rank 0's cached files."""
     if not ctx.distributed:
         return fn()
     import torch.distributed as dist
 
     result = fn() if ctx.rank == 0 else None
     dist.barrier(group=ctx.host_group)
-    return result if ctx.rank == 0 else fn()
+    return fn() if ctx.rank != 0 and others else result
 
 
 def _sync_vocab(cfg: ConfigContainer, tokenizer: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from viaduct.distributed.init import set_timeout_after_init
 from viaduct.training.callbacks import CallbackContext, CallbackManager
 from viaduct.training.eval import evaluate
 from viaduct.training.logging import IntervalTiming, StepRecord
@@ -287,8 +288,6 @@ def train(state: GlobalState, tc: TrainContext) -> None:
             CallbackContext(state, model, optimizer, scheduler, {"losses": result.losses if result else {}}),
         )
         if first_step:
-            from viaduct.distributed.init import set_timeout_after_init
-
             set_timeout_after_init(state.dist, cfg.dist)  # type: ignore[arg-type]
             first_step = False
 
