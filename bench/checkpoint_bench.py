@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="torch_dist", choices=["torch_dist", "torch"])
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--log", action="store_true", help="print the checkpointer's own log lines (stderr)")
     args = parser.parse_args(argv)
+    if args.log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from viaduct.distributed.init import DistributedContext
     from viaduct.training.checkpointing import Checkpointer
@@ -142,7 +146,11 @@ def _bench_async(
     params: int,
     device: torch.device,
 ) -> None:
-    """The time save() blocks the caller with async_save, and how long the background write takes."""
+    """The time save() blocks the caller with async_save, and how long the background write takes.
+
+    Its staging memory is prepared first as the training loop prepares it (in the background after
+    the first step); `async_prepare` reports how long that took and how much it slowed a GPU loop.
+    """
     from viaduct.config import ConfigError
     from viaduct.distributed.init import DistributedContext
     from viaduct.training.checkpointing import Checkpointer
@@ -155,13 +163,30 @@ def _bench_async(
         _emit(what="async_save", **common, skipped=str(exc))
         return
     try:
+        # As the training loop does after its first step: build the staging memory in the background,
+        # while "training" (a matmul loop standing in for steps) goes on; measure how much it slows.
+        baseline = _step_times(device, seconds=2.0)
+        t0 = time.perf_counter()
+        ckpt.prepare_staging(model=objs["model"], optimizer=objs["optimizer"])
+        during = _step_times(device, seconds=1.0)
+        ckpt._staging._join()
+        _emit(
+            what="async_prepare",
+            **common,
+            build_s=round(ckpt._staging.build_seconds or 0.0, 3),
+            wall_s=round(time.perf_counter() - t0, 3),
+            staged_gb=round(ckpt._staging.nbytes / 1e9, 3),
+            pinned=ckpt._staging.pinned,
+            step_ms_before=round(1e3 * sum(baseline) / len(baseline), 3),
+            step_ms_during=round(1e3 * sum(during) / len(during), 3),
+            step_ms_worst_during=round(1e3 * max(during), 3),
+        )
         for i in range(args.repeat):
             _sync(device)
             t0 = time.perf_counter()
             ckpt.save(i + 1, **objs)
             blocked = time.perf_counter() - t0
-            if hasattr(ckpt, "wait_for_pending_save"):
-                ckpt.wait_for_pending_save()
+            ckpt.wait_for_pending_save()
             total = time.perf_counter() - t0
             _emit(
                 what="async_save",
@@ -171,8 +196,28 @@ def _bench_async(
                 blocked_s=round(blocked, 4),
                 total_s=round(total, 4),
             )
+        # Without preparation (the first save of a run that saves before its first step ends).
+        ckpt._staging.release()
+        _sync(device)
+        t0 = time.perf_counter()
+        ckpt.save(args.repeat + 1, **objs)
+        _emit(what="async_save_unprepared", **common, blocked_s=round(time.perf_counter() - t0, 4))
     finally:
         ckpt.finalize()
+
+
+def _step_times(device: torch.device, seconds: float) -> list[float]:
+    """Durations of back-to-back matmuls (synchronised; 4096^3 in bf16 on a GPU) for about `seconds`."""
+    n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        x @ x
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 if __name__ == "__main__":

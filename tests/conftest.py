@@ -1,10 +1,22 @@
-"""Test-wide settings: built-in corpora are cached in one temporary directory per test session."""
+"""Test-wide settings: built-in corpora are cached in one temporary directory per test session, and
+tests marked `gpu` are skipped where CUDA is not available."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")

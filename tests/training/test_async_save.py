@@ -19,7 +19,9 @@ import torch
 
 from viaduct.distributed.init import DistributedContext
 from viaduct.testing import run_distributed, tiny_pretrain_config
-from viaduct.training.checkpoint.async_writer import AsyncWriter, StagingBuffers
+from viaduct.training.checkpoint.async_writer import AsyncWriter
+from viaduct.training.checkpoint.flat import nbytes
+from viaduct.training.checkpoint.staging import StagingArena
 from viaduct.training.checkpointing import Checkpointer
 from viaduct.training.config import ConfigContainer
 from viaduct.training.optim import build_optimizer
@@ -96,8 +98,11 @@ def _assert_same_checkpoints(sync_root: Path, async_root: Path) -> None:
             assert a.read_text() == b.read_text(), rel
 
 
-def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(tmp_path: Path) -> None:
+def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """4 steps saving every 2 (sync vs async), then a resume from the async checkpoint for 2 more."""
+    caplog.set_level("INFO", logger="viaduct")
     straight = _losses(tiny_pretrain_config(*COMMON, "train.train_iters=6"))
     runs = {}
     for mode in ("sync", "async"):
@@ -113,6 +118,9 @@ def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(tmp_path: Pa
             )
         )
     assert runs["sync"] == runs["async"] == straight[:4]
+    # The loop prepared the staging memory after its first step: no save allocated any.
+    staged = [r.getMessage() for r in caplog.records if "staged in CPU memory" in r.getMessage()]
+    assert len(staged) == 2 and not any("newly allocated" in m for m in staged), staged
     sync_root, async_root = tmp_path / "sync", tmp_path / "async"
     assert sorted(p.name for p in async_root.iterdir()) == [
         "iter_0000002",
@@ -175,6 +183,17 @@ def _cfg(save: Path, **overrides: Any) -> ConfigContainer:
     return cfg.validate()
 
 
+def test_prepared_staging_is_used_by_the_first_save(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, async_save=True)
+    run = Run(cfg).step()
+    ckpt = Checkpointer(cfg, DistributedContext())
+    ckpt.prepare_staging(model=run.model, optimizer=run.optimizer)
+    run.save(ckpt)
+    assert ckpt._staging.allocated_bytes == 0 and ckpt._staging.nbytes > 0
+    ckpt.finalize()
+    assert ckpt._staging.nbytes == 0  # given back at the end of the run
+
+
 def test_staged_copy_is_immune_to_training_and_next_save_waits(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, async_save=True)
     run = Run(cfg).step()
@@ -229,16 +248,52 @@ def test_background_error_is_raised_by_finalize_and_by_the_next_save(tmp_path: P
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2\n"
 
 
-def test_staging_buffers_are_reused_and_tied_tensors_staged_once() -> None:
+def test_staging_arena_is_reused_and_tied_tensors_staged_once() -> None:
     w = torch.randn(4, 3)
     tensors = {"a": w, "tied": w, "b": torch.arange(5)}
-    pool = StagingBuffers()
-    first = pool.stage(tensors)
-    assert first["a"] is first["tied"] and pool.allocated_bytes == w.nbytes + 5 * 8
+    arena = StagingArena()
+    first = arena.stage(tensors)
+    # One arena holds both tensors (each view 64-byte aligned); the tied one is staged once.
+    assert first["a"] is first["tied"] and arena.allocated_bytes == arena.nbytes == 64 + 64
+    assert first["a"].data_ptr() % 64 == 0 and first["b"].data_ptr() % 64 == 0
     w.add_(1)
-    second = pool.stage(tensors)
-    assert second["a"] is first["a"] and pool.allocated_bytes == 0  # same buffers, new values
+    second = arena.stage(tensors)
+    assert arena.allocated_bytes == 0 and second["a"].data_ptr() == first["a"].data_ptr()  # reused
     assert torch.equal(second["a"], w) and second["a"].data_ptr() != w.data_ptr()
+    assert torch.equal(second["b"], torch.arange(5))
+    # A changed layout (a tensor grew) gets a new arena.
+    tensors["b"] = torch.arange(50)
+    third = arena.stage(tensors)
+    assert arena.allocated_bytes == 64 + 448 and torch.equal(third["b"], torch.arange(50))
+    arena.release()
+    assert arena.nbytes == 0
+
+
+def test_staging_arena_prepared_in_the_background_is_used_by_the_next_stage() -> None:
+    tensors = {"w": torch.randn(300_000), "i": torch.arange(7)}
+    arena = StagingArena()
+    arena.prepare(tensors, background=True)
+    staged = arena.stage(tensors)
+    assert arena.allocated_bytes == 0 and arena.build_seconds is not None  # built by prepare(), not here
+    assert torch.equal(staged["w"], tensors["w"]) and torch.equal(staged["i"], tensors["i"])
+
+
+@pytest.mark.gpu
+def test_staging_arena_pins_in_pieces_of_whole_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from viaduct.training.checkpoint import staging
+
+    monkeypatch.setattr(staging, "_REGISTER_CHUNK", 4096)
+    sizes = [100, 3000, 5000, 10, 700, 1]  # 5000 floats alone exceed a piece
+    tensors = {f"t{i}": torch.randn(n, device="cuda") for i, n in enumerate(sizes)}
+    tensors["bf16"] = torch.randn(33, 5, device="cuda", dtype=torch.bfloat16)
+    arena = StagingArena()
+    arena.prepare(tensors, background=True)  # from another thread, as the training loop does
+    staged = arena.stage(tensors)
+    assert arena.pinned and len(arena._registered) >= 4
+    for key, t in tensors.items():
+        assert staged[key].is_pinned() and torch.equal(staged[key], t.cpu()), key
+    arena.release()
+    assert not arena.pinned
 
 
 def test_writer_runs_one_at_a_time() -> None:
@@ -266,15 +321,23 @@ def _two_rank_async(rank: int, world: int, root: str) -> list[str]:
         # The loop's host group is busy on this thread while the writer uses its own group.
         torch.distributed.barrier(group=ctx.host_group)
         run.save(ckpt)
+        # Each rank staged its share only, not the whole replicated state.
+        staged = torch.tensor([ckpt._staging.nbytes])
+        shares = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        torch.distributed.all_gather(shares, staged, group=ctx.host_group)
         ckpt.finalize()
-        return sorted(p.name for p in (Path(root) / "iter_0000002").iterdir())
+        names = sorted(p.name for p in (Path(root) / "iter_0000002").iterdir())
+        total = nbytes(Checkpointer._tensors(run.model, run.optimizer)[0])
+        return names, [int(x) for x in shares], total
     finally:
         destroy_distributed(ctx)
 
 
 @pytest.mark.distributed
 def test_two_ranks_save_asynchronously(tmp_path: Path) -> None:
-    names = run_distributed(_two_rank_async, 2, str(tmp_path), timeout=60)
+    results = run_distributed(_two_rank_async, 2, str(tmp_path), timeout=60)
+    names, shares, total = results
+    assert all(0 < share < total for share in shares) and sum(shares) >= total, (shares, total)
     ranks = {n.split("_")[2] for n in names if n.endswith(".distcp")}  # __<rank>_<file>.distcp
     assert "rng" in names and ranks == {"0", "1"}
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2\n"

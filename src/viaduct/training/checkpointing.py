@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint import layout as L
-from viaduct.training.checkpoint.async_writer import AsyncWriter, StagingBuffers, snapshot
+from viaduct.training.checkpoint.async_writer import AsyncWriter, snapshot
 from viaduct.training.checkpoint.errors import CheckpointError, checkpoint_problem
 from viaduct.training.checkpoint.flat import model_tensors, nbytes, optimizer_tensors
 from viaduct.training.checkpoint.resolve import resolve
@@ -54,6 +54,7 @@ from viaduct.training.checkpoint.restore import (
     optimizer_read_targets,
     restore_optimizer,
 )
+from viaduct.training.checkpoint.staging import StagingArena
 from viaduct.training.checkpoint.storage import TensorStorage, make_storage
 
 if TYPE_CHECKING:
@@ -104,12 +105,13 @@ class Checkpointer:
         self.last_load: LoadReport | None = None
         self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
         self._storages: dict[str, TensorStorage] = {}
+        self._deleter = AsyncWriter("viaduct-checkpoint-retention")  # removes old checkpoints
         # Async saves: CPU staging buffers, the background writer, and its own gloo group. Collectives
         # of one group must not interleave between threads, and the training loop keeps using the
         # host group, so the writer thread gets a group of its own (created here: on every rank, at
         # the same point, as group creation requires).
         self._writer: AsyncWriter | None = None
-        self._staging = StagingBuffers()
+        self._staging = StagingArena()
         self._async_group: Any = None
         self._async_storages: dict[str, TensorStorage] = {}
         if self.ccfg.async_save:
@@ -151,16 +153,17 @@ class Checkpointer:
         )
 
         # Collect everything before the first collective: an error here must not strand the other ranks.
-        tensors = model_tensors(model)
+        with_optim = bool(c.save_optim and optimizer is not None)
+        tensors, optim_common = self._tensors(model, optimizer if with_optim else None)
         common: dict[str, Any] = {
             "checkpoint_version": L.CHECKPOINT_VERSION,
             "step": int(step),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
-        with_optim = bool(c.save_optim and optimizer is not None)
         if with_optim:
-            opt_tensors, common["optimizer"] = optimizer_tensors(optimizer.state_dict())
-            tensors.update(opt_tensors)
+            common["optimizer"] = optim_common
+        storage = self._async_storage(c.ckpt_format) if use_async else self._storage(c.ckpt_format)
+        share = storage.share(tensors)  # what this rank writes
         rng_state = _rng_module().get_rng_state() if c.save_rng else None
         state = train_state.state_dict()
         run_config = self.cfg.to_yaml() if rank == 0 else ""
@@ -187,9 +190,12 @@ class Checkpointer:
                 self._apply_retention(root, final)
 
         if not use_async:
-            storage = self._storage(c.ckpt_format)
             self._collectively("save", prepare)
-            self._collectively("save", lambda: write(storage, tensors))
+            try:
+                self._collectively("save", lambda: write(storage, self._stage_for_sync_write(share)))
+            finally:
+                if self._writer is None:  # the memory is kept for the next save only with async_save
+                    self._staging.release()
             self._collectively("save", finish)
             self._info(
                 "successfully saved checkpoint from iteration %d to %s: %s",
@@ -203,23 +209,22 @@ class Checkpointer:
         staged: dict[str, Any] = {}
 
         def stage_and_prepare() -> None:
-            staged["tensors"] = self._staging.stage(tensors)
+            staged["tensors"] = self._staging.stage(share)
             # Non-tensor state may share objects (or hold tensors) that training keeps changing.
             staged["common"], staged["rng"] = snapshot(common), snapshot(rng_state)
             prepare()
 
         self._collectively("save", stage_and_prepare)  # over the host group, on this thread
         common, rng_state = staged["common"], staged["rng"]
-        storage = self._async_storage(c.ckpt_format)
         group = self._async_group
         blocked = time.perf_counter() - t0
         self._info(
             "checkpoint at iteration %d staged in CPU memory: the loop was blocked %.3f s "
-            "(%.3f GB staged, %.3f GB newly allocated)",
+            "(rank 0 staged %.3f GB%s)",
             step,
             blocked,
-            size / 1e9,
-            self._staging.allocated_bytes / 1e9,
+            nbytes(share) / 1e9,
+            self._staging_note(),
         )
 
         def background() -> None:
@@ -239,11 +244,50 @@ class Checkpointer:
         self._writer.submit(f"checkpoint save of iteration {step} to {final}", background)
         return str(final)
 
+    def prepare_staging(self, *, model: nn.Module, optimizer: Any) -> None:
+        """With `async_save`, build the host memory the saves stage into, in a background thread.
+
+        Called by the training loop once its first step has created the optimizer state, so that the
+        first save does not spend seconds allocating and pinning memory while the loop waits.
+        """
+        if self._writer is None or self.ccfg.save is None:
+            return
+        tensors, _ = self._tensors(model, optimizer if self.ccfg.save_optim else None)
+        self._staging.prepare(self._async_storage(self.ccfg.ckpt_format).share(tensors), background=True)
+
+    def _stage_for_sync_write(self, share: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Device tensors are copied to host memory in one pass first: writing them straight from the
+        GPU, DCP copies them one at a time in its writer threads, at half the speed (see docs)."""
+        if not any(t.device.type == "cuda" for t in share.values()):
+            return share
+        return self._staging.stage(share)
+
+    @staticmethod
+    def _tensors(model: nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The flat tensors of a save, and the optimizer's non-tensor state (empty without one)."""
+        tensors = model_tensors(model)
+        if optimizer is None:
+            return tensors, {}
+        opt_tensors, optim_common = optimizer_tensors(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        return tensors, optim_common
+
+    def _staging_note(self) -> str:
+        s = self._staging
+        if s.allocated_bytes:
+            return f", of which {s.allocated_bytes / 1e9:.3f} GB newly allocated in {s.build_seconds:.2f} s"
+        if s.waited_seconds > 0.01:
+            return f", after waiting {s.waited_seconds:.2f} s for its memory to be ready"
+        return ""
+
     def wait_for_pending_save(self) -> None:
-        """Block until the async save in flight (if any) is complete; raise its error if it failed."""
+        """Block until the async save in flight (if any) is complete and old checkpoints are removed;
+        raise the save's error if it failed."""
+        self._deleter.wait()
         if self._writer is None:
             return
         waited = self._writer.wait()
+        self._deleter.wait()  # the removal that save started
         if waited > 0.001:
             self._info("waited %.3f s for the previous asynchronous checkpoint save", waited)
 
@@ -298,6 +342,7 @@ class Checkpointer:
         return True
 
     def _apply_retention(self, root: Path, just_saved: Path) -> None:
+        self._deleter.wait()  # the previous removal (its leftovers are cleaned up below)
         for leftover in L.leftovers(root):
             L.remove_dir(leftover)
         # A crash while the tracker was being replaced leaves its temporary file (never read).
@@ -310,14 +355,24 @@ class Checkpointer:
             retain_interval=self.ccfg.save_retain_interval,
             protected=protected,
         )
-        for victim in victims:
-            L.remove_dir(victim)
-        if victims:
-            self._info(
-                "removed old checkpoints (most_recent_k=%d): %s",
-                self.ccfg.most_recent_k,
-                [v.name for v in victims],
-            )
+        if not victims:
+            return
+        doomed = [L.retire(v) for v in victims]  # renamed at once: no longer loadable
+        names = [v.name for v in victims]
+        self._info("removing old checkpoints (most_recent_k=%d): %s", self.ccfg.most_recent_k, names)
+
+        def delete() -> None:
+            # Deleting tens of GB can take seconds on some file systems: nothing needs to wait for it
+            # but the next save's clean-up (and the end of the run).
+            t0 = time.perf_counter()
+            for d in doomed:
+                try:
+                    shutil.rmtree(d)
+                except OSError as exc:
+                    log.warning("could not remove %s (%s); the next save tries again", d, exc)
+            self._info("removed old checkpoints %s in %.2f s", names, time.perf_counter() - t0)
+
+        self._deleter.submit(f"removal of {names}", delete)
 
     # ------------------------------------------------------------------------------------------ load
 
@@ -435,6 +490,7 @@ class Checkpointer:
         try:
             self.wait_for_pending_save()
         finally:
+            self._staging.release()
             self._writer = None
             self._async_group = None
             self._async_storages.clear()

@@ -289,6 +289,8 @@ def train(state: GlobalState, tc: TrainContext) -> None:
         )
         if first_step:
             set_timeout_after_init(state.dist, cfg.dist)  # type: ignore[arg-type]
+            if tc.checkpointer is not None:  # the optimizer state exists now: size the async staging memory
+                tc.checkpointer.prepare_staging(model=tc.module, optimizer=optimizer)
             first_step = False
 
         if t.train_sync_interval and step % t.train_sync_interval == 0 and torch.cuda.is_available():

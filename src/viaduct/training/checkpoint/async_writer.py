@@ -1,9 +1,8 @@
-"""Asynchronous checkpoint saving (`checkpoint.async_save`): stage to CPU memory, write in a thread.
+"""Asynchronous checkpoint saving (`checkpoint.async_save`): write in a background thread.
 
-`StagingBuffers` copies the model and optimizer tensors into CPU buffers (pinned when the tensors
-live on a GPU, so the device-to-host copies run at full speed); the buffers are kept and reused by
-the next save, so only the first save allocates. Staging is the only part of an async save that
-blocks the training loop: once it returns, training may change its tensors freely.
+The tensors are staged in host memory first (`viaduct.training.checkpoint.staging`) and the rest
+of the state deep-copied (`snapshot`): that is the only part of an async save that blocks the
+training loop; once it returns, training may change its tensors freely.
 
 `AsyncWriter` runs one write at a time in a background thread. Waiting for it (`wait()`, done by
 the next save and by `Checkpointer.finalize`) re-raises an error the write hit, so a failed save is
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AsyncWriter", "StagingBuffers", "snapshot"]
+__all__ = ["AsyncWriter", "snapshot"]
 
 
 def snapshot(obj: Any) -> Any:
@@ -32,54 +31,6 @@ def snapshot(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(snapshot(v) for v in obj)
     return copy.deepcopy(obj)
-
-
-class StagingBuffers:
-    """CPU copies of a flat dict of tensors, in buffers reused from one save to the next."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-        self.allocated_bytes = 0
-        """Bytes allocated by the last `stage()` call (0 once the structure repeats)."""
-
-    def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copy `tensors` into the buffers and return them under the same keys; returns after the copies
-        are complete. A tensor under two keys (tied weights) is copied once into one buffer."""
-        self.allocated_bytes = 0
-        pin = torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors.values())
-        staged: dict[str, torch.Tensor] = {}
-        seen: dict[tuple[Any, ...], torch.Tensor] = {}
-        used: set[str] = set()
-        with torch.no_grad():
-            for key, t in tensors.items():
-                ident = _identity(t)
-                if ident in seen:
-                    staged[key] = seen[ident]
-                    continue
-                buf = self._buffers.get(key)
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != pin:
-                    buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-                    self._buffers[key] = buf
-                    self.allocated_bytes += buf.numel() * buf.element_size()
-                # non_blocking only helps device-to-pinned copies; the synchronize below completes them.
-                buf.copy_(t.detach(), non_blocking=pin and t.device.type == "cuda")
-                seen[ident] = staged[key] = buf
-                used.add(key)
-        if pin:
-            torch.cuda.synchronize()
-        for key in set(self._buffers) - used:  # the structure changed: free what is no longer staged
-            del self._buffers[key]
-        return staged
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-
-def _identity(t: torch.Tensor) -> tuple[Any, ...]:
-    if t.device.type == "meta":
-        return (id(t),)
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 class AsyncWriter:

@@ -150,17 +150,25 @@ def write_tracker(root: Path, step: int) -> None:
     write_text_atomic(root / TRACKER, f"{step}\n")
 
 
+def retire(path: Path) -> Path:
+    """Rename checkpoint `path` to `iter_N.deleting` (no longer loadable); returns the new path.
+
+    Deleting that is then safe at any pace: a crash midway never leaves a half-deleted `iter_N`, and
+    the next save removes what is left.
+    """
+    if not _ITER.match(path.name):
+        return path
+    doomed = path.with_name(f"{path.name}.deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    return doomed
+
+
 def remove_dir(path: Path) -> None:
-    """Delete a checkpoint directory so that a crash midway never leaves a half-deleted `iter_N`."""
-    if not path.exists():
-        return
-    doomed = path
-    if _ITER.match(path.name):
-        doomed = path.with_name(f"{path.name}.deleting")
-        if doomed.exists():
-            shutil.rmtree(doomed)
-        os.rename(path, doomed)
-    shutil.rmtree(doomed)
+    """Delete a checkpoint directory (see `retire`)."""
+    if path.exists():
+        shutil.rmtree(retire(path))
 
 
 def commit(tmp: Path, final: Path) -> None:

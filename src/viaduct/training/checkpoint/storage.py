@@ -1,8 +1,8 @@
 """Where a checkpoint's tensors go: the two `checkpoint.ckpt_format`s behind one small interface.
 
 * ``"torch_dist"`` (`DcpStorage`): torch.distributed.checkpoint. Every rank takes part; tensors that
-  data-parallel ranks hold identically are written once (spread over the ranks with
-  `fully_parallel_save`, else all by the lowest rank). Loading reads whatever layout was saved, so a
+  data-parallel ranks hold identically are written once (spread over the ranks by size with
+  `fully_parallel_save`, else all by rank 0). Loading reads whatever layout was saved, so a
   checkpoint written by 2 ranks loads into 1 (or 8). Works in a single process without a process group.
 * ``"torch"`` (`TorchStorage`): rank 0 writes one `torch.save` file; every rank reads it (memory-mapped).
 
@@ -43,8 +43,11 @@ class TensorStorage(Protocol):
 
     name: str
 
+    def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of `tensors` (identical on every data-parallel rank) that this rank writes."""
+
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-        """Write `tensors` (identical on every data-parallel rank) into `directory`."""
+        """Write this rank's `share()` of the tensors into `directory`."""
 
     def describe(self, directory: Path) -> dict[str, TensorInfo]:
         """The tensors a checkpoint holds, by key, without reading their data."""
@@ -80,11 +83,21 @@ class DcpStorage:
     def _no_dist(self) -> bool:
         return self.world_size == 1 or not (dist.is_available() and dist.is_initialized())
 
+    def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Decided here rather than by DCP's deduplicating planner, so that a rank copies (and stages)
+        # only what it writes: with fully_parallel_save a balanced share, else rank 0 writes it all.
+        if self._no_dist:
+            return dict(tensors)
+        if not self.fully_parallel_save:
+            return dict(tensors) if self.rank == 0 else {}
+        owner = assign_owners(tensors, self.world_size)
+        return {k: t for k, t in tensors.items() if owner[k] == self.rank}
+
     def _save_planner(self) -> Any:
         from torch.distributed.checkpoint import DefaultSavePlanner
 
-        # dedup_save_to_lowest_rank=False balances the replicated tensors over the ranks by size.
-        kwargs: dict[str, Any] = {"dedup_save_to_lowest_rank": not self.fully_parallel_save}
+        # Every key comes from one rank (see share()), so DCP has nothing left to deduplicate.
+        kwargs: dict[str, Any] = {}
         if (
             self.assume_constant_structure
             and "enable_plan_caching" in inspect.signature(DefaultSavePlanner).parameters
@@ -172,6 +185,9 @@ class TorchStorage:
 
     def __init__(self, *, rank: int) -> None:
         self.rank = rank
+
+    def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tensors) if self.rank == 0 else {}
 
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
         if self.rank == 0:
