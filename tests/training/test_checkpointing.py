@@ -202,6 +202,30 @@ def test_retention_never_deletes_the_checkpoint_loaded(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001", "iter_0000003"]
 
 
+def test_retention_leaves_checkpoints_of_later_steps_alone_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run resumed from step 2 while a complete step 5 (another timeline) sits in the same directory."""
+    cfg = make_cfg(save=str(tmp_path))
+    run = Run(cfg)
+    first = Checkpointer(cfg, ctx1())
+    for _ in range(5):
+        run.step(1).save(first)
+    first.finalize()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")  # as a crash before the tracker
+    cfg2 = make_cfg(save=str(tmp_path), load=str(tmp_path), most_recent_k=1)
+    resumed = Run(cfg2)
+    ckpt = Checkpointer(cfg2, ctx1())
+    assert resumed.load(ckpt) == 2
+    caplog.set_level("WARNING", logger="viaduct")
+    resumed.step(1).save(ckpt)  # 3: the only candidate is 1 (2 was loaded, 4 and 5 are ahead)
+    resumed.step(1).save(ckpt)  # 4: replaces the old 4; 3 goes
+    ckpt.finalize()
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002", "iter_0000004", "iter_0000005"]
+    warnings = [r.getMessage() for r in caplog.records if "later steps" in r.getMessage()]
+    assert len(warnings) == 1 and "iter_0000005" in warnings[0]  # once, naming the other timeline
+
+
 # ------------------------------------------------------------------------------------------- load modes
 
 

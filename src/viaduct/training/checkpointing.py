@@ -106,12 +106,13 @@ class Checkpointer:
         self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
         self._storages: dict[str, TensorStorage] = {}
         self._deleter = AsyncWriter("viaduct-checkpoint-retention")  # removes old checkpoints
+        self._ahead_reported: set[str] = set()  # checkpoints of later steps, warned about once
         # Async saves: CPU staging buffers, the background writer, and its own gloo group. Collectives
         # of one group must not interleave between threads, and the training loop keeps using the
         # host group, so the writer thread gets a group of its own (created here: on every rank, at
         # the same point, as group creation requires).
         self._writer: AsyncWriter | None = None
-        self._staging = StagingArena()
+        self._staging = StagingArena(verbose=ctx.rank == 0)
         self._async_group: Any = None
         self._async_storages: dict[str, TensorStorage] = {}
         if self.ccfg.async_save:
@@ -143,7 +144,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         use_async = self._writer is not None and (self._async_group is not None or not self._distributed)
         if use_async:
-            self.wait_for_pending_save()  # its buffers are about to be reused; raises its error
+            self._wait_for_write()  # its buffers are about to be reused; raises its error
         self._info(
             "saving checkpoint at iteration %d to %s in %s format%s",
             step,
@@ -187,7 +188,7 @@ class Checkpointer:
                     L.fsync_dir(d)
                 L.commit(tmp, final)
                 L.write_tracker(root, step)  # last: the tracker never names an incomplete checkpoint
-                self._apply_retention(root, final)
+                self._apply_retention(root, final, step)
 
         if not use_async:
             self._collectively("save", prepare)
@@ -283,11 +284,15 @@ class Checkpointer:
     def wait_for_pending_save(self) -> None:
         """Block until the async save in flight (if any) is complete and old checkpoints are removed;
         raise the save's error if it failed."""
+        self._wait_for_write()
         self._deleter.wait()
+
+    def _wait_for_write(self) -> None:
+        # Not for the removal of old checkpoints: the next save's own retention waits for that, in the
+        # background writer's thread.
         if self._writer is None:
             return
         waited = self._writer.wait()
-        self._deleter.wait()  # the removal that save started
         if waited > 0.001:
             self._info("waited %.3f s for the previous asynchronous checkpoint save", waited)
 
@@ -341,7 +346,7 @@ class Checkpointer:
             shutil.copy2(src, dest / src.name)
         return True
 
-    def _apply_retention(self, root: Path, just_saved: Path) -> None:
+    def _apply_retention(self, root: Path, just_saved: Path, step: int) -> None:
         self._deleter.wait()  # the previous removal (its leftovers are cleaned up below)
         for leftover in L.leftovers(root):
             L.remove_dir(leftover)
@@ -349,11 +354,24 @@ class Checkpointer:
         for stale in root.glob(f".{L.TRACKER}.tmp-*"):
             stale.unlink(missing_ok=True)
         protected = [just_saved] + ([self._loaded_dir] if self._loaded_dir is not None else [])
+        found = L.list_checkpoints(root)
+        ahead = [path.name for s, path in found if s > step and path.name not in self._ahead_reported]
+        if ahead and (self.ccfg.most_recent_k or 0) > 0:
+            self._ahead_reported.update(ahead)
+            log.warning(
+                "%s in %s hold(s) later steps than this run's iteration %d (left by an earlier run or a "
+                "crash before the tracker was updated): most_recent_k leaves them alone; a save of the "
+                "same step replaces one",
+                ahead,
+                root,
+                step,
+            )
         victims = L.retention_victims(
-            L.list_checkpoints(root),
+            found,
             keep_recent=self.ccfg.most_recent_k,
             retain_interval=self.ccfg.save_retain_interval,
             protected=protected,
+            current_step=step,
         )
         if not victims:
             return

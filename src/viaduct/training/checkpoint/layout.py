@@ -195,12 +195,19 @@ def retention_victims(
     keep_recent: int,
     retain_interval: int | None,
     protected: Iterable[Path],
+    current_step: int | None = None,
 ) -> list[Path]:
     """Checkpoints `most_recent_k` lets go: all but the `keep_recent` newest, sparing multiples of
-    `retain_interval` and the `protected` directories (the one just saved, the one loaded)."""
+    `retain_interval` and the `protected` directories (the one just saved, the one loaded).
+
+    Checkpoints of steps after `current_step` (the one just saved) are left out altogether: they come
+    from another timeline (a run that went further before this one resumed from an earlier step, or
+    a crash between a checkpoint's rename and the tracker's update). Counting them would let them
+    push this run's own checkpoints out; deleting them would destroy work a user may still want.
+    """
     if keep_recent is None or keep_recent < 1:
         return []
-    ordered = sorted(checkpoints)
+    ordered = sorted(c for c in checkpoints if current_step is None or c[0] <= current_step)
     keep = {path for _, path in ordered[-keep_recent:]}
     spared = {os.path.realpath(p) for p in protected}
     return [
