@@ -431,13 +431,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
+def _worker(rank: int, world: int, port: int, root: str, parallel_save: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         ctx = DistributedContext(rank=rank, world_size=world, backend="gloo", host_group=dist.group.WORLD)
         save = os.path.join(root, "ckpt")
-        cfg = make_cfg(world_size=world, save=save, load=save, fully_parallel_load=True)
+        cfg = make_cfg(
+            world_size=world,
+            save=save,
+            load=save,
+            fully_parallel_load=True,
+            fully_parallel_save=parallel_save,
+        )
         run = Run(cfg).step(2)  # same seed and data on both ranks: replicas, as under DDP
         run.save(Checkpointer(cfg, ctx))
         if rank == 0:
@@ -452,10 +458,15 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_ranks_save_one_rank_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel_save", [True, False])
+def test_two_ranks_save_one_rank_loads(tmp_path: Path, parallel_save: bool) -> None:
     world = 2
     procs = mp.start_processes(
-        _worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+        _worker,
+        args=(world, _free_port(), str(tmp_path), parallel_save),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     try:
         for _ in range(60):  # hard limit: 60 s
@@ -468,8 +479,9 @@ def test_two_ranks_save_one_rank_loads(tmp_path: Path) -> None:
             if p.is_alive():
                 p.kill()
     shards = sorted(p.name for p in (tmp_path / "ckpt" / "iter_0000002").glob("*.distcp"))
-    # Both ranks wrote a share (fully_parallel_save); DCP names files __<rank>_<file>.distcp.
-    assert {name.split("_")[2] for name in shards} == {"0", "1"}
+    # With fully_parallel_save both ranks wrote a share, else rank 0 all of it; DCP names files
+    # __<rank>_<file>.distcp.
+    assert {name.split("_")[2] for name in shards} == ({"0", "1"} if parallel_save else {"0"})
     assert sorted(p.name for p in (tmp_path / "ckpt" / "iter_0000002" / "rng").iterdir()) == [
         "rank_00000.pt",
         "rank_00001.pt",

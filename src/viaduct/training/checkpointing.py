@@ -15,10 +15,14 @@ renames it to its final name and then replaces the tracker atomically. A directo
 therefore always complete, and loading never looks at anything else. Every file is read back with
 ``torch.load(weights_only=True)``: a checkpoint can never run code.
 
-Async saves (``checkpoint.async_save``): `save()` stages the model and optimizer tensors in reused CPU
-buffers (pinned for GPU tensors) and snapshots the rest, which is all the training loop waits for; a
-background thread then writes the files and does the same crash-safe finish, agreeing on success over
-a gloo group of its own. The next `save()` and `finalize()` wait for it and raise its error.
+Each rank writes a share of the replicated tensors (`TensorStorage.share`) and copies only that.
+Async saves (``checkpoint.async_save``): `save()` copies its share into a host-memory arena
+(`StagingArena`, pinned for GPU tensors; the training loop builds it in the background after its
+first step) and snapshots the rest, which is all the loop waits for; a background thread then writes
+the files and does the same crash-safe finish, agreeing on success over a gloo group of its own. The
+next `save()` and `finalize()` wait for it and raise its error. Synchronous saves of GPU tensors
+stage through the same arena (freed afterwards): that writes twice as fast as DCP's own copies.
+Retention renames old checkpoints out of the way and deletes them in the background.
 
 Which checkpoint is loaded (spec §8.3): ``checkpoint.load`` (its tracker, or ``ckpt_step``; or the
 directory itself when it is one checkpoint) for a full resume, or weights only with ``finetune``; when

@@ -65,7 +65,7 @@ class CheckpointConfig(ConfigBase):
     """Fail when load holds no checkpoint instead of starting from random weights."""
 
     ckpt_format: Literal["torch_dist", "torch"] = "torch_dist"
-    """Format: "torch_dist" (sharded, torch.distributed.checkpoint) or "torch" (torch.save per rank)."""
+    """Format: "torch_dist" (sharded, torch.distributed.checkpoint) or "torch" (one file: small models)."""
 
     fully_parallel_save: bool = True
     """Spread the writing of replicated tensors over data-parallel ranks."""
@@ -74,7 +74,7 @@ class CheckpointConfig(ConfigBase):
     """Spread the reading of replicated tensors over data-parallel ranks and exchange them."""
 
     async_save: bool = False
-    """Write checkpoints in the background while training continues (torch_dist only)."""
+    """Write checkpoints in the background (torch_dist only); keeps this rank's share in host memory."""
 
     ckpt_assume_constant_structure: bool = False
     """Reuse the save plan of the previous save (the state structure must not change)."""
