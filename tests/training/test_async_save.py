@@ -278,6 +278,49 @@ def test_staging_arena_prepared_in_the_background_is_used_by_the_next_stage() ->
     assert torch.equal(staged["w"], tensors["w"]) and torch.equal(staged["i"], tensors["i"])
 
 
+def test_short_host_memory_is_a_clear_error_for_async_and_a_warning_in_prepare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from viaduct.config import ConfigError
+    from viaduct.training.checkpoint import staging
+
+    monkeypatch.setattr(staging, "_available_host_memory", lambda: 1000)  # a host with 1 kB free
+    cfg = _cfg(tmp_path, async_save=True)
+    run = Run(cfg).step()
+    ckpt = Checkpointer(cfg, DistributedContext())
+    caplog.set_level("WARNING", logger="viaduct")
+    ckpt.prepare_staging(model=run.model, optimizer=run.optimizer)
+    ckpt._staging._join()
+    assert any("staging memory failed" in r.getMessage() for r in caplog.records)  # said at once
+    with pytest.raises(ConfigError) as err:
+        run.save(ckpt)
+    text = str(err.value)
+    assert "checkpoint.async_save" in text and "GB are available" in text and "async_save=false" in text
+    ckpt.finalize()
+    assert not list(tmp_path.glob("iter_*"))  # nothing half-written under a final name
+
+
+@pytest.mark.gpu
+def test_short_host_memory_makes_a_sync_save_write_from_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from viaduct.training.checkpoint import staging
+
+    monkeypatch.setattr(staging, "_available_host_memory", lambda: 1000)
+    caplog.set_level("WARNING", logger="viaduct")
+    cfg = _cfg(tmp_path)
+    run = Run(cfg)
+    run.model.cuda()
+    run.optimizer = build_optimizer(cfg.optimizer, run.model)
+    ckpt = Checkpointer(cfg, DistributedContext(device=torch.device("cuda")))
+    path = Path(run.save(ckpt))
+    fresh = Run(cfg, seed=3)
+    assert Checkpointer(cfg, DistributedContext()).load(**fresh.objects()) == 0
+    for (name, a), b in zip(run.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
+    assert path.is_dir() and any("straight from the GPU" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.gpu
 def test_staging_arena_pins_in_pieces_of_whole_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     from viaduct.training.checkpoint import staging

@@ -58,7 +58,7 @@ from viaduct.training.checkpoint.restore import (
     optimizer_read_targets,
     restore_optimizer,
 )
-from viaduct.training.checkpoint.staging import StagingArena
+from viaduct.training.checkpoint.staging import StagingArena, StagingMemoryError
 from viaduct.training.checkpoint.storage import TensorStorage, make_storage
 
 if TYPE_CHECKING:
@@ -214,7 +214,17 @@ class Checkpointer:
         staged: dict[str, Any] = {}
 
         def stage_and_prepare() -> None:
-            staged["tensors"] = self._staging.stage(share)
+            try:
+                staged["tensors"] = self._staging.stage(share)
+            except StagingMemoryError as exc:
+                raise ConfigError(
+                    Problem(
+                        "checkpoint.async_save",
+                        f"this rank cannot hold its share of the checkpoint in host memory: {exc}",
+                        fix="free host memory (fewer DataLoader workers), or set checkpoint.async_save=false",
+                    ),
+                    header=f"cannot save the checkpoint of iteration {step}",
+                ) from exc
             # Non-tensor state may share objects (or hold tensors) that training keeps changing.
             staged["common"], staged["rng"] = snapshot(common), snapshot(rng_state)
             prepare()
@@ -265,7 +275,11 @@ class Checkpointer:
         GPU, DCP copies them one at a time in its writer threads, at half the speed (see docs)."""
         if not any(t.device.type == "cuda" for t in share.values()):
             return share
-        return self._staging.stage(share)
+        try:
+            return self._staging.stage(share)
+        except StagingMemoryError as exc:
+            log.warning("%s: writing straight from the GPU instead (slower)", exc)
+            return share
 
     @staticmethod
     def _tensors(model: nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -26,13 +26,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["StagingArena"]
+__all__ = ["StagingArena", "StagingMemoryError"]
 
 log = logging.getLogger("viaduct")
 
 _ALIGN = 64  # bytes: every view starts on a cache line (and on any dtype's alignment)
 _REGISTER_CHUNK = 256 << 20
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process, not just the current one
+
+
+class StagingMemoryError(MemoryError):
+    """The host does not have the memory to stage a save."""
+
+
+def _available_host_memory() -> int | None:
+    """Linux's estimate of the memory available without swapping (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,6 @@ class StagingArena:
         self._arena: torch.Tensor | None = None
         self._registered: list[int] = []  # start addresses of the pinned pieces
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self._lock = threading.Lock()
         self.allocated_bytes = 0
         """Bytes the last `stage()` had to allocate itself (0 when prepared beforehand or reused)."""
@@ -146,32 +161,42 @@ class StagingArena:
 
     def release(self) -> None:
         """Free the arena (after any background preparation finishes)."""
-        self._join(raise_error=False)
+        self._join()
         with self._lock:
             self._drop()
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _join(self, raise_error: bool = True) -> None:
+    def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        error, self._error = self._error, None
-        if error is not None and raise_error:
-            # Preparing is an optimisation: the save builds the arena itself, and says why.
-            log.warning("preparing checkpoint staging memory failed (%s); the next save allocates it", error)
 
     def _build_catching(self, layout: _Layout) -> None:
         try:
             self._build(layout)
-        except BaseException as exc:  # kept for the caller's thread: a thread's exception is only printed
-            self._error = exc
+        except Exception as exc:  # said at once (a thread's exception would only be printed)
+            # Preparing is an optimisation: the next save builds the arena itself, or reports why not.
+            log.warning("preparing the checkpoint staging memory failed: %s", exc)
 
     def _build(self, layout: _Layout) -> None:
         with self._lock:
             self._drop()
             t0 = time.perf_counter()
-            arena = torch.empty(max(layout.size, 1), dtype=torch.uint8)
+            # Checked first: past it, faulting the pages in would wake the kernel's OOM killer rather
+            # than raise an error.
+            available = _available_host_memory()
+            if available is not None and layout.size > 0.9 * available:
+                raise StagingMemoryError(
+                    f"staging needs {layout.size / 1e9:.2f} GB of host memory and "
+                    f"{available / 1e9:.2f} GB are available"
+                )
+            try:
+                arena = torch.empty(max(layout.size, 1), dtype=torch.uint8)
+            except RuntimeError as exc:
+                raise StagingMemoryError(
+                    f"could not allocate {layout.size / 1e9:.2f} GB of host memory for staging: {exc}"
+                ) from exc
             # Fault every page in first (torch fills with several threads): registering untouched memory
             # leaves the kernel to do it on one thread (4.1 s instead of 1.1 s for 17.3 GB).
             arena.zero_()
