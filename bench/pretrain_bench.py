@@ -52,18 +52,21 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     class Clock(Callback):
+        """Times the steps of this process after its first `warmup` (a resumed run starts later)."""
+
         def __init__(self) -> None:
+            self.done = 0
             self.t: dict[int, float] = {}
 
         def on_train_step_end(self, ctx: Any) -> None:
-            step = ctx.state.train_state.step
-            if step in (args.warmup, steps):
+            self.done += 1
+            if self.done == args.warmup or ctx.state.train_state.step == steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
-                self.t[step] = time.perf_counter()
+                self.t[self.done] = time.perf_counter()
 
     clock = Clock()
     state = pretrain(cfg, callbacks=[clock])
-    dt = (clock.t[steps] - clock.t[args.warmup]) / args.steps
+    dt = (clock.t[clock.done] - clock.t[args.warmup]) / (clock.done - args.warmup)
     tokens_per_gpu = args.gbs * args.seq / world / dt
     fpt = flops_per_token(cfg.model, args.seq)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
