@@ -125,6 +125,26 @@ def test_mixed_precision_warns_when_it_overrides_a_user_value():
     )
 
 
+def test_a_full_dump_reloaded_warns_only_about_values_that_differ_from_the_default(tmp_path):
+    """`viaduct config show > run.yaml` repeats every default; reloading it must not warn about those."""
+    import warnings
+
+    dumped = tmp_path / "run.yaml"
+    dumped.write_text(get_recipe("llama32_1b")().to_yaml())  # bf16_mixed, dumped before validation
+    cfg = ConfigContainer.from_yaml(dumped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        cfg.validate()
+    assert cfg.model.params_dtype == DType("bf16")
+
+    text = dumped.read_text()
+    assert text.count("_target_: torch.float32") > 1
+    # A value the user changed in the file is still reported (the model's params_dtype comes first).
+    dumped.write_text(text.replace("_target_: torch.float32", "_target_: torch.float16", 1))
+    with pytest.warns(ConfigWarning, match="model.params_dtype=torch.float16"):
+        ConfigContainer.from_yaml(dumped).validate()
+
+
 def test_unknown_mixed_precision_recipe():
     cfg = tiny()
     cfg.mixed_precision = "bf16_mixd"

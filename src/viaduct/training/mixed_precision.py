@@ -333,6 +333,12 @@ def _inert(mp: MixedPrecisionConfig, name: str) -> bool:
     return name.startswith("fp4_") and mp.fp4 is None
 
 
+def _restates_default(info: Any, value: Any, source: str | None) -> bool:
+    """A YAML value equal to the field's default: a full dump (`viaduct config show`) repeats every
+    default, and warning that the recipe overrides those would bury the warnings that matter."""
+    return bool(source) and source.startswith("file ") and value == info.default_value()
+
+
 def apply_mixed_precision(
     mp: MixedPrecisionConfig,
     model: ConfigBase,
@@ -367,7 +373,7 @@ def apply_mixed_precision(
             if old == value:
                 continue
             source = target.source_of(dest)
-            if is_user_set(source):
+            if is_user_set(source) and not _restates_default(info, old, source):
                 notes.append(
                     f"{target_name}.{dest}={old!r} (from {source}) is overridden by mixed_precision "
                     f"{label}: {value!r}; set mixed_precision.{name} to change it"
