@@ -126,6 +126,7 @@ def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(
         "iter_0000002",
         "iter_0000004",
         "latest_checkpointed_iteration.txt",
+        "latest_train_state.pt",
     ]
     assert (async_root / "latest_checkpointed_iteration.txt").read_text() == "4\n"
     _assert_same_checkpoints(sync_root, async_root)
@@ -215,6 +216,7 @@ def test_staged_copy_is_immune_to_training_and_next_save_waits(tmp_path: Path) -
         "iter_0000001",
         "iter_0000002",
         "latest_checkpointed_iteration.txt",
+        "latest_train_state.pt",
     ]
 
     sync_cfg = _cfg(tmp_path, ckpt_step=1)

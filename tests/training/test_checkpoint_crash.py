@@ -138,6 +138,14 @@ def arm(point: str) -> None:
             if Path(dst).name == L.TRACKER:
                 die()
         os.replace = rp
+    elif point == "train_state_tracker_torn":  # the text tracker says 4; Bridge's copy half written
+        save_file = L.save_file
+        def torn_pt(obj: Any, path: Path) -> int:
+            if path.name.startswith(f".{L.LATEST_TRAIN_STATE}"):
+                path.write_bytes(b"PK\x03")
+                die()
+            return save_file(obj, path)
+        L.save_file = torn_pt
     elif point == "during_retention":  # iter_2 renamed to .deleting, not yet removed
         rmtree = shutil.rmtree
         def rt(path: Any, *a: Any, **k: Any) -> None:
@@ -174,7 +182,8 @@ POINTS = {
     "after_rename": 2,
     "tracker_tmp_torn": 2,
     "before_tracker_replace": 2,
-    "after_tracker": 4,
+    "after_tracker": 4,  # latest_train_state.pt still names 2: the newer tracker wins
+    "train_state_tracker_torn": 4,
     "during_retention": 4,
 }
 
@@ -258,6 +267,8 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(
     last = run.train_state.step
     assert last == expected + 2 and run.train_state.consumed_train_samples == last * child.GBS
     assert int(tracker.read_text()) == last
+    bridge_tracker = torch.load(root / "latest_train_state.pt", weights_only=True)
+    assert int(bridge_tracker["step"]) == last
     kept = sorted(p.name for p in root.glob("iter_*"))
     assert f"iter_{last:07d}" in kept and loaded.name in kept and len(kept) <= 3
 
@@ -280,4 +291,8 @@ def test_kill_before_the_first_checkpoint_completes_leaves_nothing_to_load(tmp_p
     assert ckpt.load(**run.objects()) is None
     run.step(2)
     ckpt.save(2, **run.objects())
-    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "iter_0000002",
+        "latest_checkpointed_iteration.txt",
+        "latest_train_state.pt",
+    ]

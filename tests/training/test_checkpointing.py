@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -153,9 +154,29 @@ def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
     run.save(ckpt)
     run.train_state.consumed_valid_samples = 99
     run.save(ckpt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
-    ts = torch.load(tmp_path / "iter_0000001" / "train_state.pt", weights_only=True)
-    assert int(ts["consumed_valid_samples"]) == 99
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000001",
+        "latest_checkpointed_iteration.txt",
+        "latest_train_state.pt",
+    ]
+    for path in (tmp_path / "iter_0000001" / "train_state.pt", tmp_path / "latest_train_state.pt"):
+        assert int(torch.load(path, weights_only=True)["consumed_valid_samples"]) == 99, path
+
+
+def test_bridge_tracker_alone_finds_the_checkpoint_and_a_torn_one_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = make_cfg(save=str(tmp_path))
+    run = Run(cfg)
+    ckpt = Checkpointer(cfg, ctx1())
+    run.step(1).save(ckpt)
+    run.step(1).save(ckpt)
+    (tmp_path / "latest_checkpointed_iteration.txt").unlink()  # as a root written by Megatron Bridge
+    (tmp_path / "iter_0000002").rename(tmp_path / "iter_0000009")  # the newest by name is not the tracked
+    (tmp_path / "iter_0000001").rename(tmp_path / "iter_0000002")
+    cfg2 = make_cfg(load=str(tmp_path))
+    assert Run(cfg2).load(Checkpointer(cfg2, ctx1())) == 1  # iter_0000002 holds step 1's state
+    (tmp_path / "latest_train_state.pt").write_bytes(b"PK\x03")
+    with pytest.raises(CheckpointError, match="latest_train_state.pt is not a readable train state"):
+        Run(cfg2).load(Checkpointer(cfg2, ctx1()))
 
 
 def test_constant_structure_reuses_plans_and_still_saves_new_values(tmp_path: Path) -> None:
@@ -212,7 +233,9 @@ def test_retention_leaves_checkpoints_of_later_steps_alone_and_warns(
     for _ in range(5):
         run.step(1).save(first)
     first.finalize()
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")  # as a crash before the tracker
+    # As a crash between the rename of step 5 and the update of both trackers:
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")
+    shutil.copy(tmp_path / "iter_0000002" / "train_state.pt", tmp_path / "latest_train_state.pt")
     cfg2 = make_cfg(save=str(tmp_path), load=str(tmp_path), most_recent_k=1)
     resumed = Run(cfg2)
     ckpt = Checkpointer(cfg2, ctx1())

@@ -8,7 +8,8 @@ One checkpoint is a directory ``<checkpoint.save>/iter_NNNNNNN/`` holding
   scaler), ``train_state.pt`` (step, consumed samples, FLOPs), ``rng/rank_NNNNN.pt`` (one per rank),
   ``metadata.json`` (format, step, world size, contents), ``run_config.yaml`` and ``tokenizer/``;
 
-and ``<checkpoint.save>/latest_checkpointed_iteration.txt`` names the newest one.
+and ``<checkpoint.save>/latest_checkpointed_iteration.txt`` (Megatron-LM's tracker) and
+``latest_train_state.pt`` (Megatron Bridge's: a copy of its ``train_state.pt``) name the newest one.
 
 Crash safety: all ranks write into ``iter_NNNNNNN.tmp``; once every rank reports success, rank 0
 renames it to its final name and then replaces the tracker atomically. A directory with a final name is
@@ -191,7 +192,7 @@ class Checkpointer:
                 for d in (tmp / L.RNG_DIR, tmp):
                     L.fsync_dir(d)
                 L.commit(tmp, final)
-                L.write_tracker(root, step)  # last: the tracker never names an incomplete checkpoint
+                L.write_tracker(root, step, state)  # last: a tracker never names an incomplete checkpoint
                 self._apply_retention(root, final, step)
 
         if not use_async:
@@ -369,8 +370,9 @@ class Checkpointer:
         for leftover in L.leftovers(root):
             L.remove_dir(leftover)
         # A crash while the tracker was being replaced leaves its temporary file (never read).
-        for stale in root.glob(f".{L.TRACKER}.tmp-*"):
-            stale.unlink(missing_ok=True)
+        for name in (L.TRACKER, L.LATEST_TRAIN_STATE):
+            for stale in root.glob(f".{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
         protected = [just_saved] + ([self._loaded_dir] if self._loaded_dir is not None else [])
         found = L.list_checkpoints(root)
         ahead = [path.name for s, path in found if s > step and path.name not in self._ahead_reported]

@@ -3,6 +3,7 @@
 ```
 <root>/
   latest_checkpointed_iteration.txt   tracker: the step of the newest complete checkpoint (Megatron-LM's)
+  latest_train_state.pt               tracker: a copy of that checkpoint's train_state.pt (Megatron Bridge's)
   iter_0000500/                       one complete checkpoint (see `Checkpointer` for its files)
   iter_0000600.tmp/                   a checkpoint being written (or left by a crash): never loaded
 ```
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
+LATEST_TRAIN_STATE = "latest_train_state.pt"
+"""Megatron Bridge's tracker: a copy of the newest checkpoint's train_state.pt (read before TRACKER)."""
 METADATA = "metadata.json"
 """JSON description of a checkpoint: format, step, world size, what it holds (readable without torch)."""
 COMMON = "common.pt"
@@ -81,14 +84,26 @@ def leftovers(root: Path) -> list[Path]:
 
 
 def read_tracker(root: Path) -> int | None:
-    """The step in the tracker file; None when there is none. Raises ValueError on other content."""
+    """The newest step the trackers name (Megatron-LM's text file, Bridge's latest_train_state.pt);
+    None when there is neither. Raises ValueError when one is unreadable.
+
+    Both only ever name complete checkpoints; a crash between their two updates leaves them one save
+    apart, and the newer is the one to resume from.
+    """
+    steps = []
     path = root / TRACKER
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path} holds {text[:40]!r}, not a step number")
-    return int(text)
+    if path.is_file():
+        text = path.read_text().strip()
+        if not text.isdigit():
+            raise ValueError(f"{path} holds {text[:40]!r}, not a step number")
+        steps.append(int(text))
+    path = root / LATEST_TRAIN_STATE
+    if path.is_file():
+        try:
+            steps.append(int(torch.load(path, map_location="cpu", weights_only=True)["step"]))
+        except Exception as exc:  # truncated, not a dict, no step: all mean "unreadable"
+            raise ValueError(f"{path} is not a readable train state: {type(exc).__name__}: {exc}") from exc
+    return max(steps) if steps else None
 
 
 def metadata_of(directory: Path) -> dict[str, Any]:
@@ -146,8 +161,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def write_tracker(root: Path, step: int) -> None:
+def write_tracker(root: Path, step: int, train_state: dict[str, Any] | None = None) -> None:
+    """Name `step` as the newest checkpoint: the text tracker, then (with `train_state`) Bridge's
+    latest_train_state.pt, each replaced atomically."""
     write_text_atomic(root / TRACKER, f"{step}\n")
+    if train_state is not None:
+        path = root / LATEST_TRAIN_STATE
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(train_state, tmp)
+        os.replace(tmp, path)
+        fsync_dir(root)
 
 
 def retire(path: Path) -> Path:
