@@ -27,7 +27,7 @@ import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 LATEST_TRAIN_STATE = "latest_train_state.pt"
-"""Megatron Bridge's tracker: a copy of the newest checkpoint's train_state.pt (read before TRACKER)."""
+"""Megatron Bridge's tracker: a copy of the newest checkpoint's train_state.pt (both trackers are read)."""
 METADATA = "metadata.json"
 """JSON description of a checkpoint: format, step, world size, what it holds (readable without torch)."""
 COMMON = "common.pt"

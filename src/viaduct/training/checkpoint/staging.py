@@ -7,8 +7,9 @@ while training may already change the originals.
 Why one arena, and not `torch.empty(..., pin_memory=True)` per tensor: torch's pinned allocator rounds
 every block up to a power of two and pins pages on one thread. For the 17.3 GB state of a 1B model
 (bf16 weights, fp32 masters, Adam moments) on an H200 host that took 6.0 s as 490 blocks and 11.3 s
-(and 32 GB) as one. Ordinary memory, its pages faulted in by torch's threads and then registered with
-CUDA (`cudaHostRegister`), took 1.1 s, and device-to-host copies into it run at full speed (0.31 s).
+(and 32 GB) as one. Ordinary memory, its pages faulted in by torch's threads (0.6-1.4 s) and then
+registered with CUDA (`cudaHostRegister`, 0.6-1.1 s in pieces), took 1.5-2.1 s on H100 and H200
+hosts, and device-to-host copies into it run at full speed (0.31 s).
 
 `prepare(tensors, background=True)` builds the arena in a thread: the training loop starts it after
 its first step (when the optimizer state exists), so the first save does not pay for it.
