@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from viaduct.testing import free_port, tiny_pretrain_config
@@ -159,15 +160,40 @@ def _losses(cfg) -> list[float]:
     return rec.values
 
 
+def _losses_and_weights(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
+    from viaduct.training.callbacks import Callback
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.weights: dict[str, torch.Tensor] = {}
+
+        def on_train_step_end(self, ctx) -> None:
+            self.losses.append(float(ctx.metrics["losses"]["lm loss"]))
+
+        def on_train_end(self, ctx) -> None:
+            self.weights = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+
+    rec = Record()
+    pretrain(cfg, callbacks=[rec])
+    return rec.losses, rec.weights
+
+
 def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
-    """6 steps straight equal 3 steps, a restart from the checkpoint, and 3 more (fp32, CPU)."""
-    common = ("train.train_iters=6", "train.eval_iters=0", "dataset.num_workers=0")
-    straight = _losses(tiny_pretrain_config(*common))
+    """20 steps straight equal 10 steps, a restart from the checkpoint, and 10 more: the losses and
+    the final weights, bitwise (fp32, CPU)."""
+    common = ("train.train_iters=20", "train.eval_iters=0", "dataset.num_workers=0")
+    straight, straight_weights = _losses_and_weights(tiny_pretrain_config(*common))
     save = tmp_path / "ckpt"
-    first = _losses(tiny_pretrain_config(*common, "train.exit_interval=3", f"checkpoint.save={save}"))
-    second = _losses(tiny_pretrain_config(*common, f"checkpoint.save={save}", f"checkpoint.load={save}"))
-    assert len(first) == 3 and len(second) == 3
+    first = _losses(tiny_pretrain_config(*common, "train.exit_interval=10", f"checkpoint.save={save}"))
+    second, weights = _losses_and_weights(
+        tiny_pretrain_config(*common, f"checkpoint.save={save}", f"checkpoint.load={save}")
+    )
+    assert len(first) == 10 and len(second) == 10
     assert first + second == straight  # bitwise: same data position, RNG, optimizer and schedule
+    assert weights.keys() == straight_weights.keys()
+    for name, value in straight_weights.items():
+        assert torch.equal(weights[name], value), name
 
 
 def test_finetune_starts_from_pretrained_weights_at_step_0(tmp_path):
