@@ -33,7 +33,12 @@ from viaduct.training.logging import (
     teardown_python_logging,
     write_config_file,
 )
-from viaduct.training.logging.memory import format_memory_line, memory_report, summarize_memory_stats
+from viaduct.training.logging.memory import (
+    format_memory_line,
+    memory_report,
+    summarize_memory_stats,
+    theoretical_memory_line,
+)
 from viaduct.training.logging.metrics import runtime_metrics
 from viaduct.training.logging.timers import DummyTimer
 
@@ -233,6 +238,24 @@ def test_memory_statistics_to_gigabytes():
         "[Rank 3] (after 10 iterations) memory (GB) | current_allocated_mem: 1.2346 | "
         "peak_reserved_mem: 2.0 | alloc_retries: 3"
     )
+
+
+def test_theoretical_memory_line_follows_the_estimate():
+    from viaduct.models.accounting import estimate_memory
+
+    cfg = get_recipe("llama32_1b")()
+    cfg.model.vocab_size = 128256
+    cfg.validate()  # bf16_mixed: bf16 weights with float32 masters and main grads
+    est = estimate_memory(cfg.model, cfg.train.micro_batch_size)
+    line = theoretical_memory_line(cfg.model, cfg.train.micro_batch_size)
+    weights = re.search(r"weight and optimizer=([\d.]+) MB, activation=([\d.]+) MB, total=([\d.]+) MB", line)
+    assert line.startswith("Theoretical memory footprints: ") and weights
+    w, a, total = (float(x) for x in weights.groups())
+    # 1.24B parameters x (2 bf16 + 4 main grad + 4 master + 8 Adam) bytes
+    assert w == pytest.approx(1.2358e9 * 18 / 2**20, rel=1e-3)
+    assert a == pytest.approx((est.activations + est.logits) / 2**20, abs=0.01)
+    assert total == pytest.approx(w + a, abs=0.02)
+    assert theoretical_memory_line(object(), 1) is None  # not a GPT model: no estimate
 
 
 def test_progress_bar_only_on_a_tty(monkeypatch, capsys):
@@ -653,6 +676,7 @@ def test_cuda_memory_line_and_metrics(tmp_path, capsys):
     assert len(memory_lines) == 1  # after the first interval only
     assert memory_lines[0].startswith("[Rank 0] (after 1 iterations) memory (GB) | current_allocated_mem: ")
     assert "device_memory_used" in memory_lines[0]
+    assert out.count("Theoretical memory footprints: weight and optimizer=") == 1
     s = scalars(tb)
     assert [step for step, _ in s["memory/current_allocated_mem"]] == [1, 2]
     assert s["memory/current_allocated_mem"][0][1] >= 0.06

@@ -92,3 +92,24 @@ def format_memory_line(rank: int, iterations: int, report: Mapping[str, float]) 
     for name, value in report.items():
         line += f" | {name}: {value}"
     return line
+
+
+def theoretical_memory_line(model: object, micro_batch_size: int) -> str | None:
+    """Megatron's `Theoretical memory footprints: ...` line for a GPT model config (None for others).
+
+    From `viaduct.models.accounting.estimate_memory`: weights, gradients and Adam state, then the
+    activations and logits of one micro-batch; in MB (2^20 bytes), as Megatron prints them.
+    """
+    from viaduct.models.accounting import estimate_memory
+    from viaduct.models.gpt.provider import GPTModelProvider
+
+    if not isinstance(model, GPTModelProvider):
+        return None
+    est = estimate_memory(model, micro_batch_size)
+    mb = 2**20
+    weights = (est.parameters + est.gradients + est.optimizer) / mb
+    activations = (est.activations + est.logits) / mb
+    return (
+        f"Theoretical memory footprints: weight and optimizer={weights:.2f} MB, "
+        f"activation={activations:.2f} MB, total={weights + activations:.2f} MB"
+    )

@@ -34,7 +34,12 @@ from viaduct.training.logging.console import (
     install_console_handler,
     perplexity,
 )
-from viaduct.training.logging.memory import DEVICE_MEMORY_USED, format_memory_line, memory_report
+from viaduct.training.logging.memory import (
+    DEVICE_MEMORY_USED,
+    format_memory_line,
+    memory_report,
+    theoretical_memory_line,
+)
 from viaduct.training.logging.metrics import MetricsWriter, ThroughputWindow, check_backends, runtime_metrics
 
 if TYPE_CHECKING:
@@ -181,6 +186,10 @@ class TrainingLogger:
             )
             if report and self._reports_memory:
                 self._log.info(format_memory_line(self.rank, records[-1].step, report))
+            if report and self.rank == 0:  # the estimate to compare the measured line with
+                line = theoretical_memory_line(self.cfg.model, self.cfg.train.micro_batch_size)
+                if line is not None:
+                    self._log.info(line)
 
     def _throughput(self, timing: IntervalTiming) -> dict[str, float] | None:
         if timing.elapsed_s <= 0:
