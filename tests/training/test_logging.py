@@ -130,7 +130,10 @@ def test_console_line_formats_and_averages_over_non_skipped_steps(capsys):
     ]
     lg.log_train(records, timing(4, elapsed_s=1.0, flops=4e12, tokens=4 * 16 * SEQ))
     lg.close()
-    (line,) = train_lines(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    (line,) = train_lines(out)
+    # Rank 0's summary (Megatron Bridge): 1 s over 4 iterations, 4 TFLOP/s per GPU.
+    assert "Step Time : 0.25s GPU utilization: 4.0MODEL_TFLOP/s/GPU\n" in out
 
     assert re.match(r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration ", line)
     assert " iteration        4/     200 |" in line
@@ -168,8 +171,9 @@ def test_optional_console_fields(capsys):
         2, 2.0, loss_scale=65536.0, num_zeros=7.0, params_norm=99.87654, decoupled_learning_rate=1e-5
     )
     lg.log_train([record(1, 2.0), last], timing(2))
-    (line,) = train_lines(capsys.readouterr().out)
-    assert "TFLOP/s" not in line and "MFU" not in line  # only with logger.log_throughput
+    out = capsys.readouterr().out
+    (line,) = train_lines(out)
+    assert "TFLOP/s" not in out and "MFU" not in line  # only with logger.log_throughput
     assert " decoupled learning rate: 1.000000E-05 |" in line
     assert " loss scale: 65536.0 |" in line
     assert " num zeros: 7.0 |" in line
@@ -195,7 +199,8 @@ def test_only_the_last_rank_prints_and_no_process_group_is_needed(capsys, tmp_pa
     first.log_train([record(1)], timing(1))
     first.log_evaluation(1, 16, {"lm loss": 2.0}, split="validation")
     first.info("from rank 0")
-    assert capsys.readouterr().out == "from rank 0\n"
+    # Rank 0 prints only its Step Time summary (log_throughput is on in the default recipe).
+    assert capsys.readouterr().out == "Step Time : 1.00s GPU utilization: 2.0MODEL_TFLOP/s/GPU\nfrom rank 0\n"
     last.log_train([record(1)], timing(1))
     last.info("rank 1 says nothing")
     assert len(train_lines(capsys.readouterr().out)) == 1

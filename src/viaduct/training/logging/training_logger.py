@@ -178,6 +178,12 @@ class TrainingLogger:
             block = format_timers(timing.timers, lc.timing_log_option)
             if block is not None:
                 self._log.info(block)
+        if self.rank == 0 and lc.log_throughput:
+            throughput = self._throughput(timing)
+            if throughput is not None:  # Megatron Bridge's rank-0 summary of the interval
+                per_step = timing.elapsed_s / max(1, timing.iterations)
+                tflops = throughput["tflops"]
+                self._log.info(f"Step Time : {per_step:.2f}s GPU utilization: {tflops:.1f}MODEL_TFLOP/s/GPU")
         if not self._memory_reported:
             self._memory_reported = True
             # CUDA only: memory_report() is empty on CPU, where no line is printed.
