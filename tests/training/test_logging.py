@@ -261,6 +261,7 @@ def test_theoretical_memory_line_follows_the_estimate():
     assert a == pytest.approx((est.activations + est.logits) / 2**20, abs=0.01)
     assert total == pytest.approx(w + a, abs=0.02)
     assert theoretical_memory_line(object(), 1) is None  # not a GPT model: no estimate
+    assert theoretical_memory_line(get_recipe("default")().model, 1) is None  # vocabulary not known yet
 
 
 def test_progress_bar_only_on_a_tty(monkeypatch, capsys):
@@ -672,6 +673,7 @@ def test_cuda_memory_line_and_metrics(tmp_path, capsys):
     keep = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # 64 MiB allocated
     tb = tmp_path / "tb"
     cfg = make_cfg(tensorboard_dir=str(tb), log_memory_to_tensorboard=True, log_device_memory_used=True)
+    cfg.model.vocab_size = 4096  # as pretrain() sets it from the tokenizer
     lg = make_logger(cfg, device=device)
     lg.log_train([record(1)], timing(1))
     lg.log_train([record(2)], timing(1))

@@ -103,9 +103,12 @@ def theoretical_memory_line(model: object, micro_batch_size: int) -> str | None:
     from viaduct.models.accounting import estimate_memory
     from viaduct.models.gpt.provider import GPTModelProvider
 
-    if not isinstance(model, GPTModelProvider):
+    if not isinstance(model, GPTModelProvider) or model.vocab_size is None:
+        return None  # the vocabulary size comes from the tokenizer in pretrain(); unknown before
+    try:
+        est = estimate_memory(model, micro_batch_size)
+    except ValueError:  # a model config the estimate does not cover: no line rather than a crash
         return None
-    est = estimate_memory(model, micro_batch_size)
     mb = 2**20
     weights = (est.parameters + est.gradients + est.optimizer) / mb
     activations = (est.activations + est.logits) / mb
