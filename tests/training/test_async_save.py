@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from viaduct.distributed.init import DistributedContext
-from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.testing import assert_identical, run_distributed, tiny_pretrain_config
 from viaduct.training.checkpoint.async_writer import AsyncWriter
 from viaduct.training.checkpoint.flat import nbytes
 from viaduct.training.checkpoint.staging import StagingArena
@@ -67,33 +67,18 @@ def _dcp_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _assert_equal(a: Any, b: Any, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def _assert_same_checkpoints(sync_root: Path, async_root: Path) -> None:
     assert _files(sync_root) == _files(async_root)
     for rel in _files(sync_root):
         a, b = sync_root / rel, async_root / rel
         if rel.endswith(".pt"):
-            _assert_equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True), rel)
+            assert_identical(torch.load(a, weights_only=True), torch.load(b, weights_only=True), rel)
         elif rel.endswith("metadata.json"):
             ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
             ma.pop("saved_at"), mb.pop("saved_at")
             assert ma == mb, rel
         elif rel.endswith(".metadata"):
-            _assert_equal(_dcp_tensors(a.parent), _dcp_tensors(b.parent), rel)
+            assert_identical(_dcp_tensors(a.parent), _dcp_tensors(b.parent), rel)
         elif rel.endswith(".txt"):
             assert a.read_text() == b.read_text(), rel
 
@@ -222,7 +207,7 @@ def test_staged_copy_is_immune_to_training_and_next_save_waits(tmp_path: Path) -
     sync_cfg = _cfg(tmp_path, ckpt_step=1)
     fresh = Run(sync_cfg, seed=5)
     assert Checkpointer(sync_cfg, DistributedContext()).load(**fresh.objects()) == 1
-    _assert_equal(before, fresh.model.state_dict(), "model")  # not the zeros written after save()
+    assert_identical(before, fresh.model.state_dict(), "model")  # not the zeros written after save()
 
 
 def test_background_error_is_raised_by_finalize_and_by_the_next_save(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from viaduct.testing import assert_identical
+
 # The child script. The parent imports the same file, so both sides build the same model and config.
 CHILD = r'''
 """Train a tiny GPT, save at step 2, then die (SIGKILL) inside the save of step 4 where CRASH_AT says."""
@@ -212,17 +214,6 @@ def _crash(tmp_path: Path, script: Path, point: str, fmt: str, step: int = 4) ->
     return root
 
 
-def _same(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def _leftovers(root: Path) -> list[str]:
     """Temporary directories of a save, and the tracker's temporary file, left by a crash."""
     return sorted(
@@ -252,7 +243,7 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(
     ckpt = Checkpointer(cfg, DistributedContext())
     assert ckpt.load(**run.objects()) == expected
     ref = torch.load(tmp_path / f"ref_{expected}.pt", weights_only=True)
-    _same(ref, run.snapshot())
+    assert_identical(ref, run.snapshot())
     loaded = root / f"iter_{expected:07d}"
 
     # Train on past the crashed step and save at 3 (or 5), then at 4 (or 6): the first save clears
@@ -274,7 +265,7 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(
 
     again = child.Run(cfg, seed=8)
     assert Checkpointer(cfg, DistributedContext()).load(**again.objects()) == last
-    _same(run.snapshot(), again.snapshot())
+    assert_identical(run.snapshot(), again.snapshot())
 
 
 def test_kill_before_the_first_checkpoint_completes_leaves_nothing_to_load(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from viaduct.distributed.init import DistributedContext
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import tiny_gpt_pretrain_config
-from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.testing import assert_identical, run_distributed, tiny_pretrain_config
 from viaduct.training.checkpointing import Checkpointer
 from viaduct.training.config import CheckpointConfig, ConfigContainer, SchedulerConfig
 from viaduct.training.optim import build_optimizer
@@ -57,17 +57,6 @@ def _snapshot(model: Any, optimizer: Any, scheduler: Any, ts: TrainState) -> dic
     }
 
 
-def _same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def _phase(rank: int, world: int, root: str, steps: int, expect: int | None) -> list[float]:
     """Load (expecting step `expect`), check against the saved reference, train `steps` and save."""
     if world > 1:  # run_distributed set the torchrun environment
@@ -87,7 +76,7 @@ def _phase(rank: int, world: int, root: str, steps: int, expect: int | None) -> 
         assert ckpt.load(model=model, optimizer=optimizer, scheduler=scheduler, train_state=ts) == expect
         if expect is not None:
             ref = torch.load(os.path.join(root, f"ref_{expect}.pt"), weights_only=True)
-            _same(ref, _snapshot(model, optimizer, scheduler, ts))
+            assert_identical(ref, _snapshot(model, optimizer, scheduler, ts))
         losses = []
         share = ROWS // world
         for _ in range(steps):

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from viaduct.distributed.init import DistributedContext
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import tiny_gpt_pretrain_config
+from viaduct.testing import assert_identical
 from viaduct.training.checkpointing import Checkpointer, CheckpointError
 from viaduct.training.config import CheckpointConfig, ConfigContainer, SchedulerConfig
 from viaduct.training.optim import build_optimizer
@@ -89,22 +90,11 @@ class Run:
         return ckpt.load(**self.objects())
 
 
-def assert_same_tensors(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            assert_same_tensors(a[k], b[k])
-        elif isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
 def assert_same_run(a: Run, b: Run) -> None:
-    assert_same_tensors(a.model.state_dict(), b.model.state_dict())
+    assert_identical(a.model.state_dict(), b.model.state_dict())
     oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
     assert oa["state"] and oa["master"]
-    assert_same_tensors(oa, ob)
+    assert_identical(oa, ob)
     assert a.scheduler.state_dict() == b.scheduler.state_dict()
     assert a.train_state == b.train_state
 
@@ -260,7 +250,7 @@ def test_load_optim_false_keeps_a_fresh_optimizer_with_masters_from_the_weights(
     b = Run(cfg2, seed=5)
     ckpt = Checkpointer(cfg2, ctx1())
     assert b.load(ckpt) == 2
-    assert_same_tensors(a.model.state_dict(), b.model.state_dict())
+    assert_identical(a.model.state_dict(), b.model.state_dict())
     assert b.optimizer.state_dict()["state"] == {}
     for s in b.optimizer.copies:  # masters follow the loaded 16-bit weights
         assert torch.equal(s.master, s.param.float())
@@ -278,7 +268,7 @@ def test_checkpoint_saved_without_optimizer_and_rng_resumes_with_fresh_ones(tmp_
     ckpt = Checkpointer(cfg, ctx1())
     assert b.load(ckpt) == 2
     assert ckpt.last_load.parts == ["model", "scheduler", "train_state"]
-    assert_same_tensors(a.model.state_dict(), b.model.state_dict())
+    assert_identical(a.model.state_dict(), b.model.state_dict())
     assert b.optimizer.state_dict()["state"] == {}
 
 
@@ -309,7 +299,7 @@ def test_pretrained_checkpoint_loads_weights_only(tmp_path: Path, fmt: str) -> N
         cfg2 = make_cfg(pretrained_checkpoint=str(where))
         b = Run(cfg2, seed=5)
         assert b.load(Checkpointer(cfg2, ctx1())) == 0
-        assert_same_tensors(a.model.state_dict(), b.model.state_dict())
+        assert_identical(a.model.state_dict(), b.model.state_dict())
         assert b.train_state == TrainState() and b.scheduler.num_steps == 0
         assert b.optimizer.state_dict()["state"] == {}
         assert all(torch.equal(s.master, s.param.float()) for s in b.optimizer.copies)
@@ -323,7 +313,7 @@ def test_finetune_from_load_and_pretrained_fallback_when_load_is_empty(tmp_path:
     cfg2 = make_cfg(load=str(tmp_path / "base"), finetune=True)
     b = Run(cfg2, seed=5)
     assert b.load(Checkpointer(cfg2, ctx1())) == 0
-    assert_same_tensors(a.model.state_dict(), b.model.state_dict())
+    assert_identical(a.model.state_dict(), b.model.state_dict())
     assert b.train_state.step == 0 and b.optimizer.state_dict()["state"] == {}
 
     # Recipes point load at save: on the first run it is empty, so the pretrained weights are taken.
@@ -331,7 +321,7 @@ def test_finetune_from_load_and_pretrained_fallback_when_load_is_empty(tmp_path:
     cfg3 = make_cfg(save=str(run_dir), load=str(run_dir), pretrained_checkpoint=str(tmp_path / "base"))
     c = Run(cfg3, seed=6)
     assert c.load(Checkpointer(cfg3, ctx1())) == 0
-    assert_same_tensors(a.model.state_dict(), c.model.state_dict())
+    assert_identical(a.model.state_dict(), c.model.state_dict())
 
 
 def test_ckpt_step_picks_that_step_and_a_missing_one_names_field_and_path(tmp_path: Path) -> None:
@@ -515,5 +505,5 @@ def test_two_ranks_save_one_rank_loads(tmp_path: Path, parallel_save: bool) -> N
     run = Run(cfg, seed=9)
     assert run.load(Checkpointer(cfg, ctx1())) == 2
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)
-    assert_same_tensors(ref["model"], run.model.state_dict())
-    assert_same_tensors(ref["optimizer"], run.optimizer.state_dict())
+    assert_identical(ref["model"], run.model.state_dict())
+    assert_identical(ref["optimizer"], run.optimizer.state_dict())

@@ -1,6 +1,8 @@
-"""Test kit shipped with the package: run one function on N real processes (gloo on CPU, NCCL on GPU)."""
+"""Test kit shipped with the package: run one function on N real processes (gloo on CPU, NCCL on GPU),
+tiny configurations, and exact comparison of training state."""
 
+from viaduct.testing.compare import assert_identical
 from viaduct.testing.configs import tiny_pretrain_config
 from viaduct.testing.distributed import free_port, run_distributed
 
-__all__ = ["free_port", "run_distributed", "tiny_pretrain_config"]
+__all__ = ["assert_identical", "free_port", "run_distributed", "tiny_pretrain_config"]

@@ -222,6 +222,7 @@ class Checkpointer:
                     Problem(
                         "checkpoint.async_save",
                         f"this rank cannot hold its share of the checkpoint in host memory: {exc}",
+                        True,
                         fix="free host memory (fewer DataLoader workers), or set checkpoint.async_save=false",
                     ),
                     header=f"cannot save the checkpoint of iteration {step}",

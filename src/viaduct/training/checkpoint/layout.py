@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +153,17 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` atomically: a reader sees the old or the new content, never half."""
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Replace `path` by what `write(tmp)` puts in a temporary file beside it: a reader sees the old
+    or the new content, never half. A crash leaves ``.<name>.tmp-<pid>``, which is never read."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_text(tmp, text)
+    write(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: write_text(tmp, text))
 
 
 def write_tracker(root: Path, step: int, train_state: dict[str, Any] | None = None) -> None:
@@ -166,11 +171,7 @@ def write_tracker(root: Path, step: int, train_state: dict[str, Any] | None = No
     latest_train_state.pt, each replaced atomically."""
     write_text_atomic(root / TRACKER, f"{step}\n")
     if train_state is not None:
-        path = root / LATEST_TRAIN_STATE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(train_state, tmp)
-        os.replace(tmp, path)
-        fsync_dir(root)
+        replace_atomically(root / LATEST_TRAIN_STATE, lambda tmp: save_file(train_state, tmp))
 
 
 def retire(path: Path) -> Path:

@@ -83,7 +83,14 @@ def find_checkpoint(root: Path, fld: str, step: int | None, *, verbose: bool = T
     try:
         tracked = L.read_tracker(root)
     except (OSError, ValueError) as exc:
-        raise checkpoint_problem(fld, "unreadable tracker", root / L.TRACKER, cause=exc) from exc
+        raise checkpoint_problem(
+            fld,
+            "unreadable tracker",
+            root,
+            fix=f"repair or delete {L.TRACKER} and {L.LATEST_TRAIN_STATE} there "
+            "(without them the newest complete iter_N is loaded), or name one iter_N directory itself",
+            cause=exc,
+        ) from exc
     if tracked is not None and L.is_checkpoint_dir(root / L.iter_name(tracked)):
         return root / L.iter_name(tracked)
     found = L.list_checkpoints(root)
