@@ -24,9 +24,13 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeGuard, TypeVar
 
 from viaduct.config import ConfigError, Problem
+
+_T = TypeVar("_T")
 
 SCHEME = "builtin:"
 _FORMAT = 1
@@ -36,7 +40,7 @@ EOD_TOKEN = "<|endoftext|>"
 _SPECIAL = [EOD_TOKEN, "<pad>", "<s>"]
 
 
-def is_builtin(name: str | None) -> bool:
+def is_builtin(name: str | None) -> TypeGuard[str]:
     return isinstance(name, str) and name.startswith(SCHEME)
 
 
@@ -71,7 +75,7 @@ def pydoc_documents() -> list[str]:
     return docs
 
 
-def _atomic_dir(target: Path, build: callable) -> Path:  # type: ignore[valid-type]
+def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
     """Build into a temporary sibling directory and rename it to `target` (first writer wins)."""
     if target.exists():
         return target
@@ -132,8 +136,8 @@ def pydoc_dataset_prefix() -> str:
     return str(_atomic_dir(cache_root() / _key() / "dataset", build) / "pydoc_text_document")
 
 
-_TOKENIZERS = {"pydoc-bpe": pydoc_tokenizer_dir}
-_DATASETS = {"pydoc": pydoc_dataset_prefix}
+_TOKENIZERS: dict[str, Callable[[], Path]] = {"pydoc-bpe": pydoc_tokenizer_dir}
+_DATASETS: dict[str, Callable[[], str]] = {"pydoc": pydoc_dataset_prefix}
 
 
 def resolve_tokenizer(name: str, field: str = "tokenizer.tokenizer_model") -> str:
@@ -146,7 +150,7 @@ def resolve_dataset(name: str, field: str = "dataset.data_path") -> str:
     return str(_lookup(_DATASETS, name, field)())
 
 
-def _lookup(table: dict, name: str, field: str):  # type: ignore[no-untyped-def]
+def _lookup(table: Mapping[str, _T], name: str, field: str) -> _T:
     key = name[len(SCHEME) :] if is_builtin(name) else name
     if key not in table:
         raise ConfigError(

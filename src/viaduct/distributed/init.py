@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ class DistributedContext:
     backend: str | None = None
     created: bool = False
     """Whether viaduct created the default process group (and so destroys it at the end)."""
-    host_group: Any = None
+    host_group: dist.ProcessGroup | None = None
     """A gloo group for host-side collectives (exit decisions): no device synchronisation. None when
     dist.use_gloo_process_groups is false: those collectives then go through the default group."""
 
@@ -67,9 +66,9 @@ def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     elif world > 1:
-        backend = cfg.distributed_backend if device.type == "cuda" else "gloo"
+        init_backend = cfg.distributed_backend if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend,
+            backend=init_backend,
             rank=rank,
             world_size=world,
             timeout=timedelta(minutes=cfg.distributed_timeout_minutes),
@@ -77,7 +76,7 @@ def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
         )
         created = True
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-    host_group = None
+    host_group: dist.ProcessGroup | None = None
     if backend == "gloo":
         host_group = dist.group.WORLD
     elif backend is not None and cfg.use_gloo_process_groups:

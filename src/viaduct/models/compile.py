@@ -9,15 +9,30 @@ recompute set on the model stays in effect either way.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from torch import nn
 
 from viaduct.models.common.transformer import TransformerBlock, TransformerLayer
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
+
+
+class CompileOptions(TypedDict, total=False):
+    """The `torch.compile` options `compile_model` passes on (those every supported torch accepts)."""
+
+    fullgraph: bool
+    dynamic: bool | None
+    backend: str | Callable[..., object]
+    mode: str | None
+    options: dict[str, str | int | bool | Callable[..., object]] | None
+    disable: bool
+
 
 def compile_model(
-    model: nn.Module, scope: Literal["model", "layers"] = "model", **compile_kwargs: Any
+    model: nn.Module, scope: Literal["model", "layers"] = "model", **compile_kwargs: Unpack[CompileOptions]
 ) -> nn.Module:
     """Compile `model` in place and return it.
 

@@ -7,7 +7,7 @@ wrapping the matched linear layers, saving only adapter weights) comes with the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from viaduct.config import ConfigBase, Problems
 
@@ -78,7 +78,15 @@ class ModuleMatcher(ConfigBase):
                 )
 
 
-def check_low_rank(obj: PEFT, p: Problems, bad: set[str]) -> None:
+class LowRankFields(Protocol):
+    """The low-rank adapter fields LoRA and DoRA share (each declares them with its own defaults)."""
+
+    dim: int
+    alpha: float
+    dropout: float
+
+
+def check_low_rank(obj: LowRankFields, p: Problems, bad: set[str]) -> None:
     """Rules shared by LoRA and DoRA: dim > 0, alpha > 0, 0 <= dropout < 1."""
     if "dim" not in bad and obj.dim <= 0:
         p.add("dim", "must be > 0", obj.dim, fix="set peft.dim to the adapter rank, e.g. 32")

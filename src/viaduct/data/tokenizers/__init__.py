@@ -146,10 +146,11 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     if builder is not None:
         from viaduct.data import builtin
 
-        if builtin.is_builtin(cfg.tokenizer_model):
+        model = cfg.tokenizer_model
+        if builtin.is_builtin(model):
             # A tokenizer viaduct builds itself (builtin:pydoc-bpe): made on first use, then cached.
             cfg = copy.deepcopy(cfg)
-            cfg.tokenizer_model = builtin.resolve_tokenizer(cfg.tokenizer_model)
+            cfg.tokenizer_model = builtin.resolve_tokenizer(model)
         return builder(cfg)
     supported = ", ".join(_BUILDERS)
     p = Problems()

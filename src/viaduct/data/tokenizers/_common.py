@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, SupportsIndex
 
 from viaduct.config import ConfigError, Problem, Problems
 
 if TYPE_CHECKING:
+    import tokenizers
+
     from viaduct.training.config.tokenizer import TokenizerConfig
 
 # Fields that only one or a few tokenizer types read; anything else setting them would be ignored.
@@ -99,7 +101,11 @@ def local_file(p: Problems, field: str, value: str | None, kind: str, example: s
 
 
 def check_kwargs(
-    p: Problems, field: str, kwargs: dict[str, Any], allowed: dict[str, type | tuple[type, ...]], why: str
+    p: Problems,
+    field: str,
+    kwargs: Mapping[str, object],
+    allowed: dict[str, type | tuple[type, ...]],
+    why: str,
 ) -> None:
     """Only keys we honour, with values of the right type; anything else would be silently ignored."""
     for key, value in kwargs.items():
@@ -138,7 +144,7 @@ def file_error(path: Path | str, message: str, fix: str) -> ConfigError:
     return ConfigError([Problem(str(path), message, fix=fix)])
 
 
-def check_ids(ids: Iterable[Any], vocab_size: int) -> list[int]:
+def check_ids(ids: Iterable[SupportsIndex], vocab_size: int) -> list[int]:
     """`ids` as plain ints (numpy and torch integers accepted); ValueError outside [0, vocab_size)."""
     out = [int(i) for i in ids]
     for i in out:
@@ -147,10 +153,21 @@ def check_ids(ids: Iterable[Any], vocab_size: int) -> list[int]:
     return out
 
 
-def first_present(names: Sequence[str], lookup: Any) -> tuple[str, int] | None:
+def first_present(names: Sequence[str], lookup: Callable[[str], int | None]) -> tuple[str, int] | None:
     """The first of `names` that `lookup(name)` maps to an id."""
     for name in names:
         i = lookup(name)
         if i is not None:
             return name, int(i)
     return None
+
+
+def added_token_ids(tok: tokenizers.Tokenizer, tokens: Iterable[str]) -> list[int]:
+    """The ids of `tokens`, which `tok.add_special_tokens` has just added (new or already present)."""
+    ids = []
+    for token in tokens:
+        i = tok.token_to_id(token)
+        if i is None:  # add_special_tokens gives every token an id: a miss is a bug, not bad input
+            raise RuntimeError(f"token {token!r} has no id right after being added to the tokenizer")
+        ids.append(i)
+    return ids

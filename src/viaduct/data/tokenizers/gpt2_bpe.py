@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from viaduct.config import Problems
 from viaduct.data.tokenizers._common import (
+    added_token_ids,
     check_unused_fields,
     check_vocab_size,
     file_error,
@@ -74,7 +75,7 @@ def build_gpt2_bpe(cfg: TokenizerConfig) -> GPT2BPETokenizer:
         tok,
         eos=int(vocab[EOD_TOKEN]),
         add_special_tokens=False,
-        additional_special_tokens_ids=[int(tok.token_to_id(t)) for t in sentinels],
+        additional_special_tokens_ids=added_token_ids(tok, sentinels),
         source=str(vocab_file),
     )
     check_vocab_size(p, cfg, out.vocab_size)

@@ -21,10 +21,11 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from viaduct.config import Problems
+from viaduct.config import ConfigError, Problems
 from viaduct.data.tokenizers._common import (
+    added_token_ids,
     check_ids,
     check_kwargs,
     check_unused_fields,
@@ -183,19 +184,22 @@ def build_huggingface(cfg: TokenizerConfig) -> HuggingFaceTokenizer:
 
     extras = _add_tokens(tok, cfg)
     ids = _resolve_special(p, tok, names, tok_file, config_files)
-    if ids.get("eos") is None and not p:
-        p.add(
-            "tokenizer.tokenizer_model",
-            "the tokenizer has no end-of-sequence token: "
-            + ("its config files name no eos_token and " if config_files else "")
-            + f"none of {', '.join(EOS_NAMES)} is in the vocabulary",
-            cfg.tokenizer_model,
-            fix="name it with tokenizer.hf_tokenizer_kwargs: {eos_token: '<its text>'}",
-        )
+    eos = ids.get("eos")
+    if eos is None:
+        if not p:  # otherwise a problem above already says why (a named eos_token not in the vocabulary)
+            p.add(
+                "tokenizer.tokenizer_model",
+                "the tokenizer has no end-of-sequence token: "
+                + ("its config files name no eos_token and " if config_files else "")
+                + f"none of {', '.join(EOS_NAMES)} is in the vocabulary",
+                cfg.tokenizer_model,
+                fix="name it with tokenizer.hf_tokenizer_kwargs: {eos_token: '<its text>'}",
+            )
+        raise ConfigError(p.items)
     p.raise_if_any()
     out = HuggingFaceTokenizer(
         tok,
-        eos=ids["eos"],  # type: ignore[arg-type]  # checked just above
+        eos=eos,
         bos=ids.get("bos"),
         pad=ids.get("pad"),
         unk=ids.get("unk"),
@@ -217,7 +221,7 @@ def _add_tokens(tok: tokenizers.Tokenizer, cfg: TokenizerConfig) -> list[int]:
     new = [t for t in [*(cfg.special_tokens or []), *sentinels] if t]
     if new:
         tok.add_special_tokens(new)
-    return [int(tok.token_to_id(t)) for t in sentinels]
+    return added_token_ids(tok, sentinels)
 
 
 def _locate(p: Problems, value: str | None) -> tuple[Path, list[Path]] | None:
@@ -267,7 +271,7 @@ def _locate(p: Problems, value: str | None) -> tuple[Path, list[Path]] | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, object]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

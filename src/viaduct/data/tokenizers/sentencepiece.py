@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from viaduct.config import Problems
 from viaduct.data.tokenizers._common import (
@@ -32,6 +33,8 @@ from viaduct.data.tokenizers._common import (
 )
 
 if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
+
     from viaduct.training.config.tokenizer import TokenizerConfig
 
 _SP_KWARGS: dict[str, type | tuple[type, ...]] = {"legacy": bool, "ignore_extra_whitespaces": bool}
@@ -42,7 +45,9 @@ class SentencePieceTokenizer:
 
     name = "SentencePieceTokenizer"
 
-    def __init__(self, processor: Any, *, sentinel_ids: Sequence[int] = (), source: str = "") -> None:
+    def __init__(
+        self, processor: SentencePieceProcessor, *, sentinel_ids: Sequence[int] = (), source: str = ""
+    ) -> None:
         self._sp = processor
         self.vocab_size: int = int(processor.get_piece_size())
         eos = _id_or_none(processor.eos_id())
@@ -57,7 +62,7 @@ class SentencePieceTokenizer:
         self.source = source
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> SentencePieceProcessor:
         """The underlying `sentencepiece.SentencePieceProcessor`."""
         return self._sp
 
@@ -131,8 +136,8 @@ def _id_or_none(i: int) -> int | None:
     return None if i < 0 else int(i)
 
 
-def _load(spm: Any, proto: bytes, path: Path) -> Any:
-    sp = spm.SentencePieceProcessor()
+def _load(spm: ModuleType, proto: bytes, path: Path) -> SentencePieceProcessor:
+    sp: SentencePieceProcessor = spm.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(proto)
     except (RuntimeError, OSError, ValueError) as exc:
@@ -152,9 +157,12 @@ def _edit_model(proto: bytes, path: Path, added: list[str], keep_spaces: bool) -
             f"adding tokens to a SentencePiece model needs the protobuf package ({exc})",
             "pip install protobuf",
         ) from None
-    model = pb.ModelProto()
+    # The generated module builds its message classes at import time and sentencepiece ships no
+    # stub for it, so mypy cannot see ModelProto.
+    model_proto = pb.ModelProto  # type: ignore[attr-defined]
+    model = model_proto()
     model.ParseFromString(proto)
-    user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
+    user_defined = model_proto.SentencePiece.USER_DEFINED
     index = {piece.piece: piece for piece in model.pieces}
     for token in dict.fromkeys(added):  # de-duplicated, order kept
         piece = index.get(token)
@@ -163,7 +171,7 @@ def _edit_model(proto: bytes, path: Path, added: list[str], keep_spaces: bool) -
             piece.piece = token
             piece.score = 0.0
             index[token] = piece
-        elif piece.type in (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.UNKNOWN):
+        elif piece.type in (model_proto.SentencePiece.CONTROL, model_proto.SentencePiece.UNKNOWN):
             # Matching bos/eos/unk inside text would change what every existing document means.
             raise file_error(
                 path,

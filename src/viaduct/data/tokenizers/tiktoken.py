@@ -20,7 +20,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from viaduct.config import ConfigError, Problem, Problems
 from viaduct.data.tokenizers._common import (
@@ -33,6 +33,8 @@ from viaduct.data.tokenizers._common import (
 )
 
 if TYPE_CHECKING:
+    import tiktoken
+
     from viaduct.training.config.tokenizer import TokenizerConfig
 
 # Megatron's pre-tokenisation regexes (tiktoken_pattern "v1" and "v2").
@@ -91,7 +93,7 @@ class TikTokenizer:
         self.source = source
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> tiktoken.Encoding:
         """The underlying `tiktoken.Encoding`."""
         return self._enc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -56,19 +57,35 @@ class SelfAttention(nn.Module):
         assert cfg.kv_channels is not None and cfg.num_query_groups is not None, "finalize() the config first"
         self.num_heads, self.num_groups = cfg.num_attention_heads, cfg.num_query_groups
         self.head_dim = cfg.kv_channels
-        kw = {"device": device, "dtype": dtype}
         qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
         self.linear_qkv = nn.Linear(
-            cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear or cfg.add_qkv_bias, **kw
+            cfg.hidden_size,
+            qkv_out,
+            bias=cfg.add_bias_linear or cfg.add_qkv_bias,
+            device=device,
+            dtype=dtype,
         )
         self.q_layernorm: Norm | None = None
         self.k_layernorm: Norm | None = None
         if cfg.qk_layernorm:
-            norm = dict(zero_centered_gamma=cfg.layernorm_zero_centered_gamma, **kw)
-            self.q_layernorm = Norm(self.head_dim, cfg.normalization, cfg.layernorm_epsilon, **norm)
-            self.k_layernorm = Norm(self.head_dim, cfg.normalization, cfg.layernorm_epsilon, **norm)
+
+            def head_norm() -> Norm:
+                return Norm(
+                    self.head_dim,
+                    cfg.normalization,
+                    cfg.layernorm_epsilon,
+                    zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
+                    device=device,
+                    dtype=dtype,
+                )
+
+            self.q_layernorm, self.k_layernorm = head_norm(), head_norm()
         self.linear_proj = nn.Linear(
-            self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear, **kw
+            self.num_heads * self.head_dim,
+            cfg.hidden_size,
+            bias=cfg.add_bias_linear,
+            device=device,
+            dtype=dtype,
         )
         self.scale = cfg.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.dropout_p = cfg.attention_dropout
@@ -108,23 +125,24 @@ class SelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if self.backend in (AttnBackend.unfused, AttnBackend.local):
             return self._math_attention(q, k, v, attn_mask, dropout_p)
-        kwargs = dict(
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=attn_mask is None,
-            scale=self.scale,
-            enable_gqa=self.num_groups != self.num_heads,
-        )
         backends = _SDPA_BACKENDS[self.backend]
         if self.backend == AttnBackend.fused and q.device.type != "cuda":
             raise ValueError(
                 f"model.attention_backend=fused: the cuDNN / memory-efficient attention kernels need "
                 f"CUDA, but the model runs on {q.device.type}; use attention_backend=auto (or flash)"
             )
-        if backends is None:
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-        with sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        kernels = sdpa_kernel(backends) if backends is not None else contextlib.nullcontext()
+        with kernels:
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=attn_mask is None,
+                scale=self.scale,
+                enable_gqa=self.num_groups != self.num_heads,
+            )
 
     def _math_attention(
         self,

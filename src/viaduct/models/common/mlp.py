@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from viaduct.config.types import as_function
+
 if TYPE_CHECKING:
     from viaduct.models.transformer_config import TransformerConfig
 
@@ -24,14 +26,19 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         assert cfg.ffn_hidden_size is not None, "finalize() the config first"
-        kw = {"device": device, "dtype": dtype}
         ffn = cfg.ffn_hidden_size
         self.gated = cfg.gated_linear_unit
         self.linear_fc1 = nn.Linear(
-            cfg.hidden_size, 2 * ffn if self.gated else ffn, bias=cfg.add_bias_linear, **kw
+            cfg.hidden_size,
+            2 * ffn if self.gated else ffn,
+            bias=cfg.add_bias_linear,
+            device=device,
+            dtype=dtype,
         )
-        self.linear_fc2 = nn.Linear(ffn, cfg.hidden_size, bias=cfg.add_bias_linear, **kw)
-        self.activation = cfg.activation_func.resolve()
+        self.linear_fc2 = nn.Linear(
+            ffn, cfg.hidden_size, bias=cfg.add_bias_linear, device=device, dtype=dtype
+        )
+        self.activation = as_function(cfg.activation_func)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)

@@ -43,7 +43,9 @@ class Norm(nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
+        # Locals typed as plain tensors: the arithmetic below turns the parameters into non-leaf tensors.
+        w: torch.Tensor = self.weight
+        b: torch.Tensor | None = self.bias
         if self.zero_centered_gamma:
             w = w + 1
         if x.dtype != w.dtype:  # float32 residual stream with half-precision weights

@@ -37,6 +37,11 @@ class RotaryEmbedding(nn.Module):
     The tables are float32 buffers (not saved in checkpoints: they are recomputed from the config).
     """
 
+    # Declared here because `register_buffer` sets them dynamically (nn.Module's __getattr__ would
+    # otherwise type them as `Tensor | Module`).
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,

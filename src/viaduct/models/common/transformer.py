@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from viaduct.models.transformer_config import TransformerConfig
 
 
-def _maybe_checkpoint(on: bool, fn, *args):  # type: ignore[no-untyped-def]
+def _maybe_checkpoint(
+    on: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor | Rope | None
+) -> torch.Tensor:
     if on and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
@@ -42,13 +44,24 @@ class TransformerLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_number = layer_number  # 1-based, as in Megatron
-        kw = {"device": device, "dtype": dtype}
         selective = set(cfg.recompute_modules or ()) if cfg.recompute_granularity == "selective" else set()
-        norm = dict(zero_centered_gamma=cfg.layernorm_zero_centered_gamma, **kw)
-        self.input_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.layernorm_epsilon, **norm)
-        self.self_attention = SelfAttention(cfg, recompute_core_attention="core_attn" in selective, **kw)
-        self.pre_mlp_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.layernorm_epsilon, **norm)
-        self.mlp = MLP(cfg, **kw)
+
+        def norm() -> Norm:
+            return Norm(
+                cfg.hidden_size,
+                cfg.normalization,
+                cfg.layernorm_epsilon,
+                zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
+                device=device,
+                dtype=dtype,
+            )
+
+        self.input_layernorm = norm()
+        self.self_attention = SelfAttention(
+            cfg, recompute_core_attention="core_attn" in selective, device=device, dtype=dtype
+        )
+        self.pre_mlp_layernorm = norm()
+        self.mlp = MLP(cfg, device=device, dtype=dtype)
         self.hidden_dropout = cfg.hidden_dropout
         self.residual_post_norm = cfg.apply_residual_connection_post_layernorm
         self.recompute_mlp = "mlp" in selective
@@ -103,7 +116,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        layers: Sequence[nn.Module] = self.layers
+        layers = self.layers
         n = self.recompute_num_layers
         if self.recompute_method == "uniform" and torch.is_grad_enabled():
             for start in range(0, len(layers), n):
@@ -118,7 +131,7 @@ class TransformerBlock(nn.Module):
 
 
 def _run_layers(
-    layers: Sequence[nn.Module], x: torch.Tensor, rope: Rope | None, attn_mask: torch.Tensor | None
+    layers: Iterable[nn.Module], x: torch.Tensor, rope: Rope | None, attn_mask: torch.Tensor | None
 ) -> torch.Tensor:
     for layer in layers:
         x = layer(x, rope, attn_mask)

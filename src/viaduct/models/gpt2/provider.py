@@ -10,7 +10,7 @@ Redeclared fields only change defaults; their help text is the `GPTModelProvider
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from viaduct.config import FunctionRef
 from viaduct.models.gpt.provider import GPTModelProvider
@@ -20,7 +20,9 @@ from viaduct.models.gpt.provider import GPTModelProvider
 class GPT2ModelProvider(GPTModelProvider):
     """GPT-2: LayerNorm, tanh-approximate GELU, biases everywhere, learned positions, tied embeddings."""
 
-    _aliases_ = ("gpt2",)
+    # Declared with the base's type: mypy would infer a one-name tuple that the sizes below, with
+    # two names each, could not override.
+    _aliases_: ClassVar[tuple[str, ...]] = ("gpt2",)
 
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
