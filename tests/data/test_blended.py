@@ -13,7 +13,7 @@ from viaduct.config import ConfigError
 from viaduct.data import build_train_valid_test_datasets
 from viaduct.data.blended import BlendedDataset, blend_counts, blending_indices
 from viaduct.data.builder import build_gpt_datasets
-from viaduct.data.gpt_dataset import GPTDataset
+from viaduct.data.gpt_dataset import GPTDataset, IndexCacheWarning
 from viaduct.data.indexed import IndexedDatasetWriter
 from viaduct.data.tokenizers import NullTokenizer
 from viaduct.recipes import tiny_gpt_pretrain_config
@@ -93,6 +93,22 @@ def test_blended_dataset_caches_and_checks_component_sizes(tmp_path, data):
     assert [source(first[i]) for i in range(8)] == ["a" if d == 0 else "b" for d in first.dataset_index[:8]]
     with pytest.raises(ValueError, match="runs short"):
         BlendedDataset(parts, [0.25, 0.75], 10 * len(parts[1]), 1)
+
+    # A damaged cache file is rebuilt with a warning, never a crash.
+    files = {
+        n: next((tmp_path / "blend").glob(f"*-{n}.npy")) for n in ("dataset_index", "dataset_sample_index")
+    }
+    want = {n: np.load(f) for n, f in files.items()}
+    for name, damage in [
+        ("dataset_index", lambda a: np.save(files["dataset_index"], np.full_like(a, 7))),  # no component 7
+        ("dataset_sample_index", lambda a: np.save(files["dataset_sample_index"], a + 10**6)),  # past the end
+        ("dataset_index", lambda a: files["dataset_index"].write_bytes(b"\x93NUMPY garbage")),
+        ("dataset_sample_index", lambda a: np.save(files["dataset_sample_index"], a[:-1])),  # wrong shape
+    ]:
+        damage(want[name])
+        with pytest.warns(IndexCacheWarning, match="rebuilding it"):
+            rebuilt = BlendedDataset(parts, [0.25, 0.75], 500, 1, tmp_path / "blend")
+        assert rebuilt.built_anew and all(np.array_equal(np.load(f), want[n]) for n, f in files.items())
 
 
 # ---------------------------------------------------------------------------------------- builder
@@ -211,5 +227,72 @@ def test_a_split_without_documents_is_an_error(data):
     a, _ = data
     cfg = cfg_with(data_path=a, split="1000,1,0")  # 300 documents: the validation share rounds to none
     with pytest.raises(ConfigError, match="gives the validation split no documents") as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 10, 0))
+    assert exc.value.problems[0].path == "dataset.split"
+
+
+# ------------------------------------------------------------------------------- empty or damaged data
+
+
+def test_empty_prefixes_are_named_with_their_field(tmp_path, data):
+    a, _ = data
+    with IndexedDatasetWriter(str(tmp_path / "none"), np.uint16):
+        pass  # no documents at all
+    with IndexedDatasetWriter(str(tmp_path / "blank"), np.uint16) as w:
+        for _ in range(5):
+            w.add_document(np.zeros(0, np.uint16))  # documents without tokens
+    none, blank = str(tmp_path / "none"), str(tmp_path / "blank")
+    cfg = cfg_with(data_path=[a, none, blank], split="1,0,0")
+    with pytest.raises(ConfigError) as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 0, 0))
+    assert [(p.path, p.value) for p in exc.value.problems] == [
+        ("dataset.data_path", none),
+        ("dataset.data_path", blank),
+    ]
+    text = str(exc.value)
+    assert f"{none}.idx holds no documents" in text and f"{blank}.idx holds 5 sequences but no tokens" in text
+    cfg = cfg_with(blend_per_split=[([a], None), ([none], None), None])
+    with pytest.raises(ConfigError, match="holds no documents") as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 10, 0))
+    assert exc.value.problems[0].path == "dataset.blend_per_split[1]"
+
+
+def test_damaged_prefixes_are_named_with_their_field(tmp_path, data):
+    a, b = data
+    for prefix in (a, b):
+        idx = bytearray(Path(prefix + ".idx").read_bytes())
+        idx[34:38] = (-7).to_bytes(4, "little", signed=True)  # the first sequence's length
+        Path(prefix + ".idx").write_bytes(bytes(idx))
+    cfg = cfg_with(data_path=f"0.5 {a} 0.5 {b}", split="1,0,0")
+    with pytest.raises(ConfigError) as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 0, 0))
+    assert [p.path for p in exc.value.problems] == ["dataset.data_path", "dataset.data_path"]
+    assert all("negative length -7" in p.message for p in exc.value.problems)
+    assert f"{a}.idx" in exc.value.problems[0].message and f"{b}.idx" in exc.value.problems[1].message
+
+
+def test_a_split_too_small_for_a_sample_is_named(tmp_path, data):
+    a, _ = data
+    tiny = []
+    for name in ("small", "smaller"):  # 6 tokens each: fewer than one sample
+        with IndexedDatasetWriter(str(tmp_path / name), np.uint16) as w:
+            w.add_document(np.array([1, 2, EOD], np.uint16))
+            w.add_document(np.array([3, 4, EOD], np.uint16))
+        tiny.append(str(tmp_path / name))
+    small = tiny[0]
+    cfg = cfg_with(data_path=tiny, split="1,0,0")
+    with pytest.raises(ConfigError, match="too few tokens for one sample of 16") as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 0, 0))  # weights by size: all 0
+    assert exc.value.problems[0].path == "dataset.split"
+    cfg = cfg_with(data_path=f"0.5 {a} 0.5 {small}", split="1,0,0", add_extra_token_to_sequence=True)
+    train, _, _ = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 0, 0))  # repeated epochs suffice
+    assert len(train) == 10
+    with IndexedDatasetWriter(str(tmp_path / "tail"), np.uint16) as w:  # its last 2 documents are empty
+        for k in range(20):
+            w.add_document(np.array([1, 2, EOD] if k < 18 else [], np.uint16))
+    cfg = cfg_with(data_path=f"0.5 {a} 0.5 {tmp_path / 'tail'}", split="90,10,0")
+    with pytest.raises(
+        ConfigError, match=r"tail\.idx: gives the validation split 2 documents holding 0"
+    ) as exc:
         build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 10, 0))
     assert exc.value.problems[0].path == "dataset.split"

@@ -1,4 +1,5 @@
-"""GPTDataset: Megatron's document / sample / shuffle indices, sample contents, caching, epochs."""
+"""GPTDataset: Megatron's document / sample / shuffle indices, sample contents, caching, epochs,
+damaged caches rebuilt, and data too small for a sample refused."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from viaduct.config import ConfigError
 from viaduct.data.gpt_dataset import (
     GPTDataset,
+    IndexCacheWarning,
     build_document_index,
     build_sample_index,
     gpt_sample,
@@ -254,3 +257,182 @@ def test_cache_falls_back_to_the_user_cache_when_beside_the_data_is_unwritable(t
     ds = dataset(prefix)
     assert ds.cache_dir == tmp_path / "user" / "dataset_indices" and ds.built_anew
     assert not dataset(prefix).built_anew
+
+
+# -------------------------------------------------------------------------------- damaged caches
+
+
+def _index_files(ds: GPTDataset) -> dict[str, Path]:
+    return ds._paths()
+
+
+class _TouchOnUnpickle:
+    """Unpickling it creates a file: proof that a cache load ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _damage(path: Path, how: str, tmp_path: Path) -> None:
+    good = np.load(path)
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(os.urandom(300))
+    elif how == "wrong dtype":
+        np.save(path, good.astype(np.float64))
+    elif how == "wrong shape":
+        np.save(path, good.reshape(-1))
+    elif how == "pickled objects":
+        payload = np.empty(2, dtype=object)
+        payload[0] = _TouchOnUnpickle(tmp_path / "ran")
+        np.save(path, payload, allow_pickle=True)
+    elif how == "out of bounds":
+        bad = good.copy()
+        bad.reshape(-1)[len(bad.reshape(-1)) // 2] = 10**9
+        np.save(path, bad)
+    elif how == "negative":
+        bad = good.copy()
+        bad.reshape(-1)[-1] = -3
+        np.save(path, bad)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("name", ["document_index", "sample_index", "shuffle_index"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated",
+        "empty",
+        "garbage",
+        "wrong dtype",
+        "wrong shape",
+        "pickled objects",
+        "out of bounds",
+        "negative",
+    ],
+)
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, name, how, lazy):
+    prefix = write_prefix(tmp_path / "a", lengths())
+    first = dataset(prefix)
+    expected = {n: np.array(getattr(first, n)) for n in ("document_index", "sample_index", "shuffle_index")}
+    tokens = [first[i]["tokens"] for i in range(len(first))]
+    path = _index_files(first)[name]
+    if how == "wrong shape" and name != "sample_index":
+        np.save(path, np.array(expected[name]).reshape(1, -1))  # 1-D arrays made 2-D
+    else:
+        _damage(path, how, tmp_path)
+    with pytest.warns(IndexCacheWarning, match="rebuilding it"):
+        if lazy:  # a cache hit without an open index checks structure and bounds alone
+            again = GPTDataset(prefix, np.arange(60), 50, S, config(), NullTokenizer(VOCAB), "train")
+        else:
+            again = dataset(prefix)
+    assert again.built_anew and not (tmp_path / "ran").exists()
+    for n, want in expected.items():
+        assert np.array_equal(getattr(again, n), want)
+    assert all(torch.equal(again[i]["tokens"], t) for i, t in enumerate(tokens))
+    assert np.array_equal(np.load(path, allow_pickle=False), expected[name])  # the file is whole again
+    hit = dataset(prefix)
+    assert not hit.built_anew  # and a plain cache hit afterwards
+
+
+def test_a_cache_that_does_not_match_the_data_is_rebuilt(tmp_path):
+    prefix = write_prefix(tmp_path / "a", lengths())
+    first = dataset(prefix)
+    files = _index_files(first)
+    # Well-formed arrays of another dataset (more samples, another seed) under this dataset's names.
+    other = dataset(prefix, num_samples=120, random_seed=7)
+    for n in ("document_index", "sample_index", "shuffle_index"):
+        np.save(files[n], np.array(getattr(other, n)))
+    with pytest.warns(IndexCacheWarning, match="epochs and .* samples; the data gives"):
+        again = dataset(prefix)
+    assert np.array_equal(again.shuffle_index, first.shuffle_index)
+
+    # Offsets past the end of their document: found once the data's lengths are known.
+    sample = np.array(first.sample_index)
+    sample[5, 1] += 1000
+    np.save(files["sample_index"], sample)
+    with pytest.warns(IndexCacheWarning, match=r"sample_index row 5 = .* does not point into the documents"):
+        again = dataset(prefix)
+    assert np.array_equal(again.sample_index, first.sample_index)
+
+    files["description"].write_text("something else")
+    with pytest.warns(IndexCacheWarning, match="does not describe this dataset"):
+        assert dataset(prefix).built_anew
+
+
+def _build_after(start: object, prefix: str, cache: str, out: object) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    try:
+        ds = dataset(prefix, cache=cache)
+        out.put((ds.built_anew, np.array(ds.shuffle_index).tolist()))  # type: ignore[attr-defined]
+    except BaseException as err:  # reported to the test, which fails on it
+        out.put(("error", repr(err)))  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_ranks_rebuilding_a_damaged_cache_at_once_agree(tmp_path):
+    import multiprocessing as mp
+
+    prefix = write_prefix(tmp_path / "a", lengths(400))
+    first = dataset(prefix, cache=tmp_path / "c")
+    for n in ("document_index", "sample_index", "shuffle_index"):
+        _damage(_index_files(first)[n], "truncated", tmp_path)
+    ctx = mp.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_build_after, args=(start, prefix, str(tmp_path / "c"), out)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert all(r[0] in (True, False) for r in results), results  # no process failed
+    assert any(r[0] for r in results)  # the damage was seen (later ones may find the rebuilt files)
+    assert all(r[1] == np.array(first.shuffle_index).tolist() for r in results)
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]
+    assert not dataset(prefix, cache=tmp_path / "c").built_anew  # what they left is a valid cache
+
+
+# ------------------------------------------------------------------------------------ empty data
+
+
+def test_too_few_tokens_for_a_sample_is_a_clear_error(tmp_path):
+    prefix = write_prefix(tmp_path / "a", [3, 4, 5])  # 12 tokens, a sample needs 17
+    with pytest.raises(
+        ConfigError, match=r"a\.idx: gives the train split 3 documents holding 12 tokens: too few"
+    ):
+        dataset(prefix, num_samples=None)  # one epoch: no full sample
+    with pytest.raises(ConfigError, match="gives the validation split no documents"):
+        dataset(prefix, docs=np.arange(0), num_samples=10, split="validation")
+    empty = write_prefix(tmp_path / "e", [])
+    with pytest.raises(ConfigError, match=r"e\.idx: gives the train split no documents"):
+        dataset(empty)
+
+
+def test_cached_offsets_that_do_not_fit_the_data_fail_clearly_when_read(tmp_path):
+    prefix = write_prefix(tmp_path / "a", lengths())
+    first = dataset(prefix)
+    sample = np.array(first.sample_index)
+    k = int(first.shuffle_index[0])
+    sample[k, 1] = 45  # inside the data's token count (what a cache hit without the index can check)
+    np.save(first._paths()["sample_index"], sample)
+    lazy = GPTDataset(prefix, np.arange(60), 50, S, config(), NullTokenizer(VOCAB), "train")
+    with pytest.raises(ConfigError, match=r"sample_index\.npy: sample 0 reads outside its documents.*delete"):
+        lazy[0]
+    with pytest.warns(IndexCacheWarning, match=f"sample_index row {k} "):  # with the index open: rebuilt
+        assert dataset(prefix).built_anew
+
+
+def test_a_missing_prefix_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"nothing\.idx: file not found"):
+        GPTDataset(str(tmp_path / "nothing"), np.arange(3), 5, S, config(), NullTokenizer(VOCAB), "train")

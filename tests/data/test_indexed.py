@@ -1,4 +1,5 @@
-"""Megatron indexed dataset (.bin/.idx): round trips, the byte layout both ways, merging, clear errors."""
+"""Megatron indexed dataset (.bin/.idx): round trips, the byte layout both ways, merging, clear errors,
+and damaged index content refused when the pair is opened."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import numpy as np
 import pytest
 
 from viaduct.config import ConfigError
-from viaduct.data.indexed import DTYPE_CODES, IndexedDataset, IndexedDatasetWriter, token_dtype
+from viaduct.data import indexed
+from viaduct.data.indexed import (
+    DTYPE_CODES,
+    CorruptIndexError,
+    IndexedDataset,
+    IndexedDatasetWriter,
+    token_dtype,
+)
 
 MAGIC = b"MMIDIDX\x00\x00"
 
@@ -229,3 +237,92 @@ def test_get_bounds_pickle_and_empty_dataset(tmp_path):
     write(str(tmp_path / "empty"), [], np.uint16)
     empty = IndexedDataset(str(tmp_path / "empty"))
     assert len(empty) == 0 and empty.num_documents == 0 and empty[0:0] == []
+
+
+# ------------------------------------------------------------------------------ damaged index content
+
+
+def _damaged(tmp_path, patch) -> str:
+    """A valid 3-document uint16 pair whose .idx then gets `patch(bytearray)`; returns the prefix."""
+    prefix = str(tmp_path / "ds")
+    write(prefix, [[np.arange(10)], [np.arange(20), np.arange(5)], [np.arange(30)]], np.uint16)
+    idx = bytearray((tmp_path / "ds.idx").read_bytes())
+    patch(idx)
+    (tmp_path / "ds.idx").write_bytes(bytes(idx))
+    return prefix
+
+
+# Offsets in the .idx of _damaged's pair: 4 sequences, 4 document boundaries.
+_LENGTHS, _POINTERS, _DOCS = 34, 34 + 4 * 4, 34 + 4 * 4 + 8 * 4
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize(
+    ("patch", "pattern"),
+    [
+        (
+            lambda b: struct.pack_into("<i", b, _LENGTHS + 4, -5),
+            r"ds\.idx: gives sequence 1 the negative length -5",
+        ),
+        (
+            lambda b: struct.pack_into("<q", b, _POINTERS + 8, 10**12),
+            r"ds\.idx: points sequence 1 at byte 1000000000000, beyond the 130-byte ds\.bin",
+        ),
+        (lambda b: struct.pack_into("<q", b, _POINTERS + 16, 4), r"sequence 2 at byte 4, before the end"),
+        (lambda b: struct.pack_into("<q", b, _POINTERS + 8, 22), r"sequence 1 at byte 22, after a gap"),
+        (
+            lambda b: struct.pack_into("<q", b, _POINTERS, 2),
+            r"sequence 0 at byte 2, after a gap.*start at byte 0",
+        ),
+        (
+            lambda b: struct.pack_into("<qq", b, _DOCS + 8, 3, 1),
+            r"document index 2 = 1 below index 1 = 3; document indices must never decrease",
+        ),
+        (lambda b: struct.pack_into("<q", b, _DOCS + 24, 3), r"document indices \(0, 3\).*sequence count 4"),
+        # Lengths that still add up to the .bin's size but move the sequences' starts.
+        (lambda b: struct.pack_into("<ii", b, _LENGTHS, 12, 18), r"sequence 1 at byte 20.*start at byte 24"),
+    ],
+)
+def test_damaged_index_content_is_refused_at_open(tmp_path, patch, pattern, mmap):
+    prefix = _damaged(tmp_path, patch)
+    with pytest.raises(CorruptIndexError, match=pattern) as e:
+        IndexedDataset(prefix, mmap=mmap)
+    assert isinstance(e.value, ValueError) and "is damaged" in str(e.value)
+
+
+def test_every_problem_of_a_damaged_index_is_reported_at_once(tmp_path):
+    def patch(b: bytearray) -> None:
+        struct.pack_into("<i", b, _LENGTHS + 8, -1)
+        struct.pack_into("<qq", b, _DOCS + 8, 3, 1)
+
+    with pytest.raises(CorruptIndexError) as e:
+        IndexedDataset(_damaged(tmp_path, patch))
+    assert len(e.value.problems) == 2
+    assert "negative length -1" in str(e.value) and "must never decrease" in str(e.value)
+
+
+def test_damage_found_across_check_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexed, "_CHECK_BLOCK", 3)  # many blocks over a small file
+    prefix = str(tmp_path / "ds")
+    write(prefix, [[np.arange(k % 7)] for k in range(40)], np.uint16)
+    good = (tmp_path / "ds.idx").read_bytes()
+    assert len(IndexedDataset(prefix)) == 40  # a valid file passes block by block
+    n = 40
+    pointers, docs = 34 + 4 * n, 34 + 12 * n
+    for offset, fmt, value, pattern in [
+        (pointers + 8 * 3, "<q", 1, "sequence 3 at byte 1"),  # the first entry of a block
+        (pointers + 8 * 7, "<q", 10**6, "sequence 7 at byte 1000000"),
+        (docs + 8 * 6, "<q", 1, "document index 6 = 1 below index 5 = 5"),  # across a block boundary
+        (34 + 4 * 37, "<i", -2, "sequence 37 the negative length -2"),
+    ]:
+        bad = bytearray(good)
+        struct.pack_into(fmt, bad, offset, value)
+        (tmp_path / "ds.idx").write_bytes(bytes(bad))
+        with pytest.raises(CorruptIndexError, match=pattern):
+            IndexedDataset(prefix)
+
+
+def test_a_small_header_cannot_claim_a_huge_index(tmp_path):
+    prefix = _damaged(tmp_path, lambda b: struct.pack_into("<QQ", b, 18, 2**60, 2**60))
+    with pytest.raises(CorruptIndexError, match=r"ds\.idx: is 114 bytes but its header .* needs \d+"):
+        IndexedDataset(prefix, mmap=False)

@@ -7,8 +7,10 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +315,77 @@ def test_run_data_bad_lines_and_wrong_key_return_2(tmp_path, capsys):
     assert run() == 0
     out, err = capsys.readouterr()
     assert out.startswith("1 documents, 1 tokens") and "tokenizing" in err
+
+
+# ------------------------------------------------------------------------------- killed driver
+
+
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, start time, state) of every process, read from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name in parentheses may hold spaces
+        table[int(entry)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every living descendant of `root` (the start time tells a reused pid)."""
+    table = _process_table()
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, start, state) in table.items():
+            if ppid == parent and pid not in found and state != "Z":
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def _alive(pids: dict[int, str]) -> list[int]:
+    table = _process_table()
+    return [p for p, start in pids.items() if p in table and table[p][1] == start and table[p][2] != "Z"]
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_driver_is_killed(tmp_path):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc (Linux)")
+    text = "the quick brown fox jumps over the lazy dog " * 40
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:  # about 150 MB: tokenizing takes far longer than the test waits
+        line = json.dumps({"text": text}) + "\n"
+        f.write(line * (150_000_000 // len(line)))
+    cmd = [sys.executable, "-m", "viaduct", "data", "preprocess", "--input", str(path),
+           "--tokenizer-type", "ByteLevelTokenizer", "--output-prefix", str(tmp_path / "out"),
+           "--workers", "2", "--quiet"]  # fmt: skip
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+            workers = _descendants(driver.pid)
+        assert driver.poll() is None, driver.stderr.read().decode()
+        assert len(workers) >= 2, "the worker processes did not start"
+        time.sleep(1.0)  # mid-run: the workers are tokenizing and reporting progress
+        workers = _descendants(driver.pid)
+        driver.kill()  # SIGKILL: the driver runs no cleanup at all
+        driver.wait(10)
+        deadline = time.monotonic() + 5
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(workers) == [], f"processes of the killed driver still run: {_alive(workers)}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        for pid in _alive(workers):  # only processes this test started (same pid and start time)
+            os.kill(pid, signal.SIGKILL)

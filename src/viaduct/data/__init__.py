@@ -21,6 +21,8 @@ _EXPORTS = {
     "BlendedDataset": "blended",
     "build_gpt_datasets": "builder",
     "GPTDataset": "gpt_dataset",
+    "IndexCacheWarning": "gpt_dataset",
+    "CorruptIndexError": "indexed",
     "IndexedDataset": "indexed",
     "IndexedDatasetWriter": "indexed",
     "build_data_loader": "loaders",
@@ -39,8 +41,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from viaduct.data.blended import BlendedDataset
     from viaduct.data.builder import build_gpt_datasets
-    from viaduct.data.gpt_dataset import GPTDataset
-    from viaduct.data.indexed import IndexedDataset, IndexedDatasetWriter
+    from viaduct.data.gpt_dataset import GPTDataset, IndexCacheWarning
+    from viaduct.data.indexed import CorruptIndexError, IndexedDataset, IndexedDatasetWriter
     from viaduct.data.loaders import (
         build_data_loader,
         build_train_valid_test_data_iterators,
@@ -62,7 +64,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BlendedDataset",
     "ByteLevelTokenizer",
+    "CorruptIndexError",
     "GPTDataset",
+    "IndexCacheWarning",
     "IndexedDataset",
     "IndexedDatasetWriter",
     "MockGPTDataset",

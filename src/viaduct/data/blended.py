@@ -10,7 +10,9 @@ apportionment), and within k-th place each component's own samples stay in order
 reads its samples 0, 1, 2, ... The order is deterministic (no randomness: the components shuffle
 their own samples).
 
-Indices are cached like the GPT dataset's when a cache directory is given (atomic writes).
+Indices are cached like the GPT dataset's when a cache directory is given (atomic writes); a
+cached file that is unreadable or does not fit the blend (shape, dtype, a component or sample out
+of range) is rebuilt with an `IndexCacheWarning`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,19 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from viaduct.data.gpt_dataset import atomic_save, atomic_write_text
+from viaduct.data.gpt_dataset import (
+    atomic_save,
+    atomic_write_text,
+    first_bad_row,
+    load_cached_indices,
+    load_index_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +44,22 @@ _FORMAT = 1
 _INDEX_NAMES = ("dataset_index", "dataset_sample_index")
 
 
-def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+class BlendComponent(Protocol):
+    """What a blend draws from: a map-style dataset of samples that knows its length."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: int, /) -> dict[str, torch.Tensor]: ...
+
+
+def normalize_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
         raise ValueError(f"blend weights must be non-negative, finite and not all 0, got {list(weights)}")
     return w / w.sum()
 
 
-def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+def blending_indices(weights: Sequence[float] | np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index int16, dataset_sample_index int64) of a blend of `size` samples (see module doc)."""
     w = normalize_weights(weights)
     if w.size >= 2**15:
@@ -62,7 +78,7 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
     return ids[order], ranks[order]
 
 
-def blend_counts(weights: Sequence[float], size: int) -> np.ndarray:
+def blend_counts(weights: Sequence[float] | np.ndarray, size: int) -> np.ndarray:
     """How many samples each component gives to a blend of `size` samples."""
     ids, _ = blending_indices(weights, size)
     return np.bincount(ids, minlength=len(weights)).astype(np.int64)
@@ -78,7 +94,7 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
 
     def __init__(
         self,
-        datasets: Sequence[Dataset],
+        datasets: Sequence[BlendComponent],
         weights: Sequence[float] | None,
         num_samples: int,
         seed: int,
@@ -87,7 +103,7 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
         if not datasets:
             raise ValueError("a blend needs at least one dataset")
         self.datasets = list(datasets)
-        sizes = [len(d) for d in self.datasets]  # type: ignore[arg-type]
+        sizes = [len(d) for d in self.datasets]
         raw = list(weights) if weights is not None else sizes
         if len(raw) != len(self.datasets):
             raise ValueError(f"{len(self.datasets)} datasets but {len(raw)} weights")
@@ -106,6 +122,7 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
         self.description_hash = hashlib.md5(self.description.encode()).hexdigest()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.built_anew = False
+        self._sizes = np.asarray(sizes, dtype=np.int64)
         self.dataset_index, self.dataset_sample_index = self._load_or_build()
 
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
@@ -124,17 +141,43 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
 
     def _load_or_build(self) -> tuple[np.ndarray, np.ndarray]:
         paths = self._paths()
-        if paths is not None and all(p.is_file() for p in paths.values()):
-            first, second = (np.load(paths[n], mmap_mode="r") for n in _INDEX_NAMES)
-            return first, second
+        if paths is not None:
+            cached = load_cached_indices(paths, _INDEX_NAMES, self.description, self.cache_problem)
+            if cached is not None:
+                return cached[0], cached[1]
         indices = blending_indices(self.weights, self.num_samples)
         self.built_anew = True
         if paths is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            paths["description"].parent.mkdir(parents=True, exist_ok=True)  # the cache directory
             for name, array in zip(_INDEX_NAMES, indices):
                 atomic_save(paths[name], array)
             atomic_write_text(paths["description"], self.description)
         return indices
+
+    def cache_problem(self, arrays: tuple[np.ndarray, ...]) -> str | None:
+        """What is wrong with cached (dataset index, dataset sample index) for this blend, or None."""
+        which, sample = arrays
+        for name, array in zip(_INDEX_NAMES, arrays):
+            if array.dtype.kind not in "iu" or array.shape != (self.num_samples,):
+                return (
+                    f"{name} is a {array.dtype} array of shape {array.shape}, expected "
+                    f"({self.num_samples},) integers"
+                )
+        n = len(self.datasets)
+        bad = first_bad_row(self.num_samples, lambda a, b: (which[a:b] < 0) | (which[a:b] >= n))
+        if bad is not None:
+            return f"dataset_index[{bad}] = {int(which[bad])} is not one of the {n} datasets"
+
+        def out_of_range(a: int, b: int) -> np.ndarray:
+            return (sample[a:b] < 0) | (sample[a:b] >= self._sizes[np.asarray(which[a:b])])
+
+        bad = first_bad_row(self.num_samples, out_of_range)
+        if bad is not None:
+            return (
+                f"dataset_sample_index[{bad}] = {int(sample[bad])} is not a sample of dataset "
+                f"{int(which[bad])} ({int(self._sizes[which[bad]])} samples)"
+            )
+        return None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -145,7 +188,7 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
             raise IndexError(f"sample {idx} out of range for {self.num_samples} samples")
         return self.datasets[int(self.dataset_index[idx])][int(self.dataset_sample_index[idx])]
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         # Re-map cached indices in spawned workers rather than pickling the arrays.
         state = self.__dict__.copy()
         if self._paths() is not None:
@@ -153,12 +196,12 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
                 state[name] = None
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         paths = self._paths()
         if paths is not None:
             for name in _INDEX_NAMES:
-                setattr(self, name, np.load(paths[name], mmap_mode="r"))
+                setattr(self, name, load_index_file(paths[name]))
 
     def __repr__(self) -> str:
         w = ", ".join(f"{x:.3g}" for x in self.weights)

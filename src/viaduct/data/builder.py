@@ -11,10 +11,11 @@ Megatron's BlendedMegatronDatasetBuilder rules, for each split with samples to g
 `split` ("969,30,1", derived into split_matrix) cuts every prefix by documents: split i takes
 documents [round(start·n), round(end·n)). `blend_per_split` gives each split its own prefixes, whole.
 
-Checks that fail as one `ConfigError`: a prefix whose .bin/.idx is missing (naming the field that
-named it), a split that gets no documents, a token id the tokenizer's vocabulary does not hold
-(the largest id of each .bin is found by a scan, cached next to the indices). Prefixes are opened,
-checked and indexed in a thread pool of `num_dataset_builder_threads`.
+Checks that fail as one `ConfigError`: a prefix whose .bin/.idx is missing, damaged, or holds no
+documents or no tokens (naming the field that named it), a split that gets no documents or too few
+tokens for one sample, a token id the tokenizer's vocabulary does not hold (the largest id of each
+.bin is found by a scan, cached next to the indices). Prefixes are opened, checked and indexed in
+a thread pool of `num_dataset_builder_threads`.
 
 Distributed use: the builder takes no process group. Let global rank 0 build first, then a barrier,
 then the other ranks build (they hit the caches); index files are written atomically, so ranks
@@ -39,7 +40,7 @@ from torch.utils.data import Dataset
 from viaduct.config import ConfigError, Problem, Problems
 from viaduct.data.blended import BlendedDataset, blend_counts, normalize_weights
 from viaduct.data.gpt_dataset import GPTDataset, atomic_write_text, file_signature, resolve_cache_dir
-from viaduct.data.indexed import IndexedDataset, bin_path, idx_path
+from viaduct.data.indexed import CorruptIndexError, IndexedDataset, bin_path, idx_path
 
 if TYPE_CHECKING:
     from viaduct.data.tokenizers import Tokenizer
@@ -133,6 +134,16 @@ def build_gpt_datasets(
         if srcs[0].weight is None:
             docs = [d for k, _, _, d in jobs if k == i]
             raw = [max(0, _tokens(prefixes[s.prefix], d) - extra) // seq_length for s, d in zip(srcs, docs)]
+            if not any(raw):  # weights by size would all be 0
+                raise ConfigError(
+                    Problem(
+                        "dataset.split" if ds.blend_per_split is None else srcs[0].field,
+                        f"gives the {SPLITS[i]} split too few tokens for one sample of {seq_length} in "
+                        f"any of {', '.join(idx_path(s.prefix) for s in srcs)}",
+                        ds.split if ds.blend_per_split is None else [s.prefix for s in srcs],
+                        fix="give the split a larger share of the data, more data, or a shorter seq_length",
+                    )
+                )
         else:
             raw = [s.weight for s in srcs]  # type: ignore[misc]
         w = normalize_weights(raw)
@@ -142,24 +153,36 @@ def build_gpt_datasets(
         for j, (wd, nd) in enumerate(zip(w, need)):
             sizes[(i, j)] = max(int(nd), math.ceil(math.ceil(count * wd) * (1 + surplus)))
 
-    def build(job: tuple[int, int, _Source, np.ndarray]) -> GPTDataset:
+    def build(job: tuple[int, int, _Source, np.ndarray]) -> GPTDataset | ConfigError:
         i, j, src, docs = job
         info = prefixes[src.prefix]
-        built = GPTDataset(
-            info.indexed if info.indexed is not None else info.prefix,
-            docs,
-            sizes[(i, j)],
-            seq_length,
-            ds,
-            tokenizer,
-            SPLITS[i],
-            cache_dir=info.cache_dir,
-        )
+        try:
+            built = GPTDataset(
+                info.indexed if info.indexed is not None else info.prefix,
+                docs,
+                sizes[(i, j)],
+                seq_length,
+                ds,
+                tokenizer,
+                SPLITS[i],
+                cache_dir=info.cache_dir,
+            )
+        except ConfigError as err:  # e.g. a split too small for one sample: named by its field below
+            field = "dataset.split" if ds.blend_per_split is None else src.field
+            value = ds.split if ds.blend_per_split is None else src.prefix
+            return ConfigError(
+                [Problem(field, f"{q.path}: {q.message}", value, fix=q.fix) for q in err.problems]
+            )
         if info.indexed is None and built._indexed is not None:  # a cache miss opened the index:
             info.verify(built._indexed)  # check the count per_dataset_sequences_path gave
         return built
 
-    built = _parallel(build, jobs, ds.num_dataset_builder_threads)
+    results = _parallel(build, jobs, ds.num_dataset_builder_threads)
+    for r in results:
+        if isinstance(r, ConfigError):
+            p.extend(r.problems)
+    p.raise_if_any(header="the datasets cannot be built")
+    built = [r for r in results if isinstance(r, GPTDataset)]
     out: list[Dataset | None] = []
     for i in range(len(plan)):
         parts = [b for (k, _, _, _), b in zip(jobs, built) if k == i]
@@ -253,9 +276,38 @@ def _open_prefixes(
             indexed = IndexedDataset(prefix, mmap=ds.mmap_bin_files)
             n = len(indexed)
         info = _Prefix(prefix, n, indexed, cache_dir, ds.mmap_bin_files)
+        if n == 0 or (indexed is not None and indexed.num_tokens == 0):
+            return info, None  # reported below; there are no tokens to check
         return info, max_token_id(info, vocab)
 
-    results = _parallel(open_one, list(first), ds.num_dataset_builder_threads)
+    def opened(prefix: str) -> tuple[_Prefix, int | None] | ConfigError:
+        try:
+            return open_one(prefix)
+        except CorruptIndexError as err:  # name the field too, and report every damaged prefix
+            return ConfigError(
+                [
+                    Problem(first[prefix].field, f"{q.path}: {q.message}", prefix, fix=q.fix)
+                    for q in err.problems
+                ]
+            )
+
+    results = []
+    for r in _parallel(opened, list(first), ds.num_dataset_builder_threads):
+        if isinstance(r, ConfigError):
+            p.extend(r.problems)
+        else:
+            results.append(r)
+    for info, _ in results:
+        empty = "no documents" if info.num_sequences == 0 else ""
+        if not empty and info.indexed is not None and info.indexed.num_tokens == 0:
+            empty = f"{info.num_sequences} sequences but no tokens"
+        if empty:
+            p.add(
+                first[info.prefix].field,
+                f"names prefix {info.prefix!r}, whose {idx_path(info.prefix)} holds {empty}",
+                info.prefix,
+                fix="preprocess non-empty text into it (viaduct data preprocess), or leave it out",
+            )
     for info, top in results:
         if top is not None and top >= vocab:
             model_vocab = getattr(cfg.model, "vocab_size", None)
@@ -321,6 +373,8 @@ def max_token_id(info: _Prefix, vocab_size: int) -> int | None:
     dtype = info.index().dtype
     if dtype.kind in "iu" and np.iinfo(dtype).max < vocab_size:
         return None
+    if os.path.getsize(bin_path(info.prefix)) == 0:
+        return -1  # no tokens (and an empty file cannot be mapped)
     tokens = np.memmap(bin_path(info.prefix), dtype=dtype.newbyteorder("<"), mode="r")
     exact = tokens.nbytes <= FULL_SCAN_BYTES
     top = -1

@@ -24,6 +24,11 @@ sequence rule). Each file is written to a temporary name and renamed, the descri
 a reader never sees a half-written cache and concurrent ranks building the same files are safe.
 The loader should still let global rank 0 build first and the other ranks load after a barrier,
 which saves them the work.
+
+A cache file is untrusted input: it is memory-mapped without unpickling, and its dtype, shape and
+bounds are checked against what this dataset expects (exactly, when the indexed dataset is already
+open; by structure and bounds otherwise). A truncated, garbled or foreign file is rebuilt with an
+`IndexCacheWarning`, never a crash; ranks rebuilding at once write the same bytes aside and rename.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import logging
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from viaduct.config import ConfigError, Problem
 from viaduct.data.mock import _document_causal_mask
 
 if TYPE_CHECKING:
@@ -53,6 +61,11 @@ logger = logging.getLogger(__name__)
 _FORMAT = 1  # bump when the index algorithm changes, so old caches are not reused
 _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80  # Megatron's rule
 _INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
+_CHECK_ROWS = 1 << 20  # cached index rows checked per block: bounds the check's temporary memory
+
+
+class IndexCacheWarning(UserWarning):
+    """A cached dataset index was unreadable or did not match its dataset, and was rebuilt."""
 
 
 # ------------------------------------------------------------------------------------------ indices
@@ -254,11 +267,77 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def load_index_file(path: Path) -> np.ndarray:
+    """A cached index, memory-mapped; never unpickles (an object array is refused)."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def load_cached_indices(
+    paths: dict[str, Path],
+    names: Sequence[str],
+    description: str,
+    check: Callable[[tuple[np.ndarray, ...]], str | None],
+) -> tuple[np.ndarray, ...] | None:
+    """The cached arrays `names` when the set is complete, readable and passes `check` (which
+    returns what is wrong, or None); else None, with an `IndexCacheWarning` when the set is there
+    but damaged (a missing file is an ordinary miss: a build that did not finish)."""
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    try:
+        text = paths["description"].read_text(encoding="utf-8")
+    except (OSError, ValueError) as err:
+        return _damaged(paths["description"], f"cannot be read ({err})")
+    if text != description:
+        return _damaged(paths["description"], "does not describe this dataset")
+    arrays = []
+    for name in names:
+        try:
+            arrays.append(load_index_file(paths[name]))
+        except (OSError, ValueError, EOFError) as err:  # truncated, garbage, pickled objects
+            return _damaged(paths[name], f"cannot be read as a .npy array ({err})")
+    try:
+        problem = check(tuple(arrays))
+    except ConfigError:
+        raise  # the data itself is wrong (e.g. too few tokens): rebuilding would not help
+    except (ValueError, IndexError, OverflowError) as err:  # values too wild for the arithmetic
+        problem = f"holds values that cannot be checked ({err})"
+    if problem is not None:
+        return _damaged(paths[names[0]].parent, problem)
+    return tuple(arrays)
+
+
+def _damaged(path: Path, problem: str) -> None:
+    warnings.warn(
+        IndexCacheWarning(f"dataset index cache {path}: {problem}; rebuilding it"),
+        stacklevel=5,  # the code that constructed the dataset
+    )
+    return None
+
+
+def first_bad_row(n: int, test: Callable[[int, int], np.ndarray]) -> int | None:
+    """The first row k < n where `test(a, b)` (a boolean array for rows [a, b)) is true, checked in
+    blocks of _CHECK_ROWS rows; None when there is none."""
+    for a in range(0, n, _CHECK_ROWS):
+        hit = test(a, min(a + _CHECK_ROWS, n))
+        if hit.any():
+            return a + int(np.argmax(hit))
+    return None
+
+
 def file_signature(prefix: str) -> dict[str, Any]:
     """What identifies the data of `prefix` without reading it: its real path, and size and mtime
     of the .idx (and the .bin's size)."""
     real = os.path.realpath(prefix)
-    idx, binf = os.stat(real + ".idx"), os.stat(real + ".bin")
+    try:
+        idx, binf = os.stat(real + ".idx"), os.stat(real + ".bin")
+    except FileNotFoundError as err:
+        raise ConfigError(
+            Problem(
+                str(err.filename),
+                "file not found",
+                fix="check the path prefix (without .bin/.idx); build the files: `viaduct data preprocess`",
+            )
+        ) from err
     return {
         "prefix": real,
         "idx_size": idx.st_size,
@@ -346,8 +425,9 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
 
     def _load_or_build(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         paths = self._paths()
-        if all(p.is_file() for p in paths.values()):
-            return tuple(np.load(paths[n], mmap_mode="r") for n in _INDEX_NAMES)  # type: ignore[return-value]
+        cached = load_cached_indices(paths, _INDEX_NAMES, self.description, self.cache_problem)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
         start = time.perf_counter()
         indices = self.build_indices()
         for name, array in zip(_INDEX_NAMES, indices):
@@ -365,18 +445,130 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
         )
         return indices
 
+    def _expected_counts(self, lengths: np.ndarray) -> tuple[int, int, int]:
+        """(tokens per epoch, epochs, samples) these documents give; ConfigError when they give none."""
+        docs = self.documents
+        if docs.size and (int(docs.min()) < 0 or int(docs.max()) >= len(lengths)):
+            raise ConfigError(
+                Problem(
+                    self.prefix + ".idx",
+                    f"holds {len(lengths)} sequences; the {self.split} split asks for documents "
+                    f"{int(docs.min())} to {int(docs.max())}",
+                    fix="the cut of the data into splits does not fit this file; rebuild the datasets",
+                )
+            )
+        tokens_per_epoch = int(lengths[docs].sum(dtype=np.int64))
+        epochs, samples = 1, 0
+        if tokens_per_epoch - self.extra >= 1:  # else no epoch count gives a sample
+            epochs = num_epochs_needed(tokens_per_epoch, self.num_samples, self.seq_length, self.extra)
+            total = tokens_per_epoch * epochs
+            if self.drop_last_partial:
+                samples = (total - self.extra) // self.seq_length
+            else:
+                samples = -(-(total - self.extra) // self.seq_length)
+        # No sample is an error unless none was asked for (a blend component of weight 0), but the
+        # indices need a token past the extra one even then.
+        if tokens_per_epoch - self.extra < 1 or (samples < 1 and self.num_samples != 0):
+            need = self.seq_length + self.extra if self.drop_last_partial else 1 + self.extra
+            what = f"{docs.size} documents holding {tokens_per_epoch} tokens" if docs.size else "no documents"
+            raise ConfigError(
+                Problem(
+                    self.prefix + ".idx",
+                    f"gives the {self.split} split {what}: too few for one sample ({need} tokens at "
+                    f"seq_length {self.seq_length})",
+                    fix="give the split a larger share of the data (dataset.split), use more data, "
+                    "or a shorter seq_length",
+                )
+            )
+        return tokens_per_epoch, epochs, samples
+
+    def cache_problem(self, arrays: tuple[np.ndarray, ...]) -> str | None:
+        """What is wrong with cached (document, sample, shuffle) indices for this dataset, or None.
+
+        Checks dtypes, shapes and every value's bounds (vectorized, block by block); the exact
+        epoch and sample counts and each sample's offsets only when the indexed dataset is open
+        (a cache hit otherwise opens nothing).
+        """
+        doc, sample, shuffle = arrays
+        for name, array, ndim in (
+            ("document_index", doc, 1),
+            ("sample_index", sample, 2),
+            ("shuffle_index", shuffle, 1),
+        ):
+            if array.dtype.kind not in "iu" or array.ndim != ndim or (ndim == 2 and array.shape[1] != 2):
+                want = "[samples + 1, 2]" if ndim == 2 else "1-D"
+                return f"{name} is a {array.dtype} array of shape {array.shape}, expected {want} integers"
+        n_docs, samples = int(self.documents.size), int(sample.shape[0]) - 1
+        if n_docs == 0 or doc.size == 0 or doc.size % n_docs:
+            return f"document_index has {doc.size} entries, not whole epochs of {n_docs} documents"
+        if samples < 0 or shuffle.size != samples or (samples == 0 and self.num_samples != 0):
+            return f"sample_index has {samples} samples and shuffle_index {shuffle.size}"
+        if self.num_samples is not None and samples < self.num_samples:
+            return f"holds {samples} samples, fewer than the {self.num_samples} asked for"
+        lengths, max_tokens = None, None
+        if self._indexed is not None:
+            lengths = self._indexed.sequence_lengths
+            _, epochs, expected = self._expected_counts(lengths)
+            if doc.size != epochs * n_docs or samples != expected:
+                return (
+                    f"holds {doc.size // n_docs} epochs and {samples} samples; the data gives "
+                    f"{epochs} epochs and {expected} samples"
+                )
+        else:
+            # Without the index, the .idx header and the .bin's size still bound every value: no
+            # offset passes the data's token count.
+            from viaduct.data.indexed import bin_path, read_header
+
+            dtype, _, _ = read_header(self.prefix)
+            max_tokens = os.path.getsize(bin_path(self.prefix)) // dtype.itemsize
+        lo, hi = int(self.documents.min()), int(self.documents.max())
+        bad = first_bad_row(doc.size, lambda a, b: (doc[a:b] < lo) | (doc[a:b] > hi))
+        if bad is not None:
+            return f"document_index[{bad}] = {int(doc[bad])} is not one of the split's documents"
+        if sample[0, 0] != 0 or sample[0, 1] != 0:
+            return f"sample_index starts at {sample[0].tolist()}, not [0, 0]"
+        # Room for a sample's last token in each entry of the document index: its length less the
+        # extra token. Gathered once per entry when that is fewer than the samples (no larger than
+        # the sample index itself), else per block of samples.
+        room = None
+        if lengths is not None and doc.size <= samples + 1:
+            room = lengths[np.asarray(doc)]
+            room -= self.extra
+
+        def bad_rows(a: int, b: int) -> np.ndarray:
+            # Positions never fall and stay in the document index; offsets are >= 0 and leave room
+            # for the sample's last token. Row 0 is (0, 0), checked above.
+            block = np.array(sample[max(a - 1, 0) : b])  # contiguous: columns of a memmap are strided
+            pos, off = block[:, 0], block[:, 1]
+            hit = np.zeros(b - a, dtype=np.bool_)
+            np.less(pos[1:], pos[:-1], out=hit[len(hit) - len(pos) + 1 :])
+            hit |= (pos[-len(hit) :] >= doc.size) | (off[-len(hit) :] < 0)
+            if hit.any():
+                return hit
+            # Positions are valid: index by them.
+            rows = pos[-len(hit) :]
+            if room is not None:
+                limit = room[rows]
+            elif lengths is not None:
+                limit = lengths[np.asarray(doc)[rows]] - self.extra
+            else:
+                limit = max_tokens - self.extra
+            hit |= off[-len(hit) :] > limit
+            hit[: 1 if a == 0 else 0] = False
+            return hit
+
+        bad = first_bad_row(samples + 1, bad_rows)
+        if bad is not None:
+            return f"sample_index row {bad} = {sample[bad].tolist()} does not point into the documents"
+        bad = first_bad_row(samples, lambda a, b: (shuffle[a:b] < 0) | (shuffle[a:b] >= samples))
+        if bad is not None:
+            return f"shuffle_index[{bad}] = {int(shuffle[bad])} is not a sample of {samples}"
+        return None
+
     def build_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(document index, sample index, shuffle index), computed from the data (no cache)."""
         lengths = self.indexed.sequence_lengths
-        docs = self.documents
-        if docs.size and (int(docs.min()) < 0 or int(docs.max()) >= len(lengths)):
-            raise ValueError(f"document ids outside [0, {len(lengths)}) for {self.prefix}")
-        tokens_per_epoch = int(lengths[self.documents].sum(dtype=np.int64))
-        if tokens_per_epoch - self.extra < 1:
-            raise ValueError(
-                f"the {self.split} split of {self.prefix} holds {tokens_per_epoch} tokens: "
-                "too few for a sample"
-            )
+        tokens_per_epoch, _, _ = self._expected_counts(lengths)
         epochs = num_epochs_needed(tokens_per_epoch, self.num_samples, self.seq_length, self.extra)
         separate, before_final = separate_final_epoch(
             tokens_per_epoch, epochs, self.num_samples, self.seq_length, self.extra
@@ -406,6 +598,23 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
 
     def tokens_of(self, idx: int) -> np.ndarray:
         """The raw tokens of sample `idx` (after shuffling): seq_length + extra, fewer when partial."""
+        if not 0 <= int(idx) < len(self):
+            raise IndexError(f"sample {idx} out of range for {len(self)} samples")
+        try:
+            return self._tokens_of(int(idx))
+        except IndexError as err:
+            # Only cached indices loaded without the data at hand can get here (see cache_problem).
+            paths = self._paths()
+            raise ConfigError(
+                Problem(
+                    str(paths["sample_index"]),
+                    f"sample {idx} reads outside its documents of {self.prefix} ({err})",
+                    fix=f"the cached indices do not match the data; delete {self.cache_dir}/"
+                    f"{self.description_hash}-* to rebuild them",
+                )
+            ) from err
+
+    def _tokens_of(self, idx: int) -> np.ndarray:
         i = int(self.shuffle_index[idx])
         d0, o0 = (int(v) for v in self.sample_index[i])
         d1, o1 = (int(v) for v in self.sample_index[i + 1])
@@ -444,7 +653,7 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
         self.__dict__.update(state)
         paths = self._paths()
         for name in _INDEX_NAMES:
-            setattr(self, name, np.load(paths[name], mmap_mode="r"))
+            setattr(self, name, load_index_file(paths[name]))
 
     def __repr__(self) -> str:
         return (

@@ -12,10 +12,17 @@ by a worker process and the shards are concatenated in order, so the output is b
 any number of workers. Bad lines (invalid JSON, a missing key, a value that is not text, text the
 tokenizer rejects) never vanish silently: all of them are collected, the run finishes, and then one
 `ConfigError` lists them by 1-based line number; nothing is written then. Empty lines are skipped.
+
+Workers end with the driver however it ends, SIGKILL included (which runs no cleanup): on Linux
+the kernel kills them when their parent dies (PR_SET_PDEATHSIG), and a watchdog thread in each
+worker, checking every half second that the driver still runs, covers other systems and a driver
+that died before the worker set that up. A killed run can still leave its temporary directory
+(`.viaduct-preprocess-*`, next to the output) behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
@@ -23,8 +30,10 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,6 +54,8 @@ CHUNK_BYTES = 8 << 20  # input bytes per task: small enough to balance workers a
 MAX_REPORTED_LINES = 20  # bad lines listed by number; the rest are counted
 _MAX_KEYS_SEEN = 50
 _BATCH_LINES = 128  # lines tokenized per call when the tokenizer has tokenize_batch
+_WATCHDOG_SECONDS = 0.5  # how often a worker checks that its driver still runs
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _REPORT_BYTES = 4 << 20
 # numpy >= 2 raises OverflowError when a Python int does not fit the array's dtype, so token ids can
 # be converted straight to the file dtype; older numpy wraps silently, so go through int64 there.
@@ -304,8 +315,45 @@ _POOL_WORKER: _Worker | None = None
 _POOL_INIT_ERROR: BaseException | None = None
 
 
-def _init_pool_worker(spec: tuple, progress: Any) -> None:
+def _die_with_driver(driver_pid: int) -> None:
+    """End this worker process when the driver process ends, however it ends.
+
+    Without this a worker outlives a killed driver for ever: it waits on the task pipe, whose
+    writing end its sibling workers also hold (inherited), so the driver's death never closes it.
+    """
+    parent = os.getppid()  # the driver, or the fork server that started this worker
+    if sys.platform.startswith("linux"):
+        # The kernel kills this process the moment the thread that started it ends: the driver's
+        # main thread (the pool starts its workers from `submit`), so in effect the driver.
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still ends the worker
+
+    def driver_gone() -> bool:
+        if os.getppid() != parent:  # re-parented: the parent died
+            return True
+        try:
+            os.kill(driver_pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone, or its pid now belongs to another user
+            return True
+        return False
+
+    if driver_gone():  # died before prctl took effect: no signal will come
+        os._exit(1)
+
+    def watch() -> None:
+        while not driver_gone():
+            time.sleep(_WATCHDOG_SECONDS)
+        os._exit(1)  # nothing to save: the driver that would merge this worker's shards is gone
+
+    threading.Thread(target=watch, name="viaduct-driver-watchdog", daemon=True).start()
+
+
+def _init_pool_worker(spec: tuple, progress: Any, driver_pid: int) -> None:
     global _POOL_WORKER, _POOL_INIT_ERROR
+    _die_with_driver(driver_pid)
     # The processes already use every core: a Rust thread pool per worker would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     settings, tok_cfg, factory = spec
@@ -436,7 +484,8 @@ def _run_pool(spec: tuple, tasks: list[_Task], workers: int, bar: Any) -> list[_
 
     ctx = mp.get_context()
     progress = ctx.Queue()
-    with ProcessPoolExecutor(workers, ctx, initializer=_init_pool_worker, initargs=(spec, progress)) as pool:
+    init_args = (spec, progress, os.getpid())
+    with ProcessPoolExecutor(workers, ctx, initializer=_init_pool_worker, initargs=init_args) as pool:
         futures = [pool.submit(_run_pool_task, t) for t in tasks]
         while not all(f.done() for f in futures):
             try:
