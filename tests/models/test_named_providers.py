@@ -241,6 +241,68 @@ def test_user_values_win_over_the_named_defaults():
     assert p.source_of("num_layers").startswith("python") and p.source_of("hidden_size") == "default"
 
 
+def _refinalize_case():
+    """The llama32_1b recipe with the user's explicit null for a field its class defaults to 8."""
+    cfg = get_recipe("llama32_1b")()
+    return apply_overrides(cfg, ["model.num_query_groups=null", "model.num_attention_heads=4"])
+
+
+def test_refinalizing_keeps_the_users_null_over_the_class_default():
+    cfg = _refinalize_case().validate()
+    assert cfg.model.num_query_groups == 4  # follows the heads, as null asks
+    before = cfg.model.to_dict()
+    cfg.model.provide(device="meta")  # finalizes again
+    cfg.model.provide(device="meta")
+    assert cfg.model.to_dict() == before
+    assert cfg.model.num_query_groups == 4 and cfg.model.source_of("num_query_groups").startswith("derived")
+    # Undoing the derivation gives back what the user set, not Llama32ModelProvider1B's 8.
+    cfg.model._undo_own_derivations()
+    assert cfg.model.num_query_groups is None
+    assert cfg.model.source_of("num_query_groups") == "CLI 'model.num_query_groups=null'"
+    # And every later validate() starts from the user's null again.
+    cfg.model.num_attention_heads = 2
+    cfg.validate()
+    assert cfg.model.num_query_groups == 2
+
+
+def test_standalone_finalize_twice_keeps_an_explicit_none():
+    p = Llama32ModelProvider1B(num_query_groups=None, num_attention_heads=4)
+    p.finalize()
+    p.finalize()
+    assert p.num_query_groups == 4
+
+
+@dataclasses.dataclass(kw_only=True)
+class _TinyNamedProvider(LlamaModelProvider):
+    """A small named size whose class default for num_query_groups (8) does not divide 4 heads."""
+
+    # Kept out of ModelProvider.variants(): a test class must not add a short name or a class to
+    # the public surface that other tests of the session enumerate.
+    _abstract_config_ = True
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int | None = 128
+    num_attention_heads: int = 8
+    num_query_groups: int | None = 8
+    share_embeddings_and_output_weights: bool = True
+    make_vocab_size_divisible_by: int = 64
+
+
+@pytest.mark.slow
+def test_pretrain_runs_what_validate_accepted_with_an_explicit_null(tmp_path):
+    from viaduct.testing import tiny_pretrain_config
+    from viaduct.training.pretrain import pretrain
+
+    cfg = tiny_pretrain_config("train.train_iters=1", "train.eval_iters=0")
+    cfg.model = _TinyNamedProvider(seq_length=cfg.model.seq_length)
+    apply_overrides(cfg, ["model.num_query_groups=null", "model.num_attention_heads=4"])
+    cfg.validate()
+    state = pretrain(cfg)  # provide() finalizes again: 4 heads must not meet the class's 8 groups
+    assert state.train_state.step == 1
+    assert cfg.model.num_query_groups == 4
+
+
 @pytest.mark.parametrize(
     ("name", "cls", "seq_length"),
     [

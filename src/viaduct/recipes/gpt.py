@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from viaduct.models import GPT2ModelProvider124M, GPTModelProvider
-from viaduct.recipes.common import pretrain_common
+from viaduct.recipes.common import PretrainKwargs, apply_recipe_kwargs, pretrain_common
 from viaduct.recipes.llama import llama_model
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import (
@@ -16,6 +18,9 @@ from viaduct.training.config import (
     TokenizerConfig,
     TrainingConfig,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def tiny_gpt_model(seq_length: int = 256) -> GPTModelProvider:
@@ -32,10 +37,13 @@ def tiny_gpt_model(seq_length: int = 256) -> GPTModelProvider:
 
 
 @recipe("default", "tiny_gpt")
-def tiny_gpt_pretrain_config() -> ConfigContainer:
-    """The embedded default: a tiny GPT trained on CPU in minutes, with nothing to download."""
+def tiny_gpt_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
+    """The embedded default: a tiny GPT trained on CPU in minutes, with nothing to download.
+
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    """
     seq_length = 256
-    return ConfigContainer(
+    cfg = ConfigContainer(
         model=tiny_gpt_model(seq_length),
         train=TrainingConfig(
             train_iters=200, global_batch_size=16, micro_batch_size=8, eval_interval=50, eval_iters=5
@@ -51,10 +59,14 @@ def tiny_gpt_pretrain_config() -> ConfigContainer:
         tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="builtin:pydoc-bpe"),
         checkpoint=CheckpointConfig(),
     )
+    return apply_recipe_kwargs(cfg, kwargs, recipe="tiny_gpt_pretrain_config", default_name="tiny_gpt")
 
 
 @recipe("gpt2_124m")
-def gpt2_124m_pretrain_config() -> ConfigContainer:
-    """GPT-2 124M shape (12 layers, 768 wide, learned positions, 1024-token context)."""
-    model = GPT2ModelProvider124M()
-    return pretrain_common(model, name="gpt2_124m")
+def gpt2_124m_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
+    """GPT-2 124M shape (12 layers, 768 wide, learned positions, 1024-token context).
+
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    """
+    cfg = pretrain_common(GPT2ModelProvider124M(), name="gpt2_124m")
+    return apply_recipe_kwargs(cfg, kwargs, recipe="gpt2_124m_pretrain_config", default_name="gpt2_124m")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from viaduct.config.types import FunctionRef
 from viaduct.models import (
     GPTModelProvider,
@@ -9,9 +11,12 @@ from viaduct.models import (
     Llama3ModelProvider8B,
     Llama32ModelProvider1B,
 )
-from viaduct.recipes.common import pretrain_common
+from viaduct.recipes.common import PretrainKwargs, apply_recipe_kwargs, pretrain_common
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import ConfigContainer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def llama_model(**shape: object) -> GPTModelProvider:
@@ -36,22 +41,32 @@ def llama_model(**shape: object) -> GPTModelProvider:
 
 
 @recipe("llama32_1b")
-def llama32_1b_pretrain_config() -> ConfigContainer:
-    """Llama 3.2 1B shape (16 layers, 2048 wide, tied embeddings, RoPE scaling factor 32)."""
+def llama32_1b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
+    """Llama 3.2 1B shape (16 layers, 2048 wide, tied embeddings, RoPE scaling factor 32).
+
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    """
     seq_length = 8192  # pretraining context (the published model extends to 128k)
     model = Llama32ModelProvider1B(seq_length=seq_length)
-    return pretrain_common(model, name="llama32_1b")
+    cfg = pretrain_common(model, name="llama32_1b")
+    return apply_recipe_kwargs(cfg, kwargs, recipe="llama32_1b_pretrain_config", default_name="llama32_1b")
 
 
 @recipe("llama3_8b")
-def llama3_8b_pretrain_config() -> ConfigContainer:
-    """Llama 3 8B shape (32 layers, 4096 wide, 14336 FFN, 8 KV groups)."""
-    model = Llama3ModelProvider8B()
-    return pretrain_common(model, name="llama3_8b")
+def llama3_8b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
+    """Llama 3 8B shape (32 layers, 4096 wide, 14336 FFN, 8 KV groups).
+
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    """
+    cfg = pretrain_common(Llama3ModelProvider8B(), name="llama3_8b")
+    return apply_recipe_kwargs(cfg, kwargs, recipe="llama3_8b_pretrain_config", default_name="llama3_8b")
 
 
 @recipe("llama2_7b")
-def llama2_7b_pretrain_config() -> ConfigContainer:
-    """Llama 2 7B shape (32 layers, 4096 wide, 11008 FFN, multi-head attention, 4k context)."""
-    model = Llama2ModelProvider7B()
-    return pretrain_common(model, name="llama2_7b")
+def llama2_7b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
+    """Llama 2 7B shape (32 layers, 4096 wide, 11008 FFN, multi-head attention, 4k context).
+
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    """
+    cfg = pretrain_common(Llama2ModelProvider7B(), name="llama2_7b")
+    return apply_recipe_kwargs(cfg, kwargs, recipe="llama2_7b_pretrain_config", default_name="llama2_7b")

@@ -10,7 +10,8 @@ from viaduct.config.errors import ConfigError, Problem, did_you_mean
 if TYPE_CHECKING:
     from viaduct.training.config import ConfigContainer
 
-RecipeFn = Callable[[], "ConfigContainer"]
+RecipeFn = Callable[..., "ConfigContainer"]
+"""A recipe: keyword arguments (`viaduct.recipes.common.PretrainKwargs`) -> a complete config."""
 _RECIPES: dict[str, RecipeFn] = {}
 _ALIASES: dict[str, str] = {}
 DEFAULT_RECIPE = "default"

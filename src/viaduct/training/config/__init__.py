@@ -21,7 +21,7 @@ from viaduct.training.config.resilience import (
 from viaduct.training.config.rng import RNGConfig
 from viaduct.training.config.scheduler import SchedulerConfig
 from viaduct.training.config.tokenizer import TokenizerConfig
-from viaduct.training.config.train import TrainingConfig
+from viaduct.training.config.train import TrainingConfig, ValidationConfig
 from viaduct.training.mixed_precision import MixedPrecisionConfig
 
 __all__ = [
@@ -47,4 +47,5 @@ __all__ = [
     "StragglerDetectionConfig",
     "TokenizerConfig",
     "TrainingConfig",
+    "ValidationConfig",
 ]

@@ -13,7 +13,13 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
 6. each component's finalize(): dataset, ddp, optimizer, model, logger, train, scheduler,
    checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft;
 7. cross-component rules: batch sizes and micro-batches, evaluation batches, scheduler steps
-   (in samples), PEFT needs a pretrained checkpoint.
+   (in samples), PEFT needs a pretrained checkpoint, what the training loop can run (GPT models and
+   datasets, no PEFT yet), profiled ranks within the world, environment variable names; a warning
+   when dataset.split leaves nothing to evaluate on although evaluation is asked for.
+
+What validate() passes, pretrain() runs: the loop re-checks nothing of the configuration. Only what
+depends on the machine or on files is found at setup (installed logging packages, CUDA for NVTX
+and memory history, tokenizer and data files, what a checkpoint directory holds).
 """
 
 import os
@@ -24,11 +30,12 @@ from typing import Any, ClassVar
 from viaduct.config import ConfigBase, ConfigError, Problem, derived
 from viaduct.config.errors import warn
 from viaduct.config.provenance import is_user_set
+from viaduct.models.gpt.provider import GPTModelProvider
 from viaduct.models.provider import ModelProvider
 from viaduct.peft.base import PEFT
 from viaduct.training.comm_overlap import CommOverlapConfig
 from viaduct.training.config.checkpoint import CheckpointConfig
-from viaduct.training.config.dataset import DataloaderConfig, GPTDatasetConfig
+from viaduct.training.config.dataset import _SPLITS, DataloaderConfig, GPTDatasetConfig
 from viaduct.training.config.distributed import DistributedDataParallelConfig, DistributedInitConfig
 from viaduct.training.config.logger import LoggerConfig
 from viaduct.training.config.optimizer import OptimizerConfig
@@ -43,7 +50,7 @@ from viaduct.training.config.resilience import (
 from viaduct.training.config.rng import RNGConfig
 from viaduct.training.config.scheduler import SchedulerConfig, compute_scheduler_steps
 from viaduct.training.config.tokenizer import TokenizerConfig
-from viaduct.training.config.train import TrainingConfig
+from viaduct.training.config.train import TrainingConfig, ValidationConfig
 from viaduct.training.mixed_precision import (
     MixedPrecisionConfig,
     apply_mixed_precision,
@@ -75,6 +82,8 @@ FINALIZE_ORDER = (
 class ConfigContainer(ConfigBase):
     """Every setting of a training run: model, loop, optimizer, data, logging, checkpoints, ..."""
 
+    env_vars: dict[str, str | int | float | bool] = field(default_factory=dict)
+    """Environment variables pretrain() sets before distributed init; a variable already set wins."""
     model: ModelProvider
     """Model architecture, precision and parallelism strategy (GPT, T5, Mamba)."""
     train: TrainingConfig
@@ -123,9 +132,12 @@ class ConfigContainer(ConfigBase):
     world_size: int | None = derived()
     """The world size validate() assumed (argument, torch.distributed, $WORLD_SIZE, or 1)."""
 
+    _moved_sections_: ClassVar[dict[str, tuple[type[ConfigBase], str]]] = {
+        # Megatron Bridge moved the evaluation settings out of `train` into `validation`; viaduct
+        # keeps Bridge v0.2.0's place, and loading Bridge's newer files moves them back.
+        "validation": (ValidationConfig, "train"),
+    }
     _legacy_fields_: ClassVar[dict[str, str]] = {
-        "env_vars": "environment variables are set by the launcher, not the config (HEAD-only field)",
-        "validation": "evaluation settings live in train (eval_iters, eval_interval, eval_*_batch_size)",
         "optimizer_config_override_provider": "parameter groups follow the fixed no-weight-decay rule",
         "tensor_inspect": "Transformer Engine tensor inspection has no pure-PyTorch equivalent",
     }
@@ -162,6 +174,10 @@ class ConfigContainer(ConfigBase):
                 problems += [p.prefixed(name) for p in exc.problems]
                 broken.add(name)
         problems += self._cross_checks(broken)
+        problems += self._runnable_problems(broken)
+        problems += self._env_var_problems(broken)
+        if not {"train", "dataset"} & broken:
+            self._warn_if_nothing_to_evaluate()
         if problems:
             raise ConfigError(
                 self._with_sources(problems),
@@ -365,6 +381,93 @@ class ConfigContainer(ConfigBase):
                 )
             )
         return problems
+
+    def _runnable_problems(self, broken: set[str]) -> list[Problem]:
+        """What the training loop cannot run (yet) although each component is sound on its own."""
+        problems: list[Problem] = []
+        if self.profiling is not None and "profiling" not in broken and self.world_size is not None:
+            problems += [p.prefixed("profiling") for p in self.profiling.setting_problems(self.world_size)]
+        if not isinstance(self.model, GPTModelProvider):
+            problems.append(
+                Problem(
+                    "model",
+                    "only GPT models can be trained yet",
+                    type(self.model).__name__,
+                    fix="use a GPT provider (model._target_: viaduct.models.GPTModelProvider or a named one)",
+                )
+            )
+        if not isinstance(self.dataset, GPTDatasetConfig):
+            problems.append(
+                Problem(
+                    "dataset",
+                    "only GPT datasets (indexed or mock) can be trained on yet",
+                    type(self.dataset).__name__,
+                    fix=f"use dataset._target_: {GPTDatasetConfig.target()} (or the mock dataset)",
+                )
+            )
+        if self.peft is not None:
+            problems.append(
+                Problem(
+                    "peft",
+                    "PEFT training is not supported yet",
+                    type(self.peft).__name__,
+                    fix="set peft=null (full fine-tuning with finetune() is supported)",
+                )
+            )
+        return problems
+
+    def _env_var_problems(self, broken: set[str]) -> list[Problem]:
+        problems: list[Problem] = []
+        if "env_vars" in broken:
+            return problems
+        for name, value in self.env_vars.items():
+            if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+                problems.append(
+                    Problem(
+                        "env_vars",
+                        f"{name!r} is not an environment variable name",
+                        name,
+                        fix="use non-empty names without '=' (e.g. CUDA_DEVICE_MAX_CONNECTIONS)",
+                    )
+                )
+            elif "\0" in str(value):
+                problems.append(
+                    Problem(
+                        f"env_vars.{name}",
+                        "an environment variable cannot hold a NUL character",
+                        value,
+                        fix=f"remove the NUL from env_vars.{name}",
+                    )
+                )
+        return problems
+
+    def _warn_if_nothing_to_evaluate(self) -> None:
+        """Evaluation asked for (train.eval_iters > 0) on a validation split that gets no data."""
+        ds, t = self.dataset, self.train
+        if not isinstance(ds, GPTDatasetConfig) or t.eval_iters <= 0:
+            return
+        if ds.blend_per_split is not None:
+            empty = [name for name, blend in zip(_SPLITS, ds.blend_per_split) if blend is None]
+            where, fix = "dataset.blend_per_split", "name validation data in dataset.blend_per_split[1]"
+        else:
+            matrix = ds.split_matrix or []
+            empty = [name for name, share in zip(_SPLITS, matrix) if share is None]
+            where = f"dataset.split={ds.split!r}" if ds.split is not None else "dataset.split"
+            fix = 'give validation a share in dataset.split (e.g. "969,30,1")'
+        if "validation" not in empty:
+            return
+        when = (
+            f"every {t.eval_interval} steps (train.eval_interval) and after training"
+            if t.eval_interval is not None
+            else "after training"
+        )
+        lost = [name for name in ("validation", "test") if name in empty]
+        warn(
+            f"{where} leaves the {' and '.join(lost)} split{'s' * (len(lost) > 1)} empty, but "
+            f"train.eval_iters={t.eval_iters} asks for evaluation {when}: the run does no "
+            f"{' or '.join(lost)} evaluation. Fix: {fix}, or set train.eval_iters=0 to train "
+            "without evaluation"
+        )
 
     def _with_sources(self, problems: list[Problem]) -> list[Problem]:
         sources = None

@@ -11,13 +11,29 @@ Values the user gives are never rewritten: what `finalize()` resolves goes to de
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, Problems, derived
+from viaduct.config import ConfigBase, Problems, derived, unsupported
 from viaduct.training.config._checks import file_must_exist, positive
 
 Blend = tuple[list[str], list[float] | None]
 """Dataset prefixes and their weights (None: weight by size)."""
 
 _SPLITS = ("train", "validation", "test")
+
+DATALOADER_TYPES_SUPPORTED = ("single", "cyclic")
+"""The dataloader_type values the training loop builds ("batch" and "external" are not built yet)."""
+
+
+def dataloader_type_problem(dataloader_type: str | None) -> tuple[str, str] | None:
+    """(rule, fix) when the loop cannot build `dataloader_type`; None when it can (None means "single").
+
+    The one statement of this rule: validation and the data loaders both ask it.
+    """
+    if dataloader_type is None or dataloader_type in DATALOADER_TYPES_SUPPORTED:
+        return None
+    return (
+        f"{dataloader_type} is not supported yet",
+        'set dataset.dataloader_type to "single" (one resumable pass) or "cyclic" (reshuffled epochs)',
+    )
 
 
 @dataclass(kw_only=True)
@@ -28,7 +44,7 @@ class DataloaderConfig(ConfigBase):
     _abstract_config_ = True
 
     dataloader_type: Literal["single", "cyclic", "batch", "external"] | None = None
-    """Sampler: "single" (one resumable pass), "cyclic" (reshuffled epochs), "batch", "external"."""
+    """Sampler: "single" (one resumable pass), "cyclic" (reshuffled epochs); "batch", "external" not yet."""
 
     num_workers: int = 2
     """Data-loader worker processes per rank (0 loads in the training process)."""
@@ -45,7 +61,7 @@ class DataloaderConfig(ConfigBase):
     persistent_workers: bool = True
     """Keep worker processes alive between epochs (ignored when num_workers is 0)."""
 
-    trust_remote_code: bool | None = None
+    trust_remote_code: bool | None = unsupported("loading Hugging Face datasets", default=None)
     """Allow Hugging Face datasets to run code from their repository."""
 
     effective_persistent_workers: bool | None = derived()
@@ -65,6 +81,9 @@ class DataloaderConfig(ConfigBase):
 
     def _check(self, p: Problems) -> None:
         positive(p, self, "num_workers", zero_ok=True)
+        problem = dataloader_type_problem(self.dataloader_type)
+        if problem is not None:
+            p.add("dataloader_type", problem[0], self.dataloader_type, fix=problem[1])
 
     def _derive_values(self) -> None:
         # A default persistent_workers=True with num_workers=0 (usual when debugging) is not an

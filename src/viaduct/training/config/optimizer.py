@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, DType, Problems, unsupported
+from viaduct.config import ConfigBase, DType, Problems, allow_infinity, unsupported
 from viaduct.training.config._checks import in_range, positive
 
 _FP32_ONLY = "non-fp32 optimizer state and gradients (the precision-aware optimizer)"
@@ -80,7 +80,7 @@ class OptimizerConfig(ConfigBase):
     clip_grad: float = 1.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
 
-    grad_norm_skip_threshold: float = math.inf
+    grad_norm_skip_threshold: float = allow_infinity(math.inf)
     """Skip the optimizer step when the gradient norm exceeds this value."""
 
     log_num_zeros_in_grad: bool = False

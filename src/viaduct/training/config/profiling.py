@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from viaduct.config import ConfigBase, Problems, unsupported
+from viaduct.config import ConfigBase, Problem, Problems, unsupported
 from viaduct.training.config._checks import positive
 
 
@@ -84,4 +84,49 @@ class ProfilingConfig(ConfigBase):
                 self.memory_snapshot_path,
                 fix="set profiling.memory_snapshot_path to a file name",
             )
+        p.extend(self.setting_problems())
         p.raise_if_any()
+
+    def setting_problems(self, world_size: int | None = None) -> list[Problem]:
+        """Settings that cannot do what they say whatever the device; the ranks need `world_size`.
+
+        finalize() asks it without the world size, ConfigContainer.validate() with it, and the
+        profiler at setup adds only what depends on the device (CUDA). Paths are relative.
+        """
+        p = Problems()
+        if self.record_shapes and not self.nvtx_ranges:
+            p.add(
+                "record_shapes",
+                "only adds shapes to NVTX ranges, and profiling.nvtx_ranges is false",
+                True,
+                fix="set profiling.nvtx_ranges=true, or use profiling.pytorch_profiler_collect_shapes for "
+                "torch.profiler traces",
+            )
+        if self.record_shapes and self.nvtx_ranges and self.use_pytorch_profiler:
+            p.add(
+                "record_shapes",
+                "needs autograd's NVTX emitter, which cannot run while torch.profiler records "
+                "(one autograd profiler per thread)",
+                True,
+                fix="use profiling.pytorch_profiler_collect_shapes for the torch.profiler trace, or set "
+                "profiling.use_pytorch_profiler=false for an nsys run",
+            )
+        for name in ("pytorch_profiler_collect_shapes", "pytorch_profiler_collect_callstack"):
+            if getattr(self, name) and not self.use_pytorch_profiler:
+                p.add(
+                    name,
+                    "applies to torch.profiler traces, and profiling.use_pytorch_profiler is false",
+                    True,
+                    fix="set profiling.use_pytorch_profiler=true, or leave this setting false",
+                )
+        wants_something = self.use_pytorch_profiler or self.nvtx_ranges or self.record_memory_history
+        if world_size is not None and wants_something and self.profile_ranks:
+            missing = sorted(r for r in self.profile_ranks if r >= world_size)
+            if missing:
+                p.add(
+                    "profile_ranks",
+                    f"ranks {missing} do not exist: the world size is {world_size}",
+                    list(self.profile_ranks),
+                    fix=f"list ranks below {world_size} in profiling.profile_ranks",
+                )
+        return p.items

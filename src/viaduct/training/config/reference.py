@@ -26,6 +26,9 @@ def _classes() -> list[type[ConfigBase]]:
         for variant in cls.variants() if issubclass(cls, ConfigBase) else []:
             if variant not in seen:
                 todo.append(variant)
+        for section, _owner in cls.__dict__.get("_moved_sections_", {}).values():
+            if section not in seen and section not in todo:
+                todo.append(section)
         for info in cls.spec().fields.values():
             from viaduct.config.overrides import config_type_in
 

@@ -11,6 +11,11 @@ from typing import ClassVar, Literal
 from viaduct.config import ConfigBase, Problems, derived
 from viaduct.training.config._checks import positive
 
+# The kernel delivers these without running any handler (signal(7)); installing one fails at setup.
+_UNCATCHABLE_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
+)
+
 
 @dataclass(kw_only=True)
 class TrainingConfig(ConfigBase):
@@ -163,6 +168,14 @@ class TrainingConfig(ConfigBase):
                     r,
                     fix=fix + " with (global_batch_size - start) divisible by the increment",
                 )
+        handled = self.exit_signal_handler or self.exit_signal_handler_for_dataloader
+        if handled and self.exit_signal in _UNCATCHABLE_SIGNALS:
+            p.add(
+                "exit_signal",
+                f"{self.exit_signal.name} cannot be caught: no handler can save a checkpoint and exit on it",
+                self.exit_signal.name,
+                fix="set train.exit_signal to a signal that can be caught, e.g. SIGTERM, SIGINT or SIGUSR1",
+            )
         bad_skips = [i for i in self.iterations_to_skip if i < 1]
         if bad_skips:
             p.add(
@@ -192,3 +205,36 @@ class TrainingConfig(ConfigBase):
             "effective_eval_global_batch_size", eval_gbs, "eval_global_batch_size or global_batch_size"
         )
         self._derive("effective_eval_micro_batch_size", eval_mbs, "eval_micro_batch_size or micro_batch_size")
+
+
+@dataclass(kw_only=True)
+class ValidationConfig(ConfigBase):
+    """Megatron Bridge's `validation:` section, read from its YAML files; viaduct keeps these in `train`.
+
+    Loading a file (or a partial file, or a `validation.X=...` override) moves every key given here
+    to `train.X`; `to_yaml()` writes them under `train`, where Bridge also reads them (as the older
+    location of the same settings). The object never becomes part of a `ConfigContainer`.
+    """
+
+    eval_iters: int = 100
+    """Moves to train.eval_iters: batches per evaluation; 0 disables evaluation."""
+
+    eval_interval: int | None = 1000
+    """Moves to train.eval_interval: evaluate every this many steps; None only after training."""
+
+    eval_global_batch_size: int | None = None
+    """Moves to train.eval_global_batch_size: global batch size for evaluation."""
+
+    eval_micro_batch_size: int | None = None
+    """Moves to train.eval_micro_batch_size: micro batch size for evaluation."""
+
+    skip_train: bool = False
+    """Moves to train.skip_train: only evaluate, then exit."""
+
+    _legacy_fields_: ClassVar[dict[str, str]] = {
+        "start_eval_at_iter": "evaluation runs from the first eval_interval on",
+        "test_mode": "Megatron internal test switch",
+        "full_validation": "full-dataset validation is not built",
+        "multiple_validation_sets": "multiple validation sets are not built",
+        "validation_set_names": "multiple validation sets are not built",
+    }
