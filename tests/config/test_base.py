@@ -61,17 +61,30 @@ def test_equality_and_deepcopy_are_independent():
     assert a != b and a.inner.iters == 3
 
 
-def test_dtype_and_function_fields_accept_the_torch_objects():
+def test_dtype_and_function_fields_hold_the_torch_objects_once_torch_is_imported():
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
     cfg = Everything(inner=Inner(), dtype=torch.bfloat16, act=F.silu)
-    assert isinstance(cfg.dtype, DType) and cfg.dtype == torch.bfloat16 and cfg.dtype.torch is torch.bfloat16
-    assert isinstance(cfg.act, FunctionRef) and cfg.act == F.silu
+    assert cfg.dtype is torch.bfloat16 and cfg.act is F.silu
+    assert torch.zeros(2, dtype=cfg.dtype).dtype is torch.bfloat16
     x = torch.tensor([-1.0, 2.0])
     assert torch.equal(cfg.act(x), F.silu(x))
     cfg.dtype = "fp16"
-    assert cfg.dtype == torch.float16
+    cfg.act = "gelu"
+    assert cfg.dtype is torch.float16 and cfg.act is F.gelu
+    cfg.act = FunctionRef("squared_relu")
+    from viaduct.models.common.activations import squared_relu
+
+    assert cfg.act is squared_relu
+    default = Everything(inner=Inner())  # class defaults are DType / FunctionRef objects
+    assert default.dtype is torch.float32 and default.act is F.gelu
+    # Either form compares, saves and reloads the same way.
+    assert default == Everything(inner=Inner(), dtype=DType("fp32"), act=FunctionRef("gelu"))
+    back = Everything.from_dict(cfg.to_dict())
+    assert back == cfg and back.dtype is torch.float16 and back.act is squared_relu
+    assert cfg.to_dict()["dtype"] == {"_target_": "torch.float16", "_call_": False}
+    assert cfg.source_of("dtype").startswith("python ")
 
 
 def test_a_lambda_cannot_be_saved():

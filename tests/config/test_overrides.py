@@ -3,6 +3,7 @@ import signal
 import pytest
 
 from viaduct.config import ConfigError, ConfigWarning, DType, apply_overrides, process_config_with_overrides
+from viaduct.config.types import function_path
 
 from .sample import Color, Everything, Inner, PluginA, PluginB
 
@@ -32,7 +33,7 @@ def test_set_and_coerce_each_kind():
     assert cfg.inner.iters == 10
     assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
     assert cfg.inner.flag is True and cfg.inner.style == "cosine"
-    assert cfg.dtype == DType("bfloat16") and cfg.act.path == "torch.nn.functional.silu"
+    assert cfg.dtype == DType("bfloat16") and function_path(cfg.act) == "torch.nn.functional.silu"
     assert cfg.color is Color.green and cfg.sig is signal.SIGINT
     assert cfg.window == (4, 0) and str(cfg.path) == "/tmp/x" and cfg.names == ["a", "b"]
     assert cfg.table == {"k": 1}

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from viaduct.config import ConfigError
+from viaduct.config import ConfigError, DType
 from viaduct.config.docstrings import field_docstrings
 from viaduct.training.config.checkpoint import CheckpointConfig
 from viaduct.training.config.dataset import DataloaderConfig, GPTDatasetConfig, MockGPTDatasetConfig
@@ -130,7 +130,7 @@ def test_spec_defaults():
         True,
         True,
     )
-    assert OptimizerConfig().params_dtype == "float32" and OptimizerConfig().weight_decay == 0.01
+    assert OptimizerConfig().params_dtype == DType("float32") and OptimizerConfig().weight_decay == 0.01
     assert RNGConfig().seed == 1234 and ProfilingConfig().profile_ranks == [0]
     assert RerunStateMachineConfig().rerun_mode == "disabled"
     assert LoggerConfig().log_interval == 100 and DistributedInitConfig().distributed_timeout_minutes == 10

@@ -11,7 +11,9 @@
     viaduct checkpoint inspect PATH [--json]
 
 Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
-flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2.
+flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2; a
+training run stopped by its own checks (a NaN loss, replicas that drifted apart) prints its message
+and exits 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from viaduct.training.config import ConfigContainer
 
 EXIT_CONFIG_ERROR = 2
+EXIT_RUN_ERROR = 1
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -84,19 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(command: str, args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from viaduct.training.errors import TrainingRunError
     from viaduct.training.pretrain import finetune, pretrain
 
     if args.help_config:
         _print_config_help(args.recipe)
         return 0
     cfg = load_config(args.recipe, args.config_file, extra)
-    (pretrain if command == "pretrain" else finetune)(cfg)
+    try:
+        (pretrain if command == "pretrain" else finetune)(cfg)
+    except TrainingRunError as exc:
+        # The run's own checks stopped it and the message says what to change: a traceback into
+        # the training loop would only bury it.
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_RUN_ERROR
     return 0
 
 
 def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str]) -> ConfigContainer:
-    """recipe < YAML file < CLI flags and overrides, in that order."""
+    """recipe < YAML file < CLI flags and overrides, in that order; then `${...}` interpolations,
+    once, over the merged configuration (a file's `${train.train_iters}` sees the command line's)."""
     from viaduct.config.arguments import add_config_arguments, apply_parsed_args
+    from viaduct.config.interpolation import resolve_interpolations
     from viaduct.config.overrides import process_config_with_overrides
     from viaduct.config.yaml_io import load_yaml_file
     from viaduct.recipes import DEFAULT_RECIPE, get_recipe
@@ -119,7 +131,7 @@ def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str
     else:
         cfg = get_recipe(recipe or DEFAULT_RECIPE)()
         if config_file is not None:
-            cfg = process_config_with_overrides(cfg, config_filepath=config_file)
+            cfg = process_config_with_overrides(cfg, config_filepath=config_file, resolve=False)
     if flags:
         parser = argparse.ArgumentParser(prog="viaduct", add_help=False, allow_abbrev=False)
         add_config_arguments(parser, cfg)
@@ -136,7 +148,8 @@ def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str
             raise ConfigError("; ".join(problems) or f"unexpected arguments: {' '.join(unknown)}")
         apply_parsed_args(cfg, namespace)
     if overrides:
-        process_config_with_overrides(cfg, cli_overrides=overrides)
+        process_config_with_overrides(cfg, cli_overrides=overrides, resolve=False)
+    resolve_interpolations(cfg)
     return cfg
 
 
@@ -262,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun every rank validates the same config: rank 0 alone reports the warnings.
     rank = os.environ.get("RANK", "0")
     warnings.simplefilter("always" if rank in ("", "0") else "ignore", ConfigWarning)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return run(argv)
     except ConfigError as exc:

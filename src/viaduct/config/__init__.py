@@ -4,8 +4,9 @@ Base class, `_target_` YAML codec, overrides, argparse, errors, provenance, sche
 Importing it does not import torch.
 """
 
-from viaduct.config.base import ConfigBase, derived, unsupported
+from viaduct.config.base import ConfigBase, allow_infinity, derived, unsupported
 from viaduct.config.errors import ConfigError, ConfigFileNotFoundError, ConfigWarning, Problem, Problems
+from viaduct.config.interpolation import resolve_interpolations
 from viaduct.config.overrides import apply_overrides, process_config_with_overrides
 from viaduct.config.targets import register_target, register_target_prefix
 from viaduct.config.types import DType, FunctionRef
@@ -19,10 +20,12 @@ __all__ = [
     "FunctionRef",
     "Problem",
     "Problems",
+    "allow_infinity",
     "apply_overrides",
     "derived",
     "process_config_with_overrides",
     "register_target",
     "register_target_prefix",
+    "resolve_interpolations",
     "unsupported",
 ]

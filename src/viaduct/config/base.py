@@ -4,8 +4,9 @@ Subclasses are plain `@dataclass(kw_only=True)` classes with one attribute docst
 The base adds:
 
 * typo safety: assigning a name that is not a field raises `AttributeError` with suggestions;
-* value normalization for dtype and function fields (`torch.bfloat16` -> `DType`, `F.silu` ->
-  `FunctionRef`), so configs never need torch to be built or saved;
+* value normalization on assignment: dtype and function fields hold the torch objects once torch
+  is imported and a `DType` / `FunctionRef` naming them before (configs never need torch to be
+  built or saved), a list given for a tuple field becomes the tuple, an int for a float field a float;
 * provenance: who set each value (see `viaduct.config.provenance`);
 * serialization: `to_dict`/`from_dict`, `to_yaml`/`from_yaml`, `print_yaml`;
 * the lazy-validation hooks: `finalize()` (override it) and `_derive()` for derived values.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import sys
 import typing
 from collections.abc import Iterator
@@ -24,8 +26,8 @@ from typing import IO, Any, ClassVar, TypeVar
 
 from viaduct.config import provenance as prov
 from viaduct.config import typing_utils as tu
-from viaduct.config.errors import ConfigError, did_you_mean, warn
-from viaduct.config.types import DType, FunctionRef, Partial
+from viaduct.config.errors import ConfigError, did_you_mean, join_limited, warn
+from viaduct.config.types import DType, FunctionRef, Partial, as_torch_object
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -50,6 +52,18 @@ def unsupported(reason: str, default: Any = None, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def allow_infinity(default: float = math.inf, **kwargs: Any) -> Any:
+    """A float field for which infinity is a meaningful setting (a threshold that is never reached).
+
+    Every other float field must hold a finite number: NaN or infinity passes every `<`/`>` range
+    check unnoticed and surfaces mid-run (a NaN learning rate, a clipping threshold that never
+    clips). NaN stays refused here too.
+    """
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata["allow_inf"] = True
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
 def derived(default: Any = None) -> Any:
     """A value computed by `finalize()`/`validate()`: not a constructor argument, not loaded from YAML."""
     return dataclasses.field(default=default, init=False, compare=False, metadata={"derived": True})
@@ -64,7 +78,9 @@ class FieldInfo:
     init: bool
     derived: bool
     unsupported: str | None
-    normalize: str | None  # "dtype" | "function" | None
+    normalize: str | None  # "dtype" | "function" | "float" | "tuple" | None
+    allow_inf: bool = False
+    """The field may hold ±infinity (`allow_infinity`); other float fields must be finite."""
 
     @property
     def required(self) -> bool:
@@ -97,6 +113,8 @@ def _normalizer_kind(tp: Any) -> str | None:
         return "function"
     if float in members and int not in members:
         return "float"  # 16 and 16.0 are the same setting; keep one spelling so YAML is stable
+    if tu.mentions_tuple(tp):
+        return "tuple"  # a list given where a tuple is annotated becomes the tuple
     return None
 
 
@@ -123,6 +141,9 @@ class ConfigBase:
     """Set on a whole component whose feature is not built yet ("fault tolerance")."""
     _legacy_fields_: ClassVar[dict[str, str]] = {}
     """Megatron fields viaduct leaves out, with why; accepted (and dropped) when loading its YAML."""
+    _moved_sections_: ClassVar[dict[str, tuple[type[ConfigBase], str]]] = {}
+    """Megatron sections whose fields viaduct keeps in another component: key -> (the section's class,
+    the component that owns its fields). Loading moves the section's fields there (`move_sections`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -154,6 +175,7 @@ class ConfigBase:
                     derived=bool(f.metadata.get("derived")) or not f.init,
                     unsupported=f.metadata.get("unsupported"),
                     normalize=_normalizer_kind(tp),
+                    allow_inf=bool(f.metadata.get("allow_inf")),
                 )
             spec = ClassSpec(infos)
             type.__setattr__(cls, "_vd_spec", spec)
@@ -173,7 +195,8 @@ class ConfigBase:
     @classmethod
     def variants(cls) -> list[type[ConfigBase]]:
         """This class and its subclasses that can be built."""
-        out, todo = [], [cls]
+        out: list[type[ConfigBase]] = []
+        todo: list[type[ConfigBase]] = [cls]
         while todo:
             c = todo.pop(0)
             if not c.__dict__.get("_abstract_config_", False) and dataclasses.is_dataclass(c):
@@ -235,7 +258,7 @@ class ConfigBase:
                 "set the fields it is computed from instead"
             )
         if info.normalize is not None and value is not None:
-            value = _normalize(info.normalize, value)
+            value = _normalize(info, value)
         elif type(value) is functools.partial:  # compare by value, like every other config value
             value = Partial(value.func, *value.args, **value.keywords)
         object.__setattr__(self, name, value)
@@ -288,7 +311,7 @@ class ConfigBase:
         """
         info = type(self).spec().fields[name]
         if info.normalize is not None and value is not None:
-            value = _normalize(info.normalize, value)
+            value = _normalize(info, value)
         sources = self.__dict__.setdefault(_PROV, {})
         previous = sources.get(name)
         if prov.is_user_set(previous):
@@ -300,9 +323,20 @@ class ConfigBase:
             self.__dict__.setdefault(_OWN, {})[name] = sources[name]
 
     def _undo_own_derivations(self) -> None:
-        """Reset what the previous finalize() derived, unless something else has set it since."""
+        """Reset what the previous finalize() derived, unless something else has set it since.
+
+        The field goes back to what the user set before the derivation (an explicit None included),
+        and only to the class default when the user never set it: a subclass default (a named
+        provider's num_query_groups) must not replace the user's null on a second finalize().
+        """
+        previous = self.__dict__.get(_PREV, {})
         for name, source in self.__dict__.pop(_OWN, {}).items():
-            if self.source_of(name) == source:
+            if self.source_of(name) != source:
+                continue
+            if name in previous:
+                value, self.__dict__[_PROV][name] = previous.pop(name)
+                object.__setattr__(self, name, value)
+            else:
                 object.__setattr__(self, name, type(self).spec().fields[name].default_value())
                 self.__dict__[_PROV].pop(name, None)
 
@@ -332,7 +366,13 @@ class ConfigBase:
         """
 
     def check_types(self, prefix: str = "") -> list:
-        """Problems of fields whose value does not fit the annotation, and of unsupported settings."""
+        """Problems of fields whose value does not fit the annotation, and of unsupported settings.
+
+        Float fields must be finite unless declared with `allow_infinity`; function fields must
+        name an allowed function. Once torch is imported, a dtype or function field still holding a
+        `DType` / `FunctionRef` (set before the import) is replaced by the torch object, so what
+        `validate()` hands to training is what the user's own code would compare against.
+        """
         from viaduct.config.codec import check_type
         from viaduct.config.errors import Problem
 
@@ -348,10 +388,13 @@ class ConfigBase:
                 continue
             path = f"{prefix}.{name}" if prefix else name
             value = self.__dict__.get(name)
-            reason = check_type(value, info.type)
+            reason = check_type(value, info.type, allow_inf=info.allow_inf)
             if reason is not None:
                 problems.append(Problem(path, reason, value, None, self.source_of(name)))
                 continue
+            if info.normalize in ("dtype", "function") and isinstance(value, DType | FunctionRef):
+                # Not an assignment: the value and its provenance stay what the user set.
+                object.__setattr__(self, name, as_torch_object(value))
             if info.unsupported and not _is_default(info, value):
                 problems.append(
                     Problem(
@@ -459,21 +502,35 @@ def _finish_decode(cls: type[T], data: dict[str, Any], ctx: Any, build_config: A
     if ctx.problems:
         raise ConfigError(ctx.problems, header=f"cannot load {cls.__name__} from {ctx.source}")
     if ctx.dropped:
-        warn(f"{ctx.source}: dropped {len(ctx.dropped)} unknown key(s): {', '.join(ctx.dropped)}")
-    return obj  # type: ignore[return-value]
+        warn(f"{ctx.source}: dropped {len(ctx.dropped)} unknown key(s): {join_limited(ctx.dropped)}")
+    from viaduct.config.interpolation import record, resolve_interpolations
+
+    record(obj, ctx)
+    resolve_interpolations(obj)
+    return obj
 
 
-def _normalize(kind: str, value: Any) -> Any:
+def _normalize(info: FieldInfo, value: Any) -> Any:
+    kind = info.normalize
     if kind == "float":
         return float(value) if type(value) is int else value
+    if kind == "tuple":
+        return tu.tuples_for_lists(value, info.type)
     try:
         if kind == "dtype":
-            return value if isinstance(value, DType) else DType(value)
-        if isinstance(value, FunctionRef) or not (callable(value) or isinstance(value, str)):
-            return value
+            if DType.canonical_name(value) is not None and not isinstance(value, str | DType):
+                return value if "torch" in sys.modules else DType(value)  # a torch.dtype
+            return as_torch_object(value if isinstance(value, DType) else DType(value))
         if isinstance(value, functools.partial):
             return value if type(value) is Partial else Partial(value.func, *value.args, **value.keywords)
-        return FunctionRef(value)
+        if isinstance(value, FunctionRef):
+            return as_torch_object(value)
+        if isinstance(value, str):
+            return as_torch_object(FunctionRef(value))
+        if callable(value):
+            # The function itself once torch is imported; before, a named reference to it.
+            return value if "torch" in sys.modules else FunctionRef(value)
+        return value
     except ValueError:
         return value  # left as given; check_types() reports it with the field path
 

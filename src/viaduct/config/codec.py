@@ -1,6 +1,6 @@
 """The `_target_` codec: config values <-> plain YAML-able data, driven by the field annotations.
 
-Encoding follows Megatron Bridge's YAML format (DESIGN.md §3): every config object is a mapping
+Encoding follows Megatron Bridge's YAML format: every config object is a mapping
 with `_target_`; a dtype is `{_target_: torch.bfloat16, _call_: false}`; a function
 `{_target_: path, _call_: false}`; an enum `{_target_: Enum, _call_: true, _args_: [value]}`; a
 partial `{_target_: f, _partial_: true, _args_: [...], kw: ...}`. Where the annotation already says
@@ -17,17 +17,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from viaduct.config import typing_utils as tu
-from viaduct.config.errors import Problem, did_you_mean
-from viaduct.config.targets import TargetError, config_class_for, is_allowed, resolve_target
+from viaduct.config.errors import MAX_LISTED, Problem, did_you_mean
+from viaduct.config.interpolation import has_interpolation
+from viaduct.config.targets import (
+    TargetError,
+    config_class_for,
+    function_problem,
+    is_allowed_function,
+    resolve_target,
+)
 from viaduct.config.types import DType, FunctionRef, Partial, dtype_names, function_path
 
 if TYPE_CHECKING:
-    from viaduct.config.base import ConfigBase
+    from viaduct.config.base import ConfigBase, FieldInfo
 
 SPECIAL_KEYS = ("_target_", "_call_", "_args_", "_partial_", "_name_")
 
@@ -49,6 +57,16 @@ class DecodeContext:
     source: str = "dict"
     lines: dict[str, int] | None = None
     """Dotted path -> line number in `source` (a YAML file), for messages and provenance."""
+    defer: bool = True
+    """Leave `${...}` values as they are and note them in `interpolations`: they are resolved once
+    every source is merged (`viaduct.config.interpolation`). Off while resolving them."""
+    interpolations: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    """(dotted path, value as written) of every value left for interpolation."""
+
+    def hint(self, name: str, candidates: Iterable[str]) -> str:
+        """`did_you_mean`, for the problems a message lists: half a million unknown keys must not
+        cost a fuzzy match each (the message shows the first `MAX_LISTED`)."""
+        return did_you_mean(name, candidates) if len(self.problems) < MAX_LISTED else ""
 
     def source_for(self, path: str) -> str:
         if self.lines is not None:
@@ -180,8 +198,11 @@ def coerce(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
     """Turn `value` (YAML data, a dict, a parsed CLI string) into annotation `tp`.
 
     Raises `CoerceError` for a value that does not fit; nested config objects report their
-    field problems into `ctx.problems` instead, so that one pass finds them all.
+    field problems into `ctx.problems` instead, so that one pass finds them all. A `${...}` value
+    is returned as written and noted in `ctx.interpolations` (see `DecodeContext.defer`).
     """
+    if ctx.defer and _defer_interpolation(value, path, ctx):
+        return value
     if tp is Any or tp is object:
         return decode_any(value, path, ctx)
     if tu.is_union(tp):
@@ -230,7 +251,7 @@ def coerce(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
 
 
 def _coerce_union(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
-    members = tu.union_members(tp)
+    members: list[Any] = list(tu.union_members(tp))
     if value is None:
         if tu.NoneType in members:
             return None
@@ -364,11 +385,11 @@ def _coerce_function(value: Any, path: str, ctx: DecodeContext) -> Any:
             raise CoerceError("expected a function name or {_target_: path, _call_: false}")
     if isinstance(value, str):
         ref = FunctionRef(value)
-        if not is_allowed(ref.path):
+        if not is_allowed_function(ref.path):
             raise CoerceError(
                 f"{value!r} is not a known function",
-                fix="use an activation name (gelu, silu, relu, squared_relu, quick_gelu, ...) "
-                "or register it with viaduct.config.register_target",
+                fix="use an activation name (gelu, silu, relu, squared_relu, quick_gelu, ...), a torch "
+                "activation or init function, or register it with viaduct.config.register_target",
             )
         return ref
     if callable(value):
@@ -436,6 +457,68 @@ def _coerce_config(value: Any, tp: type[ConfigBase], path: str, ctx: DecodeConte
     raise CoerceError(f"expected a {tp.__name__} (a mapping or a name), got {_describe(value)}")
 
 
+def move_sections(cls: type[ConfigBase], data: Any, path: str, ctx: DecodeContext) -> Any:
+    """`data` with the sections `cls._moved_sections_` names moved into the components that own
+    their fields (Megatron Bridge's `validation:` into `train`).
+
+    Each section is decoded with its own class first (types, unknown and left-out keys, `_target_`),
+    so its problems name the section's lines. A field also given, non-null and different, in the
+    owning component is a conflict; a null there is Bridge's "not given" and the section's value wins.
+    """
+    moved = getattr(cls, "_moved_sections_", None)
+    if not moved or not isinstance(data, dict) or not any(key in data for key in moved):
+        return data
+    data = dict(data)
+    for key, (section_cls, owner) in moved.items():
+        if key not in data:
+            continue
+        raw = data.pop(key)
+        sub = f"{path}.{key}" if path else key
+        if raw is None:
+            continue
+        if not isinstance(raw, dict):
+            ctx.problem(sub, f"expected a mapping, got {_describe(raw)}", raw)
+            continue
+        try:
+            section = build_config(section_cls, raw, sub, ctx)
+        except CoerceError as exc:
+            ctx.problem(sub, exc.message, raw, exc.fix)
+            continue
+        given = [name for name in section_cls.spec().public_names() if name in raw]
+        if not given:
+            continue
+        owner_path = f"{path}.{owner}" if path else owner
+        current = data.get(owner)
+        if current is None:
+            current = {}
+        elif not isinstance(current, dict):
+            ctx.problem(owner_path, f"expected a mapping, got {_describe(current)}", current)
+            continue
+        current = dict(current)
+        for name in given:
+            value, tp = getattr(section, name), section_cls.spec().fields[name].type
+            there = current.get(name)
+            if there is not None:
+                try:
+                    same = coerce(there, tp, owner_path, ctx) == value
+                except CoerceError:
+                    continue  # decoding the owner reports its value
+                if same:
+                    continue
+                ctx.problem(
+                    f"{owner_path}.{name}",
+                    f"conflicts with {sub}.{name} ({value!r}); the value has one owner, {owner_path}.{name}",
+                    there,
+                    fix=f"keep one of {sub}.{name} / {owner_path}.{name}, or make them equal",
+                )
+                continue
+            current[name] = encode(value, tp)
+            if ctx.lines is not None and f"{sub}.{name}" in ctx.lines:
+                ctx.lines[f"{owner_path}.{name}"] = ctx.lines[f"{sub}.{name}"]
+        data[owner] = current
+    return data
+
+
 def build_config(base: type[ConfigBase], data: dict[str, Any], path: str, ctx: DecodeContext) -> ConfigBase:
     """A new config object from a mapping; field problems go to `ctx.problems`."""
     from viaduct.config.provenance import setting_source
@@ -451,6 +534,7 @@ def build_config(base: type[ConfigBase], data: dict[str, Any], path: str, ctx: D
             raise CoerceError(str(exc)) from None
     else:
         cls = base.concrete_class(path)
+    data = move_sections(cls, data, path, ctx)
     spec = cls.spec()
     kwargs: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -462,7 +546,7 @@ def build_config(base: type[ConfigBase], data: dict[str, Any], path: str, ctx: D
                 ctx.dropped.append(sub)
                 continue
             if ctx.strict:
-                hint = did_you_mean(str(key), spec.public_names())
+                hint = ctx.hint(str(key), spec.public_names())
                 ctx.problem(sub, f"no such field in {cls.__name__}", fix=hint or None)
             else:
                 ctx.dropped.append(sub)
@@ -470,7 +554,7 @@ def build_config(base: type[ConfigBase], data: dict[str, Any], path: str, ctx: D
         if not info.init:  # derived values are recomputed by validate(), never loaded
             continue
         try:
-            kwargs[key] = coerce(raw, info.type, sub, ctx)
+            kwargs[key] = coerce_field(raw, info, sub, ctx)
         except CoerceError as exc:
             ctx.problem(sub, exc.message, raw, exc.fix)
             continue
@@ -487,8 +571,24 @@ def build_config(base: type[ConfigBase], data: dict[str, Any], path: str, ctx: D
     return obj
 
 
+def _defer_interpolation(value: Any, path: str, ctx: DecodeContext) -> bool:
+    """Note a `${...}` value (a string, or a list holding one) for resolution after merging.
+
+    A list is kept whole; a mapping is not deferred here: its keys or fields are, one by one, so
+    that a key may refer to its sibling.
+    """
+    if (isinstance(value, str) and "${" in value) or (
+        isinstance(value, list | tuple) and has_interpolation(value)
+    ):
+        ctx.interpolations.append((path, value))
+        return True
+    return False
+
+
 def decode_any(value: Any, path: str, ctx: DecodeContext) -> Any:
     """Decode a value whose annotation says nothing: `_target_` mappings become objects."""
+    if ctx.defer and _defer_interpolation(value, path, ctx):
+        return value
     if isinstance(value, list):
         return [decode_any(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
     if not isinstance(value, dict):
@@ -506,6 +606,9 @@ def decode_any(value: Any, path: str, ctx: DecodeContext) -> Any:
         return obj
     if isinstance(obj, type) and issubclass(obj, ConfigBase):
         return build_config(obj, value, path, ctx)
+    if ctx.defer and has_interpolation(value):  # a call's arguments: the mapping is one value
+        ctx.interpolations.append((path, value))
+        return value
     args = [decode_any(a, path, ctx) for a in value.get("_args_") or []]
     kwargs = {k: decode_any(v, f"{path}.{k}", ctx) for k, v in value.items() if k not in SPECIAL_KEYS}
     if value.get("_partial_"):
@@ -534,15 +637,22 @@ def decode_any(value: Any, path: str, ctx: DecodeContext) -> Any:
 # checking values set from Python
 
 
-def check_type(value: Any, tp: Any) -> str | None:
-    """Why `value` does not fit annotation `tp`, or None when it does (no conversion)."""
+def check_type(value: Any, tp: Any, *, allow_inf: bool = False) -> str | None:
+    """Why `value` does not fit annotation `tp`, or None when it does (no conversion).
+
+    A float must be finite (`allow_inf`: infinity is fine, NaN never is); a function named by a
+    `FunctionRef` must be on the function allowlist.
+    """
     if tp is Any or tp is object:
         return None
     if tu.is_union(tp):
         members = [m for m in tu.union_members(tp) if m is not tu.NoneType or value is None]
-        reasons = [check_type(value, m) for m in members]
+        reasons = [check_type(value, m, allow_inf=allow_inf) for m in members]
         if any(r is None for r in reasons):
             return None
+        fitting = [r for r in reasons if r is not None and r.startswith((_NOT_FINITE, _NOT_NAN))]
+        if fitting:  # a float of a `float | None` field: say what is wrong with it, not the union
+            return fitting[0]
         return reasons[0] if len(reasons) == 1 else f"expected {tu.type_name(tp)}, got {_describe(value)}"
     if value is None:
         return None if tp is tu.NoneType else f"must not be None (expected {tu.type_name(tp)})"
@@ -553,11 +663,11 @@ def check_type(value: Any, tp: Any) -> str | None:
         hint = did_you_mean(str(value), [str(c) for c in choices])
         return f"must be one of {', '.join(repr(c) for c in choices)}" + (f"; {hint}" if hint else "")
     if tp is DType:
-        return None if isinstance(value, DType) else f"expected a dtype, got {_describe(value)}"
+        if isinstance(value, DType) or (not isinstance(value, str) and DType.canonical_name(value)):
+            return None
+        return f"expected a dtype, got {_describe(value)}"
     if tp is FunctionRef or tu.is_callable_type(tp):
-        if isinstance(value, FunctionRef):
-            return None if is_allowed(value.path) else f"{value.path!r} is not a known function"
-        return None if callable(value) else f"expected a function, got {_describe(value)}"
+        return _function_problem(value)
     o = tu.origin(tp)
     if o is not None:
         if o in (list, tuple, set, frozenset, dict) and not isinstance(value, o):
@@ -565,24 +675,29 @@ def check_type(value: Any, tp: Any) -> str | None:
         a = tu.args(tp)
         if o is dict and len(a) == 2:
             for k, v in value.items():
-                r = check_type(k, a[0]) or check_type(v, a[1])
+                r = check_type(k, a[0]) or check_type(v, a[1], allow_inf=allow_inf)
                 if r:
                     return f"[{k!r}]: {r}"
         elif o is tuple and a and not (len(a) == 2 and a[1] is Ellipsis):
             if len(value) != len(a):
                 return f"expected {len(a)} items, got {len(value)}"
             for i, (v, t) in enumerate(zip(value, a)):
-                r = check_type(v, t)
+                r = check_type(v, t, allow_inf=allow_inf)
                 if r:
                     return f"[{i}]: {r}"
         elif a:
             for i, v in enumerate(value):
-                r = check_type(v, a[0])
+                r = check_type(v, a[0], allow_inf=allow_inf)
                 if r:
                     return f"[{i}]: {r}"
         return None
     if isinstance(tp, type):
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                if not allow_inf:
+                    return f"{_NOT_FINITE}, not NaN or infinity"
+                if math.isnan(value):
+                    return f"{_NOT_NAN} (infinity is allowed here)"
             return None
         if tp is int and isinstance(value, bool):
             return f"expected an integer, got {value!r}"
@@ -590,3 +705,36 @@ def check_type(value: Any, tp: Any) -> str | None:
             return None
         return f"expected {tu.type_name(tp)}, got {_describe(value)}"
     return None
+
+
+# NaN and infinity pass every `<` / `>` range check of `finalize()` and only fail mid-run (or never:
+# a NaN clipping threshold silently disables clipping), so the type check refuses them.
+_NOT_FINITE = "must be a finite number"
+_NOT_NAN = "must be a number, not NaN"
+
+
+def _function_problem(value: Any) -> str | None:
+    if isinstance(value, functools.partial):
+        return _function_problem(value.func)
+    if isinstance(value, FunctionRef):
+        return function_problem(value.path)
+    # A function object set from Python: the caller's code, trusted like any other code it runs.
+    return None if callable(value) else f"expected a function, got {_describe(value)}"
+
+
+def check_coerced(value: Any, tp: Any, *, allow_inf: bool = False) -> None:
+    """Raise `CoerceError` for a coerced field value that is of the right type but not allowed
+    (a non-finite float, a function off the allowlist): loading reports it at the file line or
+    override that gave it, not later in `validate()`."""
+    reason = check_type(value, tp, allow_inf=allow_inf)
+    if reason is not None:
+        raise CoerceError(reason)
+
+
+def coerce_field(raw: Any, info: FieldInfo, path: str, ctx: DecodeContext) -> Any:
+    """`coerce` for a field, then `check_coerced` (unless part of it waits for interpolation)."""
+    pending = len(ctx.interpolations)
+    value = coerce(raw, info.type, path, ctx)
+    if len(ctx.interpolations) == pending:
+        check_coerced(value, info.type, allow_inf=info.allow_inf)
+    return value

@@ -2,23 +2,42 @@
 
 A `ConfigError` carries *all* problems found in one pass (never just the first), each with the
 dotted field path, the offending value, the rule it breaks, how to fix it and, where known, where
-the value came from (default, Python file:line, YAML file:line, CLI).
+the value came from (default, Python file:line, YAML file:line, CLI). The message lists the first
+`MAX_LISTED` problems and counts the rest; `ConfigError.problems` holds them all.
 """
 
 from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 _MISSING_VALUE = object()
 
+MAX_LISTED = 50
+"""How many problems (or dropped keys) a message lists before it says how many more there are: a
+file with half a million unknown keys must produce a readable message, not a 45 MB one."""
+_MAX_PROBLEM_CHARS = 1000
+"""One problem's line is cut here (a key can be megabytes long; the start names it well enough)."""
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    # reprlib would be cheaper for huge containers, but repr() of a config value is bounded by
+    # the (bounded) file it came from.
+    return _clip(repr(value), limit)
+
+
+def join_limited(items: Sequence[str], limit: int = MAX_LISTED, sep: str = ", ") -> str:
+    """The first `limit` items joined, then "... and K more" when there are more."""
+    shown = sep.join(_clip(str(item), _MAX_PROBLEM_CHARS) for item in items[:limit])
+    rest = len(items) - limit
+    return shown + (f"{sep}... and {rest} more" if rest > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -52,7 +71,7 @@ class Problem:
         text = " ".join(parts)
         if self.fix:
             text += f"; fix: {self.fix}"
-        return text
+        return _clip(text, _MAX_PROBLEM_CHARS)
 
 
 class ConfigError(ValueError):
@@ -73,7 +92,9 @@ class ConfigError(ValueError):
         if n == 1 and self.header is None:
             return f"{header}: {self.problems[0]}"
         lines = [f"{header} ({n} problems):" if self.header is None else f"{header}:"]
-        lines += [f"  - {p}" for p in self.problems]
+        lines += [f"  - {p}" for p in self.problems[:MAX_LISTED]]
+        if n > MAX_LISTED:
+            lines.append(f"  ... and {n - MAX_LISTED} more problems")
         return "\n".join(lines)
 
     def prefixed(self, prefix: str) -> ConfigError:

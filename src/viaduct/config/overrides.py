@@ -1,6 +1,6 @@
 """Overrides on top of a Python config: partial YAML files and Hydra-style CLI strings.
 
-Grammar (DESIGN.md §3), applied in order, all problems reported together:
+Grammar, applied in order, all problems reported together:
 
 * `a.b=v`   set an existing field (or dict key); setting inside a `None` sub-config creates it;
 * `+a.b=v`  add: a new dict key, or a field whose value is still unset (None);
@@ -10,12 +10,16 @@ Grammar (DESIGN.md §3), applied in order, all problems reported together:
 Values are parsed as YAML (`[1,2]`, `{k: v}`, `null`, `true`) and coerced to the field's annotated
 type. A sub-config can be switched by name (`peft=lora`), by mapping
 (`peft={_target_: viaduct.peft.DoRA, dim: 8}`) or by `peft._target_=viaduct.peft.DoRA`.
+
+A `${a.b}` value (in a file or an override) is kept as written while sources are merged and
+resolved at the end, over the merged configuration (`viaduct.config.interpolation`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,25 +27,73 @@ import yaml
 
 from viaduct.config import typing_utils as tu
 from viaduct.config.base import ConfigBase
-from viaduct.config.codec import SPECIAL_KEYS, CoerceError, DecodeContext, build_config, coerce
-from viaduct.config.errors import ConfigError, Problem, did_you_mean
+from viaduct.config.codec import (
+    SPECIAL_KEYS,
+    CoerceError,
+    DecodeContext,
+    build_config,
+    check_coerced,
+    coerce,
+    move_sections,
+)
+from viaduct.config.errors import ConfigError, Problem, did_you_mean, join_limited
+from viaduct.config.interpolation import record, resolve_interpolations
 from viaduct.config.provenance import setting_source
 from viaduct.config.targets import TargetError, config_class_for
 
 T = TypeVar("T", bound=ConfigBase)
 
 _OVERRIDE = re.compile(r"^(?P<op>~|\+\+|\+)?(?P<key>[A-Za-z_][\w]*(?:\.[\w\-]+)*)(?:=(?P<value>.*))?$", re.S)
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_value(text: str) -> Any:
-    """A CLI value as YAML; text that is not valid YAML stays a string."""
+    """A CLI value as YAML; text that is not valid YAML stays a string.
+
+    Read with the same limits as a file (`yaml_io.load_yaml_value`): a value of anchors and
+    aliases that would expand without bound is a `ConfigError`, not a string.
+    """
+    from viaduct.config.yaml_io import load_yaml_value
+
     if text == "":
         return ""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return load_yaml_value(text, "override value")
+    except yaml.YAMLError:
+        return _parse_with_interpolations(text) if "${" in text else text
+
+
+_HELD = "__vd_interpolation_{}__"
+_REF = re.compile(r"(?<!\\)\$\{[^{}]*\}")
+
+
+def _parse_with_interpolations(text: str) -> Any:
+    """`[${a.b}, x]` is not YAML (braces are flow syntax): read it with each `${...}` held as a
+    plain word, then put the references back into the strings they ended up in."""
+    from viaduct.config.yaml_io import load_yaml_value
+
+    refs: list[str] = []
+
+    def hold(m: re.Match[str]) -> str:
+        refs.append(m.group(0))
+        return _HELD.format(len(refs) - 1)
+
+    if "__vd_interpolation_" in text:
+        return text
+    try:
+        value = load_yaml_value(_REF.sub(hold, text), "override value")
     except yaml.YAMLError:
         return text
+
+    def put_back(v: Any) -> Any:
+        if isinstance(v, str):
+            return re.sub(r"__vd_interpolation_(\d+)__", lambda m: refs[int(m.group(1))], v)
+        if isinstance(v, list):
+            return [put_back(x) for x in v]
+        if isinstance(v, dict):
+            return {put_back(k): put_back(x) for k, x in v.items()}
+        return v
+
+    return put_back(value)
 
 
 def config_type_in(tp: Any) -> type[ConfigBase] | None:
@@ -80,6 +132,7 @@ def merge_mapping(
             return obj
         if cls is not type(obj):
             return build_config(base or type(obj), dict(mapping), path, ctx)
+    mapping = move_sections(type(obj), dict(mapping), path, ctx)
     spec = type(obj).spec()
     for key, raw in mapping.items():
         if key in SPECIAL_KEYS:
@@ -90,14 +143,17 @@ def merge_mapping(
             if key in type(obj).legacy_fields() or not ctx.strict:
                 ctx.dropped.append(sub)
                 continue
-            hint = did_you_mean(str(key), spec.public_names())
+            hint = ctx.hint(str(key), spec.public_names())
             ctx.problem(sub, f"no such field in {type(obj).__name__}", fix=hint or None)
             continue
         if info.derived:
             continue
         current = getattr(obj, key)
+        pending = len(ctx.interpolations)
         try:
             value = _merged_value(current, raw, info.type, sub, ctx)
+            if len(ctx.interpolations) == pending:
+                check_coerced(value, info.type, allow_inf=info.allow_inf)
         except CoerceError as exc:
             ctx.problem(sub, exc.message, raw, exc.fix)
             continue
@@ -127,7 +183,7 @@ def _raise_if_problems(ctx: DecodeContext, header: str) -> None:
     if ctx.dropped:
         from viaduct.config.errors import warn
 
-        warn(f"{ctx.source}: dropped {len(ctx.dropped)} unknown key(s): {', '.join(ctx.dropped)}")
+        warn(f"{ctx.source}: dropped {len(ctx.dropped)} unknown key(s): {join_limited(ctx.dropped)}")
 
 
 def apply_overrides(cfg: T, overrides: Iterable[str] | Mapping[str, Any], *, source: str = "CLI") -> T:
@@ -138,7 +194,9 @@ def apply_overrides(cfg: T, overrides: Iterable[str] | Mapping[str, Any], *, sou
     if isinstance(overrides, Mapping):
         ctx = DecodeContext(source=source)
         result = merge_mapping(cfg, overrides, "", ctx)
+        record(result, ctx)
         _raise_if_problems(ctx, "invalid overrides")
+        resolve_interpolations(result)
         return result  # type: ignore[return-value]
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -147,6 +205,7 @@ def apply_overrides(cfg: T, overrides: Iterable[str] | Mapping[str, Any], *, sou
         problems.extend(_apply_one(cfg, text, source))
     if problems:
         raise ConfigError(problems, header="invalid overrides")
+    resolve_interpolations(cfg)
     return cfg
 
 
@@ -165,10 +224,13 @@ def _apply_one(root: ConfigBase, text: str, source: str) -> list[Problem]:
     op, key, raw = m.group("op") or "", m.group("key"), m.group("value")
     if op != "~" and raw is None:
         return [Problem(key, f"override {text!r} has no value", fix=f"write {key}=VALUE", source=source)]
-    value = parse_value(raw) if raw is not None else None
-    ctx = DecodeContext(source=src)
-    parts = key.split(".")
     try:
+        value = parse_value(raw) if raw is not None else None
+    except ConfigError as exc:
+        return [p if p.path else replace(p, path=key) for p in exc.problems]
+    ctx = DecodeContext(source=src)
+    try:
+        parts = _moved_path(type(root), key.split("."))
         _apply_path(root, parts, op, value, raw, ctx)
     except CoerceError as exc:
         ctx.problem(
@@ -177,7 +239,25 @@ def _apply_one(root: ConfigBase, text: str, source: str) -> list[Problem]:
             value if raw is not None else Problem.__dataclass_fields__["value"].default,
             exc.fix,
         )
+    record(root, ctx)  # a `${...}` value waits for the end of the merge (resolve_interpolations)
     return ctx.problems
+
+
+def _moved_path(root: type[ConfigBase], parts: list[str]) -> list[str]:
+    """`validation.eval_iters` -> `train.eval_iters`: a field of a section the root keeps in another
+    component (`_moved_sections_`) is set where it lives. Other paths are returned unchanged."""
+    moved = getattr(root, "_moved_sections_", {}).get(parts[0])
+    if moved is None or len(parts) != 2:
+        return parts
+    section_cls, owner = moved
+    if parts[1] in section_cls.spec().fields:
+        return [owner, parts[1]]
+    reason = section_cls.legacy_fields().get(parts[1])
+    if reason is not None:
+        raise CoerceError(
+            f"is left out of viaduct: {reason}", fix=f"remove the override of {'.'.join(parts)}"
+        )
+    return parts
 
 
 def _apply_path(
@@ -240,7 +320,11 @@ def _apply_path(
             raise CoerceError(f"no key {last!r}", fix=f"use +{path}=... to add a key")
         if op == "+" and last in obj:
             raise CoerceError(f"key {last!r} already exists", fix=f"use {path}=... or ++{path}=...")
-        obj[last] = coerce(value, vt, path, ctx)
+        pending = len(ctx.interpolations)
+        item = coerce(value, vt, path, ctx)
+        if len(ctx.interpolations) == pending:
+            check_coerced(item, vt)
+        obj[last] = item
     else:
         raise CoerceError(f"{'.'.join(parts[:-1])} is a {type(obj).__name__}, not a sub-config or mapping")
 
@@ -274,11 +358,14 @@ def _set_field(obj: ConfigBase, name: str, op: str, value: Any, path: str, ctx: 
         raise CoerceError(
             f"already has a value ({current!r})", fix=f"use {path}=... or ++{path}=... to replace it"
         )
+    pending = len(ctx.interpolations)
     if isinstance(current, dict) and isinstance(value, dict) and op in ("+", "++"):
         new_value = dict(current)
         new_value.update(coerce(value, info.type, path, ctx))
     else:
         new_value = _merged_value(current, value, info.type, path, ctx)
+    if len(ctx.interpolations) == pending:
+        check_coerced(new_value, info.type, allow_inf=info.allow_inf)
     if new_value is not current:
         with setting_source(ctx.source):
             setattr(obj, name, new_value)
@@ -316,11 +403,14 @@ def process_config_with_overrides(
     cli_overrides: Iterable[str] | None = None,
     *,
     strict: bool = True,
+    resolve: bool = True,
 ) -> T:
     """recipe < YAML file < CLI: merge a partial YAML file, then apply CLI overrides, in place.
 
-    The YAML file needs no `_target_` keys (a plain nested mapping like `train: {train_iters: 10}`);
-    `${a.b}` interpolations resolve through OmegaConf. Unknown keys are errors with file:line.
+    The YAML file needs no `_target_` keys (a plain nested mapping like `train: {train_iters: 10}`).
+    Unknown keys are errors with file:line. `${a.b}` interpolations (in the file or the overrides)
+    are resolved at the end, over the merged configuration; `resolve=False` leaves that to the
+    caller's `resolve_interpolations(config)`, for a caller that merges more sources after this.
     """
     from viaduct.config.yaml_io import load_yaml_file
 
@@ -340,14 +430,17 @@ def process_config_with_overrides(
                 )
             )
         config = merge_mapping(config, data, "", ctx)  # type: ignore[assignment]
+        record(config, ctx)
         problems.extend(ctx.problems)
         if ctx.dropped:
             from viaduct.config.errors import warn
 
-            warn(f"{ctx.source}: dropped {len(ctx.dropped)} key(s): {', '.join(ctx.dropped)}")
+            warn(f"{ctx.source}: dropped {len(ctx.dropped)} key(s): {join_limited(ctx.dropped)}")
     if cli_overrides:
         for text in cli_overrides:
             problems.extend(_apply_one(config, text, "CLI"))
     if problems:
         raise ConfigError(problems, header="invalid configuration overrides")
+    if resolve:
+        resolve_interpolations(config)
     return config

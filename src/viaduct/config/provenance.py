@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from types import FrameType
 
 DEFAULT = "default"
 DERIVED_PREFIX = "derived"
@@ -34,7 +35,7 @@ def current_source() -> str:
     """The active source, or the first Python frame outside the config machinery."""
     if _stack:
         return _stack[-1]
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
         # dataclass-generated __init__ methods live in "<string>"; skip them and our own code.
@@ -46,12 +47,12 @@ def current_source() -> str:
 
 
 def is_derived(source: str | None) -> bool:
-    return bool(source) and source.startswith(DERIVED_PREFIX)
+    return source is not None and source.startswith(DERIVED_PREFIX)
 
 
 def is_user_set(source: str | None) -> bool:
     """Set explicitly by the user (not a default, not derived)."""
-    return bool(source) and source != DEFAULT and not source.startswith(DERIVED_PREFIX)
+    return source is not None and source not in ("", DEFAULT) and not source.startswith(DERIVED_PREFIX)
 
 
 def _short_path(filename: str) -> str:

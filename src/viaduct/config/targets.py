@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import sys
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from viaduct.config.errors import did_you_mean
 from viaduct.config.types import _DTYPE_ALIASES, ACTIVATIONS, import_path
@@ -60,6 +60,8 @@ _SAFE_EXACT = {
     "builtins.frozenset",
     "functools.partial",
 }
+
+_C = TypeVar("_C")
 
 _user_targets: dict[str, Any] = {}
 _user_prefixes: list[str] = []
@@ -146,6 +148,78 @@ def is_allowed(path: str) -> bool:
     return False
 
 
+def is_allowed_function(path: str) -> bool:
+    """Whether a function field may name `path` (a pure string check: nothing is imported).
+
+    Narrower than `is_allowed`: a function field is called on tensors, so it must name one of the
+    functions on the list (torch activations and initializers, viaduct's registered activations,
+    `register_target` names) or one under a `register_target_prefix` prefix, not any public name
+    inside a viaduct module (`viaduct.cli.main.os.system` is public, and is `os.system`).
+    """
+    if not isinstance(path, str) or not path or any(not part.isidentifier() for part in path.split(".")):
+        return False
+    if path in _SAFE_TORCH_FUNCTIONS or path in _viaduct_functions:
+        return True
+    if path in _user_targets:
+        return callable(_user_targets[path])
+    return any(path.startswith(p) for p in _user_prefixes) and not any(
+        part.startswith("_") for part in path.split(".")
+    )
+
+
+def function_problem(path: str) -> str | None:
+    """Why a function field may not name `path`, or None when it may.
+
+    Exact names on the allowlist are decided from the string; a name under a registered prefix is
+    resolved (the user registered that package as code to import) to check where it leads.
+    """
+    if not is_allowed_function(path):
+        return (
+            f"{path!r} is not a known function (an activation name such as gelu, silu, relu, "
+            "squared_relu or quick_gelu, a torch activation or init function, or a function "
+            "registered with viaduct.config.register_target)"
+        )
+    if path in _SAFE_TORCH_FUNCTIONS or path in _viaduct_functions or path in _user_targets:
+        return None
+    try:
+        resolve_function(path)
+    except TargetError as exc:
+        return str(exc)
+    return None
+
+
+def resolve_function(path: str) -> Any:
+    """The function a function field names, after `is_allowed_function`.
+
+    Under a registered prefix, the object reached must also be *defined* under one: a path can go
+    through a module's imports (`mypkg.models.os.system`), so the name alone proves nothing.
+    """
+    from viaduct.config.types import function_path
+
+    if not is_allowed_function(path):
+        raise TargetError(
+            f"{path!r} is not a known function: a function field takes an activation name (gelu, silu, "
+            "relu, squared_relu, quick_gelu, ...), a torch activation or init function, or a function "
+            "registered with viaduct.config.register_target"
+        )
+    if path in _user_targets:
+        return _user_targets[path]
+    try:
+        fn = resolve_target(path)
+    except (ImportError, AttributeError) as exc:
+        raise TargetError(f"function {path!r} does not exist ({exc})") from None
+    if not callable(fn) or isinstance(fn, type):
+        raise TargetError(f"{path!r} is not a function")
+    if path not in _SAFE_TORCH_FUNCTIONS and path not in _viaduct_functions:
+        home = function_path(fn) or ""
+        if not any(home.startswith(p) for p in _user_prefixes):
+            raise TargetError(
+                f"{path!r} is {home or type(fn).__name__}, defined outside the registered prefixes "
+                f"({', '.join(_user_prefixes)})"
+            )
+    return fn
+
+
 def resolve_target(path: str, *, expect: type | None = None) -> Any:
     """The object a `_target_` names, after the allowlist check.
 
@@ -215,7 +289,7 @@ def _enum_by_name(name: str) -> type[Enum] | None:
     return None
 
 
-def config_class_for(path: str, base: type) -> type:
+def config_class_for(path: str, base: type[_C]) -> type[_C]:
     """Resolve a `_target_` that must name a subclass of `base` (a config component)."""
     obj = resolve_target(path)
     if not (isinstance(obj, type) and issubclass(obj, base)):

@@ -1,10 +1,15 @@
 """Value types for configuration fields that name torch objects without importing torch.
 
 Building, checking and saving a configuration must not pay for `import torch` (about a second on
-a small CPU): the `viaduct config` commands answer in a fraction of that. So a field that holds a
-dtype holds a `DType`, and a field that holds a function holds a `FunctionRef`. Both compare equal
-to the torch object they name (`DType("bfloat16") == torch.bfloat16`), accept it on assignment,
-and turn into it on demand (`dtype.torch`, calling the ref).
+a small CPU): the `viaduct config` commands answer in a fraction of that. So while torch is not
+imported, a field that holds a dtype holds a `DType`, and a field that holds a function holds a
+`FunctionRef`. Both compare equal to the torch object they name (`DType("bfloat16") ==
+torch.bfloat16`) and turn into it on demand (`dtype.torch`, calling the ref).
+
+Once torch is imported (by the user's code, or by training), there is nothing left to save: a
+dtype field holds the `torch.dtype` itself and a function field the function itself
+(`as_torch_object`), so `torch.zeros(2, dtype=cfg.model.params_dtype)` works and
+`cfg.model.params_dtype is torch.bfloat16`. Saving, comparing and provenance treat both forms alike.
 """
 
 from __future__ import annotations
@@ -157,7 +162,30 @@ def function_path(fn: Any) -> str | None:
     known = _KNOWN_FUNCTION_PATHS.get((module, qualname))
     if known:
         return known
+    if module.startswith("torch"):
+        # torch's C functions name internal modules (`torch._C._nn.softplus`); save the public
+        # name they were allowed under, so that the file loads again.
+        public = _public_torch_names().get(id(fn))
+        if public:
+            return public
     return f"{module}.{qualname}"
+
+
+_torch_names: dict[int, str] = {}
+
+
+def _public_torch_names() -> dict[int, str]:
+    """id(function) -> its allowlisted public path, for the torch functions a config may name."""
+    if not _torch_names and "torch" in sys.modules:
+        from viaduct.config.targets import _SAFE_TORCH_FUNCTIONS
+
+        # Internal aliases (`torch._C._nn.gelu`) first: the public spelling, written last, wins.
+        for path in sorted(_SAFE_TORCH_FUNCTIONS, key=lambda p: ("._" in p, p), reverse=True):
+            try:
+                _torch_names[id(import_path(path))] = path
+            except (ImportError, AttributeError):
+                continue
+    return _torch_names
 
 
 def import_path(path: str) -> Any:
@@ -183,6 +211,7 @@ class FunctionRef:
 
     __slots__ = ("_fn", "path")
     path: str
+    _fn: Any
 
     def __init__(self, value: Any):
         if isinstance(value, FunctionRef):
@@ -190,22 +219,23 @@ class FunctionRef:
         elif isinstance(value, str):
             path = ACTIVATIONS.get(value.strip().lower(), value.strip())
         else:
-            path = function_path(value)
-            if path is None:
+            found = function_path(value)
+            if found is None:
                 raise ValueError(
                     f"{value!r} has no importable name (a lambda or a local function cannot be saved); "
                     "define it at module level"
                 )
+            path = found
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "_fn", None if isinstance(value, (str, FunctionRef)) else value)
 
     def resolve(self) -> Any:
-        """The function itself (imports its module, through the target allowlist)."""
+        """The function itself (imports its module, through the function allowlist)."""
         fn = self._fn
         if fn is None:
-            from viaduct.config.targets import resolve_target
+            from viaduct.config.targets import resolve_function
 
-            fn = resolve_target(self.path)
+            fn = resolve_function(self.path)
             object.__setattr__(self, "_fn", fn)
         return fn
 
@@ -258,3 +288,42 @@ class Partial(functools.partial):
 
     def __hash__(self) -> int:
         return hash((Partial, repr(self.func), self.args))
+
+
+def torch_dtype(value: Any) -> Any:
+    """The `torch.dtype` a dtype field's value names, whichever form it has (imports torch)."""
+    if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        return value
+    return DType(value).torch
+
+
+def as_torch_object(value: Any) -> Any:
+    """The torch dtype or function a `DType` / `FunctionRef` names, when torch is already imported.
+
+    Anything else, and everything while torch is not imported, comes back unchanged: configuration
+    work stays torch-free until something else has paid for the import. A function the allowlist
+    refuses stays a `FunctionRef`, for `check_types()` to report with its field.
+    """
+    if "torch" not in sys.modules:
+        return value
+    if isinstance(value, DType):
+        import torch
+
+        # A dtype this torch build lacks (an fp8 type on an old build) stays named.
+        return getattr(torch, value.name, value)
+    if isinstance(value, FunctionRef):
+        from viaduct.config.targets import TargetError, is_allowed_function
+
+        if not is_allowed_function(value.path):
+            return value
+        try:
+            return value.resolve()
+        except (TargetError, ImportError, AttributeError):
+            return value
+    return value
+
+
+def as_function(value: Any) -> Any:
+    """The function a function field's value names, whichever form it has (a `FunctionRef` is
+    resolved through the function allowlist; a function or partial is returned as it is)."""
+    return value.resolve() if isinstance(value, FunctionRef) else value

@@ -71,3 +71,55 @@ def type_name(tp: Any) -> str:
     if tp is Path:
         return "path"
     return getattr(tp, "__name__", str(tp))
+
+
+def mentions_tuple(tp: Any) -> bool:
+    """Whether a tuple appears anywhere in an annotation (`tuple[list[str], ...] | None`)."""
+    if origin(tp) is tuple or tp is tuple:
+        return True
+    return any(mentions_tuple(a) for a in args(tp) if a is not Ellipsis)
+
+
+def tuples_for_lists(value: Any, tp: Any) -> Any:
+    """`value` with a list turned into a tuple wherever the annotation `tp` says tuple.
+
+    YAML and the command line have no tuples, and Python callers write `[a, b]` as often as
+    `(a, b)`: both mean the annotated tuple. Returns `value` itself when nothing needed converting
+    (a list the caller still holds stays that list); anything that does not fit is left for the
+    type check to report.
+    """
+    if value is None or tp is Any:
+        return value
+    if is_union(tp):
+        members = [m for m in args(tp) if m is not NoneType]
+        # The member of the value's own container kind wins (`list[int] | tuple[int, ...]`).
+        for m in members:
+            if (origin(m) or m) is type(value):
+                return tuples_for_lists(value, m)
+        for m in members:
+            if (origin(m) or m) is tuple and isinstance(value, list):
+                return tuples_for_lists(value, m)
+        return value
+    o = origin(tp) or tp
+    a = args(tp)
+    if o is tuple and isinstance(value, list | tuple):
+        if a and not (len(a) == 2 and a[1] is Ellipsis):
+            if len(a) != len(value):
+                return tuple(value)  # the type check reports the length with the field path
+            items = [tuples_for_lists(v, t) for v, t in zip(value, a)]
+        else:
+            items = [tuples_for_lists(v, a[0] if a else Any) for v in value]
+        if isinstance(value, tuple) and all(x is y for x, y in zip(items, value)):
+            return value
+        return tuple(items)
+    if o in (list, set, frozenset) and isinstance(value, o) and a:
+        items = [tuples_for_lists(v, a[0]) for v in value]
+        if all(x is y for x, y in zip(items, value)):
+            return value
+        return o(items) if o is not list else items
+    if o is dict and isinstance(value, dict) and len(a) == 2:
+        converted = {k: tuples_for_lists(v, a[1]) for k, v in value.items()}
+        if all(converted[k] is v for k, v in value.items()):
+            return value
+        return converted
+    return value

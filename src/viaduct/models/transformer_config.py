@@ -258,7 +258,7 @@ class TransformerConfig(ConfigBase):
     masked_softmax_fusion: bool = True
     """Fuse scale, mask and softmax (viaduct: left to the attention kernel / torch.compile)."""
     cross_entropy_loss_fusion: bool = True
-    """Fuse the output layer and the cross entropy in chunks, never holding all logits in float32."""
+    """Fuse output layer and cross entropy in chunks, not holding all logits (CPU: only past 4 GiB)."""
     cross_entropy_fusion_impl: Literal["native", "te"] = "native"
     """Implementation of the fused cross entropy (te = Transformer Engine, not supported)."""
     bias_activation_fusion: bool = False
@@ -498,13 +498,13 @@ class TransformerConfig(ConfigBase):
         for name in ("params_dtype", "pipeline_dtype", "autocast_dtype"):
             r(
                 name,
-                lambda v: v is not None and v.name not in _FLOAT_DTYPES,
+                lambda v: v is not None and DType.canonical_name(v) not in _FLOAT_DTYPES,
                 "must be float32, bfloat16 or float16",
                 f"set model.{name}=bf16 (or fp32)",
             )
         r(
             "params_dtype",
-            lambda v: (self.fp16 and v == "bfloat16") or (self.bf16 and v == "float16"),
+            lambda v: (self.fp16 and v == DType("bfloat16")) or (self.bf16 and v == DType("float16")),
             "contradicts fp16/bf16",
             "make model.params_dtype match model.fp16/bf16 (or use mixed_precision)",
         )

@@ -137,7 +137,7 @@ class MixedPrecisionConfig(ConfigBase):
             )
         if "params_dtype" not in bad and self.params_dtype is not None:
             want = "float16" if self.fp16 else "bfloat16" if self.bf16 else "float32" if self.fp32 else None
-            if want is not None and self.params_dtype != want:
+            if want is not None and self.params_dtype != DType(want):
                 p.add(
                     "params_dtype",
                     f"contradicts the precision mode ({want})",

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viaduct.models.common.loss import cross_entropy, linear_cross_entropy
+from viaduct.config.types import torch_dtype
+from viaduct.models.common.loss import cross_entropy, linear_cross_entropy, use_chunked_loss
 from viaduct.models.common.norms import Norm
 from viaduct.models.common.rotary import RotaryEmbedding
 from viaduct.models.common.transformer import TransformerBlock
@@ -77,8 +78,9 @@ class GPTModel(nn.Module):
         self.vocab_size, self.seq_length = vocab_size, cfg.seq_length
         self.pre_process, self.post_process = pre_process, post_process
         self.tied = cfg.share_embeddings_and_output_weights
-        kw = {"device": device, "dtype": dtype}
-        self.embedding = LanguageModelEmbedding(cfg, vocab_size, **kw) if pre_process else None
+        self.embedding = (
+            LanguageModelEmbedding(cfg, vocab_size, device=device, dtype=dtype) if pre_process else None
+        )
         self.rotary: RotaryEmbedding | None = None
         if cfg.position_embedding_type == "rope":
             assert cfg.kv_channels is not None
@@ -92,20 +94,24 @@ class GPTModel(nn.Module):
                 interpolation_factor=cfg.seq_len_interpolation_factor,
                 device=device,
             )
-        self.decoder = TransformerBlock(cfg, post_process=post_process, **kw)
+        self.decoder = TransformerBlock(cfg, post_process=post_process, device=device, dtype=dtype)
         self.output_layer: nn.Linear | None = None
         if post_process and not (self.tied and pre_process):
-            self.output_layer = nn.Linear(cfg.hidden_size, vocab_size, bias=False, **kw)
+            self.output_layer = nn.Linear(cfg.hidden_size, vocab_size, bias=False, device=device, dtype=dtype)
         self.fp32_residual = cfg.fp32_residual_connection
         self.fused_loss = cfg.cross_entropy_loss_fusion
         self.upcast_loss = not cfg.fp16_lm_cross_entropy
-        self.logit_dtype = cfg.logit_dtype.torch if cfg.logit_dtype is not None else None
-        self.autocast_dtype = cfg.autocast_dtype.torch if cfg.enable_autocast and cfg.autocast_dtype else None
+        self.logit_dtype = torch_dtype(cfg.logit_dtype) if cfg.logit_dtype is not None else None
+        self.autocast_dtype = (
+            torch_dtype(cfg.autocast_dtype) if cfg.enable_autocast and cfg.autocast_dtype else None
+        )
         # Tuning of the fused loss (see viaduct.models.common.loss): tokens per chunk (None: sized from
-        # the vocabulary) and the logits size under which they are kept rather than recomputed (None:
-        # 10% of the GPU's memory).
+        # the vocabulary), the logits size under which they are kept rather than recomputed (None:
+        # 10% of the GPU's memory), and on a CPU the size under which the plain path is taken instead
+        # (None: CPU_PLAIN_LOSS_BYTES; 0 always chunks).
         self.loss_chunk_tokens: int | None = None
         self.loss_keep_logits_bytes: int | None = None
+        self.loss_plain_bytes: int | None = None
         self._input_tensor: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ weights
@@ -188,10 +194,17 @@ class GPTModel(nn.Module):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq] (float32) of the final hidden states."""
         weight = self.output_weight()
-        if self.fused_loss:
-            if torch.is_autocast_enabled(hidden.device.type):
-                dtype = torch.get_autocast_dtype(hidden.device.type)
-                hidden, weight = hidden.to(dtype), weight.to(dtype)
+        device = hidden.device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        if self.fused_loss and use_chunked_loss(
+            device,
+            labels.numel(),
+            weight.shape[0],
+            autocast or hidden.dtype,
+            plain_budget_bytes=self.loss_plain_bytes,
+        ):
+            if autocast is not None:
+                hidden, weight = hidden.to(autocast), weight.to(autocast)
             return linear_cross_entropy(
                 hidden,
                 weight,
@@ -199,4 +212,5 @@ class GPTModel(nn.Module):
                 chunk_tokens=self.loss_chunk_tokens,
                 keep_logits_bytes=self.loss_keep_logits_bytes,
             )
-        return cross_entropy(F.linear(hidden, weight), labels, upcast=self.upcast_loss)
+        # The fused loss diverted to the plain path by the device rule keeps its float32 softmax.
+        return cross_entropy(F.linear(hidden, weight), labels, upcast=self.upcast_loss or self.fused_loss)

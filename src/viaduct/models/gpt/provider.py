@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from viaduct.config import ConfigError, DType, Problem, unsupported
+from viaduct.config.types import torch_dtype
 from viaduct.models.provider import ModelProvider
 
 if TYPE_CHECKING:
@@ -20,7 +21,9 @@ class GPTModelProvider(ModelProvider):
     vocab_size=50000, seq_length=2048).finalize()`.
     """
 
-    _aliases_ = ("gpt",)
+    # Declared with the base's type: mypy would infer a one-name tuple that subclasses with two
+    # names could not override.
+    _aliases_: ClassVar[tuple[str, ...]] = ("gpt",)
 
     share_embeddings_and_output_weights: bool = True
     """Tie the output layer to the input embedding."""
@@ -110,7 +113,7 @@ class GPTModelProvider(ModelProvider):
             pre_process=pre_process,
             post_process=post_process,
             device="meta",
-            dtype=self.params_dtype.torch,
+            dtype=torch_dtype(self.params_dtype),
         )
         if device.type != "meta":
             model.to_empty(device=device)
