@@ -20,6 +20,7 @@ import torch
 from viaduct.distributed.init import DistributedContext
 from viaduct.testing import assert_identical, run_distributed, tiny_pretrain_config
 from viaduct.training.checkpoint.async_writer import AsyncWriter
+from viaduct.training.checkpoint.dcp_index import SafeFileSystemReader, read_index
 from viaduct.training.checkpoint.flat import nbytes
 from viaduct.training.checkpoint.staging import StagingArena
 from viaduct.training.checkpointing import Checkpointer
@@ -55,7 +56,7 @@ def _dcp_tensors(directory: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = dcp.FileSystemReader(str(directory)).read_metadata()
+    meta = read_index(directory)  # never DCP's own reader: it unpickles with plain pickle
     out = {
         k: torch.empty(m.size, dtype=m.properties.dtype)
         for k, m in meta.state_dict_metadata.items()
@@ -63,7 +64,7 @@ def _dcp_tensors(directory: Path) -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(out, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=True)
+        dcp.load(out, storage_reader=SafeFileSystemReader(directory), no_dist=True)
     return out
 
 
@@ -108,6 +109,7 @@ def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(
     assert len(staged) == 2 and not any("newly allocated" in m for m in staged), staged
     sync_root, async_root = tmp_path / "sync", tmp_path / "async"
     assert sorted(p.name for p in async_root.iterdir()) == [
+        ".lock",  # the run's lock of the directory (empty once released)
         "iter_0000002",
         "iter_0000004",
         "latest_checkpointed_iteration.txt",

@@ -12,9 +12,15 @@ and ``<checkpoint.save>/latest_checkpointed_iteration.txt`` (Megatron-LM's track
 ``latest_train_state.pt`` (Megatron Bridge's: a copy of its ``train_state.pt``) name the newest one.
 
 Crash safety: all ranks write into ``iter_NNNNNNN.tmp``; once every rank reports success, rank 0
-renames it to its final name and then replaces the tracker atomically. A directory with a final name is
-therefore always complete, and loading never looks at anything else. Every file is read back with
-``torch.load(weights_only=True)``: a checkpoint can never run code.
+checks that the directory still carries this save's writer token and holds every file, renames it to
+its final name and then replaces the tracker atomically. A directory with a final name is therefore
+always complete, and loading never looks at anything else. Every ``.pt`` file is read back with
+``torch.load(weights_only=True)`` and the torch_dist index through an allowlist unpickler
+(`checkpoint.dcp_index`): a checkpoint can never run code.
+
+A save never writes non-finite weights: it first checks the model's parameters on their device (one
+fused reduction, one host read per save) and refuses with `CheckpointSaveError`, leaving the tracker
+on the last good checkpoint. A full disk is reported the same way, in one line.
 
 Each rank writes a share of the replicated tensors (`TensorStorage.share`) and copies only that.
 Async saves (``checkpoint.async_save``): `save()` copies its share into a host-memory arena
@@ -33,10 +39,14 @@ directory itself when it is one checkpoint) for a full resume, or weights only w
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
+import os
 import shutil
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +59,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint import layout as L
 from viaduct.training.checkpoint.async_writer import AsyncWriter, snapshot
-from viaduct.training.checkpoint.errors import CheckpointError, checkpoint_problem
+from viaduct.training.checkpoint.dcp_index import CheckpointIndexError
+from viaduct.training.checkpoint.errors import (
+    CheckpointError,
+    CheckpointSaveError,
+    checkpoint_problem,
+    root_os_error,
+)
 from viaduct.training.checkpoint.flat import model_tensors, nbytes, optimizer_tensors
 from viaduct.training.checkpoint.resolve import resolve
 from viaduct.training.checkpoint.restore import (
@@ -67,7 +83,7 @@ if TYPE_CHECKING:
     from viaduct.training.config import ConfigContainer
     from viaduct.training.state import TrainState
 
-__all__ = ["CheckpointError", "Checkpointer", "LoadReport"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "Checkpointer", "LoadReport"]
 
 log = logging.getLogger("viaduct")
 
@@ -91,19 +107,12 @@ _TOKENIZER_FILES = (
 _READ_ERRORS: tuple[type[BaseException], ...] = (Exception, CheckpointException)
 
 
-def unsupported_problems(cfg: ConfigContainer) -> list[Problem]:
-    """Checkpoint settings that validate() accepts but this version cannot honour yet."""
-    del cfg  # every validated setting is supported (async_save since the background writer)
-    return []
-
-
 class Checkpointer:
     """Saves and loads checkpoints as `cfg.checkpoint` says; every rank calls every method."""
 
     def __init__(self, cfg: ConfigContainer, ctx: DistributedContext) -> None:
-        problems = unsupported_problems(cfg)
-        if problems:
-            raise ConfigError(problems)
+        # Every checkpoint setting validate() accepts is honoured here; what is found only now is
+        # what the directories hold (no checkpoint, one of another run, a damaged one).
         self.cfg = cfg
         self.ccfg = cfg.checkpoint
         self.ctx = ctx
@@ -174,11 +183,15 @@ class Checkpointer:
         state = train_state.state_dict()
         run_config = self.cfg.to_yaml() if rank == 0 else ""
         size = nbytes(tensors)
+        # Unique to this save: checked before the rename (see layout.commit_problem).
+        token = f"{uuid.uuid4().hex} pid {os.getpid()} on {socket.gethostname()}"
+        explain = _SaveErrors(step, root, tmp, size, nbytes(share))
 
         def prepare() -> None:
             if rank == 0:
                 L.remove_dir(tmp)  # a stale one from a crashed save of the same step
                 tmp.mkdir(parents=True)
+                L.write_marker(tmp, token)
 
         def write(storage: TensorStorage, tensors: dict[str, torch.Tensor]) -> None:
             storage.write(tmp, tensors)
@@ -189,6 +202,10 @@ class Checkpointer:
 
         def finish() -> None:
             if rank == 0:
+                why = L.commit_problem(tmp, token, c.ckpt_format)
+                if why is not None:
+                    raise explain.refused(f"{why}: it is not committed")
+                (tmp / L.WRITER_MARKER).unlink()
                 for d in (tmp / L.RNG_DIR, tmp):
                     L.fsync_dir(d)
                 L.commit(tmp, final)
@@ -196,13 +213,27 @@ class Checkpointer:
                 self._apply_retention(root, final, step)
 
         if not use_async:
-            self._collectively("save", prepare)
+
+            def check_and_prepare() -> None:
+                # First, before any file is touched: a NaN checkpoint must never become the newest.
+                self._check_finite(model, explain)
+                explain.run(prepare)
+
+            self._collectively("save", check_and_prepare)
             try:
-                self._collectively("save", lambda: write(storage, self._stage_for_sync_write(share)))
+                self._collectively(
+                    "save",
+                    lambda: explain.run(
+                        lambda: write(storage, self._stage_for_sync_write(share)), discarded=True
+                    ),
+                )
+            except BaseException:
+                self._discard(tmp)
+                raise
             finally:
                 if self._writer is None:  # the memory is kept for the next save only with async_save
                     self._staging.release()
-            self._collectively("save", finish)
+            self._collectively("save", lambda: explain.run(finish))
             self._info(
                 "successfully saved checkpoint from iteration %d to %s: %s",
                 step,
@@ -215,6 +246,7 @@ class Checkpointer:
         staged: dict[str, Any] = {}
 
         def stage_and_prepare() -> None:
+            self._check_finite(model, explain)
             try:
                 staged["tensors"] = self._staging.stage(share)
             except StagingMemoryError as exc:
@@ -229,7 +261,7 @@ class Checkpointer:
                 ) from exc
             # Non-tensor state may share objects (or hold tensors) that training keeps changing.
             staged["common"], staged["rng"] = snapshot(common), snapshot(rng_state)
-            prepare()
+            explain.run(prepare)
 
         self._collectively("save", stage_and_prepare)  # over the host group, on this thread
         common, rng_state = staged["common"], staged["rng"]
@@ -246,8 +278,16 @@ class Checkpointer:
 
         def background() -> None:
             t1 = time.perf_counter()
-            self._collectively("save", lambda: write(storage, staged["tensors"]), group=group)
-            self._collectively("save", finish, group=group)
+            try:
+                self._collectively(
+                    "save",
+                    lambda: explain.run(lambda: write(storage, staged["tensors"]), discarded=True),
+                    group=group,
+                )
+            except BaseException:
+                self._discard(tmp)
+                raise
+            self._collectively("save", lambda: explain.run(finish), group=group)
             self._info(
                 "successfully saved checkpoint from iteration %d to %s (async; written in the background: "
                 "%s; loop blocked %.3f s)",
@@ -282,6 +322,41 @@ class Checkpointer:
         except StagingMemoryError as exc:
             log.warning("%s: writing straight from the GPU instead (slower)", exc)
             return share
+
+    @staticmethod
+    def _check_finite(model: nn.Module, explain: _SaveErrors) -> None:
+        """Refuse to save weights holding NaN or infinity (they would become the run's newest checkpoint).
+
+        One fused max-norm per device over every parameter, so the only host synchronisation is the
+        read of one flag, once per save; the training loop's steps pay nothing.
+        """
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() > 0:  # the inf-norm of an empty tensor is undefined
+                by_device.setdefault(p.device, []).append(p.detach())
+        if not by_device:
+            return
+        # The inf-norm is NaN when any element is NaN and inf when any is infinite; unlike the 2-norm it
+        # cannot overflow for large finite weights.
+        flags = [
+            torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()
+        ]
+        finite = flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).all()
+        if not bool(finite):  # the one host read
+            raise explain.refused(
+                "the model holds NaN or infinite weights",
+                fix="resume from the last good checkpoint with a lower optimizer.lr or a smaller "
+                "optimizer.clip_grad, or check the data around this iteration",
+            )
+
+    def _discard(self, tmp: Path) -> None:
+        """Rank 0 removes the directory of a failed save (every rank has stopped writing into it)."""
+        if self.ctx.rank != 0:
+            return
+        try:
+            L.remove_dir(tmp)
+        except OSError as exc:
+            log.warning("could not remove %s after the failed save (%s); the next save tries again", tmp, exc)
 
     @staticmethod
     def _tensors(model: nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -367,13 +442,20 @@ class Checkpointer:
         return True
 
     def _apply_retention(self, root: Path, just_saved: Path, step: int) -> None:
-        self._deleter.wait()  # the previous removal (its leftovers are cleaned up below)
-        for leftover in L.leftovers(root):
-            L.remove_dir(leftover)
+        """Remove leftovers and the checkpoints `most_recent_k` lets go. Never raises: the checkpoint
+        is already committed, so a deletion that fails (a permission, a busy file) is a warning, and
+        a symbolic link is removed itself, never what it points to."""
+        try:
+            self._deleter.wait()  # the previous removal (its leftovers are cleaned up below)
+        except Exception as exc:
+            log.warning("removing old checkpoints failed: %s", exc)
         # A crash while the tracker was being replaced leaves its temporary file (never read).
-        for name in (L.TRACKER, L.LATEST_TRAIN_STATE):
-            for stale in root.glob(f".{name}.tmp-*"):
-                stale.unlink(missing_ok=True)
+        stale = [p for name in (L.TRACKER, L.LATEST_TRAIN_STATE) for p in root.glob(f".{name}.tmp-*")]
+        for leftover in L.leftovers(root) + [p for p in stale if p.is_symlink() or not p.is_dir()]:
+            try:
+                L.remove_tree(leftover)
+            except OSError as exc:
+                log.warning("could not remove %s (%s); the next save tries again", leftover, exc)
         protected = [just_saved] + ([self._loaded_dir] if self._loaded_dir is not None else [])
         found = L.list_checkpoints(root)
         ahead = [path.name for s, path in found if s > step and path.name not in self._ahead_reported]
@@ -396,8 +478,15 @@ class Checkpointer:
         )
         if not victims:
             return
-        doomed = [L.retire(v) for v in victims]  # renamed at once: no longer loadable
-        names = [v.name for v in victims]
+        doomed, names = [], []
+        for v in victims:
+            try:
+                doomed.append(L.retire(v))  # renamed at once: no longer loadable
+                names.append(v.name)
+            except OSError as exc:
+                log.warning("could not retire old checkpoint %s (%s); the next save tries again", v, exc)
+        if not doomed:
+            return
         self._info("removing old checkpoints (most_recent_k=%d): %s", self.ccfg.most_recent_k, names)
 
         def delete() -> None:
@@ -406,7 +495,7 @@ class Checkpointer:
             t0 = time.perf_counter()
             for d in doomed:
                 try:
-                    shutil.rmtree(d)
+                    L.remove_tree(d)  # a retired symbolic link goes, its target stays
                 except OSError as exc:
                     log.warning("could not remove %s (%s); the next save tries again", d, exc)
             self._info("removed old checkpoints %s in %.2f s", names, time.perf_counter() - t0)
@@ -435,6 +524,13 @@ class Checkpointer:
             meta = L.metadata_of(directory)
             storage = self._storage(meta.get("format", "torch_dist"))
             available = storage.describe(directory)
+        except CheckpointIndexError as exc:  # unsafe, corrupt, or a shard missing or truncated
+            raise checkpoint_problem(
+                fld,
+                exc.reason,
+                exc.path,
+                fix="load an intact copy of this checkpoint, or another step (checkpoint.ckpt_step)",
+            ) from None
         except _READ_ERRORS as exc:
             raise checkpoint_problem(fld, "cannot read the checkpoint's index", directory, cause=exc) from exc
         contents = meta.get("contents", {})
@@ -581,11 +677,77 @@ class Checkpointer:
         if error is not None:
             raise error
         if not bool(ok.item()):
-            raise RuntimeError(f"checkpoint {what} failed on another rank; see that rank's error")
+            raise CheckpointSaveError(
+                Problem(
+                    "checkpoint.save", f"the checkpoint {what} failed on another rank; see that rank's error"
+                ),
+                header=f"cannot {what} the checkpoint",
+            )
 
     def _info(self, msg: str, *args: Any) -> None:
         if self.ctx.rank == 0:
             log.info(msg, *args)
+
+
+class _SaveErrors:
+    """Turns what stops a save (a full disk, non-finite weights, a foreign writer) into one
+    `CheckpointSaveError` line that says what was lost and what was kept."""
+
+    def __init__(self, step: int, root: Path, tmp: Path, total_bytes: int, share_bytes: int) -> None:
+        self.step, self.root, self.tmp = step, root, tmp
+        self.total_bytes, self.share_bytes = total_bytes, share_bytes
+
+    def kept(self) -> str:
+        try:
+            last = L.read_tracker(self.root)
+        except (OSError, ValueError):
+            last = None
+        if last is None:
+            return "no earlier checkpoint exists"
+        kept = self.root / L.iter_name(last)
+        return f"the tracker still names {kept}, the last good checkpoint, which is kept"
+
+    def refused(self, message: str, fix: str | None = None) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            Problem(
+                "checkpoint.save",
+                f"{message} at iteration {self.step}: this checkpoint is not saved and {self.kept()}",
+                fix=fix,
+            ),
+            header=f"cannot save the checkpoint of iteration {self.step}",
+        )
+
+    def run(self, fn: Callable[[], None], *, discarded: bool = False) -> None:
+        """Run a stage of the save; a full disk becomes one clear error (the chain of DCP's wrapped
+        tracebacks adds nothing to it). `discarded`: the caller removes the partial directory when
+        this stage fails."""
+        try:
+            fn()
+        except CheckpointSaveError:
+            raise
+        except _READ_ERRORS as exc:
+            err = root_os_error(exc)
+            if err is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise self.disk_full(err, discarded) from None
+
+    def disk_full(self, err: OSError, discarded: bool = False) -> CheckpointSaveError:
+        what = "no space left on the device" if err.errno == errno.ENOSPC else "the disk quota is exceeded"
+        where = err.filename or self.tmp
+        try:
+            free = f"{shutil.disk_usage(self.root).free / 1e9:.3f} GB free there now"
+        except OSError:
+            free = "free space unknown"
+        name = errno.errorcode.get(err.errno or 0, str(err.errno))
+        exc = self.refused(
+            f"{what} ({name}) while writing {where}: this rank was writing "
+            f"{self.share_bytes / 1e9:.3f} GB of the checkpoint's {self.total_bytes / 1e9:.3f} GB tensors "
+            f"({free}){'; its partial directory is removed' if discarded else ''}",
+            fix="free space on that file system, point checkpoint.save at a larger one, or keep fewer "
+            "checkpoints (checkpoint.most_recent_k)",
+        )
+        exc.os_error = err
+        return exc
 
 
 def _rate(size: int, seconds: float) -> str:

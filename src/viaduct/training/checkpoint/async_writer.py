@@ -70,6 +70,8 @@ class AsyncWriter:
         """Block until the write in flight (if any) is done; returns the seconds spent waiting.
 
         Raises `RuntimeError` (from the original error) if that write failed; the error is raised once.
+        A `ValueError` (a user-facing error that already says what happened, such as a full disk) is
+        raised as it is.
         """
         t0 = time.perf_counter()
         if self._thread is not None:
@@ -77,6 +79,8 @@ class AsyncWriter:
             self._thread = None
         waited = time.perf_counter() - t0
         error, self._error = self._error, None
+        if isinstance(error, ValueError):
+            raise error
         if error is not None:
             raise RuntimeError(
                 f"asynchronous {self._what} failed: {type(error).__name__}: {error}"

@@ -127,7 +127,7 @@ def optimizer_state(loaded: dict[str, torch.Tensor], common: dict[str, Any]) -> 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes of distinct storages (a tensor under two names, e.g. tied weights, counts once)."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, object]] = set()  # (storage, offset); offsets may be symbolic under compile
     total = 0
     for t in tensors.values():
         ident = (

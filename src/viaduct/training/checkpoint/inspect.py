@@ -1,9 +1,10 @@
 """Describe a checkpoint without building a model: `inspect_checkpoint(path)` and `format_inspection`.
 
 Reads only metadata: ``metadata.json``, ``train_state.pt``, ``run_config.yaml`` and the tensor index
-(torch.distributed.checkpoint's ``.metadata``, or the memory-mapped ``model_optim.pt``), every file with
-``weights_only`` unpickling. DCP shard files are checked against the index by size, so a truncated
-``.distcp`` is reported without reading its data. Every problem is a `ConfigError` naming the file.
+(torch.distributed.checkpoint's ``.metadata`` through the allowlist unpickler of `dcp_index`, or the
+memory-mapped ``model_optim.pt``), every ``.pt`` file with ``weights_only`` unpickling. DCP shard
+files are checked against the index by size, so a truncated ``.distcp`` is reported without reading
+its data. Every problem is a `ConfigError` naming the file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint import layout as L
+from viaduct.training.checkpoint.dcp_index import CheckpointIndexError
+from viaduct.training.checkpoint.errors import cause_text
 
 __all__ = ["find_checkpoint_dir", "format_inspection", "inspect_checkpoint"]
 
@@ -29,8 +32,7 @@ def _error(
 ) -> ConfigError:
     text = f"{message} ({path})"
     if cause is not None:
-        detail = " ".join(str(cause).split())
-        text += f": {type(cause).__name__}: {detail[:300]}{'...' if len(detail) > 300 else ''}"
+        text += f": {cause_text(cause)}"
     return ConfigError(Problem(_FIELD, text, fix=fix), header="cannot inspect the checkpoint")
 
 
@@ -67,37 +69,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _dcp_tensors(directory: Path) -> list[dict[str, Any]]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from viaduct.training.checkpoint.storage import DcpStorage
 
-    index = directory / L.DCP_METADATA
-    if not index.is_file():
-        raise _error(
-            "the torch_dist index .metadata is missing (an incomplete or damaged checkpoint)",
-            index,
-        )
+    # The same reading as a load: the index through the allowlist unpickler, every shard checked
+    # against it by size (a truncated .distcp is named without reading its data).
     try:
-        meta = FileSystemReader(str(directory)).read_metadata()
-    except Exception as exc:
-        raise _error("the torch_dist index .metadata is corrupt", index, cause=exc) from exc
-    # Every shard file must be at least as long as the byte ranges the index gives it.
-    needed: dict[str, int] = {}
-    for info in (meta.storage_data or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if rel is not None:
-            needed[rel] = max(needed.get(rel, 0), int(info.offset) + int(info.length))
-    for rel, end in sorted(needed.items()):
-        f = directory / rel
-        if not f.is_file():
-            raise _error(f"shard {rel} named by the index is missing", f)
-        size = f.stat().st_size
-        if size < end:
-            raise _error(f"shard {rel} is truncated: {size} bytes, the index needs {end}", f)
-    out = []
-    for key, m in meta.state_dict_metadata.items():
-        if isinstance(m, TensorStorageMetadata):
-            out.append(_row(key, tuple(m.size), m.properties.dtype))
-    return out
+        info = DcpStorage(rank=0, world_size=1).describe(directory)
+    except CheckpointIndexError as exc:
+        raise _error(exc.reason, exc.path) from exc
+    return [_row(key, t.shape, t.dtype) for key, t in info.items()]
 
 
 def _torch_tensors(directory: Path) -> list[dict[str, Any]]:

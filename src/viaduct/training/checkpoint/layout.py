@@ -40,6 +40,10 @@ TORCH_TENSORS = "model_optim.pt"
 DCP_METADATA = ".metadata"
 """Written by torch.distributed.checkpoint last, after all shards."""
 
+WRITER_MARKER = ".writer"
+"""Written by rank 0 into ``iter_N.tmp`` when a save starts: a token unique to that save, checked
+before the rename, so a writer never gives its final name to a directory another process took over."""
+
 CHECKPOINT_VERSION = 1
 
 _ITER = re.compile(r"^iter_(\d{7,})$")
@@ -80,7 +84,7 @@ def leftovers(root: Path) -> list[Path]:
     """Directories left by interrupted saves, replacements or deletions."""
     if not root.is_dir():
         return []
-    return sorted(e for e in root.iterdir() if _LEFTOVER.match(e.name) and e.is_dir())
+    return sorted(e for e in root.iterdir() if _LEFTOVER.match(e.name) and (e.is_dir() or e.is_symlink()))
 
 
 def read_tracker(root: Path) -> int | None:
@@ -174,40 +178,74 @@ def write_tracker(root: Path, step: int, train_state: dict[str, Any] | None = No
         replace_atomically(root / LATEST_TRAIN_STATE, lambda tmp: save_file(train_state, tmp))
 
 
+def remove_tree(path: Path) -> None:
+    """Delete `path` without ever following a symbolic link: a link (to a directory or not) is
+    removed itself and its target is left alone; a real directory is removed with its contents
+    (`shutil.rmtree` unlinks the links inside it too). Nothing there is not an error."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def retire(path: Path) -> Path:
     """Rename checkpoint `path` to `iter_N.deleting` (no longer loadable); returns the new path.
 
     Deleting that is then safe at any pace: a crash midway never leaves a half-deleted `iter_N`, and
-    the next save removes what is left.
+    the next save removes what is left. A symbolic link is renamed itself (rename never follows it).
     """
     if not _ITER.match(path.name):
         return path
     doomed = path.with_name(f"{path.name}.deleting")
-    if doomed.exists():
-        shutil.rmtree(doomed)
+    remove_tree(doomed)
     os.rename(path, doomed)
     return doomed
 
 
 def remove_dir(path: Path) -> None:
-    """Delete a checkpoint directory (see `retire`)."""
-    if path.exists():
-        shutil.rmtree(retire(path))
+    """Delete a checkpoint directory (see `retire`); a symbolic link is removed, never its target."""
+    if path.exists() or path.is_symlink():
+        remove_tree(retire(path))
+
+
+def write_marker(tmp: Path, token: str) -> None:
+    write_text(tmp / WRITER_MARKER, token)
+
+
+def commit_problem(tmp: Path, token: str, fmt: str) -> str | None:
+    """Why `tmp` must not be committed by the save holding `token` (None: it may be).
+
+    The directory must still carry this save's marker (another run saving the same step into the
+    same directory replaces it) and hold the files that make a checkpoint complete.
+    """
+    try:
+        found = (tmp / WRITER_MARKER).read_text()
+    except OSError:
+        found = None
+    if found != token:
+        return (
+            f"{tmp.name} was replaced by another process while this run was writing it "
+            "(two runs saving into one directory?)"
+        )
+    needed = [METADATA, COMMON, TRAIN_STATE, DCP_METADATA if fmt == "torch_dist" else TORCH_TENSORS]
+    missing = [name for name in needed if not (tmp / name).is_file()]
+    if missing:
+        return f"{tmp.name} lacks {missing} after every rank reported success"
+    return None
 
 
 def commit(tmp: Path, final: Path) -> None:
     """Give the fully written `tmp` its final name (replacing an older save of the same step)."""
     fsync_dir(tmp)
     old = None
-    if final.exists():
+    if final.exists() or final.is_symlink():
         old = final.with_name(f"{final.name}.replaced")
-        if old.exists():
-            shutil.rmtree(old)
+        remove_tree(old)
         os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if old is not None:
-        shutil.rmtree(old)
+        remove_tree(old)
 
 
 # ---------------------------------------------------------------------------------------- retention

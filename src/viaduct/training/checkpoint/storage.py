@@ -7,21 +7,26 @@
 * ``"torch"`` (`TorchStorage`): rank 0 writes one `torch.save` file; every rank reads it (memory-mapped).
 
 Both load *in place* into target tensors, and only ever with `weights_only` unpickling: DCP is never
-given a non-tensor value, and the torch file holds a flat dict of tensors.
+given a non-tensor value, its index is read by `dcp_index.read_index` (an allowlist unpickler, never
+DCP's plain `pickle.load`), and the torch file holds a flat dict of tensors.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from viaduct.training.checkpoint.flat import TensorInfo
 from viaduct.training.checkpoint.layout import TORCH_TENSORS, save_file
@@ -36,6 +41,48 @@ def _quiet_single_process() -> Iterator[None]:
             "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
         )
         yield
+
+
+class _RecordingFileSystem(FileSystem):
+    """DCP's file system, keeping every error raised while one of its files is open.
+
+    DCP's extra writer threads (``thread_count`` > 1) die on an exception without reporting it: the
+    save returns as if it had succeeded and the index lacks what the thread was writing (seen with a
+    full disk), and the thread's traceback is printed to stderr. Here the failed file is abandoned and
+    its error kept instead, on every thread alike; `DcpStorage.write` raises the first one once DCP
+    returns (its index is never committed then).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[Exception] = []
+        self._lock = threading.Lock()
+
+    def _keep(self, exc: Exception) -> None:
+        with self._lock:
+            self.errors.append(exc)
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+        try:
+            stream = cast(io.IOBase, open(path, mode))  # closed by the with below
+        except Exception as exc:  # cannot be abandoned quietly: nothing was yielded yet
+            self._keep(exc)
+            raise
+        try:
+            with stream:
+                yield stream
+        except Exception as exc:  # writing, fsync or closing the file
+            self._keep(exc)
+
+
+class _CheckedWriter(FileSystemWriter):
+    """`FileSystemWriter` whose writer threads cannot fail silently (see `_RecordingFileSystem`)."""
+
+    def __init__(self, path: Path, *, thread_count: int) -> None:
+        super().__init__(str(path), sync_files=True, thread_count=thread_count)
+        self.recorder = _RecordingFileSystem()
+        self.fs = self.recorder
 
 
 class TensorStorage(Protocol):
@@ -110,27 +157,41 @@ class DcpStorage:
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
         import torch.distributed.checkpoint as dcp
 
-        with _quiet_single_process():
-            dcp.save(
-                dict(tensors),
-                # Several files written in parallel: one writer thread leaves disk bandwidth unused.
-                storage_writer=dcp.FileSystemWriter(
-                    str(directory), sync_files=True, thread_count=_WRITER_THREADS
-                ),
-                planner=self._save_planner(),
-                process_group=self.group,
-                no_dist=self._no_dist,
-            )
+        from viaduct.training.checkpoint.dcp_index import check_complete, read_index
+
+        # Several files written in parallel: one writer thread leaves disk bandwidth unused.
+        writer = _CheckedWriter(directory, thread_count=_WRITER_THREADS)
+        try:
+            with _quiet_single_process():
+                dcp.save(
+                    dict(tensors),
+                    storage_writer=writer,
+                    planner=self._save_planner(),
+                    process_group=self.group,
+                    no_dist=self._no_dist,
+                )
+        except BaseException as exc:
+            if writer.recorder.errors:  # the file error itself, rather than DCP's wrapped traceback text
+                raise writer.recorder.errors[0] from exc
+            raise
+        if writer.recorder.errors:  # a writer failed, and DCP did not say so
+            raise writer.recorder.errors[0]
+        if self._no_dist or self.rank == 0:  # the coordinator wrote the index: every tensor is in it
+            check_complete(directory, read_index(directory))
 
     def describe(self, directory: Path) -> dict[str, TensorInfo]:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        meta = FileSystemReader(str(directory)).read_metadata()
+        from viaduct.training.checkpoint.dcp_index import check_complete, check_shards, read_index
+
+        # Never DCP's own reader: it unpickles .metadata with plain pickle (see dcp_index).
+        meta = read_index(directory)
+        check_complete(directory, meta)
+        check_shards(directory, meta)  # a truncated shard is named here, before any tensor is read
         return {
             key: TensorInfo(tuple(m.size), m.properties.dtype)
             for key, m in meta.state_dict_metadata.items()
-            if isinstance(m, TensorStorageMetadata)
+            if isinstance(m, TensorStorageMetadata)  # all of them: read_index admits nothing else
         }
 
     def read(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
@@ -142,10 +203,12 @@ class DcpStorage:
     def _read(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
         import torch.distributed.checkpoint as dcp
 
+        from viaduct.training.checkpoint.dcp_index import SafeFileSystemReader
+
         with _quiet_single_process():
             dcp.load(
                 dict(targets),
-                storage_reader=dcp.FileSystemReader(str(directory)),
+                storage_reader=SafeFileSystemReader(directory),
                 process_group=self.group,
                 no_dist=self._no_dist,
             )
