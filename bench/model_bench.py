@@ -1,11 +1,11 @@
 """Training-step speed of the GPT models: tokens/s, MFU and peak memory, one JSON line per run.
 
     python bench/model_bench.py --model llama32_1b --batch 16 --seq 2048            # one run
-    python bench/model_bench.py --sweep issue3                                       # the issue's table
+    python bench/model_bench.py --sweep step-speed                                   # the docs/models.md table
 
 A step is forward + backward + the training loop's optimizer (fused AdamW on float32 master
 weights and main grads, gradient clipping), with bf16 weights and activations (Megatron's bf16
-mixed precision). MFU uses DESIGN.md §4: FLOPs per token from
+mixed precision). MFU uses the PaLM convention: FLOPs per token from
 `viaduct.models.accounting.flops_per_token` over 989 TFLOP/s. Each sweep entry runs in its own
 process so peak memory and an out-of-memory error stay with their run.
 """
@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 SWEEPS: dict[str, list[dict[str, Any]]] = {
-    "issue3": [
+    "step-speed": [
         dict(model="llama32_1b", batch=16, seq=2048),
         dict(model="llama32_1b", batch=16, seq=2048, compile_scope="layers"),
         dict(model="llama32_1b", batch=8, seq=2048),

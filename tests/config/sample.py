@@ -38,7 +38,7 @@ class Inner(ConfigBase):
             p.add("lr", "must be >= 0", self.lr, fix="set inner.lr >= 0")
         p.raise_if_any()
         if self.iters is not None:
-            self._derive("steps", self.iters * 10, "iters x 10")
+            self.derive("steps", self.iters * 10, "iters x 10")
 
 
 @dataclass(kw_only=True)

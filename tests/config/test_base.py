@@ -179,3 +179,43 @@ def test_check_types_flags_python_assignments_and_unsupported_settings():
     assert problems["fp8"].message == "FP8 training is not supported yet"
     assert "leave fp8 at its default" in problems["fp8"].fix
     assert problems["window"].message == "expected 2 items, got 3"
+
+
+def test_fields_with_problems_names_the_field_of_each_problem():
+    from viaduct.config import Problem, fields_with_problems
+
+    problems = [
+        Problem("num_layers", "expected int, got str 'x'"),
+        Problem("model.hidden_size", "must be set"),
+        Problem("target_modules[0]", "must be a module name, not empty"),
+    ]
+    assert fields_with_problems(problems) == {"num_layers", "model", "target_modules"}
+    assert fields_with_problems([]) == set()
+
+
+def test_fields_of_a_compatibility_base_are_listed_last():
+    import dataclasses
+    from typing import ClassVar
+
+    from viaduct.config import ConfigBase
+
+    @dataclasses.dataclass(kw_only=True)
+    class ListingCompat(ConfigBase):
+        _fields_listed_last_: ClassVar[bool] = True
+        old_knob: int = 0
+        """Kept for compatibility."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class ListingReal(ListingCompat):
+        width: int = 1
+        """Used."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class ListingMoreReal(ListingReal):
+        depth: int = 2
+        """Used too."""
+
+    # A dataclass lists a base's fields first; the listing puts the compatibility ones at the end.
+    assert [f.name for f in dataclasses.fields(ListingMoreReal)] == ["old_knob", "width", "depth"]
+    assert list(ListingMoreReal.spec().fields) == ["width", "depth", "old_knob"]
+    assert list(ListingMoreReal().to_dict()) == ["_target_", "width", "depth", "old_knob"]

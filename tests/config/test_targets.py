@@ -92,3 +92,12 @@ def test_megatron_bridge_targets_map_to_viaduct_classes():
 
     assert resolve_target("megatron.bridge.models.gpt_provider.GPTModelProvider") is GPTModelProvider
     assert resolve_target("megatron.core.transformer.enums.AttnBackend") is AttnBackend
+
+
+def test_megatron_target_without_a_viaduct_class_names_that_class():
+    # A Megatron class viaduct does not build is refused under its own name, not mapped onto
+    # another name that does not exist either.
+    from viaduct.config.targets import TargetError
+
+    with pytest.raises(TargetError, match=r"no config class named HybridModelProvider\)"):
+        resolve_target("megatron.bridge.models.mamba.HybridModelProvider")

@@ -234,6 +234,38 @@ def test_family_defaults():
     assert g.ffn_hidden_size == 4 * 768
 
 
+def test_llama_like_families_and_the_llama_recipe_share_one_architecture():
+    from viaduct.models.gpt.provider import LlamaStyleProvider
+    from viaduct.recipes.llama import llama_model
+
+    arch = LlamaStyleProvider.architecture()
+    assert arch == {
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": 1e-5,
+        "activation_func": FunctionRef("silu"),
+        "gated_linear_unit": True,
+        "position_embedding_type": "rope",
+        "rotary_base": 10000,
+        "add_bias_linear": False,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "share_embeddings_and_output_weights": False,
+        "init_method_std": 0.02,
+    }
+    for cls in (LlamaModelProvider, MistralModelProvider, Qwen25ModelProvider, Qwen3ModelProvider):
+        assert issubclass(cls, LlamaStyleProvider)
+    assert not issubclass(GPT2ModelProvider, LlamaStyleProvider)
+    assert LlamaStyleProvider._abstract_config_
+    # The recipe's custom sizes keep the generic `_target_` with the same architecture.
+    custom = llama_model(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=0.1)
+    assert type(custom) is GPTModelProvider
+    llama = LlamaModelProvider()
+    assert {k: getattr(custom, k) for k in arch if k != "hidden_dropout"} == {
+        k: getattr(llama, k) for k in arch if k != "hidden_dropout"
+    }
+    assert (custom.hidden_dropout, custom.num_layers) == (0.1, 2)  # the shape wins
+
+
 def test_user_values_win_over_the_named_defaults():
     p = Llama32ModelProvider1B(num_layers=2, seq_length=2048)
     p.finalize()

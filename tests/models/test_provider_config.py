@@ -76,6 +76,19 @@ def test_attn_backend_values_match_megatron():
     }
 
 
+def test_yaml_lists_the_fields_that_shape_the_model_before_the_megatron_compatibility_fields():
+    from viaduct.models.megatron_compat import MegatronCompatFields
+
+    compat = MegatronCompatFields.spec().public_names()
+    keys = [key for key in small().to_dict() if key != "_target_"]
+    assert keys[: len(keys) - len(compat)][:3] == ["num_layers", "hidden_size", "num_attention_heads"]
+    assert keys[len(keys) - len(compat) :] == compat  # after GPTModelProvider's own fields too
+    assert keys.index("hf_model_id") < keys.index("num_moe_experts")
+    # Only the listing moves: every field is still a TransformerConfig field.
+    assert issubclass(TransformerConfig, MegatronCompatFields) and MegatronCompatFields._abstract_config_
+    assert set(compat) < set(TransformerConfig.spec().public_names())
+
+
 def test_abstract_bases_and_alias():
     assert TransformerConfig._abstract_config_ and ModelProvider._abstract_config_
     assert not GPTModelProvider._abstract_config_
@@ -140,7 +153,7 @@ def test_value_set_after_finalize_replaces_a_derived_one():
 def test_derived_values_set_elsewhere_are_kept():
     # e.g. the mixed-precision recipe sets pipeline_dtype: finalize() must not undo it.
     cfg = small()
-    cfg._derive("pipeline_dtype", DType("bf16"), "mixed_precision bf16_mixed")
+    cfg.derive("pipeline_dtype", DType("bf16"), "mixed_precision bf16_mixed")
     cfg.finalize()
     cfg.finalize()
     assert cfg.pipeline_dtype == DType("bfloat16")

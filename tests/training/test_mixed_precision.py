@@ -277,5 +277,5 @@ def test_comm_overlap_data_parallel_size_is_derived_only():
     c = CommOverlapConfig()
     with pytest.raises(AttributeError, match="derived"):
         c.data_parallel_size = 4
-    c._derive("data_parallel_size", 4, "validate")
+    c.derive("data_parallel_size", 4, "validate")
     assert c.data_parallel_size == 4

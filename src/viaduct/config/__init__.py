@@ -5,7 +5,14 @@ Importing it does not import torch.
 """
 
 from viaduct.config.base import ConfigBase, allow_infinity, derived, unsupported
-from viaduct.config.errors import ConfigError, ConfigFileNotFoundError, ConfigWarning, Problem, Problems
+from viaduct.config.errors import (
+    ConfigError,
+    ConfigFileNotFoundError,
+    ConfigWarning,
+    Problem,
+    Problems,
+    fields_with_problems,
+)
 from viaduct.config.interpolation import resolve_interpolations
 from viaduct.config.overrides import apply_overrides, process_config_with_overrides
 from viaduct.config.targets import register_target, register_target_prefix
@@ -23,6 +30,7 @@ __all__ = [
     "allow_infinity",
     "apply_overrides",
     "derived",
+    "fields_with_problems",
     "process_config_with_overrides",
     "register_target",
     "register_target_prefix",

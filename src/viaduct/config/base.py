@@ -9,7 +9,7 @@ The base adds:
   built or saved), a list given for a tuple field becomes the tuple, an int for a float field a float;
 * provenance: who set each value (see `viaduct.config.provenance`);
 * serialization: `to_dict`/`from_dict`, `to_yaml`/`from_yaml`, `print_yaml`;
-* the lazy-validation hooks: `finalize()` (override it) and `_derive()` for derived values.
+* the lazy-validation hooks: `finalize()` (override it) and `derive()` for derived values.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import math
 import sys
 import typing
@@ -144,6 +145,10 @@ class ConfigBase:
     _moved_sections_: ClassVar[dict[str, tuple[type[ConfigBase], str]]] = {}
     """Megatron sections whose fields viaduct keeps in another component: key -> (the section's class,
     the component that owns its fields). Loading moves the section's fields there (`move_sections`)."""
+    _fields_listed_last_: ClassVar[bool] = False
+    """True on a base class holding compatibility fields that viaduct does not act on: wherever fields
+    are listed (`spec()`: YAML, `--help`, the JSON Schema, problem lists) they come after the fields
+    of the classes built on it, although a dataclass puts a base's fields first."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,7 +169,7 @@ class ConfigBase:
         if spec is None:
             hints = typing.get_type_hints(cls)
             infos = {}
-            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            for f in _listing_order(cls):
                 tp = hints.get(f.name, Any)
                 infos[f.name] = FieldInfo(
                     name=f.name,
@@ -302,8 +307,12 @@ class ConfigBase:
                 out.update(value.provenance(path))
         return out
 
-    def _derive(self, name: str, value: Any, reason: str = "", *, own: bool = False) -> None:
+    def derive(self, name: str, value: Any, reason: str = "", *, own: bool = False) -> None:
         """Set a value computed by validation; the next validate() recomputes it from scratch.
+
+        Called by an object's own `finalize()` and by whoever derives across objects (the container
+        syncing sequence lengths, a mixed-precision recipe, the tokenizer filling `vocab_size`).
+        `reason` is shown in the provenance: `derived (reason)`.
 
         `own=True` marks a value this object's own finalize() derives, so that a standalone
         finalize() can recompute it (`_undo_own_derivations`) without undoing what the container
@@ -483,6 +492,19 @@ class ConfigBase:
             value = self.__dict__.get(name)
             if isinstance(value, ConfigBase):
                 yield from value.walk(f"{prefix}.{name}" if prefix else name)
+
+
+def _listing_order(cls: type) -> list[dataclasses.Field]:
+    """The dataclass fields of `cls`, those declared by a `_fields_listed_last_` base moved to the end
+    (each group keeps its declaration order)."""
+    fields = dataclasses.fields(cls)
+    last = {
+        name
+        for klass in cls.__mro__
+        if klass.__dict__.get("_fields_listed_last_", False)
+        for name in inspect.get_annotations(klass)
+    }
+    return [f for f in fields if f.name not in last] + [f for f in fields if f.name in last]
 
 
 def _problem(*args: Any):

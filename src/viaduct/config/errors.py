@@ -147,6 +147,17 @@ class Problems:
             raise ConfigError(self.items, header=header)
 
 
+def fields_with_problems(problems: Iterable[Problem]) -> set[str]:
+    """The field each problem is about, as its first path segment ("model.num_layers" -> "model",
+    "target_modules[0]" -> "target_modules").
+
+    A `finalize()` takes this set right after `check_types()` and skips every rule that reads one of
+    these fields: a value of the wrong type is reported once, by its type problem, and never reaches
+    a comparison that would crash on it or add a second, confusing problem.
+    """
+    return {p.path.split(".", 1)[0].split("[", 1)[0] for p in problems}
+
+
 def suggest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The closest valid names to a misspelt one."""
     cands = list(candidates)

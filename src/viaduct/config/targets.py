@@ -68,12 +68,6 @@ _user_prefixes: list[str] = []
 # viaduct functions that may be named in YAML (activations ...); filled by `allow_function`.
 _viaduct_functions: set[str] = set(p for p in ACTIVATIONS.values() if p.startswith("viaduct."))
 
-# Megatron paths whose class name differs from ours.
-_MEGATRON_RENAMES = {
-    "MambaModelProvider": "MambaModelProvider",
-    "HybridModelProvider": "MambaModelProvider",
-    "OptimizerConfig": "OptimizerConfig",
-}
 _MEGATRON_PREFIXES = ("megatron.bridge.", "megatron.core.", "megatron.training.", "nemo.")
 
 
@@ -108,9 +102,9 @@ def allow_function(path: str) -> None:
 
 
 def _megatron_class_name(path: str) -> str | None:
+    """The class name a Megatron target maps to: every class viaduct mirrors keeps Megatron's name."""
     if path.startswith(_MEGATRON_PREFIXES):
-        name = path.rsplit(".", 1)[-1]
-        return _MEGATRON_RENAMES.get(name, name)
+        return path.rsplit(".", 1)[-1]
     return None
 
 

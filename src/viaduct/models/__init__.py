@@ -1,4 +1,4 @@
-"""Model providers (configuration) and, later, the models they build."""
+"""Model providers: a model's configuration, which builds the plain `nn.Module` on its own (`provide()`)."""
 
 from viaduct.models.enums import AttnBackend
 from viaduct.models.gpt import GPTModelProvider

@@ -1,6 +1,6 @@
 """Size, compute and memory of a model, computed from its provider (nothing is built).
 
-FLOPs follow the PaLM / torchtitan MFU convention (DESIGN.md §4): per token,
+FLOPs follow the PaLM / torchtitan MFU convention: per token,
 6 x (matmul parameters) + 12 x layers x heads x head_dim x seq, where the matmul parameters are all
 parameters except the input embedding tables, with the output layer counted even when it is tied to
 the input embedding (its GEMM runs either way). The causal variant halves the attention term, since a

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from viaduct.config import ConfigBase, Problems
+from viaduct.config import ConfigBase, Problems, fields_with_problems
 
 
 @dataclass(kw_only=True)
@@ -26,7 +26,7 @@ class PEFT(ConfigBase):
         """Check every rule of this method; raise `ConfigError` with all problems at once."""
         p = Problems()
         p.extend(self.check_types())
-        self._check(p, {q.path.split(".", 1)[0].split("[", 1)[0] for q in p.items})
+        self._check(p, fields_with_problems(p.items))
         p.raise_if_any()
 
     def _check(self, p: Problems, bad: set[str]) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from viaduct.config.types import FunctionRef
 from viaduct.models import (
     GPTModelProvider,
     Llama2ModelProvider7B,
     Llama3ModelProvider8B,
     Llama32ModelProvider1B,
 )
+from viaduct.models.gpt.provider import LlamaStyleProvider
 from viaduct.recipes.common import PretrainKwargs, apply_recipe_kwargs, pretrain_common
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import ConfigContainer
@@ -23,21 +23,9 @@ def llama_model(**shape: object) -> GPTModelProvider:
     """A plain `GPTModelProvider` with the Llama architecture (RMSNorm, SwiGLU, RoPE, no biases,
     no dropout, untied embeddings) and the given shape; for custom sizes that keep the generic
     `_target_`. The published sizes are classes: `viaduct.models.Llama32ModelProvider1B` ...
+    The architecture's values are `LlamaStyleProvider`'s, the base of those classes.
     """
-    base: dict[str, object] = dict(
-        normalization="RMSNorm",
-        activation_func=FunctionRef("silu"),
-        gated_linear_unit=True,
-        position_embedding_type="rope",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        share_embeddings_and_output_weights=False,
-        layernorm_epsilon=1e-5,
-        init_method_std=0.02,
-    )
-    base.update(shape)
-    return GPTModelProvider(**base)  # type: ignore[arg-type]
+    return GPTModelProvider(**{**LlamaStyleProvider.architecture(), **shape})
 
 
 @recipe("llama32_1b")

@@ -1,4 +1,4 @@
-"""Saving and loading training checkpoints (spec §8): `Checkpointer(cfg, ctx)`.
+"""Saving and loading training checkpoints: `Checkpointer(cfg, ctx)`.
 
 One checkpoint is a directory ``<checkpoint.save>/iter_NNNNNNN/`` holding
 
@@ -31,7 +31,7 @@ next `save()` and `finalize()` wait for it and raise its error. Synchronous save
 stage through the same arena (freed afterwards): that writes twice as fast as DCP's own copies.
 Retention renames old checkpoints out of the way and deletes them in the background.
 
-Which checkpoint is loaded (spec §8.3): ``checkpoint.load`` (its tracker, or ``ckpt_step``; or the
+Which checkpoint is loaded: ``checkpoint.load`` (its tracker, or ``ckpt_step``; or the
 directory itself when it is one checkpoint) for a full resume, or weights only with ``finetune``; when
 ``load`` holds nothing, ``pretrained_checkpoint`` (weights only); otherwise nothing.
 """

@@ -1,4 +1,4 @@
-"""Communication-overlap settings (`cfg.comm_overlap`, spec §7.3).
+"""Communication-overlap settings (`cfg.comm_overlap`).
 
 Every optional field defaults to None, meaning "let the policy decide"; an explicit value always
 wins over the policy. The policy itself (pipeline send/receive style from the PP/VPP sizes,
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from viaduct.config import ConfigBase, Problems, derived, unsupported
+from viaduct.config import ConfigBase, Problems, derived, fields_with_problems, unsupported
 
 
 @dataclass(kw_only=True)
@@ -59,7 +59,7 @@ class CommOverlapConfig(ConfigBase):
         """Check the choices (all problems at once); nothing is derived here."""
         p = Problems()
         p.extend(self.check_types())
-        bad = {q.path.split(".", 1)[0] for q in p.items}
+        bad = fields_with_problems(p.items)
         if self.overlap_p2p_comm is True and self.batch_p2p_comm is True:
             p.add(
                 "overlap_p2p_comm",

@@ -1,4 +1,4 @@
-"""The forward-step contract between `pretrain()` and user code (spec §5.4).
+"""The forward-step contract between `pretrain()` and user code.
 
 A forward step is `forward_step(data_iterator, model)` or `forward_step(state, data_iterator,
 model)`; it returns `(output, loss_func)`, and `loss_func(output)` returns either

@@ -1,4 +1,4 @@
-"""Mixed-precision recipes (`cfg.mixed_precision`) and how they are applied (spec §7.2).
+"""Mixed-precision recipes (`cfg.mixed_precision`) and how they are applied.
 
 A `MixedPrecisionConfig` holds precision settings that belong on several components at once: the
 model (`bf16`, `params_dtype`, ...), the optimizer (`bf16`, loss scaling) and DDP
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from viaduct.config import ConfigBase, ConfigError, DType, Problem, Problems, unsupported
-from viaduct.config.errors import did_you_mean
+from viaduct.config.errors import did_you_mean, fields_with_problems
 from viaduct.config.provenance import is_user_set
 
 
@@ -115,12 +115,12 @@ class MixedPrecisionConfig(ConfigBase):
         """Derive fp8_param / fp4_param from their *_param_gather twins; check every rule at once."""
         p = Problems()
         p.extend(self.check_types())
-        bad = {q.path.split(".", 1)[0] for q in p.items}
+        bad = fields_with_problems(p.items)
         # After check_types(): these are unsupported fields, already reported through their twins.
         if self.fp8_param is None and self.fp8_param_gather is True:
-            self._derive("fp8_param", True, "= fp8_param_gather")
+            self.derive("fp8_param", True, "= fp8_param_gather")
         if self.fp4_param is None and self.fp4_param_gather is True:
-            self._derive("fp4_param", True, "= fp4_param_gather")
+            self.derive("fp4_param", True, "= fp4_param_gather")
         if self.fp16 and self.bf16:
             p.add(
                 "bf16",
@@ -351,7 +351,7 @@ def apply_mixed_precision(
 
     Every non-None field of `mp` is written to each target that has a field of the same name
     (`autocast_enabled` -> `enable_autocast`) when the value differs; FP8 / FP4 knobs only when the
-    recipe turns that format on. Writes go through `_derive`,
+    recipe turns that format on. Writes go through `derive`,
     so they are marked "derived (mixed_precision <label>)" and `validate()` recomputes them from
     scratch next time. A note is returned for each value the user had set explicitly.
     """
@@ -378,5 +378,5 @@ def apply_mixed_precision(
                     f"{target_name}.{dest}={old!r} (from {source}) is overridden by mixed_precision "
                     f"{label}: {value!r}; set mixed_precision.{name} to change it"
                 )
-            target._derive(dest, value, f"mixed_precision {label}")
+            target.derive(dest, value, f"mixed_precision {label}")
     return notes

@@ -1,6 +1,6 @@
 """Profiling a window of training steps: torch.profiler traces, NVTX ranges, CUDA memory snapshots.
 
-Driven by `ProfilingConfig` (spec 7.4). Steps are 1-based: step k is the k-th optimizer step of the
+Driven by `ProfilingConfig`. Steps are 1-based: step k is the k-th optimizer step of the
 run. The profiled window is the steps `profile_step_start <= k < profile_step_end` (as Megatron's
 torch.profiler schedule wait=start-1, warmup=1, active=end-start records them), on the ranks listed in
 `profile_ranks`. The window closes when step `profile_step_end - 1` ends: the trace is written and the
@@ -80,41 +80,8 @@ def profiling_problems(
                 True,
                 fix="set profiling.record_memory_history=false, or run on a GPU",
             )
-    if cfg.record_shapes and not cfg.nvtx_ranges:
-        add(
-            "record_shapes",
-            "only adds shapes to NVTX ranges, and profiling.nvtx_ranges is false",
-            True,
-            fix="set profiling.nvtx_ranges=true, or use profiling.pytorch_profiler_collect_shapes for "
-            "torch.profiler traces",
-        )
-    if cfg.record_shapes and cfg.nvtx_ranges and cfg.use_pytorch_profiler:
-        add(
-            "record_shapes",
-            "needs autograd's NVTX emitter, which cannot run while torch.profiler records "
-            "(one autograd profiler per thread)",
-            True,
-            fix="use profiling.pytorch_profiler_collect_shapes for the torch.profiler trace, or set "
-            "profiling.use_pytorch_profiler=false for an nsys run",
-        )
-    for name in ("pytorch_profiler_collect_shapes", "pytorch_profiler_collect_callstack"):
-        if getattr(cfg, name) and not cfg.use_pytorch_profiler:
-            add(
-                name,
-                "applies to torch.profiler traces, and profiling.use_pytorch_profiler is false",
-                True,
-                fix="set profiling.use_pytorch_profiler=true, or leave this setting false",
-            )
-    wants_something = cfg.use_pytorch_profiler or cfg.nvtx_ranges or cfg.record_memory_history
-    if world_size is not None and wants_something and cfg.profile_ranks:
-        missing = sorted(r for r in cfg.profile_ranks if r >= world_size)
-        if missing:
-            add(
-                "profile_ranks",
-                f"ranks {missing} do not exist: the world size is {world_size}",
-                list(cfg.profile_ranks),
-                fix=f"list ranks below {world_size} in profiling.profile_ranks",
-            )
+    # The rules between settings (and the world size) live with the config, where validate() asks them.
+    problems += [q.prefixed("profiling") for q in cfg.setting_problems(world_size)]
     return problems
 
 

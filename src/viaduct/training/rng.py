@@ -1,6 +1,6 @@
 """Seeding and saving the random-number generators of Python, NumPy and torch.
 
-Seeds follow Megatron (spec 1.11): every rank uses `seed + 100 × pipeline rank`, plus
+Seeds follow Megatron: every rank uses `seed + 100 × pipeline rank`, plus
 `10 × data-parallel rank` when `rng.data_parallel_random_init` is set, so pipeline stages (which hold
 different layers) initialise differently while data-parallel replicas stay identical.
 

@@ -6,6 +6,12 @@ chunk of logits: the forward keeps only the log-sum-exp per token, and the backw
 chunk's logits to form (softmax - one_hot) * grad. That costs one extra logits GEMM (about 6% of a
 Llama-1B step) and saves several GB, so larger micro-batches fit. The softmax statistics are always
 accumulated in float32.
+
+Which path `cross_entropy_loss_fusion` takes is decided in one place, `use_chunked_loss`: the chunked
+path on accelerators, where its chunk kernels are compiled and the memory matters; on a CPU the plain
+`F.cross_entropy` over all logits while those fit in `CPU_PLAIN_LOSS_BYTES`. Eager CPU kernels make
+the chunked path's extra passes over the logits (max, exp, sum, the one-hot difference) cost about
+30% of a small model's step, where `F.cross_entropy` runs one fused log-softmax each way.
 """
 
 from __future__ import annotations
@@ -29,6 +35,37 @@ def keep_logits_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 10
     return 4 << 30
+
+
+CPU_PLAIN_LOSS_BYTES = 4 << 30
+"""On a CPU, the plain loss path is taken while its logits and their float32 companions fit in this."""
+
+
+def plain_loss_bytes(tokens: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """Memory of the plain path's logits: the logits in `dtype`, plus float32 log-probabilities saved
+    for the backward and the float32 gradient it makes (and a float32 copy of 16-bit logits)."""
+    itemsize = dtype.itemsize
+    return tokens * vocab_size * (itemsize + 8 + (4 if itemsize < 4 else 0))
+
+
+def use_chunked_loss(
+    device: torch.device,
+    tokens: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+    *,
+    plain_budget_bytes: int | None = None,
+) -> bool:
+    """The loss path of `cross_entropy_loss_fusion=True`: chunked (`linear_cross_entropy`) or plain.
+
+    Chunked on every device but the CPU. On a CPU, plain (`F.cross_entropy` over all logits, faster
+    in eager mode) unless `plain_loss_bytes` exceeds `plain_budget_bytes` (default
+    `CPU_PLAIN_LOSS_BYTES`), where holding all logits would cost more memory than the speed is worth.
+    """
+    if device.type != "cpu":
+        return True
+    budget = CPU_PLAIN_LOSS_BYTES if plain_budget_bytes is None else plain_budget_bytes
+    return plain_loss_bytes(tokens, vocab_size, dtype) > budget
 
 
 def default_chunk_tokens(vocab_size: int) -> int:

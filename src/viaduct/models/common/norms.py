@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from viaduct.models.transformer_config import Normalization
 
 
 class Norm(nn.Module):
@@ -20,7 +20,7 @@ class Norm(nn.Module):
     def __init__(
         self,
         size: int,
-        kind: Literal["LayerNorm", "RMSNorm"],
+        kind: Normalization,
         eps: float,
         *,
         zero_centered_gamma: bool = False,

@@ -1,13 +1,16 @@
-"""`GPTModelProvider`: configuration of a decoder-only (GPT-style) language model."""
+"""`GPTModelProvider`: configuration of a decoder-only (GPT-style) language model, and
+`LlamaStyleProvider`: the Llama architecture that the Llama, Mistral and Qwen families share."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from viaduct.config import ConfigError, DType, Problem, unsupported
+from viaduct.config import ConfigError, DType, FunctionRef, Problem, unsupported
 from viaduct.config.types import torch_dtype
 from viaduct.models.provider import ModelProvider
+from viaduct.models.transformer_config import Normalization, PositionEmbeddingType
 
 if TYPE_CHECKING:
     from viaduct.models.gpt.model import GPTModel
@@ -122,3 +125,38 @@ class GPTModelProvider(ModelProvider):
             elif model.rotary is not None:
                 model.rotary.reset_parameters()
         return model
+
+
+@dataclass(kw_only=True)
+class LlamaStyleProvider(GPTModelProvider):
+    """The Llama architecture: RMSNorm, SwiGLU, RoPE, no biases, no dropout, untied embeddings.
+
+    The base of the Llama, Mistral and Qwen families, which change only what differs (norm epsilon,
+    rotary base, a QKV bias, ...). Redeclared fields only change defaults; their help text is the
+    `GPTModelProvider` field's.
+    """
+
+    _abstract_config_ = True
+
+    normalization: Normalization = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    activation_func: FunctionRef = FunctionRef("silu")
+    gated_linear_unit: bool = True
+    position_embedding_type: PositionEmbeddingType = "rope"
+    rotary_base: int = 10000
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    share_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+
+    @staticmethod
+    def architecture() -> dict[str, Any]:
+        """The values of the fields this class sets: the Llama architecture as keyword arguments, for a
+        plain `GPTModelProvider` that keeps the generic `_target_` (`recipes.llama.llama_model`)."""
+        fields = LlamaStyleProvider.spec().fields
+        return {
+            name: fields[name].default_value()
+            for name in inspect.get_annotations(LlamaStyleProvider)
+            if name in fields
+        }

@@ -10,10 +10,11 @@ Redeclared fields only change defaults; their help text is the `GPTModelProvider
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from viaduct.config import FunctionRef
 from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.models.transformer_config import Normalization, PositionEmbeddingType
 
 
 @dataclass(kw_only=True)
@@ -24,12 +25,12 @@ class GPT2ModelProvider(GPTModelProvider):
     # two names each, could not override.
     _aliases_: ClassVar[tuple[str, ...]] = ("gpt2",)
 
-    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    normalization: Normalization = "LayerNorm"
     layernorm_epsilon: float = 1e-5
     activation_func: FunctionRef = FunctionRef("fast_gelu")
     gated_linear_unit: bool = False
     add_bias_linear: bool = True
-    position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "learned_absolute"
+    position_embedding_type: PositionEmbeddingType = "learned_absolute"
     share_embeddings_and_output_weights: bool = True
     vocab_size: int | None = 50257
     seq_length: int = 1024

@@ -1,6 +1,7 @@
 """Llama model providers: the Llama 2 / 3 / 3.1 / 3.2 families and their published sizes.
 
-Each class only changes field defaults of `GPTModelProvider`; names follow Megatron Bridge
+Each class only changes field defaults of `LlamaStyleProvider` (the Llama architecture on top of
+`GPTModelProvider`); names follow Megatron Bridge
 (`megatron.bridge.models.llama.Llama32ModelProvider1B` ...) so a Bridge YAML `_target_` maps onto
 them, and each size has a short name for overrides (`model=llama32_1b`). Shapes are those of the
 Hugging Face `config.json` of the model named in `hf_model_id`.
@@ -13,30 +14,17 @@ Redeclared fields only change defaults; their help text is the `GPTModelProvider
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from viaduct.config import FunctionRef
-from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.models.gpt.provider import LlamaStyleProvider
 
 
 @dataclass(kw_only=True)
-class LlamaModelProvider(GPTModelProvider):
+class LlamaModelProvider(LlamaStyleProvider):
     """The Llama architecture: RMSNorm, SwiGLU, RoPE, no biases, no dropout, untied embeddings."""
 
     _aliases_ = ("llama",)
 
-    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
-    layernorm_epsilon: float = 1e-5
-    activation_func: FunctionRef = FunctionRef("silu")
-    gated_linear_unit: bool = True
-    position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
-    rotary_base: int = 10000
-    add_bias_linear: bool = False
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    share_embeddings_and_output_weights: bool = False
     seq_length: int = 4096
-    init_method_std: float = 0.02
 
 
 # ---------------------------------------------------------------------------- Llama 2

@@ -1,6 +1,7 @@
 """Mistral model providers: Mistral 7B (v0.1) with its sliding-window attention.
 
-Each class only changes field defaults of `GPTModelProvider`; names follow Megatron Bridge
+Each class only changes field defaults of `LlamaStyleProvider` (the Llama architecture on top of
+`GPTModelProvider`); names follow Megatron Bridge
 (`megatron.bridge.models.mistral.MistralModelProvider`) so a Bridge YAML `_target_` maps onto them.
 The family defaults here are those of Mistral-7B-v0.1 (Bridge's base class describes v0.3; a Bridge
 YAML lists every field, so it loads with its own values either way).
@@ -11,33 +12,20 @@ Redeclared fields only change defaults; their help text is the `GPTModelProvider
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from viaduct.config import FunctionRef
-from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.models.gpt.provider import LlamaStyleProvider
 
 
 @dataclass(kw_only=True)
-class MistralModelProvider(GPTModelProvider):
+class MistralModelProvider(LlamaStyleProvider):
     """Mistral: Llama-like (RMSNorm, SwiGLU, RoPE, no biases) with 8 key/value groups and a 4096 window."""
 
     _aliases_ = ("mistral",)
 
-    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
-    layernorm_epsilon: float = 1e-5
-    activation_func: FunctionRef = FunctionRef("silu")
-    gated_linear_unit: bool = True
-    position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
-    rotary_base: int = 10000
-    add_bias_linear: bool = False
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    share_embeddings_and_output_weights: bool = False
     num_query_groups: int | None = 8
     window_size: tuple[int, int] | None = (4096, 0)
     vocab_size: int | None = 32000
     seq_length: int = 32_768
-    init_method_std: float = 0.02
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,7 @@
 """Qwen model providers: the Qwen 2.5 and Qwen 3 families and their published sizes.
 
-Each class only changes field defaults of `GPTModelProvider`; names follow Megatron Bridge
+Each class only changes field defaults of `LlamaStyleProvider` (the Llama architecture on top of
+`GPTModelProvider`); names follow Megatron Bridge
 (`megatron.bridge.models.qwen.Qwen25ModelProvider500M` ...) so a Bridge YAML `_target_` maps onto
 them, and each size has a short name for overrides (`model=qwen3_600m`). Shapes are those of the
 Hugging Face `config.json` of the model named in `hf_model_id`.
@@ -11,34 +12,23 @@ Redeclared fields only change defaults; their help text is the `GPTModelProvider
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from viaduct.config import FunctionRef
-from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.models.gpt.provider import LlamaStyleProvider
 
 # ---------------------------------------------------------------------------- Qwen 2.5
 
 
 @dataclass(kw_only=True)
-class Qwen25ModelProvider(GPTModelProvider):
+class Qwen25ModelProvider(LlamaStyleProvider):
     """Qwen 2.5: Llama-like (RMSNorm, SwiGLU, RoPE base 1M) with a bias on the QKV projection only."""
 
     _aliases_ = ("qwen25",)
 
-    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
     layernorm_epsilon: float = 1e-6
-    activation_func: FunctionRef = FunctionRef("silu")
-    gated_linear_unit: bool = True
-    position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
     rotary_base: int = 1_000_000
-    add_bias_linear: bool = False
     add_qkv_bias: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    share_embeddings_and_output_weights: bool = False
     vocab_size: int | None = 151_936
     seq_length: int = 32_768
-    init_method_std: float = 0.02
 
 
 @dataclass(kw_only=True)
@@ -120,28 +110,18 @@ class Qwen25ModelProvider14B(Qwen25ModelProvider):
 
 
 @dataclass(kw_only=True)
-class Qwen3ModelProvider(GPTModelProvider):
+class Qwen3ModelProvider(LlamaStyleProvider):
     """Qwen 3: Llama-like (RMSNorm, SwiGLU, RoPE base 1M), no biases, RMSNorm on queries and keys."""
 
     _aliases_ = ("qwen3",)
 
-    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
     layernorm_epsilon: float = 1e-6
-    activation_func: FunctionRef = FunctionRef("silu")
-    gated_linear_unit: bool = True
-    position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "rope"
     rotary_base: int = 1_000_000
-    add_bias_linear: bool = False
-    add_qkv_bias: bool = False
     qk_layernorm: bool = True
     num_query_groups: int | None = 8
     kv_channels: int | None = 128
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    share_embeddings_and_output_weights: bool = False
     vocab_size: int | None = 151_936
     seq_length: int = 40_960
-    init_method_std: float = 0.02
 
 
 @dataclass(kw_only=True)

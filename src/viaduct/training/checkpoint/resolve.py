@@ -1,4 +1,4 @@
-"""Which checkpoint a run loads (spec §8.3), decided from `CheckpointConfig` alone.
+"""Which checkpoint a run loads, decided from `CheckpointConfig` alone.
 
 1. ``load`` set: the directory itself when it is one checkpoint; else ``iter_{ckpt_step}`` (which must
    exist); else the tracker's step, or the newest complete ``iter_N`` when the tracker is missing or

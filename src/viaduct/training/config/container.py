@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from viaduct.config import ConfigBase, ConfigError, Problem, derived
-from viaduct.config.errors import warn
+from viaduct.config.errors import fields_with_problems, warn
 from viaduct.config.provenance import is_user_set
 from viaduct.models.gpt.provider import GPTModelProvider
 from viaduct.models.provider import ModelProvider
@@ -152,14 +152,14 @@ class ConfigContainer(ConfigBase):
         """
         self._reset_derived()
         problems: list[Problem] = self.check_types()
-        broken = {p.path.split(".", 1)[0].split("[", 1)[0] for p in problems}
+        broken = fields_with_problems(problems)
 
         if "mixed_precision" not in broken and not {"model", "optimizer", "ddp"} & broken:
             problems += self._apply_mixed_precision()
         if self.comm_overlap is not None and not {"comm_overlap", "ddp"} & broken:
             self._apply_comm_overlap()
         world = self._world_size(world_size)
-        self._derive("world_size", world, "validate(world_size)")
+        self.derive("world_size", world, "validate(world_size)")
         if "model" not in broken:
             problems += self._data_parallel_size(world)
         if not {"model", "dataset"} & broken:
@@ -224,7 +224,7 @@ class ConfigContainer(ConfigBase):
                     f"ddp.{name}={getattr(self.ddp, name)!r} (from {source}) is overridden by "
                     f"comm_overlap.{name}={value!r}"
                 )
-            self.ddp._derive(name, value, f"comm_overlap.{name}")
+            self.ddp.derive(name, value, f"comm_overlap.{name}")
 
     @staticmethod
     def _world_size(world_size: int | None) -> int:
@@ -251,7 +251,7 @@ class ConfigContainer(ConfigBase):
                     fix=f"run on a multiple of {model_parallel} processes or change the parallel sizes",
                 )
             ]
-        self._derive(
+        self.derive(
             "data_parallel_size", world // model_parallel, f"world {world} / (TP·PP·CP {model_parallel})"
         )
         return []
@@ -263,15 +263,15 @@ class ConfigContainer(ConfigBase):
             return []  # custom datasets carry no sequence length (Bridge issue #894)
         model_len, data_len = self.model.seq_length, ds.seq_length
         if data_len is None and ds.sequence_length is not None:  # Megatron Core's name for it
-            ds._derive("seq_length", ds.sequence_length, "dataset.sequence_length")
+            ds.derive("seq_length", ds.sequence_length, "dataset.sequence_length")
             data_len = ds.sequence_length
         if data_len is None:
-            ds._derive("seq_length", model_len, "model.seq_length")
+            ds.derive("seq_length", model_len, "model.seq_length")
             return []
         if model_len == data_len:
             return []
         if not is_user_set(self.model.source_of("seq_length")):
-            self.model._derive("seq_length", data_len, "dataset.seq_length")
+            self.model.derive("seq_length", data_len, "dataset.seq_length")
             return []
         return [
             Problem(
@@ -295,7 +295,7 @@ class ConfigContainer(ConfigBase):
                 f"train.global_batch_size {t.global_batch_size} is not divisible by micro batch × "
                 f"data-parallel size ({per_step}); decrease_batch_size_if_needed: steps use {used} samples"
             )
-            self._derive(
+            self.derive(
                 "num_microbatches",
                 used // per_step,
                 f"global {used} (rounded down) / (micro × DP {per_step})",
@@ -312,7 +312,7 @@ class ConfigContainer(ConfigBase):
                 )
             )
         else:
-            self._derive(
+            self.derive(
                 "num_microbatches",
                 t.global_batch_size // per_step,
                 f"global {t.global_batch_size} / (micro {t.micro_batch_size} × DP {dp})",

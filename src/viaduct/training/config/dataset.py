@@ -88,7 +88,7 @@ class DataloaderConfig(ConfigBase):
     def _derive_values(self) -> None:
         # A default persistent_workers=True with num_workers=0 (usual when debugging) is not an
         # error: there are no workers to keep, so the effective value is simply False.
-        self._derive(
+        self.derive(
             "effective_persistent_workers",
             self.persistent_workers and self.num_workers > 0,
             "persistent_workers, False without workers",
@@ -256,15 +256,15 @@ class GPTDatasetConfig(DataloaderConfig):
     def _derive_values(self) -> None:
         super()._derive_values()
         blend = self.blend if self.blend is not None else self._data_path_blend(Problems())
-        self._derive("effective_blend", blend, "blend, or parsed from data_path")
+        self.derive("effective_blend", blend, "blend, or parsed from data_path")
         mock = blend is None and self.blend_per_split is None
-        self._derive("mock", mock, "no data named" if mock else "data named")
+        self.derive("mock", mock, "no data named" if mock else "data named")
         if self.blend_per_split is not None:
-            self._derive("split_matrix", None, "blend_per_split names each split's data")
+            self.derive("split_matrix", None, "blend_per_split names each split's data")
         else:
             split = self.split if self.split is not None else "1,1,1"
             matrix = _split_matrix(_parse_split(Problems(), split) or [])
-            self._derive("split_matrix", matrix, f"from split {split!r}")
+            self.derive("split_matrix", matrix, f"from split {split!r}")
 
     def _data_path_blend(self, p: Problems) -> Blend | None:
         """The blend named by `data_path` (Megatron --data-path rules); problems go to `p`."""

@@ -257,7 +257,7 @@ def compute_scheduler_steps(
     p.raise_if_any()
 
     why = f"{mode}-based run"
-    s._derive("lr_decay_steps", decay_steps, f"{decay_source} in samples ({why})")
-    s._derive("lr_warmup_steps", warmup_steps, f"{warmup_source} in samples ({why})")
-    s._derive("wd_incr_steps", wd_len * gbs_factor, f"run length in samples ({why})")
-    s._derive("wsd_decay_steps", None if wsd_len is None else wsd_len * gbs_factor, f"WSD annealing ({why})")
+    s.derive("lr_decay_steps", decay_steps, f"{decay_source} in samples ({why})")
+    s.derive("lr_warmup_steps", warmup_steps, f"{warmup_source} in samples ({why})")
+    s.derive("wd_incr_steps", wd_len * gbs_factor, f"run length in samples ({why})")
+    s.derive("wsd_decay_steps", None if wsd_len is None else wsd_len * gbs_factor, f"WSD annealing ({why})")

@@ -200,11 +200,11 @@ class TrainingConfig(ConfigBase):
                 )
         p.raise_if_any()
 
-        self._derive("effective_train_iters", steps, "train_iters or train_samples // global_batch_size")
-        self._derive(
+        self.derive("effective_train_iters", steps, "train_iters or train_samples // global_batch_size")
+        self.derive(
             "effective_eval_global_batch_size", eval_gbs, "eval_global_batch_size or global_batch_size"
         )
-        self._derive("effective_eval_micro_batch_size", eval_mbs, "eval_micro_batch_size or micro_batch_size")
+        self.derive("effective_eval_micro_batch_size", eval_mbs, "eval_micro_batch_size or micro_batch_size")
 
 
 @dataclass(kw_only=True)
