@@ -98,8 +98,8 @@ def test_dir_and_name_default_to_runs_and_the_recipe_name() -> None:
     assert only_name.checkpoint.save == os.path.join("./runs", "exp", "checkpoints")
     only_dir = llama32_1b_pretrain_config(dir="/results")
     assert only_dir.logger.tensorboard_dir == os.path.join("/results", "llama32_1b", "tb_logs")
-    # The default recipe saves nothing until asked; dir/name turn saving and TensorBoard on.
-    assert tiny_gpt_pretrain_config().checkpoint.save is None
+    # The embedded default follows the same rule as every recipe: ./runs/tiny_gpt.
+    assert tiny_gpt_pretrain_config().checkpoint.save == os.path.join("./runs", "tiny_gpt", "checkpoints")
     tiny = tiny_gpt_pretrain_config(dir="/results")
     assert tiny.checkpoint.load == os.path.join("/results", "tiny_gpt", "checkpoints")
 

@@ -51,6 +51,8 @@ def test_hidden_size_change_is_refused_naming_the_field(run_config) -> None:
     paths = {p.path for p in exc.value.problems}
     assert "model.hidden_size" in paths and "optimizer.lr" not in paths
     assert "model.hidden_size" in str(exc.value)
+    # The way out when the new shape is meant: a new run elsewhere (the recipes resume their directory).
+    assert "to start a new run instead, point checkpoint.save, checkpoint.load" in str(exc.value)
 
 
 def test_tokenizer_and_vocab_changes_are_refused(run_config) -> None:

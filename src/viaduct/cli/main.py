@@ -9,6 +9,7 @@
     viaduct finetune        [--recipe NAME | --config-file F] [overrides...]
     viaduct data preprocess --input F.jsonl --json-keys text --tokenizer-type T ... --output-prefix P
     viaduct checkpoint inspect PATH [--json]
+    viaduct plot RUN_DIR [--output F]     (the loss curves as an HTML page)
 
 Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
 flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2; a
@@ -80,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_source_args(run_p)
     from viaduct.cli.checkpoint import add_checkpoint_parser
     from viaduct.cli.data import add_data_parser
+    from viaduct.cli.plot import add_plot_parser
 
     add_data_parser(sub)
     add_checkpoint_parser(sub)
+    add_plot_parser(sub)
     return parser
 
 
@@ -94,14 +97,26 @@ def _train(command: str, args: argparse.Namespace, extra: Sequence[str]) -> int:
         _print_config_help(args.recipe)
         return 0
     cfg = load_config(args.recipe, args.config_file, extra)
+    from viaduct.training.run_report import report_run, resume_step
+
+    resumed_from = resume_step(cfg)  # read before the run: a finished run resumed trains nothing
     try:
-        (pretrain if command == "pretrain" else finetune)(cfg)
+        state = (pretrain if command == "pretrain" else finetune)(cfg)
     except TrainingRunError as exc:
         # The run's own checks stopped it and the message says what to change: a traceback into
         # the training loop would only bury it.
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_RUN_ERROR
+    report_run(cfg, state, command=_command_line(command, args, extra), resumed_from=resumed_from)
     return 0
+
+
+def _command_line(command: str, args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
+    """The command that started this run, as the closing lines' suggestions build on it."""
+    source = (["--recipe", args.recipe] if args.recipe else []) + (
+        ["--config-file", args.config_file] if args.config_file else []
+    )
+    return ["viaduct", command, *source, *extra]
 
 
 def load_config(recipe: str | None, config_file: str | None, extra: Sequence[str]) -> ConfigContainer:
@@ -209,9 +224,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command in ("pretrain", "finetune"):
         return _train(args.command, args, extra)
-    if args.command in ("data", "checkpoint"):
+    if args.command in ("data", "checkpoint", "plot"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "plot":
+            from viaduct.cli.plot import run_plot
+
+            return run_plot(args)
         if args.command == "data":
             from viaduct.cli.data import run_data
 

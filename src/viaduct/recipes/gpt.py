@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from viaduct.models import GPT2ModelProvider124M, GPTModelProvider
-from viaduct.recipes.common import PretrainKwargs, apply_recipe_kwargs, pretrain_common
+from viaduct.recipes.common import (
+    DEFAULT_RUNS_DIR,
+    PretrainKwargs,
+    apply_recipe_kwargs,
+    pretrain_common,
+    set_run_dir,
+)
 from viaduct.recipes.llama import llama_model
 from viaduct.recipes.registry import recipe
 from viaduct.training.config import (
@@ -40,6 +46,8 @@ def tiny_gpt_model(seq_length: int = 256) -> GPTModelProvider:
 def tiny_gpt_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
     """The embedded default: a tiny GPT trained on CPU in minutes, with nothing to download.
 
+    Its outputs go to ./runs/tiny_gpt (`checkpoints/`, `tb_logs/`, `loss_curves.html`).
+
     Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
     """
     seq_length = 256
@@ -59,6 +67,9 @@ def tiny_gpt_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContaine
         tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="builtin:pydoc-bpe"),
         checkpoint=CheckpointConfig(),
     )
+    # Like every recipe: checkpoints and TensorBoard logs in one run directory, ./runs/tiny_gpt (a
+    # second run in the same directory resumes it; the checkpoint of this model takes a second).
+    set_run_dir(cfg, DEFAULT_RUNS_DIR, "tiny_gpt")
     return apply_recipe_kwargs(cfg, kwargs, recipe="tiny_gpt_pretrain_config", default_name="tiny_gpt")
 
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 from viaduct.config import apply_overrides
 from viaduct.recipes import get_recipe
 from viaduct.recipes.llama import llama_model
-from viaduct.training.config import ConfigContainer, LoggerConfig, MockGPTDatasetConfig, TokenizerConfig
+from viaduct.training.config import (
+    CheckpointConfig,
+    ConfigContainer,
+    LoggerConfig,
+    MockGPTDatasetConfig,
+    TokenizerConfig,
+)
 
 
 def tiny_pretrain_config(*overrides: str, seq_length: int = 32) -> ConfigContainer:
     """The embedded default shrunk: 2 layers, 64 wide, float32, 10 steps of 8 × `seq_length` tokens
-    of synthetic data with the byte-level tokenizer (no corpus to build).
+    of synthetic data with the byte-level tokenizer (no corpus to build), writing no checkpoint and
+    no TensorBoard logs until asked.
 
     `overrides` are Hydra-style strings applied last (`"train.train_iters=4"`).
     """
@@ -34,6 +41,7 @@ def tiny_pretrain_config(*overrides: str, seq_length: int = 32) -> ConfigContain
     cfg.dataset = MockGPTDatasetConfig(random_seed=1234, num_workers=0)
     cfg.tokenizer = TokenizerConfig(tokenizer_type="ByteLevelTokenizer")
     cfg.logger = LoggerConfig(log_interval=5)
+    cfg.checkpoint = CheckpointConfig()  # saves nothing: the recipe's ./runs would be shared by tests
     if overrides:
         apply_overrides(cfg, list(overrides))
     return cfg

@@ -194,7 +194,8 @@ def check_resume_config(saved_yaml_path: Path, current: ConfigContainer) -> list
         raise ConfigError(
             problems,
             header=f"cannot resume from {Path(saved_yaml_path).parent}: the configuration changed in "
-            f"{len(problems)} way(s) the checkpoint cannot follow",
+            f"{len(problems)} way(s) the checkpoint cannot follow (to start a new run instead, point "
+            "checkpoint.save, checkpoint.load and logger.tensorboard_dir at another directory)",
         )
     if accepted:
         log.info(
