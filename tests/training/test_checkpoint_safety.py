@@ -374,8 +374,8 @@ def test_enospc_from_a_real_dcp_shard_write_is_named_in_one_line(tmp_path: Path)
     # shard that is a link to /dev/full makes its real write fail inside DCP's writer. That shard is
     # mostly written by DCP's extra writer thread, whose errors DCP itself drops: the save returned
     # as if it had succeeded, with an index that lacked the tensor.
+    from viaduct.training.checkpoint.checkpointer import _SaveErrors
     from viaduct.training.checkpoint.storage import DcpStorage
-    from viaduct.training.checkpointing import _SaveErrors
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")

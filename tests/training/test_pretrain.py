@@ -197,8 +197,10 @@ def test_exit_interval_stops_early_and_skips_final_evaluation():
     rec = Recorder()
     state = pretrain(tiny_pretrain_config("train.train_iters=10", "train.exit_interval=3"), callbacks=[rec])
     assert state.train_state.step == 3
-    assert "exit_interval" in state.user_state["exit_reason"]
+    assert state.exit_reason is not None and "exit_interval" in state.exit_reason
     assert "test_end" not in rec.events
+    assert state.final_validation is None and state.final_test is None
+    assert state.user_state == {}  # the framework keeps its own state out of the user's dict
 
 
 def test_iterations_to_skip_consume_data_without_updates():
@@ -305,14 +307,17 @@ def test_exit_duration_in_mins_exits_after_the_step():
             ctx.state.start_time -= 3600  # as if the job had run for an hour
 
     state = pretrain(tiny_pretrain_config("train.exit_duration_in_mins=30"), callbacks=[OldJob()])
-    assert state.train_state.step == 1 and "exit_duration_in_mins" in state.user_state["exit_reason"]
+    assert state.train_state.step == 1
+    assert state.exit_reason is not None and "exit_duration_in_mins" in state.exit_reason
 
 
 def test_skip_train_only_evaluates():
     rec = Recorder()
     state = pretrain(tiny_pretrain_config("train.skip_train=true"), callbacks=[rec])
     assert state.train_state.step == 0 and not rec.losses
-    assert "lm loss" in state.user_state["validation"] and "lm loss" in state.user_state["test"]
+    assert state.final_validation is not None and "lm loss" in state.final_validation
+    assert state.final_test is not None and "lm loss" in state.final_test
+    assert state.exit_reason is None and state.user_state == {}
 
 
 def test_large_gradient_warning(caplog):
@@ -323,6 +328,36 @@ def test_large_gradient_warning(caplog):
         for step, norm in enumerate([1.0] * 10 + [50.0], start=1):
             _check_large_grads(step, norm, recent)
     assert "unexpectedly large gradients at iteration 11" in caplog.text
+
+
+def test_step_metrics_are_read_back_by_name():
+    from viaduct.training.train import _DeviceMetrics, _Pending, _to_records
+
+    scale = torch.tensor(1024.0)
+    first = _DeviceMetrics.stack(
+        # a loss may share its name with a step metric: each is read back where it belongs
+        {"lm loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.25)},
+        grad_norm=torch.tensor(3.0),
+        loss_scale=scale,
+        layer_grad_norms=(["embedding", "decoder.layers.0"], torch.tensor([0.5, 1.5])),
+    )
+    scale.fill_(2048.0)  # later steps change the loss scale in place: the step keeps its own value
+    third = _DeviceMetrics.stack({"lm loss": torch.tensor(float("nan"))}, params_norm=torch.tensor(7.0))
+    assert _DeviceMetrics.stack({}) is None
+    records, layers = _to_records(
+        [
+            _Pending(1, 8, 1e-3, None, 8, False, first),
+            _Pending(2, 16, 1e-3, None, 8, True),  # consumed by iterations_to_skip: nothing on the device
+            _Pending(3, 24, 1e-3, 2e-3, 8, False, third),
+        ]
+    )
+    assert records[0].losses == {"grad_norm": 0.25, "lm loss": 2.5}
+    assert (records[0].grad_norm, records[0].num_zeros, records[0].params_norm) == (3.0, None, None)
+    assert records[0].loss_scale == 1024.0 and not records[0].nan
+    assert records[1].losses == {} and records[1].skipped and records[1].grad_norm is None
+    assert math.isnan(records[2].losses["lm loss"]) and records[2].nan
+    assert records[2].params_norm == 7.0 and records[2].loss_scale is None
+    assert layers == {1: {"grad-norm/embedding": 0.5, "grad-norm/decoder.layers.0": 1.5}}
 
 
 def test_comm_overlap_choices_land_on_ddp():

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from viaduct.training.state import GlobalState
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from viaduct.training.optim import MixedPrecisionOptimizer
+    from viaduct.training.scheduler import OptimizerParamScheduler
 
 EVENTS = (
     "on_train_start",
@@ -30,9 +36,10 @@ class CallbackContext:
     """What a callback sees: the live state and the training objects."""
 
     state: GlobalState
-    model: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
+    model: nn.Module | None = None
+    """The model as trained: DDP-wrapped and/or compiled when the run does that, else the plain model."""
+    optimizer: MixedPrecisionOptimizer | None = None
+    scheduler: OptimizerParamScheduler | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """Event-specific values: the step's losses (train step end), evaluation losses, checkpoint path."""
 

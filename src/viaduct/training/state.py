@@ -1,19 +1,23 @@
 """`GlobalState`: everything a running job shares (Megatron's global variables, as one object).
 
 The config, the train state (step, consumed samples, FLOPs so far), the distributed context,
-timers, the training logger, the signal handler and the tokenizer. `forward_step` functions that
-ask for it (`forward_step(state, data_iterator, model)`) get this object, live.
+timers, the training logger, the signal handler, the tokenizer and how the run ended (why it
+stopped early, the final evaluation's losses). `forward_step` functions that ask for it
+(`forward_step(state, data_iterator, model)`) get this object, live. `user_state` belongs to the
+user: the framework keeps nothing there.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from viaduct.data.tokenizers import Tokenizer
     from viaduct.distributed.init import DistributedContext
     from viaduct.training.config import ConfigContainer
     from viaduct.training.logging import TrainingLogger
@@ -39,7 +43,7 @@ class TrainState:
     do_valid: bool = True
     do_test: bool = True
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, so torch.distributed.checkpoint and weights_only loading accept it."""
         return {
             "step": torch.tensor(self.step),
@@ -54,7 +58,7 @@ class TrainState:
             "do_test": torch.tensor(self.do_test),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.step = int(state["step"])
         self.consumed_train_samples = int(state["consumed_train_samples"])
         self.skipped_train_samples = int(state["skipped_train_samples"])
@@ -69,17 +73,28 @@ class TrainState:
 class GlobalState:
     """Shared state of a running job; `pretrain()` fills it during setup."""
 
-    cfg: ConfigContainer | None = None
+    cfg: ConfigContainer
+    """The validated configuration of the run."""
     train_state: TrainState = field(default_factory=TrainState)
     dist: DistributedContext | None = None
+    """Set once the process group exists (the first thing `pretrain()` creates)."""
     timers: Timers | None = None
     logger: TrainingLogger | None = None
     signal_handler: DistributedSignalHandler | None = None
-    tokenizer: Any = None
+    """None unless train.exit_signal_handler is on."""
+    tokenizer: Tokenizer | None = None
     start_time: float = field(default_factory=time.time)
     """Wall-clock start of the job (for exit_duration_in_mins)."""
+    exit_reason: str | None = None
+    """Why the loop stopped before the last iteration (the exit signal, exit_interval,
+    exit_duration_in_mins); None when it ran to the end or did not train."""
+    final_validation: dict[str, float] | None = None
+    """Losses of the validation pass after training; None when none ran (an early exit, no validation
+    data, or the last step's own evaluation already covered it)."""
+    final_test: dict[str, float] | None = None
+    """Losses of the test pass after training; None when none ran."""
     user_state: dict[str, Any] = field(default_factory=dict)
-    """Free space for callbacks and forward-step functions."""
+    """Free space for callbacks and forward-step functions: the framework never reads or writes it."""
 
     @property
     def device(self) -> torch.device:

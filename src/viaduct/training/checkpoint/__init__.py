@@ -1,14 +1,21 @@
-"""Checkpoint internals behind `viaduct.training.checkpointing.Checkpointer`.
+"""Training checkpoints: `Checkpointer` and the parts it is made of.
 
+* `checkpointer`: `Checkpointer(cfg, ctx)`, which saves and loads as `cfg.checkpoint` says (users
+  import it from `viaduct.training.checkpointing`).
 * `layout`: directory names, the tracker file, crash-safe file writes, listing checkpoints, retention.
 * `storage`: where the tensors go: torch.distributed.checkpoint ("torch_dist") or one torch.save file
   ("torch"); both read back in place, with `weights_only` loading only.
+* `dcp_index`: reads torch.distributed.checkpoint's index through an allowlist unpickler, so opening
+  a checkpoint never runs code.
 * `flat`: the flat {"model.<name>": t, "optimizer.<kind>.<name>": t} view of model and optimizer.
+* `staging`: the host-memory arena tensors are copied into before they are written.
+* `async_writer`: the background thread of `checkpoint.async_save` and the snapshot of non-tensor state.
 * `resolve`: which checkpoint the config asks to load; `restore`: key/shape checks and the optimizer.
-* `errors`: `CheckpointError`, a `ConfigError` naming the field that asked for the checkpoint.
-
-Users import `Checkpointer` from `viaduct.training.checkpointing`; these modules are the parts a later
-version extends (background writes, resharding, an inspect command).
+* `config_check`: compares a checkpoint's saved configuration with the one resuming from it.
+* `lock`: one run at a time per save directory.
+* `inspect`: describes a checkpoint without building a model (`viaduct checkpoint inspect`).
+* `errors`: `CheckpointError`, a `ConfigError` naming the field that asked for the checkpoint, and
+  `CheckpointSaveError`.
 """
 
 from __future__ import annotations

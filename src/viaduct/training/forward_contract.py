@@ -17,9 +17,12 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from viaduct.training.state import GlobalState
 
 LossFunc = Callable[[Any], tuple[Any, ...]]
 
@@ -45,7 +48,7 @@ def _wants_state(fn: Callable[..., Any]) -> bool:
     return bool(params) and params[0].name in ("state", "global_state")
 
 
-def prepare_forward_step(fn: Callable[..., Any], state: Any) -> Callable[[Iterator[Any], Any], Any]:
+def prepare_forward_step(fn: Callable[..., Any], state: GlobalState) -> ForwardStepFunc:
     """`fn` with `state` bound when it asks for it (the state object stays live)."""
     if not callable(fn):
         raise TypeError(f"forward_step_func must be callable, got {type(fn).__name__}")
