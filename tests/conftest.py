@@ -1,5 +1,9 @@
-"""Test-wide settings: built-in corpora are cached in one temporary directory per test session, and
-tests marked `gpu` are skipped where CUDA is not available."""
+"""Test-wide settings: built-in corpora are cached in one temporary directory per test session, tests
+marked `distributed` (several processes) also count as `slow`, and tests marked `gpu` are skipped where
+CUDA is not available.
+
+Tiers: `pytest -q` runs everything; `pytest -q -m "not slow"` is the fast tier for the inner loop.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,13 @@ import os
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    for item in items:
+        if "distributed" in item.keywords and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -11,9 +11,10 @@ from torch import nn
 
 from viaduct.training.config import OptimizerConfig
 from viaduct.training.loss_scaler import DynamicLossScaler
+from viaduct.training.main_grads import AccumulatedMainGrads, ParamGrads
 from viaduct.training.microbatches import MicroBatchCalculator
 from viaduct.training.optim import MixedPrecisionOptimizer, build_optimizer
-from viaduct.training.step import forward_backward
+from viaduct.training.train_step import forward_backward
 
 
 class Tiny(nn.Module):
@@ -105,18 +106,55 @@ def test_main_grads_accumulate_micro_batches_in_fp32():
     opt = build_optimizer(_cfg(), model, fp32_main_grads=True)
     batches = _batches(2)
     expected = {}
-    opt.set_hooks_active(False)
+    opt.main_grads.accumulate_in_backward(False)
     for b in batches:  # reference: each micro-batch's bf16 grads, summed in fp32
         model.zero_grad()
         (model(b["x"], b["y"]).float().mean() / 2).backward()
         for n, p in model.named_parameters():
             expected[n] = expected.get(n, 0) + p.grad.float()
-    opt.set_hooks_active(True)
+    opt.main_grads.accumulate_in_backward(True)
     opt.zero_grad()
     forward_backward(_step_fn, iter(batches), model, opt, 2)
     for s in opt.slots:
         assert s.param.grad is None  # 16-bit gradients are freed as soon as they are taken
         torch.testing.assert_close(s.master.grad, expected[s.name], rtol=0, atol=1e-6)
+
+
+def test_main_grads_implementation_follows_the_precision():
+    def kind(dtype: torch.dtype, fp32_main_grads: bool) -> type:
+        return type(build_optimizer(_cfg(), Tiny(dtype), fp32_main_grads=fp32_main_grads).main_grads)
+
+    assert kind(torch.bfloat16, True) is AccumulatedMainGrads
+    assert kind(torch.bfloat16, False) is ParamGrads
+    assert kind(torch.float32, True) is ParamGrads  # no 16-bit parameter: nothing to hold in float32
+
+
+def test_float32_parameters_step_on_their_own_grad():
+    """Without float32 copies the main gradient is `.grad` itself (what sharded data parallel gives)."""
+    model = Tiny()
+    opt = build_optimizer(_cfg(), model)
+    opt.zero_grad()
+    forward_backward(_step_fn, iter(_batches(1)), model, opt, 1)
+    grads = opt.main_grads.grads()
+    assert len(grads) == len(list(model.parameters()))
+    assert all(g is p.grad for g, p in zip(grads, model.parameters()))
+
+
+def test_a_micro_batch_left_to_the_reduction_stays_in_grad():
+    """With accumulation off (the micro-batch DDP reduces) the 16-bit gradients stay in `.grad`, and
+    a main gradient nothing was written into this step is zero, not the last step's."""
+    model = Tiny(torch.bfloat16)
+    opt = build_optimizer(_cfg(), model, fp32_main_grads=True)
+    opt.zero_grad()
+    forward_backward(_step_fn, iter(_batches(1)), model, opt, 1)
+    assert any(bool(g.abs().sum() > 0) for g in opt.main_grads.grads())  # last step's main gradients
+    opt.zero_grad()
+    opt.main_grads.accumulate_in_backward(False)
+    batch = _batches(1)[0]
+    model(batch["x"], batch["y"]).float().mean().backward()
+    opt.main_grads.accumulate_in_backward(True)
+    assert all(s.param.grad is not None and s.param.grad.dtype == torch.bfloat16 for s in opt.slots)
+    assert all(bool((g == 0).all()) for g in opt.main_grads.grads())
 
 
 def test_without_fp32_main_grads_gradients_are_widened_at_the_step():

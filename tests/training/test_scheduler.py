@@ -231,33 +231,6 @@ def test_negative_increment_is_refused():
         make().step(-8)
 
 
-# ---------------------------------------------------------------------------------------- constructor checks
-
-
-def test_constructor_reports_every_problem_with_config_paths():
-    with pytest.raises(ConfigError) as info:
-        make(max_lr=0.05, min_lr=0.1, init_lr=0.0, lr_warmup_steps=1100)
-    paths = [p.path for p in info.value.problems]
-    assert paths == ["optimizer.min_lr", "scheduler.lr_warmup_steps"]  # floor above peak; warmup too long
-
-
-def test_constructor_rejects_an_empty_decay_for_decaying_styles():
-    with pytest.raises(ConfigError) as info:
-        make(lr_decay_style="cosine", lr_warmup_steps=0, lr_decay_steps=0)
-    assert [p.path for p in info.value.problems] == ["scheduler.lr_decay_steps"]
-
-
-def test_constructor_rejects_wsd_without_annealing_length_and_unknown_styles():
-    with pytest.raises(ConfigError) as info:
-        make(lr_decay_style="WSD", wsd_decay_steps=None, lr_wsd_decay_style="steep", wd_incr_style="exp")
-    paths = {p.path for p in info.value.problems}
-    assert paths == {
-        "scheduler.weight_decay_incr_style",
-        "scheduler.wsd_decay_steps",
-        "scheduler.lr_wsd_decay_style",
-    }
-
-
 # ---------------------------------------------------------------------------------------- checkpointing
 
 
@@ -337,6 +310,73 @@ def test_load_a_megatron_state_dict_without_the_extra_keys():
     assert s.optimizer.param_groups[0]["lr"] == approx(0.55)  # ratio 0.5: 0.1 + 0.5 * 0.9
 
 
+def test_load_use_checkpoint_refuses_a_schedule_no_config_gives():
+    """The checkpoint's schedule comes from a file no validation has seen: every bad value is named,
+    with the config field it stands for, and nothing is taken."""
+    old = make()
+    old.step(400)
+    state = old.state_dict() | {
+        "min_lr": 2.0,  # above max_lr 1.0
+        "lr_decay_style": "steep",
+        "lr_warmup_steps": "100",  # not a number
+        "end_wd": float("nan"),
+    }
+    new = make(use_checkpoint_opt_param_scheduler=True)
+    with pytest.raises(ConfigError) as info:
+        new.load_state_dict(state)
+    problems = {p.path: p for p in info.value.problems}
+    assert set(problems) == {
+        "scheduler.lr_warmup_steps",
+        "scheduler.lr_decay_style",
+        "scheduler.end_weight_decay",
+    }  # type and style problems first; the ranges are compared once the types are sound
+    assert "use_checkpoint_opt_param_scheduler=false" in problems["scheduler.lr_decay_style"].fix
+    assert (new.min_lr, new.lr_decay_style, new.num_steps) == (0.1, "linear", 0)  # nothing taken
+
+    state = old.state_dict() | {"min_lr": 2.0, "lr_warmup_steps": 1100, "init_lr": -0.5}
+    with pytest.raises(ConfigError) as info:
+        new.load_state_dict(state)
+    assert {p.path for p in info.value.problems} == {
+        "optimizer.min_lr",  # above the checkpoint's peak
+        "scheduler.lr_warmup_init",  # below 0
+        "scheduler.lr_decay_steps",  # the warmup (1100 samples) does not end before the decay (1100)
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "path"),
+    [
+        (
+            {"lr_decay_style": "WSD", "wsd_decay_steps": None, "lr_wsd_decay_style": "cosine"},
+            "scheduler.wsd_decay_steps",
+        ),
+        (
+            {"lr_decay_style": "WSD", "wsd_decay_steps": 200, "lr_wsd_decay_style": "steep"},
+            "scheduler.lr_wsd_decay_style",
+        ),
+        ({"start_wd": 0.0, "end_wd": 0.1}, "scheduler.weight_decay_incr_style"),  # 'constant' ramp
+        ({"wd_incr_style": "linear", "wd_incr_steps": 0}, "scheduler.wd_incr_steps"),
+        ({"start_wd": 0.2, "end_wd": 0.1, "wd_incr_style": "linear"}, "scheduler.start_weight_decay"),
+        ({"max_lr": True}, "optimizer.lr"),  # a bool is not a learning rate
+    ],
+)
+def test_load_use_checkpoint_checks_each_schedule_rule(changes, path):
+    old = make()
+    new = make(use_checkpoint_opt_param_scheduler=True)
+    with pytest.raises(ConfigError) as info:
+        new.load_state_dict(old.state_dict() | changes)
+    assert [p.path for p in info.value.problems] == [path]
+
+
+@pytest.mark.parametrize(
+    "state", [{"max_lr": 1.0}, {"num_steps": "400"}, {"num_steps": -8}, [("num_steps", 400)]]
+)
+def test_load_a_damaged_scheduler_state_is_a_config_error(state):
+    with pytest.raises(ConfigError, match="sample count") as info:
+        make().load_state_dict(state)
+    assert info.value.problems[0].path == "checkpoint.load"
+
+
 # ---------------------------------------------------------------------------------------- build_scheduler
 
 
@@ -414,3 +454,93 @@ def test_build_scheduler_needs_a_validated_config():
     cfg = get_recipe("default")()
     with pytest.raises(ConfigError, match="validate"):
         build_scheduler(cfg, _adamw())
+
+
+# ------------------------------------------------------------------------------------- where the rules live
+
+
+def _validate(**fields: Any) -> list[str]:
+    """Problem paths of `validate()` for the `_config()` baseline with dotted `fields` changed."""
+    cfg = get_recipe("default")()
+    cfg.train.train_iters = 100
+    cfg.train.global_batch_size = cfg.train.micro_batch_size = 8
+    cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.weight_decay = 1e-3, 1e-4, 0.05
+    cfg.scheduler.lr_decay_style = "linear"
+    cfg.scheduler.lr_warmup_fraction, cfg.scheduler.lr_warmup_iters = None, 10
+    cfg.scheduler.start_weight_decay = cfg.scheduler.end_weight_decay = None
+    cfg.scheduler.weight_decay_incr_style = "constant"
+    for dotted, value in fields.items():
+        component, name = dotted.split("__")
+        setattr(getattr(cfg, component), name, value)
+    try:
+        cfg.validate(world_size=1)
+    except ConfigError as exc:
+        return [p.path for p in exc.problems]
+    return []
+
+
+LINEAR_WD = {"scheduler__weight_decay_incr_style": "linear"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"scheduler__lr_decay_style": "steep"}, "scheduler.lr_decay_style"),
+        ({"scheduler__weight_decay_incr_style": "exp"}, "scheduler.weight_decay_incr_style"),
+        ({"optimizer__min_lr": -1e-4}, "optimizer.min_lr"),  # floor below 0
+        ({"optimizer__min_lr": 2e-3}, "optimizer.min_lr"),  # floor above the peak (1e-3)
+        ({"scheduler__lr_warmup_init": -1.0}, "scheduler.lr_warmup_init"),
+        ({"scheduler__lr_warmup_init": 1.0}, "scheduler.lr_warmup_init"),  # above the peak
+        ({"scheduler__lr_warmup_iters": -1}, "scheduler.lr_warmup_iters"),
+        ({"scheduler__lr_decay_iters": 0}, "scheduler.lr_decay_iters"),  # an empty decay
+        ({"scheduler__lr_warmup_iters": 100}, "scheduler.lr_warmup_iters"),  # warmup not before the decay
+        (
+            {"scheduler__lr_decay_style": "WSD", "scheduler__lr_wsd_decay_iters": 0},
+            "scheduler.lr_wsd_decay_iters",
+        ),
+        (
+            {"scheduler__lr_decay_style": "WSD", "scheduler__lr_wsd_decay_style": "steep"},
+            "scheduler.lr_wsd_decay_style",
+        ),
+        (
+            {"scheduler__start_weight_decay": -0.1, "scheduler__end_weight_decay": 0.1, **LINEAR_WD},
+            "scheduler.start_weight_decay",
+        ),
+        (
+            {"scheduler__start_weight_decay": 0.1, "scheduler__end_weight_decay": 0.0, **LINEAR_WD},
+            "scheduler.end_weight_decay",
+        ),
+        (
+            {"scheduler__start_weight_decay": 0.0, "scheduler__end_weight_decay": 0.1},
+            "scheduler.weight_decay_incr_style",  # 'constant' with start != end
+        ),
+        (
+            {
+                "train__train_iters": 0,
+                "scheduler__start_weight_decay": 0.0,
+                "scheduler__end_weight_decay": 0.1,
+                **LINEAR_WD,
+            },
+            "train.train_iters",  # a weight-decay ramp over no samples
+        ),
+        (
+            {
+                "scheduler__override_opt_param_scheduler": True,
+                "scheduler__use_checkpoint_opt_param_scheduler": True,
+            },
+            "scheduler.use_checkpoint_opt_param_scheduler",
+        ),
+    ],
+)
+def test_config_validation_refuses_every_schedule_the_scheduler_cannot_run(fields, path):
+    """The scheduler trusts its values: each rule on them lives in the config validation, once."""
+    assert _validate() == []  # the baseline is valid
+    assert path in _validate(**fields)
+
+
+def test_config_validation_reports_every_schedule_problem_at_once():
+    paths = _validate(optimizer__min_lr=2e-3, scheduler__lr_warmup_iters=100)
+    assert set(paths) >= {
+        "optimizer.min_lr",
+        "scheduler.lr_warmup_iters",
+    }  # floor above peak; warmup too long

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from viaduct.config import ConfigBase, ConfigError, DType, Problem, Problems, unsupported
+from viaduct.config.base import FieldInfo
 from viaduct.config.errors import did_you_mean, fields_with_problems
 from viaduct.config.provenance import is_user_set
 
@@ -333,10 +334,10 @@ def _inert(mp: MixedPrecisionConfig, name: str) -> bool:
     return name.startswith("fp4_") and mp.fp4 is None
 
 
-def _restates_default(info: Any, value: Any, source: str | None) -> bool:
+def _restates_default(info: FieldInfo, value: object, source: str | None) -> bool:
     """A YAML value equal to the field's default: a full dump (`viaduct config show`) repeats every
     default, and warning that the recipe overrides those would bury the warnings that matter."""
-    return bool(source) and source.startswith("file ") and value == info.default_value()
+    return source is not None and source.startswith("file ") and value == info.default_value()
 
 
 def apply_mixed_precision(

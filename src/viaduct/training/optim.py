@@ -8,12 +8,11 @@
 * **Master weights.** 16-bit parameters (bf16 / fp16) get float32 copies; the torch optimizer
   (fused AdamW / Adam / SGD on CUDA) updates those, and the result is copied back. float32
   parameters are updated in place, with no copy.
-* **Main gradients.** With 16-bit parameters and `fp32_main_grads` (ddp.grad_reduce_in_fp32), each
-  16-bit gradient is added into its float32 main gradient as soon as autograd produces it (a
-  post-accumulate hook) and freed at once, so micro-batches accumulate in float32. Under DDP the
-  last micro-batch's gradients go through DDP instead, whose communication hook adds them to the
-  main gradients and all-reduces in float32 (see `viaduct.distributed.ddp`). Without
-  `fp32_main_grads`, gradients accumulate in the parameter dtype and are widened at the step.
+* **Main gradients.** The float32 gradients the step uses come from `self.main_grads`, a
+  `viaduct.training.main_grads.MainGrads`: with 16-bit parameters and `fp32_main_grads`
+  (ddp.grad_reduce_in_fp32) micro-batches accumulate in float32 main gradients, which DDP's
+  communication hook all-reduces in float32; without it, gradients accumulate in the parameter
+  dtype and are widened at the step. The optimizer only reads them.
 * **fp16 loss scaling**, gradient clipping, `grad_norm_skip_threshold`, and zero counting.
 
 Nothing in `step()` waits for the device, except where a decision must be taken on the host:
@@ -32,6 +31,7 @@ from torch import nn
 
 from viaduct.training.config.optimizer import OptimizerConfig
 from viaduct.training.loss_scaler import ConstantLossScaler, DynamicLossScaler
+from viaduct.training.main_grads import MainGrads, make_main_grads
 
 # Megatron's names for the parameters that decoupled_lr applies to.
 _EMBEDDING_OR_OUTPUT = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -46,16 +46,19 @@ def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
 
 
 @dataclass
-class _Slot:
+class ParamSlot:
     """One trainable parameter and what the optimizer keeps for it."""
 
     name: str
-    param: nn.Parameter  # the model's parameter (any dtype)
-    master: torch.Tensor  # float32 copy that the torch optimizer updates (the parameter itself if fp32)
-    fresh: bool = True  # main gradient not yet written this step (the first write copies, later ones add)
+    """The parameter's name in the (unwrapped) model; checkpoints key by it."""
+    param: nn.Parameter
+    """The model's parameter (any dtype)."""
+    master: torch.Tensor
+    """Float32 copy that the torch optimizer updates (the parameter itself if float32)."""
 
     @property
     def has_copy(self) -> bool:
+        """Whether the master is a float32 copy (the parameter is 16-bit)."""
         return self.master is not self.param
 
 
@@ -71,29 +74,21 @@ class MixedPrecisionOptimizer:
         device: torch.device | None = None,
     ) -> None:
         self.cfg = cfg
-        self.slots: list[_Slot] = []
+        self.slots: list[ParamSlot] = []
         for name, p in named_params:
             if not p.requires_grad:
                 continue
-            if p.dtype == torch.float32:
-                master = p
-            else:
+            master: torch.Tensor = p
+            if p.dtype != torch.float32:
                 master = p.detach().float().requires_grad_(True)
-            self.slots.append(_Slot(name, p, master))
+            self.slots.append(ParamSlot(name, p, master))
         if not self.slots:
             raise ValueError("the model has no trainable parameters")
         device = device or self.slots[0].param.device
-        self.by_param = {id(s.param): s for s in self.slots}
         self._name_of_master = {id(s.master): s.name for s in self.slots}  # checkpoints key by name
         self.copies = [s for s in self.slots if s.has_copy]
-        # Main gradients by hook only make sense where there is a float32 copy to hold them.
-        self.fp32_main_grads = bool(fp32_main_grads and self.copies)
-        self._hooks_active = True
-        self._hook_handles: list[Any] = []
-        if self.fp32_main_grads:
-            for s in self.copies:
-                s.master.grad = torch.zeros_like(s.master)
-                self._hook_handles.append(s.param.register_post_accumulate_grad_hook(self._hook(s)))
+        self.main_grads: MainGrads = make_main_grads(self.slots, fp32_main_grads=fp32_main_grads)
+        """Where the float32 gradients of each step come from (the data-parallel wrapper feeds it)."""
 
         self.optimizer = self._make_torch_optimizer(device)
         self.scaler: ConstantLossScaler | None = None
@@ -108,7 +103,7 @@ class MixedPrecisionOptimizer:
                     cfg.hysteresis,
                     device,
                 )
-        self._grad_scale: torch.Tensor | None = None  # extra factor applied to grads at the step
+        self._grad_scale: torch.Tensor | float | None = None  # extra factor applied to grads at the step
 
     # ------------------------------------------------------------------ construction
 
@@ -146,23 +141,6 @@ class MixedPrecisionOptimizer:
             **fast,
         )
 
-    def _hook(self, slot: _Slot) -> Any:
-        def hook(p: torch.Tensor) -> None:
-            if not self._hooks_active or p.grad is None:
-                return
-            self.add_to_main_grad(slot, p.grad)
-            p.grad = None
-
-        return hook
-
-    def add_to_main_grad(self, slot: _Slot, grad: torch.Tensor) -> None:
-        """Accumulate `grad` (any dtype) into the slot's float32 main gradient."""
-        if slot.fresh:
-            slot.master.grad.copy_(grad)
-            slot.fresh = False
-        else:
-            slot.master.grad.add_(grad)
-
     # ------------------------------------------------------------------ the loop's interface
 
     @property
@@ -170,16 +148,9 @@ class MixedPrecisionOptimizer:
         """The torch optimizer's groups (the scheduler writes lr and weight_decay here)."""
         return self.optimizer.param_groups
 
-    def set_hooks_active(self, active: bool) -> None:
-        """Whether the post-accumulate hooks take gradients (False: leave them to DDP's reduction)."""
-        self._hooks_active = active
-
     def zero_grad(self) -> None:
-        for s in self.slots:
-            s.param.grad = None
-            s.fresh = True
-            if not self.fp32_main_grads and s.has_copy:
-                s.master.grad = None
+        """Start a step: the gradients of the last one are dropped."""
+        self.main_grads.begin_step()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call backward on: multiplied by the fp16 loss scale, if any."""
@@ -189,21 +160,6 @@ class MixedPrecisionOptimizer:
         """Multiply the gradients by `factor` at the next step (per-token loss normalization)."""
         self._grad_scale = factor if self._grad_scale is None else self._grad_scale * factor
 
-    def _main_grads(self) -> list[torch.Tensor]:
-        """Float32 gradients of the masters, collected from wherever this step left them."""
-        grads = []
-        for s in self.slots:
-            if s.has_copy and not self.fp32_main_grads:
-                if s.param.grad is not None:
-                    s.master.grad = s.param.grad.float()
-                    s.param.grad = None
-            elif s.has_copy and s.fresh:
-                s.master.grad.zero_()  # a parameter that got no gradient this step
-                s.fresh = False
-            if s.master.grad is not None:
-                grads.append(s.master.grad)
-        return grads
-
     @torch.no_grad()
     def step(self) -> tuple[bool, torch.Tensor, torch.Tensor | None]:
         """Unscale, check, clip and apply the gradients; returns (updated, grad norm, zero count).
@@ -211,7 +167,7 @@ class MixedPrecisionOptimizer:
         The grad norm (before clipping) and the zero count are device tensors. `updated` is False
         when fp16 gradients overflowed or the norm exceeded `grad_norm_skip_threshold`.
         """
-        grads = self._main_grads()
+        grads = self.main_grads.grads()
         factor = self._grad_scale
         self._grad_scale = None
         found_inf = None
@@ -231,12 +187,13 @@ class MixedPrecisionOptimizer:
             torch._foreach_mul_(grads, coef)
         num_zeros = None
         if self.cfg.log_num_zeros_in_grad:
-            num_zeros = sum((g == 0).sum() for g in grads)
+            counts = [(g == 0).sum() for g in grads]
+            num_zeros = torch.stack(counts).sum() if counts else grad_norm.new_zeros((), dtype=torch.int64)
 
         updated = True
-        if found_inf is not None:
+        if self.scaler is not None and found_inf is not None:
             overflow = bool(found_inf.item())  # host decision: skip and shrink the scale
-            self.scaler.update(overflow)  # type: ignore[union-attr]
+            self.scaler.update(overflow)
             updated = not overflow
         if updated and math.isfinite(self.cfg.grad_norm_skip_threshold):
             updated = bool(grad_norm <= self.cfg.grad_norm_skip_threshold)

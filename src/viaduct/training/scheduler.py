@@ -13,9 +13,14 @@ Each `step()` writes into every optimizer parameter group:
 * ``group["weight_decay"] = get_wd() * group.get("wd_mult", 1.0)``: the scheduled weight decay
   replaces the optimizer's, so groups that must not decay (biases, norms) carry ``wd_mult = 0``.
 
-Resume rules follow Megatron: `override_opt_param_scheduler` keeps this run's schedule,
-`use_checkpoint_opt_param_scheduler` takes the checkpoint's, and otherwise the two must agree (a
-mismatch raises `ConfigError`). The sample count always comes from the checkpoint.
+The schedule's values are not checked here: `build_scheduler()` passes those of a config that
+`ConfigContainer.validate()` accepted, which is where every rule on them lives. The exception is a
+schedule taken from a checkpoint file (below), which no validation has seen.
+
+Resume rules: `override_opt_param_scheduler` keeps this run's schedule quietly,
+`use_checkpoint_opt_param_scheduler` takes the checkpoint's (checked first: a file is untrusted),
+and otherwise this run's wins and every difference is logged. The sample count always comes from
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -60,7 +65,10 @@ log = logging.getLogger("viaduct")
 class HasParamGroups(Protocol):
     """Anything with torch-style `param_groups` (a `torch.optim.Optimizer` or a wrapper of one)."""
 
-    param_groups: list[dict[str, Any]]
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups; the scheduler writes lr and weight_decay into them."""
+        ...
 
 
 class OptimizerParamScheduler:
@@ -103,115 +111,7 @@ class OptimizerParamScheduler:
         self.override_opt_param_scheduler = bool(override_opt_param_scheduler)
         self.num_steps = 0
         """Samples consumed so far (the schedule's clock)."""
-        self._check()
         self.step(0)
-
-    # ------------------------------------------------------------------ checks
-
-    def _check(self) -> None:
-        """Guard direct construction; `ConfigContainer.validate()` normally catches all of these."""
-        p = Problems()
-        for attr, styles in (("lr_decay_style", LR_DECAY_STYLES), ("wd_incr_style", WD_INCR_STYLES)):
-            if getattr(self, attr) not in styles:
-                p.add(
-                    _FIELD_OF[attr],
-                    "unknown style",
-                    getattr(self, attr),
-                    fix=f"use one of {', '.join(styles)}",
-                )
-        if self.min_lr < 0:
-            p.add("optimizer.min_lr", "must be >= 0", self.min_lr, fix="set optimizer.min_lr to 0 or more")
-        if self.max_lr < self.min_lr:
-            p.add(
-                "optimizer.min_lr",
-                f"({self.min_lr}) is above optimizer.lr ({self.max_lr})",
-                self.min_lr,
-                fix="set optimizer.min_lr <= optimizer.lr",
-            )
-        if not 0 <= self.init_lr <= self.max_lr:
-            p.add(
-                "scheduler.lr_warmup_init",
-                f"must lie in [0, optimizer.lr] = [0, {self.max_lr}]",
-                self.init_lr,
-                fix="set scheduler.lr_warmup_init between 0 and optimizer.lr",
-            )
-        if self.lr_warmup_steps < 0:
-            p.add(
-                "scheduler.lr_warmup_steps",
-                "must be >= 0 samples",
-                self.lr_warmup_steps,
-                fix="set scheduler.lr_warmup_iters / lr_warmup_samples to 0 or more",
-            )
-        # A constant schedule never reaches the decay, so its length does not matter.
-        if self.lr_decay_style != "constant":
-            if self.lr_decay_steps <= 0:
-                p.add(
-                    "scheduler.lr_decay_steps",
-                    f"the '{self.lr_decay_style}' decay needs a length > 0 samples",
-                    self.lr_decay_steps,
-                    fix="set scheduler.lr_decay_iters / lr_decay_samples (or the run length) "
-                    "to a positive value",
-                )
-            elif self.lr_warmup_steps >= self.lr_decay_steps:
-                p.add(
-                    "scheduler.lr_warmup_steps",
-                    f"warmup ({self.lr_warmup_steps} samples) does not end before the decay "
-                    f"(scheduler.lr_decay_steps = {self.lr_decay_steps} samples)",
-                    self.lr_warmup_steps,
-                    fix="shorten the warmup or lengthen the decay",
-                )
-        if self.lr_decay_style == "WSD":
-            if self.wsd_decay_steps is None or self.wsd_decay_steps <= 0:
-                p.add(
-                    "scheduler.wsd_decay_steps",
-                    "the WSD schedule needs an annealing length > 0 samples",
-                    self.wsd_decay_steps,
-                    fix="set scheduler.lr_wsd_decay_iters / lr_wsd_decay_samples to a positive value",
-                )
-            if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
-                p.add(
-                    "scheduler.lr_wsd_decay_style",
-                    "unknown WSD annealing style",
-                    self.lr_wsd_decay_style,
-                    fix=f"use one of {', '.join(WSD_DECAY_STYLES)}",
-                )
-        if self.start_wd < 0:
-            p.add(
-                "scheduler.start_weight_decay",
-                "must be >= 0",
-                self.start_wd,
-                fix="set scheduler.start_weight_decay to 0 or more",
-            )
-        if self.end_wd < self.start_wd:
-            p.add(
-                "scheduler.end_weight_decay",
-                f"({self.end_wd}) must be >= start_weight_decay ({self.start_wd})",
-                self.end_wd,
-                fix="set scheduler.end_weight_decay >= scheduler.start_weight_decay",
-            )
-        if self.wd_incr_style == "constant" and self.end_wd != self.start_wd:
-            p.add(
-                "scheduler.weight_decay_incr_style",
-                f"'constant' needs start_weight_decay == end_weight_decay "
-                f"(got {self.start_wd} and {self.end_wd})",
-                self.wd_incr_style,
-                fix="set scheduler.weight_decay_incr_style to 'linear' or 'cosine', or make both equal",
-            )
-        elif self.wd_incr_style != "constant" and self.wd_incr_steps <= 0:
-            p.add(
-                "scheduler.wd_incr_steps",
-                f"the '{self.wd_incr_style}' weight-decay schedule needs a length > 0 samples",
-                self.wd_incr_steps,
-                fix="give the run a positive length (train.train_iters / train.train_samples)",
-            )
-        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
-            p.add(
-                "scheduler.use_checkpoint_opt_param_scheduler",
-                "override_opt_param_scheduler and use_checkpoint_opt_param_scheduler exclude each other",
-                True,
-                fix="set one of them to false",
-            )
-        p.raise_if_any()
 
     # ------------------------------------------------------------------ schedule
 
@@ -244,7 +144,7 @@ class OptimizerParamScheduler:
             return max(min_lr, lr)
 
         if self.lr_decay_style == "WSD":
-            assert self.wsd_decay_steps is not None  # checked in _check()
+            assert self.wsd_decay_steps is not None  # validation derives it for every WSD schedule
             anneal_start = self.lr_decay_steps - self.wsd_decay_steps
             if n <= anneal_start:
                 coeff = 1.0
@@ -286,6 +186,7 @@ class OptimizerParamScheduler:
         that differs from the checkpoint's is logged. Keys missing from `state` (older or Megatron
         checkpoints) keep this run's value.
         """
+        _check_checkpoint_state(state)
         taken: dict[str, Any] = {}
         changed: list[str] = []
         for key, field in _FIELD_OF.items():
@@ -305,16 +206,16 @@ class OptimizerParamScheduler:
                 int(state["num_steps"]),
                 "\n  ".join(changed),
             )
+        if taken:
+            _check_checkpoint_schedule({key: getattr(self, key) for key in _FIELD_OF} | taken)
         for key, value in taken.items():
             setattr(self, key, value)
-        if taken:
-            self._check()
         self.num_steps = int(state["num_steps"])
         self.step(0)
 
     def _inert(self, key: str, state: dict[str, Any]) -> bool:
-        """True when `key` can no longer shape the rest of this run, so a difference must not block
-        the resume: the WSD fields outside WSD, and the warmup start once warmup is over."""
+        """True when `key` can no longer shape the rest of this run, so a difference is not worth
+        reporting: the WSD fields outside WSD, and the warmup start once warmup is over."""
         if key in _WSD_ONLY:
             return self.lr_decay_style != "WSD"
         if key == "init_lr":
@@ -331,7 +232,7 @@ def _wsd_coeff(style: str | None, r: float) -> float:
         return 0.5 * (math.cos(math.pi * r) + 1.0)
     if style == "exponential":
         return 2.0 * 0.5**r - 1.0
-    return 1.0 - math.sqrt(r)  # minus_sqrt (the style is checked in _check())
+    return 1.0 - math.sqrt(r)  # minus_sqrt (the only style left: validation allows no other)
 
 
 def _assign(group: dict[str, Any], key: str, value: float) -> None:
@@ -344,10 +245,83 @@ def _assign(group: dict[str, Any], key: str, value: float) -> None:
         group[key] = value
 
 
+def _is_number(value: object, *, low: float = -math.inf) -> bool:
+    """A finite real number >= `low` (True and False are not numbers here)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= low
+    )
+
+
+_CHECKPOINT_FIX = (
+    "load a checkpoint with a valid schedule, or set scheduler.use_checkpoint_opt_param_scheduler=false "
+    "to use this run's"
+)
+
+
+def _check_checkpoint_state(state: dict[str, Any]) -> None:
+    """A scheduler state read from a checkpoint is a dict with a sample count; anything else is a
+    damaged or foreign file, refused with a `ConfigError` rather than a raw traceback."""
+    num_steps = state.get("num_steps") if isinstance(state, dict) else None
+    if not _is_number(num_steps, low=0):
+        raise ConfigError(
+            Problem(
+                "checkpoint.load",
+                "the checkpoint's scheduler state has no valid sample count (num_steps)",
+                num_steps,
+                fix="load an intact checkpoint, or another step (checkpoint.ckpt_step)",
+            )
+        )
+
+
+def _check_checkpoint_schedule(v: dict[str, Any]) -> None:
+    """Refuse a schedule taken from a checkpoint (`use_checkpoint_opt_param_scheduler`) that no valid
+    config gives: it comes from a file, and no config validation has seen it."""
+    p = Problems()
+
+    def refuse(key: str, rule: str) -> None:
+        p.add(_FIELD_OF[key], f"the checkpoint's {key} {rule}", v[key], fix=_CHECKPOINT_FIX)
+
+    for key in ("max_lr", "min_lr", "init_lr", "start_wd", "end_wd"):
+        if not _is_number(v[key]):
+            refuse(key, "must be a finite number")
+    for key in ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps"):
+        if not _is_number(v[key], low=0):
+            refuse(key, "must be a number of samples >= 0")
+    for key, styles in (("lr_decay_style", LR_DECAY_STYLES), ("wd_incr_style", WD_INCR_STYLES)):
+        if v[key] not in styles:
+            refuse(key, f"must be one of {', '.join(styles)}")
+    p.raise_if_any()  # the rules below compare these values
+
+    if not 0 <= v["min_lr"] <= v["max_lr"]:
+        refuse("min_lr", f"must lie in [0, max_lr] = [0, {v['max_lr']}]")
+    if not 0 <= v["init_lr"] <= v["max_lr"]:
+        refuse("init_lr", f"must lie in [0, max_lr] = [0, {v['max_lr']}]")
+    # A constant schedule never reaches the decay, so its length does not matter.
+    if v["lr_decay_style"] != "constant" and v["lr_warmup_steps"] >= v["lr_decay_steps"]:
+        refuse("lr_decay_steps", f"must be longer than the warmup ({v['lr_warmup_steps']} samples)")
+    if v["lr_decay_style"] == "WSD":
+        if not (_is_number(v["wsd_decay_steps"]) and v["wsd_decay_steps"] > 0):
+            refuse("wsd_decay_steps", "must be > 0 samples for the WSD schedule")
+        if v["lr_wsd_decay_style"] not in WSD_DECAY_STYLES:
+            refuse("lr_wsd_decay_style", f"must be one of {', '.join(WSD_DECAY_STYLES)}")
+    if not 0 <= v["start_wd"] <= v["end_wd"]:
+        refuse("start_wd", f"must lie in [0, end_wd] = [0, {v['end_wd']}]")
+    if v["wd_incr_style"] == "constant" and v["start_wd"] != v["end_wd"]:
+        refuse(
+            "wd_incr_style", f"'constant' needs start_wd == end_wd (got {v['start_wd']} and {v['end_wd']})"
+        )
+    elif v["wd_incr_style"] != "constant" and v["wd_incr_steps"] <= 0:
+        refuse("wd_incr_steps", f"must be > 0 samples for the '{v['wd_incr_style']}' weight-decay schedule")
+    p.raise_if_any()
+
+
 def build_scheduler(cfg: ConfigContainer, optimizer: HasParamGroups) -> OptimizerParamScheduler:
     """The scheduler of a validated config; sets the optimizer's lr / weight decay for sample 0."""
     s, o = cfg.scheduler, cfg.optimizer
-    if s.lr_decay_steps is None or s.lr_warmup_steps is None or s.wd_incr_steps is None:
+    if s.lr_decay_steps is None or s.lr_warmup_steps is None or s.wd_incr_steps is None or o.lr is None:
         raise ConfigError(
             Problem(
                 "scheduler.lr_decay_steps",

@@ -212,6 +212,7 @@ def compute_scheduler_steps(
                 fix=f"set scheduler.max_steps >= {train_iters}, or remove it",
             )
     p.raise_if_any()
+    assert length is not None  # a missing run length was reported just above
 
     # Lengths in the user's unit (iterations or samples), then in samples.
     decay_len = getattr(s, decay_user)

@@ -1,4 +1,4 @@
-"""One optimizer step: forward/backward over the micro-batches, then the update (spec §5.3 item 6).
+"""One optimizer step: forward/backward over the micro-batches, then the update.
 
 Reading it top to bottom gives the whole contract: zero the gradients; for each micro-batch run the
 user's forward step and loss function, normalize the loss, backward (inside DDP's `no_sync` for all
@@ -9,16 +9,22 @@ micro-batches and data-parallel ranks on the device; step the optimizer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from viaduct.training.forward_step import unpack_loss
+from viaduct.training.forward_contract import LossFunc, unpack_loss
 from viaduct.training.optim import MixedPrecisionOptimizer
+
+if TYPE_CHECKING:
+    from viaduct.training.logging.timers import Timers
+
+ForwardStep = Callable[[Iterator[Any], nn.Module], tuple[Any, LossFunc]]
+"""A forward step with any `state` already bound: `(data_iterator, model) -> (output, loss_func)`."""
 
 
 @dataclass
@@ -40,7 +46,7 @@ class MetricAccumulator:
         self.scalars: dict[str, torch.Tensor] = {}
         self.n = 0
 
-    def add(self, report: dict[str, Any]) -> None:
+    def add(self, report: Mapping[str, torch.Tensor | float]) -> None:
         self.n += 1
         for name, value in report.items():
             t = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
@@ -52,7 +58,7 @@ class MetricAccumulator:
             t = t.view(-1) if t.numel() == 2 else t.view(())
             target[name] = t if name not in target else target[name] + t
 
-    def reduce(self, group: Any = None) -> dict[str, torch.Tensor]:
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
         """Final values: all-reduced over `group` when torch.distributed is initialized."""
         names_p, names_s = sorted(self.pairs), sorted(self.scalars)
         if not names_p and not names_s:
@@ -76,7 +82,7 @@ class MetricAccumulator:
 
 
 def forward_backward(
-    forward_step: Callable[[Iterator[Any], nn.Module], Any],
+    forward_step: ForwardStep,
     data_iterator: Iterator[Any],
     model: nn.Module,
     optimizer: MixedPrecisionOptimizer,
@@ -93,9 +99,14 @@ def forward_backward(
         last = i == num_microbatches - 1
         sync_here = not ddp or last
         if not forward_only:
-            # Main-gradient hooks take every micro-batch except the one DDP reduces.
-            optimizer.set_hooks_active(not (ddp and last))
-        ctx = model.no_sync() if ddp and not sync_here and not forward_only else contextlib.nullcontext()
+            # Every micro-batch's gradients go into the main gradients during backward, except the
+            # one DDP reduces: its communication hook hands that one over.
+            optimizer.main_grads.accumulate_in_backward(not (ddp and last))
+        ctx = (
+            cast(nn.parallel.DistributedDataParallel, model).no_sync()
+            if ddp and not sync_here and not forward_only
+            else contextlib.nullcontext()
+        )
         with ctx:
             output, loss_func = forward_step(data_iterator, model)
             loss, num_tokens, report = unpack_loss(loss_func(output))
@@ -122,7 +133,7 @@ def forward_backward(
 
 
 def train_step(
-    forward_step: Callable[[Iterator[Any], nn.Module], Any],
+    forward_step: ForwardStep,
     data_iterator: Iterator[Any],
     model: nn.Module,
     optimizer: MixedPrecisionOptimizer,
@@ -130,7 +141,7 @@ def train_step(
     *,
     per_token_loss: bool = False,
     empty_cache_level: int = 0,
-    timers: Any = None,
+    timers: Timers | None = None,
 ) -> StepResult:
     """Forward/backward over `num_microbatches`, then the optimizer step."""
     optimizer.zero_grad()
