@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from viaduct.data.gpt_dataset import GPTDataset, IndexCacheWarning
 from viaduct.data.indexed import IndexedDatasetWriter
 from viaduct.data.tokenizers import NullTokenizer
 from viaduct.recipes import tiny_gpt_pretrain_config
-from viaduct.training.config import GPTDatasetConfig
+from viaduct.training.config import DataloaderConfig, GPTDatasetConfig
 
 VOCAB = 1000
 EOD = VOCAB - 1
@@ -296,3 +297,20 @@ def test_a_split_too_small_for_a_sample_is_named(tmp_path, data):
     ) as exc:
         build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 10, 0))
     assert exc.value.problems[0].path == "dataset.split"
+
+
+@dataclass(kw_only=True)
+class _OtherDataset(DataloaderConfig):
+    """A dataset kind that names no indexed data."""
+
+    _abstract_config_ = True  # kept out of DataloaderConfig.variants(), which other tests enumerate
+
+
+def test_the_builder_refuses_a_dataset_kind_without_indexed_data():
+    cfg = tiny_gpt_pretrain_config()
+    cfg.dataset = _OtherDataset(num_workers=0)
+    with pytest.raises(ConfigError) as exc:
+        build_gpt_datasets(cfg, NullTokenizer(VOCAB), (10, 0, 0))
+    (problem,) = exc.value.problems
+    assert problem.path == "dataset" and "_OtherDataset names no indexed" in problem.message
+    assert "GPTDatasetConfig" in (problem.fix or "")

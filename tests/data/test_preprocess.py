@@ -19,7 +19,7 @@ import pytest
 from viaduct.cli.data import build_parser, run_data
 from viaduct.config import ConfigError
 from viaduct.data.indexed import IndexedDataset
-from viaduct.data.preprocess import output_prefix_for, preprocess_jsonl, split_ranges
+from viaduct.data.preprocess import _make_tokenizer, output_prefix_for, preprocess_jsonl, split_ranges
 from viaduct.data.tokenizers import build_tokenizer, supported_tokenizer_types
 from viaduct.training.config.tokenizer import TokenizerConfig
 
@@ -159,6 +159,15 @@ def test_missing_input_wrong_key_and_empty_input(tmp_path, corpus):
         preprocess_jsonl(empty, tmp_path / "o", ["text"], BYTES, progress=False)
 
 
+def test_a_worker_without_a_tokenizer_says_so():
+    # preprocess_jsonl reports this before any work; a worker started without one still says what
+    # is missing rather than failing inside build_tokenizer.
+    with pytest.raises(ConfigError) as exc:
+        _make_tokenizer(None, None)
+    assert [p.path for p in exc.value.problems] == ["tokenizer"]
+    assert "tokenizer_factory" in exc.value.problems[0].message
+
+
 _DRIVER_PID = os.getpid()
 
 
@@ -273,6 +282,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_and_prints_a_summary(corpus, tmp_path):
     out = tmp_path / "cli"
     r = run_cli("--input", str(corpus), "--json-keys", "text", "--tokenizer-type", "ByteLevelTokenizer",

@@ -41,11 +41,11 @@ from viaduct.config import ConfigError, Problem, Problems
 from viaduct.data.blended import BlendedDataset, blend_counts, normalize_weights
 from viaduct.data.gpt_dataset import GPTDataset, atomic_write_text, file_signature, resolve_cache_dir
 from viaduct.data.indexed import CorruptIndexError, IndexedDataset, bin_path, idx_path
+from viaduct.training.config.dataset import GPTDatasetConfig
 
 if TYPE_CHECKING:
     from viaduct.data.tokenizers import Tokenizer
     from viaduct.training.config import ConfigContainer
-    from viaduct.training.config.dataset import GPTDatasetConfig
 
 SPLITS = ("train", "validation", "test")
 FULL_SCAN_BYTES = 4 << 30  # .bin files up to this size get an exact max-token scan; larger ones a sample
@@ -98,6 +98,15 @@ def build_gpt_datasets(
     """(train, validation, test) datasets holding at least sample_counts samples; None for a split
     with no samples or cut out by the split."""
     ds = cfg.dataset
+    if not isinstance(ds, GPTDatasetConfig):  # other dataset kinds name no .bin/.idx prefixes
+        raise ConfigError(
+            Problem(
+                "dataset",
+                f"{type(ds).__name__} names no indexed (.bin/.idx) data to build GPT datasets from",
+                fix=f"use a GPT dataset (dataset._target_: {GPTDatasetConfig.target()}) and set "
+                "dataset.data_path, blend or blend_per_split",
+            )
+        )
     if ds.mock is None:  # not validated yet: derive split_matrix / effective_blend the same way
         ds.finalize()
     seq_length = ds.seq_length or ds.sequence_length or cfg.model.seq_length
@@ -131,7 +140,9 @@ def build_gpt_datasets(
         if len(split) <= 1:
             continue
         srcs = [src for src, _ in split]
-        if srcs[0].weight is None:
+        given = [s.weight for s in srcs if s.weight is not None]  # a blend weighs all prefixes or none
+        raw: list[float]
+        if len(given) < len(srcs):  # no weights: weigh each prefix by the samples its split holds
             docs = [d for k, _, _, d in jobs if k == i]
             raw = [max(0, _tokens(prefixes[s.prefix], d) - extra) // seq_length for s, d in zip(srcs, docs)]
             if not any(raw):  # weights by size would all be 0
@@ -145,7 +156,7 @@ def build_gpt_datasets(
                     )
                 )
         else:
-            raw = [s.weight for s in srcs]  # type: ignore[misc]
+            raw = given
         w = normalize_weights(raw)
         weights_of[i] = [float(x) for x in w]
         need = blend_counts(w, count)

@@ -42,7 +42,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -286,15 +286,18 @@ def load_cached_indices(
     try:
         text = paths["description"].read_text(encoding="utf-8")
     except (OSError, ValueError) as err:
-        return _damaged(paths["description"], f"cannot be read ({err})")
+        _damaged(paths["description"], f"cannot be read ({err})")
+        return None
     if text != description:
-        return _damaged(paths["description"], "does not describe this dataset")
+        _damaged(paths["description"], "does not describe this dataset")
+        return None
     arrays = []
     for name in names:
         try:
             arrays.append(load_index_file(paths[name]))
         except (OSError, ValueError, EOFError) as err:  # truncated, garbage, pickled objects
-            return _damaged(paths[name], f"cannot be read as a .npy array ({err})")
+            _damaged(paths[name], f"cannot be read as a .npy array ({err})")
+            return None
     try:
         problem = check(tuple(arrays))
     except ConfigError:
@@ -302,16 +305,17 @@ def load_cached_indices(
     except (ValueError, IndexError, OverflowError) as err:  # values too wild for the arithmetic
         problem = f"holds values that cannot be checked ({err})"
     if problem is not None:
-        return _damaged(paths[names[0]].parent, problem)
+        _damaged(paths[names[0]].parent, problem)
+        return None
     return tuple(arrays)
 
 
 def _damaged(path: Path, problem: str) -> None:
+    """Warn that the cache set is damaged; the caller then treats it as a miss and rebuilds it."""
     warnings.warn(
         IndexCacheWarning(f"dataset index cache {path}: {problem}; rebuilding it"),
         stacklevel=5,  # the code that constructed the dataset
     )
-    return None
 
 
 def first_bad_row(n: int, test: Callable[[int, int], np.ndarray]) -> int | None:
@@ -324,7 +328,7 @@ def first_bad_row(n: int, test: Callable[[int, int], np.ndarray]) -> int | None:
     return None
 
 
-def file_signature(prefix: str) -> dict[str, Any]:
+def file_signature(prefix: str) -> dict[str, str | int]:
     """What identifies the data of `prefix` without reading it: its real path, and size and mtime
     of the .idx (and the .bin's size)."""
     real = os.path.realpath(prefix)
@@ -427,7 +431,7 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
         paths = self._paths()
         cached = load_cached_indices(paths, _INDEX_NAMES, self.description, self.cache_problem)
         if cached is not None:
-            return cached  # type: ignore[return-value]
+            return cached[0], cached[1], cached[2]
         start = time.perf_counter()
         indices = self.build_indices()
         for name, array in zip(_INDEX_NAMES, indices):
@@ -505,10 +509,12 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
             return f"sample_index has {samples} samples and shuffle_index {shuffle.size}"
         if self.num_samples is not None and samples < self.num_samples:
             return f"holds {samples} samples, fewer than the {self.num_samples} asked for"
-        lengths, max_tokens = None, None
+        # What bounds a sample's offset: each document's length when the index is open, else the
+        # .bin's token count.
+        bound: np.ndarray | int
         if self._indexed is not None:
-            lengths = self._indexed.sequence_lengths
-            _, epochs, expected = self._expected_counts(lengths)
+            bound = self._indexed.sequence_lengths
+            _, epochs, expected = self._expected_counts(bound)
             if doc.size != epochs * n_docs or samples != expected:
                 return (
                     f"holds {doc.size // n_docs} epochs and {samples} samples; the data gives "
@@ -520,7 +526,7 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
             from viaduct.data.indexed import bin_path, read_header
 
             dtype, _, _ = read_header(self.prefix)
-            max_tokens = os.path.getsize(bin_path(self.prefix)) // dtype.itemsize
+            bound = os.path.getsize(bin_path(self.prefix)) // dtype.itemsize
         lo, hi = int(self.documents.min()), int(self.documents.max())
         bad = first_bad_row(doc.size, lambda a, b: (doc[a:b] < lo) | (doc[a:b] > hi))
         if bad is not None:
@@ -531,8 +537,8 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
         # extra token. Gathered once per entry when that is fewer than the samples (no larger than
         # the sample index itself), else per block of samples.
         room = None
-        if lengths is not None and doc.size <= samples + 1:
-            room = lengths[np.asarray(doc)]
+        if isinstance(bound, np.ndarray) and doc.size <= samples + 1:
+            room = bound[np.asarray(doc)]
             room -= self.extra
 
         def bad_rows(a: int, b: int) -> np.ndarray:
@@ -549,10 +555,10 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
             rows = pos[-len(hit) :]
             if room is not None:
                 limit = room[rows]
-            elif lengths is not None:
-                limit = lengths[np.asarray(doc)[rows]] - self.extra
+            elif isinstance(bound, np.ndarray):
+                limit = bound[np.asarray(doc)[rows]] - self.extra
             else:
-                limit = max_tokens - self.extra
+                limit = bound - self.extra
             hit |= off[-len(hit) :] > limit
             hit[: 1 if a == 0 else 0] = False
             return hit
@@ -640,7 +646,7 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
             reset_attention_mask=self.reset_attention_mask,
         )
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         # Workers started by spawn/forkserver re-open the memory maps instead of copying the arrays
         # (the cached index files are complete once __init__ returns).
         state = self.__dict__.copy()
@@ -649,7 +655,7 @@ class GPTDataset(Dataset[dict[str, torch.Tensor]]):
             state[name] = None
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         paths = self._paths()
         for name in _INDEX_NAMES:

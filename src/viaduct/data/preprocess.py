@@ -38,15 +38,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from viaduct.config import ConfigError, Problems
+from viaduct.config import ConfigError, Problem, Problems
 from viaduct.config.errors import did_you_mean
 from viaduct.data.indexed import IndexedDatasetWriter, token_dtype
 
 if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
     from viaduct.data.tokenizers import Tokenizer
     from viaduct.training.config.tokenizer import TokenizerConfig
 
@@ -113,6 +115,20 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- worker
+
+
+class _Settings(NamedTuple):
+    """What every worker needs besides its tokenizer (picklable, sent once to each pool process)."""
+
+    input_path: str
+    json_keys: list[str]
+    dtype: np.dtype
+    append_eod: bool
+    log_interval: int
+
+
+_LineIds = list[list[list[int]]]
+"""Token ids of one line: per json key, per sentence."""
 
 
 @dataclass
@@ -245,13 +261,18 @@ class _Worker:
             return None
         return texts
 
-    def _flush(self, pending: list[tuple[int, list[list[str]]]], writers: list, res: _ChunkResult) -> int:
+    def _flush(
+        self,
+        pending: list[tuple[int, list[list[str]]]],
+        writers: list[IndexedDatasetWriter],
+        res: _ChunkResult,
+    ) -> int:
         """Tokenize and write the pending lines; returns how many became documents."""
         if not pending:
             return 0
         ids = None
         if self.tokenize_batch is not None and len(pending) > 1:
-            ids = self._tokenize_batched(pending)
+            ids = self._tokenize_batched(self.tokenize_batch, pending)
         written = 0
         for n, (i, texts) in enumerate(pending):
             try:
@@ -270,10 +291,13 @@ class _Worker:
             written += 1
         return written
 
-    def _tokenize_batched(self, pending: list[tuple[int, list[list[str]]]]) -> list | None:
+    @staticmethod
+    def _tokenize_batched(
+        tokenize_batch: Callable[[list[str]], list[list[int]]], pending: list[tuple[int, list[list[str]]]]
+    ) -> list[_LineIds] | None:
         flat = [s for _, texts in pending for sents in texts for s in sents]
         try:
-            out = self.tokenize_batch(flat)  # type: ignore[misc]
+            out = tokenize_batch(flat)
         except Exception:
             return None  # tokenize line by line to find the line at fault
         it = iter(out)
@@ -305,10 +329,13 @@ class _Worker:
             res.bad.append((i, message if len(message) <= 300 else message[:297] + "..."))
 
 
-def _json_type(value: Any) -> str:
+def _json_type(value: object) -> str:
     names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
+
+_PoolSpec = tuple[_Settings, "TokenizerConfig | None", "Callable[[], Tokenizer] | None"]
+"""What a pool worker builds its `_Worker` from: the settings and how to make the tokenizer."""
 
 # State of a pool worker process, set by _init_pool_worker.
 _POOL_WORKER: _Worker | None = None
@@ -351,7 +378,7 @@ def _die_with_driver(driver_pid: int) -> None:
     threading.Thread(target=watch, name="viaduct-driver-watchdog", daemon=True).start()
 
 
-def _init_pool_worker(spec: tuple, progress: Any, driver_pid: int) -> None:
+def _init_pool_worker(spec: _PoolSpec, progress: Queue[int], driver_pid: int) -> None:
     global _POOL_WORKER, _POOL_INIT_ERROR
     _die_with_driver(driver_pid)
     # The processes already use every core: a Rust thread pool per worker would only oversubscribe.
@@ -374,9 +401,11 @@ def _run_pool_task(task: _Task) -> _ChunkResult:
 def _make_tokenizer(cfg: TokenizerConfig | None, factory: Callable[[], Tokenizer] | None) -> Tokenizer:
     if factory is not None:
         return factory()
+    if cfg is None:  # preprocess_jsonl's argument check reports this first, with the other problems
+        raise ConfigError(Problem("tokenizer", "a tokenizer config (or tokenizer_factory) is needed"))
     from viaduct.data.tokenizers import build_tokenizer
 
-    return build_tokenizer(cfg)  # type: ignore[arg-type]  # checked by preprocess_jsonl
+    return build_tokenizer(cfg)
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -445,13 +474,13 @@ def preprocess_jsonl(
 
         bar_args = {"unit": "B", "unit_scale": True, "unit_divisor": 1000, "mininterval": 0.5}
         with tqdm(total=size, desc="tokenizing", file=sys.stderr, disable=not progress, **bar_args) as bar:
-            settings = (input_path, keys, dtype, append_eod, log_interval)
+            settings = _Settings(input_path, keys, dtype, append_eod, log_interval)
             used = 1 if len(tasks) == 1 else min(workers, len(tasks))
             if used == 1:
                 worker = _Worker(*settings, tokenizer, bar.update)
                 results = [worker.process(t) for t in tasks]
             else:
-                results = _run_pool((settings, tokenizer_config, tokenizer_factory), tasks, used, bar)
+                results = _run_pool((settings, tokenizer_config, tokenizer_factory), tasks, used, bar.update)
         _raise_problems(input_path, keys, results)
 
         outputs = {key: output_prefix_for(output_prefix, key) for key in keys}
@@ -477,7 +506,9 @@ def preprocess_jsonl(
     )
 
 
-def _run_pool(spec: tuple, tasks: list[_Task], workers: int, bar: Any) -> list[_ChunkResult]:
+def _run_pool(
+    spec: _PoolSpec, tasks: list[_Task], workers: int, report: Callable[[int], object]
+) -> list[_ChunkResult]:
     # ProcessPoolExecutor, not Pool: a worker that dies (killed, out of memory, failing start) raises
     # BrokenProcessPool here instead of being respawned forever while the driver waits.
     from concurrent.futures import ProcessPoolExecutor
@@ -489,13 +520,13 @@ def _run_pool(spec: tuple, tasks: list[_Task], workers: int, bar: Any) -> list[_
         futures = [pool.submit(_run_pool_task, t) for t in tasks]
         while not all(f.done() for f in futures):
             try:
-                bar.update(progress.get(timeout=0.2))
+                report(progress.get(timeout=0.2))
             except queue.Empty:
                 pass
         results = [f.result() for f in futures]  # re-raises a worker's exception here
     while True:  # what the workers reported after the last poll
         try:
-            bar.update(progress.get(timeout=0.05))
+            report(progress.get(timeout=0.05))
         except queue.Empty:
             break
     return results

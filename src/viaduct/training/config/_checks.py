@@ -6,22 +6,32 @@ None means "unset" and passes every check: required-ness is checked separately, 
 """
 
 import os
-from typing import Any
+from typing import ClassVar, Protocol
 
 from viaduct.config import Problems
+from viaduct.config.base import ClassSpec
 
 
-def dotted(cfg: Any, name: str) -> str:
+class Component(Protocol):
+    """A training component: a config whose fields the container holds under `_component_`."""
+
+    _component_: ClassVar[str]
+
+    @classmethod
+    def spec(cls) -> ClassSpec: ...
+
+
+def dotted(cfg: Component, name: str) -> str:
     """The full dotted path of field `name` of component `cfg` ("train.train_iters")."""
     return f"{cfg._component_}.{name}"
 
 
-def _unset_hint(cfg: Any, name: str) -> str:
+def _unset_hint(cfg: Component, name: str) -> str:
     info = type(cfg).spec().fields.get(name)
     return " or leave it unset" if info is not None and info.default is None else ""
 
 
-def positive(p: Problems, cfg: Any, name: str, *, zero_ok: bool = False) -> None:
+def positive(p: Problems, cfg: Component, name: str, *, zero_ok: bool = False) -> None:
     """`cfg.name` must be > 0 (>= 0 with `zero_ok`) when it is set."""
     value = getattr(cfg, name)
     if value is None:
@@ -31,7 +41,7 @@ def positive(p: Problems, cfg: Any, name: str, *, zero_ok: bool = False) -> None
         p.add(name, rule, value, fix=f"set {dotted(cfg, name)} to {want}{_unset_hint(cfg, name)}")
 
 
-def in_range(p: Problems, cfg: Any, name: str, lo: float, hi: float, *, hi_open: bool = False) -> None:
+def in_range(p: Problems, cfg: Component, name: str, lo: float, hi: float, *, hi_open: bool = False) -> None:
     """`cfg.name` must lie in [lo, hi] ([lo, hi) with `hi_open`) when it is set."""
     value = getattr(cfg, name)
     if value is None:
@@ -50,7 +60,7 @@ def path_exists(path: str) -> bool:
     return os.path.exists(os.path.expanduser(path))
 
 
-def file_must_exist(p: Problems, cfg: Any, name: str, what: str) -> None:
+def file_must_exist(p: Problems, cfg: Component, name: str, what: str) -> None:
     """`cfg.name`, when set, must name an existing file or directory."""
     value = getattr(cfg, name)
     if value is not None and not path_exists(value):

@@ -285,14 +285,20 @@ class ConfigContainer(ConfigBase):
 
     def _cross_checks(self, broken: set[str]) -> list[Problem]:
         problems: list[Problem] = []
-        if "train" in broken or self.data_parallel_size is None:
-            return problems  # train.finalize() already reported unset or non-positive batch sizes
         t, dp = self.train, self.data_parallel_size
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size % per_step and t.decrease_batch_size_if_needed:
-            used = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
+        mbs, gbs = t.micro_batch_size, t.global_batch_size
+        eval_gbs, eval_mbs = t.effective_eval_global_batch_size, t.effective_eval_micro_batch_size
+        # Unset only when train.finalize() failed (it reported them then) or validate() has not
+        # derived the data-parallel size; a train.finalize() that passed sets or derives all four.
+        if dp is None or mbs is None or gbs is None or eval_gbs is None or eval_mbs is None:
+            return problems
+        if "train" in broken:
+            return problems  # train.finalize() already reported non-positive batch sizes
+        per_step = mbs * dp
+        if gbs % per_step and t.decrease_batch_size_if_needed:
+            used = max(per_step, gbs - gbs % per_step)
             warn(
-                f"train.global_batch_size {t.global_batch_size} is not divisible by micro batch × "
+                f"train.global_batch_size {gbs} is not divisible by micro batch × "
                 f"data-parallel size ({per_step}); decrease_batch_size_if_needed: steps use {used} samples"
             )
             self.derive(
@@ -300,22 +306,22 @@ class ConfigContainer(ConfigBase):
                 used // per_step,
                 f"global {used} (rounded down) / (micro × DP {per_step})",
             )
-        elif t.global_batch_size % per_step:
-            lower = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
+        elif gbs % per_step:
+            lower = max(per_step, gbs - gbs % per_step)
             problems.append(
                 Problem(
                     "train.global_batch_size",
                     f"must be divisible by train.micro_batch_size × data-parallel size "
-                    f"({t.micro_batch_size} × {dp} = {per_step})",
-                    t.global_batch_size,
+                    f"({mbs} × {dp} = {per_step})",
+                    gbs,
                     fix=f"use a multiple of {per_step} (e.g. {lower} or {lower + per_step})",
                 )
             )
         else:
             self.derive(
                 "num_microbatches",
-                t.global_batch_size // per_step,
-                f"global {t.global_batch_size} / (micro {t.micro_batch_size} × DP {dp})",
+                gbs // per_step,
+                f"global {gbs} / (micro {mbs} × DP {dp})",
             )
         if t.rampup_batch_size:
             for name, v in zip(("start", "increment"), t.rampup_batch_size[:2]):
@@ -329,7 +335,6 @@ class ConfigContainer(ConfigBase):
                             fix=f"use multiples of {per_step}",
                         )
                     )
-        eval_gbs, eval_mbs = t.effective_eval_global_batch_size, t.effective_eval_micro_batch_size
         eval_follows_train = t.eval_global_batch_size is None and t.eval_micro_batch_size is None
         if eval_gbs % (eval_mbs * dp) and not (eval_follows_train and problems):
             problems.append(

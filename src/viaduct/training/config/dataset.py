@@ -281,10 +281,10 @@ class GPTDatasetConfig(DataloaderConfig):
             return None
         if len(items) % 2 == 1:
             return [s.strip() for s in items], None
-        weights = [_as_float(w) for w in items[0::2]]
-        if all(w is None for w in weights):
+        weights = [w for w in map(_as_float, items[0::2]) if w is not None]
+        if not weights:
             return [s.strip() for s in items], None
-        if any(w is None for w in weights):
+        if len(weights) < len(items[0::2]):
             p.add(
                 "data_path",
                 "mixes weighted and unweighted entries; weights go before every prefix or none",
@@ -344,16 +344,17 @@ def _check_blend(p: Problems, path: str, blend: Blend | None) -> None:
 
 def _parse_split(p: Problems, split: str) -> list[float] | None:
     """ "969,30,1" -> [0.969, 0.03, 0.001]; missing trailing parts are 0. Problems go to `p`."""
-    parts = [_as_float(s) for s in split.split(",")]
+    texts = split.split(",")
+    parts = [v for v in map(_as_float, texts) if v is not None]
     fix = 'set dataset.split to up to three comma-separated non-negative numbers, e.g. "969,30,1"'
-    if len(parts) > len(_SPLITS) or any(v is None or v < 0 for v in parts):
+    if len(texts) > len(_SPLITS) or len(parts) < len(texts) or any(v < 0 for v in parts):
         p.add("split", "is not a list of up to three non-negative numbers", split, fix=fix)
         return None
-    total = sum(parts)  # type: ignore[arg-type]
+    total = sum(parts)
     if total <= 0:
         p.add("split", "proportions sum to 0", split, fix=fix)
         return None
-    return [v / total for v in parts] + [0.0] * (len(_SPLITS) - len(parts))  # type: ignore[operator]
+    return [v / total for v in parts] + [0.0] * (len(_SPLITS) - len(parts))
 
 
 def _split_matrix(vector: list[float]) -> list[tuple[float, float] | None]:

@@ -16,14 +16,14 @@ def _classes() -> list[type[ConfigBase]]:
     from viaduct.training.config import ConfigContainer
 
     seen: list[type[ConfigBase]] = []
-    todo: list[type] = [ConfigContainer]
+    todo: list[type[ConfigBase]] = [ConfigContainer]
     while todo:
         cls = todo.pop(0)
         for klass in cls.__mro__:
             if isinstance(klass, type) and issubclass(klass, ConfigBase) and klass is not ConfigBase:
                 if klass not in seen:
                     seen.append(klass)
-        for variant in cls.variants() if issubclass(cls, ConfigBase) else []:
+        for variant in cls.variants():
             if variant not in seen:
                 todo.append(variant)
         for section, _owner in cls.__dict__.get("_moved_sections_", {}).values():

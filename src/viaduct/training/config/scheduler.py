@@ -192,7 +192,7 @@ def compute_scheduler_steps(
             )
             p.add(f"scheduler.{name}", f"does not apply to a {mode}-based run", getattr(s, name), fix=fix)
 
-    if sample_based:
+    if train_samples is not None:
         gbs_factor = 1
         length_name, length = "train.train_samples", train_samples
         decay_user, wsd_user, warmup_user = "lr_decay_samples", "lr_wsd_decay_samples", "lr_warmup_samples"
@@ -201,8 +201,9 @@ def compute_scheduler_steps(
             p.add("train.train_iters", "the run length is not set", None, fix="set train.train_iters")
         if global_batch_size is None:
             p.add("train.global_batch_size", "must be set", None, fix="set train.global_batch_size")
+        # Unset values were reported just above and raise below, so their 0 is never used.
         gbs_factor = global_batch_size or 0
-        length_name, length = "train.train_iters", train_iters
+        length_name, length = "train.train_iters", train_iters or 0
         decay_user, wsd_user, warmup_user = "lr_decay_iters", "lr_wsd_decay_iters", "lr_warmup_iters"
         if s.max_steps is not None and train_iters is not None and s.max_steps < train_iters:
             p.add(
@@ -212,7 +213,6 @@ def compute_scheduler_steps(
                 fix=f"set scheduler.max_steps >= {train_iters}, or remove it",
             )
     p.raise_if_any()
-    assert length is not None  # a missing run length was reported just above
 
     # Lengths in the user's unit (iterations or samples), then in samples.
     decay_len = getattr(s, decay_user)
