@@ -553,3 +553,9 @@ def test_other_components_good():
     ).finalize()
     RNGConfig(seed=1).finalize()
     DistributedDataParallelConfig(num_buckets=4).finalize()
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "inf,1,0", "1,-1,0", "a,b"])
+def test_split_parts_must_be_finite_non_negative_numbers(split):
+    with pytest.raises(ConfigError, match="split: is not a list of up to three finite non-negative numbers"):
+        ds(data_path="a", split=split).finalize()

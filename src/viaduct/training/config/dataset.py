@@ -8,6 +8,7 @@ Values the user gives are never rewritten: what `finalize()` resolves goes to de
 (`effective_blend`, `split_matrix`, `mock`, `effective_persistent_workers`).
 """
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -347,8 +348,8 @@ def _parse_split(p: Problems, split: str) -> list[float] | None:
     texts = split.split(",")
     parts = [v for v in map(_as_float, texts) if v is not None]
     fix = 'set dataset.split to up to three comma-separated non-negative numbers, e.g. "969,30,1"'
-    if len(texts) > len(_SPLITS) or len(parts) < len(texts) or any(v < 0 for v in parts):
-        p.add("split", "is not a list of up to three non-negative numbers", split, fix=fix)
+    if len(texts) > len(_SPLITS) or len(parts) < len(texts) or not all(0 <= v < math.inf for v in parts):
+        p.add("split", "is not a list of up to three finite non-negative numbers", split, fix=fix)
         return None
     total = sum(parts)
     if total <= 0:
