@@ -427,3 +427,18 @@ def test_model_config_imports_without_torch():
         "num_attention_heads=2).finalize(); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_deterministic_mode_is_refused_until_it_is_built():
+    provider = GPTModelProvider(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=128,
+        seq_length=32,
+        deterministic_mode=True,
+    )
+    with pytest.raises(
+        ConfigError, match="deterministic_mode: deterministic-only kernels is not supported yet"
+    ):
+        provider.finalize()
