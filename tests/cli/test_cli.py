@@ -40,6 +40,7 @@ def test_show_applies_file_then_flags_then_overrides(tmp_path):
     assert data["train"]["manual_gc"] is False
 
 
+@pytest.mark.slow
 def test_full_yaml_file_round_trips_through_the_cli(tmp_path):
     out = tmp_path / "full.yaml"
     assert viaduct("config", "show", "--recipe", "llama32_1b", "--output", str(out)).returncode == 0
@@ -56,6 +57,7 @@ def test_diff_lists_changed_fields(tmp_path):
     assert "model.num_layers: 16 -> 32" in r.stdout
 
 
+@pytest.mark.slow
 def test_errors_exit_2_without_traceback(tmp_path):
     r = viaduct("config", "validate", "train.trian_iters=5", "train.global_batch_size=7")
     assert r.returncode == 2
@@ -78,6 +80,7 @@ def test_errors_exit_2_without_traceback(tmp_path):
     assert r.returncode == 2 and "did you mean --train.train-iters" in r.stderr
 
 
+@pytest.mark.slow
 def test_schema_is_json_schema_for_the_container(tmp_path):
     r = viaduct("config", "schema")
     assert r.returncode == 0

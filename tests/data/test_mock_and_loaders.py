@@ -276,6 +276,7 @@ def test_sample_counts():
     assert get_sample_counts(cfg)[0] == 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [None, "cyclic"])
 def test_workers_0_and_2_give_identical_batches(kind):
     runs = []

@@ -138,6 +138,7 @@ MEMORY_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", MEMORY_CONFIGS.values(), ids=MEMORY_CONFIGS.keys())
 def test_activation_estimate_is_close_to_the_saved_tensors(kw: dict) -> None:
     p = provider(**kw)

@@ -80,6 +80,54 @@ def test_logits_and_per_token_loss(fusion: bool) -> None:
     torch.testing.assert_close(masked[~ignored], loss[~ignored], rtol=1e-5, atol=1e-6)
 
 
+def _autograd_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in seen:
+            seen.add(type(fn).__name__)
+            todo += [f for f, _ in fn.next_functions]
+    return seen
+
+
+def test_loss_path_rule_picks_plain_on_cpu_while_it_fits() -> None:
+    from viaduct.models.common.loss import CPU_PLAIN_LOSS_BYTES, plain_loss_bytes, use_chunked_loss
+
+    cpu = torch.device("cpu")
+    assert use_chunked_loss(torch.device("cuda"), 16, VOCAB, torch.float32)  # accelerators: always chunked
+    assert use_chunked_loss(torch.device("cuda", 1), 16, VOCAB, torch.bfloat16)
+    assert plain_loss_bytes(8 * 256, 50304, torch.float32) == 8 * 256 * 50304 * 12
+    assert plain_loss_bytes(10, 100, torch.bfloat16) == 10 * 100 * (2 + 8 + 4)  # + the float32 copy
+    assert not use_chunked_loss(cpu, 8 * 256, 50304, torch.float32)  # GPT-2 vocabulary, a CPU batch
+    assert use_chunked_loss(cpu, 16 * 2048, 128256, torch.bfloat16)  # Llama-3's: 59 GB of logits
+    at_budget = CPU_PLAIN_LOSS_BYTES // 12
+    assert not use_chunked_loss(cpu, at_budget, 1, torch.float32)
+    assert use_chunked_loss(cpu, at_budget + 1, 1, torch.float32)
+    assert use_chunked_loss(cpu, 16, VOCAB, torch.float32, plain_budget_bytes=0)
+
+
+def test_chunked_and_plain_loss_paths_agree() -> None:
+    """The default model on a CPU takes the plain path; the chunked one (forced) gives the same loss
+    and gradients."""
+    plain, chunked = build(), build()
+    chunked.loss_plain_bytes = 0  # always chunk
+    chunked.loss_chunk_tokens = 8  # several chunks of the 32 tokens
+    x, y = tokens(), tokens(seed=2)
+    y[0, :3] = -100
+    lp, lc = plain(x, labels=y), chunked(x, labels=y)
+    assert "NllLossBackward0" in _autograd_nodes(lp)
+    assert not any("LinearCrossEntropy" in n for n in _autograd_nodes(lp))
+    assert any("LinearCrossEntropy" in n for n in _autograd_nodes(lc))
+    torch.testing.assert_close(lc, lp, rtol=1e-5, atol=1e-6)
+    upstream = torch.rand(lp.shape, generator=torch.Generator().manual_seed(3))
+    (lp * upstream).sum().backward()
+    (lc * upstream).sum().backward()
+    gp, gc = grads(plain), grads(chunked)
+    assert gp.keys() == gc.keys()
+    for name in gp:
+        torch.testing.assert_close(gc[name], gp[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_parameter_names_follow_megatron() -> None:
     names = set(build(share_embeddings_and_output_weights=False).state_dict())
     assert {
@@ -427,6 +475,7 @@ def test_recompute_gives_the_same_loss_and_gradients(recompute: dict, dropout: f
 # ---------------------------------------------------------------------------------------------- compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "scope,recompute",
     [
@@ -467,6 +516,7 @@ def test_compile_rejects_an_unknown_scope() -> None:
 # ---------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch() -> None:
     model = build(num_layers=2, hidden_size=64)
     x = tokens(b=2, s=32)
@@ -697,6 +747,7 @@ def test_hidden_dropout_is_random_in_training_only() -> None:
     torch.testing.assert_close(out, build()(x), rtol=0, atol=0)  # same weights, no dropout
 
 
+@pytest.mark.slow
 def test_attention_dropout_is_random_in_training_only() -> None:
     for backend in (AttnBackend.auto, AttnBackend.unfused):
         model = build(attention_dropout=0.3, attention_backend=backend)

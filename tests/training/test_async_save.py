@@ -84,6 +84,7 @@ def _assert_same_checkpoints(sync_root: Path, async_root: Path) -> None:
             assert a.read_text() == b.read_text(), rel
 
 
+@pytest.mark.slow
 def test_async_pretrain_writes_what_sync_writes_and_resumes_bitwise(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -171,6 +172,7 @@ def _cfg(save: Path, **overrides: Any) -> ConfigContainer:
     return cfg.validate()
 
 
+@pytest.mark.slow
 def test_prepared_staging_is_used_by_the_first_save(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, async_save=True)
     run = Run(cfg).step()
@@ -182,6 +184,7 @@ def test_prepared_staging_is_used_by_the_first_save(tmp_path: Path) -> None:
     assert ckpt._staging.nbytes == 0  # given back at the end of the run
 
 
+@pytest.mark.slow
 def test_staged_copy_is_immune_to_training_and_next_save_waits(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, async_save=True)
     run = Run(cfg).step()
@@ -267,6 +270,7 @@ def test_staging_arena_prepared_in_the_background_is_used_by_the_next_stage() ->
     assert torch.equal(staged["w"], tensors["w"]) and torch.equal(staged["i"], tensors["i"])
 
 
+@pytest.mark.slow
 def test_short_host_memory_is_a_clear_error_for_async_and_a_warning_in_prepare(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -365,6 +369,7 @@ def _two_rank_async(rank: int, world: int, root: str) -> list[str]:
         destroy_distributed(ctx)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_save_asynchronously(tmp_path: Path) -> None:
     results = run_distributed(_two_rank_async, 2, str(tmp_path), timeout=60)

@@ -221,6 +221,7 @@ def _leftovers(root: Path) -> list[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("point", "fmt"),
     [(p, "torch_dist") for p in POINTS] + [("tensors_written", "torch"), ("after_rename", "torch")],
@@ -268,6 +269,7 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(
     assert_identical(run.snapshot(), again.snapshot())
 
 
+@pytest.mark.slow
 def test_kill_before_the_first_checkpoint_completes_leaves_nothing_to_load(tmp_path: Path) -> None:
     """A run killed inside its very first save: a resume starts fresh (None), and the next save works."""
     script, child = _child(tmp_path)

@@ -159,6 +159,7 @@ class _TakenOver(DcpStorage):
         super().write(directory, tensors)
 
 
+@pytest.mark.slow
 def test_a_save_never_commits_a_tmp_directory_another_writer_took_over(tmp_path: Path) -> None:
     cfg = make_cfg(save=str(tmp_path))
     run = Run(cfg).step(1)

@@ -112,6 +112,7 @@ def _run(world: int, root: Path, steps: int, expect: int | None) -> list[float]:
     return run_distributed(_phase, world, str(root), steps, expect, timeout=90)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (2, 1, 2)], ids=lambda w: "->".join(map(str, w)))
 def test_resharded_resume_restores_everything_and_tracks_a_straight_run(
     tmp_path: Path, worlds: tuple[int, ...]
@@ -150,6 +151,7 @@ def _pretrain_losses(rank: int, world: int, save: str, phases: list[list[str]]) 
     return out
 
 
+@pytest.mark.slow
 def test_two_rank_resume_is_bitwise(tmp_path: Path) -> None:
     """DP 2, fp32, Adam: 4 steps straight equal 2 steps, a restart from the checkpoint, and 2 more."""
     save = tmp_path / "ckpt"

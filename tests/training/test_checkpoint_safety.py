@@ -330,6 +330,7 @@ def _big_cfg(save: Path) -> Any:
     return cfg.validate(world_size=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True])
 def test_full_disk_is_one_clear_error_and_earlier_checkpoints_stay(
     tmp_path: Path, mounts: list[Path], async_save: bool
@@ -374,7 +375,7 @@ def test_enospc_from_a_real_dcp_shard_write_is_named_in_one_line(tmp_path: Path)
     # shard that is a link to /dev/full makes its real write fail inside DCP's writer. That shard is
     # mostly written by DCP's extra writer thread, whose errors DCP itself drops: the save returned
     # as if it had succeeded, with an index that lacked the tensor.
-    from viaduct.training.checkpoint.checkpointer import _SaveErrors
+    from viaduct.training.checkpoint.save_guard import SaveErrors
     from viaduct.training.checkpoint.storage import DcpStorage
 
     if not os.path.exists("/dev/full"):
@@ -383,7 +384,7 @@ def test_enospc_from_a_real_dcp_shard_write_is_named_in_one_line(tmp_path: Path)
     tmp.mkdir()
     (tmp / "__0_0.distcp").symlink_to("/dev/full")
     tensors = {"model.a": torch.ones(1000), "model.b": torch.ones(1000)}
-    explain = _SaveErrors(5, tmp_path, tmp, 4000, 4000)
+    explain = SaveErrors(5, tmp_path, tmp, 4000, 4000)
     with pytest.raises(CheckpointSaveError, match=r"no space left on the device \(ENOSPC\)") as info:
         explain.run(lambda: DcpStorage(rank=0, world_size=1).write(tmp, tensors))
     assert info.value.os_error.errno == errno.ENOSPC
@@ -394,6 +395,7 @@ def test_enospc_from_a_real_dcp_shard_write_is_named_in_one_line(tmp_path: Path)
 # ------------------------------------------------------------------------------------------- retention
 
 
+@pytest.mark.slow
 def test_retention_removes_a_symlinked_checkpoint_but_never_its_target(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     cfg = make_cfg(save=str(root), most_recent_k=1)

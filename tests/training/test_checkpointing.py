@@ -102,6 +102,7 @@ def assert_same_run(a: Run, b: Run) -> None:
 # ------------------------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_restores_everything_and_training_continues_identically(tmp_path: Path, fmt: str) -> None:
     save = tmp_path / "ckpt"
@@ -153,6 +154,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
         assert int(torch.load(path, weights_only=True)["consumed_valid_samples"]) == 99, path
 
 
+@pytest.mark.slow
 def test_bridge_tracker_alone_finds_the_checkpoint_and_a_torn_one_is_a_clear_error(tmp_path: Path) -> None:
     cfg = make_cfg(save=str(tmp_path))
     run = Run(cfg)
@@ -169,6 +171,7 @@ def test_bridge_tracker_alone_finds_the_checkpoint_and_a_torn_one_is_a_clear_err
         Run(cfg2).load(Checkpointer(cfg2, ctx1()))
 
 
+@pytest.mark.slow
 def test_constant_structure_reuses_plans_and_still_saves_new_values(tmp_path: Path) -> None:
     cfg = make_cfg(save=str(tmp_path), load=str(tmp_path), ckpt_assume_constant_structure=True)
     run = Run(cfg)
@@ -183,6 +186,7 @@ def test_constant_structure_reuses_plans_and_still_saves_new_values(tmp_path: Pa
 # ------------------------------------------------------------------------------------------- retention
 
 
+@pytest.mark.slow
 def test_retention_keeps_recent_k_and_interval_multiples(tmp_path: Path) -> None:
     cfg = make_cfg(save=str(tmp_path), most_recent_k=2, save_retain_interval=3)
     run = Run(cfg)
@@ -197,6 +201,7 @@ def test_retention_keeps_recent_k_and_interval_multiples(tmp_path: Path) -> None
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
 
 
+@pytest.mark.slow
 def test_retention_never_deletes_the_checkpoint_loaded(tmp_path: Path) -> None:
     cfg = make_cfg(save=str(tmp_path))
     run = Run(cfg)
@@ -213,6 +218,7 @@ def test_retention_never_deletes_the_checkpoint_loaded(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001", "iter_0000003"]
 
 
+@pytest.mark.slow
 def test_retention_leaves_checkpoints_of_later_steps_alone_and_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -470,6 +476,7 @@ def _worker(rank: int, world: int, port: int, root: str, parallel_save: bool) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("parallel_save", [True, False])
 def test_two_ranks_save_one_rank_loads(tmp_path: Path, parallel_save: bool) -> None:

@@ -59,6 +59,7 @@ def restore_viaduct_logger():
 
 def make_cfg(world_size: int = 1, **logger_fields):
     cfg = get_recipe("default")()
+    cfg.logger.tensorboard_dir = cfg.checkpoint.save = cfg.checkpoint.load = None  # nothing in ./runs
     for name, value in logger_fields.items():
         setattr(cfg.logger, name, value)
     return cfg.validate(world_size=world_size)
@@ -412,6 +413,22 @@ def test_validation_box_and_perplexity(tmp_path, capsys):
     assert s["lm loss test ppl"] == [(100, pytest.approx(math.exp(20.0), rel=1e-6))]
 
 
+def test_nan_validation_loss_prints_nan_perplexity(tmp_path, capsys):
+    """The cap at exp(20) must not turn a NaN loss into a finite perplexity (min(20, nan) is 20)."""
+    from viaduct.training.eval import perplexity
+
+    assert math.isnan(perplexity(math.nan))
+    assert perplexity(math.inf) == pytest.approx(math.exp(20.0))  # a diverged loss still prints a number
+    tb = tmp_path / "tb"
+    lg = make_logger(make_cfg(tensorboard_dir=str(tb), log_validation_ppl_to_tensorboard=True))
+    lg.log_evaluation(10, 320, {"lm loss": math.nan}, split="validation")
+    lg.close()
+    out = capsys.readouterr().out
+    assert "lm loss value: NAN | lm loss PPL: NAN |" in out
+    assert math.isnan(scalars(tb)["lm loss validation ppl"][0][1])
+
+
+@pytest.mark.slow
 def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-env"))
@@ -521,6 +538,7 @@ def _two_rank_timers(rank: int, path: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_timers_summarize_across_two_ranks(tmp_path):
     out = tmp_path / "out.txt"

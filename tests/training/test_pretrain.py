@@ -44,6 +44,7 @@ class Recorder(Callback):
         self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_loss_falls_on_cpu():
     rec = Recorder()
     state = pretrain(tiny_pretrain_config("train.train_iters=40", "optimizer.lr=3e-3"), callbacks=[rec])
@@ -61,6 +62,7 @@ def test_loss_falls_on_cpu():
 SGD = ("optimizer.optimizer=sgd", "optimizer.lr=0.1")
 
 
+@pytest.mark.slow
 def test_accumulation_over_micro_batches_equals_one_large_batch():
     weights = []
     for mbs in (8, 2):
@@ -78,6 +80,7 @@ def _dp_worker(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     return rec.weights
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_data_parallel_matches_one_process():
     rec = Recorder()
@@ -112,6 +115,7 @@ def _dp_bf16_worker(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     return rec.masters
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_data_parallel_bf16_accumulates_and_reduces_in_fp32():
     """bf16 weights, fp32 main grads: 4 micro-batches per rank under DDP equal 8 in one process.
@@ -127,6 +131,7 @@ def test_data_parallel_bf16_accumulates_and_reduces_in_fp32():
         torch.testing.assert_close(dp[name], delta, rtol=1e-5, atol=1e-9, msg=name)
 
 
+@pytest.mark.slow
 def test_forward_step_contract_variants():
     """Both signatures and both loss-function return forms train."""
     seen = {}
@@ -184,6 +189,7 @@ def test_invalid_config_reports_every_problem_before_setup(tmp_path):
     assert not (tmp_path / "cfg.yaml").exists()
 
 
+@pytest.mark.slow
 def test_save_config_filepath_writes_the_resolved_yaml(tmp_path):
     from viaduct.training.config import ConfigContainer
 
@@ -193,6 +199,7 @@ def test_save_config_filepath_writes_the_resolved_yaml(tmp_path):
     assert loaded.train.train_iters == 1 and loaded.model.num_layers == 2
 
 
+@pytest.mark.slow
 def test_exit_interval_stops_early_and_skips_final_evaluation():
     rec = Recorder()
     state = pretrain(tiny_pretrain_config("train.train_iters=10", "train.exit_interval=3"), callbacks=[rec])
@@ -203,6 +210,7 @@ def test_exit_interval_stops_early_and_skips_final_evaluation():
     assert state.user_state == {}  # the framework keeps its own state out of the user's dict
 
 
+@pytest.mark.slow
 def test_iterations_to_skip_consume_data_without_updates():
     rec = Recorder()
     state = pretrain(
@@ -213,6 +221,7 @@ def test_iterations_to_skip_consume_data_without_updates():
     assert len(rec.losses) == 2  # only steps 1 and 4 ran forward
 
 
+@pytest.mark.slow
 def test_rampup_batch_size_grows_the_batch():
     state = pretrain(
         tiny_pretrain_config(
@@ -231,6 +240,7 @@ def test_finetune_needs_a_checkpoint(tmp_path):
         finetune(tiny_pretrain_config(f"checkpoint.load={empty}", f"checkpoint.save={empty}"))
 
 
+@pytest.mark.slow
 def test_per_token_loss_trains():
     rec = Recorder()
     pretrain(
@@ -249,6 +259,7 @@ def _nan_on_rank_1(rank: int, world_size: int) -> None:
     pretrain(tiny_pretrain_config("ddp.check_for_nan_in_grad=true"), forward_step)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_nan_gradients_are_caught_before_the_all_reduce_and_name_the_rank():
     with pytest.raises(RuntimeError, match=r"rank 1: NaN or infinite gradients"):
@@ -280,16 +291,19 @@ def _hash_detects(rank: int, world_size: int) -> tuple[bool, bool]:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_weight_hash_check_tells_equal_from_drifted_replicas():
     assert run_distributed(_hash_detects, 2, timeout=60) == (True, False)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_weight_hash_check_passes_for_healthy_replicas():
     assert run_distributed(_weight_hash_worker, 2, timeout=120) == 2
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_with_the_iteration():
     from viaduct.training.train import NonFiniteLossError
 
@@ -301,6 +315,7 @@ def test_nan_loss_stops_the_run_with_the_iteration():
         pretrain(tiny_pretrain_config("logger.log_interval=2"), forward_step)
 
 
+@pytest.mark.slow
 def test_exit_duration_in_mins_exits_after_the_step():
     class OldJob(Callback):
         def on_train_start(self, ctx: CallbackContext) -> None:
@@ -311,6 +326,7 @@ def test_exit_duration_in_mins_exits_after_the_step():
     assert state.exit_reason is not None and "exit_duration_in_mins" in state.exit_reason
 
 
+@pytest.mark.slow
 def test_skip_train_only_evaluates():
     rec = Recorder()
     state = pretrain(tiny_pretrain_config("train.skip_train=true"), callbacks=[rec])

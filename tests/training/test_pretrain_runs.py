@@ -24,6 +24,7 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_every_step_with_megatron_names(tmp_path):
     tb = tmp_path / "tb"
     cfg = tiny_pretrain_config(
@@ -46,6 +47,7 @@ def test_tensorboard_gets_every_step_with_megatron_names(tmp_path):
     assert s["batch-size"][0][1] == 8
 
 
+@pytest.mark.slow
 def test_fp16_overflows_are_skipped_and_counted(tmp_path, caplog):
     tb = tmp_path / "tb"
     cfg = tiny_pretrain_config(
@@ -77,6 +79,7 @@ def _cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.slow
 def test_cli_runs_the_embedded_default(tmp_path):
     """`viaduct pretrain` with no config trains the default recipe (shortened here for CI)."""
     proc = _cli(
@@ -93,10 +96,41 @@ def test_cli_runs_the_embedded_default(tmp_path):
     assert "validation loss at iteration 2" in out
 
 
+@pytest.mark.slow
 def test_cli_config_error_exits_2_with_the_field(tmp_path):
     proc = _cli("pretrain", "train.train_iter=4", cwd=tmp_path)
     assert proc.returncode == 2
     assert "train_iters" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_nan_loss_prints_the_message_and_exits_1(tmp_path):
+    """A learning rate of 1e30 blows the weights up: the loss is NaN by the fourth step."""
+    proc = _cli(
+        "pretrain",
+        "--config-file",
+        str(_tiny_yaml(tmp_path)),
+        "optimizer.lr=1e30",
+        "train.eval_iters=0",
+        "logger.log_interval=1",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: the training loss is {'lm loss': nan} at iteration" in proc.stderr
+    assert "rerun_state_machine.check_for_nan_in_loss" in proc.stderr
+
+
+def test_run_errors_are_user_facing_errors():
+    """The CLI prints TrainingRunErrors without a traceback; each is a ValueError (the project's rule
+    for user-facing errors) and still the RuntimeError it always was."""
+    from viaduct.distributed.ddp import NonFiniteGradientError
+    from viaduct.training.errors import TrainingRunError
+    from viaduct.training.train import NonFiniteLossError, WeightHashMismatchError
+
+    for error in (NonFiniteLossError, WeightHashMismatchError, NonFiniteGradientError):
+        assert issubclass(error, TrainingRunError)
+        assert issubclass(error, ValueError) and issubclass(error, RuntimeError)
 
 
 @pytest.mark.slow
@@ -179,6 +213,7 @@ def _losses_and_weights(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
     return rec.losses, rec.weights
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
     """20 steps straight equal 10 steps, a restart from the checkpoint, and 10 more: the losses and
     the final weights, bitwise (fp32, CPU)."""
@@ -196,6 +231,7 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
         assert torch.equal(weights[name], value), name
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_pretrained_weights_at_step_0(tmp_path):
     from viaduct.training.pretrain import finetune
 
@@ -215,6 +251,7 @@ def test_finetune_starts_from_pretrained_weights_at_step_0(tmp_path):
         finetune(tiny_pretrain_config(f"checkpoint.pretrained_checkpoint={tmp_path / 'missing'}"))
 
 
+@pytest.mark.slow
 def test_profiler_and_progress_file_through_pretrain(tmp_path):
     save = tmp_path / "ckpt"
     cfg = tiny_pretrain_config(
@@ -237,6 +274,7 @@ def test_profiler_and_progress_file_through_pretrain(tmp_path):
     assert any("forward-backward" in t for t in tags), tags
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_runs_data_parallel(tmp_path):
     yaml = _tiny_yaml(tmp_path)
@@ -268,6 +306,7 @@ def test_torchrun_runs_data_parallel(tmp_path):
     assert "world size 2" in out and "iteration        2/       2" in out
 
 
+@pytest.mark.slow
 def test_resume_on_the_builtin_corpus_continues_exactly(tmp_path):
     """The same on real packed documents (the pydoc corpus): the data position resumes exactly."""
     common = (
@@ -286,6 +325,7 @@ def test_resume_on_the_builtin_corpus_continues_exactly(tmp_path):
     assert first + second == straight
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_run_is_accepted_and_reported(tmp_path, caplog):
     save = tmp_path / "ckpt"
     common = ("train.eval_iters=0", f"checkpoint.save={save}")

@@ -80,6 +80,7 @@ def _training_child(ready: mp.synchronize.Event, out: mp.Queue) -> None:
         out.put((steps, handler.received()))
 
 
+@pytest.mark.slow
 def test_child_process_exits_cleanly_after_sigterm() -> None:
     ctx = mp.get_context("spawn")
     ready, out = ctx.Event(), ctx.Queue()

@@ -5,6 +5,10 @@
 `build_train_valid_test_data_iterators` wraps them in DataLoaders whose batch samplers resume at
 the consumed sample counts, so a resumed run sees exactly the batches it would have seen.
 
+Each DataLoader draws its worker seeds from its own generator (`loader_generator`), seeded from
+`rng.seed`, the split and the consumed samples: creating an iterator never draws from torch's global
+generator, whose stream (dropout) must continue unchanged when a run resumes from a checkpoint.
+
 Synthetic data comes from `MockGPTDataset`; named data (indexed `.bin`/`.idx` prefixes, blends,
 splits, `builtin:` corpora) from `viaduct.data.builder.build_gpt_datasets`.
 """
@@ -12,6 +16,7 @@ splits, `builtin:` corpora) from `viaduct.data.builder.build_gpt_datasets`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -111,14 +116,30 @@ def collate_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {k: out[k] for k in keys}
 
 
+def loader_generator(seed: int, split: str, consumed_samples: int, dp_rank: int = 0) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from, a function of its arguments alone.
+
+    Without one, `iter(DataLoader)` draws that seed from torch's global generator: a resumed run
+    would then shift the stream its dropout masks come from. The seed mixes in the consumed samples
+    so the workers of a resumed run do not replay the random draws of the run's first workers.
+    """
+    key = f"{seed}/{split}/{consumed_samples}/{dp_rank}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+
 def build_data_loader(
     dataset: Dataset,
     batch_sampler: Sampler,
     cfg: ConfigContainer,
     *,
     exit_signal: signal.Signals | None = None,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
-    """A DataLoader over `dataset` reading the index lists of `batch_sampler`, per cfg.dataset."""
+    """A DataLoader over `dataset` reading the index lists of `batch_sampler`, per cfg.dataset.
+
+    `generator` (see `loader_generator`) gives the workers their seeds; None draws them from torch's
+    global generator.
+    """
     ds = cfg.dataset
     worker_init_fn = None
     if exit_signal is not None and cfg.train.exit_signal_handler_for_dataloader:
@@ -134,6 +155,7 @@ def build_data_loader(
         persistent_workers=persistent,
         worker_init_fn=worker_init_fn,
         collate_fn=collate_samples,
+        generator=generator,
     )
 
 
@@ -170,7 +192,7 @@ def build_train_valid_test_data_iterators(
         raise ConfigError(p.items)
     eval_mbs = cfg.train.effective_eval_micro_batch_size or mbs
 
-    def loader(dataset: Dataset | None, kind: str, consumed: int, micro: int) -> Iterator | None:
+    def loader(dataset: Dataset | None, split: str, kind: str, consumed: int, micro: int) -> Iterator | None:
         if dataset is None:
             return None
         size = len(dataset)  # type: ignore[arg-type]
@@ -181,10 +203,11 @@ def build_train_valid_test_data_iterators(
             sampler = PretrainingRandomSampler(
                 size, None, consumed, micro, dp_rank, dp_size, ds.data_sharding, seed
             )
-        return iter(build_data_loader(dataset, sampler, cfg, exit_signal=exit_signal))
+        generator = loader_generator(cfg.rng.seed, split, consumed, dp_rank)
+        return iter(build_data_loader(dataset, sampler, cfg, exit_signal=exit_signal, generator=generator))
 
     return (
-        loader(train_ds, train_kind, consumed_train_samples, mbs),
-        loader(valid_ds, "cyclic", consumed_valid_samples, eval_mbs),
-        loader(test_ds, "cyclic", 0, eval_mbs),
+        loader(train_ds, "train", train_kind, consumed_train_samples, mbs),
+        loader(valid_ds, "validation", "cyclic", consumed_valid_samples, eval_mbs),
+        loader(test_ds, "test", "cyclic", 0, eval_mbs),
     )

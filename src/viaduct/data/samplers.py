@@ -19,8 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from viaduct.config import ConfigError, Problems
-
-DATALOADER_TYPES_SUPPORTED = ("single", "cyclic")
+from viaduct.training.config.dataset import dataloader_type_problem
 
 
 def _check_common(consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
@@ -158,15 +157,9 @@ class PretrainingRandomSampler:
 
 def check_dataloader_type(dataloader_type: str | None) -> str:
     """The sampler kind for training: None means "single" (Megatron's default); others not built yet."""
-    kind = "single" if dataloader_type is None else dataloader_type
-    if kind not in DATALOADER_TYPES_SUPPORTED:
+    problem = dataloader_type_problem(dataloader_type)
+    if problem is not None:  # validate() refuses it first; this guards callers that skip validation
         p = Problems()
-        p.add(
-            "dataset.dataloader_type",
-            f"{kind} is not supported yet",
-            dataloader_type,
-            fix='set dataset.dataloader_type to "single" (one resumable pass) '
-            'or "cyclic" (reshuffled epochs)',
-        )
+        p.add("dataset.dataloader_type", problem[0], dataloader_type, fix=problem[1])
         raise ConfigError(p.items)
-    return kind
+    return "single" if dataloader_type is None else dataloader_type

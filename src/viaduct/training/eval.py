@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from viaduct.training.forward_contract import ForwardStepFunc
+from viaduct.training.logging.console import perplexity
 from viaduct.training.optim import MixedPrecisionOptimizer
-from viaduct.training.step import MetricAccumulator, forward_backward
+from viaduct.training.train_step import MetricAccumulator, forward_backward
+
+__all__ = ["evaluate", "perplexity"]  # perplexity: one definition, kept importable from here
 
 
 def evaluate(
-    forward_step: Callable[[Iterator[Any], nn.Module], Any],
+    forward_step: ForwardStepFunc,
     data_iterator: Iterator[Any],
     model: nn.Module,
     optimizer: MixedPrecisionOptimizer,
@@ -46,8 +49,3 @@ def evaluate(
     finally:
         model.train(was_training)
     return dict(zip(reduced.keys(), values))
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped at exp(20) as Megatron does so a diverged run prints a number."""
-    return math.exp(min(20.0, loss))

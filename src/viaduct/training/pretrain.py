@@ -1,10 +1,11 @@
-"""`pretrain(config, forward_step_func)` and `finetune(...)`: a whole training job (spec §5).
+"""`pretrain(config, forward_step_func)` and `finetune(...)`: a whole training job.
 
-1. Validate the config (nothing touches the disk or the network before this passes) and check
-   that this version can run every setting it asks for.
-2. Set up: process group from the torchrun environment, seeds, tokenizer (the model's vocabulary
-   follows it when unset), model (built on its device, compiled on CUDA), optimizer, DDP wrapper,
-   scheduler, checkpoint load, data iterators, logger, timers, signal handler, profiler.
+1. Validate the config (nothing touches the disk or the network before this passes); validation
+   also refuses every setting this version cannot run, so the run re-checks nothing.
+2. Set up: `env_vars` into the environment (a variable already set wins), process group from the
+   torchrun environment, seeds, tokenizer (the model's vocabulary follows it when unset), model
+   (built on its device, compiled on CUDA), optimizer, DDP wrapper, scheduler, checkpoint load,
+   data iterators, logger, timers, signal handler, profiler.
 3. Train (`viaduct.training.train`), evaluate on the validation set, run the test pass.
 4. Shut down what was created — also after an error (process groups are aborted then).
 """
@@ -16,81 +17,70 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from viaduct.config import ConfigError, Problem
+from viaduct.data.loaders import (
+    build_train_valid_test_data_iterators,
+    build_train_valid_test_datasets,
+    get_sample_counts,
+)
+from viaduct.data.tokenizers import Tokenizer, build_tokenizer
+from viaduct.distributed.ddp import wrap_data_parallel
+from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
+from viaduct.models.accounting import flops_per_token, peak_flops
+from viaduct.models.compile import compile_model
+from viaduct.models.gpt.provider import GPTModelProvider
 from viaduct.training.callbacks import Callback, CallbackManager
+from viaduct.training.checkpoint.checkpointer import Checkpointer
+from viaduct.training.checkpoint.lock import lock_save_dir
 from viaduct.training.config import ConfigContainer
-from viaduct.training.forward_step import prepare_forward_step
+from viaduct.training.forward_contract import prepare_forward_step
+from viaduct.training.gpt_step import forward_step as default_forward_step
+from viaduct.training.logging import ProgressFile, TrainingLogger, write_config_file
+from viaduct.training.logging.setup import setup_python_logging, teardown_python_logging
+from viaduct.training.logging.timers import Timers
+from viaduct.training.microbatches import MicroBatchCalculator
+from viaduct.training.optim import build_optimizer
+from viaduct.training.outputs import check_outputs
+from viaduct.training.profiling import Profiler
+from viaduct.training.rng import set_random_seed
+from viaduct.training.scheduler import build_scheduler
+from viaduct.training.signals import DistributedSignalHandler
 from viaduct.training.state import GlobalState
+from viaduct.training.train import RNGSnapshot, TrainContext, run_evaluation, train
 
 log = logging.getLogger("viaduct")
 
 Callbacks = Iterable[Callback | Mapping[str, Callable[..., Any]]] | None
+Resources = list[Callable[[], object]]
+"""What `_run` closes at the end, last created first."""
 
-
-def runtime_problems(cfg: ConfigContainer) -> list[Problem]:
-    """Settings that validate() accepts but this version of the training loop cannot run yet."""
-    from viaduct.models.gpt.provider import GPTModelProvider
-
-    problems: list[Problem] = []
-    m = cfg.model
-    if not isinstance(m, GPTModelProvider):
-        problems.append(
-            Problem("model", "only GPT models can be trained yet", type(m).__name__, fix="use a GPT provider")
-        )
-    for name, what in (
-        ("tensor_model_parallel_size", "tensor parallelism"),
-        ("pipeline_model_parallel_size", "pipeline parallelism"),
-        ("context_parallel_size", "context parallelism"),
-        ("expert_model_parallel_size", "expert parallelism"),
-    ):
-        value = getattr(m, name, 1)
-        if value not in (None, 1):
-            problems.append(
-                Problem(
-                    f"model.{name}",
-                    f"{what} is not supported yet by pretrain()",
-                    value,
-                    fix=f"set model.{name}=1 (data parallelism over all ranks is supported)",
-                )
-            )
-    if getattr(m, "virtual_pipeline_model_parallel_size", None) is not None:
-        problems.append(
-            Problem(
-                "model.virtual_pipeline_model_parallel_size",
-                "pipeline parallelism is not supported yet by pretrain()",
-                m.virtual_pipeline_model_parallel_size,
-                fix="remove model.virtual_pipeline_model_parallel_size",
-            )
-        )
-    if getattr(cfg.dataset, "trust_remote_code", None) is not None:
-        problems.append(
-            Problem(
-                "dataset.trust_remote_code",
-                "applies to Hugging Face datasets, which are not supported yet",
-                cfg.dataset.trust_remote_code,
-                fix="remove dataset.trust_remote_code",
-            )
-        )
-    if cfg.peft is not None:
-        problems.append(
-            Problem(
-                "peft", "PEFT training is not supported yet", type(cfg.peft).__name__, fix="set peft=null"
-            )
-        )
-    return problems
+T = TypeVar("T")
 
 
 def _check(cfg: ConfigContainer) -> None:
+    # validate() holds every configuration rule the run depends on: what `viaduct config validate`
+    # accepts, the run accepts. Only what depends on files or the machine is found at setup.
     if not isinstance(cfg, ConfigContainer):
         raise TypeError(f"pretrain() needs a ConfigContainer, got {type(cfg).__name__}")
     cfg.validate()
-    problems = runtime_problems(cfg)
-    if problems:
-        raise ConfigError(problems, header=f"cannot run this configuration ({len(problems)} problems)")
+
+
+def apply_env_vars(env_vars: Mapping[str, str | int | float | bool]) -> dict[str, str]:
+    """Set each of `env_vars` in os.environ unless it is already set (the launcher's value wins).
+
+    Returns the variables it set. Values become strings as `str()` writes them (True -> "True").
+    """
+    added: dict[str, str] = {}
+    for name, value in env_vars.items():
+        if name not in os.environ:
+            os.environ[name] = added[name] = str(value)
+    return added
 
 
 def pretrain(
@@ -98,7 +88,7 @@ def pretrain(
     forward_step_func: Callable[..., Any] | None = None,
     callbacks: Callbacks = None,
 ) -> GlobalState:
-    """Train as `config` says; returns the final `GlobalState` (train state, last losses).
+    """Train as `config` says; returns the final `GlobalState` (train state, how the run ended, final losses).
 
     `forward_step_func` defaults to `viaduct.training.gpt_step.forward_step`.
     """
@@ -124,25 +114,31 @@ def finetune(
         )
     _check(config)
     state = GlobalState(cfg=config)
-    state.user_state["checkpoint_load_required"] = True
-    return _run(state, forward_step_func, CallbackManager(callbacks))
+    return _run(state, forward_step_func, CallbackManager(callbacks), require_checkpoint=True)
 
 
 def _run(
-    state: GlobalState, forward_step_func: Callable[..., Any] | None, callbacks: CallbackManager
+    state: GlobalState,
+    forward_step_func: Callable[..., Any] | None,
+    callbacks: CallbackManager,
+    *,
+    require_checkpoint: bool = False,
 ) -> GlobalState:
-    from viaduct.distributed.init import destroy_distributed, initialize_distributed
-    from viaduct.training.logging.setup import setup_python_logging, teardown_python_logging
-
     cfg = state.cfg
-    assert cfg is not None
     setup_python_logging(cfg.logger)
-    resources: list[Any] = [teardown_python_logging]
+    resources: Resources = [teardown_python_logging]
     failed = True
+    context: TrainContext | None = None
     try:
+        # Before the process group: NCCL and CUDA read their variables when they start.
+        added = apply_env_vars(cfg.env_vars)
+        if added:
+            log.info("set environment variables from env_vars: %s", ", ".join(sorted(added)))
         state.dist = initialize_distributed(cfg.dist)
-        tc = _setup(state, forward_step_func, callbacks, resources)
-        _train_and_evaluate(state, tc)
+        context = _setup(
+            state, forward_step_func, callbacks, resources, require_checkpoint=require_checkpoint
+        )
+        _train_and_evaluate(state, context)
         failed = False
     finally:
         for close in reversed(resources):
@@ -151,7 +147,7 @@ def _run(
             except Exception:  # keep closing the others; an error already on its way matters more
                 if not failed:
                     raise
-        tc = None  # the DDP wrapper and its hooks hold the process group: free them first
+        context = None  # the DDP wrapper and its hooks hold the process group: free them first
         gc.collect()
         if state.dist is not None:
             destroy_distributed(state.dist, abort=failed)
@@ -162,39 +158,44 @@ def _setup(
     state: GlobalState,
     forward_step_func: Callable[..., Any] | None,
     callbacks: CallbackManager,
-    resources: list,
-) -> Any:
-    from viaduct.data.loaders import (
-        build_train_valid_test_data_iterators,
-        build_train_valid_test_datasets,
-        get_sample_counts,
-    )
-    from viaduct.data.tokenizers import build_tokenizer
-    from viaduct.distributed.ddp import wrap_data_parallel
-    from viaduct.models.accounting import flops_per_token, peak_flops
-    from viaduct.training.checkpointing import Checkpointer
-    from viaduct.training.gpt_step import forward_step as default_forward_step
-    from viaduct.training.logging import ProgressFile, TrainingLogger, write_config_file
-    from viaduct.training.logging.timers import Timers
-    from viaduct.training.microbatches import MicroBatchCalculator
-    from viaduct.training.optim import build_optimizer
-    from viaduct.training.profiling import Profiler
-    from viaduct.training.rng import set_random_seed
-    from viaduct.training.scheduler import build_scheduler
-    from viaduct.training.signals import DistributedSignalHandler
-    from viaduct.training.train import TrainContext
-
+    resources: Resources,
+    *,
+    require_checkpoint: bool,
+) -> TrainContext:
     cfg, ctx = state.cfg, state.dist
-    assert cfg is not None and ctx is not None
-    t0 = time.time()
+    if ctx is None:
+        raise ValueError("_setup() needs the process group: call initialize_distributed() first")
+    train_cfg = cfg.train
+    # validate() (run by pretrain() first) sets these and refuses any model but a GPT one.
+    model_cfg = cfg.model
+    if not isinstance(model_cfg, GPTModelProvider):
+        raise TypeError(f"pretrain() trains GPT models, got {type(model_cfg).__name__}")
+    train_iters = _validated(train_cfg.effective_train_iters, "train.effective_train_iters")
+    global_batch_size = _validated(train_cfg.global_batch_size, "train.global_batch_size")
+    micro_batch_size = _validated(train_cfg.micro_batch_size, "train.micro_batch_size")
+    eval_global_batch_size = _validated(
+        train_cfg.effective_eval_global_batch_size, "train.effective_eval_global_batch_size"
+    )
+    eval_micro_batch_size = _validated(
+        train_cfg.effective_eval_micro_batch_size, "train.effective_eval_micro_batch_size"
+    )
+    setup_start = time.time()
+    # Output paths and the checkpoint-directory lock: before anything is written.
+    check_outputs(cfg, ctx)  # every unwritable output at once, not at the first save
+    save_lock = lock_save_dir(cfg, ctx)  # a second run saving into the same directory stops here
+    if save_lock is not None:
+        resources.append(save_lock.release)
     write_config_file(cfg, rank=ctx.rank)
     progress = ProgressFile.from_config(cfg, rank=ctx.rank)
     if progress is not None:
         progress.job_start(state.train_state.step, ctx.world_size)
-        state.user_state["progress_file"] = progress
 
-    tb = cfg.logger.tensorboard_dir
-    trace_dir = os.path.join(os.path.dirname(os.path.abspath(tb)), "torch_profile") if tb else None
+    tensorboard_dir = cfg.logger.tensorboard_dir
+    trace_dir = (
+        os.path.join(os.path.dirname(os.path.abspath(tensorboard_dir)), "torch_profile")
+        if tensorboard_dir
+        else None
+    )
     profiler = Profiler(
         cfg.profiling, rank=ctx.rank, trace_dir=trace_dir, device=ctx.device, world_size=ctx.world_size
     )
@@ -210,7 +211,7 @@ def _setup(
     state.tokenizer = tokenizer
     _sync_vocab(cfg, tokenizer)
 
-    model = cfg.model.provide(device=ctx.device)
+    model = model_cfg.provide(device=ctx.device)
     optimizer = build_optimizer(cfg.optimizer, model, fp32_main_grads=cfg.ddp.grad_reduce_in_fp32)
     scheduler = build_scheduler(cfg, optimizer)
     checkpointer = Checkpointer(cfg, ctx)
@@ -218,7 +219,7 @@ def _setup(
     loaded = checkpointer.load(
         model=model, optimizer=optimizer, scheduler=scheduler, train_state=state.train_state
     )
-    if loaded is None and state.user_state.get("checkpoint_load_required"):
+    if loaded is None and require_checkpoint:
         raise ConfigError(
             Problem(
                 "checkpoint.load",
@@ -228,39 +229,39 @@ def _setup(
                 "or set checkpoint.pretrained_checkpoint",
             )
         )
+    # The streams the first step must see (seeded, or the checkpoint's): the loop returns to them.
+    rng_at_start = RNGSnapshot.capture(ctx.device)
 
-    trained = _compile(cfg, model, ctx)
-    per_token = bool(getattr(cfg.model, "calculate_per_token_loss", False))
+    trained_model = _compile(cfg, model, ctx)
+    per_token = model_cfg.calculate_per_token_loss
     if ctx.distributed:
-        trained = wrap_data_parallel(trained, cfg.ddp, optimizer, ctx, per_token_loss=per_token)
+        trained_model = wrap_data_parallel(trained_model, cfg.ddp, optimizer, ctx, per_token_loss=per_token)
 
-    t = cfg.train
     dp = cfg.data_parallel_size or 1
-    ts = state.train_state
+    train_state = state.train_state
     train_samples, valid_samples, test_samples = get_sample_counts(cfg)
     if ctx.distributed:
         # Rank 0 builds the dataset index caches first; the other ranks then read them.
         counts = (train_samples, valid_samples, test_samples)
-        _rank0_first(ctx, lambda: build_train_valid_test_datasets(cfg, tokenizer, counts), others=False)
-    train_it, valid_it, test_it = build_train_valid_test_data_iterators(
+        _rank0_only_first(ctx, lambda: build_train_valid_test_datasets(cfg, tokenizer, counts))
+    train_iterator, valid_iterator, test_iterator = build_train_valid_test_data_iterators(
         cfg,
         tokenizer,
         dp_rank=ctx.rank,
         dp_size=dp,
-        consumed_train_samples=ts.consumed_train_samples,
-        consumed_valid_samples=ts.consumed_valid_samples,
+        consumed_train_samples=train_state.consumed_train_samples,
+        consumed_valid_samples=train_state.consumed_valid_samples,
         train_samples=train_samples,
         valid_samples=valid_samples,
         test_samples=test_samples,
-        exit_signal=t.exit_signal if t.exit_signal_handler_for_dataloader else None,
+        exit_signal=train_cfg.exit_signal if train_cfg.exit_signal_handler_for_dataloader else None,
     )
-    state.user_state["test_iterator"] = test_it
-    ts.do_train = train_it is not None and t.effective_train_iters > 0
-    ts.do_valid = valid_it is not None and t.eval_iters > 0
-    ts.do_test = test_it is not None and t.eval_iters > 0
+    train_state.do_train = train_iterator is not None and train_iters > 0
+    train_state.do_valid = valid_iterator is not None and train_cfg.eval_iters > 0
+    train_state.do_test = test_iterator is not None and train_cfg.eval_iters > 0
 
-    seq = cfg.model.seq_length
-    name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
+    seq_length = model_cfg.seq_length
+    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
     state.timers = Timers(
         cfg.logger.timing_log_level, cfg.logger.timing_log_option, cfg.logger.barrier_with_L1_time
     )
@@ -268,106 +269,123 @@ def _setup(
         cfg,
         rank=ctx.rank,
         world_size=ctx.world_size,
-        train_iters=t.effective_train_iters,
-        peak_flops_per_device=peak_flops(name) if name else None,
+        train_iters=train_iters,
+        peak_flops_per_device=peak_flops(device_name) if device_name else None,
         device=ctx.device,
-        start_step=ts.step,
+        start_step=train_state.step,
     )
     resources.append(state.logger.close)
-    if t.exit_signal_handler:
-        handler = DistributedSignalHandler(t.exit_signal)
+    if train_cfg.exit_signal_handler:
+        handler = DistributedSignalHandler(train_cfg.exit_signal)
         handler.__enter__()
         state.signal_handler = handler
         resources.append(lambda: handler.__exit__(None, None, None))
 
     microbatches = MicroBatchCalculator(
-        t.global_batch_size, t.micro_batch_size, dp, t.rampup_batch_size, t.decrease_batch_size_if_needed
+        global_batch_size,
+        micro_batch_size,
+        dp,
+        train_cfg.rampup_batch_size,
+        train_cfg.decrease_batch_size_if_needed,
     )
-    microbatches.update(ts.consumed_train_samples)
-    eval_mbs = t.effective_eval_micro_batch_size
-    tc = TrainContext(
+    microbatches.update(train_state.consumed_train_samples)
+    context = TrainContext(
         forward_step=prepare_forward_step(forward_step_func or default_forward_step, state),
-        model=trained,
-        module=model,
+        trained_model=trained_model,
+        plain_model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_iterator=train_it,
-        valid_iterator=valid_it,
+        train_iterator=train_iterator,
+        valid_iterator=valid_iterator,
+        test_iterator=test_iterator,
         microbatches=microbatches,
-        eval_num_microbatches=max(1, t.effective_eval_global_batch_size // (eval_mbs * dp)),
-        flops_per_sample=flops_per_token(cfg.model, seq) * seq,
-        tokens_per_sample=seq,
+        train_iters=train_iters,
+        eval_global_batch_size=eval_global_batch_size,
+        eval_num_microbatches=max(1, eval_global_batch_size // (eval_micro_batch_size * dp)),
+        flops_per_sample=flops_per_token(model_cfg, seq_length) * seq_length,
+        tokens_per_sample=seq_length,
         callbacks=callbacks,
         profiler=profiler,
         checkpointer=checkpointer,
+        progress_file=progress,
         per_token_loss=per_token,
+        rng_at_start=rng_at_start,
     )
     n_params = sum(p.numel() for p in model.parameters())
     state.logger.info(
-        f"model: {n_params / 1e6:.2f}M parameters on {ctx.device} ({cfg.model.params_dtype}); "
-        f"world size {ctx.world_size}, {microbatches.num_microbatches} micro-batches of {t.micro_batch_size} "
-        f"per step; setup took {time.time() - t0:.1f} s"
+        f"model: {n_params / 1e6:.2f}M parameters on {ctx.device} ({model_cfg.params_dtype}); "
+        f"world size {ctx.world_size}, {microbatches.num_microbatches} micro-batches of {micro_batch_size} "
+        f"per step; setup took {time.time() - setup_start:.1f} s"
     )
-    return tc
+    return context
 
 
-def _rank0_first(ctx: Any, fn: Callable[[], Any], *, others: bool = True) -> Any:
-    """Run `fn` on rank 0, then (unless `others` is False) on the other ranks, which then find
-    rank 0's cached files."""
+def _validated(value: int | None, field: str) -> int:
+    """A setting that `validate()` sets or derives; unset only when validate() was skipped."""
+    if value is None:
+        raise ValueError(f"{field} is unset: call cfg.validate() before building the run")
+    return value
+
+
+def _rank0_first(ctx: DistributedContext, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other ranks, which then find rank 0's cached files."""
     if not ctx.distributed:
         return fn()
-    import torch.distributed as dist
-
-    result = fn() if ctx.rank == 0 else None
+    if ctx.rank == 0:
+        result = fn()
+        dist.barrier(group=ctx.host_group)
+        return result
     dist.barrier(group=ctx.host_group)
-    return fn() if ctx.rank != 0 and others else result
+    return fn()
 
 
-def _sync_vocab(cfg: ConfigContainer, tokenizer: Any) -> None:
+def _rank0_only_first(ctx: DistributedContext, fn: Callable[[], object]) -> None:
+    """Run `fn` on rank 0 while the other ranks wait (they read what it cached afterwards)."""
+    if ctx.rank == 0:
+        fn()
+    dist.barrier(group=ctx.host_group)
+
+
+def _sync_vocab(cfg: ConfigContainer, tokenizer: Tokenizer) -> None:
     """The model's vocabulary follows the tokenizer when unset or when asked to (Megatron's policy)."""
-    m = cfg.model
-    if m.vocab_size is None or cfg.tokenizer.use_tokenizer_vocab_size:
-        m._derive("vocab_size", tokenizer.vocab_size, f"tokenizer ({cfg.tokenizer.tokenizer_type})")
-    elif m.vocab_size < tokenizer.vocab_size:
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None or cfg.tokenizer.use_tokenizer_vocab_size:
+        model_cfg.derive("vocab_size", tokenizer.vocab_size, f"tokenizer ({cfg.tokenizer.tokenizer_type})")
+    elif model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             Problem(
                 "model.vocab_size",
                 f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size} tokens)",
-                m.vocab_size,
+                model_cfg.vocab_size,
                 fix="unset model.vocab_size (it then follows the tokenizer) or raise it",
             )
         )
 
 
-def _compile(cfg: ConfigContainer, model: torch.nn.Module, ctx: Any) -> torch.nn.Module:
-    t = cfg.train
-    enabled = t.torch_compile if t.torch_compile is not None else ctx.device.type == "cuda"
+def _compile(cfg: ConfigContainer, model: nn.Module, ctx: DistributedContext) -> nn.Module:
+    train_cfg = cfg.train
+    enabled = train_cfg.torch_compile if train_cfg.torch_compile is not None else ctx.device.type == "cuda"
     if not enabled:
         return model
-    from viaduct.models.compile import compile_model
-
     # Under DDP, per-layer graphs let gradient buckets be reduced while backward still runs.
-    scope = t.torch_compile_scope or ("layers" if ctx.distributed else "model")
+    scope = train_cfg.torch_compile_scope or ("layers" if ctx.distributed else "model")
     return compile_model(model, scope=scope)
 
 
-def _train_and_evaluate(state: GlobalState, tc: Any) -> None:
-    from viaduct.training.train import run_evaluation, train
-
-    cfg, ts = state.cfg, state.train_state
-    assert cfg is not None
-    if not cfg.train.skip_train and ts.do_train and ts.step < cfg.train.effective_train_iters:
-        train(state, tc)
-    if state.user_state.get("exit_reason"):
+def _train_and_evaluate(state: GlobalState, context: TrainContext) -> None:
+    train_cfg, train_state = state.cfg.train, state.train_state
+    if not train_cfg.skip_train and train_state.do_train and train_state.step < context.train_iters:
+        train(state, context)
+    if state.exit_reason:
         return  # an exit condition stops the job without the final evaluation
-    eval_interval = cfg.train.eval_interval
+    eval_interval = train_cfg.eval_interval
     already = (
         eval_interval is not None
-        and ts.step % eval_interval == 0
-        and ts.step > 0
-        and not cfg.train.skip_train
+        and train_state.step % eval_interval == 0
+        and train_state.step > 0
+        and not train_cfg.skip_train
     )
-    if ts.do_valid and not already:
-        state.user_state["validation"] = run_evaluation(state, tc, "validation")
-    if ts.do_test:
-        state.user_state["test"] = run_evaluation(state, tc, "test")
+    if train_state.do_valid and not already:
+        state.final_validation = run_evaluation(state, context, "validation")
+    if train_state.do_test:
+        state.final_test = run_evaluation(state, context, "test")

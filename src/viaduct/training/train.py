@@ -1,4 +1,4 @@
-"""The training loop (spec §5.3): steps, logging, evaluation, checkpoints and exits.
+"""The training loop: steps, logging, evaluation, checkpoints and exits.
 
 The host never waits for the device inside a step: each step leaves its losses, grad norm and
 loss scale on the device; they are copied to the host together every `logger.log_interval` steps
@@ -10,33 +10,157 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from viaduct.distributed.init import set_timeout_after_init
 from viaduct.training.callbacks import CallbackContext, CallbackManager
+from viaduct.training.errors import TrainingRunError
 from viaduct.training.eval import evaluate
+from viaduct.training.host_memory import keep_freed_host_memory
 from viaduct.training.logging import IntervalTiming, StepRecord
 from viaduct.training.microbatches import MicroBatchCalculator
 from viaduct.training.optim import MixedPrecisionOptimizer
 from viaduct.training.state import GlobalState
-from viaduct.training.step import StepResult, train_step
+from viaduct.training.train_step import train_step
+
+if TYPE_CHECKING:
+    from viaduct.training.checkpoint.checkpointer import Checkpointer
+    from viaduct.training.forward_contract import ForwardStepFunc
+    from viaduct.training.logging import ProgressFile
+    from viaduct.training.profiling import Profiler
+    from viaduct.training.scheduler import OptimizerParamScheduler
 
 log = logging.getLogger("viaduct")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingRunError):
     """The training loss became NaN or infinite (rerun_state_machine.check_for_nan_in_loss)."""
 
 
-class WeightHashMismatchError(RuntimeError):
+class WeightHashMismatchError(TrainingRunError):
     """Data-parallel replicas hold different weights (train.check_weight_hash_across_dp_replicas_interval)."""
+
+
+@dataclass
+class RNGSnapshot:
+    """The state of Python's, NumPy's and torch's global generators at one moment, held in memory.
+
+    `pretrain()` captures it right after the seeds are set, the model is built and a checkpoint
+    (with its RNG state) is loaded, and the loop returns to it right before its first step. Whatever
+    setup draws in between (a DataLoader iterator drawing its workers' base seed, a compiler, a
+    callback's `on_train_start`) then cannot shift the stream the first step's dropout masks come
+    from, so a resumed run continues exactly where the saved one stopped.
+    """
+
+    python: tuple[Any, ...]
+    numpy: dict[str, Any]
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+    """Only the training device's generator: reading every visible GPU's would create a CUDA context on
+    each of them."""
+    cuda_device: int | None = None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RNGSnapshot:
+        cuda = cuda_device = None
+        if device.type == "cuda" and torch.cuda.is_available():
+            cuda_device = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = torch.cuda.get_rng_state(cuda_device)
+        return cls(
+            python=random.getstate(),
+            numpy=np.random.get_state(legacy=False),
+            cpu=torch.get_rng_state(),
+            cuda=cuda,
+            cuda_device=cuda_device,
+        )
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None and self.cuda_device is not None:  # captured together
+            torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+
+
+_OPTIONAL_METRICS = ("grad_norm", "num_zeros", "params_norm", "loss_scale")
+
+
+@dataclass
+class _HostMetrics:
+    """A step's metrics read back on the host (see `_DeviceMetrics`)."""
+
+    losses: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None
+    num_zeros: float | None = None
+    params_norm: float | None = None
+    loss_scale: float | None = None
+    """None when there is no loss scaler."""
+    layer_grad_norms: dict[str, float] | None = None
+    """{"grad-norm/<layer>": norm} on the steps that measured them (log_l2_norm_grad_to_tensorboard)."""
+
+
+@dataclass
+class _DeviceMetrics:
+    """A step's metrics still on the device, stacked into one flat float32 tensor, with the name of
+    each value in it.
+
+    Stacking copies the values at the step: the loss scale is changed in place by later steps. A log
+    interval concatenates the stacked tensors of all its steps and copies them to the host at once.
+    """
+
+    values: torch.Tensor
+    keys: list[tuple[str, str]]
+    """(kind, name) of each value: ("loss", name), (one of _OPTIONAL_METRICS, ""), ("layer", layer)."""
+
+    @classmethod
+    def stack(
+        cls,
+        losses: dict[str, torch.Tensor],
+        *,
+        grad_norm: torch.Tensor | None = None,
+        num_zeros: torch.Tensor | None = None,
+        params_norm: torch.Tensor | None = None,
+        loss_scale: torch.Tensor | None = None,
+        layer_grad_norms: tuple[list[str], torch.Tensor] | None = None,
+    ) -> _DeviceMetrics | None:
+        """One device tensor of every value given; None when there is none."""
+        keys: list[tuple[str, str]] = []
+        parts: list[torch.Tensor] = []
+        for name in sorted(losses):
+            keys.append(("loss", name))
+            parts.append(losses[name].detach().float().view(1))
+        optional = dict(zip(_OPTIONAL_METRICS, (grad_norm, num_zeros, params_norm, loss_scale)))
+        for kind, value in optional.items():
+            if value is not None:
+                keys.append((kind, ""))
+                parts.append(value.detach().float().view(1))
+        if layer_grad_norms is not None:
+            layer_names, norms = layer_grad_norms
+            keys += [("layer", name) for name in layer_names]
+            parts.append(norms.detach().float().view(-1))
+        return cls(torch.cat(parts), keys) if parts else None
+
+    def unpack(self, host: list[float]) -> _HostMetrics:
+        """The values of `host` (this step's slice of the interval's one host copy), by name."""
+        by_key = dict(zip(self.keys, host))
+        layers = {f"grad-norm/{name}": v for (kind, name), v in by_key.items() if kind == "layer"}
+        return _HostMetrics(
+            losses={name: v for (kind, name), v in by_key.items() if kind == "loss"},
+            grad_norm=by_key.get(("grad_norm", "")),
+            num_zeros=by_key.get(("num_zeros", "")),
+            params_norm=by_key.get(("params_norm", "")),
+            loss_scale=by_key.get(("loss_scale", "")),
+            layer_grad_norms=layers if any(kind == "layer" for kind, _ in self.keys) else None,
+        )
 
 
 @dataclass
@@ -49,55 +173,47 @@ class _Pending:
     decoupled_learning_rate: float | None
     global_batch_size: int
     skipped: bool
-    names: list[str] = field(default_factory=list)
-    values: torch.Tensor | None = None  # [losses..., grad_norm, num_zeros, params_norm, loss_scale]
-    has: tuple[bool, bool, bool, bool] = (False, False, False, False)
-    layer_names: list[str] = field(default_factory=list)
-    layer_norms: torch.Tensor | None = None  # per-layer gradient norms (log_l2_norm_grad_to_tensorboard)
+    metrics: _DeviceMetrics | None = None
+    """None for a step that consumed its batch without running (iterations_to_skip)."""
 
 
 @dataclass
 class TrainContext:
     """Everything the loop uses besides the state: built by `pretrain()`'s setup."""
 
-    forward_step: Callable[[Iterator[Any], nn.Module], Any]
-    model: nn.Module  # as trained (possibly DDP-wrapped and compiled)
-    module: nn.Module  # the plain model inside
+    forward_step: ForwardStepFunc
+    """The user's forward step, with `state` bound when it asks for it."""
+    trained_model: nn.Module
+    """What runs forward and backward: the plain model, compiled and/or DDP-wrapped when the run does that."""
+    plain_model: nn.Module
+    """The model as built, inside `trained_model`: what checkpoints save and load."""
     optimizer: MixedPrecisionOptimizer
-    scheduler: Any
+    scheduler: OptimizerParamScheduler
     train_iterator: Iterator[Any] | None
     valid_iterator: Iterator[Any] | None
+    test_iterator: Iterator[Any] | None
     microbatches: MicroBatchCalculator
+    train_iters: int
+    """Optimizer steps of the whole run (train.effective_train_iters)."""
+    eval_global_batch_size: int
+    """Samples of one evaluation batch over all ranks (train.effective_eval_global_batch_size)."""
     eval_num_microbatches: int
     flops_per_sample: float
     tokens_per_sample: int
     callbacks: CallbackManager
-    profiler: Any = None
-    checkpointer: Any = None
+    profiler: Profiler | None = None
+    checkpointer: Checkpointer | None = None
+    progress_file: ProgressFile | None = None
+    """logger.log_progress's progress.txt (rank 0 only)."""
     per_token_loss: bool = False
+    rng_at_start: RNGSnapshot | None = None  # restored right before the first step
 
 
 def _decoupled_lr(optimizer: MixedPrecisionOptimizer) -> float | None:
-    for g in optimizer.param_groups:
-        if "max_lr" in g:
-            return float(g["lr"])
+    for group in optimizer.param_groups:
+        if "max_lr" in group:
+            return float(group["lr"])
     return None
-
-
-def _pack(
-    result: StepResult, optimizer: MixedPrecisionOptimizer, params_norm: torch.Tensor | None
-) -> tuple[list[str], torch.Tensor | None, tuple[bool, bool, bool, bool]]:
-    names = sorted(result.losses)
-    parts = [result.losses[n].float().view(1) for n in names]
-    extras = (
-        result.grad_norm,
-        result.num_zeros,
-        params_norm,
-        optimizer.scaler.scale if optimizer.scaler else None,
-    )
-    parts += [e.detach().float().view(1) for e in extras if e is not None]
-    has = tuple(e is not None for e in extras)
-    return names, (torch.cat(parts) if parts else None), has  # type: ignore[return-value]
 
 
 def _to_records(pending: list[_Pending]) -> tuple[list[StepRecord], dict[int, dict[str, float]]]:
@@ -105,54 +221,53 @@ def _to_records(pending: list[_Pending]) -> tuple[list[StepRecord], dict[int, di
 
     Returns the step records and, per step, the per-layer gradient norms that were computed.
     """
-    tensors = [t for p in pending for t in (p.values, p.layer_norms) if t is not None]
-    host = torch.cat(tensors).cpu().tolist() if tensors else []
-    records, layers, i = [], {}, 0
-    for p in pending:
-        vals: list[float] = []
-        if p.values is not None:
-            vals = host[i : i + p.values.numel()]
-            i += p.values.numel()
-        if p.layer_norms is not None:
-            n = p.layer_norms.numel()
-            layers[p.step] = {f"grad-norm/{k}": v for k, v in zip(p.layer_names, host[i : i + n])}
-            i += n
-        losses = dict(zip(p.names, vals[: len(p.names)]))
-        rest = iter(vals[len(p.names) :])
-        grad_norm, num_zeros, params_norm, loss_scale = (next(rest) if h else None for h in p.has)
+    stacked = [pending_step.metrics.values for pending_step in pending if pending_step.metrics is not None]
+    host = torch.cat(stacked).cpu().tolist() if stacked else []
+    records: list[StepRecord] = []
+    layers: dict[int, dict[str, float]] = {}
+    offset = 0
+    for pending_step in pending:
+        got = _HostMetrics()
+        if pending_step.metrics is not None:
+            count = len(pending_step.metrics.keys)
+            got = pending_step.metrics.unpack(host[offset : offset + count])
+            offset += count
+        if got.layer_grad_norms is not None:
+            layers[pending_step.step] = got.layer_grad_norms
         records.append(
             StepRecord(
-                step=p.step,
-                consumed_samples=p.consumed_samples,
-                learning_rate=p.learning_rate,
-                decoupled_learning_rate=p.decoupled_learning_rate,
-                global_batch_size=p.global_batch_size,
-                losses={} if p.skipped else losses,
-                grad_norm=grad_norm,
-                num_zeros=num_zeros,
-                params_norm=params_norm,
-                loss_scale=loss_scale,
-                skipped=p.skipped,
-                nan=any(not math.isfinite(v) for v in losses.values()),
+                step=pending_step.step,
+                consumed_samples=pending_step.consumed_samples,
+                learning_rate=pending_step.learning_rate,
+                decoupled_learning_rate=pending_step.decoupled_learning_rate,
+                global_batch_size=pending_step.global_batch_size,
+                losses={} if pending_step.skipped else got.losses,
+                grad_norm=got.grad_norm,
+                num_zeros=got.num_zeros,
+                params_norm=got.params_norm,
+                loss_scale=got.loss_scale,
+                skipped=pending_step.skipped,
+                nan=any(not math.isfinite(v) for v in got.losses.values()),
             )
         )
     return records, layers
 
 
 def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[float]) -> None:
-    rsm = state.cfg.rerun_state_machine  # type: ignore[union-attr]
-    for r in records:
-        if r.nan and rsm.check_for_nan_in_loss:
+    rsm = state.cfg.rerun_state_machine
+    for record in records:
+        if record.nan and rsm.check_for_nan_in_loss:
             raise NonFiniteLossError(
-                f"the training loss is {r.losses} at iteration {r.step} (NaN or infinite); stopping "
-                "(rerun_state_machine.check_for_nan_in_loss). Lower optimizer.lr, raise optimizer.clip_grad "
-                "or check the data; set rerun_state_machine.check_for_nan_in_loss=false to continue anyway"
+                f"the training loss is {record.losses} at iteration {record.step} (NaN or infinite); "
+                "stopping (rerun_state_machine.check_for_nan_in_loss). Lower optimizer.lr, raise "
+                "optimizer.clip_grad or check the data; set rerun_state_machine.check_for_nan_in_loss=false "
+                "to continue anyway"
             )
-        for name, value in r.losses.items():
+        for name, value in record.losses.items():
             if rsm.check_for_spiky_loss and recent and value > rsm.spiky_loss_factor * max(recent):
                 log.warning(
                     "spiky loss at iteration %d: %s = %.4f is over %.1f × the largest of the last %d (%.4f)",
-                    r.step,
+                    record.step,
                     name,
                     value,
                     rsm.spiky_loss_factor,
@@ -180,7 +295,7 @@ def _check_large_grads(step: int, norm: float, recent: list[float]) -> None:
         del recent[:-100]
 
 
-def _weights_match_across_ranks(module: nn.Module, group: Any = None) -> bool:
+def _weights_match_across_ranks(module: nn.Module, group: dist.ProcessGroup | None = None) -> bool:
     """All data-parallel replicas hold bitwise-identical weights (one checksum per parameter)."""
     with torch.no_grad():
         sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
@@ -191,121 +306,148 @@ def _weights_match_across_ranks(module: nn.Module, group: Any = None) -> bool:
 
 def _decide_exit(state: GlobalState) -> tuple[bool, bool]:
     """(signal received on any rank, exit_duration_in_mins exceeded on any rank): host-side only."""
-    t = state.cfg.train  # type: ignore[union-attr]
+    limit = state.cfg.train.exit_duration_in_mins
     handler = state.signal_handler
     signal = bool(handler is not None and handler.received())
     minutes = (time.time() - state.start_time) / 60.0
-    over = t.exit_duration_in_mins is not None and minutes > t.exit_duration_in_mins
+    over = limit is not None and minutes > limit
     ctx = state.dist
-    if ctx is not None and ctx.distributed and (handler is not None or t.exit_duration_in_mins is not None):
+    if ctx is not None and ctx.distributed and (handler is not None or limit is not None):
         flags = torch.tensor([float(signal), float(over)], device=ctx.host_device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.host_group)
         signal, over = bool(flags[0]), bool(flags[1])  # a device sync without the gloo group
     return signal, over
 
 
-def train(state: GlobalState, tc: TrainContext) -> None:
-    """Run steps until train_iters (or an exit condition); evaluate and checkpoint on the way."""
+def train(state: GlobalState, context: TrainContext) -> None:
+    """Run steps until train_iters (or an exit condition); evaluate and checkpoint on the way.
+
+    On a CPU, freed host memory stays in the process meanwhile (`keep_freed_host_memory`): every
+    step reuses the blocks of the last one instead of page-faulting fresh ones from the kernel.
+    """
+    with keep_freed_host_memory(enabled=state.device.type == "cpu"):
+        _train_loop(state, context)
+
+
+def _train_loop(state: GlobalState, context: TrainContext) -> None:
     cfg = state.cfg
-    assert cfg is not None  # set by pretrain()
-    t, lc, ts = cfg.train, cfg.logger, state.train_state
-    train_iters = t.effective_train_iters
-    model, optimizer, scheduler = tc.model, tc.optimizer, tc.scheduler
+    train_cfg, log_cfg, train_state = cfg.train, cfg.logger, state.train_state
+    train_iters = context.train_iters
+    model, optimizer, scheduler = context.trained_model, context.optimizer, context.scheduler
+    train_iterator = context.train_iterator
+    if train_iterator is None:  # pretrain() trains only when there is training data
+        raise ValueError("train() needs training data: the context has no train_iterator")
     timers, logger = state.timers, state.logger
-    cb_ctx = CallbackContext(state, model, optimizer, scheduler)
+    callback_ctx = CallbackContext(state, model, optimizer, scheduler)
 
     model.train()
-    if t.manual_gc:
+    if train_cfg.manual_gc:
         gc.disable()
         gc.collect()
-    tc.callbacks.fire("on_train_start", cb_ctx)
+    context.callbacks.fire("on_train_start", callback_ctx)
+    if context.rng_at_start is not None:
+        context.rng_at_start.restore()  # the last thing before the first step: nothing can draw in between
 
     pending: list[_Pending] = []
     recent_losses: list[float] = []
     recent_norms: list[float] = []
     interval_start, interval_steps, interval_samples = time.time(), 0, 0
-    last_saved_step = ts.step if ts.step > 0 else None
+    last_saved_step = train_state.step if train_state.step > 0 else None
     first_step = True
     exit_reason: str | None = None
 
-    while ts.step < train_iters:
-        step = ts.step + 1
-        if tc.profiler is not None:
-            tc.profiler.step_start(step)
-        if tc.microbatches.update(ts.consumed_train_samples) and cfg.checkpoint.save:
+    while train_state.step < train_iters:
+        step = train_state.step + 1
+        if context.profiler is not None:
+            context.profiler.step_start(step)
+        if context.microbatches.update(train_state.consumed_train_samples) and cfg.checkpoint.save:
             # Megatron saves when the batch size changes during ramp-up.
-            _save(state, tc, ts.step)
-            last_saved_step = ts.step
-        gbs = tc.microbatches.current_global_batch_size
-        tc.callbacks.fire("on_train_step_start", cb_ctx)
+            _save(state, context, train_state.step)
+            last_saved_step = train_state.step
+        global_batch_size = context.microbatches.current_global_batch_size
+        context.callbacks.fire("on_train_step_start", callback_ctx)
 
-        if step in t.iterations_to_skip:
+        if step in train_cfg.iterations_to_skip:
             # Consume the batch without an update (Megatron's iterations_to_skip).
-            for _ in range(tc.microbatches.num_microbatches):
-                next(tc.train_iterator)  # type: ignore[arg-type]
+            for _ in range(context.microbatches.num_microbatches):
+                next(train_iterator)
             skipped = True
             result = None
-            ts.skipped_train_samples += gbs
+            train_state.skipped_train_samples += global_batch_size
         else:
             result = train_step(
-                tc.forward_step,
-                tc.train_iterator,  # type: ignore[arg-type]
+                context.forward_step,
+                train_iterator,
                 model,
                 optimizer,
-                tc.microbatches.num_microbatches,
-                per_token_loss=tc.per_token_loss,
-                empty_cache_level=t.empty_unused_memory_level,
+                context.microbatches.num_microbatches,
+                per_token_loss=context.per_token_loss,
+                empty_cache_level=train_cfg.empty_unused_memory_level,
                 timers=timers,
             )
             skipped = not result.updated
             if result.updated:
-                scheduler.step(increment=gbs)
+                scheduler.step(increment=global_batch_size)
             if cfg.ddp.check_for_large_grads and result.grad_norm is not None:
                 _check_large_grads(step, float(result.grad_norm), recent_norms)  # opt-in host sync
 
-        ts.step = step
-        ts.consumed_train_samples += gbs
-        ts.floating_point_operations_so_far += tc.flops_per_sample * gbs
+        train_state.step = step
+        train_state.consumed_train_samples += global_batch_size
+        train_state.floating_point_operations_so_far += context.flops_per_sample * global_batch_size
         interval_steps += 1
-        interval_samples += gbs
+        interval_samples += global_batch_size
 
-        params_norm = optimizer.params_norm() if lc.log_params_norm else None
-        p = _Pending(
+        pending_step = _Pending(
             step,
-            ts.consumed_train_samples,
+            train_state.consumed_train_samples,
             float(optimizer.param_groups[0]["lr"]),
             _decoupled_lr(optimizer),
-            gbs,
+            global_batch_size,
             skipped,
         )
         if result is not None:
-            p.names, p.values, p.has = _pack(result, optimizer, params_norm)
-            if lc.log_l2_norm_grad_to_tensorboard and step % lc.tensorboard_log_interval == 0:
-                p.layer_names, p.layer_norms = optimizer.layer_grad_norms()
-        pending.append(p)
-        tc.callbacks.fire(
+            measure_layers = (
+                log_cfg.log_l2_norm_grad_to_tensorboard and step % log_cfg.tensorboard_log_interval == 0
+            )
+            pending_step.metrics = _DeviceMetrics.stack(
+                result.losses,
+                grad_norm=result.grad_norm,
+                num_zeros=result.num_zeros,
+                params_norm=optimizer.params_norm() if log_cfg.log_params_norm else None,
+                loss_scale=optimizer.scaler.scale if optimizer.scaler else None,
+                layer_grad_norms=optimizer.layer_grad_norms() if measure_layers else None,
+            )
+        pending.append(pending_step)
+        context.callbacks.fire(
             "on_train_step_end",
             CallbackContext(state, model, optimizer, scheduler, {"losses": result.losses if result else {}}),
         )
         if first_step:
-            set_timeout_after_init(state.dist, cfg.dist)  # type: ignore[arg-type]
-            if tc.checkpointer is not None:  # the optimizer state exists now: size the async staging memory
-                tc.checkpointer.prepare_staging(model=tc.module, optimizer=optimizer)
+            if state.dist is not None:
+                set_timeout_after_init(state.dist, cfg.dist)
+            if (
+                context.checkpointer is not None
+            ):  # the optimizer state exists now: size the async staging memory
+                context.checkpointer.prepare_staging(model=context.plain_model, optimizer=optimizer)
             first_step = False
 
-        if t.train_sync_interval and step % t.train_sync_interval == 0 and torch.cuda.is_available():
+        if (
+            train_cfg.train_sync_interval
+            and step % train_cfg.train_sync_interval == 0
+            and torch.cuda.is_available()
+        ):
             torch.cuda.synchronize()
         if logger is not None:
             logger.progress(step)
-        if step % lc.log_interval == 0 or step == train_iters:
+        if step % log_cfg.log_interval == 0 or step == train_iters:
             records, layer_norms = _to_records(pending)  # the one host synchronisation of the interval
             elapsed = time.time() - interval_start
             names = ["forward-backward", "optimizer"]
             timing = IntervalTiming(
                 iterations=interval_steps,
                 elapsed_s=elapsed,
-                tokens=interval_samples * tc.tokens_per_sample,
-                flops=tc.flops_per_sample * interval_samples,
+                tokens=interval_samples * context.tokens_per_sample,
+                flops=context.flops_per_sample * interval_samples,
                 timers=timers.summarize(names, normalizer=interval_steps) if timers is not None else {},
             )
             if logger is not None:
@@ -316,44 +458,44 @@ def train(state: GlobalState, tc: TrainContext) -> None:
             pending.clear()
             interval_start, interval_steps, interval_samples = time.time(), 0, 0
 
-        if t.manual_gc and t.manual_gc_interval and step % t.manual_gc_interval == 0:
+        if train_cfg.manual_gc and train_cfg.manual_gc_interval and step % train_cfg.manual_gc_interval == 0:
             gc.collect()
-        interval = t.check_weight_hash_across_dp_replicas_interval
+        interval = train_cfg.check_weight_hash_across_dp_replicas_interval
         if interval and step % interval == 0 and dist.is_available() and dist.is_initialized():
-            if not _weights_match_across_ranks(tc.module):
+            if not _weights_match_across_ranks(context.plain_model):
                 raise WeightHashMismatchError(
                     f"data-parallel replicas hold different weights at iteration {step}; "
                     "this points at a non-deterministic kernel or a hardware fault"
                 )
 
         if (
-            t.eval_interval
-            and step % t.eval_interval == 0
-            and ts.do_valid
-            and tc.valid_iterator is not None
-            and t.eval_iters > 0
+            train_cfg.eval_interval
+            and step % train_cfg.eval_interval == 0
+            and train_state.do_valid
+            and context.valid_iterator is not None
+            and train_cfg.eval_iters > 0
         ):
             pause = time.time()
-            run_evaluation(state, tc, "validation")
+            run_evaluation(state, context, "validation")
             interval_start += time.time() - pause  # evaluation time is not training time
 
-        if tc.profiler is not None:
-            tc.profiler.step_end(step)
+        if context.profiler is not None:
+            context.profiler.step_end(step)
 
         # Checkpoint and exit decisions (Megatron's checkpoint_and_decide_exit).
         signal, over_time = _decide_exit(state)
         saved = False
         if signal:
-            exit_reason = f"received {t.exit_signal.name}"
+            exit_reason = f"received {train_cfg.exit_signal.name}"
         elif (
             cfg.checkpoint.save and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
         ):
-            _save(state, tc, step)
+            _save(state, context, step)
             saved = True
         if exit_reason is None and over_time:
-            exit_reason = f"exit_duration_in_mins ({t.exit_duration_in_mins}) reached"
-        if exit_reason is None and t.exit_interval and step % t.exit_interval == 0:
-            exit_reason = f"exit_interval ({t.exit_interval}) reached"
+            exit_reason = f"exit_duration_in_mins ({train_cfg.exit_duration_in_mins}) reached"
+        if exit_reason is None and train_cfg.exit_interval and step % train_cfg.exit_interval == 0:
+            exit_reason = f"exit_interval ({train_cfg.exit_interval}) reached"
         if saved:
             last_saved_step = step
         if exit_reason is not None:
@@ -361,67 +503,71 @@ def train(state: GlobalState, tc: TrainContext) -> None:
 
     if pending:
         _check_losses(state, _to_records(pending)[0], recent_losses)
-    if cfg.checkpoint.save and ts.step > 0 and last_saved_step != ts.step:
-        _save(state, tc, ts.step)
+    if cfg.checkpoint.save and train_state.step > 0 and last_saved_step != train_state.step:
+        _save(state, context, train_state.step)
     if exit_reason is not None and logger is not None:
-        logger.info(f"exiting at iteration {ts.step}: {exit_reason}")
-    state.user_state["exit_reason"] = exit_reason
-    if t.manual_gc:
+        logger.info(f"exiting at iteration {train_state.step}: {exit_reason}")
+    state.exit_reason = exit_reason
+    if train_cfg.manual_gc:
         gc.enable()
-    tc.callbacks.fire("on_train_end", cb_ctx)
+    context.callbacks.fire("on_train_end", callback_ctx)
 
 
-def _save(state: GlobalState, tc: TrainContext, step: int) -> None:
-    if tc.checkpointer is None:
+def _save(state: GlobalState, context: TrainContext, step: int) -> None:
+    if context.checkpointer is None:
         return
-    ts = state.train_state
-    path = tc.checkpointer.save(
-        step, model=tc.module, optimizer=tc.optimizer, scheduler=tc.scheduler, train_state=ts
+    train_state = state.train_state
+    path = context.checkpointer.save(
+        step,
+        model=context.plain_model,
+        optimizer=context.optimizer,
+        scheduler=context.scheduler,
+        train_state=train_state,
     )
-    progress = state.user_state.get("progress_file")
-    if progress is not None:
-        progress.checkpoint_saved(
+    if context.progress_file is not None:
+        context.progress_file.checkpoint_saved(
             step,
-            ts.consumed_train_samples,
-            ts.consumed_train_samples * tc.tokens_per_sample,
-            ts.floating_point_operations_so_far,
+            train_state.consumed_train_samples,
+            train_state.consumed_train_samples * context.tokens_per_sample,
+            train_state.floating_point_operations_so_far,
             time.time() - state.start_time,
             state.dist.world_size if state.dist is not None else 1,
-            async_save=state.cfg.checkpoint.async_save,  # type: ignore[union-attr]
+            async_save=state.cfg.checkpoint.async_save,
         )
-    tc.callbacks.fire(
+    context.callbacks.fire(
         "on_checkpoint_save",
-        CallbackContext(state, tc.model, tc.optimizer, tc.scheduler, {"path": path, "step": step}),
+        CallbackContext(
+            state, context.trained_model, context.optimizer, context.scheduler, {"path": path, "step": step}
+        ),
     )
 
 
-def run_evaluation(state: GlobalState, tc: TrainContext, split: str) -> dict[str, float]:
+Split = Literal["validation", "test"]
+
+
+def run_evaluation(state: GlobalState, context: TrainContext, split: Split) -> dict[str, float]:
     """Evaluate `train.eval_iters` batches of `split`, log the result and return it."""
-    cfg = state.cfg
-    t = cfg.train  # type: ignore[union-attr]
-    iterator = tc.valid_iterator if split == "validation" else state.user_state.get("test_iterator")
-    if iterator is None or t.eval_iters <= 0:
+    train_cfg = state.cfg.train
+    iterator = context.valid_iterator if split == "validation" else context.test_iterator
+    if iterator is None or train_cfg.eval_iters <= 0:
         return {}
     event = "eval" if split == "validation" else "test"
-    tc.callbacks.fire(f"on_{event}_start", CallbackContext(state, tc.model, tc.optimizer, tc.scheduler))
-    if t.manual_gc and t.manual_gc_eval:
+    model, optimizer, scheduler = context.trained_model, context.optimizer, context.scheduler
+    context.callbacks.fire(f"on_{event}_start", CallbackContext(state, model, optimizer, scheduler))
+    if train_cfg.manual_gc and train_cfg.manual_gc_eval:
         gc.collect()
     losses = evaluate(
-        tc.forward_step, iterator, tc.model, tc.optimizer, t.eval_iters, tc.eval_num_microbatches
+        context.forward_step, iterator, model, optimizer, train_cfg.eval_iters, context.eval_num_microbatches
     )
-    samples = t.eval_iters * t.effective_eval_global_batch_size
     if split == "validation":
-        state.train_state.consumed_valid_samples += samples
-    if t.manual_gc and t.manual_gc_eval:
+        state.train_state.consumed_valid_samples += train_cfg.eval_iters * context.eval_global_batch_size
+    if train_cfg.manual_gc and train_cfg.manual_gc_eval:
         gc.collect()
     if state.logger is not None:
         state.logger.log_evaluation(
-            state.train_state.step,
-            state.train_state.consumed_train_samples,
-            losses,
-            split=split,  # type: ignore[arg-type]
+            state.train_state.step, state.train_state.consumed_train_samples, losses, split=split
         )
-    tc.callbacks.fire(
-        f"on_{event}_end", CallbackContext(state, tc.model, tc.optimizer, tc.scheduler, {"losses": losses})
+    context.callbacks.fire(
+        f"on_{event}_end", CallbackContext(state, model, optimizer, scheduler, {"losses": losses})
     )
     return losses

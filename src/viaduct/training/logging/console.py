@@ -141,7 +141,7 @@ def format_train_line(
     params_norm: float | None = None,
     now: datetime | None = None,
 ) -> str:
-    """The Megatron iteration line (spec 9.1), fields in Megatron's order and number formats.
+    """The Megatron iteration line, fields in Megatron's order and number formats.
 
     `throughput` holds "tflops" (TFLOP/s per GPU), "tokens" (tokens/s per GPU) and optionally
     "mfu" (percent of the device's peak).
@@ -191,7 +191,13 @@ def format_timers(timers: Mapping[str, tuple[float, float]], option: str) -> str
 
 
 def perplexity(loss: float) -> float:
-    """exp(loss), capped at exp(20) as Megatron does so a diverged run prints a number."""
+    """exp(loss), capped at exp(20) as Megatron does so a diverged run prints a number; NaN stays NaN.
+
+    `min(20.0, nan)` is 20.0 (every comparison with NaN is false), so without the check a NaN loss
+    would print the finite exp(20) and hide that the evaluation broke.
+    """
+    if math.isnan(loss):
+        return math.nan
     return math.exp(min(20.0, loss))
 
 

@@ -94,7 +94,7 @@ def format_memory_line(rank: int, iterations: int, report: Mapping[str, float]) 
     return line
 
 
-def theoretical_memory_line(model: object, micro_batch_size: int) -> str | None:
+def theoretical_memory_line(model: object, micro_batch_size: int | None) -> str | None:
     """Megatron's `Theoretical memory footprints: ...` line for a GPT model config (None for others).
 
     From `viaduct.models.accounting.estimate_memory`: weights, gradients and Adam state, then the
@@ -103,7 +103,7 @@ def theoretical_memory_line(model: object, micro_batch_size: int) -> str | None:
     from viaduct.models.accounting import estimate_memory
     from viaduct.models.gpt.provider import GPTModelProvider
 
-    if not isinstance(model, GPTModelProvider) or model.vocab_size is None:
+    if not isinstance(model, GPTModelProvider) or model.vocab_size is None or micro_batch_size is None:
         return None  # the vocabulary size comes from the tokenizer in pretrain(); unknown before
     try:
         est = estimate_memory(model, micro_batch_size)

@@ -1,6 +1,6 @@
 """Metrics backends (TensorBoard, Weights & Biases) and the derived throughput / runtime metrics.
 
-Backends live on the last rank only and are created on first use (spec 5.5 / 9.2). TensorBoard
+Backends live on the last rank only and are created on first use. TensorBoard
 receives every scalar at its step and the "... vs samples" scalars with consumed samples as the x
 value. W&B cannot take a second x axis (its steps must grow), so it receives the step-indexed
 scalars only, plus "samples vs steps" to plot against; its values are buffered per step and sent

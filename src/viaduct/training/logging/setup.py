@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from viaduct.training.logging.console import CONSOLE_LOGGER, install_console_handler
 
@@ -73,7 +73,7 @@ def teardown_python_logging() -> None:
             target.removeFilter(_installed.filter)
     for entry in _installed.warning_filters:
         if entry in warnings.filters:
-            warnings.filters.remove(entry)
+            cast(list, warnings.filters).remove(entry)  # typeshed calls it a Sequence; it is a list
     # Tell the warnings machinery its filter list changed (it caches "already warned" decisions).
     mutated = getattr(warnings, "_filters_mutated", None) or getattr(
         warnings, "_filters_mutated_lock_held", None

@@ -2,7 +2,7 @@
 
 The loop collects a `StepRecord` per optimizer step (values already on the host: it brings them
 there once per `logger.log_interval`, so steps never wait on the device for logging) and calls
-`log_train(records, timing)` on every rank. What each rank does (spec 5.5 / 9):
+`log_train(records, timing)` on every rank. What each rank does:
 
 - the last rank (it owns the loss on the last pipeline stage) prints the iteration line and the
   timers, and writes TensorBoard / W&B metrics;
@@ -230,7 +230,7 @@ class TrainingLogger:
         )
 
     def _write_record(self, r: StepRecord) -> None:
-        """The per-step scalars of spec 9.2 (and "<name> vs samples" twins)."""
+        """The per-step scalars under Megatron's names (and "<name> vs samples" twins)."""
         lc = self.cfg.logger
         m = self._metrics
         both: list[tuple[str, float]] = [
@@ -273,7 +273,8 @@ class TrainingLogger:
             self._write_record(r)
             if lc.log_throughput_to_tensorboard:
                 window = self._window.metrics(self.world_size)
-                window["throughput/micro_batch_size"] = self.cfg.train.micro_batch_size
+                if self.cfg.train.micro_batch_size is not None:  # set by validate()
+                    window["throughput/micro_batch_size"] = self.cfg.train.micro_batch_size
                 window["throughput/global_batch_size"] = r.global_batch_size
                 self._metrics.scalars(window, r.step)
             if lc.log_runtime_to_tensorboard:
