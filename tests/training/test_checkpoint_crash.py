@@ -169,7 +169,8 @@ def main(root: str, refs: str, point: str, fmt: str) -> None:
         if run.train_state.step == CRASH_STEP:
             arm(point)
         ckpt.save(run.train_state.step, **run.objects())
-    sys.exit(3)  # not reached: the save of step 4 kills the process
+    ckpt.finalize()  # as a run's end does: waits for the background removal of old checkpoints
+    sys.exit(3)  # not reached: the save of step 4 (or its background removal) kills the process
 
 
 if __name__ == "__main__":
