@@ -1,7 +1,7 @@
 """Training-step speed of the GPT models: tokens/s, MFU and peak memory, one JSON line per run.
 
     python bench/model_bench.py --model llama32_1b --batch 16 --seq 2048            # one run
-    python bench/model_bench.py --sweep step-speed                                   # the docs/models.md table
+    python bench/model_bench.py --sweep step-speed                             # the docs/models.md table
 
 A step is forward + backward + the training loop's optimizer (fused AdamW on float32 master
 weights and main grads, gradient clipping), with bf16 weights and activations (Megatron's bf16

@@ -3,8 +3,9 @@
 These are the snippets a Megatron Bridge user would paste: each must run as written here. Where a
 snippet elides configs ("# ... other configs") the test supplies small ones. Where it calls
 `pretrain(config, forward_step_func)` the test calls `config.validate()`, the step `pretrain`
-performs first (a real training run of these sizes does not belong in a unit test). The model-independence snippet builds
-its 24-layer model on the `meta` device, so the test needs no 5 GB of memory.
+performs first (a real training run of these sizes does not belong in a unit test). The
+model-independence snippet builds its 24-layer model on the `meta` device, so the test needs no 5 GB
+of memory.
 """
 
 import pytest

@@ -8,15 +8,16 @@ tuple or Path the value is written plainly and restored from the annotation; els
 Paths carry a `_target_` so that nothing is lost.
 
 Decoding (`coerce`) turns YAML data, dicts and CLI strings into the annotated type: numbers from
-strings ("1e-4"), booleans from "true"/"no", enums by name, dtypes by alias, functions by name,
-sub-configs from mappings (with or without `_target_`) or by short name ("lora").
+strings ("1e-4"), booleans from "true"/"no", enums by name, dtypes by alias (those leaf values in
+`viaduct.config.scalars`), functions by name, sub-configs from mappings (with or without
+`_target_`) or by short name ("lora"). Each decoded field is then checked like a value set from
+Python (`viaduct.config.typecheck`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path, PurePath
@@ -25,26 +26,25 @@ from typing import TYPE_CHECKING, Any
 from viaduct.config import typing_utils as tu
 from viaduct.config.errors import MAX_LISTED, Problem, did_you_mean
 from viaduct.config.interpolation import has_interpolation
-from viaduct.config.targets import (
-    TargetError,
-    config_class_for,
-    function_problem,
-    is_allowed_function,
-    resolve_target,
+from viaduct.config.scalars import (
+    CoerceError,
+    coerce_bool,
+    coerce_dtype,
+    coerce_enum,
+    coerce_float,
+    coerce_int,
+    coerce_literal,
+    describe,
 )
-from viaduct.config.types import DType, FunctionRef, Partial, dtype_names, function_path
+from viaduct.config.targets import TargetError, config_class_for, is_allowed_function, resolve_target
+from viaduct.config.typecheck import check_coerced
+from viaduct.config.typecheck import check_type as check_type  # re-exported: ConfigBase imports it here
+from viaduct.config.types import DType, FunctionRef, Partial, function_path
 
 if TYPE_CHECKING:
     from viaduct.config.base import ConfigBase, FieldInfo
 
 SPECIAL_KEYS = ("_target_", "_call_", "_args_", "_partial_", "_name_")
-
-
-class CoerceError(ValueError):
-    def __init__(self, message: str, fix: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
 
 
 @dataclasses.dataclass
@@ -190,10 +190,6 @@ def _dict_value_type(tp: Any) -> Any:
 # decoding
 
 
-_TRUE = {"true", "yes", "on", "1", "y"}
-_FALSE = {"false", "no", "off", "0", "n"}
-
-
 def coerce(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
     """Turn `value` (YAML data, a dict, a parsed CLI string) into annotation `tp`.
 
@@ -212,9 +208,9 @@ def coerce(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
             return None
         raise CoerceError(f"must not be null (expected {tu.type_name(tp)})")
     if tu.is_literal(tp):
-        return _coerce_literal(value, tp)
+        return coerce_literal(value, tp)
     if tp is DType:
-        return _coerce_dtype(value)
+        return coerce_dtype(value)
     if tp is FunctionRef or tu.is_callable_type(tp):
         return _coerce_function(value, path, ctx)
     o = tu.origin(tp)
@@ -226,13 +222,13 @@ def coerce(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
         if issubclass(tp, ConfigBase):
             return _coerce_config(value, tp, path, ctx)
         if issubclass(tp, Enum):
-            return _coerce_enum(value, tp)
+            return coerce_enum(value, tp)
         if tp is bool:
-            return _coerce_bool(value)
+            return coerce_bool(value)
         if tp is int:
-            return _coerce_int(value)
+            return coerce_int(value)
         if tp is float:
-            return _coerce_float(value)
+            return coerce_float(value)
         if tp is str:
             if isinstance(value, str):
                 return value
@@ -275,102 +271,7 @@ def _coerce_union(value: Any, tp: Any, path: str, ctx: DecodeContext) -> Any:
         return out
     if len(errors) == 1:
         raise errors[0]
-    raise CoerceError(f"expected {tu.type_name(tp)}, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _coerce_literal(value: Any, tp: Any) -> Any:
-    choices = tu.args(tp)
-    if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
-        for c in choices:  # return the declared object (keeps "1" vs 1 straight)
-            if c == value and type(c) is type(value):
-                return c
-    if isinstance(value, str):
-        for c in choices:
-            if isinstance(c, str) and c.lower() == value.lower():
-                return c
-            if (
-                isinstance(c, int)
-                and not isinstance(c, bool)
-                and value.strip().lstrip("-").isdigit()
-                and int(value) == c
-            ):
-                return c
-    str_choices = [str(c) for c in choices]
-    hint = did_you_mean(str(value), str_choices)
-    raise CoerceError(
-        f"must be one of {', '.join(repr(c) for c in choices)}",
-        fix=hint or f"use one of {', '.join(str_choices)}",
-    )
-
-
-def _coerce_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-    raise CoerceError(f"expected true or false, got {_describe(value)}")
-
-
-def _coerce_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise CoerceError(f"expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip().replace("_", "")
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                f = float(text)
-            except ValueError:
-                pass
-            else:
-                if f.is_integer():
-                    return int(f)
-    raise CoerceError(f"expected an integer, got {_describe(value)}")
-
-
-def _coerce_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise CoerceError(f"expected a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("inf", "+inf", ".inf", "infinity"):
-            return math.inf
-        if text in ("-inf", "-.inf"):
-            return -math.inf
-        try:
-            return float(text.replace("_", ""))
-        except ValueError:
-            pass
-    raise CoerceError(f"expected a number, got {_describe(value)}")
-
-
-def _coerce_dtype(value: Any) -> DType:
-    if isinstance(value, dict) and "_target_" in value:
-        value = value["_target_"]
-    name = DType.canonical_name(value)
-    if name is None:
-        raise CoerceError(f"{value!r} is not a dtype", fix=f"use one of {', '.join(dtype_names())}")
-    return DType(name)
+    raise CoerceError(f"expected {tu.type_name(tp)}, got {describe(value)}")
 
 
 def _coerce_function(value: Any, path: str, ctx: DecodeContext) -> Any:
@@ -397,29 +298,7 @@ def _coerce_function(value: Any, path: str, ctx: DecodeContext) -> Any:
             return FunctionRef(value)
         except ValueError as exc:
             raise CoerceError(str(exc)) from None
-    raise CoerceError(f"expected a function, got {_describe(value)}")
-
-
-def _coerce_enum(value: Any, tp: type[Enum]) -> Enum:
-    if isinstance(value, tp):
-        return value
-    if isinstance(value, dict) and "_target_" in value:
-        args = value.get("_args_") or []
-        if args:
-            value = args[0]
-        elif "_name_" in value:
-            value = value["_name_"]
-    if isinstance(value, str):
-        for member in tp:
-            if member.name.lower() == value.strip().lower():
-                return member
-    try:
-        return tp(value)
-    except (ValueError, TypeError):
-        pass
-    names = [m.name for m in tp]
-    hint = did_you_mean(str(value), names)
-    raise CoerceError(f"{value!r} is not a {tp.__name__}", fix=hint or f"use one of {', '.join(names)}")
+    raise CoerceError(f"expected a function, got {describe(value)}")
 
 
 def _coerce_generic(value: Any, tp: Any, o: Any, path: str, ctx: DecodeContext) -> Any:
@@ -428,7 +307,7 @@ def _coerce_generic(value: Any, tp: Any, o: Any, path: str, ctx: DecodeContext) 
         if isinstance(value, dict) and value.get("_target_", "").startswith("builtins."):
             value = (value.get("_args_") or [[]])[0]
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
-            raise CoerceError(f"expected a list, got {_describe(value)}")
+            raise CoerceError(f"expected a list, got {describe(value)}")
         items = list(value)
         if o is tuple and a and not (len(a) == 2 and a[1] is Ellipsis):
             if len(items) != len(a):
@@ -439,7 +318,7 @@ def _coerce_generic(value: Any, tp: Any, o: Any, path: str, ctx: DecodeContext) 
         return o(out) if o is not list else out
     if o is dict:
         if not isinstance(value, dict):
-            raise CoerceError(f"expected a mapping, got {_describe(value)}")
+            raise CoerceError(f"expected a mapping, got {describe(value)}")
         kt, vt = a if len(a) == 2 else (Any, Any)
         return {coerce(k, kt, path, ctx): coerce(v, vt, f"{path}.{k}", ctx) for k, v in value.items()}
     if tu.is_callable_type(tp):
@@ -454,7 +333,7 @@ def _coerce_config(value: Any, tp: type[ConfigBase], path: str, ctx: DecodeConte
         return tp.from_string(value)
     if isinstance(value, dict):
         return build_config(tp, value, path, ctx)
-    raise CoerceError(f"expected a {tp.__name__} (a mapping or a name), got {_describe(value)}")
+    raise CoerceError(f"expected a {tp.__name__} (a mapping or a name), got {describe(value)}")
 
 
 def move_sections(cls: type[ConfigBase], data: Any, path: str, ctx: DecodeContext) -> Any:
@@ -477,7 +356,7 @@ def move_sections(cls: type[ConfigBase], data: Any, path: str, ctx: DecodeContex
         if raw is None:
             continue
         if not isinstance(raw, dict):
-            ctx.problem(sub, f"expected a mapping, got {_describe(raw)}", raw)
+            ctx.problem(sub, f"expected a mapping, got {describe(raw)}", raw)
             continue
         try:
             section = build_config(section_cls, raw, sub, ctx)
@@ -492,7 +371,7 @@ def move_sections(cls: type[ConfigBase], data: Any, path: str, ctx: DecodeContex
         if current is None:
             current = {}
         elif not isinstance(current, dict):
-            ctx.problem(owner_path, f"expected a mapping, got {_describe(current)}", current)
+            ctx.problem(owner_path, f"expected a mapping, got {describe(current)}", current)
             continue
         current = dict(current)
         for name in given:
@@ -621,7 +500,7 @@ def decode_any(value: Any, path: str, ctx: DecodeContext) -> Any:
             return obj
         return FunctionRef(target)
     if isinstance(obj, type) and issubclass(obj, Enum):
-        return _coerce_enum(value, obj)
+        return coerce_enum(value, obj)
     if target in (
         "pathlib.Path",
         "pathlib.PosixPath",
@@ -631,104 +510,6 @@ def decode_any(value: Any, path: str, ctx: DecodeContext) -> Any:
     ):
         return obj(*args, **kwargs)
     raise CoerceError(f"_target_ {target!r} cannot be called from a config file", fix="name a config class")
-
-
-# ----------------------------------------------------------------------------------------------
-# checking values set from Python
-
-
-def check_type(value: Any, tp: Any, *, allow_inf: bool = False) -> str | None:
-    """Why `value` does not fit annotation `tp`, or None when it does (no conversion).
-
-    A float must be finite (`allow_inf`: infinity is fine, NaN never is); a function named by a
-    `FunctionRef` must be on the function allowlist.
-    """
-    if tp is Any or tp is object:
-        return None
-    if tu.is_union(tp):
-        members = [m for m in tu.union_members(tp) if m is not tu.NoneType or value is None]
-        reasons = [check_type(value, m, allow_inf=allow_inf) for m in members]
-        if any(r is None for r in reasons):
-            return None
-        fitting = [r for r in reasons if r is not None and r.startswith((_NOT_FINITE, _NOT_NAN))]
-        if fitting:  # a float of a `float | None` field: say what is wrong with it, not the union
-            return fitting[0]
-        return reasons[0] if len(reasons) == 1 else f"expected {tu.type_name(tp)}, got {_describe(value)}"
-    if value is None:
-        return None if tp is tu.NoneType else f"must not be None (expected {tu.type_name(tp)})"
-    if tu.is_literal(tp):
-        choices = tu.args(tp)
-        if any(value == c and type(value) is type(c) for c in choices):
-            return None
-        hint = did_you_mean(str(value), [str(c) for c in choices])
-        return f"must be one of {', '.join(repr(c) for c in choices)}" + (f"; {hint}" if hint else "")
-    if tp is DType:
-        if isinstance(value, DType) or (not isinstance(value, str) and DType.canonical_name(value)):
-            return None
-        return f"expected a dtype, got {_describe(value)}"
-    if tp is FunctionRef or tu.is_callable_type(tp):
-        return _function_problem(value)
-    o = tu.origin(tp)
-    if o is not None:
-        if o in (list, tuple, set, frozenset, dict) and not isinstance(value, o):
-            return f"expected {tu.type_name(tp)}, got {_describe(value)}"
-        a = tu.args(tp)
-        if o is dict and len(a) == 2:
-            for k, v in value.items():
-                r = check_type(k, a[0]) or check_type(v, a[1], allow_inf=allow_inf)
-                if r:
-                    return f"[{k!r}]: {r}"
-        elif o is tuple and a and not (len(a) == 2 and a[1] is Ellipsis):
-            if len(value) != len(a):
-                return f"expected {len(a)} items, got {len(value)}"
-            for i, (v, t) in enumerate(zip(value, a)):
-                r = check_type(v, t, allow_inf=allow_inf)
-                if r:
-                    return f"[{i}]: {r}"
-        elif a:
-            for i, v in enumerate(value):
-                r = check_type(v, a[0], allow_inf=allow_inf)
-                if r:
-                    return f"[{i}]: {r}"
-        return None
-    if isinstance(tp, type):
-        if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-            if isinstance(value, float) and not math.isfinite(value):
-                if not allow_inf:
-                    return f"{_NOT_FINITE}, not NaN or infinity"
-                if math.isnan(value):
-                    return f"{_NOT_NAN} (infinity is allowed here)"
-            return None
-        if tp is int and isinstance(value, bool):
-            return f"expected an integer, got {value!r}"
-        if isinstance(value, tp):
-            return None
-        return f"expected {tu.type_name(tp)}, got {_describe(value)}"
-    return None
-
-
-# NaN and infinity pass every `<` / `>` range check of `finalize()` and only fail mid-run (or never:
-# a NaN clipping threshold silently disables clipping), so the type check refuses them.
-_NOT_FINITE = "must be a finite number"
-_NOT_NAN = "must be a number, not NaN"
-
-
-def _function_problem(value: Any) -> str | None:
-    if isinstance(value, functools.partial):
-        return _function_problem(value.func)
-    if isinstance(value, FunctionRef):
-        return function_problem(value.path)
-    # A function object set from Python: the caller's code, trusted like any other code it runs.
-    return None if callable(value) else f"expected a function, got {_describe(value)}"
-
-
-def check_coerced(value: Any, tp: Any, *, allow_inf: bool = False) -> None:
-    """Raise `CoerceError` for a coerced field value that is of the right type but not allowed
-    (a non-finite float, a function off the allowlist): loading reports it at the file line or
-    override that gave it, not later in `validate()`."""
-    reason = check_type(value, tp, allow_inf=allow_inf)
-    if reason is not None:
-        raise CoerceError(reason)
 
 
 def coerce_field(raw: Any, info: FieldInfo, path: str, ctx: DecodeContext) -> Any:

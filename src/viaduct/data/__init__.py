@@ -3,7 +3,8 @@
 * `indexed`: Megatron's `.bin`/`.idx` format (memory-mapped reader, streaming writer);
   `preprocess`: JSONL -> indexed dataset (`viaduct data preprocess`);
 * `gpt_dataset`, `blended`, `builder`: Megatron's GPT dataset (documents packed into samples
-  through cached document / sample / shuffle indices), blends and splits; `mock`: synthetic data;
+  through cached document / sample / shuffle indices), blends and splits; `index_cache`: where those
+  caches live, their atomic writes and safe reads; `mock`: synthetic data;
 * `tokenizers`: Hugging Face, SentencePiece, GPT-2 BPE, tiktoken, null and byte-level;
 * `builtin`: the embedded default corpus (Python's documentation) and its BPE tokenizer;
 * `samplers`, `loaders`: resumable samplers and the DataLoaders the loop reads.

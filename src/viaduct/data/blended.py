@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from viaduct.data.gpt_dataset import (
+from viaduct.data.index_cache import (
     atomic_save,
     atomic_write_text,
     first_bad_row,

@@ -39,7 +39,8 @@ from torch.utils.data import Dataset
 
 from viaduct.config import ConfigError, Problem, Problems
 from viaduct.data.blended import BlendedDataset, blend_counts, normalize_weights
-from viaduct.data.gpt_dataset import GPTDataset, atomic_write_text, file_signature, resolve_cache_dir
+from viaduct.data.gpt_dataset import GPTDataset
+from viaduct.data.index_cache import atomic_write_text, file_signature, resolve_cache_dir
 from viaduct.data.indexed import CorruptIndexError, IndexedDataset, bin_path, idx_path
 from viaduct.training.config.dataset import GPTDatasetConfig
 

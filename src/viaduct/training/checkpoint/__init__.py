@@ -2,7 +2,14 @@
 
 * `checkpointer`: `Checkpointer(cfg, ctx)`, which saves and loads as `cfg.checkpoint` says (users
   import it from `viaduct.training.checkpointing`).
-* `layout`: directory names, the tracker file, crash-safe file writes, listing checkpoints, retention.
+* `layout`: directory names, the tracker file, crash-safe file writes, listing checkpoints, which
+  checkpoints retention lets go.
+* `save_guard`: what stops a save (non-finite weights, checked before any file is written; a full
+  disk; a foreign writer), told as one `CheckpointSaveError` line.
+* `rank0_files`: the files rank 0 alone writes (``common.pt``, ``train_state.pt``, the run's config,
+  the tokenizer's files and, last, ``metadata.json``).
+* `retention`: after each committed save, removes leftovers and the checkpoints `most_recent_k` lets
+  go (renamed at once, deleted in the background).
 * `storage`: where the tensors go: torch.distributed.checkpoint ("torch_dist") or one torch.save file
   ("torch"); both read back in place, with `weights_only` loading only.
 * `dcp_index`: reads torch.distributed.checkpoint's index through an allowlist unpickler, so opening

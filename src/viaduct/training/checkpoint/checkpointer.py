@@ -38,12 +38,8 @@ directory itself when it is one checkpoint) for a full resume, or weights only w
 
 from __future__ import annotations
 
-import datetime
-import errno
-import json
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -55,19 +51,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 
 from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint import layout
 from viaduct.training.checkpoint.async_writer import AsyncWriter, snapshot
 from viaduct.training.checkpoint.dcp_index import CheckpointIndexError
-from viaduct.training.checkpoint.errors import (
-    CheckpointError,
-    CheckpointSaveError,
-    checkpoint_problem,
-    root_os_error,
-)
+from viaduct.training.checkpoint.errors import CheckpointError, CheckpointSaveError, checkpoint_problem
 from viaduct.training.checkpoint.flat import model_tensors, nbytes, optimizer_tensors
+from viaduct.training.checkpoint.rank0_files import write_rank0_files
 from viaduct.training.checkpoint.resolve import resolve
 from viaduct.training.checkpoint.restore import (
     LoadReport,
@@ -76,8 +67,10 @@ from viaduct.training.checkpoint.restore import (
     optimizer_read_targets,
     restore_optimizer,
 )
+from viaduct.training.checkpoint.retention import Retention
+from viaduct.training.checkpoint.save_guard import SaveErrors, check_finite
 from viaduct.training.checkpoint.staging import StagingArena, StagingMemoryError
-from viaduct.training.checkpoint.storage import TensorStorage, make_storage
+from viaduct.training.checkpoint.storage import STORAGE_ERRORS, TensorStorage, make_storage
 
 if TYPE_CHECKING:
     from viaduct.distributed.init import DistributedContext
@@ -89,25 +82,6 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointError", "CheckpointSaveError", "Checkpointer", "LoadReport"]
 
 log = logging.getLogger("viaduct")
-
-# Files of a Hugging Face / SentencePiece / tiktoken tokenizer directory worth keeping with the weights
-# (a tokenizer_model directory may also hold the model's weights, which must not be copied).
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-)
-
-
-# DCP raises CheckpointException, a BaseException subclass that `except Exception` would let through
-# as a raw traceback (a truncated shard, a missing file on another rank).
-_READ_ERRORS: tuple[type[BaseException], ...] = (Exception, CheckpointException)
 
 
 class Checkpointer:
@@ -122,8 +96,7 @@ class Checkpointer:
         self.last_load: LoadReport | None = None
         self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
         self._storages: dict[str, TensorStorage] = {}
-        self._deleter = AsyncWriter("viaduct-checkpoint-retention")  # removes old checkpoints
-        self._ahead_reported: set[str] = set()  # checkpoints of later steps, warned about once
+        self._retention = Retention(self.checkpoint_cfg, verbose=ctx.rank == 0)
         # Async saves: CPU staging buffers, the background writer, and its own gloo group. Collectives
         # of one group must not interleave between threads, and the training loop keeps using the
         # host group, so the writer thread gets a group of its own (created here: on every rank, at
@@ -194,7 +167,7 @@ class Checkpointer:
         size = nbytes(tensors)
         # Unique to this save: checked before the rename (see layout.commit_problem).
         token = f"{uuid.uuid4().hex} pid {os.getpid()} on {socket.gethostname()}"
-        explain = _SaveErrors(step, root, tmp, size, nbytes(share))
+        explain = SaveErrors(step, root, tmp, size, nbytes(share))
 
         def prepare() -> None:
             if rank == 0:
@@ -207,7 +180,18 @@ class Checkpointer:
             if rng_state is not None:
                 layout.save_file(rng_state, layout.rng_file(tmp, rank))
             if rank == 0:
-                self._write_rank0_files(tmp, step, common, state, run_config, size, with_optim)
+                write_rank0_files(
+                    tmp,
+                    ckpt=ckpt,
+                    tokenizer=getattr(self.cfg, "tokenizer", None),
+                    world_size=self.ctx.world_size,
+                    step=step,
+                    common=common,
+                    train_state=state,
+                    run_config=run_config,
+                    size=size,
+                    optim=with_optim,
+                )
 
         def finish() -> None:
             if rank == 0:
@@ -221,13 +205,13 @@ class Checkpointer:
                 layout.write_tracker(
                     root, step, state
                 )  # last: a tracker never names an incomplete checkpoint
-                self._apply_retention(root, final, step)
+                self._retention.apply(root, final, step, self._loaded_dir)
 
         if not use_async:
 
             def check_and_prepare() -> None:
                 # First, before any file is touched: a NaN checkpoint must never become the newest.
-                self._check_finite(model, explain)
+                check_finite(model, explain)
                 explain.run(prepare)
 
             self._collectively("save", check_and_prepare)
@@ -257,7 +241,7 @@ class Checkpointer:
         staged: dict[str, Any] = {}
 
         def stage_and_prepare() -> None:
-            self._check_finite(model, explain)
+            check_finite(model, explain)
             try:
                 staged["tensors"] = self._staging.stage(share)
             except StagingMemoryError as exc:
@@ -336,32 +320,6 @@ class Checkpointer:
             log.warning("%s: writing straight from the GPU instead (slower)", exc)
             return share
 
-    @staticmethod
-    def _check_finite(model: nn.Module, explain: _SaveErrors) -> None:
-        """Refuse to save weights holding NaN or infinity (they would become the run's newest checkpoint).
-
-        One fused max-norm per device over every parameter, so the only host synchronisation is the
-        read of one flag, once per save; the training loop's steps pay nothing.
-        """
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in model.parameters():
-            if p.is_floating_point() and p.numel() > 0:  # the inf-norm of an empty tensor is undefined
-                by_device.setdefault(p.device, []).append(p.detach())
-        if not by_device:
-            return
-        # The inf-norm is NaN when any element is NaN and inf when any is infinite; unlike the 2-norm it
-        # cannot overflow for large finite weights.
-        flags = [
-            torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()
-        ]
-        finite = flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).all()
-        if not bool(finite):  # the one host read
-            raise explain.refused(
-                "the model holds NaN or infinite weights",
-                fix="resume from the last good checkpoint with a lower optimizer.lr or a smaller "
-                "optimizer.clip_grad, or check the data around this iteration",
-            )
-
     def _discard(self, tmp: Path) -> None:
         """Rank 0 removes the directory of a failed save (every rank has stopped writing into it)."""
         if self.ctx.rank != 0:
@@ -396,7 +354,7 @@ class Checkpointer:
         """Block until the async save in flight (if any) is complete and old checkpoints are removed;
         raise the save's error if it failed."""
         self._wait_for_write()
-        self._deleter.wait()
+        self._retention.wait()
 
     def _wait_for_write(self) -> None:
         # Not for the removal of old checkpoints: the next save's own retention waits for that, in the
@@ -406,121 +364,6 @@ class Checkpointer:
         waited = self._writer.wait()
         if waited > 0.001:
             self._info("waited %.3f s for the previous asynchronous checkpoint save", waited)
-
-    def _write_rank0_files(
-        self,
-        directory: Path,
-        step: int,
-        common: dict[str, Any],
-        train_state: dict[str, Any],
-        run_config: str,
-        size: int,
-        optim: bool,
-    ) -> None:
-        ckpt = self.checkpoint_cfg
-        layout.save_file(common, directory / layout.COMMON)
-        layout.save_file(train_state, directory / layout.TRAIN_STATE)
-        layout.write_text(directory / layout.RUN_CONFIG, run_config)
-        tokenizer = self._copy_tokenizer_assets(directory) if ckpt.save_tokenizer_assets else False
-        meta = {
-            "checkpoint_version": layout.CHECKPOINT_VERSION,
-            "format": ckpt.ckpt_format,
-            "step": int(step),
-            "world_size": self.ctx.world_size,
-            "contents": {"model": True, "optimizer": optim, "rng": ckpt.save_rng, "tokenizer": tokenizer},
-            "tensor_bytes": size,
-            "torch_version": torch.__version__,
-            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        # Written last by rank 0: its presence marks a directory as a checkpoint (see is_checkpoint_dir).
-        layout.write_text(directory / layout.METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-    def _copy_tokenizer_assets(self, directory: Path) -> bool:
-        """Copy the tokenizer's local files into `directory/tokenizer/`; False when there are none
-        (byte-level / null tokenizers, or a Hugging Face hub id that is not on this disk)."""
-        tok = getattr(self.cfg, "tokenizer", None)
-        sources: list[Path] = []
-        for name in ("tokenizer_model", "vocab_file", "merge_file"):
-            value = getattr(tok, name, None)
-            if not value:
-                continue
-            src = Path(value).expanduser()
-            if src.is_file():
-                sources.append(src)
-            elif src.is_dir():
-                sources += [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
-        if not sources:
-            return False
-        dest = directory / layout.TOKENIZER_DIR
-        dest.mkdir(exist_ok=True)
-        for src in sources:
-            shutil.copy2(src, dest / src.name)
-        return True
-
-    def _apply_retention(self, root: Path, just_saved: Path, step: int) -> None:
-        """Remove leftovers and the checkpoints `most_recent_k` lets go. Never raises: the checkpoint
-        is already committed, so a deletion that fails (a permission, a busy file) is a warning, and
-        a symbolic link is removed itself, never what it points to."""
-        try:
-            self._deleter.wait()  # the previous removal (its leftovers are cleaned up below)
-        except Exception as exc:
-            log.warning("removing old checkpoints failed: %s", exc)
-        # A crash while the tracker was being replaced leaves its temporary file (never read).
-        stale = [
-            p for name in (layout.TRACKER, layout.LATEST_TRAIN_STATE) for p in root.glob(f".{name}.tmp-*")
-        ]
-        for leftover in layout.leftovers(root) + [p for p in stale if p.is_symlink() or not p.is_dir()]:
-            try:
-                layout.remove_tree(leftover)
-            except OSError as exc:
-                log.warning("could not remove %s (%s); the next save tries again", leftover, exc)
-        protected = [just_saved] + ([self._loaded_dir] if self._loaded_dir is not None else [])
-        found = layout.list_checkpoints(root)
-        ahead = [path.name for s, path in found if s > step and path.name not in self._ahead_reported]
-        if ahead and (self.checkpoint_cfg.most_recent_k or 0) > 0:
-            self._ahead_reported.update(ahead)
-            log.warning(
-                "%s in %s hold(s) later steps than this run's iteration %d (left by an earlier run or a "
-                "crash before the tracker was updated): most_recent_k leaves them alone; a save of the "
-                "same step replaces one",
-                ahead,
-                root,
-                step,
-            )
-        victims = layout.retention_victims(
-            found,
-            keep_recent=self.checkpoint_cfg.most_recent_k,
-            retain_interval=self.checkpoint_cfg.save_retain_interval,
-            protected=protected,
-            current_step=step,
-        )
-        if not victims:
-            return
-        doomed, names = [], []
-        for v in victims:
-            try:
-                doomed.append(layout.retire(v))  # renamed at once: no longer loadable
-                names.append(v.name)
-            except OSError as exc:
-                log.warning("could not retire old checkpoint %s (%s); the next save tries again", v, exc)
-        if not doomed:
-            return
-        self._info(
-            "removing old checkpoints (most_recent_k=%d): %s", self.checkpoint_cfg.most_recent_k, names
-        )
-
-        def delete() -> None:
-            # Deleting tens of GB can take seconds on some file systems: nothing needs to wait for it
-            # but the next save's clean-up (and the end of the run).
-            t0 = time.perf_counter()
-            for d in doomed:
-                try:
-                    layout.remove_tree(d)  # a retired symbolic link goes, its target stays
-                except OSError as exc:
-                    log.warning("could not remove %s (%s); the next save tries again", d, exc)
-            self._info("removed old checkpoints %s in %.2f s", names, time.perf_counter() - t0)
-
-        self._deleter.submit(f"removal of {names}", delete)
 
     # ------------------------------------------------------------------------------------------ load
 
@@ -556,7 +399,7 @@ class Checkpointer:
                 exc.path,
                 fix="load an intact copy of this checkpoint, or another step (checkpoint.ckpt_step)",
             ) from None
-        except _READ_ERRORS as exc:
+        except STORAGE_ERRORS as exc:
             raise checkpoint_problem(fld, "cannot read the checkpoint's index", directory, cause=exc) from exc
         contents = meta.get("contents", {})
         self._info(
@@ -584,7 +427,7 @@ class Checkpointer:
 
         try:
             storage.read(directory, {**targets, **opt_targets})
-        except _READ_ERRORS as exc:
+        except STORAGE_ERRORS as exc:
             raise checkpoint_problem(fld, "cannot read its tensors", directory, cause=exc) from exc
         report.parts.append("model")
         if optimizer is not None:
@@ -636,7 +479,7 @@ class Checkpointer:
     def _read_pt(path: Path, fld: str) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except _READ_ERRORS as exc:  # missing, truncated, or holding objects weights_only refuses
+        except STORAGE_ERRORS as exc:  # missing, truncated, or holding objects weights_only refuses
             raise checkpoint_problem(fld, f"cannot read {path.name}", path, cause=exc) from exc
 
     # ------------------------------------------------------------------------------------------ misc
@@ -695,7 +538,7 @@ class Checkpointer:
         error: BaseException | None = None
         try:
             fn()
-        except _READ_ERRORS as exc:
+        except STORAGE_ERRORS as exc:
             error = exc
         if not self._distributed:
             if error is not None:
@@ -718,67 +561,6 @@ class Checkpointer:
     def _info(self, msg: str, *args: Any) -> None:
         if self.ctx.rank == 0:
             log.info(msg, *args)
-
-
-class _SaveErrors:
-    """Turns what stops a save (a full disk, non-finite weights, a foreign writer) into one
-    `CheckpointSaveError` line that says what was lost and what was kept."""
-
-    def __init__(self, step: int, root: Path, tmp: Path, total_bytes: int, share_bytes: int) -> None:
-        self.step, self.root, self.tmp = step, root, tmp
-        self.total_bytes, self.share_bytes = total_bytes, share_bytes
-
-    def kept(self) -> str:
-        try:
-            last = layout.read_tracker(self.root)
-        except (OSError, ValueError):
-            last = None
-        if last is None:
-            return "no earlier checkpoint exists"
-        kept = self.root / layout.iter_name(last)
-        return f"the tracker still names {kept}, the last good checkpoint, which is kept"
-
-    def refused(self, message: str, fix: str | None = None) -> CheckpointSaveError:
-        return CheckpointSaveError(
-            Problem(
-                "checkpoint.save",
-                f"{message} at iteration {self.step}: this checkpoint is not saved and {self.kept()}",
-                fix=fix,
-            ),
-            header=f"cannot save the checkpoint of iteration {self.step}",
-        )
-
-    def run(self, fn: Callable[[], None], *, discarded: bool = False) -> None:
-        """Run a stage of the save; a full disk becomes one clear error (the chain of DCP's wrapped
-        tracebacks adds nothing to it). `discarded`: the caller removes the partial directory when
-        this stage fails."""
-        try:
-            fn()
-        except CheckpointSaveError:
-            raise
-        except _READ_ERRORS as exc:
-            err = root_os_error(exc)
-            if err is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise self.disk_full(err, discarded) from None
-
-    def disk_full(self, err: OSError, discarded: bool = False) -> CheckpointSaveError:
-        what = "no space left on the device" if err.errno == errno.ENOSPC else "the disk quota is exceeded"
-        where = err.filename or self.tmp
-        try:
-            free = f"{shutil.disk_usage(self.root).free / 1e9:.3f} GB free there now"
-        except OSError:
-            free = "free space unknown"
-        name = errno.errorcode.get(err.errno or 0, str(err.errno))
-        exc = self.refused(
-            f"{what} ({name}) while writing {where}: this rank was writing "
-            f"{self.share_bytes / 1e9:.3f} GB of the checkpoint's {self.total_bytes / 1e9:.3f} GB tensors "
-            f"({free}){'; its partial directory is removed' if discarded else ''}",
-            fix="free space on that file system, point checkpoint.save at a larger one, or keep fewer "
-            "checkpoints (checkpoint.most_recent_k)",
-        )
-        exc.os_error = err
-        return exc
 
 
 def _rate(size: int, seconds: float) -> str:

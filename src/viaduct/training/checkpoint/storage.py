@@ -26,10 +26,16 @@ from typing import Any, Protocol, cast
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from viaduct.training.checkpoint.flat import TensorInfo
 from viaduct.training.checkpoint.layout import TORCH_TENSORS, save_file
+
+# What a checkpoint read or write may raise, to catch around one. DCP raises CheckpointException, a
+# BaseException subclass that `except Exception` would let through as a raw traceback (a truncated
+# shard, a missing file on another rank).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (Exception, CheckpointException)
 
 
 @contextmanager

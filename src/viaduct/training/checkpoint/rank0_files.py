@@ -1,0 +1,90 @@
+"""The files rank 0 alone writes into a checkpoint: ``common.pt``, ``train_state.pt``,
+``run_config.yaml``, ``tokenizer/`` (the tokenizer's local files) and, last, ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from viaduct.training.checkpoint import layout
+
+if TYPE_CHECKING:
+    from viaduct.training.config.checkpoint import CheckpointConfig
+    from viaduct.training.config.tokenizer import TokenizerConfig
+
+__all__ = ["copy_tokenizer_assets", "write_rank0_files"]
+
+# Files of a Hugging Face / SentencePiece / tiktoken tokenizer directory worth keeping with the weights
+# (a tokenizer_model directory may also hold the model's weights, which must not be copied).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def write_rank0_files(
+    directory: Path,
+    *,
+    ckpt: CheckpointConfig,
+    tokenizer: TokenizerConfig | None,
+    world_size: int,
+    step: int,
+    common: dict[str, Any],
+    train_state: dict[str, Any],
+    run_config: str,
+    size: int,
+    optim: bool,
+) -> None:
+    """Write rank 0's files of the save of `step` into `directory` (its ``.tmp`` directory), metadata
+    last: `size` is the checkpoint's tensor bytes, `optim` whether it holds the optimizer state."""
+    layout.save_file(common, directory / layout.COMMON)
+    layout.save_file(train_state, directory / layout.TRAIN_STATE)
+    layout.write_text(directory / layout.RUN_CONFIG, run_config)
+    copied = copy_tokenizer_assets(tokenizer, directory) if ckpt.save_tokenizer_assets else False
+    meta = {
+        "checkpoint_version": layout.CHECKPOINT_VERSION,
+        "format": ckpt.ckpt_format,
+        "step": int(step),
+        "world_size": world_size,
+        "contents": {"model": True, "optimizer": optim, "rng": ckpt.save_rng, "tokenizer": copied},
+        "tensor_bytes": size,
+        "torch_version": torch.__version__,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    # Written last by rank 0: its presence marks a directory as a checkpoint (see is_checkpoint_dir).
+    layout.write_text(directory / layout.METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer_assets(tok: TokenizerConfig | None, directory: Path) -> bool:
+    """Copy the tokenizer's local files into `directory/tokenizer/`; False when there are none
+    (byte-level / null tokenizers, or a Hugging Face hub id that is not on this disk)."""
+    sources: list[Path] = []
+    for name in ("tokenizer_model", "vocab_file", "merge_file"):
+        value = getattr(tok, name, None)
+        if not value:
+            continue
+        src = Path(value).expanduser()
+        if src.is_file():
+            sources.append(src)
+        elif src.is_dir():
+            sources += [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    if not sources:
+        return False
+    dest = directory / layout.TOKENIZER_DIR
+    dest.mkdir(exist_ok=True)
+    for src in sources:
+        shutil.copy2(src, dest / src.name)
+    return True
