@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from viaduct.cli.main import main
 from viaduct.recipes import tiny_gpt_pretrain_config
-from viaduct.testing import free_port, tiny_pretrain_config
+from viaduct.testing import tiny_pretrain_config, torchrun_viaduct
 from viaduct.training import curves as curves_mod
 from viaduct.training import run_report
 from viaduct.training.curves import PLOT_FILE, read_curves, write_plot
@@ -202,31 +202,17 @@ def test_last_lines_with_saving_and_tensorboard_off(tmp_path: Path) -> None:
 def test_torchrun_prints_the_last_lines_once_and_draws_the_curves(tmp_path: Path) -> None:
     yaml = tmp_path / "tiny.yaml"
     tiny_pretrain_config().to_yaml(yaml)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "viaduct",
-            "pretrain",
-            "--config-file",
-            str(yaml),
-            "train.train_iters=2",
-            "train.eval_iters=1",
-            "train.eval_interval=2",
-            "checkpoint.save=run/checkpoints",
-            "logger.tensorboard_dir=run/tb_logs",
-        ],
+    proc = torchrun_viaduct(
+        2,
+        "pretrain",
+        "--config-file",
+        str(yaml),
+        "train.train_iters=2",
+        "train.eval_iters=1",
+        "train.eval_interval=2",
+        "checkpoint.save=run/checkpoints",
+        "logger.tensorboard_dir=run/tb_logs",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

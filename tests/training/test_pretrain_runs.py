@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from viaduct.testing import free_port, tiny_pretrain_config
+from viaduct.testing import tiny_pretrain_config, torchrun_viaduct
 from viaduct.training.pretrain import pretrain
 
 
@@ -278,28 +278,14 @@ def test_profiler_and_progress_file_through_pretrain(tmp_path):
 @pytest.mark.distributed
 def test_torchrun_runs_data_parallel(tmp_path):
     yaml = _tiny_yaml(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "viaduct",
-            "pretrain",
-            "--config-file",
-            str(yaml),
-            "train.train_iters=2",
-            "train.eval_iters=0",
-        ],
+    proc = torchrun_viaduct(
+        2,
+        "pretrain",
+        "--config-file",
+        str(yaml),
+        "train.train_iters=2",
+        "train.eval_iters=0",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

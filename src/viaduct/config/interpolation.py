@@ -73,11 +73,6 @@ def has_interpolation(raw: Any) -> bool:
     return False
 
 
-def bindings(root: ConfigBase) -> dict[str, Binding]:
-    """The live bindings of a root object, by path (empty when it has none)."""
-    return root.__dict__.get(_KEY, {})
-
-
 def record(root: ConfigBase, ctx: DecodeContext) -> None:
     """Keep what `ctx` left unresolved as bindings on `root` (a later one replaces an earlier one)."""
     if not ctx.interpolations:

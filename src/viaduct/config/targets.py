@@ -65,7 +65,7 @@ _C = TypeVar("_C")
 
 _user_targets: dict[str, Any] = {}
 _user_prefixes: list[str] = []
-# viaduct functions that may be named in YAML (activations ...); filled by `allow_function`.
+# viaduct functions that may be named in YAML: its activations.
 _viaduct_functions: set[str] = set(p for p in ACTIVATIONS.values() if p.startswith("viaduct."))
 
 _MEGATRON_PREFIXES = ("megatron.bridge.", "megatron.core.", "megatron.training.", "nemo.")
@@ -94,11 +94,6 @@ def register_target_prefix(prefix: str) -> None:
     if not prefix or prefix in {"os.", "sys.", "builtins.", "subprocess.", "torch."}:
         raise ValueError(f"refusing to allow the whole prefix {prefix!r}")
     _user_prefixes.append(prefix if prefix.endswith(".") else prefix + ".")
-
-
-def allow_function(path: str) -> None:
-    """Let YAML name a viaduct function (used by viaduct modules for their activations)."""
-    _viaduct_functions.add(path)
 
 
 def _megatron_class_name(path: str) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def torchrun_viaduct(
+    nproc: int, *args: str, cwd: str | os.PathLike[str], timeout: float = 240.0
+) -> subprocess.CompletedProcess[str]:
+    """Run `viaduct ARGS` under a real torchrun launch of `nproc` local processes; output is captured.
+
+    One intra-op thread per process, so N ranks on a small CPU do not oversubscribe it.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    command += ["--master-port", str(free_port()), "-m", "viaduct", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
