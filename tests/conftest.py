@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     import torch
 
     for item in items:
-        if "distributed" in item.keywords and "slow" not in item.keywords:
+        if item.get_closest_marker("distributed") is not None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return

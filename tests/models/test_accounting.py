@@ -6,15 +6,22 @@ import pytest
 import torch
 
 from viaduct.config import ConfigError
-from viaduct.models import AttnBackend, GPTModelProvider
+from viaduct.distributed.layout import ParallelLayout, ShardingStrategy, layout_of
+from viaduct.models import AttnBackend, GPTModelProvider, Llama3ModelProvider70B
 from viaduct.models.accounting import (
+    MemoryBudgetError,
+    MemoryEstimate,
+    check_memory,
     embedding_parameters,
+    estimate_config_memory,
     estimate_memory,
     flops_per_token,
+    memory_options,
     mfu,
     num_parameters,
 )
 from viaduct.models.common.loss import default_chunk_tokens
+from viaduct.recipes import get_recipe, llama3_70b_pretrain_config
 
 
 def provider(**kw: object) -> GPTModelProvider:
@@ -230,4 +237,260 @@ def test_memory_estimate_parts() -> None:
     assert (est16.parameters, est16.gradients, est16.optimizer) == (2 * n, 4 * n, 12 * n)
     assert est16.activations == est.activations // 2
     assert estimate_memory(bf16, 1, master_weights=False).gradients == 2 * n
-    assert set(est.as_gib()) == {"parameters", "gradients", "optimizer", "activations", "logits", "total"}
+    assert est.gathered_weights == 0  # only FSDP gathers copies
+    assert set(est.as_gib()) == {
+        "parameters",
+        "gradients",
+        "optimizer",
+        "gathered_weights",
+        "activations",
+        "logits",
+        "total",
+    }
+
+
+# ------------------------------------------------------------------------------------ parallel layouts
+
+GiB = 2**30
+
+
+def bf16(**kw: object) -> GPTModelProvider:
+    """The llama-like test model in bf16 (the bf16_mixed recipe's params_dtype)."""
+    p = provider(**CONFIGS["llama-like"], **kw)  # type: ignore[arg-type]
+    p.apply_overrides_and_finalize(dtype="bf16")
+    return p
+
+
+def weight_state(est: MemoryEstimate) -> int:
+    return est.parameters + est.gradients + est.optimizer
+
+
+# Parameters the tensor-parallel plan splits (viaduct.distributed.parallelize): the column-parallel
+# layers' weights and biases, the row-parallel layers' weights, the embedding tables, the output layer.
+_SPLIT = (
+    "linear_qkv.weight",
+    "linear_qkv.bias",
+    "linear_fc1.weight",
+    "linear_fc1.bias",
+    "linear_proj.weight",
+    "linear_fc2.weight",
+    "embeddings.weight",
+    "output_layer.weight",
+)
+
+
+@pytest.mark.parametrize("kw", CONFIGS.values(), ids=CONFIGS.keys())
+def test_tensor_parallel_weights_are_the_built_models_split_and_replicated_tensors(kw: dict) -> None:
+    p = provider(**kw)
+    params = dict(p.provide().named_parameters())
+    split = sum(t.numel() for n, t in params.items() if n.endswith(_SPLIT))
+    replicated = sum(t.numel() for n, t in params.items() if not n.endswith(_SPLIT))
+    groups = p.num_query_groups or p.num_attention_heads
+    sizes = [tp for tp in (2, 4) if p.num_attention_heads % tp == 0 and groups % tp == 0]
+    assert sizes or groups == 1
+    for tp in sizes:
+        assert split % tp == 0
+        # Tensor parallelism without sharding: FSDP2 over one rank, float32 weights, no master copy.
+        est = estimate_memory(p, 1, layout=ParallelLayout(world_size=tp, tp=tp))
+        local = split // tp + replicated
+        assert (est.parameters, est.optimizer) == (4 * local, 8 * local)
+        # Unsharded, FSDP reduces once per step: micro-batches accumulate into a second set of gradients.
+        assert est.gradients == 4 * local + 4 * local
+        sharded = ParallelLayout(world_size=tp, tp=tp, strategy="optim_grads_params")
+        assert estimate_memory(p, 1, layout=sharded).gradients == 4 * local
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8, 3])
+def test_fsdp_shards_parameters_gradients_and_optimizer_state(shards: int) -> None:
+    p = bf16(num_layers=6)
+    n = num_parameters(p)
+    # A sharding strategy on one data-parallel rank has nothing to shard over: plain training.
+    one = ParallelLayout(world_size=1, dp_shard=1, strategy="optim_grads_params")
+    assert estimate_memory(p, 1, layout=one) == estimate_memory(p, 1)
+    layout = ParallelLayout(world_size=shards, dp_shard=shards, strategy="optim_grads_params")
+    est = estimate_memory(p, 1, layout=layout)
+    shard = -(-n // shards)
+    # float32 shards of the weights (the master copy), of their gradients and of Adam's two moments.
+    assert (est.parameters, est.gradients, est.optimizer) == (4 * shard, 4 * shard, 8 * shard)
+    assert weight_state(est) == pytest.approx(16 * n / shards, abs=16)
+    ddp = estimate_memory(p, 1)
+    assert weight_state(ddp) == 18 * n  # bf16 weights + fp32 grads + fp32 master + two moments
+    # The data each rank sees does not change with the number of shards.
+    assert (est.activations, est.logits) == (ddp.activations, ddp.logits)
+    assert 0 < est.gathered_weights < 2 * n  # the root group and two of the six layers, in bf16
+
+
+def test_fsdp_strategies_differ_in_what_stays_unsharded() -> None:
+    p = bf16(num_layers=6)
+    n = num_parameters(p)
+    shard = -(-n // 4)
+
+    def strategy(
+        name: ShardingStrategy, grad_reduce_in_fp32: bool | None = None, num_microbatches: int | None = None
+    ) -> MemoryEstimate:
+        layout = ParallelLayout(world_size=4, dp_shard=4, strategy=name)
+        return estimate_memory(
+            p, 1, layout=layout, grad_reduce_in_fp32=grad_reduce_in_fp32, num_microbatches=num_microbatches
+        )
+
+    zero3, zero2, zero1 = strategy("optim_grads_params"), strategy("optim_grads"), strategy("optim")
+    # Without reshard_after_forward every layer's bf16 weights stay gathered until its backward.
+    assert zero2.gathered_weights == zero1.gathered_weights == 2 * n
+    assert zero3.gathered_weights < zero2.gathered_weights
+    assert zero2.gradients == zero3.gradients == 4 * shard
+    # optim accumulates unsharded gradients over the micro-batches: float32 with grad_reduce_in_fp32.
+    assert zero1.gradients == 4 * shard + 4 * n
+    assert strategy("optim", grad_reduce_in_fp32=False).gradients == 4 * shard + 2 * n
+    assert strategy("optim", num_microbatches=2).gradients == 4 * shard + 4 * n
+    # With one micro-batch per step there is nothing to accumulate: each layer reduces as it goes.
+    assert strategy("optim", num_microbatches=1).gradients == 4 * shard
+    assert zero3.total < zero2.total < zero1.total
+
+
+def test_plain_data_parallel_holds_everything_on_every_rank() -> None:
+    p = bf16()
+    assert estimate_memory(p, 2, layout=ParallelLayout(world_size=8, dp_replicate=8)) == estimate_memory(p, 2)
+
+
+@pytest.mark.parametrize("recompute", [{}, FULL_UNIFORM, SELECTIVE["mlp"]], ids=["none", "full", "mlp"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_divides_activations_and_the_vocabulary(tp: int, recompute: dict) -> None:
+    p = bf16(**recompute)
+    one = estimate_memory(p, 2)
+    plain = estimate_memory(p, 2, layout=ParallelLayout(world_size=tp, tp=tp))
+    sp = estimate_memory(p, 2, layout=ParallelLayout(world_size=tp, tp=tp, sequence_parallel=True))
+    # With sequence parallelism every kept activation is split; without it the residual stream is not.
+    assert sp.activations == one.activations // tp
+    assert sp.activations < plain.activations < one.activations
+    # The logits (all kept at this size, plus one chunk) are split by vocabulary; the per-token loss is not.
+    per_token = 2 * p.seq_length * 8
+    assert plain.logits - per_token == (one.logits - per_token) // tp == sp.logits - per_token
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_divides_activations_and_shards_weights(cp: int) -> None:
+    p = bf16(**FULL_UNIFORM)
+    one = estimate_memory(p, 2)
+    est = estimate_memory(p, 2, layout=ParallelLayout(world_size=cp, cp=cp))
+    assert est.activations == one.activations // cp
+    # Context-parallel ranks reduce gradients together, so FSDP shards the weights over them too.
+    n = num_parameters(p)
+    assert est.parameters == 4 * -(-n // cp)
+
+
+def test_llama3_8b_recipe_fits_eight_80gb_gpus_but_not_one() -> None:
+    cfg = get_recipe("llama3_8b")()
+    assert isinstance(cfg.model, GPTModelProvider)
+    assert cfg.model.init_model_with_meta_device and cfg.train.micro_batch_size == 1
+    cfg.validate(world_size=8)
+    layout = layout_of(cfg, 8)
+    assert (layout.strategy, layout.dp_shard, layout.tp) == ("optim_grads_params", 8, 1)
+    est = check_memory(cfg, 8, 80)
+    assert est == estimate_config_memory(cfg)
+    n = num_parameters(cfg.model)
+    assert weight_state(est) == pytest.approx(16 * n / 8, abs=16)
+    assert est.total < 80 * GiB
+
+    cfg.validate(world_size=1)
+    with pytest.raises(MemoryBudgetError) as info:
+        check_memory(cfg, 1, 80)
+    err = info.value
+    assert err.estimate.total > 80 * GiB and err.layout.world_size == 1
+    assert weight_state(err.estimate) == 18 * n  # one rank: plain training, with bf16 weights
+    text = str(err)
+    assert f"needs about {err.estimate.total / GiB:.1f} GiB per GPU on 1 GPU" in text
+    assert "more than the 80 GiB of one GPU" in text
+    # One GPU cannot hold it whatever the settings: the options end with how many GPUs can.
+    assert err.options and err.options[-1].fits and err.options[-1].world_size == 2
+    assert "model.recompute_granularity=full" in text and "on 2 GPUs, fits" in text
+    assert est.activations == err.estimate.activations  # the GPU count changes the weights only
+
+
+def test_unsharded_llama3_8b_lists_sharding_tensor_parallel_recompute_and_micro_batch() -> None:
+    cfg = get_recipe("llama3_8b")(micro_batch_size=2)
+    cfg.ddp.use_distributed_optimizer = False
+    cfg.ddp.data_parallel_sharding_strategy = "no_shard"
+    cfg.validate(world_size=8)
+    est = estimate_config_memory(cfg)
+    assert est.total > 80 * GiB and est.gathered_weights == 0
+    options = {" ".join(o.changes): o for o in memory_options(cfg, 8, 80)}
+    shard = options["ddp.use_distributed_optimizer ddp.data_parallel_sharding_strategy"]
+    tensor = options["model.tensor_model_parallel_size model.sequence_parallel"]
+    recompute = options["model.recompute_granularity model.recompute_method model.recompute_num_layers"]
+    micro = options["train.micro_batch_size"]
+    # Each option is the estimate of the configuration it describes.
+    for option in (shard, tensor, recompute, micro):
+        variant = get_recipe("llama3_8b")(micro_batch_size=2)
+        variant.ddp.use_distributed_optimizer = False
+        variant.ddp.data_parallel_sharding_strategy = "no_shard"
+        for path, value in option.changes.items():
+            section, name = path.split(".")
+            setattr(getattr(variant, section), name, value)
+        variant.validate(world_size=8)
+        assert estimate_config_memory(variant).total == option.total < est.total
+    assert tensor.changes["model.tensor_model_parallel_size"] == 4  # the smallest that fits
+    assert tensor.fits and not micro.fits
+    with pytest.raises(MemoryBudgetError, match=r"model.tensor_model_parallel_size=4 .*GiB on 8 GPUs, fits"):
+        check_memory(cfg, 8, 80)
+
+
+def test_llama3_70b_recipe_fits_64_80gb_gpus() -> None:
+    cfg = llama3_70b_pretrain_config()
+    m = cfg.model
+    assert type(m) is Llama3ModelProvider70B and m.init_model_with_meta_device
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
+        80,
+        8192,
+        28672,
+        64,
+        8,
+    )
+    assert (m.vocab_size, m.seq_length, m.rotary_base) == (128256, 8192, 500_000)
+    assert get_recipe("llama3_70b") is llama3_70b_pretrain_config
+    cfg.validate(world_size=64)
+    layout = layout_of(cfg, 64)
+    assert (layout.tp, layout.sequence_parallel, layout.dp_shard, layout.strategy) == (
+        8,
+        True,
+        8,
+        "optim_grads_params",
+    )
+    est = check_memory(cfg, 64, 80)
+    assert weight_state(est) == pytest.approx(16 * num_parameters(m) / 64, rel=0.01)
+    # Megatron Bridge's keywords still choose the split.
+    tp4 = llama3_70b_pretrain_config(tensor_model_parallel_size=4)
+    tp4.validate(world_size=64)
+    assert layout_of(tp4, 64).tp == 4
+    est4 = check_memory(tp4, 64, 80)
+    assert est4.activations == 2 * est.activations
+    cfg.validate(world_size=8)
+    with pytest.raises(MemoryBudgetError):
+        check_memory(cfg, 8, 80)
+
+
+def test_config_estimate_counts_the_micro_batches_of_a_step() -> None:
+    # ZeRO-1 (strategy optim) accumulates unsharded gradients only when a step has several micro-batches.
+    cfg = get_recipe("llama3_8b")(global_batch_size=8)
+    cfg.ddp.data_parallel_sharding_strategy = "optim"
+    cfg.validate(world_size=8)
+    assert cfg.num_microbatches == 1
+    one = estimate_config_memory(cfg)
+    assert isinstance(cfg.model, GPTModelProvider)
+    n = num_parameters(cfg.model)
+    assert one.gradients == 4 * -(-n // 8)
+    # The planner's other world sizes get their own count: 8 samples on 4 ranks are 2 micro-batches.
+    assert estimate_config_memory(cfg, 4).gradients == 4 * -(-n // 4) + 4 * n
+    cfg.train.global_batch_size = 16
+    cfg.validate(world_size=8)
+    assert estimate_config_memory(cfg).gradients == one.gradients + 4 * n
+
+
+def test_memory_budget_error_is_a_config_error_that_pickles() -> None:
+    import pickle
+
+    cfg = get_recipe("llama3_8b")()
+    cfg.validate(world_size=1)
+    with pytest.raises(ConfigError) as info:
+        check_memory(cfg, 1, 80)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(again, MemoryBudgetError) and str(again) == str(info.value)

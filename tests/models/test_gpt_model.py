@@ -237,10 +237,12 @@ def test_gqa_equals_multi_head_with_repeated_kv(backend: AttnBackend) -> None:
     mha = build(seed=5, dtype=torch.float64, num_query_groups=heads, **kw)
     rep = heads // groups
 
-    def expand(t: torch.Tensor) -> torch.Tensor:  # [(heads + 2 groups) * d, ...] -> MHA layout
-        t = t.unflatten(0, (heads + 2 * groups, d))
-        q, k, v = t.split([heads, groups, groups])
-        return torch.cat([q, k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)]).flatten(0, 1)
+    def expand(t: torch.Tensor) -> torch.Tensor:  # per group [q heads | k | v] -> MHA: per head [q | k | v]
+        t = t.unflatten(0, (groups, rep + 2, d))
+        q, k, v = t.split([rep, 1, 1], dim=1)
+        q = q.unflatten(1, (rep, 1))  # [groups, rep, 1, d]: one head per MHA group
+        k, v = (x[:, None].expand(groups, rep, *x.shape[1:]) for x in (k, v))
+        return torch.cat([q, k, v], dim=2).flatten(0, 3)
 
     sd = gqa.state_dict()
     new = {k: expand(v) if "linear_qkv" in k else v for k, v in sd.items()}
@@ -669,7 +671,8 @@ def test_gated_linear_unit_doubles_fc1() -> None:
     assert plain.linear_fc1.weight.shape == (96, 64) and gated.linear_fc1.weight.shape == (192, 64)
     assert gated.linear_fc2.weight.shape == (64, 96)
     x = torch.randn(3, 64)
-    gate, up = F.linear(x, gated.linear_fc1.weight, gated.linear_fc1.bias).chunk(2, dim=-1)
+    h = F.linear(x, gated.linear_fc1.weight, gated.linear_fc1.bias)
+    gate, up = h[:, 0::2], h[:, 1::2]  # interleaved rows: 2i gate, 2i + 1 up of unit i
     expected = F.linear(F.silu(gate) * up, gated.linear_fc2.weight, gated.linear_fc2.bias)
     torch.testing.assert_close(gated(x), expected)
 

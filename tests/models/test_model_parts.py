@@ -1,16 +1,19 @@
 """The building blocks in viaduct.models.common: rotary embeddings, activations, norms, the sliding
-window mask and the chunked linear cross entropy."""
+window mask, the chunked linear cross entropy, and the row layouts of the fused QKV and gated fc1
+weights (equal to the old layouts after the checkpoint upgrade's permutation; tensor-parallel shards)."""
 
 from __future__ import annotations
 
 import math
+from copy import deepcopy as copy_module
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from viaduct.models import AttnBackend, GPTModelProvider
 from viaduct.models.common.activations import fast_gelu, quick_gelu, squared_relu
-from viaduct.models.common.attention import sliding_window_mask
+from viaduct.models.common.attention import SelfAttention, sliding_window_mask
 from viaduct.models.common.loss import (
     IGNORE_INDEX,
     cross_entropy,
@@ -27,6 +30,7 @@ from viaduct.models.common.rotary import (
     inverse_frequencies,
     llama3_scale_frequencies,
 )
+from viaduct.training.checkpoint.upgrade import fc1_rows_v1_to_v2, inverse, qkv_rows_v1_to_v2
 
 # ---------------------------------------------------------------------------------------------- rotary
 
@@ -316,3 +320,134 @@ def test_default_chunk_tokens() -> None:
     for vocab in (1000, 32000, 50304, 151936):
         c = default_chunk_tokens(vocab)
         assert c % 256 == 0 and c * vocab <= 1 << 30 < (c + 256) * vocab
+
+
+# ---------------------------------------------------------------------------------- fused weight layouts
+
+
+def _layer(**kw: object) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Layer 0 of a tiny float64 GPT (8 heads of 8 channels) and its rotary tables for 12 tokens."""
+    base: dict[str, object] = dict(
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=8,
+        vocab_size=32,
+        seq_length=12,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        position_embedding_type="rope",
+    )
+    base.update(kw)
+    torch.manual_seed(0)
+    model = GPTModelProvider(**base).provide().double()  # type: ignore[arg-type]
+    rope = model.rotary(12, None) if model.rotary is not None else None
+    return model.decoder.layers[0], rope
+
+
+def _old_layout_attention(attn: SelfAttention, w: torch.Tensor, b: torch.Tensor | None, x, rope):
+    """Attention as it was computed from the version-1 layout [q heads | k groups | v groups]."""
+    bsz, s, _ = x.shape
+    heads, groups, d = attn.num_heads, attn.num_groups, attn.head_dim
+    q, k, v = F.linear(x, w, b).view(bsz, s, heads + 2 * groups, d).split([heads, groups, groups], dim=2)
+    if attn.q_layernorm is not None:
+        q, k = attn.q_layernorm(q), attn.k_layernorm(k)
+    if rope is not None:
+        q, k = (apply_rotary(t, *rope, interleaved=attn.rotary_interleaved) for t in (q, k))
+    out = attn.core_attention(*(t.transpose(1, 2) for t in (q, k, v)), None)
+    return attn.linear_proj(out.transpose(1, 2).reshape(bsz, s, heads * d))
+
+
+ATTENTION_KINDS = [
+    dict(num_query_groups=8),  # multi-head
+    dict(num_query_groups=2, add_qkv_bias=True, qk_layernorm=True),  # grouped-query
+    dict(num_query_groups=1, attention_backend=AttnBackend.unfused),  # multi-query, math path
+]
+
+
+@pytest.mark.parametrize("kw", ATTENTION_KINDS, ids=["mha", "gqa", "mqa"])
+def test_grouped_qkv_layout_computes_what_the_old_layout_did(kw: dict[str, object]) -> None:
+    layer, rope = _layer(**kw)
+    attn = layer.self_attention
+    old_w = torch.randn_like(attn.linear_qkv.weight)
+    old_b = torch.randn_like(attn.linear_qkv.bias) if attn.linear_qkv.bias is not None else None
+    index = qkv_rows_v1_to_v2(attn.num_heads, attn.num_groups, attn.head_dim)
+    with torch.no_grad():
+        attn.linear_qkv.weight.copy_(old_w[index])
+        if old_b is not None:
+            attn.linear_qkv.bias.copy_(old_b[index])
+    x = torch.randn(2, 12, 64, dtype=torch.float64)
+    torch.testing.assert_close(attn(x, rope), _old_layout_attention(attn, old_w, old_b, x, rope))
+    assert torch.equal(old_w[index][inverse(index)], old_w)
+    if attn.num_groups not in (1, attn.num_heads):  # MQA: [q.. | k | v] is the same layout either way
+        assert not torch.equal(index, torch.arange(index.numel()))
+
+
+def test_interleaved_fc1_computes_what_gate_then_up_did() -> None:
+    layer, _ = _layer(
+        ffn_hidden_size=96, gated_linear_unit=True, activation_func="silu", add_bias_linear=True
+    )
+    mlp = layer.mlp
+    old_w, old_b = torch.randn_like(mlp.linear_fc1.weight), torch.randn_like(mlp.linear_fc1.bias)
+    index = fc1_rows_v1_to_v2(96)
+    assert index[:6].tolist() == [0, 96, 1, 97, 2, 98]  # row 2i: gate unit i; row 2i + 1: up unit i
+    with torch.no_grad():
+        mlp.linear_fc1.weight.copy_(old_w[index])
+        mlp.linear_fc1.bias.copy_(old_b[index])
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    gate, up = F.linear(x, old_w, old_b).chunk(2, dim=-1)  # the old [gate | up] layout
+    torch.testing.assert_close(mlp(x), mlp.linear_fc2(F.silu(gate) * up))
+
+
+def _shard(module: torch.nn.Module, name: str, rows: slice | None = None, cols: slice | None = None):
+    """A copy of `module` whose Linear `name` keeps only those rows (outputs) or columns (inputs), as
+    one tensor-parallel rank holds it (its bias: the rows' share; with columns, only the first rank's)."""
+    copy = copy_module(module)
+    lin: torch.nn.Linear = getattr(copy, name)
+    w = lin.weight.detach()[rows] if rows is not None else lin.weight.detach()[:, cols]
+    b = lin.bias
+    if b is not None:
+        b = b.detach()[rows] if rows is not None else (b.detach() if cols.start == 0 else None)
+    part = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    with torch.no_grad():
+        part.weight.copy_(w)
+        if b is not None:
+            part.bias.copy_(b)
+    setattr(copy, name, part)
+    return copy
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_contiguous_row_shard_of_qkv_is_whole_query_groups(tp: int) -> None:
+    layer, rope = _layer(num_query_groups=4, add_qkv_bias=True, qk_layernorm=True, add_bias_linear=True)
+    attn = layer.self_attention
+    x = torch.randn(2, 12, 64, dtype=torch.float64)
+    full = attn(x, rope)
+    rows, cols = attn.linear_qkv.weight.shape[0] // tp, 8 * 8 // tp  # per rank: groups/tp of 2 heads
+    heads_out = []
+    total = torch.zeros_like(full)
+    for r in range(tp):
+        part = _shard(attn, "linear_qkv", rows=slice(r * rows, (r + 1) * rows))
+        no_proj = copy_module(part)
+        no_proj.linear_proj = torch.nn.Identity()
+        heads_out.append(no_proj(x, rope))  # [b, s, this rank's heads * head_dim]
+        # Row-parallel linear_proj: this rank's input columns; the partial sums add up to the output.
+        total += _shard(part, "linear_proj", cols=slice(r * cols, (r + 1) * cols))(x, rope)
+    whole = copy_module(attn)
+    whole.linear_proj = torch.nn.Identity()
+    torch.testing.assert_close(torch.cat(heads_out, dim=-1), whole(x, rope))
+    torch.testing.assert_close(total, full)
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_a_contiguous_row_shard_of_gated_fc1_is_whole_gate_up_pairs(tp: int) -> None:
+    layer, _ = _layer(
+        ffn_hidden_size=96, gated_linear_unit=True, activation_func="silu", add_bias_linear=True
+    )
+    mlp = layer.mlp
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    units = 96 // tp
+    total = torch.zeros_like(x)
+    for r in range(tp):  # rank r: fc1 rows of units [r * units, (r + 1) * units), fc2 their columns
+        part = _shard(mlp, "linear_fc1", rows=slice(2 * r * units, 2 * (r + 1) * units))
+        total += _shard(part, "linear_fc2", cols=slice(r * units, (r + 1) * units))(x)
+    torch.testing.assert_close(total, mlp(x))

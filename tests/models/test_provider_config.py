@@ -239,16 +239,16 @@ RULES = [
     ),
     ({"recompute_modules": ["core_attn", "attn"]}, "recompute_modules", "unknown module(s): 'attn'"),
     (
-        {"tensor_model_parallel_size": 2},
+        {"tensor_model_parallel_size": 3},
         "tensor_model_parallel_size",
-        "tensor parallelism is not supported yet",
+        "cannot be split evenly over 3 tensor-parallel ranks",
     ),
     (
         {"pipeline_model_parallel_size": 2},
         "pipeline_model_parallel_size",
         "pipeline parallelism is not supported",
     ),
-    ({"context_parallel_size": 2}, "context_parallel_size", "context parallelism is not supported yet"),
+    ({"context_parallel_size": 3}, "context_parallel_size", "is not divisible by 6"),
     (
         {"expert_model_parallel_size": 2},
         "expert_model_parallel_size",
@@ -285,7 +285,7 @@ RULES = [
     ({"cross_entropy_fusion_impl": "te"}, "cross_entropy_fusion_impl", "not supported yet"),
     ({"mtp_num_layers": 1}, "mtp_num_layers", "multi-token prediction is not supported yet"),
     ({"hidden_size": "wide"}, "hidden_size", "expected int"),
-    ({"distribute_saved_activations": True}, "distribute_saved_activations", "needs tensor parallelism"),
+    ({"distribute_saved_activations": True}, "distribute_saved_activations", "is not supported yet"),
     ({"window_size": (4, 2)}, "window_size", "right side must be 0 or -1"),
     (
         {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "moe_act"]},
@@ -319,7 +319,7 @@ def test_all_problems_are_reported_at_once():
         hidden_dropout=2.0,
         fp16=True,
         bf16=True,
-        tensor_model_parallel_size=2,
+        tensor_model_parallel_size=3,
         normalization="rmsnorm",
         num_moe_experts=4,
     )

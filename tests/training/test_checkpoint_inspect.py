@@ -71,6 +71,20 @@ def test_inspect_text_shows_summary_and_table(saved, capsys) -> None:
     assert "total:" in out and "MB" in out
 
 
+def test_inspect_shows_the_checkpoint_version(saved, tmp_path, capsys) -> None:
+    assert inspect_checkpoint(saved["torch"])["checkpoint_version"] == 2
+    d = _copy(saved["torch"], tmp_path / "c")
+    meta = json.loads((d / "metadata.json").read_text())
+    del meta["checkpoint_version"]  # as before versions were recorded: version 1
+    (d / "metadata.json").write_text(json.dumps(meta))
+    assert _cli(str(d)) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint version 1 (older row layout of the fused weights: converted when loaded)" in out
+    assert _cli(str(saved["torch"])) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint version 2\n" in out
+
+
 def test_not_a_checkpoint(tmp_path, capsys) -> None:
     assert _cli(str(tmp_path)) == 2
     err = capsys.readouterr().err

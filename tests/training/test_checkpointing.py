@@ -22,6 +22,7 @@ from viaduct.distributed.init import DistributedContext
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import tiny_gpt_pretrain_config
 from viaduct.testing import assert_identical
+from viaduct.training.checkpoint.upgrade import inverse, row_permutations
 from viaduct.training.checkpointing import Checkpointer, CheckpointError
 from viaduct.training.config import CheckpointConfig, ConfigContainer, SchedulerConfig
 from viaduct.training.optim import build_optimizer
@@ -32,7 +33,7 @@ VOCAB, SEQ, GBS = 64, 16, 16
 FORMATS = ["torch_dist", "torch"]
 
 
-def make_cfg(world_size: int = 1, **ckpt: Any) -> ConfigContainer:
+def make_cfg(world_size: int = 1, model: dict[str, Any] | None = None, **ckpt: Any) -> ConfigContainer:
     cfg = tiny_gpt_pretrain_config()
     cfg.model = GPTModelProvider(
         num_layers=1,
@@ -42,6 +43,7 @@ def make_cfg(world_size: int = 1, **ckpt: Any) -> ConfigContainer:
         seq_length=SEQ,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        **(model or {}),
     )
     cfg.train.train_iters = 20
     # Short warmup and decay: a few steps move the schedule (set whole, independent of the recipe's).
@@ -63,6 +65,7 @@ class Run:
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.train_state = TrainState()
+        self.losses: list[float] = []
 
     def objects(self) -> dict[str, Any]:
         return dict(
@@ -74,7 +77,9 @@ class Run:
         for _ in range(n):
             x = torch.randint(0, VOCAB, (2, SEQ), generator=g)
             self.optimizer.zero_grad()
-            self.model(x, labels=torch.roll(x, -1, 1)).float().mean().backward()
+            loss = self.model(x, labels=torch.roll(x, -1, 1)).float().mean()
+            loss.backward()
+            self.losses.append(loss.item())
             self.optimizer.step()
             self.scheduler.step(GBS)
             ts = self.train_state
@@ -439,6 +444,127 @@ def test_tokenizer_files_are_copied(tmp_path: Path) -> None:
     path = Path(Run(cfg).save(Checkpointer(cfg, ctx1())))
     assert sorted(p.name for p in (path / "tokenizer").iterdir()) == ["merges.txt", "vocab.json"]
     assert json.loads((path / "metadata.json").read_text())["contents"]["tokenizer"] is True
+
+
+# ------------------------------------------------------------------------------------- older versions
+
+# Models whose fused weights version 2 lays out differently: grouped-query attention (with a QKV
+# bias), and the same with a gated MLP (SwiGLU, fc1 with a bias).
+LAYOUT_MODELS = {
+    "gqa": dict(num_query_groups=2, add_qkv_bias=True),
+    "gqa-gated": dict(
+        num_query_groups=2,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func="silu",
+        ffn_hidden_size=48,
+    ),
+}
+
+
+def _as_version_1(directory: Path, cfg: ConfigContainer) -> list[str]:
+    """Rewrite a "torch"-format checkpoint as version 1 saved it: the old rows of linear_qkv ([q heads |
+    k groups | v groups]) and of a gated linear_fc1 ([gate | up]), for the weights and their optimizer
+    state, and checkpoint_version 1. Returns the keys rewritten."""
+    old = {name: inverse(index) for name, index in row_permutations(cfg.model).items()}
+    path = directory / "model_optim.pt"
+    tensors = torch.load(path, weights_only=True)
+    rewritten = []
+    for key, t in tensors.items():
+        param = key.removeprefix("model.") if key.startswith("model.") else key.split(".", 2)[2]
+        module = param.rsplit(".", 2)[-2]  # decoder.layers.0.mlp.linear_fc1.weight -> linear_fc1
+        if module in old and t.ndim > 0:
+            tensors[key] = t[old[module]]
+            rewritten.append(key)
+    torch.save(tensors, path)
+    meta = json.loads((directory / "metadata.json").read_text())
+    assert meta["checkpoint_version"] == 2
+    meta["checkpoint_version"] = 1
+    (directory / "metadata.json").write_text(json.dumps(meta))
+    common = torch.load(directory / "common.pt", weights_only=True)
+    common["checkpoint_version"] = 1
+    torch.save(common, directory / "common.pt")
+    return rewritten
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", LAYOUT_MODELS.values(), ids=list(LAYOUT_MODELS))
+def test_version_1_checkpoint_is_upgraded_and_resumes_to_the_same_losses(
+    tmp_path: Path, model: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    cfg = make_cfg(save=str(v2), ckpt_format="torch", model=model)
+    a = Run(cfg).step(3)
+    a.save(Checkpointer(cfg, ctx1()))
+    shutil.copytree(v2, v1)
+    rewritten = _as_version_1(v1 / "iter_0000003", cfg)
+    # Of the weight and the bias of each fused module: itself, Adam's two moments, the float32 master.
+    fused = 2 if model.get("gated_linear_unit") else 1
+    assert len(rewritten) == 2 * 4 * fused, rewritten
+    qkv = "model.decoder.layers.0.self_attention.linear_qkv.weight"
+    assert not torch.equal(
+        torch.load(v1 / "iter_0000003" / "model_optim.pt")[qkv], a.model.state_dict()[qkv[6:]]
+    )
+
+    caplog.set_level("INFO", logger="viaduct")
+    resumed = [Run(cfg, seed=1), Run(cfg, seed=2)]
+    for run, root in zip(resumed, (v2, v1), strict=True):
+        assert run.load(Checkpointer(make_cfg(load=str(root), model=model), ctx1())) == 3
+        assert_same_run(a, run)
+    upgraded = [r.getMessage() for r in caplog.records if "upgraded checkpoint" in r.getMessage()]
+    assert len(upgraded) == 1 and "from version 1" in upgraded[0] and str(v1) in upgraded[0]
+    a.step(3, data_seed=11)
+    for run in resumed:
+        run.step(3, data_seed=11)
+        assert run.losses == a.losses[-3:]
+        assert_same_run(a, run)
+
+
+def test_version_1_weights_only_load_is_upgraded(tmp_path: Path) -> None:
+    model = LAYOUT_MODELS["gqa-gated"]
+    cfg = make_cfg(save=str(tmp_path), ckpt_format="torch", model=model)
+    a = Run(cfg).step(1)
+    a.save(Checkpointer(cfg, ctx1()))
+    _as_version_1(tmp_path / "iter_0000001", cfg)
+    b = Run(make_cfg(pretrained_checkpoint=str(tmp_path), model=model), seed=3)
+    assert b.load(Checkpointer(make_cfg(pretrained_checkpoint=str(tmp_path), model=model), ctx1())) == 0
+    assert_identical(a.model.state_dict(), b.model.state_dict())
+
+
+def test_a_newer_or_broken_checkpoint_version_is_refused(tmp_path: Path) -> None:
+    cfg = make_cfg(save=str(tmp_path), load=str(tmp_path))
+    Run(cfg).step(1).save(Checkpointer(cfg, ctx1()))
+    meta_path = tmp_path / "iter_0000001" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for version, message in ((99, "saved as checkpoint version 99 by a newer viaduct"), ("2", "'2'")):
+        meta_path.write_text(json.dumps({**meta, "checkpoint_version": version}))
+        with pytest.raises(CheckpointError, match=message) as info:
+            Run(cfg).load(Checkpointer(cfg, ctx1()))
+        assert str(meta_path.parent) in str(info.value) and "checkpoint.load" in str(info.value)
+
+
+def test_version_1_checkpoint_into_sharded_weights_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    model = LAYOUT_MODELS["gqa"]
+    cfg = make_cfg(save=str(tmp_path), ckpt_format="torch", model=model)
+    Run(cfg).step(1).save(Checkpointer(cfg, ctx1()))
+    _as_version_1(tmp_path / "iter_0000001", cfg)
+    load = make_cfg(pretrained_checkpoint=str(tmp_path), model=model)
+    run = Run(load, seed=3)
+    # A real one-process gloo group: linear_qkv becomes a DTensor, as tensor parallelism makes it.
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        attn = run.model.decoder.layers[0].self_attention
+        parallelize_module(attn, init_device_mesh("cpu", (1,)), {"linear_qkv": ColwiseParallel()})
+        before = attn.linear_qkv.weight.full_tensor().clone()
+        with pytest.raises(CheckpointError, match="version-1 checkpoint") as info:
+            run.load(Checkpointer(load, ctx1()))
+        assert "single process" in str(info.value) and "save it again" in str(info.value)
+        assert torch.equal(attn.linear_qkv.weight.full_tensor(), before)  # refused before reading
+    finally:
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------- 2 processes

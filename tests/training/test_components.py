@@ -141,15 +141,15 @@ def test_spec_defaults():
     ("cfg", "path", "reason"),
     [
         (
-            OptimizerConfig(use_distributed_optimizer=True),
-            "optimizer.use_distributed_optimizer",
-            "distributed",
+            OptimizerConfig(overlap_param_gather_with_optimizer_step=True),
+            "optimizer.overlap_param_gather_with_optimizer_step",
+            "all-gather",
         ),
         (OptimizerConfig(main_grads_dtype="bf16"), "optimizer.main_grads_dtype", "non-fp32"),
-        (DistributedInitConfig(use_torch_fsdp2=True), "dist.use_torch_fsdp2", "FSDP2"),
+        (DistributedInitConfig(use_sharp=True), "dist.use_sharp", "SHARP"),
         (
-            DistributedDataParallelConfig(data_parallel_sharding_strategy="optim"),
-            "ddp.data_parallel_sharding_strategy",
+            DistributedDataParallelConfig(reduce_scatter_with_fp32_accumulation=True),
+            "ddp.reduce_scatter_with_fp32_accumulation",
             "",
         ),
         (LoggerConfig(mlflow_experiment="x"), "logger.mlflow_experiment", "MLflow"),
@@ -181,6 +181,14 @@ def test_unsupported_values_reported_by_type_check(cfg, path, reason):
 
 def test_supported_values_pass_type_check():
     assert OptimizerConfig(main_grads_dtype="fp32", lr=1.0).check_types("optimizer") == []
+    assert OptimizerConfig(use_distributed_optimizer=True, lr=1.0).check_types("optimizer") == []
+    assert DistributedInitConfig(use_torch_fsdp2=True).check_types("dist") == []
+    sharded = DistributedDataParallelConfig(
+        data_parallel_sharding_strategy="optim_grads",
+        use_megatron_fsdp=True,
+        num_distributed_optimizer_instances=2,
+    )
+    assert sharded.check_types("ddp") == []
     assert (
         TokenizerConfig(tokenizer_type="Bert").check_types("tokenizer")[0].path == "tokenizer.tokenizer_type"
     )

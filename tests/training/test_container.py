@@ -183,11 +183,55 @@ def test_save_interval_needs_save():
         cfg.validate()
 
 
-def test_parallel_sizes_are_not_supported_yet():
+def test_pipeline_and_expert_parallel_sizes_are_not_supported_yet():
+    cfg = tiny()
+    cfg.model.pipeline_model_parallel_size = 2
+    cfg.model.expert_model_parallel_size = 2
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=4)
+    assert "pipeline parallelism is not supported yet" in str(info.value)
+    assert "expert parallelism is not supported yet" in str(info.value)
+
+
+def test_tensor_and_context_parallel_layouts_validate_with_their_rules():
     cfg = tiny()
     cfg.model.tensor_model_parallel_size = 2
-    with pytest.raises(ConfigError, match="not supported yet"):
-        cfg.validate(world_size=2)
+    cfg.model.context_parallel_size = 2
+    cfg.validate(world_size=8)
+    assert cfg.data_parallel_size == 2
+    cfg.model.num_query_groups = 1  # one key/value head cannot be split over 2 ranks
+    cfg.model.seq_length = cfg.dataset.seq_length = 30  # not 4 equal chunks for 2 context-parallel ranks
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=8)
+    text = str(info.value)
+    assert "1 query groups (key/value heads) (model.num_query_groups) cannot be split evenly over 2" in text
+    assert "seq_length 30 is not divisible by 4" in text
+
+
+def test_layout_rules_spanning_components():
+    cfg = tiny()
+    cfg.train.global_batch_size = 32
+    cfg.ddp.num_distributed_optimizer_instances = 2
+    cfg.ddp.overlap_param_gather = True
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=4)
+    text = str(info.value)
+    assert "ddp.num_distributed_optimizer_instances: hybrid sharding needs sharded data parallelism" in text
+    assert "ddp.overlap_param_gather: prefetches sharded parameters" in text
+    cfg.ddp.use_distributed_optimizer = True
+    cfg.ddp.num_distributed_optimizer_instances = 3
+    cfg.checkpoint.ckpt_format = "torch"
+    cfg.train.torch_compile_scope = "model"
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=4)
+    text = str(info.value)
+    assert "must divide the data-parallel size (4)" in text
+    assert "checkpoint.ckpt_format: 'torch' writes one file of whole tensors" in text
+    assert "train.torch_compile_scope" in text
+    cfg.ddp.num_distributed_optimizer_instances = 2
+    cfg.checkpoint.ckpt_format = "torch_dist"
+    cfg.train.torch_compile_scope = None
+    cfg.validate(world_size=4)
 
 
 @pytest.mark.parametrize("name", sorted(list_recipes()))
@@ -196,11 +240,13 @@ def test_every_recipe_validates_and_round_trips(name, tmp_path):
     path = tmp_path / "r.yaml"
     cfg.to_yaml(path)
     assert ConfigContainer.from_yaml(path) == cfg
-    cfg.validate(world_size=2)
+    # Two data-parallel replicas of whatever model-parallel group the recipe sets.
+    world = 2 * cfg.model.tensor_model_parallel_size * cfg.model.context_parallel_size
+    cfg.validate(world_size=world)
     cfg.to_yaml(path)
     back = ConfigContainer.from_yaml(path)
     assert back == cfg
-    back.validate(world_size=2)
+    back.validate(world_size=world)
     assert back.to_dict() == cfg.to_dict()
 
 

@@ -247,13 +247,13 @@ def test_memory_statistics_to_gigabytes():
 
 
 def test_theoretical_memory_line_follows_the_estimate():
-    from viaduct.models.accounting import estimate_memory
+    from viaduct.models.accounting import estimate_config_memory
 
     cfg = get_recipe("llama32_1b")()
     cfg.model.vocab_size = 128256
     cfg.validate()  # bf16_mixed: bf16 weights with float32 masters and main grads
-    est = estimate_memory(cfg.model, cfg.train.micro_batch_size)
-    line = theoretical_memory_line(cfg.model, cfg.train.micro_batch_size)
+    est = estimate_config_memory(cfg)
+    line = theoretical_memory_line(cfg)
     weights = re.search(r"weight and optimizer=([\d.]+) MB, activation=([\d.]+) MB, total=([\d.]+) MB", line)
     assert line.startswith("Theoretical memory footprints: ") and weights
     w, a, total = (float(x) for x in weights.groups())
@@ -261,8 +261,13 @@ def test_theoretical_memory_line_follows_the_estimate():
     assert w == pytest.approx(1.2358e9 * 18 / 2**20, rel=1e-3)
     assert a == pytest.approx((est.activations + est.logits) / 2**20, abs=0.01)
     assert total == pytest.approx(w + a, abs=0.02)
-    assert theoretical_memory_line(object(), 1) is None  # not a GPT model: no estimate
-    assert theoretical_memory_line(get_recipe("default")().model, 1) is None  # vocabulary not known yet
+    assert theoretical_memory_line(get_recipe("default")()) is None  # vocabulary not known yet
+    sharded = get_recipe("llama32_1b")()
+    sharded.model.vocab_size = 128256
+    sharded.ddp.use_distributed_optimizer = True
+    sharded.validate(world_size=8)
+    w8 = float(re.search(r"weight and optimizer=([\d.]+) MB", theoretical_memory_line(sharded)).group(1))
+    assert w8 < w / 2  # the run's layout: Adam state and masters sharded over 8 ranks (ZeRO-1)
 
 
 def test_progress_bar_only_on_a_tty(monkeypatch, capsys):

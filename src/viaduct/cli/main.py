@@ -1,7 +1,8 @@
 """The `viaduct` command.
 
     viaduct config show     [--recipe NAME | --config-file F] [--provenance] [--resolved] [overrides...]
-    viaduct config validate [--recipe NAME | --config-file F] [--world-size N] [overrides...]
+    viaduct config validate [--recipe NAME | --config-file F] [--world-size N] [--gpu-memory GB]
+                            [overrides...]
     viaduct config diff A B     (each a YAML file or a recipe name)
     viaduct config schema   [--output F]
     viaduct config recipes
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG_ERROR = 2
 EXIT_RUN_ERROR = 1
+DEFAULT_GPU_MEMORY_GB = 80.0
+"""The GPU memory `viaduct config validate --world-size N` checks against (an H100 / A100 80 GB)."""
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,16 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         help="YAML file: a full config (with _target_) or partial overrides on top of the recipe",
     )
     p.add_argument("--help-config", action="store_true", help="list every --component.field flag and exit")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = csub.add_parser("validate", help="check a configuration (exit 2 with every problem if invalid)")
     _add_source_args(val)
-    val.add_argument("--world-size", type=int, metavar="N", help="number of processes to validate for")
+    val.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="number of processes (GPUs) to validate for; also prints the parallel layout and the memory "
+        f"estimate per GPU, and fails when it exceeds --gpu-memory (default {DEFAULT_GPU_MEMORY_GB:g})",
+    )
+    val.add_argument(
+        "--gpu-memory",
+        type=_positive_float,
+        metavar="GB",
+        help="memory of one GPU in GiB (2^30 bytes; 80 for an 80 GB H100 or A100): fail when the "
+        "estimate per GPU exceeds it",
+    )
 
     diff = csub.add_parser("diff", help="field-level differences between two configurations")
     diff.add_argument("a", help="YAML file or recipe name")
@@ -219,6 +245,29 @@ def _summary(cfg: ConfigContainer) -> str:
     return "configuration is valid: " + "; ".join(parts)
 
 
+def _print_memory_plan(cfg: ConfigContainer, gpu_memory: float | None) -> None:
+    """The layout and the memory estimate per GPU of a validated `cfg`; raises `MemoryBudgetError`
+    when the estimate exceeds `gpu_memory` GiB (default `DEFAULT_GPU_MEMORY_GB`)."""
+    from viaduct.distributed.layout import layout_of
+    from viaduct.models.accounting import check_memory
+
+    world = cfg.world_size or 1
+    budget = DEFAULT_GPU_MEMORY_GB if gpu_memory is None else gpu_memory
+    sys.stdout.write(f"layout: {layout_of(cfg, world).describe()}\n")
+    try:
+        estimate = check_memory(cfg, world, budget)
+    except ConfigError as exc:
+        if gpu_memory is not None or not exc.problems or exc.problems[0].path != "model.vocab_size":
+            raise
+        # Only the run knows the vocabulary (from its tokenizer): no estimate, and nothing to fail on.
+        sys.stdout.write(
+            "memory per GPU: not estimated: model.vocab_size is unset (a run takes it from its "
+            "tokenizer); set it to get the estimate\n"
+        )
+        return
+    sys.stdout.write(f"memory per GPU (estimate): {estimate.describe()} (one GPU: {budget:g} GiB)\n")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -274,6 +323,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(args.recipe, args.config_file, extra)
     if args.action == "validate":
         cfg.validate(world_size=args.world_size)
+        if args.world_size is not None or args.gpu_memory is not None:
+            _print_memory_plan(cfg, args.gpu_memory)
         out.write(_summary(cfg) + "\n")
         return 0
     # show

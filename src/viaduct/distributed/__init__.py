@@ -1,11 +1,51 @@
-"""Process groups and data parallelism, applied to plain models from outside.
+"""Process groups and parallelism, applied to plain models from outside.
 
 `initialize_distributed()` reads the torchrun environment (a plain single process needs none);
-`wrap_data_parallel()` wraps a model in `torch.nn.parallel.DistributedDataParallel` driven by the
-`ddp` config.
+`layout_of()` says how a config arranges the world (pure arithmetic, no torch needed);
+`build_mesh()` makes that layout a device mesh; `build_parallel_model()` applies tensor, context and
+sharded data parallelism; `wrap_data_parallel()` wraps a model in DDP for plain data parallelism.
+
+Names are imported on first use, so reading the layout of a config does not import torch.
 """
 
-from viaduct.distributed.ddp import wrap_data_parallel
-from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
+from __future__ import annotations
 
-__all__ = ["DistributedContext", "destroy_distributed", "initialize_distributed", "wrap_data_parallel"]
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from viaduct.distributed.ddp import wrap_data_parallel
+    from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
+    from viaduct.distributed.layout import ParallelLayout, layout_of
+    from viaduct.distributed.mesh import ParallelMesh, build_mesh
+    from viaduct.distributed.parallelize import build_parallel_model
+
+_WHERE = {
+    "wrap_data_parallel": "ddp",
+    "DistributedContext": "init",
+    "destroy_distributed": "init",
+    "initialize_distributed": "init",
+    "ParallelLayout": "layout",
+    "layout_of": "layout",
+    "ParallelMesh": "mesh",
+    "build_mesh": "mesh",
+    "build_parallel_model": "parallelize",
+}
+
+__all__ = [
+    "DistributedContext",
+    "ParallelLayout",
+    "ParallelMesh",
+    "build_mesh",
+    "build_parallel_model",
+    "destroy_distributed",
+    "initialize_distributed",
+    "layout_of",
+    "wrap_data_parallel",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"viaduct.distributed.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'viaduct.distributed' has no attribute {name!r}")

@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from viaduct.training.config.distributed import DistributedInitConfig
+
+if TYPE_CHECKING:
+    from viaduct.distributed.mesh import ParallelMesh
 
 
 @dataclass
@@ -30,6 +34,8 @@ class DistributedContext:
     host_group: dist.ProcessGroup | None = None
     """A gloo group for host-side collectives (exit decisions): no device synchronisation. None when
     dist.use_gloo_process_groups is false: those collectives then go through the default group."""
+    parallel: ParallelMesh | None = None
+    """The device mesh of the run's parallel layout (set by the run's setup, once the config is known)."""
 
     @property
     def host_device(self) -> torch.device:
@@ -100,7 +106,8 @@ def destroy_distributed(ctx: DistributedContext, *, abort: bool = False) -> None
         return
     # Drop our handle on the groups: a process group still referenced at interpreter exit has its
     # gloo threads torn down during finalization, which aborts the process (SIGABRT).
-    ctx.host_group = None
+    host_group, ctx.host_group = ctx.host_group, None
+    ctx.parallel = None
     if abort and hasattr(dist.distributed_c10d, "_abort_process_group"):
         try:
             dist.distributed_c10d._abort_process_group()
@@ -110,5 +117,6 @@ def destroy_distributed(ctx: DistributedContext, *, abort: bool = False) -> None
     if not abort:
         # Every rank reaches the end before any tears its connections down: a rank that left early
         # would break a peer still finishing its last collective.
-        dist.barrier(group=ctx.host_group)
+        dist.barrier(group=host_group)
+    del host_group
     dist.destroy_process_group()

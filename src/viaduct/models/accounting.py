@@ -9,11 +9,17 @@ causal kernel skips the masked half of the scores.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
+
+from viaduct.config.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
+    from viaduct.distributed.layout import ParallelLayout
     from viaduct.models.gpt.provider import GPTModelProvider
+    from viaduct.training.config.container import ConfigContainer
 
 H100_BF16_PEAK_FLOPS = 989e12
 """Dense bf16 peak of an H100 SXM (and H200), the MFU denominator."""
@@ -23,18 +29,27 @@ def _norm_params(provider: GPTModelProvider, size: int) -> int:
     return 2 * size if provider.normalization == "LayerNorm" else size
 
 
-def _layer_params(p: GPTModelProvider) -> int:
+def _layer_params_by_tp(p: GPTModelProvider) -> tuple[int, int]:
+    """(parameters tensor parallelism splits, parameters it replicates) of one transformer layer.
+
+    Column-parallel layers (linear_qkv, linear_fc1) split their weight and bias; row-parallel ones
+    (linear_proj, linear_fc2) split their weight and replicate their bias; norms are replicated
+    (`viaduct.distributed.parallelize`). The embedding tables and the output layer are split by rows.
+    """
     assert p.kv_channels is not None and p.num_query_groups is not None and p.ffn_hidden_size is not None
     h, d, ffn = p.hidden_size, p.kv_channels, p.ffn_hidden_size
     qkv_out = (p.num_attention_heads + 2 * p.num_query_groups) * d
-    n = 2 * _norm_params(p, h)
-    n += qkv_out * h + (qkv_out if p.add_bias_linear or p.add_qkv_bias else 0)
-    if p.qk_layernorm:
-        n += 2 * _norm_params(p, d)
-    n += p.num_attention_heads * d * h + (h if p.add_bias_linear else 0)
     fc1_out = 2 * ffn if p.gated_linear_unit else ffn
-    n += fc1_out * h + ffn * h + ((fc1_out + h) if p.add_bias_linear else 0)
-    return n
+    split = qkv_out * h + (qkv_out if p.add_bias_linear or p.add_qkv_bias else 0)
+    split += p.num_attention_heads * d * h + fc1_out * h + ffn * h
+    split += fc1_out if p.add_bias_linear else 0
+    replicated = 2 * _norm_params(p, h) + (2 * _norm_params(p, d) if p.qk_layernorm else 0)
+    replicated += 2 * h if p.add_bias_linear else 0
+    return split, replicated
+
+
+def _layer_params(p: GPTModelProvider) -> int:
+    return sum(_layer_params_by_tp(p))
 
 
 def embedding_parameters(provider: GPTModelProvider) -> int:
@@ -93,41 +108,100 @@ def mfu(tokens_per_second: float, flops_per_tok: float, peak_flops: float = H100
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes needed on one device for a training step (estimates; allocator overhead not included)."""
+    """Bytes one GPU needs for a training step (estimates; allocator overhead, the CUDA context and
+    communication buffers not included). See `estimate_memory` for what each part holds under
+    plain and sharded data parallelism."""
 
     parameters: int
-    """The weights, in params_dtype."""
+    """The stored weights: params_dtype, whole (DDP); float32 shards (FSDP2)."""
     gradients: int
-    """One gradient per weight: float32 main grads with master weights, else params_dtype."""
+    """The gradients the optimizer steps on: whole float32 main grads, or params_dtype without them
+    (DDP); float32 shards, plus the unsharded gradients micro-batches accumulate into where FSDP2
+    reduces once per step (strategy optim, or no sharding under tensor / context parallelism)."""
     optimizer: int
-    """Adam's two moments, plus float32 master weights when params_dtype is 16-bit."""
+    """Adam's two moments, plus float32 master weights when params_dtype is 16-bit (DDP only: under
+    FSDP2 the float32 shard is the master)."""
     activations: int
-    """Tensors the transformer layers keep for the backward pass."""
+    """Tensors the transformer layers keep for the backward pass (one micro-batch)."""
     logits: int
     """The logits kept for the backward (none with the fused loss above its budget) and one chunk."""
+    gathered_weights: int = 0
+    """FSDP2's unsharded params_dtype copies of the weights alive at the peak (0 under DDP)."""
+
+    PARTS: ClassVar[tuple[str, ...]] = (
+        "parameters",
+        "gradients",
+        "optimizer",
+        "gathered_weights",
+        "activations",
+        "logits",
+    )
+    """The names of the parts, in the order `describe()` lists them."""
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.logits
+        return sum(getattr(self, k) for k in self.PARTS)
 
     def as_gib(self) -> dict[str, float]:
         """Each part and the total in GiB, rounded to 0.01."""
-        parts = {
-            k: getattr(self, k) for k in ("parameters", "gradients", "optimizer", "activations", "logits")
-        }
+        parts = {k: getattr(self, k) for k in self.PARTS}
         parts["total"] = self.total
         return {k: round(v / 2**30, 2) for k, v in parts.items()}
 
+    def describe(self) -> str:
+        """One line in GiB, e.g. "parameters 1.87, gradients 1.87, ..., total 58.12 GiB"."""
+        gib = self.as_gib()
+        parts = ", ".join(f"{k.replace('_', ' ')} {gib[k]:.2f}" for k in self.PARTS)
+        return f"{parts}; total {gib['total']:.2f} GiB"
 
-def _layer_activation_elements(p: GPTModelProvider) -> int:
-    """Elements per token one layer keeps for backward (compute dtype), without recompute."""
+
+def _layer_activation_bytes(p: GPTModelProvider, act_bytes: int) -> tuple[int, int]:
+    """Bytes per token one layer keeps for backward without recompute, as (residual-stream part,
+    attention/MLP part): sequence parallelism splits the first over the tensor-parallel ranks,
+    tensor parallelism the second."""
     assert p.kv_channels is not None and p.num_query_groups is not None and p.ffn_hidden_size is not None
     h, d, ffn = p.hidden_size, p.kv_channels, p.ffn_hidden_size
     q, kv = p.num_attention_heads * d, p.num_query_groups * d
-    norms = 4 * h  # each norm keeps its input and the next GEMM keeps its output
+    stream = 4 * h * act_bytes  # each norm keeps its input and the next GEMM keeps its output
+    if p.hidden_dropout > 0:
+        stream += 2 * h  # two bool masks
     attention = (q + 2 * kv) + q  # q, k, v for the kernel + its output (input of linear_proj)
     mlp = 3 * ffn if p.gated_linear_unit else 2 * ffn  # fc1 output(s) + activation output
-    return norms + attention + mlp
+    if p.recompute_granularity == "selective" and "mlp" in (p.recompute_modules or ()):
+        # The fused attention kernels keep only q, k, v and the output, so core_attn frees nothing here.
+        mlp = 0
+    return stream, (attention + mlp) * act_bytes
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fsdp_weights(
+    p: GPTModelProvider, layout: ParallelLayout, grad_reduce_in_fp32: bool, accumulates: bool
+) -> tuple[int, int, int, int]:
+    """(parameters, gradients, optimizer, gathered weights) bytes per GPU under FSDP2."""
+    tp, pbytes = layout.tp, p.params_dtype.itemsize
+    h, vocab = p.hidden_size, p.padded_vocab_size()
+    split, replicated = _layer_params_by_tp(p)
+    layer = _ceil_div(split, tp) + replicated  # one layer's weights on one tensor-parallel rank
+    # The root group: embedding tables (split by rows), final norm, output layer (split by rows).
+    root = _ceil_div(embedding_parameters(p), tp) + _norm_params(p, h)
+    if not p.share_embeddings_and_output_weights:
+        root += _ceil_div(vocab * h, tp)
+    local = root + p.num_layers * layer  # the model on one tensor-parallel rank
+    shard = _ceil_div(local, layout.grad_shards)
+    gradients = 4 * shard
+    if accumulates and not layout.sync_grads_every_microbatch:
+        # optim / no_shard: micro-batches accumulate into unsharded gradients, reduced after the last.
+        gradients += local * (4 if grad_reduce_in_fp32 else pbytes)
+    if layout.reshard_after_forward:
+        # The root stays gathered from the first forward to the last backward (its output layer is
+        # needed again as soon as backward starts); of the layers, the one computing and the next.
+        gathered = root + min(2, p.num_layers) * layer
+    else:
+        gathered = local  # every layer stays gathered from its forward to its backward
+    return 4 * shard, gradients, 8 * shard, gathered * pbytes
 
 
 def estimate_memory(
@@ -135,58 +209,307 @@ def estimate_memory(
     micro_batch_size: int,
     seq_length: int | None = None,
     *,
+    layout: ParallelLayout | None = None,
     master_weights: bool | None = None,
+    grad_reduce_in_fp32: bool | None = None,
+    num_microbatches: int | None = None,
     keep_logits_bytes: int = 4 << 30,
 ) -> MemoryEstimate:
-    """Memory of one training step with Adam for `micro_batch_size` x `seq_length` tokens.
+    """Memory of one GPU for a training step with Adam on `micro_batch_size` x `seq_length` tokens,
+    under `layout` (default: one rank, or plain data parallelism, where every rank holds everything).
 
-    Counts activation recompute (full: one saved input per recompute chunk plus one layer's
-    activations; selective: the recomputed parts dropped), dropout masks, and the loss path
-    (cross_entropy_loss_fusion: one chunk of logits, plus all of them when they fit in
+    Weights, gradients and optimizer state:
+
+    * plain data parallelism (DDP): the weights in params_dtype; float32 main gradients and float32
+      master weights when params_dtype is 16-bit (`master_weights`, default "params_dtype is
+      16-bit"; `grad_reduce_in_fp32=False` keeps the gradients in params_dtype); Adam's two float32
+      moments. All whole on every rank.
+    * FSDP2 (`layout.uses_fsdp`): the weights stored in float32 (the master copy), their gradients
+      and Adam's two moments, each split over the `layout.tp` tensor-parallel ranks (the weights
+      and column-parallel biases of linear_qkv, linear_proj, linear_fc1, linear_fc2, the embedding
+      tables and the output layer; norms and row-parallel biases are replicated) and sharded over
+      `layout.grad_shards` ranks. Compute gathers params_dtype copies (`gathered_weights`): the root
+      group (embedding, final norm, output layer) from the first forward to the last backward, and
+      with `reshard_after_forward` (strategy optim_grads_params) two layers (the one computing and
+      the one prefetched), without it all of them. Where gradients are reduced once per step rather
+      than per micro-batch (strategy optim, and no_shard under tensor or context parallelism), the
+      micro-batches of a step (`num_microbatches`; None: more than one) also accumulate into
+      unsharded gradients (float32 with `grad_reduce_in_fp32`, which defaults to
+      `master_weights`). FSDP's padding of shards and the transient unsharded gradient of the layer
+      being reduced are left out.
+
+    Activations count activation recompute (full: one saved input per recompute chunk plus one
+    layer's activations; selective: the recomputed parts dropped) and dropout masks, for the
+    sequence / `layout.cp` tokens of a context-parallel rank; tensor parallelism divides the
+    attention and MLP activations by `layout.tp`, sequence parallelism the residual-stream ones too.
+    The loss path (cross_entropy_loss_fusion: one chunk of logits, plus all of them when they fit in
     `keep_logits_bytes`, see `viaduct.models.common.loss`; otherwise the full logits in the compute
-    dtype plus a float32 copy). `master_weights` defaults to "params_dtype is 16-bit"; they come with
-    float32 main grads.
+    dtype plus a float32 copy) sees the vocabulary / `layout.tp` of a tensor-parallel rank.
     """
+    # Imported here: viaduct.distributed loads torch, which counting parameters does not need.
+    from viaduct.distributed.layout import ParallelLayout
     from viaduct.models.common.loss import default_chunk_tokens
 
     provider.finalize()
     p = provider
-    tokens = micro_batch_size * (seq_length or p.seq_length)
+    layout = layout or ParallelLayout(world_size=1)
+    tp, stream_split = layout.tp, layout.tp if layout.sequence_parallel else 1
+    tokens = micro_batch_size * _ceil_div(seq_length or p.seq_length, layout.cp)
     pbytes = p.params_dtype.itemsize
-    n = num_parameters(p)
     if master_weights is None:
         master_weights = pbytes < 4
-    optimizer = n * (8 + (4 if master_weights else 0))
-    act_dtype = p.autocast_dtype.itemsize if p.enable_autocast and p.autocast_dtype else pbytes
-    per_layer = _layer_activation_elements(p) * act_dtype
-    if p.hidden_dropout > 0:
-        per_layer += 2 * p.hidden_size  # two bool masks
-    if p.recompute_granularity == "selective" and "mlp" in (p.recompute_modules or ()):
-        # The fused attention kernels keep only q, k, v and the output, so core_attn frees nothing here.
-        assert p.ffn_hidden_size is not None
-        per_layer -= (3 if p.gated_linear_unit else 2) * p.ffn_hidden_size * act_dtype
-    residual_bytes = 4 if p.fp32_residual_connection else act_dtype
+    grad_fp32 = master_weights if grad_reduce_in_fp32 is None else grad_reduce_in_fp32
+    if layout.uses_fsdp:
+        accumulates = num_microbatches is None or num_microbatches > 1
+        parameters, gradients, optimizer, gathered = _fsdp_weights(p, layout, grad_fp32, accumulates)
+    else:
+        n = num_parameters(p)
+        parameters, gathered = n * pbytes, 0
+        gradients = n * (4 if master_weights and grad_fp32 else pbytes)
+        optimizer = n * (8 + (4 if master_weights else 0))
+
+    act_bytes = p.autocast_dtype.itemsize if p.enable_autocast and p.autocast_dtype else pbytes
+    stream, inner = _layer_activation_bytes(p, act_bytes)
+    per_layer = _ceil_div(stream, stream_split) + _ceil_div(inner, tp)
+    residual = _ceil_div(p.hidden_size * (4 if p.fp32_residual_connection else act_bytes), stream_split)
     if p.recompute_granularity == "full":
         k = p.recompute_num_layers or 1
         if p.recompute_method == "uniform":
-            kept = -(-p.num_layers // k) * p.hidden_size * residual_bytes + k * per_layer
+            kept = _ceil_div(p.num_layers, k) * residual + k * per_layer
         else:  # the kept layers' activations are gone by the time the first k are recomputed
-            kept = k * p.hidden_size * residual_bytes + max((p.num_layers - k) * per_layer, per_layer)
+            kept = k * residual + max((p.num_layers - k) * per_layer, per_layer)
     else:
         kept = p.num_layers * per_layer
-    activations = tokens * (kept + 2 * p.hidden_size * act_dtype)  # + final norm input/output
-    vocab = p.padded_vocab_size()
+    final_norm = _ceil_div(2 * p.hidden_size * act_bytes, stream_split)  # its input and output
+    activations = tokens * (kept + final_norm)
+
+    vocab = _ceil_div(p.padded_vocab_size(), tp)  # the vocabulary of one tensor-parallel rank
     if p.cross_entropy_loss_fusion:
         chunk = min(tokens, default_chunk_tokens(vocab))
-        logits = chunk * vocab * act_dtype + tokens * 8
-        all_logits = tokens * vocab * act_dtype
-        logits += all_logits if all_logits <= keep_logits_bytes else chunk * vocab * act_dtype
+        logits = chunk * vocab * act_bytes + tokens * 8
+        all_logits = tokens * vocab * act_bytes
+        logits += all_logits if all_logits <= keep_logits_bytes else chunk * vocab * act_bytes
     else:
-        logits = tokens * vocab * (2 * act_dtype + 4)
+        logits = tokens * vocab * (2 * act_bytes + 4)
     return MemoryEstimate(
-        parameters=n * pbytes,
-        gradients=n * (4 if master_weights else pbytes),
+        parameters=parameters,
+        gradients=gradients,
         optimizer=optimizer,
+        gathered_weights=gathered,
         activations=activations,
         logits=logits,
+    )
+
+
+# ------------------------------------------------------------------------------ a whole configuration
+
+
+def estimate_config_memory(cfg: ConfigContainer, world_size: int | None = None) -> MemoryEstimate:
+    """`estimate_memory` of a validated `cfg` on `world_size` ranks (default: the world size it was
+    validated for), in the layout `viaduct.distributed.layout.layout_of` gives it, with its micro-batch
+    size and number of micro-batches per step."""
+    from viaduct.distributed.layout import layout_of
+    from viaduct.models.gpt.provider import GPTModelProvider
+
+    model = cfg.model
+    if not isinstance(model, GPTModelProvider):
+        raise ConfigError(
+            Problem("model", "the memory estimate covers GPT models only", type(model).__name__)
+        )
+    if model.vocab_size is None:
+        raise ConfigError(
+            Problem(
+                "model.vocab_size",
+                "the memory estimate needs the vocabulary size (the tokenizer sets it when a run starts)",
+                None,
+                fix="set model.vocab_size to the tokenizer's vocabulary size",
+            )
+        )
+    mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    assert mbs is not None  # validate() checked it
+    world = world_size or cfg.world_size or 1
+    layout = layout_of(cfg, world)
+    if world == cfg.world_size and cfg.num_microbatches is not None:
+        num_microbatches: int | None = cfg.num_microbatches
+    else:  # another world size than validated: the same batch arithmetic, for the planner's what-ifs
+        num_microbatches = max(1, gbs // (mbs * layout.dp)) if gbs else None
+    return estimate_memory(
+        model,
+        mbs,
+        layout=layout,
+        grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
+        num_microbatches=num_microbatches,
+    )
+
+
+MemoryChanges = dict[str, object]
+"""Dotted field path -> value: one way to change a configuration."""
+
+
+@dataclass(frozen=True)
+class MemoryOption:
+    """One way to bring a configuration under the memory of a GPU, with the estimate it gives."""
+
+    changes: MemoryChanges
+    """The settings to change (dotted path -> value)."""
+    world_size: int
+    """GPUs to run on (the ones asked about, unless more are needed)."""
+    total: int
+    """Estimated bytes per GPU with the changes."""
+    budget: int
+    """Bytes of one GPU."""
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def __str__(self) -> str:
+        settings = " ".join(
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.changes.items()
+        )
+        verdict = "fits" if self.fits else "still too much"
+        gpus = f"{self.world_size} GPU{'s' * (self.world_size != 1)}"
+        return f"{settings or 'the same settings'}: {self.total / 2**30:.1f} GiB on {gpus}, {verdict}"
+
+
+class MemoryBudgetError(ConfigError):
+    """A configuration whose estimated memory per GPU exceeds the GPU's: the estimate, the layout
+    and the options (`MemoryOption`) that fit, each on a line of the message."""
+
+    def __init__(
+        self,
+        estimate: MemoryEstimate,
+        layout: ParallelLayout,
+        gpu_memory_gib: float,
+        options: list[MemoryOption],
+    ):
+        self.estimate, self.layout, self.gpu_memory_gib, self.options = (
+            estimate,
+            layout,
+            gpu_memory_gib,
+            options,
+        )
+        gpus = f"{layout.world_size} GPU{'s' * (layout.world_size != 1)}"
+        problem = Problem(
+            "",
+            f"needs about {estimate.total / 2**30:.1f} GiB per GPU on {gpus} ({layout.describe()}), "
+            f"more than the {gpu_memory_gib:g} GiB of one GPU",
+            fix="one of the options below" if options else "run on more GPUs with sharded data parallelism",
+        )
+        super().__init__([problem], header="the configuration does not fit in GPU memory")
+
+    def _render(self) -> str:
+        lines = [super()._render(), f"  estimate per GPU: {self.estimate.describe()}"]
+        if self.options:
+            lines.append("  options (estimate per GPU with each):")
+            lines += [f"    - {option}" for option in self.options]
+        return "\n".join(lines)
+
+    def __reduce__(self) -> tuple[type[MemoryBudgetError], tuple[object, ...]]:
+        # Pickling (multiprocessing, pytest-xdist) rebuilds it from its parts, not from the problems.
+        return (self.__class__, (self.estimate, self.layout, self.gpu_memory_gib, self.options))
+
+
+def _apply(cfg: ConfigContainer, changes: MemoryChanges) -> ConfigContainer:
+    variant = copy.deepcopy(cfg)
+    for path, value in changes.items():
+        component, name = path.split(".")
+        setattr(getattr(variant, component), name, value)
+    return variant
+
+
+def _valid_total(cfg: ConfigContainer, changes: MemoryChanges, world_size: int) -> int | None:
+    """Estimated bytes per GPU of `cfg` with `changes`, or None when the result does not validate."""
+    variant = _apply(cfg, changes)
+    try:
+        with warnings.catch_warnings():  # the user sees the warnings of their own config only
+            warnings.simplefilter("ignore")
+            variant.validate(world_size=world_size)
+        return estimate_config_memory(variant, world_size).total
+    except ValueError:
+        return None
+
+
+_SHARD_EVERYTHING: MemoryChanges = {
+    "ddp.use_distributed_optimizer": True,
+    "ddp.data_parallel_sharding_strategy": "optim_grads_params",
+}
+_FULL_RECOMPUTE: MemoryChanges = {
+    "model.recompute_granularity": "full",
+    "model.recompute_method": "uniform",
+    "model.recompute_num_layers": 1,
+}
+
+
+def memory_options(cfg: ConfigContainer, world_size: int, gpu_memory_gib: float) -> list[MemoryOption]:
+    """Ways to bring a validated `cfg` on `world_size` GPUs under `gpu_memory_gib` GiB per GPU, each
+    with its estimate: sharding parameters, gradients and optimizer state (ZeRO-3), tensor
+    parallelism with sequence parallelism (the smallest size that fits), full activation recompute,
+    a micro-batch of 1; then all of them together, and, when that is still too much, the number of
+    GPUs at which it fits. Only changes that validate are offered."""
+    from viaduct.distributed.layout import layout_of
+
+    budget = int(gpu_memory_gib * 2**30)
+    layout = layout_of(cfg, world_size)
+    candidates: list[MemoryChanges] = []
+    combined: MemoryChanges = {}
+    if layout.strategy != "optim_grads_params":
+        combined.update(_SHARD_EVERYTHING)  # more GPUs only help a sharded run
+        if layout.dp > 1:
+            candidates.append(_SHARD_EVERYTHING)
+    tensor_parallel: MemoryChanges | None = None  # the smallest size that fits, else the largest valid
+    for tp in (t for t in (2, 4, 8) if t > layout.tp):
+        changes: MemoryChanges = {"model.tensor_model_parallel_size": tp, "model.sequence_parallel": True}
+        total = _valid_total(cfg, changes, world_size)
+        if total is not None:
+            tensor_parallel = changes
+            if total <= budget:
+                break
+    if tensor_parallel is not None:
+        candidates.append(tensor_parallel)
+    if cfg.model.recompute_granularity != "full":
+        candidates.append(_FULL_RECOMPUTE)
+    if (cfg.train.micro_batch_size or 1) > 1:
+        candidates.append({"train.micro_batch_size": 1})
+
+    options: list[MemoryOption] = []
+    for changes in candidates:
+        total = _valid_total(cfg, changes, world_size)
+        if total is not None:
+            combined.update(changes)
+            options.append(MemoryOption(dict(changes), world_size, total, budget))
+    if any(o.fits for o in options):
+        if len(options) > 1:
+            total = _valid_total(cfg, combined, world_size)
+            if total is not None and total < min(o.total for o in options):
+                options.append(MemoryOption(combined, world_size, total, budget))
+        return options
+    total = _valid_total(cfg, combined, world_size) if combined else None
+    if total is not None and len(combined) > len(options[0].changes if options else {}):
+        options.append(MemoryOption(combined, world_size, total, budget))
+    # More GPUs shard the weights thinner; a GPU's activations stay, so give up after 1024 times.
+    variant = _apply(cfg, combined)
+    for factor in (2**k for k in range(1, 11)):
+        try:
+            more = estimate_config_memory(variant, world_size * factor).total
+        except ValueError:
+            break
+        if more <= budget:
+            options.append(MemoryOption(combined, world_size * factor, more, budget))
+            break
+    return options
+
+
+def check_memory(cfg: ConfigContainer, world_size: int, gpu_memory_gib: float) -> MemoryEstimate:
+    """The per-GPU estimate of a validated `cfg` on `world_size` GPUs (`estimate_config_memory`);
+    raises `MemoryBudgetError` with the ways to fit (`memory_options`) when it exceeds
+    `gpu_memory_gib` GiB. The estimate leaves out the CUDA context, communication buffers and
+    allocator fragmentation: leave a few GiB of the budget for them."""
+    from viaduct.distributed.layout import layout_of
+
+    estimate = estimate_config_memory(cfg, world_size)
+    if estimate.total <= gpu_memory_gib * 2**30:
+        return estimate
+    raise MemoryBudgetError(
+        estimate, layout_of(cfg, world_size), gpu_memory_gib, memory_options(cfg, world_size, gpu_memory_gib)
     )

@@ -35,7 +35,6 @@ _MOE_RECOMPUTE_MODULES = ("moe", "moe_act", "shared_experts", "mla_up_proj")
 # CheckpointWithoutOutput); plain checkpointing would keep both and save nothing.
 _UNSUPPORTED_RECOMPUTE = ("layernorm",)
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-# Each must be 1 for now: viaduct trains data-parallel only.
 _PARALLEL_SIZES = (
     ("tensor_model_parallel_size", "tensor parallelism"),
     ("pipeline_model_parallel_size", "pipeline parallelism"),
@@ -43,6 +42,8 @@ _PARALLEL_SIZES = (
     ("expert_model_parallel_size", "expert parallelism"),
 )
 # Pipeline-layout fields: they only mean something with more than one pipeline stage.
+# Sizes that must still be 1 (the others are built).
+_UNBUILT_PARALLEL_SIZES = ("pipeline_model_parallel_size", "expert_model_parallel_size")
 _PIPELINE_SPLIT_FIELDS = (
     "num_layers_in_first_pipeline_stage",
     "num_layers_in_last_pipeline_stage",
@@ -468,11 +469,11 @@ class TransformerConfig(MegatronCompatFields):
                 fix=f"choose from {', '.join(RECOMPUTE_MODULES)}",
             )
         if "distribute_saved_activations" not in bad and self.distribute_saved_activations:
-            # Megatron shards the checkpoints over the tensor-parallel group, which viaduct lacks.
+            # Megatron shards the recompute checkpoints over the tensor-parallel group.
             rule = (
                 "cannot be combined with sequence_parallel"
                 if self.sequence_parallel
-                else "needs tensor parallelism, which is not supported yet"
+                else "sharding recompute checkpoints over the tensor-parallel group is not supported yet"
             )
             p.add(
                 "distribute_saved_activations",
@@ -499,6 +500,53 @@ class TransformerConfig(MegatronCompatFields):
                     fix="recompute core_attn or mlp",
                 )
 
+    def _check_tensor_parallel(self, p: Problems, bad: set[str]) -> None:
+        """Tensor parallelism splits heads, query groups and MLP columns evenly over the ranks."""
+        if "tensor_model_parallel_size" in bad:
+            return
+        tp = self.tensor_model_parallel_size
+        if tp <= 1:
+            return
+        fix = "choose a tensor_model_parallel_size that divides it"
+        for name, what in (
+            ("num_attention_heads", "attention heads"),
+            ("num_query_groups", "query groups (key/value heads)"),
+            ("ffn_hidden_size", "MLP hidden units"),
+        ):
+            value = getattr(self, name)
+            if name not in bad and value is not None and value > 0 and value % tp:
+                p.add(
+                    "tensor_model_parallel_size",
+                    f"{value} {what} (model.{name}) cannot be split evenly over {tp} tensor-parallel ranks",
+                    tp,
+                    fix=fix,
+                )
+        if self.sequence_parallel and "seq_length" not in bad:
+            local = self.seq_length // max(self.context_parallel_size, 1)
+            if local % tp:
+                p.add(
+                    "sequence_parallel",
+                    f"splits each rank's {local} tokens over {tp} tensor-parallel ranks: not evenly",
+                    True,
+                    fix="use a seq_length that divides, or set model.sequence_parallel=false",
+                )
+
+    def _check_context_parallel(self, p: Problems, bad: set[str]) -> None:
+        """Context parallelism cuts each sequence into 2 x cp chunks (causal load balancing)."""
+        if "context_parallel_size" in bad:
+            return
+        cp = self.context_parallel_size
+        if cp <= 1:
+            return
+        if "seq_length" not in bad and self.seq_length % (2 * cp):
+            p.add(
+                "context_parallel_size",
+                f"cuts the sequence into 2 x {cp} equal chunks, but seq_length {self.seq_length} "
+                f"is not divisible by {2 * cp}",
+                cp,
+                fix=f"use a seq_length that is a multiple of {2 * cp}",
+            )
+
     def _check_parallelism(self, p: Problems, bad: set[str]) -> None:
         for name, what in _PARALLEL_SIZES:
             if name in bad:
@@ -506,8 +554,10 @@ class TransformerConfig(MegatronCompatFields):
             size = getattr(self, name)
             if size < 1:
                 p.add(name, "must be >= 1", size, fix=f"set model.{name}=1")
-            if size > 1:
+            elif size > 1 and name in _UNBUILT_PARALLEL_SIZES:
                 p.add(name, f"{what} is not supported yet", size, fix=f"set model.{name}=1")
+        self._check_tensor_parallel(p, bad)
+        self._check_context_parallel(p, bad)
         pp = self.pipeline_model_parallel_size if "pipeline_model_parallel_size" not in bad else 1
         vpp = self.virtual_pipeline_model_parallel_size
         if "virtual_pipeline_model_parallel_size" not in bad and vpp is not None:
@@ -519,10 +569,10 @@ class TransformerConfig(MegatronCompatFields):
                 fix="unset model.virtual_pipeline_model_parallel_size",
             )
         etp = self.expert_tensor_parallel_size
-        # A derived value follows tensor_model_parallel_size, which is reported itself.
+        # A value equal to tensor_model_parallel_size (the default it is derived from) changes nothing.
         if (
             "expert_tensor_parallel_size" not in bad
-            and etp not in (None, 1)
+            and etp not in (None, 1, self.tensor_model_parallel_size)
             and not prov.is_derived(self.source_of("expert_tensor_parallel_size"))
         ):
             p.add(
@@ -531,17 +581,12 @@ class TransformerConfig(MegatronCompatFields):
                 etp,
                 fix="unset model.expert_tensor_parallel_size",
             )
-        if "sequence_parallel" not in bad and self.sequence_parallel:
-            why = (
-                "needs tensor_model_parallel_size > 1"
-                if self.tensor_model_parallel_size == 1
-                else "is not supported yet"
-            )
+        if "sequence_parallel" not in bad and self.sequence_parallel and self.tensor_model_parallel_size == 1:
             p.add(
                 "sequence_parallel",
-                f"sequence parallelism {why}",
+                "sequence parallelism needs tensor_model_parallel_size > 1",
                 self.sequence_parallel,
-                fix="set model.sequence_parallel=false",
+                fix="set model.sequence_parallel=false, or model.tensor_model_parallel_size > 1",
             )
         for name in _PIPELINE_SPLIT_FIELDS:
             value = getattr(self, name)

@@ -8,6 +8,7 @@ from viaduct.recipes.gpt import gpt2_124m_pretrain_config, tiny_gpt_model, tiny_
 from viaduct.recipes.llama import (
     llama2_7b_pretrain_config,
     llama3_8b_pretrain_config,
+    llama3_70b_pretrain_config,
     llama32_1b_pretrain_config,
 )
 from viaduct.recipes.qwen import qwen3_600m_pretrain_config, qwen25_500m_pretrain_config
@@ -20,6 +21,7 @@ __all__ = [
     "list_recipes",
     "llama2_7b_pretrain_config",
     "llama3_8b_pretrain_config",
+    "llama3_70b_pretrain_config",
     "llama32_1b_pretrain_config",
     "qwen3_600m_pretrain_config",
     "qwen25_500m_pretrain_config",

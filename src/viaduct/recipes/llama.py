@@ -8,6 +8,7 @@ from viaduct.models import (
     GPTModelProvider,
     Llama2ModelProvider7B,
     Llama3ModelProvider8B,
+    Llama3ModelProvider70B,
     Llama32ModelProvider1B,
 )
 from viaduct.models.gpt.provider import LlamaStyleProvider
@@ -40,14 +41,54 @@ def llama32_1b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContai
     return apply_recipe_kwargs(cfg, kwargs, recipe="llama32_1b_pretrain_config", default_name="llama32_1b")
 
 
+def _shard_everything(cfg: ConfigContainer) -> None:
+    """FSDP2 sharding of parameters, gradients and optimizer state over the data-parallel ranks, on
+    a model built on the meta device (each rank materializes only its shard)."""
+    cfg.ddp.use_distributed_optimizer = True
+    cfg.ddp.data_parallel_sharding_strategy = "optim_grads_params"
+    cfg.model.init_model_with_meta_device = True
+
+
 @recipe("llama3_8b")
 def llama3_8b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
-    """Llama 3 8B shape (32 layers, 4096 wide, 14336 FFN, 8 KV groups).
+    """Llama 3 8B shape (32 layers, 4096 wide, 14336 FFN, 8 KV groups), FSDP2 for 8 x 80 GB GPUs.
 
-    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    Parameters, gradients and optimizer state are sharded over the data-parallel ranks (FSDP2,
+    strategy optim_grads_params); bf16 mixed precision, micro-batches of 1 x 8192 tokens. On 8 GPUs
+    that is about 56 GiB per GPU (`viaduct config validate --recipe llama3_8b --world-size 8`).
+
+    Keyword arguments (`train_iters=`, `lr=`, `tensor_model_parallel_size=`, `dir=`, ...): see
+    `viaduct.recipes.common.PretrainKwargs`.
     """
     cfg = pretrain_common(Llama3ModelProvider8B(), name="llama3_8b")
+    _shard_everything(cfg)
+    cfg.train.micro_batch_size = 1
     return apply_recipe_kwargs(cfg, kwargs, recipe="llama3_8b_pretrain_config", default_name="llama3_8b")
+
+
+@recipe("llama3_70b")
+def llama3_70b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContainer:
+    """Llama 3 70B shape (80 layers, 8192 wide, 28672 FFN, 64 heads, 8 KV groups), for 64 x 80 GB GPUs.
+
+    FSDP2 (strategy optim_grads_params) over the data-parallel ranks, tensor parallelism 8 with
+    sequence parallelism inside each 8-GPU node, full activation recompute, bf16 mixed precision,
+    micro-batches of 1 x 8192 tokens. On 64 GPUs that is about 19 GiB per GPU
+    (`viaduct config validate --recipe llama3_70b --world-size 64`), on 32 about 36 GiB.
+
+    Keyword arguments (`train_iters=`, `lr=`, `tensor_model_parallel_size=`, `dir=`, ...): see
+    `viaduct.recipes.common.PretrainKwargs`; `tensor_model_parallel_size=1` needs
+    `sequence_parallel=False` too.
+    """
+    cfg = pretrain_common(Llama3ModelProvider70B(), name="llama3_70b")
+    _shard_everything(cfg)
+    model = cfg.model
+    model.tensor_model_parallel_size = 8
+    model.sequence_parallel = True
+    model.recompute_granularity = "full"
+    model.recompute_method = "uniform"
+    model.recompute_num_layers = 1
+    cfg.train.micro_batch_size = 1
+    return apply_recipe_kwargs(cfg, kwargs, recipe="llama3_70b_pretrain_config", default_name="llama3_70b")
 
 
 @recipe("llama2_7b")

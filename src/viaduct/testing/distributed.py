@@ -40,6 +40,35 @@ def torchrun_viaduct(
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def torchrun_nodes(
+    nnodes: int, nproc: int, *args: str, cwd: str | os.PathLike[str], timeout: float = 300.0
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run `viaduct ARGS` as a job of `nnodes` nodes × `nproc` processes on this machine: one torchrun
+    agent per "node", all meeting at one c10d rendezvous, as on a cluster. Returns each agent's result."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes)]
+    command += ["--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+    command += ["--rdzv-id", f"viaduct-test-{os.getpid()}", "-m", "viaduct", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(nnodes)
+    ]
+    results = []
+    try:
+        for agent in agents:
+            out, _ = agent.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(command, agent.returncode, out, ""))
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.communicate()
+    return results
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
     os.environ.update(
         RANK=str(rank),

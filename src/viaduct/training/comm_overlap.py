@@ -2,11 +2,11 @@
 
 Every optional field defaults to None, meaning "let the policy decide"; an explicit value always
 wins over the policy. The policy itself (pipeline send/receive style from the PP/VPP sizes,
-data-parallel overlap and bucket size when the distributed optimizer is on) is applied by the
-parallelism code when it lands: tensor, pipeline and expert parallelism and the distributed
-optimizer are not supported yet. What applies today: an explicit `overlap_grad_reduce` or
-`bucket_size` is copied onto `ddp` by `ConfigContainer.validate()` (as Bridge does), and settings
-of the unsupported features are reported.
+data-parallel overlap and bucket size when the distributed optimizer is on) is not applied: unset
+fields leave `ddp` as it is. What applies: an explicit `overlap_grad_reduce`,
+`overlap_param_gather` or `bucket_size` is copied onto `ddp` by `ConfigContainer.validate()` (as
+Bridge does), and settings of features that are not built (pipeline and expert parallelism,
+tensor-parallel overlap) are reported.
 
 Difference from Bridge: `tp_comm_overlap` is a required bool there; here it defaults to False
 (tensor-parallel overlap is not supported yet, so True is reported).
@@ -82,7 +82,6 @@ class CommOverlapConfig(ConfigBase):
                 "overlap_param_gather_with_optimizer_step",
                 "overlapping the parameter gather with the optimizer",
             ),
-            ("overlap_param_gather", "the distributed optimizer's parameter gather"),
             ("align_param_gather", "the distributed optimizer's parameter gather"),
         ):
             if getattr(self, name) is True:

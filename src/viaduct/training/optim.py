@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from viaduct.training.config.optimizer import OptimizerConfig
 from viaduct.training.loss_scaler import ConstantLossScaler, DynamicLossScaler
@@ -43,6 +45,31 @@ def _is_embedding_or_output(name: str) -> bool:
 
 def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return name.endswith(".bias") or p.ndim == 1
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `tensors` together, as a plain device tensor, on every rank.
+
+    Sharded (DTensor) tensors count each element once, whatever their layout: their norms are taken
+    per device mesh by DTensor (which sums the shards and skips the replicas) and combined here.
+    """
+    if not tensors:
+        return torch.zeros(())
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_mesh.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    norms = []
+    for group in by_mesh.values():
+        norm = nn.utils.get_total_norm(group, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if len(norms) == 1:
+        return norms[0]
+    return torch.stack([n.float().square() for n in norms]).sum().sqrt()
 
 
 @dataclass
@@ -168,6 +195,10 @@ class MixedPrecisionOptimizer:
         when fp16 gradients overflowed or the norm exceeded `grad_norm_skip_threshold`.
         """
         grads = self.main_grads.grads()
+        # In-place arithmetic runs on each rank's own part of sharded gradients; norms and counts
+        # are taken over the whole model.
+        local = [_local(g) for g in grads]
+        sharded = len(local) > 0 and any(isinstance(g, DTensor) for g in grads)
         factor = self._grad_scale
         self._grad_scale = None
         found_inf = None
@@ -176,19 +207,22 @@ class MixedPrecisionOptimizer:
             if factor is not None:
                 inv = inv * factor
             found_inf = torch.zeros(1, device=inv.device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+            torch._amp_foreach_non_finite_check_and_unscale_(local, found_inf, inv)
+            if sharded:  # an overflow on any rank's shard skips the step everywhere
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
         elif factor is not None:
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_mul_(local, factor)
 
-        grad_norm = nn.utils.get_total_norm(grads, foreach=True)
+        grad_norm = total_norm(grads)
         if self.cfg.clip_grad > 0:
             # Scale by min(1, clip / norm) on the device: no host round trip to decide.
             coef = (self.cfg.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef)
+            torch._foreach_mul_(local, coef)
         num_zeros = None
         if self.cfg.log_num_zeros_in_grad:
             counts = [(g == 0).sum() for g in grads]
-            num_zeros = torch.stack(counts).sum() if counts else grad_norm.new_zeros((), dtype=torch.int64)
+            full = [c.full_tensor() if isinstance(c, DTensor) else c for c in counts]
+            num_zeros = torch.stack(full).sum() if full else grad_norm.new_zeros((), dtype=torch.int64)
 
         updated = True
         if self.scaler is not None and found_inf is not None:
@@ -219,13 +253,13 @@ class MixedPrecisionOptimizer:
             key = ".".join(parts[:3]) if parts[:2] == ["decoder", "layers"] else parts[0]
             groups.setdefault(key, []).append(g)
         names = list(groups)
-        norms = [nn.utils.get_total_norm(groups[n], foreach=True) for n in names]
+        norms = [total_norm(groups[n]) for n in names]
         return names, torch.stack(norms) if norms else torch.zeros(0)
 
     @torch.no_grad()
     def params_norm(self) -> torch.Tensor:
         """L2 norm of all trainable parameters (float32 masters), as a device tensor."""
-        return nn.utils.get_total_norm([s.master for s in self.slots], foreach=True)
+        return total_norm([s.master for s in self.slots])
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -32,6 +32,8 @@ from viaduct.data.loaders import (
 from viaduct.data.tokenizers import Tokenizer, build_tokenizer
 from viaduct.distributed.ddp import wrap_data_parallel
 from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
+from viaduct.distributed.layout import layout_of
+from viaduct.distributed.mesh import ParallelMesh, build_mesh
 from viaduct.models.accounting import flops_per_token, peak_flops
 from viaduct.models.compile import compile_model
 from viaduct.models.gpt.provider import GPTModelProvider
@@ -53,6 +55,7 @@ from viaduct.training.scheduler import build_scheduler
 from viaduct.training.signals import DistributedSignalHandler
 from viaduct.training.state import GlobalState
 from viaduct.training.train import RNGSnapshot, TrainContext, run_evaluation, train
+from viaduct.training.train_step import StepGroups
 
 log = logging.getLogger("viaduct")
 
@@ -201,8 +204,11 @@ def _setup(
     )
     resources.append(profiler.close)
     profiler.start_run()
+    pmesh = build_mesh(layout_of(cfg, ctx.world_size), ctx.device)
+    ctx.parallel = pmesh
+    layout = pmesh.layout
     set_random_seed(
-        cfg.rng.seed, dp_rank=ctx.rank, data_parallel_random_init=cfg.rng.data_parallel_random_init
+        cfg.rng.seed, dp_rank=pmesh.dp_rank, data_parallel_random_init=cfg.rng.data_parallel_random_init
     )
 
     # Tokenizer first: an unset model vocabulary follows it.
@@ -211,7 +217,7 @@ def _setup(
     state.tokenizer = tokenizer
     _sync_vocab(cfg, tokenizer)
 
-    model = model_cfg.provide(device=ctx.device)
+    model, trained_model = _build_model(cfg, model_cfg, pmesh, ctx)
     optimizer = build_optimizer(cfg.optimizer, model, fp32_main_grads=cfg.ddp.grad_reduce_in_fp32)
     scheduler = build_scheduler(cfg, optimizer)
     checkpointer = Checkpointer(cfg, ctx)
@@ -232,12 +238,11 @@ def _setup(
     # The streams the first step must see (seeded, or the checkpoint's): the loop returns to them.
     rng_at_start = RNGSnapshot.capture(ctx.device)
 
-    trained_model = _compile(cfg, model, ctx)
     per_token = model_cfg.calculate_per_token_loss
-    if ctx.distributed:
+    if ctx.distributed and not layout.uses_fsdp:
         trained_model = wrap_data_parallel(trained_model, cfg.ddp, optimizer, ctx, per_token_loss=per_token)
 
-    dp = cfg.data_parallel_size or 1
+    dp = pmesh.dp_size
     train_state = state.train_state
     train_samples, valid_samples, test_samples = get_sample_counts(cfg)
     if ctx.distributed:
@@ -247,7 +252,7 @@ def _setup(
     train_iterator, valid_iterator, test_iterator = build_train_valid_test_data_iterators(
         cfg,
         tokenizer,
-        dp_rank=ctx.rank,
+        dp_rank=pmesh.dp_rank,
         dp_size=dp,
         consumed_train_samples=train_state.consumed_train_samples,
         consumed_valid_samples=train_state.consumed_valid_samples,
@@ -256,6 +261,14 @@ def _setup(
         test_samples=test_samples,
         exit_signal=train_cfg.exit_signal if train_cfg.exit_signal_handler_for_dataloader else None,
     )
+    if layout.cp > 1:
+        from viaduct.distributed.context_parallel import ContextParallelBatches
+
+        # Each context-parallel rank reads the same samples and keeps its share of their tokens.
+        train_iterator, valid_iterator, test_iterator = (
+            None if it is None else ContextParallelBatches(it, layout.cp, pmesh.cp_rank)
+            for it in (train_iterator, valid_iterator, test_iterator)
+        )
     train_state.do_train = train_iterator is not None and train_iters > 0
     train_state.do_valid = valid_iterator is not None and train_cfg.eval_iters > 0
     train_state.do_test = test_iterator is not None and train_cfg.eval_iters > 0
@@ -310,12 +323,13 @@ def _setup(
         progress_file=progress,
         per_token_loss=per_token,
         rng_at_start=rng_at_start,
+        step_groups=_step_groups(pmesh),
     )
     n_params = sum(p.numel() for p in model.parameters())
     state.logger.info(
         f"model: {n_params / 1e6:.2f}M parameters on {ctx.device} ({model_cfg.params_dtype}); "
-        f"world size {ctx.world_size}, {microbatches.num_microbatches} micro-batches of {micro_batch_size} "
-        f"per step; setup took {time.time() - setup_start:.1f} s"
+        f"world size {ctx.world_size}: {layout.describe()}; {microbatches.num_microbatches} micro-batches "
+        f"of {micro_batch_size} per step; setup took {time.time() - setup_start:.1f} s"
     )
     return context
 
@@ -362,14 +376,41 @@ def _sync_vocab(cfg: ConfigContainer, tokenizer: Tokenizer) -> None:
         )
 
 
-def _compile(cfg: ConfigContainer, model: nn.Module, ctx: DistributedContext) -> nn.Module:
-    train_cfg = cfg.train
-    enabled = train_cfg.torch_compile if train_cfg.torch_compile is not None else ctx.device.type == "cuda"
-    if not enabled:
-        return model
+def _compile_enabled(cfg: ConfigContainer, ctx: DistributedContext) -> bool:
+    flag = cfg.train.torch_compile
+    return flag if flag is not None else ctx.device.type == "cuda"
+
+
+def _build_model(
+    cfg: ConfigContainer, provider: GPTModelProvider, pmesh: ParallelMesh, ctx: DistributedContext
+) -> tuple[nn.Module, nn.Module]:
+    """(the model as checkpoints see it, what runs forward and backward): the same module under FSDP,
+    which shards it in place; compiled in place otherwise (DDP wraps it later)."""
+    if pmesh.layout.uses_fsdp:
+        from viaduct.distributed.parallelize import build_parallel_model
+
+        model = build_parallel_model(
+            cfg, provider, pmesh, ctx.device, compile_layers=_compile_enabled(cfg, ctx)
+        )
+        return model, model
+    model = provider.provide(device=ctx.device)
+    if not _compile_enabled(cfg, ctx):
+        return model, model
     # Under DDP, per-layer graphs let gradient buckets be reduced while backward still runs.
-    scope = train_cfg.torch_compile_scope or ("layers" if ctx.distributed else "model")
-    return compile_model(model, scope=scope)
+    scope = cfg.train.torch_compile_scope or ("layers" if ctx.distributed else "model")
+    return model, compile_model(model, scope=scope)
+
+
+def _step_groups(pmesh: ParallelMesh) -> StepGroups:
+    layout = pmesh.layout
+    if pmesh.mesh is None:
+        return StepGroups()
+    return StepGroups(
+        token_group=pmesh.loss_group,
+        cp_group=pmesh.cp_group if layout.cp > 1 else None,
+        cp_size=layout.cp,
+        defer_grad_sync=not layout.sync_grads_every_microbatch,
+    )
 
 
 def _train_and_evaluate(state: GlobalState, context: TrainContext) -> None:

@@ -30,7 +30,7 @@ from viaduct.training.logging import IntervalTiming, StepRecord
 from viaduct.training.microbatches import MicroBatchCalculator
 from viaduct.training.optim import MixedPrecisionOptimizer
 from viaduct.training.state import GlobalState
-from viaduct.training.train_step import train_step
+from viaduct.training.train_step import StepGroups, train_step
 
 if TYPE_CHECKING:
     from viaduct.training.checkpoint.checkpointer import Checkpointer
@@ -207,6 +207,8 @@ class TrainContext:
     """logger.log_progress's progress.txt (rank 0 only)."""
     per_token_loss: bool = False
     rng_at_start: RNGSnapshot | None = None  # restored right before the first step
+    step_groups: StepGroups | None = None
+    """The process groups of the step's arithmetic under tensor / context / sharded parallelism."""
 
 
 def _decoupled_lr(optimizer: MixedPrecisionOptimizer) -> float | None:
@@ -384,6 +386,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
                 per_token_loss=context.per_token_loss,
                 empty_cache_level=train_cfg.empty_unused_memory_level,
                 timers=timers,
+                groups=context.step_groups,
             )
             skipped = not result.updated
             if result.updated:

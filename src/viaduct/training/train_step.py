@@ -2,8 +2,14 @@
 
 Reading it top to bottom gives the whole contract: zero the gradients; for each micro-batch run the
 user's forward step and loss function, normalize the loss, backward (inside DDP's `no_sync` for all
-but the last micro-batch, so gradients are reduced once); reduce the reported metrics over
-micro-batches and data-parallel ranks on the device; step the optimizer.
+but the last micro-batch, so gradients are reduced once; under FSDP with strategy `optim` likewise,
+otherwise FSDP reduce-scatters every micro-batch); reduce the reported metrics over micro-batches and
+ranks on the device; step the optimizer.
+
+Context parallelism splits each sample's tokens across ranks whose gradients FSDP averages together
+with the data-parallel ones. So that this gives exactly the gradient of the whole sample's mean loss,
+each rank divides its loss sum by the token count of the whole sample group (summed over the
+context-parallel ranks) and multiplies by the context-parallel size, which the averaging divides out.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from viaduct.distributed.parallelize import fsdp_modules, set_gradient_sync
 from viaduct.training.forward_contract import LossFunc, unpack_loss
 from viaduct.training.optim import MixedPrecisionOptimizer
 
@@ -25,6 +32,20 @@ if TYPE_CHECKING:
 
 ForwardStep = Callable[[Iterator[Any], nn.Module], tuple[Any, LossFunc]]
 """A forward step with any `state` already bound: `(data_iterator, model) -> (output, loss_func)`."""
+
+
+@dataclass(frozen=True)
+class StepGroups:
+    """What the step's arithmetic needs of the parallel layout (the defaults: one process or DDP)."""
+
+    token_group: dist.ProcessGroup | None = None
+    """Ranks whose token counts add up to the step's tokens (None: all ranks)."""
+    cp_group: dist.ProcessGroup | None = None
+    """The context-parallel ranks that share each sample's tokens (None: no context parallelism)."""
+    cp_size: int = 1
+    defer_grad_sync: bool = False
+    """FSDP strategy `optim`: gradients accumulate unsharded and are reduce-scattered at the last
+    micro-batch (parameters stay gathered until then)."""
 
 
 @dataclass
@@ -90,14 +111,19 @@ def forward_backward(
     *,
     per_token_loss: bool = False,
     forward_only: bool = False,
+    groups: StepGroups | None = None,
 ) -> MetricAccumulator:
     """Run the micro-batches of one step (no pipeline parallelism); returns the accumulated reports."""
+    groups = groups or StepGroups()
     metrics = MetricAccumulator()
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    defer_fsdp = groups.defer_grad_sync and not forward_only and bool(fsdp_modules(model))
     total_tokens: torch.Tensor | None = None
     for i in range(num_microbatches):
         last = i == num_microbatches - 1
         sync_here = not ddp or last
+        if defer_fsdp:
+            set_gradient_sync(model, last, reshard_after_backward=last)
         if not forward_only:
             # Every micro-batch's gradients go into the main gradients during backward, except the
             # one DDP reduces: its communication hook hands that one over.
@@ -117,6 +143,11 @@ def forward_backward(
                 total_tokens = (
                     num_tokens.detach() if total_tokens is None else total_tokens + num_tokens.detach()
                 )
+            elif num_tokens is not None and groups.cp_group is not None:
+                sample_tokens = num_tokens.detach().clone()
+                dist.all_reduce(sample_tokens, group=groups.cp_group)
+                loss = loss * groups.cp_size / sample_tokens.clamp(min=1)
+                loss = loss / num_microbatches
             elif num_tokens is not None:
                 loss = loss / num_tokens.clamp(min=1)
                 loss = loss / num_microbatches
@@ -127,7 +158,7 @@ def forward_backward(
         # Megatron's per-token loss: gradients of the loss sum, divided by all tokens of the step.
         if dist.is_available() and dist.is_initialized():
             total_tokens = total_tokens.clone()
-            dist.all_reduce(total_tokens)
+            dist.all_reduce(total_tokens, group=groups.token_group)
         optimizer.scale_grads(1.0 / total_tokens.clamp(min=1))
     return metrics
 
@@ -142,6 +173,7 @@ def train_step(
     per_token_loss: bool = False,
     empty_cache_level: int = 0,
     timers: Timers | None = None,
+    groups: StepGroups | None = None,
 ) -> StepResult:
     """Forward/backward over `num_microbatches`, then the optimizer step."""
     optimizer.zero_grad()
@@ -149,7 +181,13 @@ def train_step(
     if timer is not None:
         timer.start()
     metrics = forward_backward(
-        forward_step, data_iterator, model, optimizer, num_microbatches, per_token_loss=per_token_loss
+        forward_step,
+        data_iterator,
+        model,
+        optimizer,
+        num_microbatches,
+        per_token_loss=per_token_loss,
+        groups=groups,
     )
     if timer is not None:
         timer.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,22 @@ if TYPE_CHECKING:
     from viaduct.models.transformer_config import TransformerConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class AttentionKernel(Protocol):
+    """A replacement for `SelfAttention.core_attention`, installed from outside the model (context
+    parallelism attends over a sequence split across processes): called with the module, q, k, v
+    [batch, heads, seq, head_dim] and the mask (True = may attend), returns [batch, heads, seq, dim]."""
+
+    def __call__(
+        self,
+        module: SelfAttention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
 
 # AttnBackend -> the SDPA kernels allowed (None: PyTorch picks; unfused/local run our own math path).
 _SDPA_BACKENDS: dict[AttnBackend, list[SDPBackend] | None] = {
@@ -42,7 +58,10 @@ def sliding_window_mask(seq_len: int, window: tuple[int, int], device: torch.dev
 class SelfAttention(nn.Module):
     """Multi-head / grouped-query / multi-query attention (Megatron's `SelfAttention`).
 
-    One GEMM produces all queries, keys and values: [q heads | k groups | v groups] x kv_channels.
+    One GEMM produces all queries, keys and values, its rows grouped by query group as in Megatron
+    Core: for each group, [its num_heads/num_groups q heads | its k | its v], kv_channels rows each.
+    A contiguous share of those rows (a tensor-parallel shard) is then whole groups, so `forward`
+    takes the number of groups from the projection's output width rather than from the config.
     """
 
     def __init__(
@@ -57,6 +76,7 @@ class SelfAttention(nn.Module):
         assert cfg.kv_channels is not None and cfg.num_query_groups is not None, "finalize() the config first"
         self.num_heads, self.num_groups = cfg.num_attention_heads, cfg.num_query_groups
         self.head_dim = cfg.kv_channels
+        self.heads_per_group = self.num_heads // self.num_groups
         qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
         self.linear_qkv = nn.Linear(
             cfg.hidden_size,
@@ -94,14 +114,23 @@ class SelfAttention(nn.Module):
         self.softmax_in_fp32 = cfg.effective_attention_softmax_in_fp32
         self.rotary_interleaved = cfg.rotary_interleaved
         self.recompute_core_attention = recompute_core_attention
+        self.kernel: AttentionKernel | None = None
+        """Set from outside to replace the attention kernel (see `AttentionKernel`); None: local."""
 
     def forward(
         self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [batch, seq, hidden]; attn_mask bool, True = may attend, broadcastable to [b, 1, s, s]."""
         b, s, _ = x.shape
-        qkv = self.linear_qkv(x).view(b, s, self.num_heads + 2 * self.num_groups, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_groups, self.num_groups], dim=2)
+        per_group = self.heads_per_group
+        qkv = self.linear_qkv(x)
+        # Head counts come from the tensors from here on: under tensor parallelism this module holds
+        # only some of the groups (self.num_heads / num_groups stay the model's totals).
+        groups = qkv.shape[-1] // ((per_group + 2) * self.head_dim)
+        qkv = qkv.view(b, s, groups, per_group + 2, self.head_dim)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(b, s, groups * per_group, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)  # [batch, seq, groups, head_dim]
         if self.q_layernorm is not None and self.k_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rope is not None:
@@ -112,13 +141,15 @@ class SelfAttention(nn.Module):
             out = checkpoint(self.core_attention, q, k, v, attn_mask, use_reentrant=False)
         else:
             out = self.core_attention(q, k, v, attn_mask)
-        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(b, s, -1)
         return self.linear_proj(out)
 
     def core_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v over [batch, heads, seq, head_dim]."""
+        if self.kernel is not None:
+            return self.kernel(self, q, k, v, attn_mask)
         if self.window is not None:
             window = sliding_window_mask(q.shape[2], self.window, q.device)
             attn_mask = window if attn_mask is None else attn_mask & window
@@ -141,7 +172,7 @@ class SelfAttention(nn.Module):
                 dropout_p=dropout_p,
                 is_causal=attn_mask is None,
                 scale=self.scale,
-                enable_gqa=self.num_groups != self.num_heads,
+                enable_gqa=k.shape[1] != q.shape[1],
             )
 
     def _math_attention(
@@ -153,8 +184,8 @@ class SelfAttention(nn.Module):
         dropout_p: float,
     ) -> torch.Tensor:
         """The plain matmul-softmax-matmul path (attention_backend unfused / local)."""
-        if self.num_groups != self.num_heads:
-            rep = self.num_heads // self.num_groups
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = q @ k.transpose(-2, -1)  # [batch, heads, seq_q, seq_k]
         if self.softmax_in_fp32:

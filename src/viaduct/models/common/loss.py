@@ -73,6 +73,14 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(256, (_CHUNK_ELEMENTS // vocab_size) // 256 * 256)
 
 
+def even_chunk_tokens(tokens: int, vocab_size: int) -> int:
+    """Tokens per chunk that split `tokens` into even chunks of at most `default_chunk_tokens`
+    (a multiple of 128, so the last chunk is not a sliver)."""
+    pieces = max(1, -(-tokens // default_chunk_tokens(vocab_size)))  # no tokens: one empty chunk
+    chunk = max(1, -(-tokens // pieces))
+    return -(-chunk // 128) * 128
+
+
 def _chunk_forward(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logsumexp) per row of a logits chunk, in float32."""
     # Spelled as max / exp-sum (not torch.logsumexp) so Inductor matches its online-softmax pattern
@@ -173,10 +181,8 @@ def linear_cross_entropy(
     shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     n = h2.shape[0]
-    if chunk_tokens is None:  # even chunks of at most default_chunk_tokens, multiples of 128
-        pieces = -(-n // default_chunk_tokens(weight.shape[0]))
-        chunk_tokens = max(1, -(-n // pieces))
-        chunk_tokens = -(-chunk_tokens // 128) * 128
+    if chunk_tokens is None:
+        chunk_tokens = even_chunk_tokens(n, weight.shape[0])
     if keep_logits_bytes is None:
         keep_logits_bytes = keep_logits_budget(hidden.device)
     loss = _LinearCrossEntropy.apply(h2, weight, labels.reshape(-1), chunk_tokens, keep_logits_bytes)

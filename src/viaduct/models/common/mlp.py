@@ -14,8 +14,12 @@ if TYPE_CHECKING:
 
 
 class MLP(nn.Module):
-    """Megatron's MLP. With a gated linear unit, fc1 produces [gate | up] in one GEMM and the output
-    is act(gate) * up (SwiGLU when the activation is silu)."""
+    """Megatron's MLP. With a gated linear unit, fc1 produces the gate and up projections in one GEMM
+    and the output is act(gate) * up (SwiGLU when the activation is silu).
+
+    The gated fc1's rows are interleaved: row 2i is gate unit i, row 2i+1 is up unit i. Any contiguous
+    even-sized share of the rows (a tensor-parallel shard, of any size) then holds matching pairs.
+    """
 
     def __init__(
         self,
@@ -43,7 +47,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
+            # [..., unit, (gate, up)] -> [(gate, up), ..., unit]: one copy that de-interleaves, so the
+            # activation and product run on contiguous memory (elementwise kernels on stride-2 views
+            # are not vectorised on the CPU: twice the time of copy + contiguous ops).
+            gate, up = h.unflatten(-1, (-1, 2)).movedim(-1, 0).contiguous()
             h = self.activation(gate) * up
         else:
             h = self.activation(h)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,19 @@ from viaduct.models.common.transformer import TransformerBlock
 
 if TYPE_CHECKING:
     from viaduct.models.gpt.provider import GPTModelProvider
+
+
+class VocabOutput(Protocol):
+    """The output layer and loss, replaceable from outside the model (tensor parallelism splits the
+    vocabulary across processes). `weight` is the output weight as the model holds it."""
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of the hidden states [batch, seq, hidden]."""
+        ...
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy [batch, seq] (float32)."""
+        ...
 
 
 class LanguageModelEmbedding(nn.Module):
@@ -113,6 +126,8 @@ class GPTModel(nn.Module):
         self.loss_keep_logits_bytes: int | None = None
         self.loss_plain_bytes: int | None = None
         self._input_tensor: torch.Tensor | None = None
+        self.vocab_output: VocabOutput | None = None
+        """Set from outside to replace the output layer and loss (see `VocabOutput`); None: local."""
 
     # ------------------------------------------------------------------ weights
 
@@ -187,13 +202,18 @@ class GPTModel(nn.Module):
             if not self.post_process:
                 return h
             if labels is None:
-                logits = F.linear(h, self.output_weight())
+                if self.vocab_output is not None:
+                    logits = self.vocab_output.logits(h, self.output_weight())
+                else:
+                    logits = F.linear(h, self.output_weight())
                 return logits.to(self.logit_dtype) if self.logit_dtype is not None else logits
             return self.loss(h, labels)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq] (float32) of the final hidden states."""
         weight = self.output_weight()
+        if self.vocab_output is not None:
+            return self.vocab_output.loss(hidden, weight, labels)
         device = hidden.device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         if self.fused_loss and use_chunked_loss(

@@ -51,7 +51,8 @@ class GPTModelProvider(ModelProvider):
 
     def padded_vocab_size(self) -> int:
         """The output/embedding size: vocab_size, rounded up to make_vocab_size_divisible_by x TP
-        when should_pad_vocab is on (padding rows are never a label, so they only cost compute)."""
+        when should_pad_vocab is on (padding rows are never a label, so they only cost compute).
+        Without it, only as far as tensor parallelism needs: a multiple of the TP size."""
         if self.vocab_size is None:
             raise ConfigError(
                 [
@@ -63,9 +64,9 @@ class GPTModelProvider(ModelProvider):
                     )
                 ]
             )
-        if not self.should_pad_vocab:
-            return self.vocab_size
-        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        multiple = self.tensor_model_parallel_size
+        if self.should_pad_vocab:
+            multiple *= self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
 
     def provide(

@@ -21,6 +21,7 @@
 * `config_check`: compares a checkpoint's saved configuration with the one resuming from it.
 * `lock`: one run at a time per save directory.
 * `inspect`: describes a checkpoint without building a model (`viaduct checkpoint inspect`).
+* `upgrade`: converts what older checkpoint versions stored differently (the fused weights' rows).
 * `errors`: `CheckpointError`, a `ConfigError` naming the field that asked for the checkpoint, and
   `CheckpointSaveError`.
 """

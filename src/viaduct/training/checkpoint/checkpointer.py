@@ -53,7 +53,8 @@ import torch.distributed as dist
 from torch import nn
 
 from viaduct.config import ConfigError, Problem
-from viaduct.training.checkpoint import layout
+from viaduct.distributed.layout import ParallelLayout, layout_of
+from viaduct.training.checkpoint import layout, upgrade
 from viaduct.training.checkpoint.async_writer import AsyncWriter, snapshot
 from viaduct.training.checkpoint.dcp_index import CheckpointIndexError
 from viaduct.training.checkpoint.errors import CheckpointError, CheckpointSaveError, checkpoint_problem
@@ -63,6 +64,7 @@ from viaduct.training.checkpoint.resolve import resolve
 from viaduct.training.checkpoint.restore import (
     LoadReport,
     check_shapes,
+    float32_targets,
     model_targets,
     optimizer_read_targets,
     restore_optimizer,
@@ -167,7 +169,7 @@ class Checkpointer:
         size = nbytes(tensors)
         # Unique to this save: checked before the rename (see layout.commit_problem).
         token = f"{uuid.uuid4().hex} pid {os.getpid()} on {socket.gethostname()}"
-        explain = SaveErrors(step, root, tmp, size, nbytes(share))
+        explain = SaveErrors(step, root, tmp, size, nbytes(share, local=True))
 
         def prepare() -> None:
             if rank == 0:
@@ -191,6 +193,7 @@ class Checkpointer:
                     run_config=run_config,
                     size=size,
                     optim=with_optim,
+                    parallel=self.parallel_layout,
                 )
 
         def finish() -> None:
@@ -267,7 +270,7 @@ class Checkpointer:
             "(rank 0 staged %.3f GB%s)",
             step,
             blocked,
-            nbytes(share) / 1e9,
+            nbytes(share, local=True) / 1e9,
             self._staging_note(),
         )
 
@@ -385,7 +388,12 @@ class Checkpointer:
 
             # Compare the saved run's config with this one before any tensor is read: shape changes
             # are refused, the rest is reported.
-            check_resume_config(directory / layout.RUN_CONFIG, self.cfg)
+            check_resume_config(
+                directory / layout.RUN_CONFIG,
+                self.cfg,
+                saved_world_size=_saved_world_size(directory),
+                world_size=self.ctx.world_size,
+            )
         ckpt = self.checkpoint_cfg
         t0 = time.perf_counter()
         try:
@@ -418,23 +426,37 @@ class Checkpointer:
             )
             full_optim = False
         opt_targets: dict[str, torch.Tensor] = {}
+        float32_read: set[str] = set()
+        if optimizer is not None and full_optim:
+            opt_targets = optimizer_read_targets(optimizer, available, fld=fld, directory=directory)
         if optimizer is not None and (full_optim or ckpt.load_main_params_from_ckpt):
-            opt_targets = optimizer_read_targets(
-                optimizer, available, full_state=full_optim, fld=fld, directory=directory
-            )
+            float32_read = float32_targets(optimizer, targets, available)
         check_shapes({**targets, **opt_targets}, available, fld, directory)
         common = {} if weights_only else self._read_pt(directory / layout.COMMON, fld)
+        version = upgrade.checkpoint_version(meta, common, fld, directory)
+        if version < 2:
+            upgrade.check_upgradable({**targets, **opt_targets}, self.cfg.model, fld, directory)
 
         try:
             storage.read(directory, {**targets, **opt_targets})
         except STORAGE_ERRORS as exc:
             raise checkpoint_problem(fld, "cannot read its tensors", directory, cause=exc) from exc
+        if version < 2:  # older row layouts of the fused weights (see checkpoint.upgrade)
+            changed = upgrade.upgrade_v1({**targets, **opt_targets}, self.cfg.model, fld, directory)
+            self._info(
+                "upgraded checkpoint %s from version %d: reordered the rows of %d fused tensor(s) "
+                "(linear_qkv, gated linear_fc1) to the current layout",
+                directory,
+                version,
+                changed,
+            )
         report.parts.append("model")
         if optimizer is not None:
             restore_optimizer(
                 optimizer,
                 opt_targets,
                 common if full_optim else None,
+                float32_read=float32_read,
                 fld=fld,
                 directory=directory,
                 report=report,
@@ -497,6 +519,12 @@ class Checkpointer:
             self._writer = None
             self._async_group = None
             self._async_storages.clear()
+
+    @property
+    def parallel_layout(self) -> ParallelLayout:
+        """The layout this run trains in (the run's mesh; from the config when there is none)."""
+        pmesh = self.ctx.parallel
+        return pmesh.layout if pmesh is not None else layout_of(self.cfg, self.ctx.world_size)
 
     def _async_storage(self, fmt: str) -> TensorStorage:
         if fmt not in self._async_storages:  # its own object: DCP's plan cache is keyed per storage
@@ -561,6 +589,15 @@ class Checkpointer:
     def _info(self, msg: str, *args: Any) -> None:
         if self.ctx.rank == 0:
             log.info(msg, *args)
+
+
+def _saved_world_size(directory: Path) -> int | None:
+    """The world size metadata.json records (None when unreadable: the load reports that itself)."""
+    try:
+        size = layout.metadata_of(directory).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
 
 
 def _rate(size: int, seconds: float) -> str:

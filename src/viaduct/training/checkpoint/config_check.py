@@ -21,9 +21,14 @@ names or shapes than the checkpoint holds, or when token ids would mean somethin
   ``load_optim=false``).
 
 Everything else is accepted and reported: learning rates, schedules, batch sizes, iterations,
-``params_dtype`` / mixed precision (tensors are cast on load), dropout, parallel sizes (the loader
-checks shapes again), data and logging. Tokenizer file paths are accepted with a note (a moved file
-is common; a different vocabulary size is still caught through ``model.vocab_size``).
+``params_dtype`` / mixed precision (tensors are cast on load), dropout, data and logging. Tokenizer
+file paths are accepted with a note (a moved file is common; a different vocabulary size is still
+caught through ``model.vocab_size``).
+
+The parallel layout may change (checkpoints hold whole tensors, whatever layout saved them): tensor
+and context parallel sizes, sequence parallelism, the data-parallel sharding settings and the world
+size are named together on one line, with the layout before and after. Only its effect on the padded
+vocabulary (padding goes to a multiple of the tensor-parallel size) can refuse a resume.
 
 Derived fields (`viaduct.config.derived`, computed by validate() and never loaded) are not compared.
 """
@@ -42,7 +47,7 @@ from viaduct.config.diff import Change, diff
 if TYPE_CHECKING:
     from viaduct.training.config import ConfigContainer
 
-__all__ = ["INCOMPATIBLE_FIELDS", "check_resume_config", "load_saved_config"]
+__all__ = ["INCOMPATIBLE_FIELDS", "LAYOUT_FIELDS", "check_resume_config", "load_saved_config"]
 
 log = logging.getLogger("viaduct")
 
@@ -78,6 +83,19 @@ INCOMPATIBLE_FIELDS: frozenset[str] = frozenset(
 """Dotted config paths whose change makes a checkpoint unloadable (see the module docstring)."""
 
 _TOKENIZER_PATHS = frozenset({"tokenizer.tokenizer_model", "tokenizer.vocab_file", "tokenizer.merge_file"})
+
+LAYOUT_FIELDS: tuple[str, ...] = (
+    "model.tensor_model_parallel_size",
+    "model.context_parallel_size",
+    "model.sequence_parallel",
+    "ddp.use_distributed_optimizer",
+    "optimizer.use_distributed_optimizer",
+    "ddp.data_parallel_sharding_strategy",
+    "ddp.use_megatron_fsdp",
+    "dist.use_torch_fsdp2",
+    "ddp.num_distributed_optimizer_instances",
+)
+"""Dotted config paths of the parallel layout: a change is reported on one line, never refused."""
 
 
 def load_saved_config(path: Path) -> ConfigContainer:
@@ -147,17 +165,29 @@ def _fix_for(path: str) -> str:
     )
 
 
-def check_resume_config(saved_yaml_path: Path, current: ConfigContainer) -> list[str]:
+def check_resume_config(
+    saved_yaml_path: Path,
+    current: ConfigContainer,
+    *,
+    saved_world_size: int | None = None,
+    world_size: int | None = None,
+) -> list[str]:
     """Diff the checkpoint's ``run_config.yaml`` against `current` (a validated config).
 
     Raises `ConfigError` listing every incompatible change (and for an unreadable or unsafe file);
     returns one line per accepted change ("optimizer.lr: 0.0003 -> 0.0001"), which it also logs.
+    A changed parallel layout (`LAYOUT_FIELDS`, or the world size: `saved_world_size` is the one the
+    checkpoint was saved by, `world_size` this run's) is one line of its own
+    ("resuming with a different parallel layout: ...").
     """
     saved = load_saved_config(Path(saved_yaml_path))
     skip = _derived_paths(saved) | _derived_paths(current)
     changes = [c for c in diff(saved, current) if c.path not in skip and not c.path.startswith("checkpoint.")]
     problems: list[Problem] = []
     accepted: list[str] = []
+    layout_changes = [c for c in changes if c.path in LAYOUT_FIELDS]
+    changes = [c for c in changes if c.path not in LAYOUT_FIELDS]
+    layout_line = _layout_line(layout_changes, saved, current, saved_world_size, world_size)
     for change in changes:
         why = _incompatible(change, saved, current)
         if why is not None:
@@ -183,13 +213,7 @@ def check_resume_config(saved_yaml_path: Path, current: ConfigContainer) -> list
         and before != after
         and "model.vocab_size" not in {p.path for p in problems}
     ):
-        problems.append(
-            Problem(
-                "model.make_vocab_size_divisible_by",
-                f"changes the padded vocabulary (embedding rows) from {before} to {after}",
-                fix="set model.should_pad_vocab / make_vocab_size_divisible_by back to the saved values",
-            )
-        )
+        problems.append(_padded_vocab_problem(saved, current, before, after))
     if problems:
         raise ConfigError(
             problems,
@@ -203,7 +227,60 @@ def check_resume_config(saved_yaml_path: Path, current: ConfigContainer) -> list
             len(accepted),
             "\n  ".join(accepted),
         )
+    if layout_line is not None:
+        log.info("%s", layout_line)
+        accepted.append(layout_line)
     return accepted
+
+
+def _layout_line(
+    changes: list[Change],
+    saved: ConfigContainer,
+    current: ConfigContainer,
+    saved_world: int | None,
+    world: int | None,
+) -> str | None:
+    """One line naming every layout change and the layout before and after (None: no change):
+    "resuming with a different parallel layout: <field>: <before> -> <after>, ... (<layout> -> <layout>)"."""
+    from viaduct.distributed.layout import layout_of
+
+    parts = [str(c) for c in changes]
+    if saved_world is not None and world is not None and saved_world != world:
+        parts.append(f"world size: {saved_world} -> {world}")
+    if not parts:
+        return None
+    line = "resuming with a different parallel layout: " + ", ".join(parts)
+    if saved_world is not None and world is not None:
+        try:
+            before, after = layout_of(saved, saved_world).describe(), layout_of(current, world).describe()
+        except (AttributeError, TypeError, ValueError):  # an older config lacking a layout field
+            return line
+        line += f" ({before} -> {after})"
+    return line
+
+
+def _padded_vocab_problem(
+    saved: ConfigContainer, current: ConfigContainer, before: int, after: int
+) -> Problem:
+    """The embedding and output layer would change their number of rows: say which setting did it."""
+    tp_before = int(getattr(saved.model, "tensor_model_parallel_size", 1) or 1)
+    tp_after = int(getattr(current.model, "tensor_model_parallel_size", 1) or 1)
+    message = f"changes the padded vocabulary (embedding and output rows) from {before} to {after}"
+    if tp_before == tp_after:
+        return Problem(
+            "model.make_vocab_size_divisible_by",
+            message,
+            fix="set model.should_pad_vocab / make_vocab_size_divisible_by back to the saved values",
+        )
+    return Problem(
+        "model.tensor_model_parallel_size",
+        f"{message}: the vocabulary is padded to a multiple of the tensor-parallel size "
+        f"({tp_before} -> {tp_after}; times make_vocab_size_divisible_by with should_pad_vocab)",
+        tp_after,
+        fix=f"resume with tensor_model_parallel_size={tp_before}, or train with a model.vocab_size that "
+        "every tensor-parallel size you use pads alike (a multiple of them all)",
+        source=_source(current, "model.tensor_model_parallel_size"),
+    )
 
 
 def _source(cfg: ConfigBase, path: str) -> str | None:

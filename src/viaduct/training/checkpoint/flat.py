@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 MODEL = "model."
 OPTIMIZER = "optimizer."
@@ -72,12 +73,15 @@ def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
 
 
 def optimizer_targets(optimizer: Any, available: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """Tensors to load the checkpoint's optimizer state into.
+    """Tensors to load the checkpoint's per-parameter optimizer states into (not the float32
+    masters: `restore.float32_targets` decides where those go).
 
-    A fresh torch optimizer has no state yet (it is created at the first step), so the per-parameter
-    states are allocated from the checkpoint's shapes and dtypes, on the parameter's device; 0-dim
-    states (Adam's ``step``) on the CPU, where torch keeps them unless fused or capturable (the
-    optimizer's own load_state_dict moves them where it wants them). Masters load in place.
+    A fresh torch optimizer has no state yet (it is created at the first step), so the states are
+    allocated from the checkpoint's shapes and dtypes, laid out like the parameter: on its device, and
+    for a sharded (DTensor) parameter as a DTensor of the same mesh and placements, so that the
+    checkpoint reader fills only this rank's shard whatever layout saved it. 0-dim states (Adam's
+    ``step``) go on the CPU, where torch keeps them unless fused or capturable (the optimizer's own
+    load_state_dict moves them where it wants them).
     """
     slots = {s.name: s for s in optimizer.slots}
     targets: dict[str, torch.Tensor] = {}
@@ -86,14 +90,15 @@ def optimizer_targets(optimizer: Any, available: dict[str, TensorInfo]) -> dict[
             continue
         kind, name = split_optimizer_key(key)
         slot = slots.get(name)
-        if slot is None:
+        if slot is None or kind == MASTER:
             continue  # the optimizer's load_state_dict reports parameters this model lacks
-        if kind == MASTER:
-            if slot.has_copy:
-                targets[key] = slot.master
-            continue
-        device = slot.master.device if len(info.shape) > 0 else torch.device("cpu")
-        targets[key] = torch.empty(info.shape, dtype=info.dtype, device=device)
+        master = slot.master
+        if len(info.shape) == 0:
+            targets[key] = torch.empty((), dtype=info.dtype, device="cpu")
+        elif isinstance(master, DTensor) and tuple(master.shape) == info.shape:
+            targets[key] = torch.empty_like(master, dtype=info.dtype)
+        else:  # plain parameter, or a shape the shape check refuses before anything is read
+            targets[key] = torch.empty(info.shape, dtype=info.dtype, device=master.device)
     return targets
 
 
@@ -125,16 +130,22 @@ def optimizer_state(loaded: dict[str, torch.Tensor], common: dict[str, Any]) -> 
     return out
 
 
-def nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes of distinct storages (a tensor under two names, e.g. tied weights, counts once)."""
+def nbytes(tensors: dict[str, torch.Tensor], *, local: bool = False) -> int:
+    """Bytes of distinct storages (a tensor under two names, e.g. tied weights, counts once).
+
+    A sharded (DTensor) tensor counts its whole size, or with `local` only this rank's shard."""
     seen: set[tuple[int, object]] = set()  # (storage, offset); offsets may be symbolic under compile
     total = 0
     for t in tensors.values():
+        part = t.to_local() if isinstance(t, DTensor) else t
         ident = (
-            (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+            (part.untyped_storage().data_ptr(), part.storage_offset())
+            if part.device.type != "meta"
+            else (id(t), 0)
         )
         if ident in seen:
             continue
         seen.add(ident)
-        total += t.numel() * t.element_size()
+        sized = part if local else t
+        total += sized.numel() * sized.element_size()
     return total

@@ -180,10 +180,13 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(directory),
         "format": fmt,
+        # Absent in checkpoints written before versions were recorded, which are version 1.
+        "checkpoint_version": meta.get("checkpoint_version", 1),
         "step": state.get("step", meta.get("step")),
         "consumed_train_samples": state.get("consumed_train_samples"),
         "floating_point_operations_so_far": state.get("floating_point_operations_so_far"),
         "world_size": meta.get("world_size"),
+        "parallel_layout": meta.get("parallel_layout"),
         "contents": meta.get("contents", {}),
         "saved_at": meta.get("saved_at"),
         "torch_version": meta.get("torch_version"),
@@ -210,6 +213,17 @@ def format_inspection(info: dict[str, Any]) -> str:
     )
     contents = ", ".join(k for k, v in sorted(info.get("contents", {}).items()) if v)
     lines.append(f"  saved by {info.get('world_size')} rank(s) at {info.get('saved_at')}; holds: {contents}")
+    parallel = info.get("parallel_layout")
+    if isinstance(parallel, dict) and isinstance(parallel.get("describe"), str):
+        lines.append(f"  parallel layout: {parallel['describe']} (any layout can load it)")
+    version = info.get("checkpoint_version")
+    if version is not None:
+        note = ""
+        if version == 1:
+            note = " (older row layout of the fused weights: converted when loaded)"
+        elif isinstance(version, int) and version > L.CHECKPOINT_VERSION:
+            note = f" (newer than this viaduct reads: up to {L.CHECKPOINT_VERSION})"
+        lines.append(f"  checkpoint version {version}{note}")
     cfg = info["config"]
     if "error" in cfg:
         lines.append(f"  config: unreadable: {cfg['error']}")

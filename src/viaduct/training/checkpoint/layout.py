@@ -44,7 +44,10 @@ WRITER_MARKER = ".writer"
 """Written by rank 0 into ``iter_N.tmp`` when a save starts: a token unique to that save, checked
 before the rename, so a writer never gives its final name to a directory another process took over."""
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+"""Written into metadata.json and common.pt. 2: the fused weights' rows are laid out so that a
+contiguous share is whole units (`linear_qkv` grouped by query group, gated `linear_fc1` interleaved
+gate/up); version-1 checkpoints are converted when loaded (see `checkpoint.upgrade`)."""
 
 _ITER = re.compile(r"^iter_(\d{7,})$")
 _LEFTOVER = re.compile(r"^iter_(\d{7,})\.(tmp|replaced|deleting)$")

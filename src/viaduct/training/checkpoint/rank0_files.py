@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
@@ -15,10 +16,11 @@ import torch
 from viaduct.training.checkpoint import layout
 
 if TYPE_CHECKING:
+    from viaduct.distributed.layout import ParallelLayout
     from viaduct.training.config.checkpoint import CheckpointConfig
     from viaduct.training.config.tokenizer import TokenizerConfig
 
-__all__ = ["copy_tokenizer_assets", "write_rank0_files"]
+__all__ = ["copy_tokenizer_assets", "layout_record", "write_rank0_files"]
 
 # Files of a Hugging Face / SentencePiece / tiktoken tokenizer directory worth keeping with the weights
 # (a tokenizer_model directory may also hold the model's weights, which must not be copied).
@@ -47,9 +49,12 @@ def write_rank0_files(
     run_config: str,
     size: int,
     optim: bool,
+    parallel: ParallelLayout | None = None,
 ) -> None:
     """Write rank 0's files of the save of `step` into `directory` (its ``.tmp`` directory), metadata
-    last: `size` is the checkpoint's tensor bytes, `optim` whether it holds the optimizer state."""
+    last: `size` is the checkpoint's tensor bytes, `optim` whether it holds the optimizer state,
+    `parallel` the parallel layout that saved it (for `viaduct checkpoint inspect` and the resume
+    report; any layout can load it)."""
     layout.save_file(common, directory / layout.COMMON)
     layout.save_file(train_state, directory / layout.TRAIN_STATE)
     layout.write_text(directory / layout.RUN_CONFIG, run_config)
@@ -61,11 +66,17 @@ def write_rank0_files(
         "world_size": world_size,
         "contents": {"model": True, "optimizer": optim, "rng": ckpt.save_rng, "tokenizer": copied},
         "tensor_bytes": size,
+        **({"parallel_layout": layout_record(parallel)} if parallel is not None else {}),
         "torch_version": torch.__version__,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     # Written last by rank 0: its presence marks a directory as a checkpoint (see is_checkpoint_dir).
     layout.write_text(directory / layout.METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def layout_record(parallel: ParallelLayout) -> dict[str, Any]:
+    """The parallel layout as metadata.json keeps it: its one-line description and its sizes."""
+    return {"describe": parallel.describe(), **dataclasses.asdict(parallel)}
 
 
 def copy_tokenizer_assets(tok: TokenizerConfig | None, directory: Path) -> bool:

@@ -6,10 +6,15 @@
   under ``return_*`` / ``ignore_all``; tensors the checkpoint has but this model does not use are an
   error only under ``raise_all`` and logged under ``log_all``. The ``return_*`` modes record both lists
   in `LoadReport` for the caller.
-* Shapes must match exactly (resharding between parallel layouts comes with tensor parallelism).
-* Loading weights without the optimizer state resets the float32 masters from the loaded weights
-  (Megatron's ``reload_model_params``), or from the checkpoint's masters with
-  ``load_main_params_from_ckpt``, so the next step does not undo the load.
+* Global shapes must match exactly; the parallel layout may differ (DCP reshards: a sharded
+  parameter reads only its own shard of whatever layout saved it).
+* Precision across layouts: `float32_source` is the one rule for where a weight's float32 version is
+  (the checkpoint's master if it has one, else its model tensor when that is float32), and
+  `float32_targets` reads it, on a full resume or with ``load_main_params_from_ckpt``, into what this
+  run updates in float32: a 16-bit parameter's master copy, or the float32 parameter itself (a
+  sharded run's shards are their own masters). Otherwise, and without a float32 version, the masters
+  are reset from the loaded weights (Megatron's ``reload_model_params``), so the next step does not
+  undo the load.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from viaduct.training.checkpoint.errors import checkpoint_problem
 from viaduct.training.checkpoint.flat import (
@@ -96,21 +102,82 @@ def model_targets(
 
 
 def optimizer_read_targets(
-    optimizer: Any, available: dict[str, TensorInfo], *, full_state: bool, fld: str, directory: Path
+    optimizer: Any, available: dict[str, TensorInfo], *, fld: str, directory: Path
 ) -> dict[str, torch.Tensor]:
-    """Optimizer tensors to read: the full state, or only the float32 masters (in place)."""
-    if full_state:
-        unknown = unknown_optimizer_params(optimizer, available)
-        if unknown:
-            raise checkpoint_problem(
-                fld,
-                f"its optimizer state is for parameters this model lacks: {unknown[:5]}",
-                directory,
-                fix="load a checkpoint of this model, or set checkpoint.load_optim=false",
-            )
-        return optimizer_targets(optimizer, available)
-    keys = {optimizer_key(MASTER, s.name): s.master for s in optimizer.copies}
-    return {k: t for k, t in keys.items() if k in available}
+    """The optimizer's per-parameter states to read for a full resume (masters: `float32_targets`)."""
+    unknown = unknown_optimizer_params(optimizer, available)
+    if unknown:
+        raise checkpoint_problem(
+            fld,
+            f"its optimizer state is for parameters this model lacks: {unknown[:5]}",
+            directory,
+            fix="load a checkpoint of this model, or set checkpoint.load_optim=false",
+        )
+    return optimizer_targets(optimizer, available)
+
+
+def float32_source(name: str, available: dict[str, TensorInfo]) -> str | None:
+    """The checkpoint key holding parameter `name`'s float32 version, or None when it has none.
+
+    ``optimizer.master.<name>`` if the checkpoint has it (saved by a run with 16-bit parameters and
+    float32 master copies), else ``model.<name>`` when that is float32 (saved by a float32 run, or by
+    a sharded one, whose float32 shards are their own masters).
+    """
+    master = optimizer_key(MASTER, name)
+    if master in available:
+        return master
+    weight = MODEL + name
+    if weight in available and available[weight].dtype == torch.float32:
+        return weight
+    return None
+
+
+def float32_targets(
+    optimizer: Any, targets: dict[str, torch.Tensor], available: dict[str, TensorInfo]
+) -> set[str]:
+    """Read each parameter's float32 version (`float32_source`) into the tensor this run keeps in
+    float32; returns the names of the parameters it is read for.
+
+    Edits `targets` (checkpoint key -> tensor read in place, the model's tensors already in it):
+
+    * a 16-bit parameter with a float32 master copy: the master reads the float32 version; the
+      16-bit parameter is then copied from it (`restore_optimizer`). From a sharded run's checkpoint
+      that is ``model.<name>``, read straight into the master, so no precision is lost on the way;
+    * a float32 parameter (its own master: a float32 or sharded run) reads the checkpoint's master
+      instead of its 16-bit ``model.<name>`` when the checkpoint has one; a float32 ``model.<name>``
+      is already read into it.
+    """
+    from_ckpt: set[str] = set()
+    aliases: dict[tuple[int, object], list[str]] = {}  # a parameter may sit under several model keys
+    for k, t in targets.items():
+        ident = _storage_id(t)
+        if k.startswith(MODEL) and ident is not None:
+            aliases.setdefault(ident, []).append(k)
+    for slot in optimizer.slots:
+        key = float32_source(slot.name, available)
+        if key is None:
+            continue
+        weight = MODEL + slot.name
+        if slot.has_copy:
+            targets[key] = slot.master  # replaces the 16-bit parameter when key is model.<name>
+        elif key != weight:
+            # One tensor, one source: a second read of the same storage would race with the first.
+            view = targets.pop(weight, None)
+            view = slot.param.detach() if view is None else view
+            ident = _storage_id(view)
+            for alias in aliases.get(ident, []) if ident is not None else []:
+                targets.pop(alias, None)
+            targets[key] = view
+        from_ckpt.add(slot.name)
+    return from_ckpt
+
+
+def _storage_id(t: torch.Tensor) -> tuple[int, object] | None:
+    """Where this rank's part of `t` lives (None when it holds no elements here)."""
+    part = t.to_local() if isinstance(t, DTensor) else t
+    if part.numel() == 0 or part.device.type == "meta":
+        return None
+    return part.untyped_storage().data_ptr(), part.storage_offset()
 
 
 def check_shapes(
@@ -135,23 +202,24 @@ def restore_optimizer(
     loaded: dict[str, torch.Tensor],
     common: dict[str, Any] | None,
     *,
+    float32_read: set[str],
     fld: str,
     directory: Path,
     report: LoadReport,
 ) -> None:
     """Make the optimizer agree with the loaded weights; with `common`, load its full state too.
 
-    `loaded` holds the optimizer tensors just read; masters among them were read in place.
+    `loaded` holds the per-parameter optimizer states just read; `float32_read` names the
+    parameters whose float32 version was read from the checkpoint (`float32_targets`).
     """
-    from_ckpt = {id(t) for t in loaded.values()}
     with torch.no_grad():
         for s in optimizer.copies:
-            if id(s.master) in from_ckpt:
-                s.param.copy_(s.master)  # the checkpoint's float32 master, and its 16-bit image
+            if s.name in float32_read:
+                s.param.copy_(s.master)  # the checkpoint's float32 weight, and its 16-bit image
             else:
                 s.master.copy_(s.param)  # the master follows the loaded 16-bit weight
     if common is None:
-        if from_ckpt:
+        if float32_read:
             report.parts.append("master_params")
         return
     if "optimizer" not in common:

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from viaduct.config import Problem
 from viaduct.training.checkpoint import layout
@@ -90,21 +92,44 @@ def check_finite(model: nn.Module, explain: SaveErrors) -> None:
     """Refuse to save weights holding NaN or infinity (they would become the run's newest checkpoint).
 
     One fused max-norm per device over every parameter, so the only host synchronisation is the
-    read of one flag, once per save; the training loop's steps pay nothing.
+    read of one flag, once per save; the training loop's steps pay nothing. Sharded (DTensor)
+    parameters are checked on each rank's own shard and the flags combined over all ranks (one
+    all-reduce), so a NaN in any rank's shard refuses the save on every rank.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
+    sharded = False
     for p in model.parameters():
-        if p.is_floating_point() and p.numel() > 0:  # the inf-norm of an empty tensor is undefined
-            by_device.setdefault(p.device, []).append(p.detach())
-    if not by_device:
-        return
+        if isinstance(p, DTensor):
+            sharded = True
+            local = p.to_local()
+        else:
+            local = p
+        if local.is_floating_point() and local.numel() > 0:  # the inf-norm of an empty tensor is undefined
+            by_device.setdefault(local.device, []).append(local.detach())
     # The inf-norm is NaN when any element is NaN and inf when any is infinite; unlike the 2-norm it
     # cannot overflow for large finite weights.
     flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()]
-    finite = flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).all()
+    if sharded and dist.is_available() and dist.is_initialized():
+        # Every rank takes part, even one whose shards are all empty. On the parameters' device: the
+        # default group's backend (NCCL on GPUs) reduces it.
+        device = next(iter(by_device), None) or _default_device(model)
+        ok = torch.stack([f.to(device) for f in flags]).all() if flags else torch.tensor(True, device=device)
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        finite = ok.bool()
+    elif not flags:
+        return
+    else:
+        finite = flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).all()
     if not bool(finite):  # the one host read
         raise explain.refused(
             "the model holds NaN or infinite weights",
             fix="resume from the last good checkpoint with a lower optimizer.lr or a smaller "
             "optimizer.clip_grad, or check the data around this iteration",
         )
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.to_local().device if isinstance(p, DTensor) else p.device
+    return torch.device("cpu")

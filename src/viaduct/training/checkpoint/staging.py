@@ -15,6 +15,9 @@ hosts, and device-to-host copies into it run at full speed (0.31 s).
 its first step (when the optimizer state exists), so the first save does not pay for it.
 `stage(tensors)` waits for that if still running, checks that the tensors still have the layout the
 arena was built for (else builds a new one), copies, and returns views keyed like `tensors`.
+
+A sharded (DTensor) tensor stages only this rank's shard; what `stage` returns for it is a DTensor
+of the same mesh, placements and global shape over the host copy, which is what DCP writes from.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["StagingArena", "StagingMemoryError"]
 
@@ -74,6 +78,7 @@ class _Layout:
         keys: dict[tuple[Any, ...], list[str]] = {}
         first: dict[tuple[Any, ...], torch.Tensor] = {}
         for key, t in tensors.items():
+            t = _local(t)
             ident = _identity(t)
             if ident not in keys:
                 order.append(ident)
@@ -85,9 +90,23 @@ class _Layout:
             nbytes = t.numel() * t.element_size()
             slots.append(_Slot(tuple(keys[ident]), tuple(t.shape), t.dtype, offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
-        cuda = [t.device for t in tensors.values() if t.device.type == "cuda"]
+        cuda = [_local(t).device for t in tensors.values() if _local(t).device.type == "cuda"]
         pin = bool(cuda) and torch.cuda.is_available()
         return cls(tuple(slots), offset, pin, cuda[0] if pin else None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(original: torch.Tensor, staged: torch.Tensor) -> torch.Tensor:
+    """`staged` (a host copy of this rank's part of `original`) as `original` is laid out: a DTensor
+    of the same mesh, placements and global shape when `original` is one. Built from its spec rather
+    than with `DTensor.from_local`, which would move the host copy back to the mesh's device."""
+    if not isinstance(original, DTensor):
+        return staged
+    return DTensor(staged, original._spec, requires_grad=False)
 
 
 def _identity(t: torch.Tensor) -> tuple[Any, ...]:
@@ -151,11 +170,11 @@ class StagingArena:
         with torch.no_grad():
             for slot in layout.slots:
                 view = self._arena[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-                src = tensors[slot.keys[0]].detach()
+                src = _local(tensors[slot.keys[0]]).detach()
                 # non_blocking only helps device-to-pinned copies; the synchronize below completes them.
                 view.copy_(src, non_blocking=non_blocking and src.device.type == "cuda")
                 for key in slot.keys:
-                    staged[key] = view
+                    staged[key] = _like(tensors[key], view)
         if non_blocking:
             torch.cuda.synchronize(layout.device)
         return staged

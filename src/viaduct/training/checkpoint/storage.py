@@ -1,10 +1,15 @@
 """Where a checkpoint's tensors go: the two `checkpoint.ckpt_format`s behind one small interface.
 
-* ``"torch_dist"`` (`DcpStorage`): torch.distributed.checkpoint. Every rank takes part; tensors that
-  data-parallel ranks hold identically are written once (spread over the ranks by size with
-  `fully_parallel_save`, else all by rank 0). Loading reads whatever layout was saved, so a
-  checkpoint written by 2 ranks loads into 1 (or 8). Works in a single process without a process group.
+* ``"torch_dist"`` (`DcpStorage`): torch.distributed.checkpoint. Every rank takes part; plain tensors
+  that data-parallel ranks hold identically are written once (spread over the ranks by size with
+  `fully_parallel_save`, else all by rank 0); sharded (DTensor) tensors are handed to DCP on every
+  rank, which writes each shard once (replicas of a shard, as under hybrid sharding, are
+  de-duplicated). Loading reads whatever layout was saved, so a checkpoint written by 2 ranks loads
+  into 1 (or 8), and one of sharded parameters into plain ones and back. Works in a single process
+  without a process group.
 * ``"torch"`` (`TorchStorage`): rank 0 writes one `torch.save` file; every rank reads it (memory-mapped).
+  Saving sharded tensors this way is refused (`ConfigContainer.validate()` refuses the combination);
+  loading one into sharded parameters takes each rank's part of the full tensors.
 
 Both load *in place* into target tensors, and only ever with `weights_only` unpickling: DCP is never
 given a non-tensor value, its index is read by `dcp_index.read_index` (an allowlist unpickler, never
@@ -28,7 +33,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint.flat import TensorInfo
 from viaduct.training.checkpoint.layout import TORCH_TENSORS, save_file
 
@@ -97,7 +104,8 @@ class TensorStorage(Protocol):
     name: str
 
     def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The part of `tensors` (identical on every data-parallel rank) that this rank writes."""
+        """What this rank hands to `write`: its share of the plain tensors (identical on every
+        data-parallel rank), and the sharded (DTensor) ones."""
 
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Write this rank's `share()` of the tensors into `directory`."""
@@ -137,19 +145,24 @@ class DcpStorage:
         return self.world_size == 1 or not (dist.is_available() and dist.is_initialized())
 
     def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # Decided here rather than by DCP's deduplicating planner, so that a rank copies (and stages)
-        # only what it writes: with fully_parallel_save a balanced share, else rank 0 writes it all.
+        # Plain tensors: decided here rather than by DCP's deduplicating planner, so that a rank copies
+        # (and stages) only what it writes: with fully_parallel_save a balanced share, else rank 0
+        # writes them all. A DTensor goes to DCP on every rank: each holds only its own shard, and DCP
+        # writes each shard once.
         if self._no_dist:
             return dict(tensors)
-        if not self.fully_parallel_save:
-            return dict(tensors) if self.rank == 0 else {}
-        owner = assign_owners(tensors, self.world_size)
-        return {k: t for k, t in tensors.items() if owner[k] == self.rank}
+        plain = {k: t for k, t in tensors.items() if not isinstance(t, DTensor)}
+        if self.fully_parallel_save:
+            owner = assign_owners(plain, self.world_size)
+        else:
+            owner = dict.fromkeys(plain, 0)
+        return {k: t for k, t in tensors.items() if k not in owner or owner[k] == self.rank}
 
     def _save_planner(self) -> Any:
         from torch.distributed.checkpoint import DefaultSavePlanner
 
-        # Every key comes from one rank (see share()), so DCP has nothing left to deduplicate.
+        # Every plain key comes from one rank (see share()); DCP de-duplicates the replicas of DTensor
+        # shards (ranks that hold the same shard, as hybrid sharding's replicas do).
         kwargs: dict[str, Any] = {}
         if (
             self.assume_constant_structure
@@ -220,12 +233,14 @@ class DcpStorage:
             )
 
     def _read_spread(self, directory: Path, targets: dict[str, torch.Tensor]) -> None:
-        """Each rank reads a share of the tensors (balanced by bytes), then sends it to the others."""
-        owner = assign_owners(targets, self.world_size)
-        mine = {k: t for k, t in targets.items() if owner[k] == self.rank}
+        """Each rank reads a share of the plain tensors (balanced by bytes), then sends it to the
+        others; every rank reads its own shards of the sharded (DTensor) ones."""
+        plain = {k: t for k, t in targets.items() if not isinstance(t, DTensor)}
+        owner = assign_owners(plain, self.world_size)
+        mine = {k: t for k, t in targets.items() if k not in owner or owner[k] == self.rank}
         self._read(directory, mine)
-        for key in sorted(targets):  # same order on every rank
-            t = targets[key]
+        for key in sorted(plain):  # same order on every rank
+            t = plain[key]
             # Device tensors over the default group (NCCL on GPUs), host tensors over the gloo group.
             group = None if t.device.type != "cpu" else self.group
             if t.is_contiguous():
@@ -256,6 +271,18 @@ class TorchStorage:
         self.rank = rank
 
     def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sharded = sorted(k for k, t in tensors.items() if isinstance(t, DTensor))
+        if sharded:  # the same on every rank: they all refuse together
+            raise ConfigError(
+                Problem(
+                    "checkpoint.ckpt_format",
+                    f"writes one file from rank 0, which holds only its shard of {len(sharded)} sharded "
+                    f"tensor(s) (e.g. {sharded[0]})",
+                    "torch",
+                    fix='use checkpoint.ckpt_format="torch_dist" with sharded data parallelism',
+                ),
+                header="cannot save the checkpoint",
+            )
         return dict(tensors) if self.rank == 0 else {}
 
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -276,7 +303,13 @@ class TorchStorage:
         data = self._open(directory)
         with torch.no_grad():
             for key, target in targets.items():
-                target.copy_(data[key])
+                if isinstance(target, DTensor):
+                    # Every rank has the whole tensor: it keeps its own part (no communication).
+                    full = data[key].to(device=target.device, dtype=target.dtype)
+                    part = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+                    target.to_local().copy_(part.to_local())
+                else:
+                    target.copy_(data[key])
 
 
 _WRITER_THREADS = max(1, min(8, os.cpu_count() or 1))

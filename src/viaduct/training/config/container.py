@@ -174,6 +174,7 @@ class ConfigContainer(ConfigBase):
                 problems += [p.prefixed(name) for p in exc.problems]
                 broken.add(name)
         problems += self._cross_checks(broken)
+        problems += self._layout_problems(broken)
         problems += self._runnable_problems(broken)
         problems += self._env_var_problems(broken)
         if not {"train", "dataset"} & broken:
@@ -214,7 +215,7 @@ class ConfigContainer(ConfigBase):
     def _apply_comm_overlap(self) -> None:
         """Explicit data-parallel overlap choices of comm_overlap land on ddp (Bridge's behaviour)."""
         co = self.comm_overlap
-        for name in ("overlap_grad_reduce", "bucket_size"):
+        for name in ("overlap_grad_reduce", "overlap_param_gather", "bucket_size"):
             value = getattr(co, name)
             if value is None or getattr(self.ddp, name) == value:
                 continue
@@ -383,6 +384,67 @@ class ConfigContainer(ConfigBase):
                     "fine-tuning with PEFT needs base weights",
                     type(self.peft).__name__,
                     fix="set checkpoint.pretrained_checkpoint to the base model's checkpoint",
+                )
+            )
+        return problems
+
+    def _layout_problems(self, broken: set[str]) -> list[Problem]:
+        """Rules of the parallel layout (viaduct.distributed.layout) that span components."""
+        from viaduct.distributed.layout import layout_of, sharding_strategy
+
+        problems: list[Problem] = []
+        if {"model", "ddp", "optimizer", "dist"} & broken or self.data_parallel_size is None:
+            return problems
+        dp = self.data_parallel_size
+        layout = layout_of(self, self.world_size or 1)
+        instances = self.ddp.num_distributed_optimizer_instances
+        if instances > 1 and sharding_strategy(self) == "no_shard":
+            problems.append(
+                Problem(
+                    "ddp.num_distributed_optimizer_instances",
+                    "hybrid sharding needs sharded data parallelism",
+                    instances,
+                    fix="set ddp.use_distributed_optimizer=true (or a data_parallel_sharding_strategy), "
+                    "or ddp.num_distributed_optimizer_instances=1",
+                )
+            )
+        elif instances > 1 and dp % instances:
+            problems.append(
+                Problem(
+                    "ddp.num_distributed_optimizer_instances",
+                    f"must divide the data-parallel size ({dp})",
+                    instances,
+                    fix="choose a divisor of the data-parallel size",
+                )
+            )
+        for owner in ("ddp", "optimizer"):
+            if getattr(self, owner).overlap_param_gather and sharding_strategy(self) == "no_shard":
+                problems.append(
+                    Problem(
+                        f"{owner}.overlap_param_gather",
+                        "prefetches sharded parameters, but data parallelism is not sharded",
+                        True,
+                        fix=f"set ddp.use_distributed_optimizer=true, or {owner}.overlap_param_gather=false",
+                    )
+                )
+        if layout.uses_fsdp and "checkpoint" not in broken and self.checkpoint.ckpt_format == "torch":
+            problems.append(
+                Problem(
+                    "checkpoint.ckpt_format",
+                    f"'torch' writes one file of whole tensors from rank 0, but the layout "
+                    f"({layout.describe()}) splits the weights across ranks",
+                    "torch",
+                    fix="set checkpoint.ckpt_format=torch_dist",
+                )
+            )
+        if layout.uses_fsdp and "train" not in broken and self.train.torch_compile_scope == "model":
+            problems.append(
+                Problem(
+                    "train.torch_compile_scope",
+                    f"the layout ({layout.describe()}) runs FSDP, which gathers and frees each layer's "
+                    "weights around it: only per-layer compilation fits",
+                    "model",
+                    fix="set train.torch_compile_scope=layers (or leave it unset)",
                 )
             )
         return problems

@@ -1,8 +1,8 @@
 """`dist` (process-group initialization) and `ddp` (data-parallel gradient reduction).
 
-Viaduct's data parallelism replicates the model and all-reduces gradients in buckets. Sharded
-variants (distributed optimizer, Megatron-FSDP, FSDP2) are not built yet: their fields are kept so
-Megatron Bridge configs load, and any value other than the default is reported.
+Plain data parallelism replicates the model and all-reduces gradients in buckets (DDP). The sharded
+variants (the distributed optimizer, Megatron-FSDP, FSDP2) all run on PyTorch FSDP2; how each
+Megatron setting maps onto it is documented in `viaduct.distributed.layout` and docs/parallelism.md.
 """
 
 from dataclasses import dataclass
@@ -12,7 +12,6 @@ from viaduct.config import ConfigBase, Problems, unsupported
 from viaduct.training.config._checks import positive
 
 _DIST_OPT = "the distributed optimizer"
-_MFSDP = "Megatron-FSDP"
 
 
 @dataclass(kw_only=True)
@@ -47,11 +46,11 @@ class DistributedInitConfig(ConfigBase):
     )
     """Skip process-group creation and return a function that completes it (for external managers)."""
 
-    use_torch_fsdp2: bool = unsupported("FSDP2 sharded data parallel", default=False)
-    """Shard parameters, gradients and optimizer state with PyTorch FSDP2."""
+    use_torch_fsdp2: bool = False
+    """Shard parameters, gradients and optimizer state with PyTorch FSDP2 (strategy optim_grads_params)."""
 
-    use_megatron_fsdp: bool = unsupported(_MFSDP, default=False)
-    """Shard with Megatron's own FSDP."""
+    use_megatron_fsdp: bool = False
+    """Megatron-FSDP's switch: viaduct runs it on FSDP2 too (strategy optim_grads_params)."""
 
     use_tp_pp_dp_mapping: bool = unsupported("the tp-cp-ep-pp-dp rank order", default=False)
     """Order ranks tensor-context-expert-pipeline-data instead of tensor-context-expert-data-pipeline."""
@@ -133,17 +132,17 @@ class DistributedDataParallelConfig(ConfigBase):
     check_for_large_grads: bool = False
     """Warn when the gradient norm exceeds 10 × the largest of the last 100 steps (reads it every step)."""
 
-    use_distributed_optimizer: bool = unsupported(_DIST_OPT, default=False)
-    """Reduce-scatter gradients, shard optimizer state (in sync with optimizer.use_distributed_optimizer)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks, on FSDP2 (strategy optim unless set otherwise)."""
 
-    overlap_param_gather: bool = unsupported(_DIST_OPT, default=False)
-    """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
+    overlap_param_gather: bool = False
+    """Sharded: gather the next layer's parameters while the current one computes (explicit prefetch)."""
 
     align_param_gather: bool = unsupported(_DIST_OPT, default=False)
     """Start the parameter all-gathers of all pipeline stages together."""
 
-    num_distributed_optimizer_instances: int = unsupported(_DIST_OPT, default=1)
-    """Shard the optimizer over data-parallel groups of size DP / this (hybrid sharding)."""
+    num_distributed_optimizer_instances: int = 1
+    """Sharded: shard within groups of DP / this ranks, replicate across this many groups (hybrid)."""
 
     reduce_scatter_with_fp32_accumulation: bool = unsupported(_DIST_OPT, default=False)
     """Reduce-scatter in low precision with fp32 accumulation."""
@@ -167,13 +166,13 @@ class DistributedDataParallelConfig(ConfigBase):
     reuse_grad_buf_for_mxfp8_param_ag: bool = unsupported("MXFP8 parameter all-gather", default=False)
     """Reuse the gradient buffer for the MXFP8 parameter all-gather."""
 
-    use_megatron_fsdp: bool = unsupported(_MFSDP, default=False)
-    """Use the Megatron-FSDP code path."""
+    use_megatron_fsdp: bool = False
+    """Use Megatron-FSDP: viaduct runs it on FSDP2 (strategy optim_grads_params unless set otherwise)."""
 
     data_parallel_sharding_strategy: Literal["no_shard", "optim", "optim_grads", "optim_grads_params"] = (
-        unsupported("sharded data parallel", default="no_shard")
+        "no_shard"
     )
-    """What is sharded over data-parallel ranks; only "no_shard" is built."""
+    """What data-parallel ranks shard: optimizer state, + gradients, + parameters (ZeRO-1/2/3)."""
 
     delay_wgrad_compute: bool = unsupported("delayed weight-gradient computation", default=False)
     """Delay weight-gradient computation to overlap it with communication."""
@@ -202,6 +201,7 @@ class DistributedDataParallelConfig(ConfigBase):
         p = Problems()
         positive(p, self, "bucket_size")
         positive(p, self, "num_buckets")
+        positive(p, self, "num_distributed_optimizer_instances")
         if self.bucket_size is not None and self.num_buckets is not None:
             p.add(
                 "num_buckets",

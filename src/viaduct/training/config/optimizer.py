@@ -86,13 +86,11 @@ class OptimizerConfig(ConfigBase):
     log_num_zeros_in_grad: bool = False
     """Count the zero entries of the gradients and log them."""
 
-    use_distributed_optimizer: bool = unsupported("the distributed optimizer", default=False)
-    """Shard optimizer state over data-parallel ranks (ZeRO-1 style)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (the twin of ddp.use_distributed_optimizer)."""
 
-    overlap_param_gather: bool = unsupported(
-        "the distributed optimizer's parameter all-gather", default=False
-    )
-    """Overlap the parameter all-gather of the distributed optimizer with the forward pass."""
+    overlap_param_gather: bool = False
+    """The twin of ddp.overlap_param_gather (either one turns it on)."""
 
     overlap_param_gather_with_optimizer_step: bool = unsupported(
         "the distributed optimizer's parameter all-gather", default=False

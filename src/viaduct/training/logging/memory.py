@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from viaduct.training.config import ConfigContainer
 
 # torch.cuda.memory_stats() key -> reported name. The names are the ones Megatron Bridge prints on
 # its "[Rank r] (after N iterations) memory (GB)" line.
@@ -94,23 +98,21 @@ def format_memory_line(rank: int, iterations: int, report: Mapping[str, float]) 
     return line
 
 
-def theoretical_memory_line(model: object, micro_batch_size: int | None) -> str | None:
+def theoretical_memory_line(cfg: ConfigContainer) -> str | None:
     """Megatron's `Theoretical memory footprints: ...` line for a GPT model config (None for others).
 
-    From `viaduct.models.accounting.estimate_memory`: weights, gradients and Adam state, then the
-    activations and logits of one micro-batch; in MB (2^20 bytes), as Megatron prints them.
+    From `viaduct.models.accounting.estimate_config_memory`, per GPU in the run's parallel layout:
+    weights (with the gathered copies FSDP holds), gradients and Adam state, then the activations and
+    logits of one step's micro-batches; in MB (2^20 bytes), as Megatron prints them.
     """
-    from viaduct.models.accounting import estimate_memory
-    from viaduct.models.gpt.provider import GPTModelProvider
+    from viaduct.models.accounting import estimate_config_memory
 
-    if not isinstance(model, GPTModelProvider) or model.vocab_size is None or micro_batch_size is None:
-        return None  # the vocabulary size comes from the tokenizer in pretrain(); unknown before
     try:
-        est = estimate_memory(model, micro_batch_size)
-    except ValueError:  # a model config the estimate does not cover: no line rather than a crash
+        est = estimate_config_memory(cfg)
+    except ValueError:  # not a GPT model, or no vocabulary yet: no line rather than a crash
         return None
     mb = 2**20
-    weights = (est.parameters + est.gradients + est.optimizer) / mb
+    weights = (est.parameters + est.gathered_weights + est.gradients + est.optimizer) / mb
     activations = (est.activations + est.logits) / mb
     return (
         f"Theoretical memory footprints: weight and optimizer={weights:.2f} MB, "

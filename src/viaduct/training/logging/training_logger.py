@@ -193,7 +193,7 @@ class TrainingLogger:
             if report and self._reports_memory:
                 self._log.info(format_memory_line(self.rank, records[-1].step, report))
             if report and self.rank == 0:  # the estimate to compare the measured line with
-                line = theoretical_memory_line(self.cfg.model, self.cfg.train.micro_batch_size)
+                line = theoretical_memory_line(self.cfg)
                 if line is not None:
                     self._log.info(line)
 

@@ -1,0 +1,101 @@
+"""The device mesh of a run: `ParallelLayout` made real as a `torch.distributed.DeviceMesh`.
+
+Every rank, group and size the run needs comes from here: data loading reads `dp_rank`/`dp_size`,
+FSDP shards over `fsdp_mesh`, tensor parallelism splits over `tp_mesh`, context parallelism over
+`cp_group`, and the token counts of the loss are summed over `loss_group` (every rank that sees
+different tokens: data-parallel and context-parallel ranks, not tensor-parallel ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from viaduct.distributed.layout import MESH_DIMS, ParallelLayout
+
+
+@dataclass
+class ParallelMesh:
+    """The layout and, with more than one process, its device mesh and groups."""
+
+    layout: ParallelLayout
+    mesh: DeviceMesh | None = None
+    """The full mesh (dp_replicate, dp_shard, cp, tp); None in a single process or under plain DDP."""
+    flat: dict[str, DeviceMesh] = field(default_factory=dict)
+    """Flattened views: "dp" (replicate × shard), "dp_shard_cp" and "dp_cp"."""
+
+    def _coordinate(self, name: str) -> int:
+        return 0 if self.mesh is None else self.mesh.get_local_rank(name)
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that read different samples (batch arithmetic divides by this)."""
+        return self.layout.dp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (which samples it reads)."""
+        if self.mesh is None:
+            return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return self._coordinate("dp_replicate") * self.layout.dp_shard + self._coordinate("dp_shard")
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coordinate("tp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self._coordinate("cp")
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: tensor parallelism needs one")
+        return self.mesh["tp"]
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: context parallelism needs one")
+        return self.mesh.get_group("cp")
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """What FSDP2 shards over: (dp_replicate, dp_shard × cp) for hybrid sharding, else dp_shard × cp."""
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: FSDP needs one")
+        if self.layout.dp_replicate > 1:
+            # Built once: a 2-D mesh whose second dimension is the flattened shard × cp group.
+            if "hsdp" not in self.flat:
+                self.flat["hsdp"] = DeviceMesh._concatenate(
+                    [self.mesh["dp_replicate"], self.flat["dp_shard_cp"]]
+                )
+            return self.flat["hsdp"]
+        return self.flat["dp_shard_cp"]
+
+    @property
+    def loss_group(self) -> dist.ProcessGroup | None:
+        """The ranks whose token counts add up to the step's tokens (None: the whole world)."""
+        if self.mesh is None or self.layout.tp == 1:
+            return None
+        return self.flat["dp_cp"].get_group()
+
+
+def build_mesh(layout: ParallelLayout, device: torch.device) -> ParallelMesh:
+    """The mesh of `layout` over the initialized default process group (none needed for one rank or
+    plain DDP, which uses the default group)."""
+    if layout.world_size == 1 or not layout.uses_fsdp:
+        return ParallelMesh(layout)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("build_mesh() needs the default process group")
+    mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
+    # Flattened views (torchtitan's names): one group each, so no collective runs over two dims.
+    flat = {
+        "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+        "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
+        "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+    }
+    return ParallelMesh(layout, mesh, flat)

@@ -1,0 +1,233 @@
+"""Parallelism applied to a plain model from outside, in one fixed order (as torchtitan does):
+
+1. tensor (and sequence) parallel: DTensor styles on the layers' linear layers, the vocabulary split
+   over the tensor-parallel ranks for the embedding and the output layer and loss;
+2. context parallel: attention over a sequence split across ranks;
+3. activation recompute: already part of the model (its config says which parts);
+4. `torch.compile`, per layer;
+5. FSDP2 (`fully_shard`) per layer, then the root: sharded (or, with no_shard, replicated) data
+   parallelism over the data-parallel and context-parallel ranks.
+
+The model code knows nothing of this: it exposes two hooks (`SelfAttention.kernel`,
+`GPTModel.vocab_output`) and otherwise sees plain tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from viaduct.config.types import torch_dtype
+from viaduct.models.common.transformer import TransformerLayer
+
+if TYPE_CHECKING:
+    from viaduct.distributed.mesh import ParallelMesh
+    from viaduct.models.gpt.model import GPTModel
+    from viaduct.models.gpt.provider import GPTModelProvider
+    from viaduct.training.config.container import ConfigContainer
+
+
+class _SequenceGatheredOutput:
+    """`GPTModel.vocab_output` under sequence parallelism: the final norm's output is split along the
+    sequence, so it is gathered (backward: each rank keeps its slice) before the vocabulary-parallel
+    output layer, which needs every token on every tensor-parallel rank."""
+
+    def __init__(self, inner: object, tp_mesh: DeviceMesh) -> None:
+        self.inner, self.tp_mesh = inner, tp_mesh
+
+    def _gather(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, self.tp_mesh, [Shard(1)], run_check=False)
+        return hidden.full_tensor()
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(self._gather(hidden), weight)  # type: ignore[attr-defined]
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.inner.loss(self._gather(hidden), weight, labels)  # type: ignore[attr-defined]
+
+
+def _layer_plan(layer: TransformerLayer, sp: bool) -> dict[str, ParallelStyle]:
+    """Megatron's split of one transformer layer: QKV and fc1 column-parallel (heads / MLP units split),
+    the projections back into the residual stream row-parallel (partial sums reduced; with sequence
+    parallel reduce-scattered along the sequence, and the norms run on sequence shards)."""
+    seq = Shard(1) if sp else Replicate()
+    plan: dict[str, ParallelStyle] = {
+        "self_attention.linear_qkv": ColwiseParallel(),
+        "self_attention.linear_proj": RowwiseParallel(output_layouts=seq),
+        "mlp.linear_fc1": ColwiseParallel(),
+        "mlp.linear_fc2": RowwiseParallel(output_layouts=seq),
+    }
+    attn = layer.self_attention
+    if attn.q_layernorm is not None:
+        # Per-head norms see only this rank's heads: as DTensors split along the head dimension, their
+        # replicated weights get gradients summed over all heads.
+        plan["self_attention.q_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["self_attention.k_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    if sp:
+        plan["input_layernorm"] = SequenceParallel(use_local_output=True)
+        plan["pre_mlp_layernorm"] = SequenceParallel(use_local_output=True)
+        plan["self_attention"] = PrepareModuleInput(
+            input_layouts=(Shard(1), None, None),
+            desired_input_layouts=(Replicate(), None, None),
+            use_local_output=True,
+        )
+        plan["mlp"] = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    return plan
+
+
+def apply_tensor_parallel(model: GPTModel, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Split `model` over `tp_mesh` (see `_layer_plan`); the vocabulary is split too."""
+    from viaduct.distributed.vocab_parallel import VocabParallelOutput
+
+    sp = sequence_parallel
+    plan: dict[str, ParallelStyle] = {}
+    embedding = model.embedding
+    if embedding is not None:
+        # Without position embeddings the token embedding's partial sums are reduce-scattered straight
+        # onto sequence shards; with them, reduced whole, added, then sliced (no communication).
+        direct = sp and embedding.position_embeddings is None
+        plan["embedding.word_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1) if direct else Replicate()
+        )
+        if embedding.position_embeddings is not None:
+            plan["embedding.position_embeddings"] = RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Replicate()
+            )
+        if sp and not direct:
+            plan["embedding"] = _SliceSequence()
+    if model.decoder.final_layernorm is not None and sp:
+        plan["decoder.final_layernorm"] = SequenceParallel(use_local_output=True)
+    parallelize_module(model, tp_mesh, plan)
+    for i, layer in enumerate(model.decoder.layers):
+        if not isinstance(layer, TransformerLayer):
+            raise TypeError(f"decoder.layers.{i} is a {type(layer).__name__}, not a TransformerLayer")
+        parallelize_module(layer, tp_mesh, _layer_plan(layer, sp))
+    if model.output_layer is not None:
+        # Untied: the output weight is split by vocabulary rows, as a column-parallel layer's is. The
+        # model reads the weight rather than calling the layer, so only the placement matters.
+        parallelize_module(model, tp_mesh, {"output_layer": ColwiseParallel()})
+    vocab = VocabParallelOutput(tp_mesh.get_group())
+    model.vocab_output = _SequenceGatheredOutput(vocab, tp_mesh) if sp else vocab
+
+
+class _SliceSequence(ParallelStyle):
+    """Turn a module's replicated output into this rank's sequence shard (dim 1); backward gathers."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def slice_output(_mod: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            full = DTensor.from_local(output, device_mesh, [Replicate()], run_check=False)
+            return full.redistribute(device_mesh, [Shard(1)]).to_local()
+
+        module.register_forward_hook(slice_output)
+        return module
+
+
+def fsdp_policy(cfg: ConfigContainer) -> MixedPrecisionPolicy:
+    """bf16/fp16 compute from float32 shards when params_dtype asks for it; gradients reduced in
+    float32 with ddp.grad_reduce_in_fp32 (else in the compute dtype)."""
+    compute = torch_dtype(cfg.model.params_dtype)
+    param_dtype = None if compute == torch.float32 else compute
+    reduce_dtype = torch.float32 if cfg.ddp.grad_reduce_in_fp32 or param_dtype is None else param_dtype
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def apply_fsdp(model: GPTModel, cfg: ConfigContainer, pmesh: ParallelMesh, *, sum_gradients: bool) -> None:
+    """FSDP2 per transformer layer, then the root (embedding, final norm, output layer).
+
+    `sum_gradients`: reduce by sum rather than mean (a per-token loss is divided by the step's
+    token count afterwards)."""
+    layout = pmesh.layout
+    mesh = pmesh.fsdp_mesh
+    policy = fsdp_policy(cfg)
+    # The model's per-token losses are a view of the loss kernel's output; nothing modifies them in
+    # place (the forward-step contract computes new tensors from them), so FSDP's warning is moot.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    layers = list(model.decoder.layers)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=layout.reshard_after_forward)
+    # The root's parameters (output layer) are needed again as soon as backward starts: keep them.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    if cfg.ddp.overlap_param_gather or cfg.optimizer.overlap_param_gather:
+        # Explicit prefetch: the next layer's all-gather is issued before this layer computes.
+        for current, following in itertools.pairwise(layers):
+            current.set_modules_to_forward_prefetch([following])  # type: ignore[operator]
+            following.set_modules_to_backward_prefetch([current])  # type: ignore[operator]
+    if sum_gradients:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+
+
+def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    """Every `fully_shard`-ed module of `model` (the root first)."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def set_gradient_sync(model: nn.Module, sync: bool, *, reshard_after_backward: bool | None = None) -> None:
+    """Whether the next backward reduce-scatters the gradients (False: they accumulate unsharded);
+    optionally whether parameters are resharded after it."""
+    for module in fsdp_modules(model):
+        module.set_requires_gradient_sync(sync, recurse=False)
+        if reshard_after_backward is not None:
+            module.set_reshard_after_backward(reshard_after_backward, recurse=False)
+
+
+def build_parallel_model(
+    cfg: ConfigContainer,
+    provider: GPTModelProvider,
+    pmesh: ParallelMesh,
+    device: torch.device,
+    *,
+    compile_layers: bool,
+) -> GPTModel:
+    """The model of `provider`, split and sharded as `pmesh` says, in the order of the module docstring.
+
+    Parameters are kept in float32 (the shards are the optimizer's master weights; FSDP computes in
+    params_dtype). With `model.init_model_with_meta_device` the model is built on the meta device and
+    each rank materializes and initializes only its own shards (on accelerators); otherwise every rank
+    builds the whole model from the seed (exactly the weights one process would have) and keeps its
+    part.
+    """
+    from viaduct.models.compile import compile_model
+
+    layout = pmesh.layout
+    # DTensor draws distinct random numbers for each shard only on accelerators (its RNG tracker is
+    # CUDA-like); on a CPU every shard would repeat the same draws, so CPU runs build whole and shard.
+    on_meta = provider.init_model_with_meta_device and device.type != "cpu"
+    model = provider.provide(device="meta" if on_meta else device)
+    model.float()
+    if layout.tp > 1:
+        apply_tensor_parallel(model, pmesh.tp_mesh, sequence_parallel=layout.sequence_parallel)
+    if layout.cp > 1:
+        from viaduct.distributed.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, pmesh.cp_group)
+    if compile_layers:
+        compile_model(model, scope="layers")
+    apply_fsdp(model, cfg, pmesh, sum_gradients=provider.calculate_per_token_loss)
+    if on_meta:
+        model.to_empty(device=device)
+        with torch.no_grad():
+            if provider.perform_initialization:
+                model.init_weights()
+            elif model.rotary is not None:
+                model.rotary.reset_parameters()
+    return model
