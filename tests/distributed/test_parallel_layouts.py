@@ -25,7 +25,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 4
 LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
     # name: (world size, overrides)
-    "fsdp-optim": (2, ("ddp.use_distributed_optimizer=true",)),
+    "fsdp-optim": (
+        2,
+        ("ddp.use_distributed_optimizer=true", "train.check_weight_hash_across_dp_replicas_interval=1"),
+    ),
     "fsdp-optim_grads": (2, ("ddp.data_parallel_sharding_strategy=optim_grads",)),
     "fsdp-optim_grads_params": (2, ("dist.use_torch_fsdp2=true", "ddp.overlap_param_gather=true")),
     "hybrid-2x2": (
@@ -33,6 +36,8 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
         (
             "ddp.data_parallel_sharding_strategy=optim_grads_params",
             "ddp.num_distributed_optimizer_instances=2",
+            # The two replicas of each shard are compared every step.
+            "train.check_weight_hash_across_dp_replicas_interval=1",
         ),
     ),
     "tp2": (2, ("model.tensor_model_parallel_size=2",)),
@@ -42,6 +47,21 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
         ("model.tensor_model_parallel_size=2", "model.share_embeddings_and_output_weights=false"),
     ),
     "cp2": (2, ("model.context_parallel_size=2",)),
+    # Everything composes: tensor, sequence and context parallel with activation recompute, and
+    # per-layer torch.compile under FSDP and context parallel.
+    "tp2-cp2-sp-recompute": (
+        4,
+        (
+            "model.tensor_model_parallel_size=2",
+            "model.context_parallel_size=2",
+            "model.sequence_parallel=true",
+            "model.recompute_granularity=full",
+            "model.recompute_method=uniform",
+            "model.recompute_num_layers=1",
+        ),
+    ),
+    "fsdp-compiled": (2, ("dist.use_torch_fsdp2=true", "train.torch_compile=true")),
+    "cp2-compiled": (2, ("model.context_parallel_size=2", "train.torch_compile=true")),
     "tp2-fsdp2": (4, ("model.tensor_model_parallel_size=2", "ddp.use_distributed_optimizer=true")),
 }
 

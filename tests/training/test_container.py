@@ -222,15 +222,19 @@ def test_layout_rules_spanning_components():
     cfg.ddp.num_distributed_optimizer_instances = 3
     cfg.checkpoint.ckpt_format = "torch"
     cfg.train.torch_compile_scope = "model"
+    cfg.model.tensor_model_parallel_size = 2
+    cfg.train.torch_compile = True
     with pytest.raises(ConfigError) as info:
         cfg.validate(world_size=4)
     text = str(info.value)
-    assert "must divide the data-parallel size (4)" in text
+    assert "must divide the data-parallel size (2)" in text
+    assert "train.torch_compile: torch.compile of tensor-parallel layers is not supported yet" in text
     assert "checkpoint.ckpt_format: 'torch' writes one file of whole tensors" in text
     assert "train.torch_compile_scope" in text
     cfg.ddp.num_distributed_optimizer_instances = 2
     cfg.checkpoint.ckpt_format = "torch_dist"
     cfg.train.torch_compile_scope = None
+    cfg.train.torch_compile = None
     cfg.validate(world_size=4)
 
 

@@ -448,8 +448,14 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     runs = list((save_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].is_dir()
     (run_file,) = runs[0].glob("run-*.wandb")
+    names = (b"learning-rate", b"lm loss", b"samples vs steps", b"lm loss validation", b"viaduct-test")
+    # W&B's own service process writes the run file; it may still be flushing when finish() returns.
+    deadline = time.monotonic() + 20
     data = run_file.read_bytes()
-    for name in (b"learning-rate", b"lm loss", b"samples vs steps", b"lm loss validation", b"viaduct-test"):
+    while not all(name in data for name in names) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        data = run_file.read_bytes()
+    for name in names:
         assert name in data
     assert b"learning-rate vs samples" not in data  # W&B gets step-indexed scalars only
 

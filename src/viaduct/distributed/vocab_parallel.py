@@ -29,8 +29,8 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from viaduct.models.common.loss import (
     IGNORE_INDEX,
-    _chunk_grad_logits,
     _kernel,
+    chunked_backward,
     even_chunk_tokens,
     keep_logits_budget,
 )
@@ -121,35 +121,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, local_labels, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_logits_of = _kernel(_chunk_grad_logits, hidden)
-        grad_loss = grad_loss.float()
-        kept: list[torch.Tensor | None] = ctx.kept
         pending: list[dist.Work] = []
-        for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
-            sl = slice(start, start + ctx.chunk)
-            h = hidden[sl]
-            logits = kept[i] if kept else h @ weight.t()
-            if kept:
-                kept[i] = None  # freed once its gradient exists: at most one extra chunk at a time
-            # The label of another rank (_OTHER_RANK) matches no column here, so this is this rank's
-            # slice of the global (softmax - one_hot) x grad.
-            g = grad_logits_of(logits, lse[sl], local_labels[sl], grad_loss[sl])  # [chunk, V/tp]
-            del logits
-            if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[sl])
-                # This rank's vocabulary slice gives a partial sum; the replicated hidden states need
-                # the whole. Reducing this chunk overlaps the next chunk's GEMMs.
-                work = dist.all_reduce(grad_h[sl], group=ctx.group, async_op=True)
-                if work is not None:
-                    pending.append(work)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
+
+        def reduce(grad_h_chunk: torch.Tensor) -> None:
+            # This rank's vocabulary slice gives a partial sum; the replicated hidden states need the
+            # whole. Reducing this chunk overlaps the next chunk's GEMMs.
+            work = dist.all_reduce(grad_h_chunk, group=ctx.group, async_op=True)
+            if work is not None:
+                pending.append(work)
+
+        # A label of another rank (_OTHER_RANK) matches no column here, so each chunk's gradient is
+        # this rank's slice of the global (softmax - one_hot) x grad.
+        grad_h, grad_w = chunked_backward(ctx, hidden, weight, local_labels, lse, grad_loss, reduce)
         for work in pending:
             work.wait()
-        ctx.kept = []
         return grad_h, grad_w, None, None, None, None, None
 
 

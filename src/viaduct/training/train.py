@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from viaduct.distributed.init import set_timeout_after_init
 from viaduct.training.callbacks import CallbackContext, CallbackManager
@@ -298,12 +299,32 @@ def _check_large_grads(step: int, norm: float, recent: list[float]) -> None:
 
 
 def _weights_match_across_ranks(module: nn.Module, group: dist.ProcessGroup | None = None) -> bool:
-    """All data-parallel replicas hold bitwise-identical weights (one checksum per parameter)."""
+    """All data-parallel replicas hold bitwise-identical weights (one checksum per parameter).
+
+    Sharded parameters are compared shard by shard: `group` must then hold the ranks that keep the
+    same shards (the data-parallel replicas of the mesh)."""
     with torch.no_grad():
-        sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+        sums = torch.stack([_local(p.detach()).double().sum() for p in module.parameters()])
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, sums, group=group)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _replica_group(state: GlobalState) -> dist.ProcessGroup | Literal[False] | None:
+    """The ranks that hold the same weights (None: all ranks), or False when there are none to compare
+    (one process, or every data-parallel rank holds a different shard)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    pmesh = state.dist.parallel if state.dist is not None else None
+    if pmesh is None or pmesh.mesh is None:
+        return None  # plain DDP: every rank is a replica
+    if pmesh.layout.dp_replicate == 1:
+        return False
+    return pmesh.mesh.get_group("dp_replicate")
 
 
 def _decide_exit(state: GlobalState) -> tuple[bool, bool]:
@@ -464,8 +485,9 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
         if train_cfg.manual_gc and train_cfg.manual_gc_interval and step % train_cfg.manual_gc_interval == 0:
             gc.collect()
         interval = train_cfg.check_weight_hash_across_dp_replicas_interval
-        if interval and step % interval == 0 and dist.is_available() and dist.is_initialized():
-            if not _weights_match_across_ranks(context.plain_model):
+        replicas = _replica_group(state)
+        if interval and step % interval == 0 and replicas is not False:
+            if not _weights_match_across_ranks(context.plain_model, replicas):
                 raise WeightHashMismatchError(
                     f"data-parallel replicas hold different weights at iteration {step}; "
                     "this points at a non-deterministic kernel or a hardware fault"

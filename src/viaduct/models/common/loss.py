@@ -145,26 +145,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, labels, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        bwd = _kernel(_chunk_grad_logits, hidden)
-        grad_loss = grad_loss.float()
-        kept: list[torch.Tensor | None] = ctx.kept
-        for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
-            sl = slice(start, start + ctx.chunk)
-            h = hidden[sl]
-            logits = kept[i] if kept else h @ weight.t()
-            if kept:
-                kept[i] = None  # freed once its gradient exists: at most one extra chunk at a time
-            g = bwd(logits, lse[sl], labels[sl], grad_loss[sl])  # [chunk, vocab]
-            del logits
-            if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[sl])
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
-        ctx.kept = []
+        grad_h, grad_w = chunked_backward(ctx, hidden, weight, labels, lse, grad_loss)
         return grad_h, grad_w, None, None, None
+
+
+def chunked_backward(
+    ctx: Any,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_loss: torch.Tensor,
+    on_grad_hidden: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of a chunked linear cross entropy: each chunk's logits (kept in `ctx.kept`, else
+    recomputed), (softmax - one_hot) * grad, then the gradients of hidden and weight.
+
+    `labels` index the columns of `weight` (a label no column has contributes only its softmax);
+    `on_grad_hidden` is called with each chunk's hidden gradient as soon as it is written (a
+    vocabulary-parallel loss starts reducing it there, overlapping the next chunk's GEMMs).
+    """
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    bwd = _kernel(_chunk_grad_logits, hidden)
+    grad_loss = grad_loss.float()
+    kept: list[torch.Tensor | None] = ctx.kept
+    for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
+        sl = slice(start, start + ctx.chunk)
+        h = hidden[sl]
+        logits = kept[i] if kept else h @ weight.t()
+        if kept:
+            kept[i] = None  # freed once its gradient exists: at most one extra chunk at a time
+        g = bwd(logits, lse[sl], labels[sl], grad_loss[sl])  # [chunk, vocab]
+        del logits
+        if grad_h is not None:
+            torch.mm(g, weight, out=grad_h[sl])
+            if on_grad_hidden is not None:
+                on_grad_hidden(grad_h[sl])
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
+    ctx.kept = []
+    return grad_h, grad_w
 
 
 @torch.compiler.disable  # its own chunk kernels are compiled; tracing the loop would unroll it

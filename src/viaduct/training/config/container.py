@@ -437,6 +437,16 @@ class ConfigContainer(ConfigBase):
                     fix="set checkpoint.ckpt_format=torch_dist",
                 )
             )
+        if layout.tp > 1 and "train" not in broken and self.train.torch_compile:
+            problems.append(
+                Problem(
+                    "train.torch_compile",
+                    "torch.compile of tensor-parallel layers is not supported yet (with torch's AOT "
+                    "autograd over DTensor layers the gradients drift from the eager ones after a few steps)",
+                    True,
+                    fix="set train.torch_compile=false, or leave it unset (tensor parallel then runs eager)",
+                )
+            )
         if layout.uses_fsdp and "train" not in broken and self.train.torch_compile_scope == "model":
             problems.append(
                 Problem(
