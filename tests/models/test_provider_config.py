@@ -281,7 +281,12 @@ RULES = [
     ({"cpu_offloading": True}, "cpu_offloading", "not supported yet"),
     ({"fine_grained_activation_offloading": True}, "fine_grained_activation_offloading", "not supported yet"),
     ({"cuda_graph_impl": "local"}, "cuda_graph_impl", "CUDA graphs is not supported yet"),
-    ({"tp_comm_overlap": True}, "tp_comm_overlap", "not supported yet"),
+    ({"tp_comm_overlap": True}, "tp_comm_overlap", "but tensor_model_parallel_size is 1"),
+    (
+        {"tp_comm_overlap": True, "tensor_model_parallel_size": 2},
+        "tp_comm_overlap",
+        "needs model.sequence_parallel",
+    ),
     ({"cross_entropy_fusion_impl": "te"}, "cross_entropy_fusion_impl", "not supported yet"),
     ({"mtp_num_layers": 1}, "mtp_num_layers", "multi-token prediction is not supported yet"),
     ({"hidden_size": "wide"}, "hidden_size", "expected int"),

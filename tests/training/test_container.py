@@ -3,6 +3,7 @@ import pytest
 from viaduct.config import ConfigError, ConfigWarning, DType, apply_overrides
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import get_recipe, list_recipes, tiny_gpt_pretrain_config
+from viaduct.training.comm_overlap import CommOverlapConfig
 from viaduct.training.config import ConfigContainer
 
 
@@ -223,18 +224,15 @@ def test_layout_rules_spanning_components():
     cfg.checkpoint.ckpt_format = "torch"
     cfg.train.torch_compile_scope = "model"
     cfg.model.tensor_model_parallel_size = 2
-    cfg.train.torch_compile = True
     with pytest.raises(ConfigError) as info:
         cfg.validate(world_size=4)
     text = str(info.value)
     assert "must divide the data-parallel size (2)" in text
-    assert "train.torch_compile: torch.compile of tensor-parallel layers is not supported yet" in text
     assert "checkpoint.ckpt_format: 'torch' writes one file of whole tensors" in text
     assert "train.torch_compile_scope" in text
     cfg.ddp.num_distributed_optimizer_instances = 2
     cfg.checkpoint.ckpt_format = "torch_dist"
     cfg.train.torch_compile_scope = None
-    cfg.train.torch_compile = None
     cfg.validate(world_size=4)
 
 
@@ -322,3 +320,21 @@ def test_megatron_bridge_yaml_loads(tmp_path):
     with pytest.warns(ConfigWarning, match="model.transformer_layer_spec"):
         cfg = ConfigContainer.from_yaml(path)
     assert cfg == tiny()
+
+
+def test_tp_comm_overlap_lands_on_the_model_and_needs_sequence_parallel_and_compile():
+    cfg = tiny()
+    cfg.comm_overlap = CommOverlapConfig(tp_comm_overlap=True)
+    cfg.model.tensor_model_parallel_size = 2
+    cfg.train.torch_compile = False
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=2)
+    text = str(info.value)
+    assert "model.tp_comm_overlap: overlaps the all-gathers and reduce-scatters" in text
+    assert "(got True, from derived (comm_overlap.tp_comm_overlap))" in text
+    cfg.model.sequence_parallel = True
+    with pytest.raises(ConfigError, match="asynchronous tensor parallelism is a torch.compile pass"):
+        cfg.validate(world_size=2)
+    cfg.train.torch_compile = None
+    cfg.validate(world_size=2)
+    assert cfg.model.tp_comm_overlap is True

@@ -257,9 +257,9 @@ def test_comm_overlap_defaults_validate_and_round_trip():
     ("kw", "path", "words"),
     [
         (
-            {"tp_comm_overlap": True},
-            "tp_comm_overlap",
-            "tensor-parallel communication overlap is not supported",
+            {"tp_comm_overlap": True, "tp_comm_overlap_cfg": "preset"},
+            "tp_comm_overlap_cfg",
+            "per-GEMM overlap presets are Transformer Engine's",
         ),
         ({"overlap_p2p_comm": True, "batch_p2p_comm": True}, "overlap_p2p_comm", "cannot be combined"),
         ({"bucket_size": 0}, "bucket_size", "must be > 0"),

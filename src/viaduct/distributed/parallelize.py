@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -116,6 +117,8 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh: DeviceMesh, *, sequence_para
     if model.decoder.final_layernorm is not None and sp:
         plan["decoder.final_layernorm"] = SequenceParallel(use_local_output=True)
     parallelize_module(model, tp_mesh, plan)
+    if embedding is not None:
+        embedding.register_forward_hook(_wait_for_collective)
     for i, layer in enumerate(model.decoder.layers):
         if not isinstance(layer, TransformerLayer):
             raise TypeError(f"decoder.layers.{i} is a {type(layer).__name__}, not a TransformerLayer")
@@ -128,6 +131,14 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh: DeviceMesh, *, sequence_para
     model.vocab_output = _SequenceGatheredOutput(vocab, tp_mesh) if sp else vocab
 
 
+def _wait_for_collective(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """The embedding's output is the result of an asynchronous all-reduce (or reduce-scatter), which
+    enters the first layer. A layer compiled on its own unwraps such an input and loses its link to
+    the autograd graph, so the embedding would get no gradient: hand the layers a plain tensor (an
+    elementwise copy, which waits for the collective and keeps the gradient's path)."""
+    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
+
+
 class _SliceSequence(ParallelStyle):
     """Turn a module's replicated output into this rank's sequence shard (dim 1); backward gathers."""
 
@@ -138,6 +149,40 @@ class _SliceSequence(ParallelStyle):
 
         module.register_forward_hook(slice_output)
         return module
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh, device: torch.device, *, compiled: bool) -> None:
+    """`model.tp_comm_overlap`: PyTorch's asynchronous tensor parallelism. torch.compile's
+    micro-pipeline pass splits each all-gather -> GEMM and GEMM -> reduce-scatter pair of sequence
+    parallelism into chunks whose communication (over symmetric memory) overlaps the GEMMs."""
+    from viaduct.config import ConfigError, Problem
+
+    problems = []
+    if device.type != "cuda":
+        problems.append(
+            Problem(
+                "model.tp_comm_overlap",
+                f"asynchronous tensor parallelism runs on CUDA GPUs only, and this run is on {device.type}",
+                True,
+                fix="set tp_comm_overlap=false on this machine",
+            )
+        )
+    if not compiled:
+        problems.append(
+            Problem(
+                "model.tp_comm_overlap",
+                "asynchronous tensor parallelism is a torch.compile pass, and this run is not compiled",
+                True,
+                fix="set train.torch_compile=true, or tp_comm_overlap=false",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    import torch._inductor.config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    inductor_config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def fsdp_policy(cfg: ConfigContainer) -> MixedPrecisionPolicy:
@@ -216,6 +261,8 @@ def build_parallel_model(
     model.float()
     if layout.tp > 1:
         apply_tensor_parallel(model, pmesh.tp_mesh, sequence_parallel=layout.sequence_parallel)
+        if provider.tp_comm_overlap:
+            enable_async_tensor_parallel(pmesh.tp_mesh, device, compiled=compile_layers)
     if layout.cp > 1:
         from viaduct.distributed.context_parallel import apply_context_parallel
 

@@ -168,7 +168,5 @@ class MegatronCompatFields(ConfigBase):
         "CUDA graphs", default="none"
     )
     """Capture CUDA graphs: none, per layer (local / transformer_engine) or the whole iteration."""
-    tp_comm_overlap: bool = unsupported("tensor-parallel communication overlap", default=False)
-    """Overlap tensor-parallel communication with GEMMs (set through comm_overlap)."""
     deterministic_mode: bool = unsupported("deterministic-only kernels", default=False)
     """Use deterministic kernels only (bitwise reproducible, slower)."""

@@ -146,6 +146,9 @@ class TransformerConfig(MegatronCompatFields):
     """Context-parallel degree: the sequence split over this many GPUs for attention."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence inside the tensor-parallel group."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (PyTorch's asynchronous tensor parallel:
+    CUDA, sequence_parallel and torch.compile); usually set through comm_overlap.tp_comm_overlap."""
 
     # ------------------------------------------------------------------ precision
     fp16: bool = False
@@ -506,6 +509,13 @@ class TransformerConfig(MegatronCompatFields):
             return
         tp = self.tensor_model_parallel_size
         if tp <= 1:
+            if "tp_comm_overlap" not in bad and self.tp_comm_overlap:
+                p.add(
+                    "tp_comm_overlap",
+                    "overlaps tensor-parallel communication, but tensor_model_parallel_size is 1",
+                    True,
+                    fix="set tp_comm_overlap=false, or model.tensor_model_parallel_size > 1",
+                )
             return
         fix = "choose a tensor_model_parallel_size that divides it"
         for name, what in (
@@ -521,6 +531,14 @@ class TransformerConfig(MegatronCompatFields):
                     tp,
                     fix=fix,
                 )
+        if "tp_comm_overlap" not in bad and self.tp_comm_overlap and not self.sequence_parallel:
+            p.add(
+                "tp_comm_overlap",
+                "overlaps the all-gathers and reduce-scatters of sequence parallelism with the GEMMs, "
+                "so it needs model.sequence_parallel",
+                True,
+                fix="set model.sequence_parallel=true, or tp_comm_overlap=false",
+            )
         if self.sequence_parallel and "seq_length" not in bad:
             local = self.seq_length // max(self.context_parallel_size, 1)
             if local % tp:

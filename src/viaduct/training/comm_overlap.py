@@ -8,8 +8,10 @@ fields leave `ddp` as it is. What applies: an explicit `overlap_grad_reduce`,
 Bridge does), and settings of features that are not built (pipeline and expert parallelism,
 tensor-parallel overlap) are reported.
 
-Difference from Bridge: `tp_comm_overlap` is a required bool there; here it defaults to False
-(tensor-parallel overlap is not supported yet, so True is reported).
+Difference from Bridge: `tp_comm_overlap` is a required bool there; here it defaults to False. It
+runs on PyTorch's asynchronous tensor parallelism (compiled, CUDA only) rather than Transformer
+Engine's userbuffers, so `tp_comm_overlap_cfg` presets do not apply. `validate()` copies an explicit
+value onto `model.tp_comm_overlap`, as Bridge does.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from viaduct.config import ConfigBase, Problems, derived, fields_with_problems, unsupported
+from viaduct.config import ConfigBase, Problems, derived, fields_with_problems
 
 
 @dataclass(kw_only=True)
 class CommOverlapConfig(ConfigBase):
     """Which communication (tensor-, pipeline-, data- and expert-parallel) overlaps computation."""
 
-    tp_comm_overlap: bool = unsupported("tensor-parallel communication overlap", default=False)
-    """Overlap tensor-parallel communication with GEMMs (needs TP > 1 and sequence_parallel)."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with GEMMs (needs TP > 1, sequence_parallel, CUDA, compile)."""
     tp_comm_overlap_cfg: str | dict[str, Any] | None = None
     """Per-GEMM overlap settings (a preset name or a mapping); only with tp_comm_overlap."""
     tp_comm_bootstrap_backend: Literal["nccl", "mpi", "gloo"] = "nccl"
@@ -91,6 +93,14 @@ class CommOverlapConfig(ConfigBase):
                     True,
                     fix=f"set comm_overlap.{name}=false or unset it",
                 )
+        if "tp_comm_overlap_cfg" not in bad and self.tp_comm_overlap_cfg is not None and self.tp_comm_overlap:
+            p.add(
+                "tp_comm_overlap_cfg",
+                "per-GEMM overlap presets are Transformer Engine's; asynchronous tensor parallelism (what "
+                "tp_comm_overlap runs on) decides the overlap in torch.compile and takes no presets",
+                self.tp_comm_overlap_cfg,
+                fix="unset comm_overlap.tp_comm_overlap_cfg",
+            )
         if (
             "tp_comm_overlap_cfg" not in bad
             and self.tp_comm_overlap_cfg is not None

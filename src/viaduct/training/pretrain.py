@@ -378,10 +378,7 @@ def _sync_vocab(cfg: ConfigContainer, tokenizer: Tokenizer) -> None:
 
 def _compile_enabled(cfg: ConfigContainer, ctx: DistributedContext) -> bool:
     flag = cfg.train.torch_compile
-    if flag is not None:
-        return flag
-    # Unset: on GPUs, except for tensor-parallel layers, which validate() refuses to compile.
-    return ctx.device.type == "cuda" and cfg.model.tensor_model_parallel_size == 1
+    return flag if flag is not None else ctx.device.type == "cuda"
 
 
 def _build_model(

@@ -213,8 +213,11 @@ class ConfigContainer(ConfigBase):
         return []
 
     def _apply_comm_overlap(self) -> None:
-        """Explicit data-parallel overlap choices of comm_overlap land on ddp (Bridge's behaviour)."""
+        """Explicit data-parallel overlap choices of comm_overlap land on ddp, and tp_comm_overlap on
+        the model (Bridge's behaviour)."""
         co = self.comm_overlap
+        if co.tp_comm_overlap and not getattr(self.model, "tp_comm_overlap", True):
+            self.model.derive("tp_comm_overlap", True, "comm_overlap.tp_comm_overlap")
         for name in ("overlap_grad_reduce", "overlap_param_gather", "bucket_size"):
             value = getattr(co, name)
             if value is None or getattr(self.ddp, name) == value:
@@ -437,16 +440,17 @@ class ConfigContainer(ConfigBase):
                     fix="set checkpoint.ckpt_format=torch_dist",
                 )
             )
-        if layout.tp > 1 and "train" not in broken and self.train.torch_compile:
-            problems.append(
-                Problem(
-                    "train.torch_compile",
-                    "torch.compile of tensor-parallel layers is not supported yet (with torch's AOT "
-                    "autograd over DTensor layers the gradients drift from the eager ones after a few steps)",
-                    True,
-                    fix="set train.torch_compile=false, or leave it unset (tensor parallel then runs eager)",
+        if getattr(self.model, "tp_comm_overlap", False) and "train" not in broken:
+            if self.train.torch_compile is False:
+                problems.append(
+                    Problem(
+                        "model.tp_comm_overlap",
+                        "asynchronous tensor parallelism is a torch.compile pass, but train.torch_compile "
+                        "is false",
+                        True,
+                        fix="set train.torch_compile=true (or leave it unset), or tp_comm_overlap=false",
+                    )
                 )
-            )
         if layout.uses_fsdp and "train" not in broken and self.train.torch_compile_scope == "model":
             problems.append(
                 Problem(
