@@ -216,6 +216,8 @@ class ConfigContainer(ConfigBase):
         """Explicit data-parallel overlap choices of comm_overlap land on ddp, and tp_comm_overlap on
         the model (Bridge's behaviour)."""
         co = self.comm_overlap
+        if co is None:
+            return
         if co.tp_comm_overlap and not getattr(self.model, "tp_comm_overlap", True):
             self.model.derive("tp_comm_overlap", True, "comm_overlap.tp_comm_overlap")
         for name in ("overlap_grad_reduce", "overlap_param_gather", "bucket_size"):
