@@ -207,3 +207,17 @@ def test_tp_comm_overlap_needs_cuda_and_says_so_at_setup() -> None:
     message = run_distributed(_tp_comm_overlap, 2, timeout=120)
     assert "model.tp_comm_overlap: asynchronous tensor parallelism runs on CUDA GPUs only" in message
     assert "this run is on cpu" in message
+
+
+def _two_runs(rank: int, world: int) -> list[int]:
+    steps = []
+    for _ in range(2):
+        cfg = _config(("ddp.use_distributed_optimizer=true",))
+        cfg.train.train_iters = 1
+        steps.append(pretrain(cfg).train_state.step)
+    return steps
+
+
+def test_two_sharded_runs_in_the_same_processes() -> None:
+    # The second run's process groups must not read the first run's keys in the job's store.
+    assert run_distributed(_two_runs, 2, timeout=120) == [1, 1]

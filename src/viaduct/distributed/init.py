@@ -56,6 +56,23 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.strip().isdigit() else default
 
 
+_runs_in_this_process = 0
+
+
+def _fresh_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The launcher's store (env://), under a prefix of its own for each run in this process.
+
+    The store of a job outlives a run (torchrun's agent keeps it; a TCP store server is shared by the
+    groups of a process), and process-group setup numbers its keys from zero again after a teardown,
+    so a second run in the same processes would read the first run's keys and hang. Each run's
+    prefix keeps their keys apart; every rank counts its runs the same way.
+    """
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"viaduct/run{_runs_in_this_process}", store)
+
+
 def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
     """Set the device and, under a launcher, create the default process group."""
     world = _env_int("WORLD_SIZE", 1)
@@ -73,11 +90,13 @@ def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
         world, rank = dist.get_world_size(), dist.get_rank()
     elif world > 1:
         init_backend = cfg.distributed_backend if device.type == "cuda" else "gloo"
+        timeout = timedelta(minutes=cfg.distributed_timeout_minutes)
         dist.init_process_group(
             backend=init_backend,
+            store=_fresh_store(rank, world, timeout),
             rank=rank,
             world_size=world,
-            timeout=timedelta(minutes=cfg.distributed_timeout_minutes),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
         created = True
