@@ -47,6 +47,16 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
         ("model.tensor_model_parallel_size=2", "model.share_embeddings_and_output_weights=false"),
     ),
     "cp2": (2, ("model.context_parallel_size=2",)),
+    # Megatron's per-token loss: gradients summed, then divided by the step's tokens over all ranks.
+    "fsdp-per-token": (2, ("ddp.use_distributed_optimizer=true", "model.calculate_per_token_loss=true")),
+    "tp2-cp2-per-token": (
+        4,
+        (
+            "model.tensor_model_parallel_size=2",
+            "model.context_parallel_size=2",
+            "model.calculate_per_token_loss=true",
+        ),
+    ),
     # Everything composes: tensor, sequence and context parallel with activation recompute, and
     # per-layer torch.compile under FSDP, tensor and context parallel.
     "tp2-cp2-sp-recompute": (
@@ -124,21 +134,22 @@ def _train(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-_reference: dict[str, dict[str, Any]] = {}
+_reference: dict[tuple[str, ...], dict[str, Any]] = {}
+# Overrides that change the model or its loss: the one-process reference run takes them too.
+_MODEL_SETTINGS = ("model.share_embeddings_and_output_weights", "model.calculate_per_token_loss")
 
 
-def _one_process(untied: bool) -> dict[str, Any]:
-    key = "untied" if untied else "tied"
+def _one_process(overrides: tuple[str, ...]) -> dict[str, Any]:
+    key = tuple(o for o in overrides if o.split("=")[0] in _MODEL_SETTINGS)
     if key not in _reference:
-        overrides = ("model.share_embeddings_and_output_weights=false",) if untied else ()
-        _reference[key] = _train(0, 1, overrides)
+        _reference[key] = _train(0, 1, key)
     return _reference[key]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_one_process(name: str) -> None:
     world, overrides = LAYOUTS[name]
-    ref = _one_process(untied="tp2-untied" == name)
+    ref = _one_process(overrides)
     got = run_distributed(_train, world, overrides, timeout=240)
     assert len(got["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)

@@ -216,9 +216,10 @@ def apply_fsdp(model: GPTModel, cfg: ConfigContainer, pmesh: ParallelMesh, *, su
             current.set_modules_to_forward_prefetch([following])  # type: ignore[operator]
             following.set_modules_to_backward_prefetch([current])  # type: ignore[operator]
     if sum_gradients:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(1.0)
+        for module in fsdp_modules(model):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM: a factor of 1 needs no pre-multiplied reduction (which gloo lacks).
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
