@@ -47,6 +47,16 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
         ("model.tensor_model_parallel_size=2", "model.share_embeddings_and_output_weights=false"),
     ),
     "cp2": (2, ("model.context_parallel_size=2",)),
+    # Learned position embeddings (added, then sliced onto sequence shards) and per-head QK norms.
+    "tp2-sp-learned-pos-qk-norm": (
+        2,
+        (
+            "model.tensor_model_parallel_size=2",
+            "model.sequence_parallel=true",
+            "model.position_embedding_type=learned_absolute",
+            "model.qk_layernorm=true",
+        ),
+    ),
     # Megatron's per-token loss: gradients summed, then divided by the step's tokens over all ranks.
     "fsdp-per-token": (2, ("ddp.use_distributed_optimizer=true", "model.calculate_per_token_loss=true")),
     "tp2-cp2-per-token": (
@@ -136,7 +146,12 @@ def _train(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
 
 _reference: dict[tuple[str, ...], dict[str, Any]] = {}
 # Overrides that change the model or its loss: the one-process reference run takes them too.
-_MODEL_SETTINGS = ("model.share_embeddings_and_output_weights", "model.calculate_per_token_loss")
+_MODEL_SETTINGS = (
+    "model.share_embeddings_and_output_weights",
+    "model.calculate_per_token_loss",
+    "model.position_embedding_type",
+    "model.qk_layernorm",
+)
 
 
 def _one_process(overrides: tuple[str, ...]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from viaduct.models.common.transformer import TransformerLayer
 
 if TYPE_CHECKING:
     from viaduct.distributed.mesh import ParallelMesh
+    from viaduct.distributed.vocab_parallel import VocabParallelOutput
     from viaduct.models.gpt.model import GPTModel
     from viaduct.models.gpt.provider import GPTModelProvider
     from viaduct.training.config.container import ConfigContainer
@@ -48,7 +49,7 @@ class _SequenceGatheredOutput:
     sequence, so it is gathered (backward: each rank keeps its slice) before the vocabulary-parallel
     output layer, which needs every token on every tensor-parallel rank."""
 
-    def __init__(self, inner: object, tp_mesh: DeviceMesh) -> None:
+    def __init__(self, inner: VocabParallelOutput, tp_mesh: DeviceMesh) -> None:
         self.inner, self.tp_mesh = inner, tp_mesh
 
     def _gather(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -57,10 +58,10 @@ class _SequenceGatheredOutput:
         return hidden.full_tensor()
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.inner.logits(self._gather(hidden), weight)  # type: ignore[attr-defined]
+        return self.inner.logits(self._gather(hidden), weight)
 
     def loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.inner.loss(self._gather(hidden), weight, labels)  # type: ignore[attr-defined]
+        return self.inner.loss(self._gather(hidden), weight, labels)
 
 
 def _layer_plan(layer: TransformerLayer, sp: bool) -> dict[str, ParallelStyle]:
