@@ -25,7 +25,7 @@ class ParallelMesh:
     mesh: DeviceMesh | None = None
     """The full mesh (dp_replicate, dp_shard, cp, tp); None in a single process or under plain DDP."""
     flat: dict[str, DeviceMesh] = field(default_factory=dict)
-    """Flattened views: "dp" (replicate × shard), "dp_shard_cp" and "dp_cp"."""
+    """Flattened views: "dp_shard_cp" (what FSDP shards over) and "dp_cp" (the loss's token count)."""
 
     def _coordinate(self, name: str) -> int:
         return 0 if self.mesh is None else self.mesh.get_local_rank(name)
@@ -41,10 +41,6 @@ class ParallelMesh:
         if self.mesh is None:
             return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         return self._coordinate("dp_replicate") * self.layout.dp_shard + self._coordinate("dp_shard")
-
-    @property
-    def tp_rank(self) -> int:
-        return self._coordinate("tp")
 
     @property
     def cp_rank(self) -> int:
@@ -94,7 +90,6 @@ def build_mesh(layout: ParallelLayout, device: torch.device) -> ParallelMesh:
     mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
     # Flattened views (torchtitan's names): one group each, so no collective runs over two dims.
     flat = {
-        "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
         "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
         "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
     }

@@ -485,8 +485,8 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
         if train_cfg.manual_gc and train_cfg.manual_gc_interval and step % train_cfg.manual_gc_interval == 0:
             gc.collect()
         interval = train_cfg.check_weight_hash_across_dp_replicas_interval
-        replicas = _replica_group(state)
-        if interval and step % interval == 0 and replicas is not False:
+        replicas = _replica_group(state) if interval and step % interval == 0 else False
+        if replicas is not False:
             if not _weights_match_across_ranks(context.plain_model, replicas):
                 raise WeightHashMismatchError(
                     f"data-parallel replicas hold different weights at iteration {step}; "
