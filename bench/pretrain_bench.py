@@ -57,12 +57,24 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         def __init__(self) -> None:
             self.done = 0
             self.t: dict[int, float] = {}
+            self.peak_mem_max: float | None = None
 
         def on_train_step_end(self, ctx: Any) -> None:
             self.done += 1
             if self.done == args.warmup or ctx.state.train_state.step == steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.t[self.done] = time.perf_counter()
+
+        def on_train_end(self, ctx: Any) -> None:
+            # Ranks differ under pipeline parallelism (the first stage keeps the most micro-batches'
+            # activations, the last one the logits): what fits is decided by the fullest GPU. Every
+            # rank ends here while the process group is still up.
+            if not torch.cuda.is_available():
+                return
+            peak = torch.tensor([float(torch.cuda.max_memory_allocated())], device="cuda")
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            self.peak_mem_max = peak.item() / 2**30
 
     clock = Clock()
     state = pretrain(cfg, callbacks=[clock])
@@ -87,6 +99,14 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if torch.cuda.is_available()
         else None,
+        peak_mem_gib_max=round(clock.peak_mem_max, 2) if clock.peak_mem_max is not None else None,
+        # The layout validate() settled on, so that a caller can relate the step time to the
+        # micro-batches each rank ran (the pipeline bubble depends on their number).
+        data_parallel=cfg.data_parallel_size,
+        tensor_parallel=cfg.model.tensor_model_parallel_size,
+        pipeline_parallel=cfg.model.pipeline_model_parallel_size,
+        virtual_pipeline_parallel=cfg.model.virtual_pipeline_model_parallel_size,
+        num_microbatches=cfg.num_microbatches,
         steps=state.train_state.step,
     )
 

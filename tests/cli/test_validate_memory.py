@@ -29,11 +29,50 @@ def test_prints_the_layout_and_the_estimate_per_gpu(capsys: pytest.CaptureFixtur
 
 def test_llama3_70b_layout(capsys: pytest.CaptureFixture[str]) -> None:
     out = validate(capsys, "--recipe", "llama3_70b", "--world-size", "64")
-    assert "layout: dp 8 (sharded, optim_grads_params) × cp 1 × tp 8 with sequence parallel" in out
-    out = validate(
-        capsys, "--recipe", "llama3_70b", "--world-size", "64", "model.tensor_model_parallel_size=4"
+    lines = out.splitlines()
+    assert lines[0] == (
+        "layout: pp 4 (interleaved_1f1b, 5 virtual stages) × dp 2 (sharded, optim) × cp 1 × tp 8 "
+        "with sequence parallel"
     )
-    assert "layout: dp 16 (sharded, optim_grads_params) × cp 1 × tp 4 with sequence parallel" in out
+    # The split, the schedule and its bubble: (4 - 1) / (16 × 5 + 4 - 1) = 3.6%.
+    assert lines[1] == (
+        "pipeline: 80 layers in 20 stages of 4 layers (4 ranks × 5 virtual stages); interleaved_1f1b "
+        "schedule, 16 micro-batches per step, bubble 3.6%"
+    )
+    assert lines[2].startswith("memory per pipeline rank (estimate, GiB): rank 0 ")
+    assert all(f"rank {r} " in lines[2] for r in range(4))
+    # The first rank keeps the most micro-batches in flight: it is the one the budget is checked on.
+    assert lines[3].startswith("memory per GPU (estimate, pipeline rank 0: the most): parameters ")
+    assert lines[3].endswith("GiB (one GPU: 80 GiB)")
+    out = validate(
+        capsys,
+        "--recipe",
+        "llama3_70b",
+        "--world-size",
+        "64",
+        "model.virtual_pipeline_model_parallel_size=null",
+        "model.pipeline_schedule=1f1b",
+    )
+    assert (
+        "pipeline: 80 layers in 4 stages of 20 layers; 1f1b schedule, 16 micro-batches per step, bubble 15.8%"
+        in out
+    )
+    # Tensor parallelism 4 leaves each rank twice the activations: too much, said with the layout.
+    with pytest.raises(MemoryBudgetError, match="pp 4 .* × tp 4"):
+        run(
+            [
+                "config",
+                "validate",
+                "--recipe",
+                "llama3_70b",
+                "--world-size",
+                "64",
+                "model.tensor_model_parallel_size=4",
+            ]
+        )
+    assert "layout: pp 4 (interleaved_1f1b, 5 virtual stages) × dp 4 (sharded, optim) × cp 1 × tp 4" in (
+        capsys.readouterr().out
+    )
 
 
 def test_over_budget_fails_with_the_options(capsys: pytest.CaptureFixture[str]) -> None:

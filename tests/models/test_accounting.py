@@ -14,7 +14,9 @@ from viaduct.models.accounting import (
     check_memory,
     embedding_parameters,
     estimate_config_memory,
+    estimate_config_pipeline_memory,
     estimate_memory,
+    estimate_pipeline_memory,
     flops_per_token,
     memory_options,
     mfu,
@@ -434,6 +436,68 @@ def test_unsharded_llama3_8b_lists_sharding_tensor_parallel_recompute_and_micro_
         check_memory(cfg, 8, 80)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_each_pipeline_rank_holds_the_weights_of_its_built_stage(tied: bool) -> None:
+    p = provider(num_layers=4, share_embeddings_and_output_weights=tied, pipeline_model_parallel_size=2)
+    layout = ParallelLayout(world_size=2, pp=2, schedule="1f1b")
+    ranks = estimate_pipeline_memory(p, 1, layout=layout, num_microbatches=4)
+    assert [(e.pipeline_rank, e.layers) for e in ranks] == [(0, 2), (1, 2)]
+    for rank, est in enumerate(ranks):
+        # What provide() builds for the stage: the first holds the embedding, the last the final norm and
+        # the output layer (with tied embeddings a copy of the table).
+        local = sum(t.numel() for t in p.provide(pp_rank=rank).parameters())
+        # FSDP2 over one data-parallel rank: float32 weights, Adam's moments, the gradients and the
+        # unsharded gradients a step accumulates (PyTorch's schedules reduce once per step), and the
+        # weights gathered for compute (all of them: they stay gathered between micro-batches).
+        assert (est.parameters, est.optimizer, est.gradients) == (4 * local, 8 * local, 8 * local)
+        assert est.gathered_weights == 4 * local
+    # Only the last stage computes logits; the estimate of the configuration is its busiest rank.
+    assert ranks[0].logits == 0 < ranks[1].logits
+    assert estimate_memory(p, 1, layout=layout, num_microbatches=4) == max(ranks, key=lambda e: e.total)
+
+
+def test_a_pipeline_rank_holds_less_than_a_data_parallel_replica() -> None:
+    p = bf16(num_layers=8, pipeline_model_parallel_size=2)
+    ddp = estimate_memory(p, 1, layout=ParallelLayout(world_size=2, dp_replicate=2))
+    pipeline = estimate_pipeline_memory(
+        p, 1, layout=ParallelLayout(world_size=2, pp=2, schedule="1f1b"), num_microbatches=4
+    )
+    # Half the layers each, in float32 with float32 gradients accumulated per step and the weights
+    # gathered in bf16, against the whole model's bf16 weights, float32 gradients, master and moments.
+    for est in pipeline:
+        assert weight_state(est) + est.gathered_weights < 0.75 * weight_state(ddp)
+
+
+def test_activations_of_the_micro_batches_in_flight() -> None:
+    # 8 layers on 4 pipeline ranks, without dropout: activations are (micro-batches in flight) × (one
+    # micro-batch's activations of the rank's layers, plus the output it sent).
+    p = provider(num_layers=8, pipeline_model_parallel_size=4)
+
+    def activations(schedule: str, m: int, vpp: int = 1) -> list[int]:
+        layout = ParallelLayout(world_size=4, pp=4, vpp=vpp, schedule=schedule)
+        cfg = (
+            p
+            if vpp == 1
+            else provider(
+                num_layers=8, pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=vpp
+            )
+        )
+        return [e.activations for e in estimate_pipeline_memory(cfg, 1, layout=layout, num_microbatches=m)]
+
+    one_f_one_b = activations("1f1b", 8)
+    # 1f1b: rank r runs pp - r forwards before its first backward.
+    assert one_f_one_b[0] * 2 == one_f_one_b[2] * 4 and one_f_one_b[0] * 3 == one_f_one_b[1] * 4
+    # ... but never more than the step has; gpipe keeps every micro-batch of the step.
+    assert activations("1f1b", 2)[0] * 2 == one_f_one_b[0]
+    assert activations("gpipe", 8)[0] == 2 * one_f_one_b[0]
+    # Interleaved with 2 chunks of 1 layer: the first rank keeps pp × vpp + pp - 1 = 11 chunks in flight,
+    # the second 9 (Megatron's count).
+    interleaved = activations("interleaved_1f1b", 8, vpp=2)
+    chunk = (interleaved[0] - interleaved[1]) // 2
+    assert interleaved[0] == 11 * chunk
+    assert activations("interleaved_zero_bubble", 8, vpp=2)[0] == interleaved[0]
+
+
 def test_llama3_70b_recipe_fits_64_80gb_gpus() -> None:
     cfg = llama3_70b_pretrain_config()
     m = cfg.model
@@ -449,23 +513,26 @@ def test_llama3_70b_recipe_fits_64_80gb_gpus() -> None:
     assert get_recipe("llama3_70b") is llama3_70b_pretrain_config
     cfg.validate(world_size=64)
     layout = layout_of(cfg, 64)
-    assert (layout.tp, layout.sequence_parallel, layout.dp_shard, layout.strategy) == (
-        8,
-        True,
-        8,
-        "optim_grads_params",
-    )
+    assert (layout.pp, layout.vpp, layout.schedule) == (4, 5, "interleaved_1f1b")
+    assert (layout.tp, layout.sequence_parallel, layout.dp_shard, layout.strategy) == (8, True, 2, "optim")
+    assert cfg.num_microbatches == 16  # a multiple of the pipeline size, as the interleaved schedule needs
     est = check_memory(cfg, 64, 80)
-    assert weight_state(est) == pytest.approx(16 * num_parameters(m) / 64, rel=0.01)
+    assert est.total < 60 * 2**30  # room for the CUDA context, communication buffers and fragmentation
+    ranks = estimate_config_pipeline_memory(cfg)
+    assert [e.layers for e in ranks] == [20] * 4 and [e.pipeline_rank for e in ranks] == [0, 1, 2, 3]
+    assert est == max(ranks, key=lambda e: e.total)
+    # A middle rank holds a quarter of the layers, split 8 ways: float32 weights, gradients and Adam's
+    # moments sharded over the 2 data-parallel ranks, plus the float32 gradients a step accumulates.
+    layers = num_parameters(m) - 2 * embedding_parameters(m)
+    assert weight_state(ranks[1]) == pytest.approx((16 / 2 + 4) * layers / 32, rel=0.01)
     # Megatron Bridge's keywords still choose the split.
     tp4 = llama3_70b_pretrain_config(tensor_model_parallel_size=4)
     tp4.validate(world_size=64)
     assert layout_of(tp4, 64).tp == 4
-    est4 = check_memory(tp4, 64, 80)
-    assert est4.activations == 2 * est.activations
-    cfg.validate(world_size=8)
-    with pytest.raises(MemoryBudgetError):
-        check_memory(cfg, 8, 80)
+    assert estimate_config_pipeline_memory(tp4)[0].activations == 2 * ranks[0].activations
+    # Eight GPUs cannot hold the 8 × 4 tensor- and pipeline-parallel ranks.
+    with pytest.raises(ConfigError, match=r"world size 8 is not divisible by .* \(8 × 4 × 1 = 32\)"):
+        cfg.validate(world_size=8)
 
 
 def test_config_estimate_counts_the_micro_batches_of_a_step() -> None:

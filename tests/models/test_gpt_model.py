@@ -156,14 +156,18 @@ def test_pipeline_stages_compose_to_the_full_model() -> None:
     first = provider(num_layers=1).provide(post_process=False)
     last = provider(num_layers=1).provide(pre_process=False)
     assert first.output_layer is None and final_norm(first) is None
-    assert last.embedding is None and last.output_layer is not None  # tied, but no embedding here
+    # Tied: the last stage keeps its own copy of the token table (no position embeddings), read only
+    # by the output layer.
+    assert last.output_layer is None and last.embedding.position_embeddings is None
+    assert last.tied_output_weight() is last.embedding.word_embeddings.weight
+    assert first.tied_output_weight() is None and full.tied_output_weight() is None
     sd = full.state_dict()
     first.load_state_dict(
         {k: v for k, v in sd.items() if k.startswith(("embedding.", "decoder.layers.0."))}, strict=True
     )
     last_sd = {k.replace("layers.1.", "layers.0."): v for k, v in sd.items() if "layers.1." in k}
     last_sd.update({k: v for k, v in sd.items() if "final_layernorm" in k})
-    last_sd["output_layer.weight"] = sd["embedding.word_embeddings.weight"]
+    last_sd["embedding.word_embeddings.weight"] = sd["embedding.word_embeddings.weight"]
     last.load_state_dict(last_sd, strict=True)
 
     x = tokens()

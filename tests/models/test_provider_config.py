@@ -244,9 +244,9 @@ RULES = [
         "cannot be split evenly over 3 tensor-parallel ranks",
     ),
     (
-        {"pipeline_model_parallel_size": 2},
+        {"pipeline_model_parallel_size": 3},
         "pipeline_model_parallel_size",
-        "pipeline parallelism is not supported",
+        "num_layers 2 cannot be split evenly over 3 pipeline ranks",
     ),
     ({"context_parallel_size": 3}, "context_parallel_size", "is not divisible by 6"),
     (

@@ -28,7 +28,11 @@ REFUSED = [
     ("dataset.dataloader_type=external", "dataset.dataloader_type", "external is not supported yet"),
     ("dataset.trust_remote_code=true", "dataset.trust_remote_code", "is not supported yet"),
     ("model.tensor_model_parallel_size=3", "model.tensor_model_parallel_size", "4 attention heads"),
-    ("model.pipeline_model_parallel_size=2", "model.pipeline_model_parallel_size", "is not supported yet"),
+    (
+        "model.pipeline_model_parallel_size=2",
+        "model.pipeline_model_parallel_size",
+        "world size 1 is not divisible by tensor × pipeline × context parallel size",
+    ),
     ("model.context_parallel_size=3", "model.context_parallel_size", "is not divisible by 6"),
     ("model.expert_model_parallel_size=2", "model.expert_model_parallel_size", "is not supported yet"),
     (

@@ -246,15 +246,23 @@ def _summary(cfg: ConfigContainer) -> str:
 
 
 def _print_memory_plan(cfg: ConfigContainer, gpu_memory: float | None) -> None:
-    """The layout and the memory estimate per GPU of a validated `cfg`; raises `MemoryBudgetError`
-    when the estimate exceeds `gpu_memory` GiB (default `DEFAULT_GPU_MEMORY_GB`)."""
+    """The layout and the memory estimate per GPU of a validated `cfg` (under pipeline parallelism
+    also how the layers split, the schedule's bubble and each pipeline rank's estimate); raises
+    `MemoryBudgetError` when the estimate exceeds `gpu_memory` GiB (default `DEFAULT_GPU_MEMORY_GB`)."""
     from viaduct.distributed.layout import layout_of
-    from viaduct.models.accounting import check_memory
+    from viaduct.models.accounting import check_memory, estimate_config_pipeline_memory
 
     world = cfg.world_size or 1
     budget = DEFAULT_GPU_MEMORY_GB if gpu_memory is None else gpu_memory
-    sys.stdout.write(f"layout: {layout_of(cfg, world).describe()}\n")
+    layout = layout_of(cfg, world)
+    sys.stdout.write(f"layout: {layout.describe()}\n")
+    if layout.pp > 1:
+        sys.stdout.write(_pipeline_plan(cfg) + "\n")
     try:
+        if layout.pp > 1:
+            ranks = estimate_config_pipeline_memory(cfg, world)
+            per_rank = ", ".join(f"rank {e.pipeline_rank} {e.total / 2**30:.2f}" for e in ranks)
+            sys.stdout.write(f"memory per pipeline rank (estimate, GiB): {per_rank}\n")
         estimate = check_memory(cfg, world, budget)
     except ConfigError as exc:
         if gpu_memory is not None or not exc.problems or exc.problems[0].path != "model.vocab_size":
@@ -265,7 +273,31 @@ def _print_memory_plan(cfg: ConfigContainer, gpu_memory: float | None) -> None:
             "tokenizer); set it to get the estimate\n"
         )
         return
-    sys.stdout.write(f"memory per GPU (estimate): {estimate.describe()} (one GPU: {budget:g} GiB)\n")
+    which = "" if estimate.pipeline_rank is None else f", pipeline rank {estimate.pipeline_rank}: the most"
+    sys.stdout.write(f"memory per GPU (estimate{which}): {estimate.describe()} (one GPU: {budget:g} GiB)\n")
+
+
+def _pipeline_plan(cfg: ConfigContainer) -> str:
+    """One line: how the layers split into stages, the schedule and its bubble."""
+    from viaduct.distributed.pipeline_split import bubble_fraction, effective_schedule, pipeline_stages
+
+    model = cfg.model
+    stages = pipeline_stages(model)
+    pp = model.pipeline_model_parallel_size
+    counts = [len(s.layers) for s in stages]
+    split = (
+        f"{len(stages)} stages of {counts[0]} layers"
+        if len(set(counts)) == 1
+        else f"{len(stages)} stages of {', '.join(map(str, counts))} layers"
+    )
+    chunks = f" ({pp} ranks × {len(stages) // pp} virtual stages)" if len(stages) > pp else ""
+    schedule = effective_schedule(model)
+    m = cfg.num_microbatches or 1
+    bubble = bubble_fraction(schedule, pp, len(stages) // pp, m)
+    return (
+        f"pipeline: {model.num_layers} layers in {split}{chunks}; {schedule} schedule, {m} micro-batches "
+        f"per step, bubble {bubble:.1%}"
+    )
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
 Every rank, group and size the run needs comes from here: data loading reads `dp_rank`/`dp_size`,
 FSDP shards over `fsdp_mesh`, tensor parallelism splits over `tp_mesh`, context parallelism over
-`cp_group`, and the token counts of the loss are summed over `loss_group` (every rank that sees
-different tokens: data-parallel and context-parallel ranks, not tensor-parallel ones).
+`cp_group`, pipeline stages talk over `pp_group`, and the token counts of the loss are summed over
+`loss_group` (every rank of one pipeline stage that sees different tokens: data-parallel and
+context-parallel ranks, not tensor-parallel ones).
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ class ParallelMesh:
     mesh: DeviceMesh | None = None
     """The full mesh (dp_replicate, dp_shard, cp, tp); None in a single process or under plain DDP."""
     flat: dict[str, DeviceMesh] = field(default_factory=dict)
-    """Flattened views: "dp_shard_cp" (what FSDP shards over) and "dp_cp" (the loss's token count)."""
+    """Flattened views: "dp_shard_cp" (what FSDP shards over), "dp_cp" (the loss's token count on one
+    stage) and, with pipeline stages, "pp_dp_cp" (the token count of a step, all stages together)."""
+    tied_group: dist.ProcessGroup | None = None
+    """With pipeline stages: this rank and its peer on the other end of the pipeline (first and last
+    stage, same coordinates otherwise), which sum the gradients of the tied embedding table; None on
+    the middle stages."""
 
     def _coordinate(self, name: str) -> int:
         return 0 if self.mesh is None else self.mesh.get_local_rank(name)
@@ -45,6 +51,24 @@ class ParallelMesh:
     @property
     def cp_rank(self) -> int:
         return self._coordinate("cp")
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage position (0: the first stage)."""
+        return self._coordinate("pp")
+
+    @property
+    def stage_ranks(self) -> list[int]:
+        """The global ranks of this rank's pipeline stage (every rank without pipeline parallelism)."""
+        if self.mesh is None:
+            return list(range(self.layout.world_size))
+        return [int(r) for r in self.mesh.mesh[self.pp_rank].flatten().tolist()]
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: pipeline parallelism needs one")
+        return self.mesh.get_group("pp")
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -75,9 +99,19 @@ class ParallelMesh:
     @property
     def loss_group(self) -> dist.ProcessGroup | None:
         """The ranks whose token counts add up to the step's tokens (None: the whole world)."""
-        if self.mesh is None or self.layout.tp == 1:
+        if self.mesh is None or (self.layout.tp == 1 and self.layout.pp == 1):
             return None
         return self.flat["dp_cp"].get_group()
+
+    @property
+    def step_token_group(self) -> dist.ProcessGroup | None:
+        """The ranks whose token counts add up to a step's tokens, every pipeline stage included (the
+        stages that do not compute the loss add zero): per-token loss scales every stage's gradients."""
+        if self.layout.pp == 1:
+            return self.loss_group
+        if self.layout.tp == 1:
+            return None
+        return self.flat["pp_dp_cp"].get_group()
 
 
 def build_mesh(layout: ParallelLayout, device: torch.device) -> ParallelMesh:
@@ -93,4 +127,23 @@ def build_mesh(layout: ParallelLayout, device: torch.device) -> ParallelMesh:
         "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
         "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
     }
-    return ParallelMesh(layout, mesh, flat)
+    tied_group = None
+    if layout.pp > 1:
+        flat["pp_dp_cp"] = mesh["pp", "dp_replicate", "dp_shard", "cp"]._flatten("pp_dp_cp")
+        tied_group = _tied_group(mesh, layout.pp)
+    return ParallelMesh(layout, mesh, flat, tied_group)
+
+
+def _tied_group(mesh: DeviceMesh, pp: int) -> dist.ProcessGroup | None:
+    """This rank's (first stage, last stage) pair. Every rank creates every pair, in the same order, as
+    `new_group` requires; with two stages that is simply the pipeline group."""
+    if pp == 2:
+        return mesh.get_group("pp")
+    ranks = mesh.mesh.reshape(pp, -1)
+    mine = None
+    for column in range(ranks.shape[1]):
+        pair = [int(ranks[0, column]), int(ranks[-1, column])]
+        group = dist.new_group(pair)
+        if dist.get_rank() in pair:
+            mine = group
+    return mine  # None on a middle stage, which holds no tied table (it still created the groups)

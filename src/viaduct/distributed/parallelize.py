@@ -35,9 +35,11 @@ from torch.distributed.tensor.parallel import (
 
 from viaduct.config.types import torch_dtype
 from viaduct.models.common.transformer import TransformerLayer
+from viaduct.models.gpt.model import draw_init_seed
 
 if TYPE_CHECKING:
     from viaduct.distributed.mesh import ParallelMesh
+    from viaduct.distributed.pipeline import Pipeline
     from viaduct.distributed.vocab_parallel import VocabParallelOutput
     from viaduct.models.gpt.model import GPTModel
     from viaduct.models.gpt.provider import GPTModelProvider
@@ -195,8 +197,16 @@ def fsdp_policy(cfg: ConfigContainer) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def apply_fsdp(model: GPTModel, cfg: ConfigContainer, pmesh: ParallelMesh, *, sum_gradients: bool) -> None:
-    """FSDP2 per transformer layer, then the root (embedding, final norm, output layer).
+def apply_fsdp(
+    model: GPTModel,
+    cfg: ConfigContainer,
+    pmesh: ParallelMesh,
+    *,
+    sum_gradients: bool,
+    root: nn.Module | None = None,
+) -> None:
+    """FSDP2 per transformer layer, then the root (embedding, final norm, output layer): `model`
+    itself, or `root`, a module that holds it (a pipeline stage).
 
     `sum_gradients`: reduce by sum rather than mean (a per-token loss is divided by the step's
     token count afterwards)."""
@@ -210,14 +220,15 @@ def apply_fsdp(model: GPTModel, cfg: ConfigContainer, pmesh: ParallelMesh, *, su
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=layout.reshard_after_forward)
     # The root's parameters (output layer) are needed again as soon as backward starts: keep them.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    root = model if root is None else root
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     if cfg.ddp.overlap_param_gather or cfg.optimizer.overlap_param_gather:
         # Explicit prefetch: the next layer's all-gather is issued before this layer computes.
         for current, following in itertools.pairwise(layers):
             current.set_modules_to_forward_prefetch([following])  # type: ignore[operator]
             following.set_modules_to_backward_prefetch([current])  # type: ignore[operator]
     if sum_gradients:
-        for module in fsdp_modules(model):
+        for module in fsdp_modules(root):
             module.set_gradient_divide_factor(1.0)
             # A plain SUM: a factor of 1 needs no pre-multiplied reduction (which gloo lacks).
             module.set_force_sum_reduction_for_comms(True)
@@ -253,13 +264,37 @@ def build_parallel_model(
     builds the whole model from the seed (exactly the weights one process would have) and keeps its
     part.
     """
+    on_meta = _init_on_meta(provider, device)
+    seed = draw_init_seed()
+    model = provider.provide(device="meta" if on_meta else device, init_seed=seed)
+    parallelize_chunk(model, model, cfg, provider, pmesh, device, compile_layers=compile_layers)
+    if on_meta:
+        materialize(model, provider, device, seed)
+    return model
+
+
+def _init_on_meta(provider: GPTModelProvider, device: torch.device) -> bool:
+    # DTensor draws distinct random numbers for each shard only on accelerators (its RNG tracker is
+    # CUDA-like); on a CPU every shard would repeat the same draws, so CPU runs build whole and shard.
+    return provider.init_model_with_meta_device and device.type != "cpu"
+
+
+def parallelize_chunk(
+    model: GPTModel,
+    root: nn.Module,
+    cfg: ConfigContainer,
+    provider: GPTModelProvider,
+    pmesh: ParallelMesh,
+    device: torch.device,
+    *,
+    compile_layers: bool,
+) -> None:
+    """Tensor and context parallelism, compile and FSDP on `model` (a whole model or one pipeline
+    stage's), in that order; `root` is the module FSDP shards last (the model, or the pipeline stage
+    module that holds it)."""
     from viaduct.models.compile import compile_model
 
     layout = pmesh.layout
-    # DTensor draws distinct random numbers for each shard only on accelerators (its RNG tracker is
-    # CUDA-like); on a CPU every shard would repeat the same draws, so CPU runs build whole and shard.
-    on_meta = provider.init_model_with_meta_device and device.type != "cpu"
-    model = provider.provide(device="meta" if on_meta else device)
     model.float()
     if layout.tp > 1:
         apply_tensor_parallel(model, pmesh.tp_mesh, sequence_parallel=layout.sequence_parallel)
@@ -271,12 +306,60 @@ def build_parallel_model(
         apply_context_parallel(model, pmesh.cp_group)
     if compile_layers:
         compile_model(model, scope="layers")
-    apply_fsdp(model, cfg, pmesh, sum_gradients=provider.calculate_per_token_loss)
-    if on_meta:
-        model.to_empty(device=device)
-        with torch.no_grad():
-            if provider.perform_initialization:
-                model.init_weights()
-            elif model.rotary is not None:
-                model.rotary.reset_parameters()
-    return model
+    apply_fsdp(model, cfg, pmesh, sum_gradients=provider.calculate_per_token_loss, root=root)
+
+
+def materialize(model: GPTModel, provider: GPTModelProvider, device: torch.device, seed: int) -> None:
+    """Allocate a model built on the meta device on `device`, and initialize it (or not, when its
+    weights are about to be loaded)."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        if provider.perform_initialization:
+            model.init_weights(seed)
+        elif model.rotary is not None:
+            model.rotary.reset_parameters()
+
+
+def build_pipeline(
+    cfg: ConfigContainer,
+    provider: GPTModelProvider,
+    pmesh: ParallelMesh,
+    device: torch.device,
+    *,
+    compile_layers: bool,
+) -> Pipeline:
+    """This rank's pipeline stages (one per virtual stage), each split and sharded like a whole model
+    would be, with weights equal to the same layers of a model built in one process."""
+    from viaduct.distributed.pipeline import Pipeline, StageModule
+    from viaduct.distributed.pipeline_split import effective_schedule, stage_of
+
+    layout = pmesh.layout
+    on_meta = _init_on_meta(provider, device)
+    seed = draw_init_seed()  # one draw, as a whole model takes: the same weights whatever the layout
+    pipeline_dtype = torch_dtype(provider.pipeline_dtype or provider.params_dtype)
+    modules = []
+    for vp_stage in range(layout.vpp):
+        spec = stage_of(provider, pmesh.pp_rank, vp_stage if layout.vpp > 1 else None)
+        chunk = provider.provide(
+            vp_stage=vp_stage if layout.vpp > 1 else None,
+            pp_rank=pmesh.pp_rank,
+            device="meta" if on_meta else device,
+            init_seed=seed,
+        )
+        module = StageModule(chunk, spec, pipeline_dtype)
+        parallelize_chunk(chunk, module, cfg, provider, pmesh, device, compile_layers=compile_layers)
+        if on_meta:
+            materialize(chunk, provider, device, seed)
+        modules.append(module)
+    seq = provider.seq_length // layout.cp
+    hidden_seq = seq // layout.tp if layout.sequence_parallel else seq
+    pipeline = Pipeline(
+        modules,
+        pmesh,
+        effective_schedule(provider),
+        device,
+        activation_shape=lambda mbs: (mbs, hidden_seq, provider.hidden_size),
+        loss_shape=lambda mbs: (mbs, seq),
+    )
+    pipeline.sync_tied_weights()
+    return pipeline

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from viaduct.config.errors import ConfigError, Problem
@@ -117,16 +117,23 @@ class MemoryEstimate:
     gradients: int
     """The gradients the optimizer steps on: whole float32 main grads, or params_dtype without them
     (DDP); float32 shards, plus the unsharded gradients micro-batches accumulate into where FSDP2
-    reduces once per step (strategy optim, or no sharding under tensor / context parallelism)."""
+    reduces once per step (strategy optim, no sharding under tensor / context parallelism, any
+    strategy under pipeline parallelism)."""
     optimizer: int
     """Adam's two moments, plus float32 master weights when params_dtype is 16-bit (DDP only: under
     FSDP2 the float32 shard is the master)."""
     activations: int
-    """Tensors the transformer layers keep for the backward pass (one micro-batch)."""
+    """Tensors the transformer layers keep for the backward pass (one micro-batch; under pipeline
+    parallelism, those of every micro-batch in flight at the rank's peak)."""
     logits: int
     """The logits kept for the backward (none with the fused loss above its budget) and one chunk."""
     gathered_weights: int = 0
     """FSDP2's unsharded params_dtype copies of the weights alive at the peak (0 under DDP)."""
+    pipeline_rank: int | None = None
+    """The pipeline rank the estimate is for (None: no pipeline parallelism, every rank alike)."""
+    layers: int | None = None
+    """Transformer layers that pipeline rank holds, all its model chunks together (None without
+    pipeline parallelism)."""
 
     PARTS: ClassVar[tuple[str, ...]] = (
         "parameters",
@@ -177,8 +184,28 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class _Share:
+    """What one rank holds and keeps: the whole model, or one pipeline rank's part of it."""
+
+    layers: int
+    """Transformer layers whose weights the rank holds (all its model chunks)."""
+    chunk_layers: int
+    """Layers of its largest model chunk: what one forward pass in flight keeps activations for."""
+    embedding: bool
+    """Whether it holds the embedding tables (the first stage)."""
+    output: bool
+    """Whether it holds the final norm, the output layer and the loss (the last stage)."""
+    in_flight: int = 1
+    """Chunk forward passes whose activations are alive at its peak."""
+    sends: bool = False
+    """Whether its in-flight outputs go to a next stage (kept until their backward)."""
+    tied_copy: bool = False
+    """Whether it holds a copy of the tied embedding table as its output layer (the last stage)."""
+
+
 def _fsdp_weights(
-    p: GPTModelProvider, layout: ParallelLayout, grad_reduce_in_fp32: bool, accumulates: bool
+    p: GPTModelProvider, layout: ParallelLayout, grad_reduce_in_fp32: bool, accumulates: bool, share: _Share
 ) -> tuple[int, int, int, int]:
     """(parameters, gradients, optimizer, gathered weights) bytes per GPU under FSDP2."""
     tp, pbytes = layout.tp, p.params_dtype.itemsize
@@ -186,22 +213,74 @@ def _fsdp_weights(
     split, replicated = _layer_params_by_tp(p)
     layer = _ceil_div(split, tp) + replicated  # one layer's weights on one tensor-parallel rank
     # The root group: embedding tables (split by rows), final norm, output layer (split by rows).
-    root = _ceil_div(embedding_parameters(p), tp) + _norm_params(p, h)
-    if not p.share_embeddings_and_output_weights:
-        root += _ceil_div(vocab * h, tp)
-    local = root + p.num_layers * layer  # the model on one tensor-parallel rank
+    root = _ceil_div(embedding_parameters(p), tp) if share.embedding else 0
+    if share.output:
+        root += _norm_params(p, h)
+        if not p.share_embeddings_and_output_weights or share.tied_copy:
+            root += _ceil_div(vocab * h, tp)
+    local = root + share.layers * layer  # what the rank holds, on one tensor-parallel rank
     shard = _ceil_div(local, layout.grad_shards)
     gradients = 4 * shard
     if accumulates and not layout.sync_grads_every_microbatch:
-        # optim / no_shard: micro-batches accumulate into unsharded gradients, reduced after the last.
+        # optim / no_shard / pipeline: micro-batches accumulate into unsharded gradients, reduced
+        # after the last.
         gradients += local * (4 if grad_reduce_in_fp32 else pbytes)
-    if layout.reshard_after_forward:
+    if layout.pp > 1:
+        # PyTorch's schedules keep every layer gathered from its first backward to the end of the step.
+        gathered = local
+    elif layout.reshard_after_forward:
         # The root stays gathered from the first forward to the last backward (its output layer is
         # needed again as soon as backward starts); of the layers, the one computing and the next.
-        gathered = root + min(2, p.num_layers) * layer
+        gathered = root + min(2, share.layers) * layer
     else:
         gathered = local  # every layer stays gathered from its forward to its backward
     return 4 * shard, gradients, 8 * shard, gathered * pbytes
+
+
+def _in_flight(schedule: str | None, pp: int, vpp: int, rank: int, num_microbatches: int | None) -> int:
+    """Chunk forward passes whose activations pipeline rank `rank` keeps at its peak (PyTorch's
+    schedules): 1f1b runs pp - rank forwards before its first backward; gpipe all micro-batches;
+    the interleaved schedules (vpp - 1) × pp + 2 × (pp - 1 - rank) + 1 (Megatron's count: the first
+    rank keeps pp × vpp + pp - 1 chunks, (1 + (pp - 1) / (pp × vpp)) times 1f1b's activations).
+    interleaved_zero_bubble is counted like interleaved_1f1b (it starts fewer forwards early but keeps
+    inputs for its deferred weight gradients). `num_microbatches` None: as many as fill the pipeline."""
+    m = num_microbatches if num_microbatches is not None else pp * max(vpp, 1) * 4
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(m, pp - rank)
+    per_round = m // max(1, m // pp)
+    return min(m * vpp, (vpp - 1) * per_round + 2 * (pp - 1 - rank) + 1)
+
+
+def _pipeline_shares(
+    p: GPTModelProvider, layout: ParallelLayout, num_microbatches: int | None
+) -> list[_Share]:
+    """What each pipeline rank holds and keeps (`viaduct.distributed.pipeline_split`)."""
+    from viaduct.distributed.pipeline_split import pipeline_stages
+
+    stages = pipeline_stages(p)
+    if len(stages) != layout.pp * layout.vpp:
+        raise ValueError(
+            f"the layout's pipeline ({layout.pp} ranks × {layout.vpp} chunks) does not match the model's "
+            f"split into {len(stages)} stages"
+        )
+    shares = []
+    for rank in range(layout.pp):
+        mine = [s for s in stages if s.pp_rank == rank]
+        output = any(s.post_process for s in mine)
+        shares.append(
+            _Share(
+                layers=sum(len(s.layers) for s in mine),
+                chunk_layers=max(len(s.layers) for s in mine),
+                embedding=any(s.pre_process for s in mine),
+                output=output,
+                in_flight=_in_flight(layout.schedule, layout.pp, layout.vpp, rank, num_microbatches),
+                sends=not output or layout.vpp > 1,
+                tied_copy=output,
+            )
+        )
+    return shares
 
 
 def estimate_memory(
@@ -245,14 +324,110 @@ def estimate_memory(
     The loss path (cross_entropy_loss_fusion: one chunk of logits, plus all of them when they fit in
     `keep_logits_bytes`, see `viaduct.models.common.loss`; otherwise the full logits in the compute
     dtype plus a float32 copy) sees the vocabulary / `layout.tp` of a tensor-parallel rank.
+
+    Pipeline parallelism (`layout.pp` > 1): the estimate of the pipeline rank that needs the most
+    (`estimate_pipeline_memory` gives each). A rank holds its stages' layers, the first also the
+    embedding, the last the final norm and the output layer (with tied embeddings, a copy of the
+    table), FSDP2 over its data-parallel ranks whatever the strategy. PyTorch's schedules reduce
+    gradients once per step and keep the gathered weights from one micro-batch to the next, so the
+    unsharded gradients and all the rank's gathered weights count. Activations are those of the
+    micro-batches in flight at the rank's peak (`_in_flight`: pp - rank under 1f1b, all under gpipe,
+    Megatron's count for the interleaved schedules; each in-flight pass keeps its chunk's layers and
+    the output it sent), the logits those of the last stage only.
     """
+    layout = layout or _single_layout()
+    if layout.pp > 1:
+        per_rank = estimate_pipeline_memory(
+            provider,
+            micro_batch_size,
+            seq_length,
+            layout=layout,
+            master_weights=master_weights,
+            grad_reduce_in_fp32=grad_reduce_in_fp32,
+            num_microbatches=num_microbatches,
+            keep_logits_bytes=keep_logits_bytes,
+        )
+        return max(per_rank, key=lambda e: e.total)
+    provider.finalize()
+    whole = _Share(layers=provider.num_layers, chunk_layers=provider.num_layers, embedding=True, output=True)
+    return _estimate(
+        provider,
+        micro_batch_size,
+        seq_length,
+        layout,
+        whole,
+        master_weights,
+        grad_reduce_in_fp32,
+        num_microbatches,
+        keep_logits_bytes,
+    )
+
+
+def estimate_pipeline_memory(
+    provider: GPTModelProvider,
+    micro_batch_size: int,
+    seq_length: int | None = None,
+    *,
+    layout: ParallelLayout,
+    master_weights: bool | None = None,
+    grad_reduce_in_fp32: bool | None = None,
+    num_microbatches: int | None = None,
+    keep_logits_bytes: int = 4 << 30,
+) -> list[MemoryEstimate]:
+    """`estimate_memory` of each pipeline rank of `layout` (by rank; one entry without pipeline
+    parallelism), each with its `pipeline_rank` and `layers`."""
+    if layout.pp <= 1:
+        return [
+            estimate_memory(
+                provider,
+                micro_batch_size,
+                seq_length,
+                layout=layout,
+                master_weights=master_weights,
+                grad_reduce_in_fp32=grad_reduce_in_fp32,
+                num_microbatches=num_microbatches,
+                keep_logits_bytes=keep_logits_bytes,
+            )
+        ]
+    provider.finalize()
+    out = []
+    for rank, share in enumerate(_pipeline_shares(provider, layout, num_microbatches)):
+        est = _estimate(
+            provider,
+            micro_batch_size,
+            seq_length,
+            layout,
+            share,
+            master_weights,
+            grad_reduce_in_fp32,
+            num_microbatches,
+            keep_logits_bytes,
+        )
+        out.append(replace(est, pipeline_rank=rank, layers=share.layers))
+    return out
+
+
+def _single_layout() -> ParallelLayout:
     # Imported here: viaduct.distributed loads torch, which counting parameters does not need.
     from viaduct.distributed.layout import ParallelLayout
+
+    return ParallelLayout(world_size=1)
+
+
+def _estimate(
+    p: GPTModelProvider,
+    micro_batch_size: int,
+    seq_length: int | None,
+    layout: ParallelLayout,
+    share: _Share,
+    master_weights: bool | None,
+    grad_reduce_in_fp32: bool | None,
+    num_microbatches: int | None,
+    keep_logits_bytes: int,
+) -> MemoryEstimate:
+    """The estimate of one rank holding `share` (see `estimate_memory`)."""
     from viaduct.models.common.loss import default_chunk_tokens
 
-    provider.finalize()
-    p = provider
-    layout = layout or ParallelLayout(world_size=1)
     tp, stream_split = layout.tp, layout.tp if layout.sequence_parallel else 1
     tokens = micro_batch_size * _ceil_div(seq_length or p.seq_length, layout.cp)
     pbytes = p.params_dtype.itemsize
@@ -261,7 +436,7 @@ def estimate_memory(
     grad_fp32 = master_weights if grad_reduce_in_fp32 is None else grad_reduce_in_fp32
     if layout.uses_fsdp:
         accumulates = num_microbatches is None or num_microbatches > 1
-        parameters, gradients, optimizer, gathered = _fsdp_weights(p, layout, grad_fp32, accumulates)
+        parameters, gradients, optimizer, gathered = _fsdp_weights(p, layout, grad_fp32, accumulates, share)
     else:
         n = num_parameters(p)
         parameters, gathered = n * pbytes, 0
@@ -272,25 +447,38 @@ def estimate_memory(
     stream, inner = _layer_activation_bytes(p, act_bytes)
     per_layer = _ceil_div(stream, stream_split) + _ceil_div(inner, tp)
     residual = _ceil_div(p.hidden_size * (4 if p.fp32_residual_connection else act_bytes), stream_split)
-    if p.recompute_granularity == "full":
+    n_layers = share.chunk_layers
+    # What each forward pass in flight keeps until its backward, and what the backward's recompute
+    # adds on top for the one pass being run backward.
+    if n_layers == 0:
+        stored, recompute = 0, 0
+    elif p.recompute_granularity == "full":
         k = p.recompute_num_layers or 1
         if p.recompute_method == "uniform":
-            kept = _ceil_div(p.num_layers, k) * residual + k * per_layer
+            stored, recompute = _ceil_div(n_layers, k) * residual, min(k, n_layers) * per_layer
         else:  # the kept layers' activations are gone by the time the first k are recomputed
-            kept = k * residual + max((p.num_layers - k) * per_layer, per_layer)
+            kept = min(k, n_layers)
+            stored = kept * residual + (n_layers - kept) * per_layer
+            recompute = per_layer if n_layers <= k else 0
     else:
-        kept = p.num_layers * per_layer
-    final_norm = _ceil_div(2 * p.hidden_size * act_bytes, stream_split)  # its input and output
-    activations = tokens * (kept + final_norm)
+        stored, recompute = n_layers * per_layer, 0
+    kept_bytes = share.in_flight * stored + recompute
+    if share.sends:
+        kept_bytes += share.in_flight * residual  # the stage outputs sent on, kept for their backward
+    if share.output:
+        kept_bytes += _ceil_div(2 * p.hidden_size * act_bytes, stream_split)  # final norm: input, output
+    activations = tokens * kept_bytes
 
-    vocab = _ceil_div(p.padded_vocab_size(), tp)  # the vocabulary of one tensor-parallel rank
-    if p.cross_entropy_loss_fusion:
-        chunk = min(tokens, default_chunk_tokens(vocab))
-        logits = chunk * vocab * act_bytes + tokens * 8
-        all_logits = tokens * vocab * act_bytes
-        logits += all_logits if all_logits <= keep_logits_bytes else chunk * vocab * act_bytes
-    else:
-        logits = tokens * vocab * (2 * act_bytes + 4)
+    logits = 0
+    if share.output:
+        vocab = _ceil_div(p.padded_vocab_size(), tp)  # the vocabulary of one tensor-parallel rank
+        if p.cross_entropy_loss_fusion:
+            chunk = min(tokens, default_chunk_tokens(vocab))
+            logits = chunk * vocab * act_bytes + tokens * 8
+            all_logits = tokens * vocab * act_bytes
+            logits += all_logits if all_logits <= keep_logits_bytes else chunk * vocab * act_bytes
+        else:
+            logits = tokens * vocab * (2 * act_bytes + 4)
     return MemoryEstimate(
         parameters=parameters,
         gradients=gradients,
@@ -307,7 +495,35 @@ def estimate_memory(
 def estimate_config_memory(cfg: ConfigContainer, world_size: int | None = None) -> MemoryEstimate:
     """`estimate_memory` of a validated `cfg` on `world_size` ranks (default: the world size it was
     validated for), in the layout `viaduct.distributed.layout.layout_of` gives it, with its micro-batch
-    size and number of micro-batches per step."""
+    size and number of micro-batches per step (under pipeline parallelism: its busiest rank's)."""
+    model, mbs, layout, num_microbatches = _config_inputs(cfg, world_size)
+    return estimate_memory(
+        model,
+        mbs,
+        layout=layout,
+        grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
+        num_microbatches=num_microbatches,
+    )
+
+
+def estimate_config_pipeline_memory(
+    cfg: ConfigContainer, world_size: int | None = None
+) -> list[MemoryEstimate]:
+    """`estimate_config_memory` of each pipeline rank (`estimate_pipeline_memory`), by rank."""
+    model, mbs, layout, num_microbatches = _config_inputs(cfg, world_size)
+    return estimate_pipeline_memory(
+        model,
+        mbs,
+        layout=layout,
+        grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
+        num_microbatches=num_microbatches,
+    )
+
+
+def _config_inputs(
+    cfg: ConfigContainer, world_size: int | None
+) -> tuple[GPTModelProvider, int, ParallelLayout, int | None]:
+    """(model, micro batch size, layout, micro-batches per step) of a validated `cfg` on `world_size`."""
     from viaduct.distributed.layout import layout_of
     from viaduct.models.gpt.provider import GPTModelProvider
 
@@ -333,13 +549,7 @@ def estimate_config_memory(cfg: ConfigContainer, world_size: int | None = None) 
         num_microbatches: int | None = cfg.num_microbatches
     else:  # another world size than validated: the same batch arithmetic, for the planner's what-ifs
         num_microbatches = max(1, gbs // (mbs * layout.dp)) if gbs else None
-    return estimate_memory(
-        model,
-        mbs,
-        layout=layout,
-        grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
-        num_microbatches=num_microbatches,
-    )
+    return model, mbs, layout, num_microbatches
 
 
 MemoryChanges = dict[str, object]
@@ -455,7 +665,9 @@ def memory_options(cfg: ConfigContainer, world_size: int, gpu_memory_gib: float)
     combined: MemoryChanges = {}
     if layout.strategy != "optim_grads_params":
         combined.update(_SHARD_EVERYTHING)  # more GPUs only help a sharded run
-        if layout.dp > 1:
+        # Under pipeline parallelism every sharding strategy keeps the same at the peak (the
+        # schedules hold weights gathered and gradients unsharded through a step).
+        if layout.dp > 1 and not (layout.pp > 1 and layout.sharded):
             candidates.append(_SHARD_EVERYTHING)
     tensor_parallel: MemoryChanges | None = None  # the smallest size that fits, else the largest valid
     for tp in (t for t in (2, 4, 8) if t > layout.tp):

@@ -1,13 +1,16 @@
-"""`MegatronCompatFields`: Megatron Core `TransformerConfig` fields that viaduct keeps but never acts on.
+"""`MegatronCompatFields`: Megatron Core `TransformerConfig` fields that viaduct keeps, most of them
+without acting on them.
 
 Megatron Bridge YAML files and scripts set these, so they exist here with Megatron's names, types
-and defaults: they load, save, round-trip and take overrides like any other field. Nothing in
-viaduct reads them. They are
+and defaults: they load, save, round-trip and take overrides like any other field. They are
 
-* the switches of features not built yet (mixture of experts, FP8/FP4, expert and virtual-pipeline
-  parallelism, pipeline layouts, activation offloading, CUDA graphs, Transformer Engine): a value
-  other than the default fails `finalize()` with "... is not supported yet" (the rules live in
-  `TransformerConfig.finalize()`);
+* the pipeline-parallel settings other than the size (virtual stages, how layers split into stages,
+  the schedule, point-to-point options): these are acted on, by `viaduct.distributed.pipeline_split`
+  and the pipeline runtime, and checked by `TransformerConfig.finalize()`; they stay here, among
+  Megatron's pipeline fields, so that a configuration reads with the fields that shape the model first;
+* the switches of features not built yet (mixture of experts, FP8/FP4, expert parallelism,
+  activation offloading, CUDA graphs, Transformer Engine): a value other than the default fails
+  `finalize()` with "... is not supported yet" (the rules live in `TransformerConfig.finalize()`);
 * the settings that only tune such a feature (`moe_router_topk`, `fp8_margin`, ...): accepted, and
   without effect while the feature is not built;
 * hints naming Megatron kernels (`masked_softmax_fusion`, `bias_dropout_fusion`, ...): here
@@ -28,7 +31,8 @@ from viaduct.config import ConfigBase, DType, unsupported
 
 @dataclass(kw_only=True)
 class MegatronCompatFields(ConfigBase):
-    """Megatron Core fields kept for compatibility; viaduct does not act on them (module docstring)."""
+    """Megatron Core fields kept for compatibility; beyond the pipeline settings, viaduct does not act
+    on them (module docstring)."""
 
     _abstract_config_ = True
     _fields_listed_last_: ClassVar[bool] = True
@@ -65,7 +69,8 @@ class MegatronCompatFields(ConfigBase):
 
     # ---------------------------------------------------- pipeline schedules and layouts, expert parallelism
     virtual_pipeline_model_parallel_size: int | None = None
-    """Interleaved model chunks per pipeline rank (needs pipeline parallelism)."""
+    """Model chunks (virtual stages) per pipeline rank, interleaved along the model; unset: 1, or what
+    pipeline_model_parallel_layout implies (needs pipeline parallelism)."""
     expert_model_parallel_size: int = 1
     """Expert-parallel degree (MoE)."""
     expert_tensor_parallel_size: int | None = None
@@ -83,19 +88,24 @@ class MegatronCompatFields(ConfigBase):
     account_for_loss_in_pipeline_split: bool = False
     """Count the loss as a layer when splitting layers into pipeline stages."""
     pipeline_model_parallel_layout: str | list[list[str]] | None = None
-    """Explicit pipeline layout, e.g. "Et*3|(tt|)*29,m|L"."""
+    """Explicit split of the layers into pipeline stages, e.g. "Et*3|(tt|)*2,tL" (docs/parallelism.md)."""
     pipeline_dtype: DType | None = None
     """Dtype of activations sent between pipeline stages; unset means params_dtype."""
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "interleaved_zero_bubble"] | None = None
+    """Pipeline schedule (PyTorch's): 1f1b, interleaved_1f1b, gpipe or interleaved_zero_bubble; unset:
+    interleaved_1f1b with virtual stages, else 1f1b."""
     microbatch_group_size_per_vp_stage: int | None = None
-    """Micro-batches run per virtual stage before switching; unset means pipeline_model_parallel_size."""
+    """Micro-batches run per virtual stage before switching; unset means pipeline_model_parallel_size
+    (the only value PyTorch's interleaved schedules run)."""
     overlap_p2p_comm: bool = False
-    """Overlap pipeline send/receive with compute (excludes batch_p2p_comm)."""
+    """Overlap pipeline send/receive with compute (Megatron's; not available with PyTorch's schedules)."""
     batch_p2p_comm: bool = True
-    """Batch pipeline sends and receives into one call."""
+    """Batch pipeline sends and receives into one call (what PyTorch's schedules always do)."""
     variable_seq_lengths: bool = False
-    """Send tensor shapes between pipeline stages (sequence length varies between batches)."""
+    """Send tensor shapes between pipeline stages (not available: stages exchange fixed shapes)."""
     deallocate_pipeline_outputs: bool = True
-    """Free a stage's output activations once they are sent."""
+    """Free a stage's output once it is sent (Megatron's); no effect here: PyTorch's stages keep a sent
+    output until its backward."""
 
     # ------------------------------------------------------------------ FP8 and FP4
     fp8: Literal["e4m3", "hybrid"] | None = unsupported("FP8 training", default=None)

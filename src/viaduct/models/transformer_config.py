@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 
 from viaduct.config import DType, FunctionRef, Problems, derived, fields_with_problems
 from viaduct.config import provenance as prov
+from viaduct.distributed.pipeline_split import SINGLE_STAGE_SCHEDULES, num_virtual_stages, split_problems
 from viaduct.models.enums import AttnBackend
 from viaduct.models.megatron_compat import MegatronCompatFields
 
@@ -41,9 +42,9 @@ _PARALLEL_SIZES = (
     ("context_parallel_size", "context parallelism"),
     ("expert_model_parallel_size", "expert parallelism"),
 )
-# Pipeline-layout fields: they only mean something with more than one pipeline stage.
 # Sizes that must still be 1 (the others are built).
-_UNBUILT_PARALLEL_SIZES = ("pipeline_model_parallel_size", "expert_model_parallel_size")
+_UNBUILT_PARALLEL_SIZES = ("expert_model_parallel_size",)
+# Pipeline-split fields: they only mean something with more than one pipeline stage.
 _PIPELINE_SPLIT_FIELDS = (
     "num_layers_in_first_pipeline_stage",
     "num_layers_in_last_pipeline_stage",
@@ -282,6 +283,21 @@ class TransformerConfig(MegatronCompatFields):
             if self.pipeline_dtype is None and pp > 1:
                 self.derive(
                     "pipeline_dtype", self.params_dtype, "= params_dtype with pipeline parallelism", own=True
+                )
+        vpp_inputs = (
+            "virtual_pipeline_model_parallel_size",
+            "pipeline_model_parallel_layout",
+            "pipeline_model_parallel_size",
+        )
+        if bad.isdisjoint(vpp_inputs) and self.virtual_pipeline_model_parallel_size is None and pp > 1:
+            # As Megatron does: a layout of pp × v slices means v model chunks per pipeline rank.
+            vpp = num_virtual_stages(self)
+            if vpp > 1:
+                self.derive(
+                    "virtual_pipeline_model_parallel_size",
+                    vpp,
+                    "= pipeline_model_parallel_layout's slices / pipeline_model_parallel_size",
+                    own=True,
                 )
         fp32_softmax = bool(self.attention_softmax_in_fp32 or self.apply_query_key_layer_scaling)
         self.derive(
@@ -578,14 +594,15 @@ class TransformerConfig(MegatronCompatFields):
         self._check_context_parallel(p, bad)
         pp = self.pipeline_model_parallel_size if "pipeline_model_parallel_size" not in bad else 1
         vpp = self.virtual_pipeline_model_parallel_size
-        if "virtual_pipeline_model_parallel_size" not in bad and vpp is not None:
-            why = "needs pipeline_model_parallel_size > 1" if pp <= 1 else "is not supported yet"
+        if "virtual_pipeline_model_parallel_size" not in bad and vpp is not None and pp <= 1:
             p.add(
                 "virtual_pipeline_model_parallel_size",
-                f"virtual pipeline parallelism {why}",
+                "virtual pipeline parallelism needs pipeline_model_parallel_size > 1",
                 vpp,
-                fix="unset model.virtual_pipeline_model_parallel_size",
+                fix="unset model.virtual_pipeline_model_parallel_size, or raise "
+                "model.pipeline_model_parallel_size",
             )
+        self._check_pipeline(p, bad, pp)
         etp = self.expert_tensor_parallel_size
         # A value equal to tensor_model_parallel_size (the default it is derived from) changes nothing.
         if (
@@ -615,10 +632,68 @@ class TransformerConfig(MegatronCompatFields):
                     value,
                     fix=f"unset model.{name}",
                 )
-        if "overlap_p2p_comm" not in bad and self.overlap_p2p_comm and self.batch_p2p_comm:
+        if "overlap_p2p_comm" not in bad and self.overlap_p2p_comm and self.batch_p2p_comm and pp <= 1:
             p.add(
                 "overlap_p2p_comm",
                 "cannot be combined with batch_p2p_comm",
                 self.overlap_p2p_comm,
                 fix="set model.batch_p2p_comm=false (or model.overlap_p2p_comm=false)",
+            )
+
+    def _check_pipeline(self, p: Problems, bad: set[str], pp: int) -> None:
+        """Pipeline parallelism runs on PyTorch's schedules (`viaduct.distributed.pipeline_split`)."""
+        schedule = self.pipeline_schedule
+        if "pipeline_schedule" not in bad and schedule is not None and pp <= 1:
+            p.add(
+                "pipeline_schedule",
+                "only applies with pipeline parallelism (pipeline_model_parallel_size > 1)",
+                schedule,
+                fix="unset model.pipeline_schedule",
+            )
+        if pp <= 1:
+            return
+        split_inputs = ("num_layers", "virtual_pipeline_model_parallel_size", *_PIPELINE_SPLIT_FIELDS)
+        if bad.isdisjoint(split_inputs) and self.num_layers > 0:
+            p.extend(split_problems(self))
+        vpp = num_virtual_stages(self) if bad.isdisjoint(split_inputs) else 1
+        if "pipeline_schedule" not in bad and schedule in SINGLE_STAGE_SCHEDULES and vpp > 1:
+            p.add(
+                "pipeline_schedule",
+                f"{schedule} runs one stage per pipeline rank, but each rank holds {vpp} model chunks "
+                "(virtual_pipeline_model_parallel_size)",
+                schedule,
+                fix="set model.pipeline_schedule=interleaved_1f1b (or interleaved_zero_bubble), or unset "
+                "model.virtual_pipeline_model_parallel_size",
+            )
+        group = self.microbatch_group_size_per_vp_stage
+        if "microbatch_group_size_per_vp_stage" not in bad and group is not None and group != pp:
+            p.add(
+                "microbatch_group_size_per_vp_stage",
+                f"must equal pipeline_model_parallel_size ({pp}): PyTorch's interleaved schedules group "
+                "micro-batches by the pipeline size",
+                group,
+                fix="unset model.microbatch_group_size_per_vp_stage",
+            )
+        if "overlap_p2p_comm" not in bad and self.overlap_p2p_comm:
+            p.add(
+                "overlap_p2p_comm",
+                "is not supported: PyTorch's schedules batch each step's sends and receives",
+                True,
+                fix="set model.overlap_p2p_comm=false (and comm_overlap.overlap_p2p_comm, where set)",
+            )
+        if "batch_p2p_comm" not in bad and not self.batch_p2p_comm:
+            p.add(
+                "batch_p2p_comm",
+                "cannot be turned off: PyTorch's schedules always send and receive each step's "
+                "activations in one batched call",
+                False,
+                fix="set model.batch_p2p_comm=true (and comm_overlap.batch_p2p_comm, where set)",
+            )
+        if "variable_seq_lengths" not in bad and self.variable_seq_lengths:
+            p.add(
+                "variable_seq_lengths",
+                "is not supported with pipeline parallelism: stages exchange activations of one fixed "
+                "shape (micro batch × seq_length × hidden_size)",
+                True,
+                fix="set model.variable_seq_lengths=false (pad batches to seq_length)",
             )

@@ -82,14 +82,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         result = fn(rank, world_size, *args)
         # Plain pickle bytes: tensors sent through the queue as shared memory would vanish with this
         # process before the parent reads them.
-        queue.put((rank, "ok", pickle.dumps(result) if rank == 0 else None))
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure, including SystemExit, to the parent
         queue.put((rank, "error", traceback.format_exc()))
         raise SystemExit(1) from None
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> Any:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return rank 0's result."""
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, all_ranks: bool = False
+) -> Any:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return rank 0's result
+    (with `all_ranks`, the list of every rank's, in rank order)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -131,4 +134,6 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             if p.is_alive():
                 p.kill()
                 p.join()
+    if all_ranks:
+        return [pickle.loads(results[r][1]) for r in range(world_size)]
     return pickle.loads(results[0][1])

@@ -3,10 +3,13 @@
 Every optional field defaults to None, meaning "let the policy decide"; an explicit value always
 wins over the policy. The policy itself (pipeline send/receive style from the PP/VPP sizes,
 data-parallel overlap and bucket size when the distributed optimizer is on) is not applied: unset
-fields leave `ddp` as it is. What applies: an explicit `overlap_grad_reduce`,
-`overlap_param_gather` or `bucket_size` is copied onto `ddp` by `ConfigContainer.validate()` (as
-Bridge does), and settings of features that are not built (pipeline and expert parallelism,
-tensor-parallel overlap) are reported.
+fields leave `ddp` and the model as they are. What applies: an explicit `overlap_grad_reduce`,
+`overlap_param_gather` or `bucket_size` is copied onto `ddp`, and an explicit `overlap_p2p_comm` or
+`batch_p2p_comm` onto the model, by `ConfigContainer.validate()` (as Bridge does); the model's
+pipeline rules then check them (PyTorch's pipeline schedules always batch each step's sends and
+receives, so under pipeline parallelism overlap_p2p_comm must be false and batch_p2p_comm true).
+Settings of features that are not built (expert parallelism, the distributed optimizer's gather
+tricks, Transformer Engine's tensor-parallel overlap presets) are reported.
 
 Difference from Bridge: `tp_comm_overlap` is a required bool there; here it defaults to False. It
 runs on PyTorch's asynchronous tensor parallelism (compiled, CUDA only) rather than Transformer
@@ -33,9 +36,9 @@ class CommOverlapConfig(ConfigBase):
     tp_comm_bootstrap_backend: Literal["nccl", "mpi", "gloo"] = "nccl"
     """Backend that bootstraps the tensor-parallel overlap buffers."""
     overlap_p2p_comm: bool | None = None
-    """Overlap pipeline send/receive with compute; unset: on with virtual pipelining."""
+    """Overlap pipeline send/receive with compute (copied to model.overlap_p2p_comm); unset: the model's."""
     batch_p2p_comm: bool | None = None
-    """Batch pipeline sends and receives; unset: on with pipelining but no virtual pipelining."""
+    """Batch pipeline sends and receives (copied to model.batch_p2p_comm); unset: the model's."""
     overlap_grad_reduce: bool | None = None
     """Overlap the gradient reduce-scatter with the backward pass; unset: on when DP > 1."""
     overlap_param_gather: bool | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from viaduct.training.forward_contract import ForwardStepFunc
 from viaduct.training.logging.console import perplexity
 from viaduct.training.optim import MixedPrecisionOptimizer
 from viaduct.training.train_step import MetricAccumulator, forward_backward
+
+if TYPE_CHECKING:
+    from viaduct.distributed.pipeline import Pipeline
 
 __all__ = ["evaluate", "perplexity"]  # perplexity: one definition, kept importable from here
 
@@ -23,11 +26,15 @@ def evaluate(
     optimizer: MixedPrecisionOptimizer,
     eval_iters: int,
     num_microbatches: int,
+    *,
+    pipeline: Pipeline | None = None,
+    micro_batch_size: int = 1,
 ) -> dict[str, float]:
     """Mean of each reported metric over `eval_iters` evaluation batches and all data-parallel ranks.
 
     `[sum, count]` reports are summed over every batch before dividing, so the result is the
-    token-weighted mean; the model is put back into training mode afterwards.
+    token-weighted mean; the model is put back into training mode afterwards. With `pipeline`, its
+    stages run the batches forward and the last stage's result is returned on every stage.
     """
     was_training = model.training
     model.eval()
@@ -35,17 +42,23 @@ def evaluate(
     try:
         with torch.no_grad():
             for _ in range(eval_iters):
-                batch = forward_backward(
-                    forward_step, data_iterator, model, optimizer, num_microbatches, forward_only=True
-                )
+                if pipeline is not None:
+                    batch = pipeline.forward_only(
+                        forward_step, data_iterator, num_microbatches, micro_batch_size
+                    )
+                else:
+                    batch = forward_backward(
+                        forward_step, data_iterator, model, optimizer, num_microbatches, forward_only=True
+                    )
                 for name, value in batch.pairs.items():
                     total.pairs[name] = value if name not in total.pairs else total.pairs[name] + value
                 for name, value in batch.scalars.items():
                     mean = value / max(batch.n, 1)
                     total.scalars[name] = mean if name not in total.scalars else total.scalars[name] + mean
                 total.n += 1
-        reduced = total.reduce()
+        reduced = total.reduce() if pipeline is None else pipeline.reduce(total)
         values = torch.stack(list(reduced.values())).cpu().tolist() if reduced else []
     finally:
         model.train(was_training)
-    return dict(zip(reduced.keys(), values))
+    result = dict(zip(reduced.keys(), values))
+    return result if pipeline is None else pipeline.share_from_last_stage([result])[0]

@@ -131,6 +131,11 @@ class MixedPrecisionOptimizer:
                     device,
                 )
         self._grad_scale: torch.Tensor | float | None = None  # extra factor applied to grads at the step
+        self.pipeline_group: dist.ProcessGroup | None = None
+        """With pipeline stages: the ranks holding the other stages, over which norms and counts add up."""
+        self.counted_elsewhere: set[str] = set()
+        """Parameters another stage also holds (a tied embedding table's second copy), left out of
+        norms and counts so that the whole model counts each once."""
 
     # ------------------------------------------------------------------ construction
 
@@ -213,16 +218,18 @@ class MixedPrecisionOptimizer:
         elif factor is not None:
             torch._foreach_mul_(local, factor)
 
-        grad_norm = total_norm(grads)
+        grad_norm = self._model_norm(grads)
         if self.cfg.clip_grad > 0:
             # Scale by min(1, clip / norm) on the device: no host round trip to decide.
             coef = (self.cfg.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(local, coef)
         num_zeros = None
         if self.cfg.log_num_zeros_in_grad:
-            counts = [(g == 0).sum() for g in grads]
+            counts = [(g == 0).sum() for g in self._counted(grads)]
             full = [c.full_tensor() if isinstance(c, DTensor) else c for c in counts]
             num_zeros = torch.stack(full).sum() if full else grad_norm.new_zeros((), dtype=torch.int64)
+            if self.pipeline_group is not None:
+                dist.all_reduce(num_zeros, group=self.pipeline_group)
 
         updated = True
         if self.scaler is not None and found_inf is not None:
@@ -259,7 +266,22 @@ class MixedPrecisionOptimizer:
     @torch.no_grad()
     def params_norm(self) -> torch.Tensor:
         """L2 norm of all trainable parameters (float32 masters), as a device tensor."""
-        return total_norm([s.master for s in self.slots])
+        return self._model_norm([s.master for s in self.slots])
+
+    def _counted(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`tensors` (one per slot) without those of parameters another pipeline stage counts."""
+        if not self.counted_elsewhere:
+            return tensors
+        return [t for s, t in zip(self.slots, tensors) if s.name not in self.counted_elsewhere]
+
+    def _model_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The L2 norm over the whole model of `tensors` (one per slot): every pipeline stage's."""
+        norm = total_norm(self._counted(tensors))
+        if self.pipeline_group is None:
+            return norm
+        square = norm.float().square().to(tensors[0].device if tensors else norm.device)
+        dist.all_reduce(square, group=self.pipeline_group)
+        return square.sqrt()
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -302,12 +324,15 @@ class MixedPrecisionOptimizer:
         unknown = sorted(set(state["state"]) - set(name_to_index))
         if unknown:
             raise ValueError(f"optimizer checkpoint has state for parameters this model lacks: {unknown[:5]}")
-        if len(state["param_groups"]) != len(self.optimizer.param_groups):
+        # One pipeline stage holds part of the model: each of its groups must be (part of) a saved one.
+        partial = self.pipeline_group is not None
+        if not partial and len(state["param_groups"]) != len(self.optimizer.param_groups):
             raise ValueError("optimizer checkpoint has different parameter groups than this model")
         groups = []
-        for saved, live in zip(state["param_groups"], self.optimizer.param_groups):
+        for live in self.optimizer.param_groups:
             live_names = [self._name_of_master[id(p)] for p in live["params"]]
-            if set(saved["param_names"]) != set(live_names):
+            saved = next((g for g in state["param_groups"] if set(live_names) <= set(g["param_names"])), None)
+            if saved is None or (not partial and set(saved["param_names"]) != set(live_names)):
                 raise ValueError("optimizer checkpoint groups its parameters differently than this model")
             g = {k: v for k, v in saved.items() if k != "param_names"}
             g["params"] = [name_to_index[n] for n in live_names]  # positional, in the live order

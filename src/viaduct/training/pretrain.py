@@ -34,6 +34,7 @@ from viaduct.distributed.ddp import wrap_data_parallel
 from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
 from viaduct.distributed.layout import layout_of
 from viaduct.distributed.mesh import ParallelMesh, build_mesh
+from viaduct.distributed.pipeline import Pipeline
 from viaduct.models.accounting import flops_per_token, peak_flops
 from viaduct.models.compile import compile_model
 from viaduct.models.gpt.provider import GPTModelProvider
@@ -217,8 +218,11 @@ def _setup(
     state.tokenizer = tokenizer
     _sync_vocab(cfg, tokenizer)
 
-    model, trained_model = _build_model(cfg, model_cfg, pmesh, ctx)
+    model, trained_model, pipeline = _build_model(cfg, model_cfg, pmesh, ctx)
     optimizer = build_optimizer(cfg.optimizer, model, fp32_main_grads=cfg.ddp.grad_reduce_in_fp32)
+    if pipeline is not None:
+        optimizer.pipeline_group = pmesh.pp_group
+        optimizer.counted_elsewhere = pipeline.counted_elsewhere()
     scheduler = build_scheduler(cfg, optimizer)
     checkpointer = Checkpointer(cfg, ctx)
     resources.append(checkpointer.finalize)
@@ -324,6 +328,9 @@ def _setup(
         per_token_loss=per_token,
         rng_at_start=rng_at_start,
         step_groups=_step_groups(pmesh),
+        pipeline=pipeline,
+        micro_batch_size=micro_batch_size,
+        eval_micro_batch_size=eval_micro_batch_size,
     )
     n_params = sum(p.numel() for p in model.parameters())
     state.logger.info(
@@ -383,22 +390,29 @@ def _compile_enabled(cfg: ConfigContainer, ctx: DistributedContext) -> bool:
 
 def _build_model(
     cfg: ConfigContainer, provider: GPTModelProvider, pmesh: ParallelMesh, ctx: DistributedContext
-) -> tuple[nn.Module, nn.Module]:
-    """(the model as checkpoints see it, what runs forward and backward): the same module under FSDP,
-    which shards it in place; compiled in place otherwise (DDP wraps it later)."""
+) -> tuple[nn.Module, nn.Module, Pipeline | None]:
+    """(the model as checkpoints see it, what runs forward and backward, the pipeline that runs this
+    rank's stages or None): the same module under FSDP, which shards it in place; compiled in place
+    otherwise (DDP wraps it later). With pipeline stages, the model is this rank's chunks."""
+    compile_layers = _compile_enabled(cfg, ctx)
+    if pmesh.layout.pp > 1:
+        from viaduct.distributed.parallelize import build_pipeline
+        from viaduct.distributed.pipeline import PipelineChunks
+
+        pipeline = build_pipeline(cfg, provider, pmesh, ctx.device, compile_layers=compile_layers)
+        chunks = PipelineChunks(pipeline.chunks)
+        return chunks, chunks, pipeline
     if pmesh.layout.uses_fsdp:
         from viaduct.distributed.parallelize import build_parallel_model
 
-        model = build_parallel_model(
-            cfg, provider, pmesh, ctx.device, compile_layers=_compile_enabled(cfg, ctx)
-        )
-        return model, model
+        model = build_parallel_model(cfg, provider, pmesh, ctx.device, compile_layers=compile_layers)
+        return model, model, None
     model = provider.provide(device=ctx.device)
-    if not _compile_enabled(cfg, ctx):
-        return model, model
+    if not compile_layers:
+        return model, model, None
     # Under DDP, per-layer graphs let gradient buckets be reduced while backward still runs.
     scope = cfg.train.torch_compile_scope or ("layers" if ctx.distributed else "model")
-    return model, compile_model(model, scope=scope)
+    return model, compile_model(model, scope=scope), None
 
 
 def _step_groups(pmesh: ParallelMesh) -> StepGroups:
@@ -406,7 +420,7 @@ def _step_groups(pmesh: ParallelMesh) -> StepGroups:
     if pmesh.mesh is None:
         return StepGroups()
     return StepGroups(
-        token_group=pmesh.loss_group,
+        token_group=pmesh.step_token_group,
         cp_group=pmesh.cp_group if layout.cp > 1 else None,
         cp_size=layout.cp,
         defer_grad_sync=not layout.sync_grads_every_microbatch,

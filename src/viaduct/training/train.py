@@ -34,6 +34,7 @@ from viaduct.training.state import GlobalState
 from viaduct.training.train_step import StepGroups, train_step
 
 if TYPE_CHECKING:
+    from viaduct.distributed.pipeline import Pipeline
     from viaduct.training.checkpoint.checkpointer import Checkpointer
     from viaduct.training.forward_contract import ForwardStepFunc
     from viaduct.training.logging import ProgressFile
@@ -210,6 +211,10 @@ class TrainContext:
     rng_at_start: RNGSnapshot | None = None  # restored right before the first step
     step_groups: StepGroups | None = None
     """The process groups of the step's arithmetic under tensor / context / sharded parallelism."""
+    pipeline: Pipeline | None = None
+    """With pipeline parallelism: this rank's stages and their schedules (they run the steps)."""
+    micro_batch_size: int = 1
+    eval_micro_batch_size: int = 1
 
 
 def _decoupled_lr(optimizer: MixedPrecisionOptimizer) -> float | None:
@@ -254,6 +259,14 @@ def _to_records(pending: list[_Pending]) -> tuple[list[StepRecord], dict[int, di
             )
         )
     return records, layers
+
+
+def _share_losses(pipeline: Pipeline, records: list[StepRecord]) -> None:
+    """The losses only the last pipeline stage computes, on every stage (so all stop together)."""
+    shared = pipeline.share_from_last_stage([r.losses for r in records])
+    for record, losses in zip(records, shared):
+        record.losses = losses
+        record.nan = any(not math.isfinite(v) for v in losses.values())
 
 
 def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[float]) -> None:
@@ -408,6 +421,8 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
                 empty_cache_level=train_cfg.empty_unused_memory_level,
                 timers=timers,
                 groups=context.step_groups,
+                pipeline=context.pipeline,
+                micro_batch_size=context.micro_batch_size,
             )
             skipped = not result.updated
             if result.updated:
@@ -465,6 +480,8 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             logger.progress(step)
         if step % log_cfg.log_interval == 0 or step == train_iters:
             records, layer_norms = _to_records(pending)  # the one host synchronisation of the interval
+            if context.pipeline is not None:
+                _share_losses(context.pipeline, records)
             elapsed = time.time() - interval_start
             names = ["forward-backward", "optimizer"]
             timing = IntervalTiming(
@@ -527,7 +544,10 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             break
 
     if pending:
-        _check_losses(state, _to_records(pending)[0], recent_losses)
+        records = _to_records(pending)[0]
+        if context.pipeline is not None:
+            _share_losses(context.pipeline, records)
+        _check_losses(state, records, recent_losses)
     if cfg.checkpoint.save and train_state.step > 0 and last_saved_step != train_state.step:
         _save(state, context, train_state.step)
     if exit_reason is not None and logger is not None:
@@ -582,7 +602,14 @@ def run_evaluation(state: GlobalState, context: TrainContext, split: Split) -> d
     if train_cfg.manual_gc and train_cfg.manual_gc_eval:
         gc.collect()
     losses = evaluate(
-        context.forward_step, iterator, model, optimizer, train_cfg.eval_iters, context.eval_num_microbatches
+        context.forward_step,
+        iterator,
+        model,
+        optimizer,
+        train_cfg.eval_iters,
+        context.eval_num_microbatches,
+        pipeline=context.pipeline,
+        micro_batch_size=context.eval_micro_batch_size,
     )
     if split == "validation":
         state.train_state.consumed_valid_samples += train_cfg.eval_iters * context.eval_global_batch_size

@@ -28,6 +28,7 @@ from viaduct.training.forward_contract import LossFunc, unpack_loss
 from viaduct.training.optim import MixedPrecisionOptimizer
 
 if TYPE_CHECKING:
+    from viaduct.distributed.pipeline import Pipeline
     from viaduct.training.logging.timers import Timers
 
 ForwardStep = Callable[[Iterator[Any], nn.Module], tuple[Any, LossFunc]]
@@ -139,28 +140,46 @@ def forward_backward(
             metrics.add(report)
             if forward_only:
                 continue
-            if num_tokens is not None and per_token_loss:
-                total_tokens = (
-                    num_tokens.detach() if total_tokens is None else total_tokens + num_tokens.detach()
-                )
-            elif num_tokens is not None and groups.cp_group is not None:
-                sample_tokens = num_tokens.detach().clone()
-                dist.all_reduce(sample_tokens, group=groups.cp_group)
-                loss = loss * groups.cp_size / sample_tokens.clamp(min=1)
-                loss = loss / num_microbatches
-            elif num_tokens is not None:
-                loss = loss / num_tokens.clamp(min=1)
-                loss = loss / num_microbatches
-            else:
-                loss = loss / num_microbatches
+            loss, tokens = normalize_loss(loss, num_tokens, num_microbatches, per_token_loss, groups)
+            if tokens is not None:
+                total_tokens = tokens if total_tokens is None else total_tokens + tokens
             optimizer.scale_loss(loss).backward()
     if total_tokens is not None:
-        # Megatron's per-token loss: gradients of the loss sum, divided by all tokens of the step.
-        if dist.is_available() and dist.is_initialized():
-            total_tokens = total_tokens.clone()
-            dist.all_reduce(total_tokens, group=groups.token_group)
-        optimizer.scale_grads(1.0 / total_tokens.clamp(min=1))
+        scale_by_step_tokens(optimizer, total_tokens, groups.token_group)
     return metrics
+
+
+def normalize_loss(
+    loss: torch.Tensor,
+    num_tokens: torch.Tensor | None,
+    num_microbatches: int,
+    per_token_loss: bool,
+    groups: StepGroups,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the loss to differentiate for one micro-batch, its tokens for the step's count or None).
+
+    Token-aware losses are divided by their tokens and by the micro-batch count (the mean over the
+    step); with the per-token loss, the sum is kept and its tokens are returned for the step's total.
+    """
+    if num_tokens is not None and per_token_loss:
+        return loss, num_tokens.detach()
+    if num_tokens is not None and groups.cp_group is not None:
+        sample_tokens = num_tokens.detach().clone()
+        dist.all_reduce(sample_tokens, group=groups.cp_group)
+        loss = loss * groups.cp_size / sample_tokens.clamp(min=1)
+    elif num_tokens is not None:
+        loss = loss / num_tokens.clamp(min=1)
+    return loss / num_microbatches, None
+
+
+def scale_by_step_tokens(
+    optimizer: MixedPrecisionOptimizer, total_tokens: torch.Tensor, group: dist.ProcessGroup | None
+) -> None:
+    """Megatron's per-token loss: gradients of the loss sum, divided by all tokens of the step."""
+    if dist.is_available() and dist.is_initialized():
+        total_tokens = total_tokens.clone()
+        dist.all_reduce(total_tokens, group=group)
+    optimizer.scale_grads(1.0 / total_tokens.clamp(min=1))
 
 
 def train_step(
@@ -174,21 +193,38 @@ def train_step(
     empty_cache_level: int = 0,
     timers: Timers | None = None,
     groups: StepGroups | None = None,
+    pipeline: Pipeline | None = None,
+    micro_batch_size: int = 1,
 ) -> StepResult:
-    """Forward/backward over `num_microbatches`, then the optimizer step."""
+    """Forward/backward over `num_microbatches`, then the optimizer step.
+
+    With `pipeline`, its schedule runs the micro-batches over the pipeline stages (`model` is then
+    unused; `micro_batch_size` sizes the tensors the stages exchange) and the metrics are the last
+    stage's ({} on the other stages)."""
     optimizer.zero_grad()
     timer = timers("forward-backward", log_level=1) if timers is not None else None
     if timer is not None:
         timer.start()
-    metrics = forward_backward(
-        forward_step,
-        data_iterator,
-        model,
-        optimizer,
-        num_microbatches,
-        per_token_loss=per_token_loss,
-        groups=groups,
-    )
+    if pipeline is not None:
+        losses = pipeline.forward_backward(
+            forward_step,
+            data_iterator,
+            optimizer,
+            num_microbatches,
+            micro_batch_size,
+            per_token_loss=per_token_loss,
+            groups=groups,
+        )
+    else:
+        losses = forward_backward(
+            forward_step,
+            data_iterator,
+            model,
+            optimizer,
+            num_microbatches,
+            per_token_loss=per_token_loss,
+            groups=groups,
+        ).reduce()
     if timer is not None:
         timer.stop()
     if empty_cache_level >= 1 and torch.cuda.is_available():
@@ -201,4 +237,4 @@ def train_step(
         timer.stop()
     if empty_cache_level >= 2 and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return StepResult(updated, grad_norm, num_zeros, metrics.reduce())
+    return StepResult(updated, grad_norm, num_zeros, losses)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, overload
 
 import torch
 import torch.nn.functional as F
@@ -79,25 +80,72 @@ class TransformerLayer(nn.Module):
         return residual + F.dropout(h, self.hidden_dropout, self.training)
 
 
+class LayerStack(nn.ModuleDict):
+    """The transformer layers one model (or one pipeline stage) holds, keyed by their global index.
+
+    The keys are the layers' 0-based indices in the whole model (`str(i)`), so a parameter is named
+    `decoder.layers.<global index>...` whichever pipeline stage holds it, and a checkpoint reshards
+    across pipeline sizes by name. Otherwise it behaves like the `nn.ModuleList` it replaces: iterating
+    yields the layers in order (not the keys), `len()` counts them, and an int index or a slice is
+    *positional* (`layers[0]` is this stage's first layer). A string key is the global index:
+    `layers["5"]` is global layer 5. `keys()`, `values()` and `items()` are the dict's.
+    """
+
+    @property
+    def global_indices(self) -> tuple[int, ...]:
+        """The 0-based indices in the whole model of the layers held here, in order."""
+        return tuple(int(key) for key in self.keys())
+
+    def __iter__(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        return iter(self.values())
+
+    @overload
+    def __getitem__(self, key: str | int) -> nn.Module: ...
+    @overload
+    def __getitem__(self, key: slice) -> LayerStack: ...
+    def __getitem__(self, key: str | int | slice) -> nn.Module | LayerStack:
+        if isinstance(key, str):
+            return self._modules[key]
+        items = list(self.items())
+        if isinstance(key, slice):
+            return LayerStack(dict(items[key]))
+        return items[key][1]
+
+
 class TransformerBlock(nn.Module):
     """The layers in order (then the final norm, with post_process), with full-layer recompute.
 
+    `layers`: the 0-based global indices of the layers to build, increasing (a pipeline stage's);
+    None builds all `num_layers`. They sit in a `LayerStack` keyed by global index and each keeps
+    `layer_number` = global index + 1, as in the whole model.
+
     recompute_method "uniform": the layers are cut into chunks of recompute_num_layers and only each
     chunk's input is kept. "block": the first recompute_num_layers layers are recomputed one by one,
-    the rest keep their activations (trades memory for speed more finely).
+    the rest keep their activations (trades memory for speed more finely). Both count the layers this
+    block holds, so with pipeline parallelism they apply per stage (as in Megatron).
     """
 
     def __init__(
         self,
         cfg: TransformerConfig,
         *,
+        layers: Sequence[int] | None = None,
         post_process: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            TransformerLayer(cfg, i + 1, device=device, dtype=dtype) for i in range(cfg.num_layers)
+        indices = tuple(range(cfg.num_layers)) if layers is None else tuple(layers)
+        # A caller's bug (the pipeline split computes these), not a user setting.
+        if any(not 0 <= i < cfg.num_layers for i in indices) or any(
+            a >= b for a, b in itertools.pairwise(indices)
+        ):
+            raise ValueError(
+                f"layers must be increasing indices in [0, {cfg.num_layers}) (num_layers), "
+                f"got {list(indices)}"
+            )
+        self.layers = LayerStack(
+            {str(i): TransformerLayer(cfg, i + 1, device=device, dtype=dtype) for i in indices}
         )
         self.final_layernorm: Norm | None = None
         if post_process:
@@ -116,7 +164,8 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        layers = self.layers
+        # A plain list: torch.compile unpacks a ModuleDict (subclass) into its keys, not its layers.
+        layers = list(self.layers.values())
         n = self.recompute_num_layers
         if self.recompute_method == "uniform" and torch.is_grad_enabled():
             for start in range(0, len(layers), n):

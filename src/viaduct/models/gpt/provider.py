@@ -13,6 +13,7 @@ from viaduct.models.provider import ModelProvider
 from viaduct.models.transformer_config import Normalization, PositionEmbeddingType
 
 if TYPE_CHECKING:
+    from viaduct.distributed.pipeline_split import StageSpec
     from viaduct.models.gpt.model import GPTModel
 
 
@@ -71,36 +72,43 @@ class GPTModelProvider(ModelProvider):
 
     def provide(
         self,
-        pre_process: bool = True,
-        post_process: bool = True,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
         vp_stage: int | None = None,
         *,
+        pp_rank: int | None = None,
         device: Any = None,
+        init_seed: int | None = None,
     ) -> GPTModel:
-        """Finalize, then build the model as a plain `nn.Module` in this process (no distributed setup).
+        """Finalize, then build the model (or one pipeline stage of it) as a plain `nn.Module` in this
+        process (no distributed setup).
+
+        Without pipeline parallelism: the whole model. With pipeline_model_parallel_size > 1: the stage
+        of pipeline rank `pp_rank` (required) and, with virtual_pipeline_model_parallel_size, of model
+        chunk `vp_stage` (required then): only its layers, named by their global index
+        (`decoder.layers.<i>...`), as `viaduct.distributed.pipeline_split.stage_of` splits them; the
+        model's `stage` records it. `pre_process` (embedding) and `post_process` (final norm, output
+        layer) default to the stage's, or True for the whole model.
 
         Weights are created in params_dtype on `device`: by default torch's current default device
         (so `with torch.device("cuda"): provider.provide()` builds on the GPU), the CPU with
         use_cpu_initialization, or `meta` with init_model_with_meta_device (call
         `model.to_empty(device=...)` and `model.init_weights()` afterwards). perform_initialization
-        false leaves the weights uninitialized (they are about to be loaded).
+        false leaves the weights uninitialized (they are about to be loaded). Initialization draws
+        from generators seeded by `init_seed` and each part's name (see `GPTModel.init_weights`), so a
+        stage holds exactly the weights of the same layers in the whole model built with the same
+        `init_seed`; unset, one seed is drawn from torch's global generator for this call.
         """
         import torch
 
         from viaduct.models.gpt.model import GPTModel
 
-        if vp_stage is not None:
-            raise ConfigError(
-                [
-                    Problem(
-                        "vp_stage",
-                        "virtual pipeline parallelism is not supported yet",
-                        vp_stage,
-                        fix="call provide() without vp_stage",
-                    )
-                ]
-            )
         self.finalize()
+        stage = self._pipeline_stage(pp_rank, vp_stage)
+        if pre_process is None:
+            pre_process = stage.pre_process if stage is not None else True
+        if post_process is None:
+            post_process = stage.post_process if stage is not None else True
         vocab = self.padded_vocab_size()
         if device is None:
             if self.init_model_with_meta_device:
@@ -116,16 +124,91 @@ class GPTModelProvider(ModelProvider):
             vocab,
             pre_process=pre_process,
             post_process=post_process,
+            layers=stage.layers if stage is not None else None,
+            stage=stage,
             device="meta",
             dtype=torch_dtype(self.params_dtype),
         )
         if device.type != "meta":
             model.to_empty(device=device)
             if self.perform_initialization:
-                model.init_weights()
+                model.init_weights(init_seed)
             elif model.rotary is not None:
                 model.rotary.reset_parameters()
         return model
+
+    def _pipeline_stage(self, pp_rank: int | None, vp_stage: int | None) -> StageSpec | None:
+        """The stage `provide(pp_rank=..., vp_stage=...)` builds (None: the whole model), after
+        checking both against the pipeline sizes."""
+        from viaduct.distributed.pipeline_split import num_virtual_stages, stage_of
+
+        pp = self.pipeline_model_parallel_size
+        # Chunks per rank: virtual_pipeline_model_parallel_size, or what a layout implies (else 1).
+        vpp = num_virtual_stages(self)
+        problems: list[Problem] = []
+        if pp == 1:
+            if pp_rank not in (None, 0) or isinstance(pp_rank, bool):
+                problems.append(
+                    Problem(
+                        "pp_rank",
+                        "without pipeline parallelism (pipeline_model_parallel_size = 1) the only "
+                        "pipeline rank is 0",
+                        pp_rank,
+                        fix="call provide() without pp_rank",
+                    )
+                )
+        elif pp_rank is None:
+            problems.append(
+                Problem(
+                    "pp_rank",
+                    f"is required with pipeline_model_parallel_size = {pp}: it says which stage to build",
+                    pp_rank,
+                    fix=f"call provide(pp_rank=r) with 0 <= r < {pp}",
+                )
+            )
+        elif isinstance(pp_rank, bool) or not isinstance(pp_rank, int) or not 0 <= pp_rank < pp:
+            problems.append(
+                Problem(
+                    "pp_rank",
+                    f"must be a pipeline rank in [0, {pp}) (pipeline_model_parallel_size = {pp})",
+                    pp_rank,
+                    fix=f"call provide(pp_rank=r) with 0 <= r < {pp}",
+                )
+            )
+        if vp_stage is None:
+            if vpp > 1:
+                problems.append(
+                    Problem(
+                        "vp_stage",
+                        f"is required with {vpp} virtual pipeline stages per rank "
+                        "(virtual_pipeline_model_parallel_size, or the layout's slices): it says which of "
+                        "the rank's model chunks to build",
+                        vp_stage,
+                        fix=f"call provide(pp_rank=r, vp_stage=v) once for each 0 <= v < {vpp}",
+                    )
+                )
+        elif isinstance(vp_stage, bool) or not isinstance(vp_stage, int) or not 0 <= vp_stage < vpp:
+            why = (
+                f"must be a model chunk in [0, {vpp}) ({vpp} virtual pipeline stages per rank)"
+                if vpp > 1
+                else "without virtual pipeline parallelism each rank holds one model chunk, 0"
+            )
+            problems.append(
+                Problem(
+                    "vp_stage",
+                    why,
+                    vp_stage,
+                    fix=f"call provide(pp_rank=r, vp_stage=v) with 0 <= v < {vpp}"
+                    if vpp > 1
+                    else "call provide() without vp_stage",
+                )
+            )
+        if problems:
+            raise ConfigError(problems, header="provide(): cannot build the pipeline stage")
+        if pp == 1:
+            return None
+        assert pp_rank is not None  # checked above
+        return stage_of(self, pp_rank, vp_stage)
 
 
 @dataclass(kw_only=True)

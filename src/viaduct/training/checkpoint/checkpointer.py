@@ -71,6 +71,7 @@ from viaduct.training.checkpoint.restore import (
 )
 from viaduct.training.checkpoint.retention import Retention
 from viaduct.training.checkpoint.save_guard import SaveErrors, check_finite
+from viaduct.training.checkpoint.stages import merge_stage_optimizer_common, without_other_stages
 from viaduct.training.checkpoint.staging import StagingArena, StagingMemoryError
 from viaduct.training.checkpoint.storage import STORAGE_ERRORS, TensorStorage, make_storage
 
@@ -154,6 +155,8 @@ class Checkpointer:
         # Collect everything before the first collective: an error here must not strand the other ranks.
         with_optim = bool(ckpt.save_optim and optimizer is not None)
         tensors, optim_common = self._tensors(model, optimizer if with_optim else None)
+        if with_optim and self._pipeline_group is not None:
+            optim_common = merge_stage_optimizer_common(optim_common, self._pipeline_group)
         common: dict[str, Any] = {
             "checkpoint_version": layout.CHECKPOINT_VERSION,
             "step": int(step),
@@ -417,6 +420,8 @@ class Checkpointer:
             ", weights only" * weights_only,
         )
 
+        if self._pipeline_group is not None:
+            available = without_other_stages(available, model, optimizer, self._pipeline_group)
         report = LoadReport(str(directory), 0, weights_only)
         targets = model_targets(model, available, ckpt.dist_ckpt_strictness, fld, directory, report)
         full_optim = not weights_only and ckpt.load_optim and optimizer is not None
@@ -534,6 +539,7 @@ class Checkpointer:
                 world_size=self.ctx.world_size,
                 group=self._async_group,
                 cfg=self.checkpoint_cfg,
+                peers=self._stage_ranks,
             )
         return self._async_storages[fmt]
 
@@ -545,8 +551,21 @@ class Checkpointer:
                 world_size=self.ctx.world_size,
                 group=self._group,
                 cfg=self.checkpoint_cfg,
+                peers=self._stage_ranks,
             )
         return self._storages[fmt]
+
+    @property
+    def _stage_ranks(self) -> list[int] | None:
+        """The ranks of this rank's pipeline stage (None: every rank holds the same plain tensors)."""
+        pmesh = self.ctx.parallel
+        return pmesh.stage_ranks if pmesh is not None and pmesh.layout.pp > 1 else None
+
+    @property
+    def _pipeline_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding the other pipeline stages (None without pipeline parallelism)."""
+        pmesh = self.ctx.parallel
+        return pmesh.pp_group if pmesh is not None and pmesh.layout.pp > 1 else None
 
     @property
     def _group(self) -> dist.ProcessGroup | None:
@@ -610,3 +629,4 @@ def _rng_module() -> ModuleType:
     from viaduct.training import rng
 
     return rng
+

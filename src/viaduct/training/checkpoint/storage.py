@@ -131,10 +131,15 @@ class DcpStorage:
         fully_parallel_save: bool = True,
         fully_parallel_load: bool = False,
         assume_constant_structure: bool = False,
+        peers: list[int] | None = None,
     ) -> None:
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.peers = peers if peers is not None else list(range(world_size))
+        """The ranks that hold the same plain tensors as this one (all, except under pipeline
+        parallelism: the ranks of this rank's stage)."""
         self.fully_parallel_save = fully_parallel_save
-        self.fully_parallel_load = fully_parallel_load
+        # Spreading reads broadcasts over the whole world: only when every rank holds the same tensors.
+        self.fully_parallel_load = fully_parallel_load and len(self.peers) == world_size
         self.assume_constant_structure = assume_constant_structure
         # DCP caches plans in class-level dicts keyed by this string: one key per storage object, so two
         # checkpointers in one process (tests, a teacher model) never mix their plans.
@@ -153,9 +158,9 @@ class DcpStorage:
             return dict(tensors)
         plain = {k: t for k, t in tensors.items() if not isinstance(t, DTensor)}
         if self.fully_parallel_save:
-            owner = assign_owners(plain, self.world_size)
+            owner = {k: self.peers[i] for k, i in assign_owners(plain, len(self.peers)).items()}
         else:
-            owner = dict.fromkeys(plain, 0)
+            owner = dict.fromkeys(plain, self.peers[0])
         return {k: t for k, t in tensors.items() if k not in owner or owner[k] == self.rank}
 
     def _save_planner(self) -> Any:
@@ -315,8 +320,11 @@ class TorchStorage:
 _WRITER_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
-def make_storage(fmt: str, *, rank: int, world_size: int, group: Any, cfg: Any) -> TensorStorage:
-    """The storage for format `fmt` ("torch_dist" or "torch"), tuned by `cfg` (a CheckpointConfig)."""
+def make_storage(
+    fmt: str, *, rank: int, world_size: int, group: Any, cfg: Any, peers: list[int] | None = None
+) -> TensorStorage:
+    """The storage for format `fmt` ("torch_dist" or "torch"), tuned by `cfg` (a CheckpointConfig);
+    `peers`: see `DcpStorage.peers`."""
     if fmt == "torch":
         return TorchStorage(rank=rank)
     if fmt == "torch_dist":
@@ -327,5 +335,6 @@ def make_storage(fmt: str, *, rank: int, world_size: int, group: Any, cfg: Any) 
             fully_parallel_save=cfg.fully_parallel_save,
             fully_parallel_load=cfg.fully_parallel_load,
             assume_constant_structure=cfg.ckpt_assume_constant_structure,
+            peers=peers,
         )
     raise ValueError(f"unknown checkpoint format {fmt!r}")

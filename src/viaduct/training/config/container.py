@@ -7,15 +7,18 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
 1. reset every value derived by a previous validate() (so it is idempotent and follows edits);
 2. check every field's type and every "not supported yet" setting;
 3. resolve and apply the mixed-precision recipe to model / optimizer / ddp, and comm_overlap's
-   explicit data-parallel choices (overlap_grad_reduce, bucket_size) to ddp;
+   explicit choices: data-parallel ones (overlap_grad_reduce, bucket_size) to ddp, pipeline
+   send/receive ones (overlap_p2p_comm, batch_p2p_comm) to the model;
 4. data-parallel size from the world size and TP·PP·CP;
 5. one owner for the sequence length (model.seq_length <-> dataset.seq_length);
 6. each component's finalize(): dataset, ddp, optimizer, model, logger, train, scheduler,
    checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft;
 7. cross-component rules: batch sizes and micro-batches, evaluation batches, scheduler steps
-   (in samples), PEFT needs a pretrained checkpoint, what the training loop can run (GPT models and
-   datasets, no PEFT yet), profiled ranks within the world, environment variable names; a warning
-   when dataset.split leaves nothing to evaluate on although evaluation is asked for.
+   (in samples), micro-batch counts the pipeline schedule can run (every step's, ramp-up included),
+   the parallel layout's rules, PEFT needs a pretrained checkpoint, what the training loop can run
+   (GPT models and datasets, no PEFT yet), profiled ranks within the world, environment variable
+   names; a warning when dataset.split leaves nothing to evaluate on although evaluation is asked
+   for.
 
 What validate() passes, pretrain() runs: the loop re-checks nothing of the configuration. Only what
 depends on the machine or on files is found at setup (installed logging packages, CUDA for NVTX
@@ -24,7 +27,7 @@ and memory history, tokenizer and data files, what a checkpoint directory holds)
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from viaduct.config import ConfigBase, ConfigError, Problem, derived
@@ -174,6 +177,7 @@ class ConfigContainer(ConfigBase):
                 problems += [p.prefixed(name) for p in exc.problems]
                 broken.add(name)
         problems += self._cross_checks(broken)
+        problems += self._pipeline_schedule_problems(broken)
         problems += self._layout_problems(broken)
         problems += self._runnable_problems(broken)
         problems += self._env_var_problems(broken)
@@ -213,8 +217,8 @@ class ConfigContainer(ConfigBase):
         return []
 
     def _apply_comm_overlap(self) -> None:
-        """Explicit data-parallel overlap choices of comm_overlap land on ddp, and tp_comm_overlap on
-        the model (Bridge's behaviour)."""
+        """Explicit data-parallel overlap choices of comm_overlap land on ddp, tp_comm_overlap and the
+        pipeline send/receive choices on the model (Bridge's behaviour)."""
         co = self.comm_overlap
         if co is None:
             return
@@ -231,6 +235,17 @@ class ConfigContainer(ConfigBase):
                     f"comm_overlap.{name}={value!r}"
                 )
             self.ddp.derive(name, value, f"comm_overlap.{name}")
+        for name in ("overlap_p2p_comm", "batch_p2p_comm"):
+            value = getattr(co, name)
+            if value is None or getattr(self.model, name, value) == value:
+                continue
+            source = self.model.source_of(name)
+            if is_user_set(source):
+                warn(
+                    f"model.{name}={getattr(self.model, name)!r} (from {source}) is overridden by "
+                    f"comm_overlap.{name}={value!r}"
+                )
+            self.model.derive(name, value, f"comm_overlap.{name}")
 
     @staticmethod
     def _world_size(world_size: int | None) -> int:
@@ -249,9 +264,16 @@ class ConfigContainer(ConfigBase):
         tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
         model_parallel = tp * pp * cp
         if world <= 0 or world % model_parallel:
+            # Named after the first size above 1 (the one to change, or to run more processes for).
+            sizes = (
+                ("tensor_model_parallel_size", tp),
+                ("pipeline_model_parallel_size", pp),
+                ("context_parallel_size", cp),
+            )
+            culprit = next((name for name, size in sizes if size > 1), "tensor_model_parallel_size")
             return [
                 Problem(
-                    "model.tensor_model_parallel_size",
+                    f"model.{culprit}",
                     f"world size {world} is not divisible by tensor × pipeline × context parallel size "
                     f"({tp} × {pp} × {cp} = {model_parallel})",
                     fix=f"run on a multiple of {model_parallel} processes or change the parallel sizes",
@@ -393,6 +415,39 @@ class ConfigContainer(ConfigBase):
             )
         return problems
 
+    def _pipeline_schedule_problems(self, broken: set[str]) -> list[Problem]:
+        """Micro-batch counts per step (steady and during the batch-size ramp-up) that the pipeline
+        schedule cannot run (`viaduct.distributed.pipeline_split.schedule_problems`)."""
+        from viaduct.distributed.pipeline_split import schedule_problems
+
+        model, t, dp = self.model, self.train, self.data_parallel_size
+        if {"model", "train"} & broken or dp is None or self.num_microbatches is None:
+            return []
+        if model.pipeline_model_parallel_size <= 1 or t.micro_batch_size is None:
+            return []
+        per_step = t.micro_batch_size * dp
+        problems = schedule_problems(model, [self.num_microbatches], samples_per_microbatch=per_step)
+        if t.rampup_batch_size and t.global_batch_size is not None:
+            start, increment = t.rampup_batch_size[0], t.rampup_batch_size[1]
+            steps = max(0, (t.global_batch_size - start) // increment) if increment > 0 else 0
+            batches = {min(t.global_batch_size, start + k * increment) for k in range(steps + 1)}
+            if t.decrease_batch_size_if_needed:
+                batches = {max(per_step, b - b % per_step) for b in batches}
+            ramp = sorted(b // per_step for b in batches if b % per_step == 0 and b < t.global_batch_size)
+            problems += [
+                replace(
+                    p,
+                    path="train.rampup_batch_size",
+                    message="during the batch-size ramp-up, the global batch " + p.message,
+                    value=t.rampup_batch_size,
+                    fix=p.fix.replace("train.global_batch_size", "the ramp-up batch sizes")
+                    if p.fix
+                    else None,
+                )
+                for p in schedule_problems(model, ramp, samples_per_microbatch=per_step)
+            ]
+        return problems
+
     def _layout_problems(self, broken: set[str]) -> list[Problem]:
         """Rules of the parallel layout (viaduct.distributed.layout) that span components."""
         from viaduct.distributed.layout import layout_of, sharding_strategy
@@ -440,6 +495,20 @@ class ConfigContainer(ConfigBase):
                     f"({layout.describe()}) splits the weights across ranks",
                     "torch",
                     fix="set checkpoint.ckpt_format=torch_dist",
+                )
+            )
+        if (
+            layout.schedule == "interleaved_zero_bubble"
+            and "train" not in broken
+            and self.train.torch_compile
+        ):
+            problems.append(
+                Problem(
+                    "train.torch_compile",
+                    "the interleaved_zero_bubble pipeline schedule splits each backward into input- and "
+                    "weight-gradient parts, which PyTorch refuses for compiled stage modules",
+                    True,
+                    fix="set train.torch_compile=false, or model.pipeline_schedule=interleaved_1f1b",
                 )
             )
         if getattr(self.model, "tp_comm_overlap", False) and "train" not in broken:
