@@ -31,7 +31,11 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "pp2-vpp2-interleaved": (2, (*PP2, "model.virtual_pipeline_model_parallel_size=2")),
     "pp2-vpp2-zero-bubble": (
         2,
-        (*PP2, "model.virtual_pipeline_model_parallel_size=2", "model.pipeline_schedule=interleaved_zero_bubble"),
+        (
+            *PP2,
+            "model.virtual_pipeline_model_parallel_size=2",
+            "model.pipeline_schedule=interleaved_zero_bubble",
+        ),
     ),
     "pp2-uneven": (
         2,
@@ -89,7 +93,9 @@ def _train(rank: int, world: int, overrides: tuple[str, ...], forward_step: Any 
         assert ctx.model is not None
         out["weights"] = {k: _full(v) for k, v in ctx.model.state_dict().items()}
 
-    state = pretrain(cfg, forward_step, callbacks=[{"on_train_step_end": step_end, "on_train_end": train_end}])
+    state = pretrain(
+        cfg, forward_step, callbacks=[{"on_train_step_end": step_end, "on_train_end": train_end}]
+    )
     out["validation"] = state.final_validation
     return out
 

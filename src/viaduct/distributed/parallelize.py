@@ -339,9 +339,9 @@ def build_pipeline(
     pipeline_dtype = torch_dtype(provider.pipeline_dtype or provider.params_dtype)
     modules = []
     for vp_stage in range(layout.vpp):
-        spec = stage_of(provider, pmesh.pp_rank, vp_stage if layout.vpp > 1 else None)
+        spec = stage_of(provider, pmesh.pp_rank, vp_stage)
         chunk = provider.provide(
-            vp_stage=vp_stage if layout.vpp > 1 else None,
+            vp_stage=vp_stage,
             pp_rank=pmesh.pp_rank,
             device="meta" if on_meta else device,
             init_seed=seed,

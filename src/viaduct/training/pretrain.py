@@ -219,6 +219,15 @@ def _setup(
     _sync_vocab(cfg, tokenizer)
 
     model, trained_model, pipeline = _build_model(cfg, model_cfg, pmesh, ctx)
+    if layout.pp > 1:
+        # Built from the shared seed (a stage's weights are the same layers' in one process); from
+        # here on each stage draws from its own stream (dropout), as Megatron seeds them.
+        set_random_seed(
+            cfg.rng.seed,
+            pp_rank=pmesh.pp_rank,
+            dp_rank=pmesh.dp_rank,
+            data_parallel_random_init=cfg.rng.data_parallel_random_init,
+        )
     optimizer = build_optimizer(cfg.optimizer, model, fp32_main_grads=cfg.ddp.grad_reduce_in_fp32)
     if pipeline is not None:
         optimizer.pipeline_group = pmesh.pp_group
@@ -385,7 +394,13 @@ def _sync_vocab(cfg: ConfigContainer, tokenizer: Tokenizer) -> None:
 
 def _compile_enabled(cfg: ConfigContainer, ctx: DistributedContext) -> bool:
     flag = cfg.train.torch_compile
-    return flag if flag is not None else ctx.device.type == "cuda"
+    if flag is not None:
+        return flag
+    # Unset: compiled on GPUs, except under a zero-bubble pipeline schedule, which splits each
+    # backward pass into its input and weight halves and cannot split a compiled graph.
+    layout = ctx.parallel.layout if ctx.parallel is not None else None
+    zero_bubble = layout is not None and layout.schedule == "interleaved_zero_bubble"
+    return ctx.device.type == "cuda" and not zero_bubble
 
 
 def _build_model(
