@@ -210,3 +210,39 @@ def test_resume_on_the_same_pipeline_layout_is_bitwise(tmp_path: Path) -> None:
     assert half["losses"] + rest["losses"] == straight["losses"]
     for key, value in straight["weights"].items():
         assert torch.equal(rest["weights"][key], value), key
+
+
+def _logged(rank: int, world: int, overrides: tuple[str, ...], tb: str) -> None:
+    cfg = _config(
+        (
+            *overrides,
+            f"logger.tensorboard_dir={tb}",
+            "logger.log_interval=3",
+            "logger.log_params_norm=true",
+            "logger.log_l2_norm_grad_to_tensorboard=true",
+        )
+    )
+    pretrain(cfg)
+
+
+def _scalars(tb: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tb))
+    ea.Reload()
+    return {tag: [e.value for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def test_logged_metrics_cover_every_stage(tmp_path: Path) -> None:
+    """The last rank logs the whole model's figures: norms over every stage (the tied table once),
+    the per-layer gradient norms of every stage's layers, the loss of every step."""
+    _logged(0, 1, (), str(tmp_path / "one"))
+    run_distributed(_logged, 2, PP2, str(tmp_path / "pp"), timeout=300)
+    ref, got = _scalars(tmp_path / "one"), _scalars(tmp_path / "pp")
+    assert len(got["lm loss"]) == STEPS
+    layers = {t for t in ref if t.startswith("grad-norm/decoder.layers.")}
+    assert len(layers) == 4 and layers <= set(got)
+    for tag in ("lm loss", "grad-norm", "params-norm", *sorted(layers)):
+        torch.testing.assert_close(
+            torch.tensor(got[tag]), torch.tensor(ref[tag]), rtol=1e-5, atol=1e-6, msg=tag
+        )

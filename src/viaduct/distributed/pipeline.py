@@ -39,6 +39,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
+from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.distributed.tensor import DTensor
 
 from viaduct.training.forward_contract import LossFunc, unpack_loss
@@ -164,7 +165,7 @@ class Pipeline:
                 names |= {n for n, p in chunk.named_parameters() if p is tied}
         return names
 
-    def tied_weight(self) -> nn.Parameter | None:
+    def tied_weight(self) -> torch.Tensor | None:
         """This rank's copy of a tied embedding table that another stage also holds (first or last
         stage of a pipeline whose output layer is tied to the input embedding); None otherwise."""
         if self.pmesh.tied_group is None:
@@ -196,8 +197,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running a step
 
-    def _stages(self, num_microbatches: int, micro_batch_size: int) -> list[PipelineStage]:
-        stages = []
+    def _stages(self, num_microbatches: int, micro_batch_size: int) -> list[_PipelineStageBase]:
+        stages: list[_PipelineStageBase] = []
         hidden = self.activation_shape(micro_batch_size)
         for module in self.modules:
             spec = module.spec
@@ -319,29 +320,31 @@ class Pipeline:
 
     # ------------------------------------------------------------------ metrics for every rank
 
+    def gather_from_stages(self, values: list[dict[str, float]]) -> list[list[dict[str, float]]]:
+        """Every stage's `values` (one list of name -> number per step), in stage order, on every stage
+        of this rank's pipeline: two all-gathers of their JSON text, made where the host reads metrics
+        anyway, never in an ordinary step."""
+        text = torch.tensor(list(json.dumps(values).encode()), dtype=torch.uint8, device=self.device)
+        size = torch.tensor([text.numel()], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.pp)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = max(int(n.item()) for n in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        padded[: text.numel()] = text
+        parts = [torch.empty_like(padded) for _ in range(self.pp)]
+        dist.all_gather(parts, padded, group=self.group)
+        return [_decode(part[: int(n.item())]) for part, n in zip(parts, sizes)]
+
     def share_from_last_stage(self, values: list[dict[str, float]]) -> list[dict[str, float]]:
-        """The last stage's `values` on every stage of this rank's pipeline (one broadcast of their
-        JSON text; called where the host reads metrics anyway, never in an ordinary step)."""
-        if self.is_last:
-            payload = torch.tensor(list(json.dumps(values).encode()), dtype=torch.uint8, device=self.device)
-            size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
-        else:
-            size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        dist.broadcast(size, src=self.last_rank, group=self.group)
-        if not self.is_last:
-            payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        dist.broadcast(payload, src=self.last_rank, group=self.group)
-        if self.is_last:
-            return values
-        decoded = json.loads(bytes(payload.cpu().tolist()).decode())
-        if not (
-            isinstance(decoded, list)
-            and all(
-                isinstance(d, dict) and all(isinstance(v, float | int) for v in d.values()) for d in decoded
-            )
-        ):
-            raise RuntimeError("the last pipeline stage sent malformed metrics")
-        return [{str(k): float(v) for k, v in d.items()} for d in decoded]
+        """The last stage's `values` (its metrics, one dict per step), on every stage."""
+        return self.gather_from_stages(values)[-1]
+
+
+def _decode(payload: torch.Tensor) -> list[dict[str, float]]:
+    decoded = json.loads(bytes(payload.cpu().tolist()).decode())
+    if not (isinstance(decoded, list) and all(isinstance(d, dict) for d in decoded)):
+        raise RuntimeError("a pipeline stage sent malformed metrics")
+    return [{str(k): float(v) for k, v in d.items()} for d in decoded]
 
 
 class PipelineChunks(nn.Module):
@@ -353,7 +356,7 @@ class PipelineChunks(nn.Module):
         super().__init__()
         self.chunks = nn.ModuleList(chunks)
 
-    def named_parameters(  # type: ignore[override]
+    def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
         for chunk in self.chunks:

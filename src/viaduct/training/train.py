@@ -261,12 +261,24 @@ def _to_records(pending: list[_Pending]) -> tuple[list[StepRecord], dict[int, di
     return records, layers
 
 
-def _share_losses(pipeline: Pipeline, records: list[StepRecord]) -> None:
-    """The losses only the last pipeline stage computes, on every stage (so all stop together)."""
-    shared = pipeline.share_from_last_stage([r.losses for r in records])
-    for record, losses in zip(records, shared):
+def _share_across_stages(
+    pipeline: Pipeline, records: list[StepRecord], layer_norms: dict[int, dict[str, float]]
+) -> dict[int, dict[str, float]]:
+    """The losses only the last pipeline stage computes, on every stage (so all stop together), and
+    the per-layer gradient norms of every stage's layers."""
+    steps = [r.step for r in records]
+    mine = [{"step": float(s), **layer_norms.get(s, {})} for s in steps]
+    by_stage = pipeline.gather_from_stages([r.losses for r in records] + mine)
+    for record, losses in zip(records, by_stage[-1][: len(records)]):
         record.losses = losses
         record.nan = any(not math.isfinite(v) for v in losses.values())
+    merged: dict[int, dict[str, float]] = {}
+    for stage in by_stage:
+        for norms in stage[len(records) :]:
+            step = int(norms.pop("step"))
+            if norms:
+                merged.setdefault(step, {}).update(norms)
+    return merged
 
 
 def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[float]) -> None:
@@ -481,7 +493,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
         if step % log_cfg.log_interval == 0 or step == train_iters:
             records, layer_norms = _to_records(pending)  # the one host synchronisation of the interval
             if context.pipeline is not None:
-                _share_losses(context.pipeline, records)
+                layer_norms = _share_across_stages(context.pipeline, records, layer_norms)
             elapsed = time.time() - interval_start
             names = ["forward-backward", "optimizer"]
             timing = IntervalTiming(
@@ -544,9 +556,9 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             break
 
     if pending:
-        records = _to_records(pending)[0]
+        records, layer_norms = _to_records(pending)
         if context.pipeline is not None:
-            _share_losses(context.pipeline, records)
+            _share_across_stages(context.pipeline, records, layer_norms)
         _check_losses(state, records, recent_losses)
     if cfg.checkpoint.save and train_state.step > 0 and last_saved_step != train_state.step:
         _save(state, context, train_state.step)

@@ -629,4 +629,3 @@ def _rng_module() -> ModuleType:
     from viaduct.training import rng
 
     return rng
-
