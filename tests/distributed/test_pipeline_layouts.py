@@ -42,6 +42,9 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
         (*PP2, "model.num_layers_in_first_pipeline_stage=1", "model.num_layers_in_last_pipeline_stage=3"),
     ),
     "pp2-per-token": (2, (*PP2, "model.calculate_per_token_loss=true")),
+    # Megatron's layout language: 4 slices on 2 ranks (2 virtual stages), the last one without layers.
+    "pp2-layout-string": (2, (*PP2, "model.pipeline_model_parallel_layout='Et|tt|t|L'")),
+    "pp2-dp2-replicated": (4, PP2),
     "pp2-dp2": (4, (*PP2, "ddp.use_distributed_optimizer=true")),
     "pp2-tp2-sp": (4, (*PP2, "model.tensor_model_parallel_size=2", "model.sequence_parallel=true")),
     "pp2-cp2": (4, (*PP2, "model.context_parallel_size=2")),
