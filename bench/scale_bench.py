@@ -219,7 +219,7 @@ def pp_bubble() -> None:
             # The micro-batch counts the runs report, in case validate() settled on others.
             ms = [r.get("num_microbatches") or m for r, m in zip(runs, (m1, m2))]
             line["microbatches"] = ms
-            theory = bubble_fraction(schedule, PP, vpp, ms[0])
+            theory = bubble_fraction(schedule, PP, vpp or 1, ms[0])
             line |= bubble(ms[0], runs[0]["step_ms"], ms[1], runs[1]["step_ms"], theory)
         else:
             line["met"] = False

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
+from tests.distributed.test_parallel_layouts import STEPS, _full
+from tests.distributed.test_parallel_layouts import _config as layout_config
 
-from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.testing import run_distributed
 from viaduct.training.callbacks import CallbackContext
 from viaduct.training.config import ConfigContainer
 from viaduct.training.pretrain import pretrain
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-STEPS = 3
 PP2 = ("model.pipeline_model_parallel_size=2",)
 LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
     # name: (world size, overrides)
@@ -64,24 +64,7 @@ _MODEL_SETTINGS = ("model.share_embeddings_and_output_weights", "model.calculate
 
 
 def _config(overrides: tuple[str, ...]) -> ConfigContainer:
-    base = (
-        f"train.train_iters={STEPS}",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=2",
-        "train.eval_iters=0",
-        "model.num_layers=4",
-        "model.should_pad_vocab=true",
-        "model.hidden_dropout=0.0",
-        "model.attention_dropout=0.0",
-    )
-    cfg = tiny_pretrain_config(*base, *overrides)
-    # The same padded vocabulary for every tensor-parallel size.
-    cfg.model.make_vocab_size_divisible_by = 256 // cfg.model.tensor_model_parallel_size
-    return cfg
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+    return layout_config(("model.num_layers=4", *overrides))  # 4 layers: enough for 4 stages
 
 
 def _train(rank: int, world: int, overrides: tuple[str, ...], forward_step: Any = None) -> dict[str, Any]:

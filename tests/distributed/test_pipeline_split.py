@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from viaduct.config import ConfigError, apply_overrides
-from viaduct.distributed import pipeline_split
+from viaduct.distributed import pipeline_layout, pipeline_split
 from viaduct.distributed.layout import MESH_DIMS, ParallelLayout, layout_of
 from viaduct.distributed.pipeline_split import (
     bubble_fraction,
@@ -337,13 +337,15 @@ def test_layout_with_pipeline_parallelism() -> None:
 
 
 def test_pipeline_split_does_not_import_torch() -> None:
-    # validate() and the planner read it on machines without a GPU stack: only the standard library and
-    # viaduct.config (itself torch-free) may be imported.
-    tree = ast.parse(Path(pipeline_split.__file__).read_text())
-    imported = {
-        node.module if isinstance(node, ast.ImportFrom) else alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.Import, ast.ImportFrom))
-        for alias in node.names
-    }
-    assert imported <= {"__future__", "collections.abc", "dataclasses", "typing", "viaduct.config.errors"}
+    # validate() and the planner read it on machines without a GPU stack: only the standard library,
+    # viaduct.config (itself torch-free) and the layout parser beside it may be imported.
+    allowed = {"__future__", "collections.abc", "dataclasses", "typing", "viaduct.config.errors"}
+    for module in (pipeline_split, pipeline_layout):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        }
+        assert imported <= allowed | {"viaduct.distributed.pipeline_layout"}, module.__name__

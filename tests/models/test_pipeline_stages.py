@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from tests.models.test_gpt_model import SEQ, VOCAB
+from tests.models.test_gpt_model import provider as small_provider
 from torch import nn
 
 from viaduct.config import ConfigError
@@ -15,22 +17,10 @@ from viaduct.models import GPTModelProvider
 from viaduct.models.common.transformer import LayerStack, TransformerBlock, TransformerLayer
 from viaduct.models.gpt.model import GPTModel
 
-VOCAB = 128
-SEQ = 32
-
 
 def provider(**kw: object) -> GPTModelProvider:
-    base: dict[str, object] = dict(
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    base.update(kw)
-    return GPTModelProvider(**base)  # type: ignore[arg-type]
+    """The small model of the GPT model tests, 4 layers deep (enough for 4 stages)."""
+    return small_provider(**{"num_layers": 4, **kw})
 
 
 def finalized(**kw: object) -> GPTModelProvider:

@@ -3,7 +3,9 @@
 `initialize_distributed()` reads the torchrun environment (a plain single process needs none);
 `layout_of()` says how a config arranges the world (pure arithmetic, no torch needed);
 `build_mesh()` makes that layout a device mesh; `build_parallel_model()` applies tensor, context and
-sharded data parallelism; `wrap_data_parallel()` wraps a model in DDP for plain data parallelism.
+sharded data parallelism, `build_pipeline()` builds a rank's pipeline stages (`pipeline_stages()`
+says which layers each holds, again without torch); `wrap_data_parallel()` wraps a model in DDP for
+plain data parallelism.
 
 Names are imported on first use, so reading the layout of a config does not import torch.
 """
@@ -18,7 +20,9 @@ if TYPE_CHECKING:
     from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
     from viaduct.distributed.layout import ParallelLayout, layout_of
     from viaduct.distributed.mesh import ParallelMesh, build_mesh
-    from viaduct.distributed.parallelize import build_parallel_model
+    from viaduct.distributed.parallelize import build_parallel_model, build_pipeline
+    from viaduct.distributed.pipeline import Pipeline
+    from viaduct.distributed.pipeline_split import StageSpec, pipeline_stages
 
 _WHERE = {
     "wrap_data_parallel": "ddp",
@@ -30,17 +34,25 @@ _WHERE = {
     "ParallelMesh": "mesh",
     "build_mesh": "mesh",
     "build_parallel_model": "parallelize",
+    "build_pipeline": "parallelize",
+    "Pipeline": "pipeline",
+    "StageSpec": "pipeline_split",
+    "pipeline_stages": "pipeline_split",
 }
 
 __all__ = [
     "DistributedContext",
     "ParallelLayout",
     "ParallelMesh",
+    "Pipeline",
+    "StageSpec",
     "build_mesh",
     "build_parallel_model",
+    "build_pipeline",
     "destroy_distributed",
     "initialize_distributed",
     "layout_of",
+    "pipeline_stages",
     "wrap_data_parallel",
 ]
 

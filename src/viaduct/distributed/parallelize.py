@@ -269,7 +269,7 @@ def build_parallel_model(
     model = provider.provide(device="meta" if on_meta else device, init_seed=seed)
     parallelize_chunk(model, model, cfg, provider, pmesh, device, compile_layers=compile_layers)
     if on_meta:
-        materialize(model, provider, device, seed)
+        materialize(model, model, provider, device, seed)
     return model
 
 
@@ -309,10 +309,13 @@ def parallelize_chunk(
     apply_fsdp(model, cfg, pmesh, sum_gradients=provider.calculate_per_token_loss, root=root)
 
 
-def materialize(model: GPTModel, provider: GPTModelProvider, device: torch.device, seed: int) -> None:
-    """Allocate a model built on the meta device on `device`, and initialize it (or not, when its
-    weights are about to be loaded)."""
-    model.to_empty(device=device)
+def materialize(
+    model: GPTModel, root: nn.Module, provider: GPTModelProvider, device: torch.device, seed: int
+) -> None:
+    """Allocate a model built on the meta device on `device`, through its FSDP root (which then points
+    its shards at the new storage), and initialize it (or not, when its weights are about to be
+    loaded)."""
+    root.to_empty(device=device)
     with torch.no_grad():
         if provider.perform_initialization:
             model.init_weights(seed)
@@ -349,7 +352,7 @@ def build_pipeline(
         module = StageModule(chunk, spec, pipeline_dtype)
         parallelize_chunk(chunk, module, cfg, provider, pmesh, device, compile_layers=compile_layers)
         if on_meta:
-            materialize(chunk, provider, device, seed)
+            materialize(chunk, module, provider, device, seed)
         modules.append(module)
     seq = provider.seq_length // layout.cp
     hidden_seq = seq // layout.tp if layout.sequence_parallel else seq

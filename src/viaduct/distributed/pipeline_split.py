@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from viaduct.config.errors import ConfigError, Problem
+from viaduct.distributed.pipeline_layout import LayoutError, layout_error_problem, parse_layout
 
 PipelineSchedule = Literal["1f1b", "interleaved_1f1b", "gpipe", "interleaved_zero_bubble"]
 """PyTorch's pipeline schedules viaduct runs (`model.pipeline_schedule`)."""
@@ -56,21 +57,6 @@ ZERO_BUBBLE_SHARE = 1 / 3
 """The part of the interleaved schedule's bubble interleaved_zero_bubble is taken to keep: splitting
 each backward into its input- and weight-gradient halves and filling the bubble with the latter cuts
 it to about a third (the ZB-H1 schedule of "Zero Bubble Pipeline Parallelism", Qi et al. 2024)."""
-
-_MAX_LAYOUT_SYMBOLS = 1_000_000
-"""A layout string expands to at most this many symbols (``t*999999999`` must not exhaust memory)."""
-
-_LAYOUT_NAMES = {
-    "E": "E",
-    "t": "t",
-    "L": "L",
-    "m": "m",
-    "embedding": "E",
-    "decoder": "t",
-    "loss": "L",
-    "mtp": "m",
-}
-"""Layout symbols and Megatron's `LayerType` names for them (its list form uses the names)."""
 
 
 class PipelineModelConfig(Protocol):
@@ -124,130 +110,11 @@ def num_virtual_stages(model_cfg: PipelineModelConfig) -> int:
     if layout is not None:
         try:
             slices = parse_layout(layout)
-        except _LayoutError:
+        except LayoutError:
             return 1
         if len(slices) % pp == 0 and len(slices) >= pp:
             return len(slices) // pp
     return 1
-
-
-# ------------------------------------------------------------------------------------ layout strings
-
-
-class _LayoutError(ValueError):
-    """A malformed layout: what is wrong and where (a character offset, or a slice index)."""
-
-    def __init__(self, message: str, position: int | None = None):
-        self.position = position
-        super().__init__(message)
-
-
-class _LayoutParser:
-    """Recursive descent over a layout string (grammar in the module docstring)."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.pos = 0
-
-    def _skip_commas(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] == ",":
-            self.pos += 1
-
-    def _peek(self) -> str:
-        self._skip_commas()
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def _count(self) -> int:
-        """Reads ``*N`` if present (1 otherwise)."""
-        if self._peek() != "*":
-            return 1
-        star = self.pos
-        self.pos += 1
-        self._skip_commas()
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos].isdigit():
-            self.pos += 1
-        if start == self.pos:
-            raise _LayoutError("'*' must be followed by a repeat count", star)
-        if self.pos - start > 7:
-            raise _LayoutError(f"repeat count {self.text[start : self.pos]} is too large", start)
-        return int(self.text[start : self.pos])
-
-    def sequence(self, depth: int = 0) -> str:
-        """The expanded symbols ('|' included) up to the end, or to the ')' closing this group."""
-        out: list[str] = []
-        size = 0
-        while True:
-            ch = self._peek()
-            if ch == "" or (ch == ")" and depth > 0):
-                return "".join(out)
-            start = self.pos
-            if ch == "(":
-                if depth > 0:
-                    raise _LayoutError("parentheses cannot nest", start)
-                self.pos += 1
-                inner = self.sequence(depth + 1)
-                if self._peek() != ")":
-                    raise _LayoutError("'(' is never closed", start)
-                self.pos += 1
-                if self._peek() != "*":
-                    raise _LayoutError("a parenthesized group must be followed by '*N'", self.pos)
-                piece = inner
-            elif ch in "EtLm|":
-                self.pos += 1
-                piece = ch
-            elif ch == ")":
-                raise _LayoutError("')' without a matching '('", start)
-            elif ch == "*":
-                raise _LayoutError("'*' must follow a symbol, '|' or a group", start)
-            else:
-                raise _LayoutError(f"unknown symbol {ch!r} (known: E, t, L, m, |, (, ), *, ',')", start)
-            count = self._count()
-            size += len(piece) * count
-            if size > _MAX_LAYOUT_SYMBOLS:
-                raise _LayoutError(f"expands to more than {_MAX_LAYOUT_SYMBOLS} symbols", start)
-            out.append(piece * count)
-
-
-def parse_layout(layout: str | list[list[str]]) -> list[list[str]]:
-    """A `pipeline_model_parallel_layout` as one list of symbols ('E', 't', 'L', 'm') per slice.
-
-    Raises `ValueError` for a malformed layout, naming the position in a string or the slice and
-    item of a list."""
-    if isinstance(layout, str):
-        text = _LayoutParser(layout).sequence()
-        return [list(stage) for stage in text.split("|")]
-    if not isinstance(layout, list) or not all(isinstance(stage, list) for stage in layout):
-        raise _LayoutError("must be a string or a list of lists (one per slice)")
-    slices: list[list[str]] = []
-    for i, stage in enumerate(layout):
-        symbols = []
-        for j, item in enumerate(stage):
-            name = item.strip() if isinstance(item, str) else item
-            symbol = _LAYOUT_NAMES.get(name) if isinstance(name, str) else None
-            if symbol is None and isinstance(name, str):
-                symbol = _LAYOUT_NAMES.get(name.lower())
-            if symbol is None:
-                raise _LayoutError(
-                    f"slice {i}, item {j}: unknown layer {item!r} (known: E/embedding, t/decoder, L/loss)", i
-                )
-            symbols.append(symbol)
-        slices.append(symbols)
-    return slices
-
-
-def _layout_error_problem(layout: str | list[list[str]], exc: _LayoutError) -> Problem:
-    where = ""
-    if isinstance(layout, str) and exc.position is not None:
-        pos = exc.position
-        pointer = layout[max(0, pos - 10) : pos] + "»" + layout[pos : pos + 10]
-        where = f" at position {pos} (…{pointer}…)" if len(layout) > 20 else f" at position {pos} ({pointer})"
-    return Problem(
-        "pipeline_model_parallel_layout",
-        f"malformed{where}: {exc}",
-        layout,
-        fix='write the slices separated by "|" with E, t, L, "x*N" and "(...)*N", e.g. "Et*3|t*4|t*4|t*3L"',
-    )
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -438,8 +305,8 @@ def _layout_counts(
             )
     try:
         slices = parse_layout(layout)
-    except _LayoutError as exc:
-        problems.append(_layout_error_problem(layout, exc))
+    except LayoutError as exc:
+        problems.append(layout_error_problem(layout, exc))
         return [], 1
     path = "pipeline_model_parallel_layout"
     n_slices = len(slices)
