@@ -44,7 +44,8 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "pp2-per-token": (2, (*PP2, "model.calculate_per_token_loss=true")),
     # Megatron's layout language: 4 slices on 2 ranks (2 virtual stages), the last one without layers.
     "pp2-layout-string": (2, (*PP2, "model.pipeline_model_parallel_layout='Et|tt|t|L'")),
-    "pp2-dp2-replicated": (4, PP2),
+    # The replicas of each stage compared every step.
+    "pp2-dp2-replicated": (4, (*PP2, "train.check_weight_hash_across_dp_replicas_interval=1")),
     "pp2-dp2": (4, (*PP2, "ddp.use_distributed_optimizer=true")),
     "pp2-tp2-sp": (4, (*PP2, "model.tensor_model_parallel_size=2", "model.sequence_parallel=true")),
     "pp2-cp2": (4, (*PP2, "model.context_parallel_size=2")),
@@ -140,8 +141,9 @@ def _custom_forward_step(state: Any, data_iterator: Any, model: torch.nn.Module)
 
 
 def test_a_custom_forward_step_and_evaluation_run_under_pipeline_parallelism() -> None:
-    overrides = (*PP2, "train.eval_iters=2", "train.eval_interval=2")
-    ref = _train(0, 1, ("train.eval_iters=2", "train.eval_interval=2"), _custom_forward_step)
+    # Evaluation during training (iteration 3) and after it: the final validation pass.
+    overrides = (*PP2, "train.eval_iters=2", "train.eval_interval=3")
+    ref = _train(0, 1, ("train.eval_iters=2", "train.eval_interval=3"), _custom_forward_step)
     got = _merged(run_distributed(_train, 2, overrides, _custom_forward_step, timeout=300, all_ranks=True))
     assert [set(x) for x in got["losses"]] == [{"mean token loss"}] * STEPS
     _assert_same_run(got, ref)
