@@ -9,6 +9,23 @@ a batch that does not divide evenly is rounded down to a multiple of micro batch
 from __future__ import annotations
 
 
+def ramp_batches(global_batch_size: int, rampup_batch_size: list[int] | None) -> list[int]:
+    """Every global batch size a run goes through, in order: the ramp-up's steps, then the final one
+    (before rounding to whole micro-batches)."""
+    if not rampup_batch_size:
+        return [global_batch_size]
+    start, increment = rampup_batch_size[0], rampup_batch_size[1]
+    increments = (global_batch_size - start) // increment if increment > 0 else 0
+    steps = [min(global_batch_size, start + k * increment) for k in range(max(0, increments) + 1)]
+    return sorted(set(steps) | {global_batch_size})
+
+
+def rounded_batch(batch: int, per_microbatch: int, decrease_if_needed: bool) -> int:
+    """`batch` rounded down to whole micro-batches with decrease_batch_size_if_needed (at least one),
+    else as it is (validate() refuses a batch that does not divide)."""
+    return max(per_microbatch, batch - batch % per_microbatch) if decrease_if_needed else batch
+
+
 class MicroBatchCalculator:
     """Current global batch size and micro-batch count, updated from consumed samples."""
 
@@ -45,9 +62,8 @@ class MicroBatchCalculator:
     def update(self, consumed_samples: int) -> bool:
         """Recompute for `consumed_samples`; returns whether the micro-batch count changed."""
         batch = self._rampup_batch(consumed_samples) if self.rampup else self.global_batch_size
-        if self.decrease_if_needed:
-            batch = max(self.per_microbatch, batch - batch % self.per_microbatch)
-        elif batch % self.per_microbatch:
+        batch = rounded_batch(batch, self.per_microbatch, self.decrease_if_needed)
+        if batch % self.per_microbatch:
             raise ValueError(
                 f"global batch {batch} is not divisible by micro batch × data-parallel size "
                 f"({self.micro_batch_size} × {self.data_parallel_size}); validate() should have caught this"

@@ -419,6 +419,7 @@ class ConfigContainer(ConfigBase):
         """Micro-batch counts per step (steady and during the batch-size ramp-up) that the pipeline
         schedule cannot run (`viaduct.distributed.pipeline_split.schedule_problems`)."""
         from viaduct.distributed.pipeline_split import schedule_problems
+        from viaduct.training.microbatches import ramp_batches, rounded_batch
 
         model, t, dp = self.model, self.train, self.data_parallel_size
         if {"model", "train"} & broken or dp is None or self.num_microbatches is None:
@@ -428,11 +429,11 @@ class ConfigContainer(ConfigBase):
         per_step = t.micro_batch_size * dp
         problems = schedule_problems(model, [self.num_microbatches], samples_per_microbatch=per_step)
         if t.rampup_batch_size and t.global_batch_size is not None:
-            start, increment = t.rampup_batch_size[0], t.rampup_batch_size[1]
-            steps = max(0, (t.global_batch_size - start) // increment) if increment > 0 else 0
-            batches = {min(t.global_batch_size, start + k * increment) for k in range(steps + 1)}
-            if t.decrease_batch_size_if_needed:
-                batches = {max(per_step, b - b % per_step) for b in batches}
+            batches = {
+                rounded_batch(b, per_step, t.decrease_batch_size_if_needed)
+                for b in ramp_batches(t.global_batch_size, t.rampup_batch_size)
+            }
+            # Batches that do not divide are reported with the batch sizes.
             ramp = sorted(b // per_step for b in batches if b % per_step == 0 and b < t.global_batch_size)
             problems += [
                 replace(
