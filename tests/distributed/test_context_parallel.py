@@ -311,12 +311,13 @@ def _cuda_worker(rank: int, world_size: int) -> None:
     cases: list[dict[str, object]] = [
         dict(num_query_groups=4),
         dict(num_query_groups=2),
-        dict(num_query_groups=2, attention_backend=AttnBackend.flash),
         dict(num_query_groups=4, attention_backend=AttnBackend.fused),
         dict(num_query_groups=2, document_mask=True),
     ]
+    # FlashAttention has no float32 kernel: only in bf16.
+    flash: list[dict[str, object]] = [dict(num_query_groups=2, attention_backend=AttnBackend.flash)]
     _check_attention(world, cases, seed=0, device="cuda", dtype=torch.float32, tol=2e-3)
-    _check_attention(world, cases, seed=0, device="cuda", dtype=torch.bfloat16, tol=3e-2)
+    _check_attention(world, cases + flash, seed=0, device="cuda", dtype=torch.bfloat16, tol=3e-2)
     dist.destroy_process_group()
 
 

@@ -386,6 +386,8 @@ class Checkpointer:
         if source is None:
             return None
         directory, weights_only, fld = source.directory, source.weights_only, source.field
+        if source.hf:
+            return self._load_hf(directory, fld, model, optimizer)
         if not weights_only and (directory / layout.RUN_CONFIG).is_file():
             from viaduct.training.checkpoint.config_check import check_resume_config
 
@@ -486,6 +488,33 @@ class Checkpointer:
             _rate(nbytes({**targets, **opt_targets}), time.perf_counter() - t0),
         )
         return report.step
+
+    def _load_hf(
+        self, directory: Path, fld: str, model: nn.Module, optimizer: MixedPrecisionOptimizer | None
+    ) -> int:
+        """Initial weights from a Hugging Face model directory, converted tensor by tensor into this
+        model's parameters (each rank reads only what it holds); returns 0 (weights only)."""
+        from viaduct.models.conversion import AutoBridge
+
+        t0 = time.perf_counter()
+        self._info("loading Hugging Face weights from %s", directory)
+        try:
+            AutoBridge.from_hf_pretrained(directory).load_hf_weights(model)
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise checkpoint_problem(
+                fld, "cannot load its Hugging Face weights", directory, cause=exc
+            ) from exc
+        report = LoadReport(str(directory), 0, True)
+        report.parts.append("model")
+        if optimizer is not None:  # float32 masters of 16-bit parameters follow the loaded weights
+            restore_optimizer(
+                optimizer, {}, None, float32_read=set(), fld=fld, directory=directory, report=report
+            )
+        self.last_load = report
+        self._info("loaded Hugging Face weights from %s in %.2f s", directory, time.perf_counter() - t0)
+        return 0
 
     def _restore_rng(self, directory: Path, contents: dict[str, Any], fld: str, report: LoadReport) -> None:
         path = layout.rng_file(directory, self.ctx.rank)

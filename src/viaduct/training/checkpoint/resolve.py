@@ -5,7 +5,8 @@
    names a deleted checkpoint. Loaded as a full resume, or weights only with ``finetune``.
 2. ``load`` holds nothing: ``pretrained_checkpoint`` (weights only) when set; else an error with
    ``exit_on_missing_checkpoint``; else nothing (fresh weights).
-3. Only ``pretrained_checkpoint``: a checkpoint root or one ``iter_N`` directory, weights only.
+3. Only ``pretrained_checkpoint``: a checkpoint root or one ``iter_N`` directory, weights only; or a
+   Hugging Face model directory (config.json and safetensors), whose weights are converted on load.
 
 A checkpoint explicitly asked for but absent or unreadable raises `CheckpointError` naming the field.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from viaduct.training.checkpoint import layout as L
 from viaduct.training.checkpoint.errors import checkpoint_problem
-from viaduct.training.config.checkpoint import CheckpointConfig
+from viaduct.training.config.checkpoint import CheckpointConfig, is_hf_model_dir
 
 log = logging.getLogger("viaduct")
 
@@ -31,6 +32,8 @@ class Source:
     weights_only: bool
     field: str
     """The config field that asked for it (named in errors)."""
+    hf: bool = False
+    """A Hugging Face model directory rather than a viaduct checkpoint (weights only)."""
 
 
 def resolve(c: CheckpointConfig, *, verbose: bool = True) -> Source | None:
@@ -53,11 +56,15 @@ def resolve(c: CheckpointConfig, *, verbose: bool = True) -> Source | None:
             return None
     if c.pretrained_checkpoint is not None:
         fld = "checkpoint.pretrained_checkpoint"
+        path = Path(c.pretrained_checkpoint).expanduser()
+        if not L.is_checkpoint_dir(path) and is_hf_model_dir(path):
+            return Source(path, True, fld, hf=True)
         found = find_checkpoint(Path(c.pretrained_checkpoint).expanduser(), fld, None, verbose=verbose)
         if found is None:
             raise checkpoint_problem(
                 fld,
-                "holds no checkpoint (neither an iter_N directory nor a root with complete ones)",
+                "holds no checkpoint (neither an iter_N directory nor a root with complete ones, nor a "
+                "Hugging Face model directory with config.json and safetensors)",
                 c.pretrained_checkpoint,
                 fix="point checkpoint.pretrained_checkpoint at a checkpoint root or one iter_N directory",
             )

@@ -53,7 +53,8 @@ class CheckpointConfig(ConfigBase):
     """Reload fp32 master parameters from the checkpoint without optimizer state (needs load_optim=false)."""
 
     pretrained_checkpoint: str | None = None
-    """Checkpoint to take initial weights from (root or one iter_N directory); no optimizer state."""
+    """Initial weights (no optimizer state): a checkpoint root or one iter_N directory, or a Hugging Face
+    model directory (config.json and safetensors)."""
 
     ckpt_step: int | None = None
     """Load this step from load instead of the latest."""
@@ -261,3 +262,20 @@ class CheckpointConfig(ConfigBase):
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
+HF_CONFIG = "config.json"
+"""The file that makes a directory a Hugging Face model directory (with its safetensors)."""
+
+
+def is_hf_model_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a Hugging Face model directory: a config.json and safetensors weights (one
+    file, or shards with their index)."""
+    directory = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(os.path.join(directory, HF_CONFIG)):
+        return False
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    return any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names)

@@ -161,6 +161,8 @@ class ConfigContainer(ConfigBase):
             problems += self._apply_mixed_precision()
         if self.comm_overlap is not None and not {"comm_overlap", "ddp"} & broken:
             self._apply_comm_overlap()
+        if not {"checkpoint", "tokenizer"} & broken:
+            self._tokenizer_from_pretrained()
         world = self._world_size(world_size)
         self.derive("world_size", world, "validate(world_size)")
         if "model" not in broken:
@@ -215,6 +217,21 @@ class ConfigContainer(ConfigBase):
         for note in apply_mixed_precision(mp, self.model, self.optimizer, self.ddp, label=label):
             warn(note)
         return []
+
+    def _tokenizer_from_pretrained(self) -> None:
+        """An unset tokenizer follows a Hugging Face model directory given as the pretrained checkpoint
+        (the model's own tokenizer, as people starting from published weights expect)."""
+        from viaduct.training.config.checkpoint import is_hf_model_dir
+
+        source = self.checkpoint.pretrained_checkpoint
+        tokenizer = self.tokenizer
+        if source is None or tokenizer is None or tokenizer.tokenizer_type is not None:
+            return
+        if not is_hf_model_dir(source):
+            return
+        why = "checkpoint.pretrained_checkpoint (a Hugging Face model directory)"
+        tokenizer.derive("tokenizer_type", "HuggingFaceTokenizer", why)
+        tokenizer.derive("tokenizer_model", source, why)
 
     def _apply_comm_overlap(self) -> None:
         """Explicit data-parallel overlap choices of comm_overlap land on ddp, tp_comm_overlap and the
