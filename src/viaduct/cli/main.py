@@ -10,7 +10,9 @@
     viaduct finetune        [--recipe NAME | --config-file F] [overrides...]
     viaduct data preprocess --input F.jsonl --json-keys text --tokenizer-type T ... --output-prefix P
     viaduct checkpoint inspect PATH [--json]
+    viaduct checkpoint import-hf HF_DIR OUT_DIR | export-hf CKPT_DIR OUT_DIR
     viaduct plot RUN_DIR [--output F]     (the loss curves as an HTML page)
+    viaduct generate --checkpoint DIR --prompt TEXT [--prompt ...] [--max-new-tokens N ...]
 
 Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
 flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2; a
@@ -107,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_source_args(run_p)
     from viaduct.cli.checkpoint import add_checkpoint_parser
     from viaduct.cli.data import add_data_parser
+    from viaduct.cli.generate import add_generate_parser
     from viaduct.cli.plot import add_plot_parser
 
     add_data_parser(sub)
     add_checkpoint_parser(sub)
     add_plot_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
@@ -305,9 +309,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command in ("pretrain", "finetune"):
         return _train(args.command, args, extra)
-    if args.command in ("data", "checkpoint", "plot"):
+    if args.command in ("data", "checkpoint", "plot", "generate"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "generate":
+            from viaduct.cli.generate import run_generate
+
+            return run_generate(args)
         if args.command == "plot":
             from viaduct.cli.plot import run_plot
 

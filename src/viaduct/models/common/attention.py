@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from viaduct.models.transformer_config import TransformerConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+"""One layer's KV cache: keys and values [batch, kv_heads, max_len, head_dim], written in place."""
 
 
 class AttentionKernel(Protocol):
@@ -118,9 +120,20 @@ class SelfAttention(nn.Module):
         """Set from outside to replace the attention kernel (see `AttentionKernel`); None: local."""
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [batch, seq, hidden]; attn_mask bool, True = may attend, broadcastable to [b, 1, s, s]."""
+        """x [batch, seq, hidden]; attn_mask bool, True = may attend, broadcastable to [b, 1, s, s].
+
+        With `kv_cache` (generation): this layer's cached keys and values [batch, kv_heads, max_len,
+        head_dim]; the new keys and values are written at the slots `cache_position` [seq] and the
+        queries attend over the whole cache, `attn_mask` then being [b, 1, seq, max_len] (see
+        `viaduct.inference.kv_cache.KVCache.attention_mask`).
+        """
         b, s, _ = x.shape
         per_group = self.heads_per_group
         qkv = self.linear_qkv(x)
@@ -137,12 +150,56 @@ class SelfAttention(nn.Module):
             q = apply_rotary(q, *rope, interleaved=self.rotary_interleaved)
             k = apply_rotary(k, *rope, interleaved=self.rotary_interleaved)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
-        if self.recompute_core_attention and torch.is_grad_enabled():
+        if kv_cache is not None:
+            out = self._cached_attention(q, k, v, attn_mask, kv_cache, cache_position)
+        elif self.recompute_core_attention and torch.is_grad_enabled():
             out = checkpoint(self.core_attention, q, k, v, attn_mask, use_reentrant=False)
         else:
             out = self.core_attention(q, k, v, attn_mask)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.linear_proj(out)
+
+    def _cached_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: LayerKV,
+        cache_position: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Write k, v into the cache at `cache_position`, then attend q over every cached slot.
+
+        The mask (built by the cache) already holds causality, padding and the sliding window, in
+        cache slots rather than square [seq, seq] positions, so neither the window rule nor the
+        is_causal shortcut of `core_attention` applies here.
+        """
+        if self.kernel is not None:
+            raise ValueError(
+                "generation with a KV cache runs in one process: this attention has a replacement "
+                "kernel installed (context parallelism); build the model without it"
+            )
+        if attn_mask is None or cache_position is None:
+            raise ValueError("attention with a KV cache needs the cache's attn_mask and cache_position")
+        k_all, v_all = kv_cache
+        # index_copy_ with a tensor of slots keeps the decode step's shapes static (one compiled graph
+        # for every step), where slicing by a Python int would recompile at each new position.
+        k_all.index_copy_(2, cache_position, k.to(k_all.dtype))
+        v_all.index_copy_(2, cache_position, v.to(v_all.dtype))
+        # Under autocast the new q is in the autocast dtype while the cache keeps the model's.
+        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+        if self.backend in (AttnBackend.unfused, AttnBackend.local):
+            return self._math_attention(q, k_all, v_all, attn_mask, 0.0)
+        # PyTorch picks the kernel: the flash kernel takes no mask, and one query row per step gains
+        # nothing from it.
+        return F.scaled_dot_product_attention(
+            q,
+            k_all,
+            v_all,
+            attn_mask=attn_mask,
+            scale=self.scale,
+            enable_gqa=k_all.shape[1] != q.shape[1],
+        )
 
     def core_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from viaduct.models.common.attention import Rope, SelfAttention
+from viaduct.models.common.attention import LayerKV, Rope, SelfAttention
 from viaduct.models.common.mlp import MLP
 from viaduct.models.common.norms import Norm
 
@@ -68,11 +68,20 @@ class TransformerLayer(nn.Module):
         self.recompute_mlp = "mlp" in selective
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`kv_cache` / `cache_position`: generation with a KV cache (see `SelfAttention.forward`)."""
         h = self.input_layernorm(x)
         residual = h if self.residual_post_norm else x
-        h = self.self_attention(h, rope, attn_mask)
+        if kv_cache is not None:
+            h = self.self_attention(h, rope, attn_mask, kv_cache, cache_position)
+        else:
+            h = self.self_attention(h, rope, attn_mask)
         x = residual + F.dropout(h, self.hidden_dropout, self.training)
         h = self.pre_mlp_layernorm(x)
         residual = h if self.residual_post_norm else x
@@ -162,10 +171,20 @@ class TransformerBlock(nn.Module):
         self.recompute_num_layers = cfg.recompute_num_layers or 0
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: Sequence[LayerKV] | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`kv_cache`: one `LayerKV` per layer held here, in order (generation; no recompute then)."""
         # A plain list: torch.compile unpacks a ModuleDict (subclass) into its keys, not its layers.
         layers = list(self.layers.values())
+        if kv_cache is not None:
+            for layer, kv in zip(layers, kv_cache, strict=True):
+                x = layer(x, rope, attn_mask, kv, cache_position)
+            return self.final_layernorm(x) if self.final_layernorm is not None else x
         n = self.recompute_num_layers
         if self.recompute_method == "uniform" and torch.is_grad_enabled():
             for start in range(0, len(layers), n):

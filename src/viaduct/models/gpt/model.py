@@ -31,6 +31,7 @@ from viaduct.models.common.transformer import TransformerBlock
 
 if TYPE_CHECKING:
     from viaduct.distributed.pipeline_split import StageSpec
+    from viaduct.inference.kv_cache import KVCache
     from viaduct.models.gpt.provider import GPTModelProvider
 
 
@@ -87,7 +88,9 @@ class GPTModel(nn.Module):
     `forward(input_ids, position_ids=None, attention_mask=None, labels=None)` returns logits
     [batch, seq, vocab], or the per-token loss [batch, seq] (float32) when `labels` are given.
     `attention_mask` follows Megatron: a bool tensor broadcastable to [batch, 1, seq, seq] where True
-    means *masked out*; unset means causal. Build it with `GPTModelProvider.provide()`.
+    means *masked out*; unset means causal. Build it with `GPTModelProvider.provide()`. With
+    `kv_cache=` and `cache_position=` it runs one generation step over a `viaduct.inference.KVCache`
+    (see `forward`).
 
     A pipeline stage (`layers`, by default the `stage`'s; pre_process / post_process as the stage
     says) takes its input from `set_input_tensor` unless it is the first, and returns the hidden
@@ -248,10 +251,23 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """On a stage built with pre_process=False only the shape [batch, seq] of `input_ids` is read
         (the sequence length, for the rotary embedding); the input is the tensor of `set_input_tensor`.
-        `labels` matter only with post_process."""
+        `labels` matter only with post_process.
+
+        Generation (`viaduct.inference`): with `kv_cache` (a `viaduct.inference.KVCache`) the new
+        tokens take the cache slots `cache_position` (int64 [seq]), their keys and values are stored
+        there and they attend over everything cached before them; `position_ids` default to the
+        cache's (slot minus the row's left padding) and the mask is the cache's, so `attention_mask`
+        and `labels` must be unset. Without a cache nothing of this runs.
+        """
+        if kv_cache is not None:
+            return self._forward_cached(
+                input_ids, position_ids, attention_mask, labels, kv_cache, cache_position
+            )
         seq_len = input_ids.shape[1]
         if seq_len > self.seq_length:
             raise ValueError(
@@ -285,6 +301,43 @@ class GPTModel(nn.Module):
                     logits = F.linear(h, self.output_weight())
                 return logits.to(self.logit_dtype) if self.logit_dtype is not None else logits
             return self.loss(h, labels)
+
+    def _forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        kv_cache: KVCache,
+        cache_position: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`forward` with a KV cache: logits [batch, seq, vocab] of the new tokens (see `forward`)."""
+        if attention_mask is not None or labels is not None or cache_position is None:
+            raise ValueError(
+                "forward with kv_cache takes cache_position and no attention_mask or labels "
+                "(the cache builds the mask; generation computes no loss)"
+            )
+        if not (self.pre_process and self.post_process) or self.embedding is None:
+            raise ValueError("generation with a KV cache needs the whole model, not one pipeline stage")
+        if position_ids is None:
+            position_ids = kv_cache.position_ids(cache_position)
+        h = self.embedding(input_ids, position_ids)
+        if self.fp32_residual:
+            h = h.float()
+        rope = self.rotary(input_ids.shape[1], position_ids) if self.rotary is not None else None
+        allowed = kv_cache.attention_mask(cache_position)
+        autocast = (
+            torch.autocast(h.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            h = self.decoder(h, rope, allowed, kv_cache.layers, cache_position)
+            if self.vocab_output is not None:
+                logits = self.vocab_output.logits(h, self.output_weight())
+            else:
+                logits = F.linear(h, self.output_weight())
+        return logits.to(self.logit_dtype) if self.logit_dtype is not None else logits
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq] (float32) of the final hidden states."""

@@ -1,0 +1,266 @@
+"""Parameter names and layouts: viaduct (Megatron names) <-> Hugging Face, per architecture.
+
+Layouts that differ (each conversion is a pure reshuffle of rows, so a round trip is bitwise):
+
+- Fused QKV. viaduct's `linear_qkv` rows are grouped by key/value group: for each group its
+  heads/groups query heads, then its key head, then its value head (`head_dim` rows each). Hugging Face
+  Llama-style models keep `q_proj`, `k_proj` and `v_proj` apart; GPT-2's `c_attn` holds all queries,
+  then all keys, then all values.
+- Gated MLP. viaduct's `linear_fc1` interleaves the rows: row 2i is gate unit i, row 2i+1 up unit i;
+  Hugging Face has `gate_proj` and `up_proj`.
+- GPT-2's `Conv1D` layers store the weight as [in, out], the transpose of a linear layer's.
+- Vocabulary: viaduct's embedding / output rows may be padded past the vocabulary (tensor
+  parallelism); only the first vocab_size rows are Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from viaduct.models.gpt.provider import GPTModelProvider
+
+Kind = Literal["copy", "transpose", "qkv", "fused_qkv_t", "fused_qkv_bias", "gated"]
+"""How a viaduct tensor is made from its Hugging Face tensors: copied, transposed (GPT-2 Conv1D),
+merged from q/k/v, from GPT-2's fused [q|k|v] (weight transposed, or bias), or from gate/up."""
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """The head layout of a fused QKV projection."""
+
+    groups: int
+    """Key/value groups."""
+    heads_per_group: int
+    """Query heads per group."""
+    head_dim: int
+    """Rows per head."""
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """One viaduct parameter and the Hugging Face tensors it is made of."""
+
+    megatron: str
+    """The viaduct (Megatron) parameter name."""
+    hf: tuple[str, ...]
+    """The Hugging Face tensor names, in the order the merge takes them."""
+    hf_shapes: tuple[tuple[int, ...], ...]
+    """The shape each Hugging Face tensor must have."""
+    kind: Kind = "copy"
+    """How the tensors merge (see `Kind`)."""
+    qkv: QKVLayout | None = None
+    """The head layout (QKV kinds only)."""
+    vocab_rows: bool = False
+    """The viaduct tensor may have padding rows past the Hugging Face rows (embedding, output layer)."""
+
+    def megatron_shape(self) -> tuple[int, ...]:
+        """The shape of the merged tensor (without vocabulary padding)."""
+        first = self.hf_shapes[0]
+        if self.kind in ("transpose", "fused_qkv_t"):
+            return (first[1], first[0])
+        if self.kind in ("qkv", "gated"):
+            return (sum(s[0] for s in self.hf_shapes), *first[1:])
+        return first
+
+    # ------------------------------------------------------------------ conversion
+
+    def to_megatron(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Merge the Hugging Face tensors (in `hf` order) into the viaduct tensor."""
+        if self.kind == "copy":
+            return tensors[0]
+        if self.kind == "transpose":
+            return tensors[0].t().contiguous()
+        if self.kind == "gated":
+            gate, up = tensors
+            return torch.stack((gate, up), dim=1).flatten(0, 1)
+        if self.kind == "qkv":
+            q, k, v = tensors
+        else:  # GPT-2's c_attn: [q | k | v] along the output dimension
+            fused = tensors[0].t() if self.kind == "fused_qkv_t" else tensors[0]
+            q, k, v = fused.chunk(3, dim=0)
+        assert self.qkv is not None
+        g, per, d = self.qkv.groups, self.qkv.heads_per_group, self.qkv.head_dim
+        rest = q.shape[1:]
+        return torch.cat(
+            (
+                q.reshape(g, per, d, *rest),
+                k.reshape(g, 1, d, *rest),
+                v.reshape(g, 1, d, *rest),
+            ),
+            dim=1,
+        ).reshape(-1, *rest)
+
+    def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Split the viaduct tensor into the Hugging Face tensors (in `hf` order), each contiguous."""
+        if self.kind == "copy":
+            return [tensor]
+        if self.kind == "transpose":
+            return [tensor.t().contiguous()]
+        if self.kind == "gated":
+            pairs = tensor.unflatten(0, (-1, 2))
+            return [pairs[:, 0].contiguous(), pairs[:, 1].contiguous()]
+        assert self.qkv is not None
+        per, rest = self.qkv.heads_per_group, tensor.shape[1:]
+        grouped = tensor.reshape(self.qkv.groups, per + 2, self.qkv.head_dim, *rest)
+        q, k, v = grouped.split([per, 1, 1], dim=1)
+        q, k, v = (t.reshape(-1, *rest) for t in (q, k, v))
+        if self.kind == "qkv":
+            return [q.contiguous(), k.contiguous(), v.contiguous()]
+        fused = torch.cat((q, k, v), dim=0)
+        return [fused.t().contiguous() if self.kind == "fused_qkv_t" else fused.contiguous()]
+
+
+# Tensors some checkpoints carry that are not parameters (causal-mask and rotary buffers of older
+# transformers versions): accepted and skipped.
+_IGNORED = {
+    "GPT2LMHeadModel": re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$"),
+    "llama": re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+}
+
+
+def is_ignored(arch: str, hf_name: str) -> bool:
+    """Whether a checkpoint tensor is a known non-parameter (a buffer older exports saved)."""
+    pattern = _IGNORED["GPT2LMHeadModel" if arch == "GPT2LMHeadModel" else "llama"]
+    return pattern.search(hf_name) is not None
+
+
+def hf_name_candidates(arch: str, hf_name: str) -> tuple[str, ...]:
+    """The names a checkpoint may store `hf_name` under: the original GPT-2 checkpoints lack the
+    `transformer.` prefix that GPT2LMHeadModel saves."""
+    if arch == "GPT2LMHeadModel" and hf_name.startswith("transformer."):
+        return (hf_name, hf_name.removeprefix("transformer."))
+    return (hf_name,)
+
+
+def param_mappings(arch: str, cfg: GPTModelProvider) -> dict[str, ParamMapping]:
+    """Every parameter of the whole model `cfg` builds, by viaduct name (finalized `cfg`)."""
+    if arch == "GPT2LMHeadModel":
+        return _gpt2(cfg)
+    return _llama_style(cfg)
+
+
+def _dims(cfg: GPTModelProvider) -> tuple[int, int, int, int, int, int]:
+    assert cfg.kv_channels is not None and cfg.num_query_groups is not None and cfg.ffn_hidden_size
+    assert cfg.vocab_size is not None
+    return (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_query_groups,
+        cfg.kv_channels,
+        cfg.ffn_hidden_size,
+        cfg.vocab_size,
+    )
+
+
+def _llama_style(cfg: GPTModelProvider) -> dict[str, ParamMapping]:
+    h, heads, groups, d, ffn, vocab = _dims(cfg)
+    out: list[ParamMapping] = [
+        ParamMapping(
+            "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, h),), vocab_rows=True
+        ),
+        ParamMapping("decoder.final_layernorm.weight", ("model.norm.weight",), ((h,),)),
+    ]
+    if not cfg.share_embeddings_and_output_weights:
+        out.append(ParamMapping("output_layer.weight", ("lm_head.weight",), ((vocab, h),), vocab_rows=True))
+    qkv = QKVLayout(groups, heads // groups, d)
+    bias = cfg.add_bias_linear
+    for i in range(cfg.num_layers):
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        attn = p + "self_attn."
+        out += [
+            ParamMapping(m + "input_layernorm.weight", (p + "input_layernorm.weight",), ((h,),)),
+            ParamMapping(m + "pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), ((h,),)),
+            ParamMapping(
+                m + "self_attention.linear_qkv.weight",
+                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                ((heads * d, h), (groups * d, h), (groups * d, h)),
+                "qkv",
+                qkv=qkv,
+            ),
+            ParamMapping(
+                m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), ((h, heads * d),)
+            ),
+            ParamMapping(
+                m + "mlp.linear_fc1.weight",
+                (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                ((ffn, h), (ffn, h)),
+                "gated",
+            ),
+            ParamMapping(m + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), ((h, ffn),)),
+        ]
+        if bias or cfg.add_qkv_bias:
+            out.append(
+                ParamMapping(
+                    m + "self_attention.linear_qkv.bias",
+                    (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"),
+                    ((heads * d,), (groups * d,), (groups * d,)),
+                    "qkv",
+                    qkv=qkv,
+                )
+            )
+        if bias:
+            out += [
+                ParamMapping(m + "self_attention.linear_proj.bias", (attn + "o_proj.bias",), ((h,),)),
+                ParamMapping(
+                    m + "mlp.linear_fc1.bias",
+                    (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
+                    ((ffn,), (ffn,)),
+                    "gated",
+                ),
+                ParamMapping(m + "mlp.linear_fc2.bias", (p + "mlp.down_proj.bias",), ((h,),)),
+            ]
+        if cfg.qk_layernorm:
+            out += [
+                ParamMapping(m + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",), ((d,),)),
+                ParamMapping(m + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), ((d,),)),
+            ]
+    return {pm.megatron: pm for pm in out}
+
+
+def _gpt2(cfg: GPTModelProvider) -> dict[str, ParamMapping]:
+    h, heads, _, d, ffn, vocab = _dims(cfg)
+    t = "transformer."
+    out: list[ParamMapping] = [
+        ParamMapping("embedding.word_embeddings.weight", (t + "wte.weight",), ((vocab, h),), vocab_rows=True),
+        ParamMapping("embedding.position_embeddings.weight", (t + "wpe.weight",), ((cfg.seq_length, h),)),
+        ParamMapping("decoder.final_layernorm.weight", (t + "ln_f.weight",), ((h,),)),
+        ParamMapping("decoder.final_layernorm.bias", (t + "ln_f.bias",), ((h,),)),
+    ]
+    if not cfg.share_embeddings_and_output_weights:
+        out.append(ParamMapping("output_layer.weight", ("lm_head.weight",), ((vocab, h),), vocab_rows=True))
+    qkv = QKVLayout(heads, 1, d)
+    for i in range(cfg.num_layers):
+        m, p = f"decoder.layers.{i}.", f"{t}h.{i}."
+        out += [
+            ParamMapping(m + "input_layernorm.weight", (p + "ln_1.weight",), ((h,),)),
+            ParamMapping(m + "input_layernorm.bias", (p + "ln_1.bias",), ((h,),)),
+            ParamMapping(m + "pre_mlp_layernorm.weight", (p + "ln_2.weight",), ((h,),)),
+            ParamMapping(m + "pre_mlp_layernorm.bias", (p + "ln_2.bias",), ((h,),)),
+            ParamMapping(
+                m + "self_attention.linear_qkv.weight",
+                (p + "attn.c_attn.weight",),
+                ((h, 3 * h),),
+                "fused_qkv_t",
+                qkv=qkv,
+            ),
+            ParamMapping(
+                m + "self_attention.linear_qkv.bias",
+                (p + "attn.c_attn.bias",),
+                ((3 * h,),),
+                "fused_qkv_bias",
+                qkv=qkv,
+            ),
+            ParamMapping(
+                m + "self_attention.linear_proj.weight", (p + "attn.c_proj.weight",), ((h, h),), "transpose"
+            ),
+            ParamMapping(m + "self_attention.linear_proj.bias", (p + "attn.c_proj.bias",), ((h,),)),
+            ParamMapping(m + "mlp.linear_fc1.weight", (p + "mlp.c_fc.weight",), ((h, ffn),), "transpose"),
+            ParamMapping(m + "mlp.linear_fc1.bias", (p + "mlp.c_fc.bias",), ((ffn,),)),
+            ParamMapping(m + "mlp.linear_fc2.weight", (p + "mlp.c_proj.weight",), ((ffn, h),), "transpose"),
+            ParamMapping(m + "mlp.linear_fc2.bias", (p + "mlp.c_proj.bias",), ((h,),)),
+        ]
+    return {pm.megatron: pm for pm in out}
