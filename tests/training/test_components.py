@@ -155,11 +155,6 @@ def test_spec_defaults():
         (LoggerConfig(mlflow_experiment="x"), "logger.mlflow_experiment", "MLflow"),
         (LoggerConfig(comet_project="x"), "logger.comet_project", "Comet"),
         (
-            CheckpointConfig(also_save_hf_checkpoint=True),
-            "checkpoint.also_save_hf_checkpoint",
-            "Hugging Face",
-        ),
-        (
             RerunStateMachineConfig(rerun_mode="validate_results"),
             "rerun_state_machine.rerun_mode",
             "re-running",

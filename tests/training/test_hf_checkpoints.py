@@ -181,3 +181,62 @@ def test_no_hugging_face_architecture_is_invented() -> None:
     provider.position_embedding_type = "rope"
     with pytest.raises(ConfigError, match="no Hugging Face architecture computes this model"):
         hf_config_from_provider(provider)
+
+
+def _train_with_hf_copy(rank: int, world: int, save: str, overrides: tuple[str, ...]) -> None:
+    cfg = tiny_pretrain_config(
+        "train.train_iters=2",
+        "train.eval_iters=0",
+        f"checkpoint.save={save}",
+        "checkpoint.save_interval=1",
+        "checkpoint.also_save_hf_checkpoint=true",
+        *overrides,
+    )
+    pretrain(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_each_checkpoint_carries_a_hugging_face_copy(tmp_path: Path) -> None:
+    """One process and a sharded pair write the same copy into every iter_N/hf; it computes what the
+    checkpoint's model computes, and the checkpoint still resumes."""
+    from viaduct.inference.load import load_checkpoint
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _train_with_hf_copy(0, 1, one, ())
+    run_distributed(_train_with_hf_copy, 2, two, ("ddp.use_distributed_optimizer=true",), timeout=240)
+    for step in (1, 2):
+        copy = Path(one) / f"iter_{step:07d}" / "hf"
+        assert (copy / "config.json").is_file()
+        sharded = load_hf(Path(two) / f"iter_{step:07d}" / "hf").state_dict()
+        for name, value in load_hf(copy).state_dict().items():
+            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    loaded = load_checkpoint(one, device="cpu")
+    config = json.loads((Path(one) / "iter_0000002" / "hf" / "config.json").read_text())
+    ids = torch.randint(0, config["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = loaded.model(ids)[..., : config["vocab_size"]]
+        got = load_hf(Path(one) / "iter_0000002" / "hf")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    resumed = pretrain(
+        tiny_pretrain_config("train.train_iters=3", "train.eval_iters=0", f"checkpoint.load={one}")
+    )
+    assert resumed.train_state.step == 3
+
+
+def test_the_hugging_face_copy_is_refused_where_it_cannot_be_written(tmp_path: Path) -> None:
+    from viaduct.config import ConfigError
+
+    cases = {
+        "checkpoint.save is unset": (),
+        "synchronously": (f"checkpoint.save={tmp_path}", "checkpoint.async_save=true"),
+        "pipeline parallelism": (
+            f"checkpoint.save={tmp_path}",
+            "model.pipeline_model_parallel_size=2",
+        ),
+        "no Hugging Face architecture": (f"checkpoint.save={tmp_path}", "model.normalization=LayerNorm"),
+    }
+    for expected, overrides in cases.items():
+        cfg = tiny_pretrain_config("checkpoint.also_save_hf_checkpoint=true", *overrides)
+        with pytest.raises(ConfigError, match=expected):
+            cfg.validate(world_size=2)

@@ -241,6 +241,8 @@ class Checkpointer:
                 final,
                 _rate(size, time.perf_counter() - t0),
             )
+            if ckpt.also_save_hf_checkpoint:
+                self._save_hf_copy(model, final)
             return str(final)
 
         # Async: stage (the only part that blocks the loop), then write and finish in the background.
@@ -488,6 +490,20 @@ class Checkpointer:
             _rate(nbytes({**targets, **opt_targets}), time.perf_counter() - t0),
         )
         return report.step
+
+    def _save_hf_copy(self, model: nn.Module, final: Path) -> None:
+        """checkpoint.also_save_hf_checkpoint: the weights as a Hugging Face directory, `final/hf`.
+        Every rank takes part (sharded parameters are gathered one at a time); rank 0 writes."""
+        from viaduct.training.checkpoint.hf import HF_COPY, bridge_for
+
+        t0 = time.perf_counter()
+        bridge = bridge_for(self.cfg.model)
+        if self.ctx.rank == 0:
+            bridge.save_hf_pretrained(model, final / HF_COPY)
+        else:
+            for _ in bridge.export_hf_weights(model):
+                pass
+        self._info("wrote its Hugging Face copy to %s in %.2f s", final / HF_COPY, time.perf_counter() - t0)
 
     def _load_hf(
         self, directory: Path, fld: str, model: nn.Module, optimizer: MixedPrecisionOptimizer | None

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +25,13 @@ from viaduct.training.checkpoint import layout
 from viaduct.training.checkpoint.checkpointer import Checkpointer
 from viaduct.training.state import TrainState
 
+if TYPE_CHECKING:
+    from viaduct.models.conversion import AutoBridge
+
 log = logging.getLogger("viaduct")
+
+HF_COPY = "hf"
+"""The subdirectory of a checkpoint that checkpoint.also_save_hf_checkpoint writes."""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 """Any of these makes a Hugging Face directory carry its tokenizer."""
@@ -85,27 +92,19 @@ def export_hf_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
     max_shard_size: int = 5 * 2**30,
+    bridge: AutoBridge | None = None,
 ) -> Path:
     """Write the weights of the viaduct checkpoint `ckpt_dir` (a root: its latest; or one iter_N
     directory) as a Hugging Face model directory `out_dir`; returns it.
 
     The Hugging Face config is the source model's when the run started from a Hugging Face directory
-    that is still there (`model.hf_model_id`), else the one `provider_config` maps the model to. The
-    tokenizer files come from the run's Hugging Face tokenizer when it had one.
+    that is still there (`model.hf_model_id`), else the one `provider_config` maps the model to; or
+    `bridge`'s. The tokenizer files come from the run's Hugging Face tokenizer when it had one.
     """
     from viaduct.inference.load import load_checkpoint
-    from viaduct.models.conversion import AutoBridge
-    from viaduct.models.conversion.provider_config import hf_config_from_provider
-    from viaduct.training.config.checkpoint import is_hf_model_dir
 
     loaded = load_checkpoint(Path(ckpt_dir), device="cpu")
-    provider = loaded.config.model
-    assert isinstance(provider, GPTModelProvider)  # load_checkpoint builds GPT models only
-    source = provider.hf_model_id
-    if source is not None and is_hf_model_dir(source):
-        bridge = AutoBridge.from_hf_pretrained(source)
-    else:
-        bridge = AutoBridge.from_hf_config(hf_config_from_provider(provider))
+    bridge = bridge or bridge_for(loaded.config.model)
     out = Path(out_dir).expanduser()
     bridge.save_hf_pretrained(loaded.model, out, max_shard_size=max_shard_size)
     tokenizer = loaded.config.tokenizer
@@ -116,3 +115,21 @@ def export_hf_checkpoint(
                 shutil.copyfile(model_dir / name, out / name)
     log.info("exported %s (%s) to %s", loaded.directory, bridge.architecture, out)
     return out
+
+
+def bridge_for(provider: object) -> AutoBridge:
+    """The bridge that exports `provider`'s model: the Hugging Face model it came from when that
+    directory is still there (`model.hf_model_id`: its config and tokenizer files), else the config
+    `provider_config` maps it to."""
+    from viaduct.models.conversion import AutoBridge
+    from viaduct.models.conversion.provider_config import hf_config_from_provider
+    from viaduct.training.config.checkpoint import is_hf_model_dir
+
+    if not isinstance(provider, GPTModelProvider):
+        raise ConfigError(
+            Problem("model", "only GPT-family models export to Hugging Face", type(provider).__name__)
+        )
+    source = provider.hf_model_id
+    if source is not None and is_hf_model_dir(source):
+        return AutoBridge.from_hf_pretrained(source)
+    return AutoBridge.from_hf_config(hf_config_from_provider(provider))

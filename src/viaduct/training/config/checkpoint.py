@@ -123,12 +123,13 @@ class CheckpointConfig(ConfigBase):
     replication_factor: int = unsupported(_REPLICATION, default=2)
     """Number of machines holding each replica."""
 
-    also_save_hf_checkpoint: bool = unsupported("Hugging Face export next to checkpoints", default=False)
-    """Also write Hugging Face safetensors into each checkpoint."""
+    also_save_hf_checkpoint: bool = False
+    """Also write a Hugging Face copy of the weights into each checkpoint (iter_N/hf/)."""
 
     _legacy_fields_: ClassVar[dict[str, str]] = {
         **{
-            name: "Hugging Face export next to checkpoints is not built"
+            name: "the Hugging Face copy takes its config from the model (or model.hf_model_id), is "
+            "written by rank 0 and never runs remote code"
             for name in (
                 "hf_source_path",
                 "hf_trust_remote_code",

@@ -180,6 +180,7 @@ class ConfigContainer(ConfigBase):
                 broken.add(name)
         problems += self._cross_checks(broken)
         problems += self._pipeline_schedule_problems(broken)
+        problems += self._hf_copy_problems(broken)
         problems += self._layout_problems(broken)
         problems += self._runnable_problems(broken)
         problems += self._env_var_problems(broken)
@@ -463,6 +464,52 @@ class ConfigContainer(ConfigBase):
                     else None,
                 )
                 for p in schedule_problems(model, ramp, samples_per_microbatch=per_step)
+            ]
+        return problems
+
+    def _hf_copy_problems(self, broken: set[str]) -> list[Problem]:
+        """checkpoint.also_save_hf_checkpoint: a model a Hugging Face architecture computes, saved
+        whole and synchronously."""
+        from viaduct.models.conversion.provider_config import hf_config_from_provider
+
+        ck = self.checkpoint
+        if "checkpoint" in broken or not ck.also_save_hf_checkpoint:
+            return []
+        name = "checkpoint.also_save_hf_checkpoint"
+        problems = []
+        if ck.save is None:
+            problems.append(Problem(name, "has nothing to write into: checkpoint.save is unset", True))
+        if ck.async_save:
+            problems.append(
+                Problem(
+                    name,
+                    "the Hugging Face copy is written with each checkpoint, synchronously",
+                    True,
+                    fix="set checkpoint.async_save=false, or export later (viaduct checkpoint export-hf)",
+                )
+            )
+        if "model" in broken or not isinstance(self.model, GPTModelProvider):
+            return problems
+        if self.model.pipeline_model_parallel_size > 1:
+            problems.append(
+                Problem(
+                    name,
+                    "is not supported yet with pipeline parallelism (the copy needs every stage's weights)",
+                    True,
+                    fix="export later (viaduct checkpoint export-hf)",
+                )
+            )
+        try:
+            hf_config_from_provider(self.model)
+        except ConfigError as exc:  # no Hugging Face architecture computes this model
+            problems += [
+                replace(
+                    p,
+                    message="no Hugging Face architecture computes it for its copy "
+                    f"(checkpoint.also_save_hf_checkpoint): {p.message}",
+                    fix="set checkpoint.also_save_hf_checkpoint=false",
+                )
+                for p in exc.problems
             ]
         return problems
 
