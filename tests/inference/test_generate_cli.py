@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,11 @@ import torch
 from viaduct.cli.main import main
 from viaduct.config import ConfigError
 from viaduct.inference import generate, load_checkpoint
+from viaduct.testing import run_viaduct
 
 
-def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "viaduct", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return run_viaduct(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

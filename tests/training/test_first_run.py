@@ -9,7 +9,6 @@ import re
 import shlex
 import struct
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from viaduct.cli.main import main
 from viaduct.recipes import tiny_gpt_pretrain_config
-from viaduct.testing import tiny_pretrain_config, torchrun_viaduct
+from viaduct.testing import run_viaduct, tiny_pretrain_config, torchrun_viaduct
 from viaduct.training import curves as curves_mod
 from viaduct.training import run_report
 from viaduct.training.curves import PLOT_FILE, read_curves, write_plot
@@ -27,15 +26,8 @@ from viaduct.training.run_report import draw_curves, run_paths
 SHORT = ("train.train_iters=2", "train.global_batch_size=8", "logger.log_interval=1", "train.eval_iters=1")
 
 
-def _cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "viaduct", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return run_viaduct(*args, cwd=cwd, timeout=timeout)
 
 
 def _suggested(out: str, label: str) -> list[str]:

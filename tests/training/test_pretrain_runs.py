@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from viaduct.testing import tiny_pretrain_config, torchrun_viaduct
+from viaduct.testing import run_viaduct, tiny_pretrain_config, torchrun_viaduct
 from viaduct.training.pretrain import pretrain
 
 
@@ -68,15 +68,8 @@ def test_fp16_overflows_are_skipped_and_counted(tmp_path, caplog):
     assert scales[0] < 1e30 and scales == sorted(scales, reverse=True)
 
 
-def _cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "viaduct", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return run_viaduct(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.slow

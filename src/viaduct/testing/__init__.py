@@ -3,12 +3,19 @@ tiny configurations, and exact comparison of training state."""
 
 from viaduct.testing.compare import assert_identical
 from viaduct.testing.configs import tiny_pretrain_config
-from viaduct.testing.distributed import free_port, run_distributed, torchrun_nodes, torchrun_viaduct
+from viaduct.testing.distributed import (
+    free_port,
+    run_distributed,
+    run_viaduct,
+    torchrun_nodes,
+    torchrun_viaduct,
+)
 
 __all__ = [
     "assert_identical",
     "free_port",
     "run_distributed",
+    "run_viaduct",
     "tiny_pretrain_config",
     "torchrun_nodes",
     "torchrun_viaduct",

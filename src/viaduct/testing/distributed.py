@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_viaduct(
+    *args: str, cwd: str | os.PathLike[str], timeout: float = 240.0
+) -> subprocess.CompletedProcess[str]:
+    """Run `viaduct ARGS` in a fresh Python process, as a user would; output is captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "viaduct", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def torchrun_viaduct(
     nproc: int, *args: str, cwd: str | os.PathLike[str], timeout: float = 240.0
 ) -> subprocess.CompletedProcess[str]:
