@@ -5,9 +5,7 @@ and CLI) and the export of a model trained from scratch. transformers is the ora
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,11 @@ from tests.models.conversion.conversion_helpers import VOCAB, load_hf, save_hf, 
 
 from viaduct.models.conversion import AutoBridge
 from viaduct.models.conversion.provider_config import hf_config_from_provider
-from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.testing import run_distributed, run_viaduct, tiny_pretrain_config
 from viaduct.training.callbacks import CallbackContext
 from viaduct.training.checkpoint.hf import export_hf_checkpoint, import_hf_checkpoint
 from viaduct.training.config import ConfigContainer
-from viaduct.training.pretrain import pretrain
+from viaduct.training.pretrain import finetune, pretrain
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,13 +45,14 @@ def _run_config(pretrained: str, *overrides: str, hf: str | None = None) -> Conf
 def _first_losses(
     rank: int, world: int, pretrained: str, overrides: tuple[str, ...], hf: str | None = None
 ) -> list[float]:
+    """The losses of a fine-tuning run (`finetune()`: it must start from the weights)."""
     losses: list[float] = []
 
     def step_end(ctx: CallbackContext) -> None:
         if ctx.metrics["losses"]:
             losses.append(float(ctx.metrics["losses"]["lm loss"]))
 
-    pretrain(_run_config(pretrained, *overrides, hf=hf), callbacks=[{"on_train_step_end": step_end}])
+    finetune(_run_config(pretrained, *overrides, hf=hf), callbacks=[{"on_train_step_end": step_end}])
     return losses
 
 
@@ -110,8 +109,10 @@ def test_an_unset_tokenizer_follows_a_hugging_face_directory(hf_dir: Path, tmp_p
 
 
 def test_import_then_export_gives_the_hugging_face_model_back(hf_dir: Path, tmp_path: Path) -> None:
-    ckpt = import_hf_checkpoint(hf_dir, tmp_path / "ckpt")
-    out = export_hf_checkpoint(ckpt.parent, tmp_path / "hf", max_shard_size=20_000)
+    # Megatron Bridge's names for the two conversions.
+    ckpt = AutoBridge.import_ckpt(hf_dir, tmp_path / "ckpt")
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    out = bridge.export_ckpt(ckpt.parent, tmp_path / "hf", max_shard_size=20_000)
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     ids = tokens()
     with torch.no_grad():
@@ -144,14 +145,7 @@ def test_a_model_trained_from_scratch_exports_to_transformers(tmp_path: Path) ->
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "viaduct", "checkpoint", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return run_viaduct("checkpoint", *args, cwd=cwd)
 
 
 @pytest.mark.slow

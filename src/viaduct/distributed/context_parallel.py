@@ -215,15 +215,15 @@ class ContextParallelAttention:
         # Plain causal multi-head attention on CUDA takes the lower-right causal bias below. Grouped
         # queries keep the tensor mask: where flash is refused, that bias calls the memory-efficient
         # kernel directly, bypassing the dispatcher's check of unequal head counts.
-        plain_cuda = (
-            q.device.type == "cuda"
-            and not math_path
-            and left is None
-            and attn_mask is None
-            and module.num_groups == module.num_heads
-        )
+        causal_only = q.device.type == "cuda" and not math_path and left is None and attn_mask is None
+        # FlashAttention takes no tensor mask: grouped keys and values are repeated to one per query
+        # head so that the lower-right causal bias applies.
+        expand = causal_only and module.backend == AttnBackend.flash and module.num_groups != module.num_heads
+        plain_cuda = causal_only and (module.num_groups == module.num_heads or expand)
 
         kv = gather_sequence(torch.stack((k, v)), self.group, seq_dim=3)  # [2, b, groups, seq, d]
+        if expand:
+            kv = kv.repeat_interleave(module.num_heads // module.num_groups, dim=2)
         backends = None if math_path else _SDPA_BACKENDS[module.backend]
         kernels = sdpa_kernel(backends) if backends is not None else contextlib.nullcontext()
         outs = []
@@ -260,7 +260,7 @@ class ContextParallelAttention:
                         attn_mask=mask,
                         dropout_p=dropout_p,
                         scale=module.scale,
-                        enable_gqa=module.num_groups != module.num_heads,
+                        enable_gqa=ki.shape[1] != qi.shape[1],
                     )
                 )
         return torch.cat(outs, dim=2)

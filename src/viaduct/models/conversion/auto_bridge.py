@@ -255,6 +255,13 @@ class AutoBridge:
             with torch.no_grad():
                 for name, param in params.items():
                     pm = mappings[name]
+                    views = pm.megatron_views(param)
+                    if views is not None:
+                        # Straight from the file into the parameter's rows: no merged copy, no
+                        # memory-mapped pages left resident (see SafetensorsReader.read_into).
+                        for hf, view in zip(pm.hf, views, strict=True):
+                            reader.read_into(resolved[hf], view)
+                        continue
                     merged = pm.to_megatron([reader.tensor(resolved[hf]) for hf in pm.hf])
                     _copy_into(param, merged)
 
@@ -287,6 +294,35 @@ class AutoBridge:
                     header="AutoBridge.export_hf_weights",
                 )
             yield from zip(pm.hf, pm.to_hf(full), strict=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def import_ckpt(
+        cls,
+        hf_model_id: str | os.PathLike[str],
+        megatron_path: str | os.PathLike[str],
+        torch_dtype: torch.dtype | str | None = None,
+    ) -> Path:
+        """Convert a Hugging Face model (directory or Hub id) into a viaduct checkpoint under
+        `megatron_path`; returns its iter_0000000 directory (`viaduct checkpoint import-hf`)."""
+        from viaduct.training.checkpoint.hf import import_hf_checkpoint
+
+        return import_hf_checkpoint(hf_model_id, megatron_path, torch_dtype=torch_dtype)
+
+    def export_ckpt(
+        self,
+        megatron_path: str | os.PathLike[str],
+        hf_path: str | os.PathLike[str],
+        *,
+        max_shard_size: int = 5 * 2**30,
+    ) -> Path:
+        """Write the weights of the viaduct checkpoint `megatron_path` (a root: its latest; or one
+        iter_N directory) as a Hugging Face directory with this bridge's config (`viaduct checkpoint
+        export-hf` picks the config itself)."""
+        from viaduct.training.checkpoint.hf import export_hf_checkpoint
+
+        return export_hf_checkpoint(megatron_path, hf_path, max_shard_size=max_shard_size, bridge=self)
 
     def save_hf_pretrained(
         self, model: nn.Module, path: str | os.PathLike[str], *, max_shard_size: int = 5 * 2**30

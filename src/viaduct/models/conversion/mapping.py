@@ -94,6 +94,28 @@ class ParamMapping:
             dim=1,
         ).reshape(-1, *rest)
 
+    def megatron_views(self, param: torch.Tensor) -> list[torch.Tensor] | None:
+        """The views of `param` that the Hugging Face tensors (in `hf` order) fill, each the HF
+        tensor's rows in `to_megatron`'s order, so loading copies each one in place instead of
+        building the merged tensor first. None where the merge is not a placement of rows
+        (transposes, GPT-2's fused QKV) or `param` is not a contiguous plain tensor."""
+        if type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous():
+            return None
+        rows = self.megatron_shape()[0]
+        if self.kind == "copy":
+            return [param[:rows]]  # vocabulary padding rows past the HF rows are left as they are
+        if param.shape[0] != rows:
+            return None
+        rest = param.shape[1:]
+        if self.kind == "gated":
+            pairs = param.view(-1, 2, *rest)
+            return [pairs[:, 0], pairs[:, 1]]
+        if self.kind == "qkv" and self.qkv is not None:
+            per = self.qkv.heads_per_group
+            grouped = param.view(self.qkv.groups, per + 2, self.qkv.head_dim, *rest)
+            return [grouped[:, :per], grouped[:, per : per + 1], grouped[:, per + 1 :]]
+        return None
+
     def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Split the viaduct tensor into the Hugging Face tensors (in `hf` order), each contiguous."""
         if self.kind == "copy":

@@ -7,7 +7,9 @@ file is untrusted too: it may only name `.safetensors` files directly inside the
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +28,14 @@ _MAX_INDEX_BYTES = 64 * 2**20
 """An index lists one line per tensor: tens of kilobytes for the largest models. Bigger is not an index."""
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 """safetensors dtype codes a weight may have (converted to the parameter's dtype on copy)."""
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_MAX_HEADER_BYTES = 100 * 2**20
+"""safetensors' own limit on a header's size."""
 
 
 def _error(path: Path | str, message: str, value: Any = None, fix: str | None = None) -> ConfigError:
@@ -43,6 +53,8 @@ class SafetensorsReader:
         self.directory = Path(directory)
         self._files: dict[str, str] = {}  # tensor name -> file name inside the directory
         self._handles: dict[str, Any] = {}
+        self._raw: dict[str, tuple[io.FileIO, int, dict[str, Any]]] = {}  # see read_into
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         self._stack = ExitStack()
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
@@ -129,9 +141,75 @@ class SafetensorsReader:
         """Read one tensor (on the CPU)."""
         return self._handle_with(name).get_tensor(name)
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor `name` into `out` (as many elements; any shape, strides, float dtype, device).
+
+        Read with ordinary file reads rather than through the memory map: straight into `out` when
+        it is a contiguous CPU tensor of the file's dtype, else into one reused buffer and copied
+        from there. So loading a model never leaves the checkpoint's pages mapped into the process
+        (they would count in its resident memory on top of the model until the file is closed) and
+        allocates no fresh memory per tensor (first-touch page faults cost more than the copy).
+        """
+        code, shape = self.info(name)  # through safe_open: the header is validated before any read
+        f, data_start, header = self._raw_file(self._files[name])
+        entry = header.get(name)
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        begin, end = offsets if isinstance(offsets, list) and len(offsets) == 2 else (-1, -1)
+        dtype = _TORCH_DTYPES.get(code)
+        numel = math.prod(shape)
+        if (
+            dtype is None
+            or type(begin) is not int
+            or type(end) is not int
+            or not 0 <= begin <= end
+            or out.numel() != numel
+            or end - begin != numel * dtype.itemsize
+        ):
+            # Anything unusual, such as a file changed after safe_open checked it: the general path.
+            out.copy_(self.tensor(name).reshape(out.shape))
+            return
+        direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+        if direct:
+            target = out.detach().view(-1).view(torch.uint8)
+        else:
+            if self._scratch.numel() < end - begin:
+                self._scratch = torch.empty(end - begin, dtype=torch.uint8)
+            target = self._scratch[: end - begin]
+        buf = target.numpy().data.cast("B")
+        f.seek(data_start + begin)
+        done = 0
+        while done < len(buf):
+            n = f.readinto(buf[done:])
+            if not n:
+                raise _error(self.file_of(name), f"ends inside tensor {name!r} (truncated while reading?)")
+            done += n
+        if not direct:
+            out.copy_(target.view(dtype).view(shape).reshape(out.shape))
+
+    def _raw_file(self, file: str) -> tuple[io.FileIO, int, dict[str, Any]]:
+        """The open file, where its data starts and its header (already validated by safe_open)."""
+        raw = self._raw.get(file)
+        if raw is None:
+            path = self.directory / file
+            f = self._stack.enter_context(open(path, "rb", buffering=0))
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(size - 8, _MAX_HEADER_BYTES):
+                raise _error(path, f"has a header of {n} bytes: not a safetensors file")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _error(path, f"has an unreadable header: {e}") from None
+            if not isinstance(header, dict):
+                raise _error(path, "has a header that is not a JSON object: not a safetensors file")
+            raw = self._raw[file] = (f, 8 + n, header)
+        return raw
+
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+        self._raw.clear()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> SafetensorsReader:
         return self
