@@ -90,6 +90,11 @@ def test_greedy_generation_matches_transformers(arch: str, tmp_path: Path) -> No
     ]
     got = generate_tokens(model, prompts, max_new_tokens=12)
     assert got == [hf_greedy(hf, p, 12) for p in prompts]
+    # And transformers' own generate (greedy, with its cache), prompt by prompt.
+    hf.generation_config.eos_token_id = None  # no early stop: both produce 12 tokens
+    for prompt, tokens in zip(prompts, got):
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=0)
+        assert out[0, len(prompt) :].tolist() == tokens
 
 
 @pytest.mark.slow
