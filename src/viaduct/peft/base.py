@@ -1,15 +1,28 @@
 """`PEFT`: the base of parameter-efficient fine-tuning configs, and `ModuleMatcher`.
 
-Only the configuration lives here; applying adapters to a model (freezing the base weights,
-wrapping the matched linear layers, saving only adapter weights) comes with the model code.
+A PEFT object is also the transform: `model = peft(model)` freezes the base weights and puts an
+adapter on each matched linear layer; `merge`, `adapter_state_dict`, `load_adapter_state_dict` and
+`save_hf_adapter` work on the adapted model. The model-side code lives in `viaduct.peft.transform`
+and `viaduct.peft.adapters`, imported on first use so that reading a config never imports torch.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from viaduct.config import ConfigBase, Problems, fields_with_problems
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from viaduct.peft.dora import DoRA
+    from viaduct.peft.lora import LoRA
+
+ModelT = TypeVar("ModelT", bound="nn.Module | list[nn.Module]")
 
 
 @dataclass(kw_only=True)
@@ -31,6 +44,61 @@ class PEFT(ConfigBase):
 
     def _check(self, p: Problems, bad: set[str]) -> None:
         """Add this method's problems to `p` (fields in `bad` already have a type problem)."""
+
+    # ------------------------------------------------------------------ the model transform
+
+    def _low_rank(self) -> LoRA | DoRA:
+        from viaduct.peft.dora import DoRA
+        from viaduct.peft.lora import LoRA
+
+        if not isinstance(self, (LoRA, DoRA)):
+            raise TypeError(f"{type(self).__name__} has no model transform (LoRA and DoRA do)")
+        return self
+
+    def __call__(self, model: ModelT, training: bool = True) -> ModelT:
+        """Adapt `model` in place and return it (Megatron Bridge's `PEFT.__call__`): finalize this
+        config, freeze every parameter, put an adapter on each matched linear layer. With `training`
+        the adapters are trainable and the model is in train mode; otherwise they are frozen as well
+        and the model is in eval mode. A list is taken as the chunks of one model. Applying to a
+        model that already has adapters is an error."""
+        from viaduct.peft.transform import apply
+
+        apply(self._low_rank(), model, training)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight and remove the adapters (in place); returns the
+        plain model, whose base parameters keep their names and objects."""
+        from viaduct.peft.transform import merge
+
+        return merge(model)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Only the adapter tensors of `model`, by parameter name
+        (`decoder.layers.0.self_attention.linear_qkv.adapter.linear_in.weight`)."""
+        from viaduct.peft.transform import adapter_state_dict
+
+        return adapter_state_dict(model)
+
+    def load_adapter_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy `state` (from `adapter_state_dict`) into the model's adapters; raises `ConfigError`
+        naming every missing, unexpected or wrongly shaped tensor, copying nothing then."""
+        from viaduct.peft.transform import load_adapter_state_dict
+
+        load_adapter_state_dict(model, state)
+
+    def save_hf_adapter(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        *,
+        base_model_name_or_path: str | None = None,
+    ) -> None:
+        """Write the adapters as a Hugging Face PEFT adapter directory (`adapter_config.json`,
+        `adapter_model.safetensors`) for the Hugging Face model of the same base (Llama family)."""
+        from viaduct.peft.transform import save_hf_adapter
+
+        save_hf_adapter(self._low_rank(), model, path, base_model_name_or_path)
 
 
 @dataclass(kw_only=True)
