@@ -133,7 +133,7 @@ def test_default_run_layout_last_lines_and_the_commands_they_suggest(tmp_path: P
     assert (run / "checkpoints" / "iter_0000002").is_dir()
     assert any("tfevents" in f for f in os.listdir(run / "tb_logs"))
 
-    tail = first.stdout.rstrip().splitlines()[-12:]
+    tail = first.stdout.rstrip().splitlines()[-13:]
     assert tail[0] == "-" * 100 and tail[-1] == "-" * 100
     assert tail[1].startswith("run finished at iteration 2 of 2 (training lm loss ")
     assert ", validation lm loss " in tail[1] and ", test lm loss " in tail[1]
@@ -149,6 +149,12 @@ def test_default_run_layout_last_lines_and_the_commands_they_suggest(tmp_path: P
         assert line in tail, body
     further = _suggested(body, "train further")
     assert further == ["viaduct", "pretrain", *SHORT[1:], "train.train_iters=4"]
+    # "write text", exactly as printed: the model just trained writes after the prompt.
+    write = _suggested(body, "write text")
+    assert write[:4] == ["viaduct", "generate", "--checkpoint", "runs/tiny_gpt/checkpoints"]
+    text = _cli(*write[1:], "--max-new-tokens", "4", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr[-3000:]
+    assert "The" in text.stdout
     assert _suggested(body, "start afresh")[-3:] == [
         "checkpoint.save=runs/tiny_gpt_2/checkpoints",
         "checkpoint.load=runs/tiny_gpt_2/checkpoints",

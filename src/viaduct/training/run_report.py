@@ -2,9 +2,9 @@
 
 The last rank (which owns the TensorBoard writer, closed by then) draws the loss curves into the run
 directory; rank 0 prints the closing lines: the run directory, the checkpoint, the TensorBoard logs
-and the plot, then the exact commands to train further (or resume a stopped run), to look at the
-curves and to start afresh. Nothing is printed for an output that is off, beyond saying it is off
-and which setting turns it on.
+and the plot, then the exact commands to train further (or resume a stopped run), to let the model
+write text, to look at the curves and to start afresh. Nothing is printed for an output that is off,
+beyond saying it is off and which setting turns it on.
 
 The run directory is the recipes' layout (`viaduct.recipes.common.set_run_dir`):
 `<run>/checkpoints` and `<run>/tb_logs`, with the page `<run>/loss_curves.html` beside them.
@@ -248,6 +248,8 @@ def summary_lines(
             more = 2 * (t.train_samples if samples else target)  # type: ignore[operator]
             cmd = shlex.join([*_without(base, [key, "checkpoint.load"]), *load, f"{key}={more}"])
             nxt.append(("train further", f"{cmd}  (resumes at iteration {step})"))
+        text = ["viaduct", "generate", "--checkpoint", paths.checkpoints, "--prompt", "The"]
+        nxt.append(("write text", shlex.join(text) + "  (one process, also after torchrun)"))
     if paths.tensorboard is not None:
         nxt.append(("look at curves", shlex.join(["tensorboard", "--logdir", paths.tensorboard])))
         nxt.append(("redraw the plot", _plot_command(paths)))
