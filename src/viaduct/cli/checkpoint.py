@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from viaduct.config.errors import ConfigError
+from viaduct.config.errors import ConfigError, Problem
 
 EXIT_ERROR = 2
 
@@ -84,7 +84,12 @@ def _convert(args: argparse.Namespace) -> int:
             where = import_hf_checkpoint(args.hf_path, args.out_dir, torch_dtype=args.torch_dtype)
         else:
             if not args.max_shard_size > 0:
-                raise ConfigError(f"--max-shard-size must be positive, got {args.max_shard_size}")
+                raise ConfigError(
+                    Problem(
+                        "--max-shard-size", "must be positive", args.max_shard_size, fix="give GB, e.g. 5"
+                    ),
+                    header="export-hf",
+                )
             where = export_hf_checkpoint(
                 args.ckpt_dir, args.out_dir, max_shard_size=int(args.max_shard_size * 1e9)
             )

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 ForwardStep = Callable[[Iterator[Any], nn.Module], tuple[Any, LossFunc]]
 
+# Older PyTorch versions' schedules always keep the last stage's outputs (no return_outputs).
+_STEP_TAKES_RETURN_OUTPUTS = "return_outputs" in inspect.signature(Schedule1F1B.step).parameters
+
 _SINGLE = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 _MULTI = {
     "interleaved_1f1b": ScheduleInterleaved1F1B,
@@ -264,7 +267,7 @@ class Pipeline:
             kwargs: dict[str, Any] = {}
             if self.is_last and not run.forward_only:
                 kwargs["target"] = torch.arange(n, device=self.device)
-            if "return_outputs" in inspect.signature(schedule.step).parameters:
+            if _STEP_TAKES_RETURN_OUTPUTS:
                 kwargs["return_outputs"] = False  # the last stage's outputs are consumed by the loss
             schedule.step(*args, **kwargs)
         finally:

@@ -92,10 +92,14 @@ def generate_tokens(
     limit = vocab if vocab is not None else model.vocab_size
     problems = []
     if not rows:
-        problems.append(Problem("input_ids", "needs at least one prompt", rows))
+        problems.append(
+            Problem("input_ids", "needs at least one prompt", rows, fix="pass [[token ids], ...]")
+        )
     for i, r in enumerate(rows):
         if not r:
-            problems.append(Problem(f"input_ids[{i}]", "is empty: a prompt needs at least one token"))
+            problems.append(
+                Problem(f"input_ids[{i}]", "is empty: a prompt needs at least one token", r, fix="drop it")
+            )
         elif len(r) > seq_length:
             problems.append(
                 Problem(
@@ -106,7 +110,14 @@ def generate_tokens(
             )
         elif any(not 0 <= t < limit for t in r):
             bad = [t for t in r if not 0 <= t < limit][:5]
-            problems.append(Problem(f"input_ids[{i}]", f"holds ids outside [0, {limit})", bad))
+            problems.append(
+                Problem(
+                    f"input_ids[{i}]",
+                    f"holds ids outside [0, {limit})",
+                    bad,
+                    fix="encode the prompt with the model's own tokenizer",
+                )
+            )
     if problems:
         raise ConfigError(problems, header="invalid prompts")
 

@@ -26,13 +26,15 @@ def check_sampling(
             Problem("temperature", "must be a finite number >= 0 (0: greedy)", temperature, fix="e.g. 0.8")
         )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        problems.append(Problem("top_k", "must be an integer >= 0 (0 or unset: no limit)", top_k))
+        problems.append(
+            Problem("top_k", "must be an integer >= 0 (0 or unset: no limit)", top_k, fix="e.g. 50")
+        )
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         problems.append(Problem("top_p", "must be in (0, 1] (1: no limit)", top_p, fix="e.g. 0.95"))
     if max_new_tokens is not None and (
         isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0
     ):
-        problems.append(Problem("max_new_tokens", "must be an integer >= 0", max_new_tokens))
+        problems.append(Problem("max_new_tokens", "must be an integer >= 0", max_new_tokens, fix="e.g. 64"))
     if problems:
         raise ConfigError(problems, header="invalid generation settings")
 

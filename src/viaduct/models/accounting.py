@@ -335,32 +335,17 @@ def estimate_memory(
     Megatron's count for the interleaved schedules; each in-flight pass keeps its chunk's layers and
     the output it sent), the logits those of the last stage only.
     """
-    layout = layout or _single_layout()
-    if layout.pp > 1:
-        per_rank = estimate_pipeline_memory(
-            provider,
-            micro_batch_size,
-            seq_length,
-            layout=layout,
-            master_weights=master_weights,
-            grad_reduce_in_fp32=grad_reduce_in_fp32,
-            num_microbatches=num_microbatches,
-            keep_logits_bytes=keep_logits_bytes,
-        )
-        return max(per_rank, key=lambda e: e.total)
-    provider.finalize()
-    whole = _Share(layers=provider.num_layers, chunk_layers=provider.num_layers, embedding=True, output=True)
-    return _estimate(
+    per_rank = estimate_pipeline_memory(
         provider,
         micro_batch_size,
         seq_length,
-        layout,
-        whole,
-        master_weights,
-        grad_reduce_in_fp32,
-        num_microbatches,
-        keep_logits_bytes,
+        layout=layout or _single_layout(),
+        master_weights=master_weights,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        num_microbatches=num_microbatches,
+        keep_logits_bytes=keep_logits_bytes,
     )
+    return max(per_rank, key=lambda e: e.total)
 
 
 def estimate_pipeline_memory(
@@ -374,24 +359,18 @@ def estimate_pipeline_memory(
     num_microbatches: int | None = None,
     keep_logits_bytes: int = 4 << 30,
 ) -> list[MemoryEstimate]:
-    """`estimate_memory` of each pipeline rank of `layout` (by rank; one entry without pipeline
-    parallelism), each with its `pipeline_rank` and `layers`."""
-    if layout.pp <= 1:
-        return [
-            estimate_memory(
-                provider,
-                micro_batch_size,
-                seq_length,
-                layout=layout,
-                master_weights=master_weights,
-                grad_reduce_in_fp32=grad_reduce_in_fp32,
-                num_microbatches=num_microbatches,
-                keep_logits_bytes=keep_logits_bytes,
-            )
-        ]
+    """`estimate_memory` of each pipeline rank of `layout` (by rank, each with its `pipeline_rank` and
+    `layers`; one entry, without them, without pipeline parallelism)."""
     provider.finalize()
+    if layout.pp <= 1:
+        whole = _Share(
+            layers=provider.num_layers, chunk_layers=provider.num_layers, embedding=True, output=True
+        )
+        shares = [whole]
+    else:
+        shares = _pipeline_shares(provider, layout, num_microbatches)
     out = []
-    for rank, share in enumerate(_pipeline_shares(provider, layout, num_microbatches)):
+    for rank, share in enumerate(shares):
         est = _estimate(
             provider,
             micro_batch_size,
@@ -403,7 +382,7 @@ def estimate_pipeline_memory(
             num_microbatches,
             keep_logits_bytes,
         )
-        out.append(replace(est, pipeline_rank=rank, layers=share.layers))
+        out.append(est if layout.pp <= 1 else replace(est, pipeline_rank=rank, layers=share.layers))
     return out
 
 

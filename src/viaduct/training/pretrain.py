@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,6 @@ from viaduct.distributed.ddp import wrap_data_parallel
 from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
 from viaduct.distributed.layout import layout_of
 from viaduct.distributed.mesh import ParallelMesh, build_mesh
-from viaduct.distributed.pipeline import Pipeline
 from viaduct.models.accounting import flops_per_token, peak_flops
 from viaduct.models.compile import compile_model
 from viaduct.models.gpt.provider import GPTModelProvider
@@ -57,6 +56,9 @@ from viaduct.training.signals import DistributedSignalHandler
 from viaduct.training.state import GlobalState
 from viaduct.training.train import RNGSnapshot, TrainContext, run_evaluation, train
 from viaduct.training.train_step import StepGroups
+
+if TYPE_CHECKING:
+    from viaduct.distributed.pipeline import Pipeline
 
 log = logging.getLogger("viaduct")
 

@@ -39,6 +39,7 @@ _MAX_HEADER_BYTES = 100 * 2**20
 
 
 def _error(path: Path | str, message: str, value: Any = None, fix: str | None = None) -> ConfigError:
+    fix = fix or "use an intact copy of the model directory (download or export it again)"
     return ConfigError(Problem(str(path), message, value, fix=fix), header="Hugging Face checkpoint")
 
 

@@ -33,8 +33,8 @@ log = logging.getLogger("viaduct")
 HF_COPY = "hf"
 """The subdirectory of a checkpoint that checkpoint.also_save_hf_checkpoint writes."""
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-"""Any of these makes a Hugging Face directory carry its tokenizer."""
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model")
+"""Either of these makes a Hugging Face directory carry its tokenizer."""
 
 
 def import_hf_checkpoint(
@@ -70,7 +70,7 @@ def import_hf_checkpoint(
     cfg = get_recipe("default")()
     cfg.model = provider
     source = bridge.hf_path
-    if source is not None and any((source / name).is_file() for name in TOKENIZER_FILES):
+    if source is not None and any((source / name).is_file() for name in _TOKENIZER_MARKERS):
         cfg.tokenizer = TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(source))
     else:
         vocab = provider.vocab_size
@@ -102,6 +102,7 @@ def export_hf_checkpoint(
     `bridge`'s. The tokenizer files come from the run's Hugging Face tokenizer when it had one.
     """
     from viaduct.inference.load import load_checkpoint
+    from viaduct.models.conversion.auto_bridge import TOKENIZER_FILES
 
     loaded = load_checkpoint(Path(ckpt_dir), device="cpu")
     bridge = bridge or bridge_for(loaded.config.model)
@@ -110,7 +111,7 @@ def export_hf_checkpoint(
     tokenizer = loaded.config.tokenizer
     if bridge.hf_path is None and tokenizer.tokenizer_type == "HuggingFaceTokenizer":
         model_dir = Path(str(tokenizer.tokenizer_model)).expanduser()
-        for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
+        for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, out / name)
     log.info("exported %s (%s) to %s", loaded.directory, bridge.architecture, out)
@@ -127,7 +128,12 @@ def bridge_for(provider: object) -> AutoBridge:
 
     if not isinstance(provider, GPTModelProvider):
         raise ConfigError(
-            Problem("model", "only GPT-family models export to Hugging Face", type(provider).__name__)
+            Problem(
+                "model",
+                "only GPT-family models export to Hugging Face",
+                type(provider).__name__,
+                fix="export the checkpoint of a GPT-family model",
+            )
         )
     source = provider.hf_model_id
     if source is not None and is_hf_model_dir(source):

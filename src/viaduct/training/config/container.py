@@ -478,7 +478,14 @@ class ConfigContainer(ConfigBase):
         name = "checkpoint.also_save_hf_checkpoint"
         problems = []
         if ck.save is None:
-            problems.append(Problem(name, "has nothing to write into: checkpoint.save is unset", True))
+            problems.append(
+                Problem(
+                    name,
+                    "has nothing to write into: checkpoint.save is unset",
+                    True,
+                    fix="set checkpoint.save, or checkpoint.also_save_hf_checkpoint=false",
+                )
+            )
         if ck.async_save:
             problems.append(
                 Problem(
