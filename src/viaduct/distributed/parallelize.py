@@ -267,10 +267,25 @@ def build_parallel_model(
     on_meta = _init_on_meta(provider, device)
     seed = draw_init_seed()
     model = provider.provide(device="meta" if on_meta else device, init_seed=seed)
+    adapter_seed = add_adapters(cfg, [model])
     parallelize_chunk(model, model, cfg, provider, pmesh, device, compile_layers=compile_layers)
     if on_meta:
-        materialize(model, model, provider, device, seed)
+        materialize(model, model, provider, device, seed, adapter_seed)
     return model
+
+
+def add_adapters(cfg: ConfigContainer, chunks: list[nn.Module]) -> int | None:
+    """`cfg.peft` applied to the model's chunks (base frozen, adapters trainable) before any
+    parallelism, with one adapter seed drawn for them all (as one process draws it); returns that
+    seed, or None without PEFT."""
+    if cfg.peft is None:
+        return None
+    from viaduct.peft.transform import apply, draw_adapter_seed
+
+    seed = draw_adapter_seed()
+    # Validation matched the targets on the whole model; a pipeline rank may hold none of a target's.
+    apply(cfg.peft._low_rank(), chunks, True, seed, whole=False)
+    return seed
 
 
 def _init_on_meta(provider: GPTModelProvider, device: torch.device) -> bool:
@@ -296,6 +311,13 @@ def parallelize_chunk(
 
     layout = pmesh.layout
     model.float()
+    if cfg.peft is not None:
+        # Frozen base weights have no optimizer, hence no float32 master: FSDP stores them in the
+        # compute dtype; only the adapters are float32 shards.
+        dtype = torch_dtype(cfg.model.params_dtype)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
     if layout.tp > 1:
         apply_tensor_parallel(model, pmesh.tp_mesh, sequence_parallel=layout.sequence_parallel)
         if provider.tp_comm_overlap:
@@ -310,17 +332,26 @@ def parallelize_chunk(
 
 
 def materialize(
-    model: GPTModel, root: nn.Module, provider: GPTModelProvider, device: torch.device, seed: int
+    model: GPTModel,
+    root: nn.Module,
+    provider: GPTModelProvider,
+    device: torch.device,
+    seed: int,
+    adapter_seed: int | None = None,
 ) -> None:
     """Allocate a model built on the meta device on `device`, through its FSDP root (which then points
     its shards at the new storage), and initialize it (or not, when its weights are about to be
-    loaded)."""
+    loaded); its adapters, if any, from `adapter_seed`."""
     root.to_empty(device=device)
     with torch.no_grad():
         if provider.perform_initialization:
             model.init_weights(seed)
         elif model.rotary is not None:
             model.rotary.reset_parameters()
+        if adapter_seed is not None:
+            from viaduct.peft.transform import init_adapters
+
+            init_adapters(model, adapter_seed)  # init_weights re-initialized them as plain linears
 
 
 def build_pipeline(
@@ -340,19 +371,22 @@ def build_pipeline(
     on_meta = _init_on_meta(provider, device)
     seed = draw_init_seed()  # one draw, as a whole model takes: the same weights whatever the layout
     pipeline_dtype = torch_dtype(provider.pipeline_dtype or provider.params_dtype)
-    modules = []
-    for vp_stage in range(layout.vpp):
-        spec = stage_of(provider, pmesh.pp_rank, vp_stage)
-        chunk = provider.provide(
+    chunks = [
+        provider.provide(
             vp_stage=vp_stage,
             pp_rank=pmesh.pp_rank,
             device="meta" if on_meta else device,
             init_seed=seed,
         )
-        module = StageModule(chunk, spec, pipeline_dtype)
+        for vp_stage in range(layout.vpp)
+    ]
+    adapter_seed = add_adapters(cfg, list(chunks))
+    modules = []
+    for vp_stage, chunk in enumerate(chunks):
+        module = StageModule(chunk, stage_of(provider, pmesh.pp_rank, vp_stage), pipeline_dtype)
         parallelize_chunk(chunk, module, cfg, provider, pmesh, device, compile_layers=compile_layers)
         if on_meta:
-            materialize(chunk, module, provider, device, seed)
+            materialize(chunk, module, provider, device, seed, adapter_seed)
         modules.append(module)
     seq = provider.seq_length // layout.cp
     hidden_seq = seq // layout.tp if layout.sequence_parallel else seq

@@ -141,10 +141,23 @@ def load_checkpoint(
     if provider.vocab_size is None:
         provider.derive("vocab_size", tokenizer.vocab_size, f"tokenizer ({cfg.tokenizer.tokenizer_type})")
     model = provider.provide(device=dev)
+    peft = cfg.peft
+    if peft is not None:
+        # An adapter checkpoint: the adapters go on the base the run named, then fold into it.
+        if not cfg.checkpoint.pretrained_checkpoint:
+            raise _error(
+                "is a PEFT adapter checkpoint whose run names no base model (pretrained_checkpoint)",
+                directory,
+                "load the checkpoint of a run that fine-tuned a named base model",
+            )
+        peft(model, training=False)
 
-    # The run's own checkpoint reader, told to read exactly this directory's weights and nothing else.
+    # The run's own checkpoint reader, told to read exactly this directory's weights and nothing else
+    # (with PEFT, the base it was trained on first).
     ck = cfg.checkpoint
-    ck.load, ck.pretrained_checkpoint, ck.ckpt_step = str(directory), None, None
+    ck.load, ck.ckpt_step = str(directory), None
+    if peft is None:
+        ck.pretrained_checkpoint = None
     ck.finetune = True  # weights only
     ck.async_save = False
     ck.dist_ckpt_strictness = "assume_ok_unexpected"  # every tensor of the model must be there
@@ -158,6 +171,8 @@ def load_checkpoint(
             dataclasses.replace(p, path=_FIELD) if p.path == "checkpoint.load" else p for p in exc.problems
         ]
         raise ConfigError(problems, header="cannot load the checkpoint") from None
+    if peft is not None:
+        peft.merge(model)  # one weight per layer again: generation runs at the base model's speed
     if dtype is not None:
         model = model.to(dtype)
     model.eval()

@@ -23,18 +23,24 @@ InitMethod = Literal["xavier", "normal", "kaiming", "zero"]
 DropoutPosition = Literal["pre", "post"]
 
 
-def init_weight(weight: torch.Tensor, method: InitMethod) -> None:
+def init_weight(weight: torch.Tensor, method: InitMethod, generator: torch.Generator | None = None) -> None:
     """Initialize an adapter matrix as Megatron Bridge does: xavier-normal, normal(0, std 0.2),
-    kaiming-uniform with a = sqrt(5) (`nn.Linear`'s default), or zero."""
+    kaiming-uniform with a = sqrt(5) (`nn.Linear`'s default), or zero.
+
+    The values are drawn in float32 on the CPU from `generator` (torch's global one when None) and
+    then copied in, so they are the same whatever the adapter's device and dtype (on the meta device
+    nothing is copied)."""
+    values = torch.empty(weight.shape, dtype=torch.float32)
     with torch.no_grad():
         if method == "xavier":
-            nn.init.xavier_normal_(weight)
+            nn.init.xavier_normal_(values, generator=generator)
         elif method == "normal":
-            nn.init.normal_(weight, mean=0.0, std=0.2)
+            nn.init.normal_(values, mean=0.0, std=0.2, generator=generator)
         elif method == "kaiming":
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
         else:
-            nn.init.zeros_(weight)
+            nn.init.zeros_(values)
+        weight.copy_(values)
 
 
 class LowRankAdapter(nn.Module):
@@ -55,17 +61,23 @@ class LowRankAdapter(nn.Module):
         a_init: InitMethod,
         b_init: InitMethod,
         dtype: torch.dtype,
-        device: torch.device,
+        device: torch.device | str,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.alpha = dim, alpha
         self.scale = alpha / dim
         self.linear_in = nn.Linear(in_features, dim, bias=False, device=device, dtype=dtype)
         self.linear_out = nn.Linear(dim, out_features, bias=False, device=device, dtype=dtype)
-        init_weight(self.linear_in.weight, a_init)
-        init_weight(self.linear_out.weight, b_init)
+        self.a_init, self.b_init = a_init, b_init
+        self.reset_parameters(generator)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_position = dropout_position
+
+    def reset_parameters(self, generator: torch.Generator | None) -> None:
+        """Draw A and B afresh (per `lora_A_init_method` / `lora_B_init_method`) from `generator`."""
+        init_weight(self.linear_in.weight, self.a_init, generator)
+        init_weight(self.linear_out.weight, self.b_init, generator)
 
     def delta_weight(self) -> torch.Tensor:
         """The update (alpha / dim) B A as a [out, in] matrix, in float32."""
@@ -151,7 +163,11 @@ class DoRALinear(AdaptedLinear):
 
     def __init__(self, base: nn.Linear, adapter: LowRankAdapter) -> None:
         super().__init__(base, adapter)
-        # m starts as the row norms of the adapted weight, so the layer starts equal to W + s B A.
+        self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """m = the row norms of the adapted weight, so the layer equals W + s B A (DoRA's start).
+        Called again when the base weights are loaded after the adapters were added."""
         with torch.no_grad():
             self.adapter.weight_magnitude.copy_(self.weight_norm())
 

@@ -55,7 +55,7 @@ class PEFT(ConfigBase):
             raise TypeError(f"{type(self).__name__} has no model transform (LoRA and DoRA do)")
         return self
 
-    def __call__(self, model: ModelT, training: bool = True) -> ModelT:
+    def __call__(self, model: ModelT, training: bool = True, *, init_seed: int | None = None) -> ModelT:
         """Adapt `model` in place and return it (Megatron Bridge's `PEFT.__call__`): finalize this
         config, freeze every parameter, put an adapter on each matched linear layer. With `training`
         the adapters are trainable and the model is in train mode; otherwise they are frozen as well
@@ -63,7 +63,7 @@ class PEFT(ConfigBase):
         model that already has adapters is an error."""
         from viaduct.peft.transform import apply
 
-        apply(self._low_rank(), model, training)
+        apply(self._low_rank(), model, training, init_seed)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:

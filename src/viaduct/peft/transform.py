@@ -19,6 +19,7 @@ from viaduct.peft.adapters import AdaptedLinear, DoRAAdapter, DoRALinear, LoRALi
 
 if TYPE_CHECKING:
     from viaduct.models.conversion.mapping import ParamMapping
+    from viaduct.models.gpt.provider import GPTModelProvider
     from viaduct.peft.dora import DoRA
     from viaduct.peft.lora import LoRA
 
@@ -63,17 +64,72 @@ def _matches(pattern: str, name: str) -> bool:
     return re.fullmatch(regex, name) is not None
 
 
-def select_modules(peft: LoRA | DoRA, chunks: list[nn.Module]) -> list[list[str]]:
+def layer_linears(provider: GPTModelProvider) -> dict[str, tuple[int, int]]:
+    """The linear layers a GPT model of `provider` has for adapters, by full name, with their
+    (in, out) features: the model as one process builds it, known without building it."""
+    provider.finalize()
+    assert provider.kv_channels is not None and provider.num_query_groups is not None
+    assert provider.ffn_hidden_size is not None
+    h, d, ffn = provider.hidden_size, provider.kv_channels, provider.ffn_hidden_size
+    qkv_out = (provider.num_attention_heads + 2 * provider.num_query_groups) * d
+    fc1_out = 2 * ffn if provider.gated_linear_unit else ffn
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(provider.num_layers):
+        layer = f"decoder.layers.{i}"
+        out[f"{layer}.self_attention.linear_qkv"] = (h, qkv_out)
+        out[f"{layer}.self_attention.linear_proj"] = (provider.num_attention_heads * d, h)
+        out[f"{layer}.mlp.linear_fc1"] = (h, fc1_out)
+        out[f"{layer}.mlp.linear_fc2"] = (ffn, h)
+    return out
+
+
+def planned_adapters(peft: LoRA | DoRA, provider: GPTModelProvider) -> dict[str, tuple[int, int]]:
+    """The layers `peft` would adapt on the whole model of `provider`, with their (in, out) features;
+    `ConfigError` for a target that matches nothing (checked on the whole model, so that a pipeline
+    stage holding none of a target's layers is fine)."""
+    linears = layer_linears(provider)
+    names = _choose(peft, [list(linears)], [])[0]
+    return {n: linears[n] for n in names}
+
+
+def adapter_parameter_count(peft: LoRA | DoRA, provider: GPTModelProvider) -> int:
+    """Parameters of the adapters `peft` adds to the whole model of `provider`."""
+    from viaduct.peft.dora import DoRA
+
+    extra = isinstance(peft, DoRA)
+    return sum(
+        peft.dim * (fin + fout) + (fout if extra else 0)
+        for fin, fout in planned_adapters(peft, provider).values()
+    )
+
+
+def select_modules(peft: LoRA | DoRA, chunks: list[nn.Module], *, whole: bool = True) -> list[list[str]]:
     """The full names of the linear layers `peft` adapts in each chunk of a model. A target that
     matches in none of the chunks (Megatron Bridge checks the whole model too), or an explicit
-    target on the output layer, is a `ConfigError` listing the names there are."""
+    target on the output layer, is a `ConfigError` listing the names there are. `whole=False`: the
+    chunks are one pipeline rank's part of the model, whose targets were checked on the whole
+    (`planned_adapters`), so a target matching none of them is fine."""
     linears = [candidate_linears(c) for c in chunks]
+    outputs = [n for c in chunks for n, m in c.named_modules() if id(m) in _output_layers(c)]
+    if not whole:
+        return [[n for n in found if _selected(peft, n)] for found in linears]
+    return _choose(peft, [list(found) for found in linears], outputs)
+
+
+def _selected(peft: LoRA | DoRA, name: str) -> bool:
+    """Whether `peft` adapts the layer `name`: a target matches it, or (no targets) no exclusion does."""
+    if peft.target_modules:
+        return any(_matches(p, name) for p in peft.target_modules)
+    return not any(_matches(p, name) for p in peft.exclude_modules)
+
+
+def _choose(peft: LoRA | DoRA, linears: list[list[str]], outputs: list[str]) -> list[list[str]]:
+    """`select_modules` on the chunks' candidate layer names; `outputs`: the output layers' names."""
     every = [n for found in linears for n in found]
     problems: list[Problem] = []
+    chosen = [[n for n in found if _selected(peft, n)] for found in linears]
     if peft.target_modules:
-        chosen = [[n for n in found if any(_matches(p, n) for p in peft.target_modules)] for found in linears]
         bare = sorted({n.rsplit(".", 1)[-1] for n in every})
-        outputs = [n for c in chunks for n, m in c.named_modules() if id(m) in _output_layers(c)]
         for i, pattern in enumerate(peft.target_modules):
             if any(_matches(pattern, n) for n in every):
                 continue
@@ -90,13 +146,8 @@ def select_modules(peft: LoRA | DoRA, chunks: list[nn.Module]) -> list[list[str]
                     fix=f"use one of {bare} or a wildcard on full names such as {example!r}",
                 )
             )
-    else:
-        excluded = peft.exclude_modules
-        chosen = [[n for n in found if not any(_matches(p, n) for p in excluded)] for found in linears]
-        if not any(chosen):
-            problems.append(
-                Problem("peft.exclude_modules", "excludes every linear layer", peft.exclude_modules)
-            )
+    elif not any(chosen):
+        problems.append(Problem("peft.exclude_modules", "excludes every linear layer", peft.exclude_modules))
     if problems:
         raise ConfigError(problems, header="PEFT: the model does not have the modules to adapt")
     return chosen
@@ -112,20 +163,73 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply(peft: LoRA | DoRA, model: nn.Module | list[nn.Module], training: bool) -> None:
+ADAPTER_MARK = ".adapter."
+"""What every adapter parameter's name contains (`<layer>.adapter.linear_in.weight`), and no base
+parameter's: the one rule that tells adapter tensors from base tensors (checkpoints, conversion)."""
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter (or state dict key) of an adapted model belongs to an adapter."""
+    return ADAPTER_MARK in name
+
+
+def _adapter_generator(seed: int, name: str) -> torch.Generator:
+    from viaduct.models.gpt.model import part_seed
+
+    return torch.Generator().manual_seed(part_seed(seed, f"adapter/{name}"))
+
+
+def init_adapters(model: nn.Module | list[nn.Module], seed: int) -> None:
+    """Draw every adapter's A and B afresh, each from its own generator seeded by `seed` and the
+    layer's full name: the same values whatever the pipeline split, sharding, device or dtype (a model
+    built on the meta device calls this once its storage exists)."""
+    for chunk in _chunks(model):
+        for name, module in adapted_modules(chunk).items():
+            module.adapter.reset_parameters(_adapter_generator(seed, name))
+
+
+def reset_magnitudes(model: nn.Module | list[nn.Module]) -> int:
+    """DoRA: set each magnitude to its layer's current weight norm (after base weights were loaded
+    into a model whose adapters were added before); returns how many layers were reset."""
+    count = 0
+    for chunk in _chunks(model):
+        for module in adapted_modules(chunk).values():
+            if isinstance(module, DoRALinear):
+                module.reset_magnitude()
+                count += 1
+    return count
+
+
+def draw_adapter_seed() -> int:
+    """One seed for `init_adapters`, drawn from torch's global CPU generator (so the run's seed
+    decides it, and every data-parallel rank draws the same)."""
+    return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
+def apply(
+    peft: LoRA | DoRA,
+    model: nn.Module | list[nn.Module],
+    training: bool,
+    init_seed: int | None = None,
+    *,
+    whole: bool = True,
+) -> None:
     """Freeze every parameter of `model` and put an adapter on each selected linear layer (in place).
     With `training` the adapters are trainable and the model is put in train mode; without, they are
-    frozen too and the model is in eval mode."""
+    frozen too and the model is in eval mode. The adapters are drawn from `init_seed` (see
+    `init_adapters`; None draws one from torch's global generator). `whole=False`: `model` is one
+    pipeline rank's chunks (see `select_modules`)."""
     from viaduct.peft.dora import DoRA
 
     peft.finalize()
+    seed = draw_adapter_seed() if init_seed is None else init_seed
     chunks = _chunks(model)
     if any(_is_adapted(c) for c in chunks):
         raise ValueError(
             "PEFT: the model already has adapters (a PEFT method was applied to it before); apply it once, "
             "or merge() the adapters first"
         )
-    selected = select_modules(peft, chunks)
+    selected = select_modules(peft, chunks, whole=whole)
     is_dora = isinstance(peft, DoRA)
     lora_dtype = getattr(peft, "lora_dtype", None)
     for chunk, names in zip(chunks, selected, strict=True):
@@ -144,6 +248,7 @@ def apply(peft: LoRA | DoRA, model: nn.Module | list[nn.Module], training: bool)
                 b_init=peft.lora_B_init_method,
                 dtype=dtype,
                 device=base.weight.device,
+                generator=_adapter_generator(seed, name),
             )
             adapter_cls = DoRAAdapter if is_dora else LowRankAdapter
             adapter = adapter_cls(base.in_features, base.out_features, **kw)  # type: ignore[arg-type]

@@ -425,6 +425,8 @@ def _build_model(
         model = build_parallel_model(cfg, provider, pmesh, ctx.device, compile_layers=compile_layers)
         return model, model, None
     model = provider.provide(device=ctx.device)
+    if cfg.peft is not None:
+        cfg.peft(model, training=True)  # before compile and DDP: they see the adapted model
     if not compile_layers:
         return model, model, None
     # Under DDP, per-layer graphs let gradient buckets be reduced while backward still runs.

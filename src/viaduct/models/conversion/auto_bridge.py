@@ -45,6 +45,7 @@ from viaduct.models.conversion.safetensors_io import (
     staging_directory,
 )
 from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.peft.transform import is_adapter_name
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES: tuple[str, ...] = (
@@ -213,7 +214,8 @@ class AutoBridge:
         arch = self.architecture
         cfg = self._provider()
         mappings = param_mappings(arch, cfg)
-        params = _named_parameters(model)
+        # PEFT adapters are not base weights: they keep their own initialization.
+        params = {n: p for n, p in _named_parameters(model).items() if not is_adapter_name(n)}
         with SafetensorsReader(directory) as reader:
             available = set(reader.names())
             problems: list[Problem] = []
@@ -278,6 +280,16 @@ class AutoBridge:
         for name, param in _named_parameters(model).items():
             if skip is not None and param is skip:
                 continue
+            if is_adapter_name(name):
+                raise ConfigError(
+                    Problem(
+                        name,
+                        "is a PEFT adapter tensor, which a Hugging Face model has no place for",
+                        fix="merge the adapters first (peft.merge(model), or viaduct peft merge), or export "
+                        "them alone with peft.save_hf_adapter",
+                    ),
+                    header="AutoBridge.export_hf_weights",
+                )
             pm = mappings.get(name)
             if pm is None:
                 raise ConfigError(

@@ -54,13 +54,14 @@ from torch import nn
 
 from viaduct.config import ConfigError, Problem
 from viaduct.distributed.layout import ParallelLayout, layout_of
+from viaduct.peft.transform import is_adapter_name
 from viaduct.training.checkpoint import layout, upgrade
 from viaduct.training.checkpoint.async_writer import AsyncWriter, snapshot
 from viaduct.training.checkpoint.dcp_index import CheckpointIndexError
 from viaduct.training.checkpoint.errors import CheckpointError, CheckpointSaveError, checkpoint_problem
 from viaduct.training.checkpoint.flat import model_tensors, nbytes, optimizer_tensors
 from viaduct.training.checkpoint.rank0_files import write_rank0_files
-from viaduct.training.checkpoint.resolve import resolve
+from viaduct.training.checkpoint.resolve import Source, resolve, resolve_pretrained
 from viaduct.training.checkpoint.restore import (
     LoadReport,
     check_shapes,
@@ -97,6 +98,8 @@ class Checkpointer:
         self.checkpoint_cfg = cfg.checkpoint
         self.ctx = ctx
         self.last_load: LoadReport | None = None
+        # PEFT: checkpoints hold the adapters; the base comes from checkpoint.pretrained_checkpoint.
+        self._adapters_only = cfg.peft is not None
         self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
         self._storages: dict[str, TensorStorage] = {}
         self._retention = Retention(self.checkpoint_cfg, verbose=ctx.rank == 0)
@@ -197,6 +200,7 @@ class Checkpointer:
                     size=size,
                     optim=with_optim,
                     parallel=self.parallel_layout,
+                    adapters_of=ckpt.pretrained_checkpoint if self._adapters_only else None,
                 )
 
         def finish() -> None:
@@ -337,12 +341,14 @@ class Checkpointer:
         except OSError as exc:
             log.warning("could not remove %s after the failed save (%s); the next save tries again", tmp, exc)
 
-    @staticmethod
     def _tensors(
-        model: nn.Module, optimizer: MixedPrecisionOptimizer | None
+        self, model: nn.Module, optimizer: MixedPrecisionOptimizer | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The flat tensors of a save, and the optimizer's non-tensor state (empty without one)."""
+        """The flat tensors of a save, and the optimizer's non-tensor state (empty without one). With
+        PEFT, the model's adapter tensors only: the frozen base is named, not copied."""
         tensors = model_tensors(model)
+        if self._adapters_only:
+            tensors = {k: t for k, t in tensors.items() if is_adapter_name(k)}
         if optimizer is None:
             return tensors, {}
         opt_tensors, optim_common = optimizer_tensors(optimizer.state_dict())
@@ -387,9 +393,83 @@ class Checkpointer:
         source = resolve(self.checkpoint_cfg, verbose=self.ctx.rank == 0)
         if source is None:
             return None
-        directory, weights_only, fld = source.directory, source.weights_only, source.field
+        if self._adapters_only:
+            return self._load_with_adapters(source, model, optimizer, scheduler, train_state)
         if source.hf:
-            return self._load_hf(directory, fld, model, optimizer)
+            return self._load_hf(source.directory, source.field, model, optimizer)
+        return self._load_dir(source, model, optimizer, scheduler, train_state)
+
+    def _load_with_adapters(
+        self,
+        source: Source,
+        model: nn.Module,
+        optimizer: MixedPrecisionOptimizer | None,
+        scheduler: OptimizerParamScheduler | None,
+        train_state: TrainState,
+    ) -> int:
+        """PEFT: the base weights from `checkpoint.pretrained_checkpoint` (a viaduct checkpoint or a
+        Hugging Face directory), then, when `source` is an adapter checkpoint of `checkpoint.load`,
+        the adapters with their optimizer and train state from it."""
+        adapters: Source | None = None
+        base = source
+        if source.field == "checkpoint.load":
+            if source.hf or not _holds_adapters(source.directory):
+                raise checkpoint_problem(
+                    "checkpoint.load",
+                    "holds a full-model checkpoint, but this run trains PEFT adapters, whose checkpoints "
+                    "hold the adapters only",
+                    source.directory,
+                    fix="name the base model in checkpoint.pretrained_checkpoint and point checkpoint.load "
+                    "at the directory of this run's adapter checkpoints (or leave it unset)",
+                )
+            adapters = source
+            pretrained = resolve_pretrained(self.checkpoint_cfg, verbose=self.ctx.rank == 0)
+            if pretrained is None:  # validate() requires pretrained_checkpoint with peft
+                raise ValueError("PEFT needs checkpoint.pretrained_checkpoint: call cfg.validate() first")
+            base = pretrained
+            _check_same_base(source.directory, self.checkpoint_cfg.pretrained_checkpoint)
+        if not base.hf and _holds_adapters(base.directory):
+            raise checkpoint_problem(
+                base.field,
+                "is an adapter checkpoint (it holds PEFT adapters only, not a base model)",
+                base.directory,
+                fix="point checkpoint.pretrained_checkpoint at the base model the adapters were trained on "
+                "(and checkpoint.load at the adapter checkpoints to resume them)",
+            )
+        if base.hf:
+            self._load_hf(base.directory, base.field, model, None)
+        else:
+            self._load_dir(base, model, None, None, train_state, keep=_is_base_name)
+        if adapters is None:
+            from viaduct.peft.transform import reset_magnitudes
+
+            if reset_magnitudes(model):  # DoRA starts at the loaded base's norms
+                self._info("set the DoRA magnitudes to the loaded base weights' row norms")
+            if optimizer is not None:  # float32 masters of 16-bit adapters follow the model
+                restore_optimizer(
+                    optimizer,
+                    {},
+                    None,
+                    float32_read=set(),
+                    fld=base.field,
+                    directory=base.directory,
+                    report=LoadReport(str(base.directory), 0, True),
+                )
+            return 0
+        return self._load_dir(adapters, model, optimizer, scheduler, train_state, keep=is_adapter_name)
+
+    def _load_dir(
+        self,
+        source: Source,
+        model: nn.Module,
+        optimizer: MixedPrecisionOptimizer | None,
+        scheduler: OptimizerParamScheduler | None,
+        train_state: TrainState,
+        *,
+        keep: Callable[[str], bool] | None = None,
+    ) -> int:
+        """Load one viaduct checkpoint directory (the model tensors `keep` accepts; all when None)."""
+        directory, weights_only, fld = source.directory, source.weights_only, source.field
         if not weights_only and (directory / layout.RUN_CONFIG).is_file():
             from viaduct.training.checkpoint.config_check import check_resume_config
 
@@ -427,7 +507,7 @@ class Checkpointer:
         if self._pipeline_group is not None:
             available = without_other_stages(available, model, optimizer, self._pipeline_group)
         report = LoadReport(str(directory), 0, weights_only)
-        targets = model_targets(model, available, ckpt.dist_ckpt_strictness, fld, directory, report)
+        targets = model_targets(model, available, ckpt.dist_ckpt_strictness, fld, directory, report, keep)
         full_optim = not weights_only and ckpt.load_optim and optimizer is not None
         if full_optim and not contents.get("optimizer", True):
             self._info(
@@ -653,6 +733,38 @@ class Checkpointer:
     def _info(self, msg: str, *args: Any) -> None:
         if self.ctx.rank == 0:
             log.info(msg, *args)
+
+
+def _holds_adapters(directory: Path) -> bool:
+    """Whether a checkpoint was saved by a PEFT run (adapter tensors only; see `write_rank0_files`)."""
+    try:
+        contents = layout.metadata_of(directory).get("contents", {})
+    except (OSError, ValueError, AttributeError):
+        return False  # the load itself reports an unreadable metadata.json
+    return isinstance(contents, dict) and contents.get("model") == "adapters"
+
+
+def _is_base_name(name: str) -> bool:
+    return not is_adapter_name(name)
+
+
+def _check_same_base(directory: Path, base: str | None) -> None:
+    """Warn when the adapters being resumed were trained on another base than the one named now."""
+    try:
+        saved = layout.metadata_of(directory).get("peft_base")
+    except (OSError, ValueError, AttributeError):
+        return
+    if (
+        isinstance(saved, str)
+        and base is not None
+        and Path(saved).expanduser().resolve() != Path(base).expanduser().resolve()
+    ):
+        log.warning(
+            "the adapters in %s were trained on the base %s; checkpoint.pretrained_checkpoint now names %s",
+            directory,
+            saved,
+            base,
+        )
 
 
 def _saved_world_size(directory: Path) -> int | None:

@@ -50,11 +50,13 @@ def write_rank0_files(
     size: int,
     optim: bool,
     parallel: ParallelLayout | None = None,
+    adapters_of: str | None = None,
 ) -> None:
     """Write rank 0's files of the save of `step` into `directory` (its ``.tmp`` directory), metadata
     last: `size` is the checkpoint's tensor bytes, `optim` whether it holds the optimizer state,
     `parallel` the parallel layout that saved it (for `viaduct checkpoint inspect` and the resume
-    report; any layout can load it)."""
+    report; any layout can load it); `adapters_of`: the base checkpoint of a PEFT run's adapter-only
+    checkpoint (contents "model": "adapters")."""
     layout.save_file(common, directory / layout.COMMON)
     layout.save_file(train_state, directory / layout.TRAIN_STATE)
     layout.write_text(directory / layout.RUN_CONFIG, run_config)
@@ -64,7 +66,13 @@ def write_rank0_files(
         "format": ckpt.ckpt_format,
         "step": int(step),
         "world_size": world_size,
-        "contents": {"model": True, "optimizer": optim, "rng": ckpt.save_rng, "tokenizer": copied},
+        "contents": {
+            "model": "adapters" if adapters_of is not None else True,
+            "optimizer": optim,
+            "rng": ckpt.save_rng,
+            "tokenizer": copied,
+        },
+        **({"peft_base": adapters_of} if adapters_of is not None else {}),
         "tensor_bytes": size,
         **({"parallel_layout": layout_record(parallel)} if parallel is not None else {}),
         "torch_version": torch.__version__,

@@ -54,6 +54,11 @@ def resolve(c: CheckpointConfig, *, verbose: bool = True) -> Source | None:
             if verbose:
                 log.info("no checkpoint found in %s: starting from freshly initialised weights", c.load)
             return None
+    return resolve_pretrained(c, verbose=verbose)
+
+
+def resolve_pretrained(c: CheckpointConfig, *, verbose: bool = True) -> Source | None:
+    """The base weights `checkpoint.pretrained_checkpoint` names (weights only), or None when unset."""
     if c.pretrained_checkpoint is not None:
         fld = "checkpoint.pretrained_checkpoint"
         path = Path(c.pretrained_checkpoint).expanduser()

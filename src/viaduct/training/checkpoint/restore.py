@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,13 @@ def model_targets(
     fld: str,
     directory: Path,
     report: LoadReport,
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The model tensors to read (in place), after applying the strictness `policy` to key mismatches."""
+    """The model tensors to read (in place), after applying the strictness `policy` to key mismatches;
+    only those whose names `keep` accepts (all when None) are wanted."""
     wanted = model_tensors(model)
+    if keep is not None:
+        wanted = {k: t for k, t in wanted.items() if keep(k[len(MODEL) :])}
     missing = sorted(k[len(MODEL) :] for k in wanted if k not in available)
     unexpected = sorted(k[len(MODEL) :] for k in available if k.startswith(MODEL) and k not in wanted)
     report.missing_keys, report.unexpected_keys = missing, unexpected
