@@ -13,6 +13,7 @@
     viaduct checkpoint import-hf HF_DIR OUT_DIR | export-hf CKPT_DIR OUT_DIR
     viaduct plot RUN_DIR [--output F]     (the loss curves as an HTML page)
     viaduct generate --checkpoint DIR --prompt TEXT [--prompt ...] [--max-new-tokens N ...]
+    viaduct peft merge CKPT_DIR OUT_DIR [--hf] | export-adapter CKPT_DIR OUT_DIR [--base NAME]
 
 Overrides are Hydra-style (`train.train_iters=10`, `+a.b=v`, `++a.b=v`, `~a.b`) or generated
 flags (`--train.train-iters 10`). Configuration errors print one message to stderr and exit 2; a
@@ -110,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     from viaduct.cli.checkpoint import add_checkpoint_parser
     from viaduct.cli.data import add_data_parser
     from viaduct.cli.generate import add_generate_parser
+    from viaduct.cli.peft import add_peft_parser
     from viaduct.cli.plot import add_plot_parser
 
     add_data_parser(sub)
     add_checkpoint_parser(sub)
     add_plot_parser(sub)
     add_generate_parser(sub)
+    add_peft_parser(sub)
     return parser
 
 
@@ -309,9 +312,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command in ("pretrain", "finetune"):
         return _train(args.command, args, extra)
-    if args.command in ("data", "checkpoint", "plot", "generate"):
+    if args.command in ("data", "checkpoint", "plot", "generate", "peft"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "peft":
+            from viaduct.cli.peft import run_peft
+
+            return run_peft(args)
         if args.command == "generate":
             from viaduct.cli.generate import run_generate
 

@@ -112,14 +112,38 @@ def load_checkpoint(
     """The model, tokenizer and configuration of a viaduct checkpoint (see the module docstring).
 
     `device`: default CUDA when available, else the CPU. `dtype`: cast the loaded weights to it
-    (default: as trained, the run's params_dtype). Every problem is a `ConfigError`.
+    (default: as trained, the run's params_dtype). A PEFT run's adapter checkpoint gives its base
+    with the adapters folded in. Every problem is a `ConfigError`.
     """
+    directory = find_checkpoint_directory(path)
+    dev = torch.device(device) if device is not None else _default_device()
+    model, cfg, tokenizer = _build_and_load(directory, dev)
+    if cfg.peft is not None:
+        cfg.peft.merge(model)  # one weight per layer again: generation runs at the base model's speed
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, directory=directory)
+
+
+def build_adapted_model(
+    directory: Path, device: torch.device | str = "cpu"
+) -> tuple[GPTModel, ConfigContainer]:
+    """The model of a PEFT adapter checkpoint `directory` with its adapters in place (not merged), in
+    eval mode, and the run's configuration."""
+    model, cfg, _ = _build_and_load(find_checkpoint_directory(directory), torch.device(device))
+    model.eval()
+    return model, cfg
+
+
+def _build_and_load(directory: Path, dev: torch.device) -> tuple[GPTModel, ConfigContainer, Tokenizer]:
+    """Build the run's model on `dev` and read the checkpoint's weights into it (a PEFT run's: its
+    base, then its adapters, left unmerged)."""
     from viaduct.distributed.init import DistributedContext
     from viaduct.training.checkpoint.checkpointer import Checkpointer
     from viaduct.training.checkpoint.config_check import load_saved_config
     from viaduct.training.state import TrainState
 
-    directory = find_checkpoint_directory(path)
     run_config = directory / L.RUN_CONFIG
     if not run_config.is_file():
         raise _error(
@@ -128,7 +152,6 @@ def load_checkpoint(
             "load a checkpoint saved by viaduct (every save writes its run configuration)",
         )
     cfg = load_saved_config(run_config)
-    dev = torch.device(device) if device is not None else _default_device()
     provider = cfg.model
     if not isinstance(provider, GPTModelProvider):
         raise _error(
@@ -143,7 +166,7 @@ def load_checkpoint(
     model = provider.provide(device=dev)
     peft = cfg.peft
     if peft is not None:
-        # An adapter checkpoint: the adapters go on the base the run named, then fold into it.
+        # An adapter checkpoint: the adapters go on the base the run named.
         if not cfg.checkpoint.pretrained_checkpoint:
             raise _error(
                 "is a PEFT adapter checkpoint whose run names no base model (pretrained_checkpoint)",
@@ -171,12 +194,7 @@ def load_checkpoint(
             dataclasses.replace(p, path=_FIELD) if p.path == "checkpoint.load" else p for p in exc.problems
         ]
         raise ConfigError(problems, header="cannot load the checkpoint") from None
-    if peft is not None:
-        peft.merge(model)  # one weight per layer again: generation runs at the base model's speed
-    if dtype is not None:
-        model = model.to(dtype)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, directory=directory)
+    return model, cfg, tokenizer
 
 
 def _default_device() -> torch.device:
