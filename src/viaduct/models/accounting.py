@@ -293,6 +293,7 @@ def estimate_memory(
     grad_reduce_in_fp32: bool | None = None,
     num_microbatches: int | None = None,
     keep_logits_bytes: int = 4 << 30,
+    trainable: int | None = None,
 ) -> MemoryEstimate:
     """Memory of one GPU for a training step with Adam on `micro_batch_size` x `seq_length` tokens,
     under `layout` (default: one rank, or plain data parallelism, where every rank holds everything).
@@ -334,6 +335,11 @@ def estimate_memory(
     micro-batches in flight at the rank's peak (`_in_flight`: pp - rank under 1f1b, all under gpipe,
     Megatron's count for the interleaved schedules; each in-flight pass keeps its chunk's layers and
     the output it sent), the logits those of the last stage only.
+
+    PEFT (`trainable`: the adapter parameters of the whole model, `viaduct.peft.transform.
+    adapter_parameter_count`): the frozen base weights are stored in params_dtype (also under FSDP2)
+    with no gradient, master or optimizer state; the adapters, in the transformer layers, have all
+    of those (float32 shards under FSDP2), spread over pipeline ranks with the layers.
     """
     per_rank = estimate_pipeline_memory(
         provider,
@@ -344,6 +350,7 @@ def estimate_memory(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         num_microbatches=num_microbatches,
         keep_logits_bytes=keep_logits_bytes,
+        trainable=trainable,
     )
     return max(per_rank, key=lambda e: e.total)
 
@@ -358,6 +365,7 @@ def estimate_pipeline_memory(
     grad_reduce_in_fp32: bool | None = None,
     num_microbatches: int | None = None,
     keep_logits_bytes: int = 4 << 30,
+    trainable: int | None = None,
 ) -> list[MemoryEstimate]:
     """`estimate_memory` of each pipeline rank of `layout` (by rank, each with its `pipeline_rank` and
     `layers`; one entry, without them, without pipeline parallelism)."""
@@ -382,8 +390,40 @@ def estimate_pipeline_memory(
             num_microbatches,
             keep_logits_bytes,
         )
+        if trainable is not None:
+            est = _with_frozen_base(
+                est, provider, layout, share, trainable, master_weights, grad_reduce_in_fp32
+            )
         out.append(est if layout.pp <= 1 else replace(est, pipeline_rank=rank, layers=share.layers))
     return out
+
+
+def _with_frozen_base(
+    est: MemoryEstimate,
+    p: GPTModelProvider,
+    layout: ParallelLayout,
+    share: _Share,
+    trainable: int,
+    master_weights: bool | None,
+    grad_reduce_in_fp32: bool | None,
+) -> MemoryEstimate:
+    """`est` (every weight trained) redone for PEFT: the base frozen in params_dtype, only the
+    `trainable` adapter parameters (this rank's share of them) with gradients and optimizer state."""
+    pbytes = p.params_dtype.itemsize
+    master = pbytes < 4 if master_weights is None else master_weights
+    grad_fp32 = master if grad_reduce_in_fp32 is None else grad_reduce_in_fp32
+    adapters = _ceil_div(trainable * share.layers, max(1, p.num_layers))
+    if layout.uses_fsdp:
+        # The estimate's float32 shards become params_dtype ones; the adapters are float32 shards.
+        base = est.parameters // 4 * pbytes
+        shard = _ceil_div(adapters, layout.grad_shards)
+        return replace(est, parameters=base + 4 * shard, gradients=4 * shard, optimizer=8 * shard)
+    return replace(
+        est,
+        parameters=est.parameters + adapters * pbytes,
+        gradients=adapters * (4 if master and grad_fp32 else pbytes),
+        optimizer=adapters * (8 + (4 if master else 0)),
+    )
 
 
 def _single_layout() -> ParallelLayout:
@@ -482,7 +522,17 @@ def estimate_config_memory(cfg: ConfigContainer, world_size: int | None = None) 
         layout=layout,
         grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
         num_microbatches=num_microbatches,
+        trainable=_trainable(cfg),
     )
+
+
+def _trainable(cfg: ConfigContainer) -> int | None:
+    """The parameters a run trains when it trains adapters only (PEFT), else None (all of them)."""
+    if cfg.peft is None:
+        return None
+    from viaduct.peft.transform import adapter_parameter_count
+
+    return adapter_parameter_count(cfg.peft._low_rank(), cfg.model)  # type: ignore[arg-type]
 
 
 def estimate_config_pipeline_memory(
@@ -496,6 +546,7 @@ def estimate_config_pipeline_memory(
         layout=layout,
         grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
         num_microbatches=num_microbatches,
+        trainable=_trainable(cfg),
     )
 
 
