@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -66,16 +66,62 @@ class _SequenceGatheredOutput:
         return self.inner.loss(self._gather(hidden), weight, labels)
 
 
+def _distribute_own(module: nn.Module, placements: dict[str, list[Placement]], mesh: DeviceMesh) -> None:
+    """Make `module`'s own parameters (not its children's) DTensors with the given placements."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        if name in placements:
+            dist = distribute_tensor(param.detach(), mesh, placements[name])
+            module.register_parameter(name, nn.Parameter(dist, requires_grad=param.requires_grad))
+
+
+class _AdaptedColwise(ColwiseParallel):
+    """ColwiseParallel for a layer with a PEFT adapter: the base weight, B and DoRA's magnitude split
+    by output rows like the base's (so a fused layer's parts stay together), A replicated; the
+    adapter's output is then split like the base's."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        rows: list[Placement] = [Shard(0)]
+        own = {
+            "": {"weight": rows, "bias": rows},
+            "adapter": {"weight_magnitude": rows},
+            "adapter.linear_out": {"weight": rows},
+        }
+        _distribute_own(module, own.get(name, {}), device_mesh)  # the rest (A) is replicated
+
+
+class _AdaptedRowwise(RowwiseParallel):
+    """RowwiseParallel for a layer with a PEFT adapter: the base weight and A split by input columns,
+    B, the bias and DoRA's magnitude replicated; the adapter's partial sums are reduced with the
+    base's."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        cols: list[Placement] = [Shard(1)]
+        own = {"": {"weight": cols}, "adapter.linear_in": {"weight": cols}}
+        _distribute_own(module, own.get(name, {}), device_mesh)
+
+
 def _layer_plan(layer: TransformerLayer, sp: bool) -> dict[str, ParallelStyle]:
     """Megatron's split of one transformer layer: QKV and fc1 column-parallel (heads / MLP units split),
     the projections back into the residual stream row-parallel (partial sums reduced; with sequence
-    parallel reduce-scattered along the sequence, and the norms run on sequence shards)."""
+    parallel reduce-scattered along the sequence, and the norms run on sequence shards). Layers with
+    a PEFT adapter split it consistently with their base (`_AdaptedColwise`, `_AdaptedRowwise`)."""
+    from viaduct.peft.adapters import AdaptedLinear
+
     seq = Shard(1) if sp else Replicate()
+
+    def colwise(name: str) -> ParallelStyle:
+        adapted = isinstance(layer.get_submodule(name), AdaptedLinear)
+        return _AdaptedColwise() if adapted else ColwiseParallel()
+
+    def rowwise(name: str) -> ParallelStyle:
+        adapted = isinstance(layer.get_submodule(name), AdaptedLinear)
+        return _AdaptedRowwise(output_layouts=seq) if adapted else RowwiseParallel(output_layouts=seq)
+
     plan: dict[str, ParallelStyle] = {
-        "self_attention.linear_qkv": ColwiseParallel(),
-        "self_attention.linear_proj": RowwiseParallel(output_layouts=seq),
-        "mlp.linear_fc1": ColwiseParallel(),
-        "mlp.linear_fc2": RowwiseParallel(output_layouts=seq),
+        "self_attention.linear_qkv": colwise("self_attention.linear_qkv"),
+        "self_attention.linear_proj": rowwise("self_attention.linear_proj"),
+        "mlp.linear_fc1": colwise("mlp.linear_fc1"),
+        "mlp.linear_fc2": rowwise("mlp.linear_fc2"),
     }
     attn = layer.self_attention
     if attn.q_layernorm is not None:
@@ -319,7 +365,13 @@ def parallelize_chunk(
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
     if layout.tp > 1:
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         apply_tensor_parallel(model, pmesh.tp_mesh, sequence_parallel=layout.sequence_parallel)
+        # PyTorch's styles re-create some parameters (norms under sequence parallelism, replicated
+        # leftovers) as new, trainable Parameters: a frozen base must stay frozen.
+        for name, p in model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
         if provider.tp_comm_overlap:
             enable_async_tensor_parallel(pmesh.tp_mesh, device, compiled=compile_layers)
     if layout.cp > 1:
