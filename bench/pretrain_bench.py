@@ -28,7 +28,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from viaduct.models.accounting import flops_per_token, mfu, peak_flops
     from viaduct.recipes import get_recipe
     from viaduct.training.callbacks import Callback
-    from viaduct.training.pretrain import pretrain
+    from viaduct.training.pretrain import finetune, pretrain
 
     cfg = get_recipe(args.recipe)()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +77,12 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
             self.peak_mem_max = peak.item() / 2**30
 
     clock = Clock()
-    state = pretrain(cfg, callbacks=[clock])
+    state = (finetune if args.finetune else pretrain)(cfg, callbacks=[clock])
+    estimate = None
+    if args.estimate:  # what `viaduct config validate` prints for this run (validated by the run)
+        from viaduct.models.accounting import estimate_config_memory
+
+        estimate = round(estimate_config_memory(cfg).total / 2**30, 2)
     dt = (clock.t[clock.done] - clock.t[args.warmup]) / (clock.done - args.warmup)
     tokens_per_gpu = args.gbs * args.seq / world / dt
     fpt = flops_per_token(cfg.model, args.seq)
@@ -100,6 +105,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         if torch.cuda.is_available()
         else None,
         peak_mem_gib_max=round(clock.peak_mem_max, 2) if clock.peak_mem_max is not None else None,
+        estimate_gib=estimate,
         # The layout validate() settled on, so that a caller can relate the step time to the
         # micro-batches each rank ran (the pipeline bubble depends on their number).
         data_parallel=cfg.data_parallel_size,
@@ -121,6 +127,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--log-interval", type=int, default=10)
     ap.add_argument("--compare", action="store_true", help="also run model_bench.py on the same shape")
+    ap.add_argument(
+        "--finetune", action="store_true", help="run finetune() (checkpoint.pretrained_checkpoint set)"
+    )
+    ap.add_argument("--estimate", action="store_true", help="also report the memory estimate (GiB)")
     ap.add_argument("overrides", nargs="*", help="config overrides (a.b=v)")
     args = ap.parse_args()
     model_result: dict[str, Any] | None = None

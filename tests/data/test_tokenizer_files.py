@@ -227,7 +227,6 @@ def test_hf_options_it_cannot_honour_are_errors(files, tmp_path):
     cfg = _hf(
         files["hf_file"],
         hf_tokenizer_kwargs={"use_fast": False, "padding_side": "left"},
-        chat_template="{{ messages }}",
         sp_tokenizer_kwargs={"legacy": True},
         vocab_size=1000,
     )
@@ -236,7 +235,6 @@ def test_hf_options_it_cannot_honour_are_errors(files, tmp_path):
     assert _paths(exc) == {
         "tokenizer.hf_tokenizer_kwargs.use_fast",
         "tokenizer.hf_tokenizer_kwargs.padding_side",
-        "tokenizer.chat_template",
         "tokenizer.sp_tokenizer_kwargs",
     }
     with pytest.raises(ConfigError, match="320 ids"):

@@ -155,7 +155,6 @@ def test_fields_of_other_tokenizer_types_are_not_silently_ignored():
         tiktoken_pattern="v2",
         hf_tokenizer_kwargs={"use_fast": True},
         trust_remote_code=True,
-        chat_template="{{ x }}",
         null_tokenizer_pad_id=0,
     )
     with pytest.raises(ConfigError) as exc:
@@ -165,7 +164,6 @@ def test_fields_of_other_tokenizer_types_are_not_silently_ignored():
         "tokenizer.tiktoken_pattern",
         "tokenizer.hf_tokenizer_kwargs",
         "tokenizer.trust_remote_code",
-        "tokenizer.chat_template",
         "tokenizer.null_tokenizer_pad_id",
     }
     with pytest.raises(ConfigError) as exc:

@@ -161,12 +161,46 @@ def test_peft_needs_a_pretrained_checkpoint(tmp_path):
         cfg.validate()
     (tmp_path / "base").mkdir()
     cfg.checkpoint.pretrained_checkpoint = str(tmp_path / "base")
-    # With base weights the one problem left is that the loop cannot train adapters yet.
+    cfg.validate()  # with base weights, LoRA on the default targets runs
+
+
+def test_peft_refuses_what_the_run_cannot_honour(tmp_path):
+    (tmp_path / "base").mkdir()
+    cfg = apply_overrides(
+        tiny(),
+        [
+            "peft=lora",
+            f"checkpoint.pretrained_checkpoint={tmp_path / 'base'}",
+            "peft.target_modules=[linear_qkv,'*.layers.7.*']",
+            f"checkpoint.save={tmp_path / 'out'}",
+            "checkpoint.also_save_hf_checkpoint=true",
+        ],
+    )
     with pytest.raises(ConfigError) as info:
         cfg.validate()
-    assert [(p.path, p.message) for p in info.value.problems] == [
-        ("peft", "PEFT training is not supported yet")
-    ]
+    found = {(p.path, p.message.split(",")[0]) for p in info.value.problems}
+    # Targets are matched on the whole model when the config is validated (not on one pipeline stage).
+    assert ("peft.target_modules[1]", "matches no linear layer of the model") in found
+    assert any(path == "checkpoint.also_save_hf_checkpoint" for path, _ in found)
+
+
+def test_peft_must_give_every_pipeline_rank_adapters(tmp_path):
+    (tmp_path / "base").mkdir()
+    cfg = apply_overrides(
+        tiny(),
+        [
+            "peft=lora",
+            f"checkpoint.pretrained_checkpoint={tmp_path / 'base'}",
+            "peft.target_modules=['*.layers.0.*']",
+            "model.pipeline_model_parallel_size=2",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"peft.target_modules: adapts no layer held by pipeline rank\(s\) \[1\]"
+    ):
+        cfg.validate(world_size=2)
+    cfg.peft.target_modules = ["linear_qkv"]
+    cfg.validate(world_size=2)
 
 
 def test_missing_pretrained_checkpoint_is_an_error():

@@ -23,9 +23,15 @@ from viaduct.training.pretrain import pretrain
 # Settings the training loop cannot run, as CLI overrides on the default recipe, with the field
 # the refusal names and the rule it states.
 REFUSED = [
-    ("peft=lora", "peft", "PEFT training is not supported yet"),
+    ("peft=lora", "peft", "fine-tuning with PEFT needs base weights"),
+    (
+        "peft={_target_: viaduct.peft.LoRA, target_modules: ['*.layers.9.*']}",
+        "peft.target_modules[0]",
+        "matches no linear layer of the model",
+    ),
     ("dataset.dataloader_type=batch", "dataset.dataloader_type", "batch is not supported yet"),
     ("dataset.dataloader_type=external", "dataset.dataloader_type", "external is not supported yet"),
+    ("dataset=finetuning", "dataset.dataset_root", "must name the directory of training.jsonl"),
     ("dataset.trust_remote_code=true", "dataset.trust_remote_code", "is not supported yet"),
     ("model.tensor_model_parallel_size=3", "model.tensor_model_parallel_size", "4 attention heads"),
     (
@@ -133,7 +139,9 @@ def test_only_gpt_models_and_datasets_are_run() -> None:
         cfg.validate()
     lines = {f"{p.path}: {p.message}" for p in by_validate.value.problems}
     assert "model: only GPT models can be trained yet" in lines
-    assert "dataset: only GPT datasets (indexed or mock) can be trained on yet" in lines
+    assert (
+        "dataset: only GPT datasets (indexed or mock) and fine-tuning datasets can be trained on yet" in lines
+    )
     with pytest.raises(ConfigError) as by_run:
         pretrain(cfg)
     assert lines == {f"{p.path}: {p.message}" for p in by_run.value.problems}

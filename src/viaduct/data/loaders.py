@@ -10,7 +10,8 @@ Each DataLoader draws its worker seeds from its own generator (`loader_generator
 generator, whose stream (dropout) must continue unchanged when a run resumes from a checkpoint.
 
 Synthetic data comes from `MockGPTDataset`; named data (indexed `.bin`/`.idx` prefixes, blends,
-splits, `builtin:` corpora) from `viaduct.data.builder.build_gpt_datasets`.
+splits, `builtin:` corpora) from `viaduct.data.builder.build_gpt_datasets`; fine-tuning data
+(`FinetuningDatasetConfig`: JSONL records, padded or packed) from `viaduct.data.sft.build`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from viaduct.config import ConfigError, Problems
 from viaduct.data.mock import MockGPTDataset
 from viaduct.data.samplers import PretrainingRandomSampler, PretrainingSampler, check_dataloader_type
 from viaduct.training.config.dataset import GPTDatasetConfig, MockGPTDatasetConfig
+from viaduct.training.config.finetuning import FinetuningDatasetConfig
 
 if TYPE_CHECKING:
     from viaduct.data.tokenizers import Tokenizer
@@ -61,11 +63,17 @@ def build_train_valid_test_datasets(
     out by dataset.split)."""
     ds = cfg.dataset
     p = Problems()
+    if isinstance(ds, FinetuningDatasetConfig):
+        # JSONL instruction data (viaduct.data.sft); rank 0 first in a distributed run (pack caches).
+        from viaduct.data.sft.build import build_sft_datasets
+
+        return build_sft_datasets(cfg, tokenizer, sample_counts)
     if not isinstance(ds, GPTDatasetConfig):
         p.add(
             "dataset",
             f"{type(ds).__name__} is not supported yet",
-            fix=f"use a mock dataset (dataset._target_: {MockGPTDatasetConfig.target()})",
+            fix=f"use a mock dataset (dataset._target_: {MockGPTDatasetConfig.target()}) or fine-tuning "
+            f"data ({FinetuningDatasetConfig.target()})",
         )
         raise ConfigError(p.items)
     if not isinstance(ds, MockGPTDatasetConfig) and any(
@@ -147,6 +155,8 @@ def build_data_loader(
     persistent = ds.effective_persistent_workers
     if persistent is None:  # not validated: apply the same rule validate() does
         persistent = ds.persistent_workers and ds.num_workers > 0
+    # Variable-length samples (fine-tuning data) bring the function that pads their micro-batches.
+    collate = getattr(dataset, "collate_fn", None) or collate_samples
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -154,7 +164,7 @@ def build_data_loader(
         pin_memory=ds.pin_memory and torch.cuda.is_available(),
         persistent_workers=persistent,
         worker_init_fn=worker_init_fn,
-        collate_fn=collate_samples,
+        collate_fn=collate,
         generator=generator,
     )
 
@@ -175,16 +185,17 @@ def build_train_valid_test_data_iterators(
     """Batch iterators for train, validation and test (None where a split has no samples).
 
     Train follows dataset.dataloader_type ("single" when None: finite, resumes at
-    consumed_train_samples; "cyclic": reshuffled epochs, infinite). Validation and test cycle
+    consumed_train_samples; "batch": the same for fine-tuning data, micro-batches padded; "cyclic":
+    reshuffled epochs, infinite). Validation and test cycle
     forever through reshuffled epochs as in Megatron (validation resumes at consumed_valid_samples).
     Each batch is a dict of stacked tensors ([micro batch, ...]).
     """
     ds = cfg.dataset
-    train_kind = check_dataloader_type(ds.dataloader_type)
+    train_kind = check_dataloader_type(ds.dataloader_type, ds._variable_length_batches_)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         cfg, tokenizer, (train_samples, valid_samples, test_samples)
     )
-    seed = ds.random_seed if isinstance(ds, GPTDatasetConfig) else 0
+    seed = ds.random_seed if isinstance(ds, GPTDatasetConfig) else getattr(ds, "seed", 0)
     mbs = cfg.train.micro_batch_size
     if mbs is None:
         p = Problems()
@@ -197,7 +208,9 @@ def build_train_valid_test_data_iterators(
             return None
         size = len(dataset)  # type: ignore[arg-type]
         sampler: Sampler
-        if kind == "single":
+        if kind in ("single", "batch"):
+            # "batch": the same resumable ordered pass; the dataset shuffles its epochs and the
+            # collate function pads each micro-batch to its longest sample.
             sampler = PretrainingSampler(size, consumed, micro, dp_rank, dp_size, drop_last=ds.drop_last)
         else:
             sampler = PretrainingRandomSampler(

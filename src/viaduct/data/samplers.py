@@ -5,7 +5,8 @@ Megatron's semantics: the run walks a *global* order of sample indices in global
 `consumed_samples` counts global samples (the loop's consumed_train_samples), so starting a sampler
 at N consumed samples yields exactly what an uninterrupted run yields after its first N samples.
 
-- `PretrainingSampler` ("single"): one pass over `[0, total_samples)` in order.
+- `PretrainingSampler` ("single", and "batch" for fine-tuning data, whose dataset shuffles its own
+  epochs and whose collate function pads each micro-batch): one pass over `[0, total_samples)` in order.
 - `PretrainingRandomSampler` ("cyclic"): epochs over the dataset, reshuffled each epoch from
   `seed + epoch`; infinite unless `total_samples` bounds it.
 
@@ -155,9 +156,10 @@ class PretrainingRandomSampler:
                 yield batch.tolist()
 
 
-def check_dataloader_type(dataloader_type: str | None) -> str:
-    """The sampler kind for training: None means "single" (Megatron's default); others not built yet."""
-    problem = dataloader_type_problem(dataloader_type)
+def check_dataloader_type(dataloader_type: str | None, variable_length: bool = False) -> str:
+    """The sampler kind for training: None means "single" (Megatron's default); "batch" only for
+    datasets of variable-length samples (`variable_length`); others not built yet."""
+    problem = dataloader_type_problem(dataloader_type, variable_length)
     if problem is not None:  # validate() refuses it first; this guards callers that skip validation
         p = Problems()
         p.add("dataset.dataloader_type", problem[0], dataloader_type, fix=problem[1])

@@ -73,7 +73,7 @@ def merge_checkpoint(
         from viaduct.training.checkpoint.hf import export_hf_checkpoint
 
         return export_hf_checkpoint(ckpt, out)  # loads merged, as below
-    loaded = load_checkpoint(ckpt, device="cpu")  # base + adapters, merged
+    loaded = load_checkpoint(Path(ckpt), device="cpu")  # base + adapters, merged
     cfg = loaded.config
     cfg.peft = None
     ck = cfg.checkpoint

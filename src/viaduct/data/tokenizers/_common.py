@@ -64,14 +64,6 @@ def check_unused_fields(p: Problems, cfg: TokenizerConfig) -> None:
             True,
             fix="remove tokenizer.trust_remote_code",
         )
-    if cfg.chat_template is not None:
-        # Rendering needs Jinja and a conversation format: both belong to SFT, which is not built.
-        p.add(
-            "tokenizer.chat_template",
-            "chat templates are used by SFT data, which is not supported yet; pretraining never reads one",
-            cfg.chat_template,
-            fix="remove tokenizer.chat_template",
-        )
     if cfg.vocab_extra_ids < 0:
         p.add("tokenizer.vocab_extra_ids", "must be >= 0", cfg.vocab_extra_ids, fix="set it to 0 or more")
 

@@ -8,6 +8,7 @@ from viaduct.training.config.checkpoint import CheckpointConfig
 from viaduct.training.config.container import FINALIZE_ORDER, ConfigContainer
 from viaduct.training.config.dataset import DataloaderConfig, GPTDatasetConfig, MockGPTDatasetConfig
 from viaduct.training.config.distributed import DistributedDataParallelConfig, DistributedInitConfig
+from viaduct.training.config.finetuning import FinetuningDatasetConfig, PackedSequenceSpecs
 from viaduct.training.config.logger import LoggerConfig
 from viaduct.training.config.optimizer import OptimizerConfig
 from viaduct.training.config.profiling import ProfilingConfig
@@ -33,6 +34,7 @@ __all__ = [
     "DistributedDataParallelConfig",
     "DistributedInitConfig",
     "FaultToleranceConfig",
+    "FinetuningDatasetConfig",
     "GPTDatasetConfig",
     "InProcessRestartConfig",
     "LoggerConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "MockGPTDatasetConfig",
     "NVRxStragglerDetectionConfig",
     "OptimizerConfig",
+    "PackedSequenceSpecs",
     "ProfilingConfig",
     "RNGConfig",
     "RerunStateMachineConfig",

@@ -15,8 +15,9 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
    checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft;
 7. cross-component rules: batch sizes and micro-batches, evaluation batches, scheduler steps
    (in samples), micro-batch counts the pipeline schedule can run (every step's, ramp-up included),
-   the parallel layout's rules, PEFT needs a pretrained checkpoint, what the training loop can run
-   (GPT models and datasets, no PEFT yet), profiled ranks within the world, environment variable
+   the parallel layout's rules, PEFT needs a pretrained checkpoint and targets matching layers of
+   every pipeline rank, what the training loop can run (GPT models; GPT and fine-tuning datasets;
+   LoRA / DoRA adapters), profiled ranks within the world, environment variable
    names; a warning when dataset.split leaves nothing to evaluate on although evaluation is asked
    for.
 
@@ -27,6 +28,7 @@ and memory history, tokenizer and data files, what a checkpoint directory holds)
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -40,6 +42,7 @@ from viaduct.training.comm_overlap import CommOverlapConfig
 from viaduct.training.config.checkpoint import CheckpointConfig
 from viaduct.training.config.dataset import _SPLITS, DataloaderConfig, GPTDatasetConfig
 from viaduct.training.config.distributed import DistributedDataParallelConfig, DistributedInitConfig
+from viaduct.training.config.finetuning import FinetuningDatasetConfig
 from viaduct.training.config.logger import LoggerConfig
 from viaduct.training.config.optimizer import OptimizerConfig
 from viaduct.training.config.profiling import ProfilingConfig
@@ -305,10 +308,11 @@ class ConfigContainer(ConfigBase):
     def _sync_seq_length(self) -> list[Problem]:
         """One owner for the sequence length: whichever side the user set wins; both set must agree."""
         ds = self.dataset
-        if not isinstance(ds, GPTDatasetConfig):
+        if not isinstance(ds, (GPTDatasetConfig, FinetuningDatasetConfig)):
             return []  # custom datasets carry no sequence length (Bridge issue #894)
         model_len, data_len = self.model.seq_length, ds.seq_length
-        if data_len is None and ds.sequence_length is not None:  # Megatron Core's name for it
+        if data_len is None and isinstance(ds, GPTDatasetConfig) and ds.sequence_length is not None:
+            # Megatron Core's name for it
             ds.derive("seq_length", ds.sequence_length, "dataset.sequence_length")
             data_len = ds.sequence_length
         if data_len is None:
@@ -620,22 +624,52 @@ class ConfigContainer(ConfigBase):
                     fix="use a GPT provider (model._target_: viaduct.models.GPTModelProvider or a named one)",
                 )
             )
-        if not isinstance(self.dataset, GPTDatasetConfig):
+        if isinstance(self.dataset, FinetuningDatasetConfig):
+            if not {"dataset", "model"} & broken:
+                problems += self.dataset.layout_problems(self.model.pipeline_model_parallel_size)
+        elif not isinstance(self.dataset, GPTDatasetConfig):
             problems.append(
                 Problem(
                     "dataset",
-                    "only GPT datasets (indexed or mock) can be trained on yet",
+                    "only GPT datasets (indexed or mock) and fine-tuning datasets can be trained on yet",
                     type(self.dataset).__name__,
-                    fix=f"use dataset._target_: {GPTDatasetConfig.target()} (or the mock dataset)",
+                    fix=f"use dataset._target_: {GPTDatasetConfig.target()} (or the mock dataset, or "
+                    f"{FinetuningDatasetConfig.target()})",
                 )
             )
-        if self.peft is not None:
+        if self.peft is not None and "peft" not in broken:
+            problems += self._peft_problems(broken)
+        return problems
+
+    def _peft_problems(self, broken: set[str]) -> list[Problem]:
+        """PEFT settings the run cannot honour: targets matching no layer of the whole model (a
+        pipeline rank holds only part of it, so they are checked here), and what adapter-only
+        checkpoints rule out."""
+        from viaduct.peft.dora import DoRA
+        from viaduct.peft.lora import LoRA
+        from viaduct.peft.transform import planned_adapters
+
+        problems: list[Problem] = []
+        peft = self.peft
+        if not isinstance(peft, (LoRA, DoRA)):
+            return [
+                Problem("peft", "only LoRA and DoRA can be trained", type(peft).__name__, fix="use peft=lora")
+            ]
+        if isinstance(self.model, GPTModelProvider) and "model" not in broken:
+            try:
+                planned = planned_adapters(peft, self.model)
+            except ConfigError as exc:
+                problems += exc.problems
+            else:
+                problems += _stages_without_adapters(self.model, planned)
+        if self.checkpoint.also_save_hf_checkpoint:
             problems.append(
                 Problem(
-                    "peft",
-                    "PEFT training is not supported yet",
-                    type(self.peft).__name__,
-                    fix="set peft=null (full fine-tuning with finetune() is supported)",
+                    "checkpoint.also_save_hf_checkpoint",
+                    "a PEFT run saves adapters only, and a Hugging Face model has no place for them",
+                    True,
+                    fix="set it to false; export with `viaduct peft merge CKPT --hf OUT` (merged model) "
+                    "or `viaduct peft export-adapter CKPT OUT` (Hugging Face PEFT adapter)",
                 )
             )
         return problems
@@ -726,3 +760,28 @@ class ConfigContainer(ConfigBase):
         from viaduct.config.diff import non_default_values
 
         return non_default_values(self)
+
+
+def _stages_without_adapters(model: GPTModelProvider, adapted: Iterable[str]) -> list[Problem]:
+    """A pipeline rank whose layers get no adapter would have nothing to train (and no optimizer)."""
+    if model.pipeline_model_parallel_size <= 1:
+        return []
+    from viaduct.distributed.pipeline_split import pipeline_stages
+
+    try:
+        stages = pipeline_stages(model)
+    except ConfigError:
+        return []  # the split's own problems are reported with the model's
+    layers = {int(name.split(".")[2]) for name in adapted}
+    empty = sorted({s.pp_rank for s in stages} - {s.pp_rank for s in stages if layers.intersection(s.layers)})
+    if not empty:
+        return []
+    return [
+        Problem(
+            "peft.target_modules",
+            f"adapts no layer held by pipeline rank(s) {empty}, which would then have nothing to train",
+            model.pipeline_model_parallel_size,
+            fix="target modules in every stage's layers (e.g. linear_qkv), or lower "
+            "model.pipeline_model_parallel_size",
+        )
+    ]

@@ -21,16 +21,32 @@ Blend = tuple[list[str], list[float] | None]
 _SPLITS = ("train", "validation", "test")
 
 DATALOADER_TYPES_SUPPORTED = ("single", "cyclic")
-"""The dataloader_type values the training loop builds ("batch" and "external" are not built yet)."""
+"""The dataloader_type values the training loop builds for every dataset ("external" is not built)."""
+
+VARIABLE_LENGTH_DATALOADER_TYPES = ("batch",)
+"""Built only for datasets whose samples vary in length (fine-tuning data): padded micro-batches."""
 
 
-def dataloader_type_problem(dataloader_type: str | None) -> tuple[str, str] | None:
+def dataloader_type_problem(
+    dataloader_type: str | None, variable_length: bool = False
+) -> tuple[str, str] | None:
     """(rule, fix) when the loop cannot build `dataloader_type`; None when it can (None means "single").
 
+    `variable_length`: the dataset's samples vary in length (`_variable_length_batches_` of its
+    config), so "batch" (micro-batches padded to their longest sample) is built for it.
     The one statement of this rule: validation and the data loaders both ask it.
     """
     if dataloader_type is None or dataloader_type in DATALOADER_TYPES_SUPPORTED:
         return None
+    if variable_length and dataloader_type in VARIABLE_LENGTH_DATALOADER_TYPES:
+        return None
+    if dataloader_type in VARIABLE_LENGTH_DATALOADER_TYPES:
+        return (
+            f"{dataloader_type} is not supported yet for this dataset (it pads variable-length samples, "
+            "which only fine-tuning datasets have)",
+            'set dataset.dataloader_type to "single" (one resumable pass) or "cyclic" (reshuffled epochs), '
+            "or use fine-tuning data (dataset=finetuning)",
+        )
     return (
         f"{dataloader_type} is not supported yet",
         'set dataset.dataloader_type to "single" (one resumable pass) or "cyclic" (reshuffled epochs)',
@@ -43,9 +59,11 @@ class DataloaderConfig(ConfigBase):
 
     _component_: ClassVar[str] = "dataset"
     _abstract_config_ = True
+    _variable_length_batches_: ClassVar[bool] = False
+    """True where samples vary in length, so "batch" (padded micro-batches) is built."""
 
     dataloader_type: Literal["single", "cyclic", "batch", "external"] | None = None
-    """Sampler: "single" (one resumable pass), "cyclic" (reshuffled epochs); "batch", "external" not yet."""
+    """Sampler: "single" (one resumable pass), "cyclic" (reshuffled epochs), "batch" (fine-tuning data)."""
 
     num_workers: int = 2
     """Data-loader worker processes per rank (0 loads in the training process)."""
@@ -82,7 +100,7 @@ class DataloaderConfig(ConfigBase):
 
     def _check(self, p: Problems) -> None:
         positive(p, self, "num_workers", zero_ok=True)
-        problem = dataloader_type_problem(self.dataloader_type)
+        problem = dataloader_type_problem(self.dataloader_type, self._variable_length_batches_)
         if problem is not None:
             p.add("dataloader_type", problem[0], self.dataloader_type, fix=problem[1])
 

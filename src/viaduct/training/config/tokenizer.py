@@ -81,7 +81,7 @@ class TokenizerConfig(ConfigBase):
     """Padding id of the NullTokenizer; -1 means none."""
 
     chat_template: str | None = None
-    """Jinja chat template replacing the tokenizer's own."""
+    """Jinja chat template used for SFT `messages` records; overrides the tokenizer's own."""
 
     trust_remote_code: bool = False
     """Allow a Hugging Face tokenizer to run code from its repository."""
@@ -106,7 +106,7 @@ class TokenizerConfig(ConfigBase):
         "tokenizer_hf_no_include_special_tokens": "use hf_tokenizer_kwargs",
         "tokenizer_sentencepiece_legacy": "use sp_tokenizer_kwargs: {legacy: true}",
         "tokenizer_sentencepiece_ignore_extra_whitespaces": "use sp_tokenizer_kwargs",
-        "chat_template_path": "SFT tokenizers are not built; use chat_template",
+        "chat_template_path": "put the template's text in chat_template",
         "tokenizer_prompt_format": "SFT tokenizers are not built",
         "image_tag_type": "multimodal tokenizers are not built",
         "force_system_message": "SFT tokenizers are not built",
@@ -148,7 +148,31 @@ class TokenizerConfig(ConfigBase):
                 eod,
                 fix="set tokenizer.null_tokenizer_eod_id inside the vocabulary, or leave it unset",
             )
+        if self.chat_template is not None:
+            self._check_chat_template(p)
         p.raise_if_any()
+
+    def _check_chat_template(self, p: Problems) -> None:
+        """A set chat template must be a Jinja template that compiles (Jinja is imported only then)."""
+        from viaduct.data.sft.chat import syntax_error
+
+        if not self.chat_template or not self.chat_template.strip():
+            p.add(
+                "chat_template",
+                "is empty",
+                self.chat_template,
+                fix=f"set {dotted(self, 'chat_template')} to a Jinja chat template, or leave it unset to "
+                "use the tokenizer's own",
+            )
+            return
+        why = syntax_error(self.chat_template)
+        if why is not None:
+            p.add(
+                "chat_template",
+                why,
+                self.chat_template,
+                fix=f"correct the Jinja syntax of {dotted(self, 'chat_template')} at that line",
+            )
 
 
 def _looks_local(path: str | None) -> bool:
