@@ -1,10 +1,12 @@
+import os
+
 import pytest
 
 from viaduct.config import ConfigError, ConfigWarning, DType, apply_overrides
 from viaduct.models import GPTModelProvider
 from viaduct.recipes import get_recipe, list_recipes, tiny_gpt_pretrain_config
 from viaduct.training.comm_overlap import CommOverlapConfig
-from viaduct.training.config import ConfigContainer
+from viaduct.training.config import ConfigContainer, FinetuningDatasetConfig, TokenizerConfig
 
 
 def tiny() -> ConfigContainer:
@@ -273,6 +275,14 @@ def test_layout_rules_spanning_components():
 @pytest.mark.parametrize("name", sorted(list_recipes()))
 def test_every_recipe_validates_and_round_trips(name, tmp_path):
     cfg = get_recipe(name)()
+    base = cfg.checkpoint.pretrained_checkpoint
+    if isinstance(cfg.dataset, FinetuningDatasetConfig) and not (base and os.path.exists(base)):
+        # A fine-tuning recipe is given its base (whose tokenizer it follows, for a Hugging Face one).
+        cfg.checkpoint.pretrained_checkpoint = str(tmp_path)
+        if cfg.tokenizer.tokenizer_type is None:
+            cfg.tokenizer = TokenizerConfig(
+                tokenizer_type="NullTokenizer", vocab_size=cfg.model.vocab_size - 1
+            )
     path = tmp_path / "r.yaml"
     cfg.to_yaml(path)
     assert ConfigContainer.from_yaml(path) == cfg

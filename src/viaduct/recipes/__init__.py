@@ -4,6 +4,18 @@ from viaduct.recipes import llama32_1b_pretrain_config, get_recipe
 cfg = get_recipe("llama32_1b")()
 """
 
+from viaduct.recipes.finetune import (
+    llama3_8b_peft_config,
+    llama3_8b_sft_config,
+    llama32_1b_peft_config,
+    llama32_1b_sft_config,
+    qwen3_8b_peft_config,
+    qwen3_8b_sft_config,
+    qwen3_600m_peft_config,
+    qwen3_600m_sft_config,
+    tiny_gpt_peft_config,
+    tiny_gpt_sft_config,
+)
 from viaduct.recipes.gpt import gpt2_124m_pretrain_config, tiny_gpt_model, tiny_gpt_pretrain_config
 from viaduct.recipes.llama import (
     llama2_7b_pretrain_config,
@@ -20,12 +32,22 @@ __all__ = [
     "gpt2_124m_pretrain_config",
     "list_recipes",
     "llama2_7b_pretrain_config",
+    "llama3_8b_peft_config",
     "llama3_8b_pretrain_config",
+    "llama3_8b_sft_config",
     "llama3_70b_pretrain_config",
+    "llama32_1b_peft_config",
     "llama32_1b_pretrain_config",
+    "llama32_1b_sft_config",
+    "qwen3_8b_peft_config",
+    "qwen3_8b_sft_config",
+    "qwen3_600m_peft_config",
     "qwen3_600m_pretrain_config",
+    "qwen3_600m_sft_config",
     "qwen25_500m_pretrain_config",
     "recipe",
     "tiny_gpt_model",
+    "tiny_gpt_peft_config",
     "tiny_gpt_pretrain_config",
+    "tiny_gpt_sft_config",
 ]
