@@ -3,7 +3,7 @@
 The last rank (which owns the TensorBoard writer, closed by then) draws the loss curves into the run
 directory; rank 0 prints the closing lines: the run directory, the checkpoint, the TensorBoard logs
 and the plot, then the exact commands to train further (or resume a stopped run), to let the model
-write text, to look at the curves and to start afresh. Nothing is printed for an output that is off,
+write text, to merge a PEFT run's adapters, to look at the curves and to start afresh. Nothing is printed for an output that is off,
 beyond saying it is off and which setting turns it on.
 
 The run directory is the recipes' layout (`viaduct.recipes.common.set_run_dir`):
@@ -250,6 +250,10 @@ def summary_lines(
             nxt.append(("train further", f"{cmd}  (resumes at iteration {step})"))
         text = ["viaduct", "generate", "--checkpoint", paths.checkpoints, "--prompt", "The"]
         nxt.append(("write text", shlex.join(text) + "  (one process, also after torchrun)"))
+        if cfg.peft is not None:
+            merged = f"{paths.run_dir or os.path.dirname(paths.checkpoints)}_merged"
+            merge = ["viaduct", "peft", "merge", paths.checkpoints, merged]
+            nxt.append(("merge adapters", shlex.join(merge) + "  (add --hf for a Hugging Face model)"))
     if paths.tensorboard is not None:
         nxt.append(("look at curves", shlex.join(["tensorboard", "--logdir", paths.tensorboard])))
         nxt.append(("redraw the plot", _plot_command(paths)))
