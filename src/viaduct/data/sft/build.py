@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from viaduct.config import ConfigError, Problem
 from viaduct.data.sft.builtin import resolve_dataset_root
+from viaduct.data.sft.chat import ChatTemplate
 from viaduct.data.sft.dataset import PadCollate, SFTDataset, pad_multiple
 from viaduct.data.sft.examples import BuildStats, Example, build_examples
 from viaduct.data.sft.packing import PackedSFTDataset, file_sha256, load_packs, pack_examples, save_packs
@@ -36,7 +37,6 @@ from viaduct.data.sft.records import RecordReader, SFTDataError
 from viaduct.training.config.finetuning import SPLIT_FILES, FinetuningDatasetConfig, SFTOptions
 
 if TYPE_CHECKING:
-    from viaduct.data.sft.chat import ChatTemplate
     from viaduct.data.tokenizers import Tokenizer
     from viaduct.training.config import ConfigContainer
 
@@ -72,10 +72,6 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 def _chat_template(cfg: ConfigContainer) -> tuple[ChatTemplate | None, str | None]:
     """The tokenizer's chat template and, when there is none, why."""
-    try:
-        from viaduct.data.sft.chat import ChatTemplate
-    except ImportError:
-        return None, "chat templates are not available in this viaduct"
     tpl = ChatTemplate.from_config(cfg.tokenizer)
     return tpl, None if tpl is not None else "tokenizer.chat_template is not set"
 
@@ -258,8 +254,13 @@ def _packs(
 
 
 def _chat_fingerprint(cfg: ConfigContainer) -> str | None:
-    value = getattr(cfg.tokenizer, "chat_template", None)
-    return None if value is None else hashlib.sha256(str(value).encode()).hexdigest()
+    """The chat template that renders messages records, wherever it comes from (the config or the
+    tokenizer's directory), with the special tokens it sees: a change to either re-packs."""
+    tpl = ChatTemplate.from_config(cfg.tokenizer)
+    if tpl is None:
+        return None
+    text = json.dumps([tpl.text, sorted(tpl.special_tokens.items())])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _report(path: Path, stats: BuildStats, max_tokens: int) -> None:
