@@ -25,7 +25,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from viaduct.config import apply_overrides
-    from viaduct.models.accounting import flops_per_token, mfu, peak_flops
+    from viaduct.models.accounting import flops_per_token, mfu, peak_flops, trainable_parameters
     from viaduct.recipes import get_recipe
     from viaduct.training.callbacks import Callback
     from viaduct.training.pretrain import finetune, pretrain
@@ -85,7 +85,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         estimate = round(estimate_config_memory(cfg).total / 2**30, 2)
     dt = (clock.t[clock.done] - clock.t[args.warmup]) / (clock.done - args.warmup)
     tokens_per_gpu = args.gbs * args.seq / world / dt
-    fpt = flops_per_token(cfg.model, args.seq)
+    fpt = flops_per_token(cfg.model, args.seq, trainable=trainable_parameters(cfg))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_flops(name)
     return dict(

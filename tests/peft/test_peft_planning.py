@@ -82,3 +82,14 @@ def test_pipeline_ranks_hold_the_adapters_of_their_layers() -> None:
     layout = ParallelLayout(world_size=2, pp=2)
     ranks = estimate_pipeline_memory(p, 2, layout=layout, trainable=n)
     assert [r.optimizer for r in ranks] == [8 * n // 2, 8 * n // 2]
+
+
+def test_flops_of_a_peft_step_leave_out_the_frozen_weight_gradients() -> None:
+    from viaduct.models.accounting import flops_per_token
+
+    p = provider()
+    n = adapter_parameter_count(LoRA(dim=4), p)
+    full, peft = flops_per_token(p, 32), flops_per_token(p, 32, trainable=n)
+    attention = 12 * p.num_layers * p.num_attention_heads * p.kv_channels * 32
+    matmul = (full - attention) / 6
+    assert peft == 4 * matmul + 6 * n + attention

@@ -76,9 +76,17 @@ def num_parameters(provider: GPTModelProvider, *, exclude_embeddings: bool = Fal
 
 
 def flops_per_token(
-    provider: GPTModelProvider, seq_length: int | None = None, *, causal: bool = False
+    provider: GPTModelProvider,
+    seq_length: int | None = None,
+    *,
+    causal: bool = False,
+    trainable: int | None = None,
 ) -> float:
-    """Training FLOPs (forward + backward) per token at `seq_length` (default: model.seq_length)."""
+    """Training FLOPs (forward + backward) per token at `seq_length` (default: model.seq_length).
+
+    `trainable`: PEFT's adapter parameters (`trainable_parameters`), when only they train: the frozen
+    weights then take 4 FLOPs per parameter and token (forward, and the gradient of their input; no
+    weight gradient), the adapters 6."""
     provider.finalize()
     assert provider.kv_channels is not None
     seq = seq_length or provider.seq_length
@@ -86,7 +94,10 @@ def flops_per_token(
     if provider.share_embeddings_and_output_weights:
         matmul_params += provider.padded_vocab_size() * provider.hidden_size
     attention = 12 * provider.num_layers * provider.num_attention_heads * provider.kv_channels * seq
-    return 6.0 * matmul_params + (attention / 2 if causal else attention)
+    attention_flops = attention / 2 if causal else float(attention)
+    if trainable is not None:
+        return 4.0 * matmul_params + 6.0 * trainable + attention_flops
+    return 6.0 * matmul_params + attention_flops
 
 
 # Dense bf16 peaks (no sparsity) of the accelerators we measure on; MFU is only reported for these.
@@ -522,11 +533,11 @@ def estimate_config_memory(cfg: ConfigContainer, world_size: int | None = None) 
         layout=layout,
         grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
         num_microbatches=num_microbatches,
-        trainable=_trainable(cfg),
+        trainable=trainable_parameters(cfg),
     )
 
 
-def _trainable(cfg: ConfigContainer) -> int | None:
+def trainable_parameters(cfg: ConfigContainer) -> int | None:
     """The parameters a run trains when it trains adapters only (PEFT), else None (all of them)."""
     if cfg.peft is None:
         return None
@@ -546,7 +557,7 @@ def estimate_config_pipeline_memory(
         layout=layout,
         grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
         num_microbatches=num_microbatches,
-        trainable=_trainable(cfg),
+        trainable=trainable_parameters(cfg),
     )
 
 

@@ -34,7 +34,7 @@ from viaduct.distributed.ddp import wrap_data_parallel
 from viaduct.distributed.init import DistributedContext, destroy_distributed, initialize_distributed
 from viaduct.distributed.layout import layout_of
 from viaduct.distributed.mesh import ParallelMesh, build_mesh
-from viaduct.models.accounting import flops_per_token, peak_flops
+from viaduct.models.accounting import flops_per_token, peak_flops, trainable_parameters
 from viaduct.models.compile import compile_model
 from viaduct.models.gpt.provider import GPTModelProvider
 from viaduct.training.callbacks import Callback, CallbackManager
@@ -330,7 +330,8 @@ def _setup(
         train_iters=train_iters,
         eval_global_batch_size=eval_global_batch_size,
         eval_num_microbatches=max(1, eval_global_batch_size // (eval_micro_batch_size * dp)),
-        flops_per_sample=flops_per_token(model_cfg, seq_length) * seq_length,
+        flops_per_sample=flops_per_token(model_cfg, seq_length, trainable=trainable_parameters(cfg))
+        * seq_length,
         tokens_per_sample=seq_length,
         callbacks=callbacks,
         profiler=profiler,

@@ -3,8 +3,8 @@
 The last rank (which owns the TensorBoard writer, closed by then) draws the loss curves into the run
 directory; rank 0 prints the closing lines: the run directory, the checkpoint, the TensorBoard logs
 and the plot, then the exact commands to train further (or resume a stopped run), to let the model
-write text, to merge a PEFT run's adapters, to look at the curves and to start afresh. Nothing is printed for an output that is off,
-beyond saying it is off and which setting turns it on.
+write text, to merge a PEFT run's adapters, to look at the curves and to start afresh. Nothing is
+printed for an output that is off, beyond saying it is off and which setting turns it on.
 
 The run directory is the recipes' layout (`viaduct.recipes.common.set_run_dir`):
 `<run>/checkpoints` and `<run>/tb_logs`, with the page `<run>/loss_curves.html` beside them.
