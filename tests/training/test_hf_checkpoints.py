@@ -78,6 +78,18 @@ def test_a_run_starts_from_a_hugging_face_directory(hf_dir: Path, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_lora_starts_from_a_hugging_face_directory(hf_dir: Path, tmp_path: Path) -> None:
+    """The base from the Hugging Face directory, the adapters (B = 0) on it: the first loss is the
+    base model's, and the checkpoint holds the adapters only."""
+    full = _first_losses(0, 1, str(hf_dir), ())
+    save = tmp_path / "adapters"
+    lora = _first_losses(0, 1, str(hf_dir), ("peft=lora", "peft.dim=4", f"checkpoint.save={save}"))
+    assert lora[0] == full[0] and lora[1] != full[1]
+    meta = json.loads((save / "iter_0000002" / "metadata.json").read_text())
+    assert meta["contents"]["model"] == "adapters" and meta["peft_base"] == str(hf_dir)
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "overrides",
