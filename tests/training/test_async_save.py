@@ -363,7 +363,7 @@ def _two_rank_async(rank: int, world: int, root: str) -> list[str]:
         torch.distributed.all_gather(shares, staged, group=ctx.host_group)
         ckpt.finalize()
         names = sorted(p.name for p in (Path(root) / "iter_0000002").iterdir())
-        total = nbytes(Checkpointer._tensors(run.model, run.optimizer)[0])
+        total = nbytes(ckpt._tensors(run.model, run.optimizer)[0])
         return names, [int(x) for x in shares], total
     finally:
         destroy_distributed(ctx)
