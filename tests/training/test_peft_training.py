@@ -17,6 +17,7 @@ from viaduct.inference import load_checkpoint
 from viaduct.testing import run_distributed, tiny_pretrain_config
 from viaduct.training.callbacks import CallbackContext
 from viaduct.training.checkpoint.inspect import inspect_checkpoint
+from viaduct.training.config import TokenizerConfig
 from viaduct.training.pretrain import finetune, pretrain
 
 pytestmark = pytest.mark.slow
@@ -219,3 +220,16 @@ def test_sharded_frozen_base_is_stored_in_16_bits(base: str) -> None:
         adapter = ".adapter." in name
         assert dtype == ("torch.float32" if adapter else "torch.bfloat16"), name
         assert trainable == stepped == adapter, name
+
+
+def test_an_unset_tokenizer_follows_a_viaduct_base(base: str, tmp_path: Path) -> None:
+    # The base was trained with the NullTokenizer of VOCAB: a fine-tuning config that names no
+    # tokenizer takes it (a Hugging Face base gives its own; see test_hf_checkpoints).
+    cfg = tiny_pretrain_config(
+        "train.train_iters=1", "train.eval_iters=0", "peft=lora", f"checkpoint.pretrained_checkpoint={base}"
+    )
+    cfg.tokenizer = TokenizerConfig()
+    cfg.validate()
+    assert (cfg.tokenizer.tokenizer_type, cfg.tokenizer.vocab_size) == ("NullTokenizer", 256)
+    assert "pretrained_checkpoint" in cfg.tokenizer.source_of("tokenizer_type")
+    finetune(cfg)

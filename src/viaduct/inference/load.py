@@ -85,22 +85,11 @@ def _single_process(model: GPTModelProvider) -> None:
 
 def _tokenizer_from(cfg: ConfigContainer, directory: Path) -> Tokenizer:
     """The run's tokenizer; local files that are gone are taken from the checkpoint's own copy."""
-    tok = cfg.tokenizer
-    saved = directory / L.TOKENIZER_DIR
-    if saved.is_dir():
-        for name in ("tokenizer_model", "vocab_file", "merge_file"):
-            value = getattr(tok, name, None)
-            if not value or value.startswith("builtin:") or Path(value).expanduser().exists():
-                continue
-            copy = saved / Path(value).name
-            if copy.is_file():
-                setattr(tok, name, str(copy))
-            elif name == "tokenizer_model" and tok.tokenizer_type == "HuggingFaceTokenizer":
-                setattr(tok, name, str(saved))  # a directory's files were copied flat
-            else:
-                continue
-            log.info("tokenizer.%s %s is gone: using the checkpoint's copy in %s", name, value, saved)
-    return build_tokenizer(tok)
+    from viaduct.training.checkpoint.rank0_files import with_saved_tokenizer_files
+
+    for name in with_saved_tokenizer_files(cfg.tokenizer, directory):
+        log.info("tokenizer.%s is gone: using the checkpoint's copy in %s", name, directory / L.TOKENIZER_DIR)
+    return build_tokenizer(cfg.tokenizer)
 
 
 def load_checkpoint(

@@ -107,3 +107,25 @@ def copy_tokenizer_assets(tok: TokenizerConfig | None, directory: Path) -> bool:
     for src in sources:
         shutil.copy2(src, dest / src.name)
     return True
+
+
+def with_saved_tokenizer_files(tok: TokenizerConfig, directory: Path) -> list[str]:
+    """Point `tok`'s local files that are gone at the copies in the checkpoint `directory`'s
+    `tokenizer/` (see `copy_tokenizer_assets`), in place; returns the fields it changed."""
+    saved = directory / layout.TOKENIZER_DIR
+    changed: list[str] = []
+    if not saved.is_dir():
+        return changed
+    for name in ("tokenizer_model", "vocab_file", "merge_file"):
+        value = getattr(tok, name, None)
+        if not value or value.startswith("builtin:") or Path(value).expanduser().exists():
+            continue
+        copy = saved / Path(value).name
+        if copy.is_file():
+            setattr(tok, name, str(copy))
+        elif name == "tokenizer_model" and tok.tokenizer_type == "HuggingFaceTokenizer":
+            setattr(tok, name, str(saved))  # a directory's files were copied flat
+        else:
+            continue
+        changed.append(name)
+    return changed

@@ -223,19 +223,28 @@ class ConfigContainer(ConfigBase):
         return []
 
     def _tokenizer_from_pretrained(self) -> None:
-        """An unset tokenizer follows a Hugging Face model directory given as the pretrained checkpoint
-        (the model's own tokenizer, as people starting from published weights expect)."""
+        """An unset tokenizer follows the pretrained checkpoint: a Hugging Face model directory's own
+        tokenizer, or the tokenizer a viaduct checkpoint was trained with (its files, or the copies
+        the checkpoint keeps), as people starting from trained weights expect."""
         from viaduct.training.config.checkpoint import is_hf_model_dir
 
         source = self.checkpoint.pretrained_checkpoint
         tokenizer = self.tokenizer
         if source is None or tokenizer is None or tokenizer.tokenizer_type is not None:
             return
-        if not is_hf_model_dir(source):
+        if is_hf_model_dir(source):
+            why = "checkpoint.pretrained_checkpoint (a Hugging Face model directory)"
+            tokenizer.derive("tokenizer_type", "HuggingFaceTokenizer", why)
+            tokenizer.derive("tokenizer_model", source, why)
             return
-        why = "checkpoint.pretrained_checkpoint (a Hugging Face model directory)"
-        tokenizer.derive("tokenizer_type", "HuggingFaceTokenizer", why)
-        tokenizer.derive("tokenizer_model", source, why)
+        saved = _saved_tokenizer(source)
+        if saved is None:
+            return
+        why = "checkpoint.pretrained_checkpoint (the tokenizer it was trained with)"
+        for name, info in type(saved).spec().fields.items():
+            value = getattr(saved, name)
+            if info.init and value != getattr(tokenizer, name):
+                tokenizer.derive(name, value, why)
 
     def _apply_comm_overlap(self) -> None:
         """Explicit data-parallel overlap choices of comm_overlap land on ddp, tp_comm_overlap and the
@@ -785,3 +794,28 @@ def _stages_without_adapters(model: GPTModelProvider, adapted: Iterable[str]) ->
             "model.pipeline_model_parallel_size",
         )
     ]
+
+
+def _saved_tokenizer(source: str) -> TokenizerConfig | None:
+    """The tokenizer of the viaduct checkpoint `source` names (None when it is not one, or its
+    configuration cannot be read: loading it then reports what is wrong)."""
+    from pathlib import Path
+
+    from viaduct.training.checkpoint import layout
+    from viaduct.training.checkpoint.config_check import load_saved_config
+    from viaduct.training.checkpoint.rank0_files import with_saved_tokenizer_files
+    from viaduct.training.checkpoint.resolve import find_checkpoint
+
+    try:
+        found = find_checkpoint(
+            Path(source).expanduser(), "checkpoint.pretrained_checkpoint", None, verbose=False
+        )
+        if found is None or not (found / layout.RUN_CONFIG).is_file():
+            return None
+        tokenizer = load_saved_config(found / layout.RUN_CONFIG).tokenizer
+    except (ValueError, OSError):
+        return None
+    if tokenizer is None or tokenizer.tokenizer_type is None:
+        return None
+    with_saved_tokenizer_files(tokenizer, found)
+    return tokenizer

@@ -1,0 +1,224 @@
+"""The Mamba-2 mixer: in_proj -> causal depthwise conv -> SSD scan -> gated RMSNorm -> out_proj.
+
+Parameter names and layouts follow Megatron's `MambaMixer` and Hugging Face's `Mamba2Mixer`, so their
+checkpoints map onto this module name for name:
+
+- `in_proj` (hidden -> [z | x | B | C | dt]): the gate z and x have d_inner channels, B and C
+  ngroups * d_state each, dt one per head;
+- `conv1d`: depthwise over the [x | B | C] channels, weight [conv_dim, 1, kernel];
+- `dt_bias`, `A_log`, `D`: one value per head (A = -exp(A_log));
+- `norm.weight` [d_inner]: RMSNorm of y * silu(z) over groups of d_inner / ngroups channels;
+- `out_proj` (d_inner -> hidden).
+
+Megatron fuses the block's pre-norm into its `in_proj` (`in_proj.layer_norm_weight`); here that norm
+belongs to the block around the mixer, as in Hugging Face's `Mamba2Block`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from viaduct.models.mamba.ssd import ssd_chunked
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y * silu(z), normalised over groups of `group_size` channels (one group per B/C group,
+    so a tensor-parallel shard of whole groups normalises alone), gate applied before the norm (Mamba-2's
+    `norm_before_gate=False`). Computed in float32; the result has the dtype of y.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        group_size: int,
+        eps: float = 1e-5,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if group_size < 1 or size % group_size:
+            raise ValueError(f"GatedRMSNorm: size {size} is not a multiple of group_size {group_size}")
+        self.size, self.group_size, self.eps = size, group_size, eps
+        self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        out_dtype = y.dtype
+        compute = torch.promote_types(y.dtype, torch.float32)
+        h = y.to(compute) * F.silu(z.to(compute))
+        h = h.unflatten(-1, (-1, self.group_size))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h.flatten(-2) * self.weight.to(compute)).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, group_size={self.group_size}, eps={self.eps}"
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 token mixer (a layer's replacement for self-attention): [b, s, hidden] -> [b, s, hidden].
+
+    Sizes: d_inner = expand * hidden_size and num_heads = d_inner // head_dim, unless num_heads is
+    given, which sets d_inner = num_heads * head_dim (Megatron's `mamba_num_heads`). num_heads must be a
+    multiple of num_groups.
+
+    The scan runs in float32 whatever the parameters' dtype (its decays are exponentials of sums);
+    the projections and the convolution run in the parameters' dtype.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        state_dim: int = 128,
+        head_dim: int = 64,
+        num_heads: int | None = None,
+        num_groups: int = 8,
+        expand: int = 2,
+        chunk_size: int = 128,
+        conv_kernel: int = 4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        norm_eps: float = 1e-5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
+        A_init_range: tuple[float, float] = (1.0, 16.0),  # noqa: N803 (the name Mamba-2 uses)
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        d_inner = expand * hidden_size if num_heads is None else num_heads * head_dim
+        problems = []
+        if min(hidden_size, state_dim, head_dim, num_groups, expand, chunk_size, conv_kernel) < 1:
+            problems.append(
+                "hidden_size, state_dim, head_dim, num_groups, expand, chunk_size and conv_kernel must be "
+                f"positive (got {hidden_size}, {state_dim}, {head_dim}, {num_groups}, {expand}, "
+                f"{chunk_size}, {conv_kernel})"
+            )
+        elif num_heads is None and d_inner % head_dim:
+            problems.append(
+                f"d_inner = expand x hidden_size = {d_inner} is not a multiple of head_dim {head_dim}: "
+                "change head_dim or set num_heads"
+            )
+        else:
+            heads = num_heads if num_heads is not None else d_inner // head_dim
+            if heads < 1 or heads % num_groups:
+                problems.append(f"num_heads {heads} must be a positive multiple of num_groups {num_groups}")
+        if not 0 < dt_min <= dt_max:
+            problems.append(f"need 0 < dt_min <= dt_max (got dt_min {dt_min}, dt_max {dt_max})")
+        if not 0 < A_init_range[0] <= A_init_range[1]:
+            problems.append(f"A_init_range {A_init_range} must be (low, high) with 0 < low <= high")
+        if problems:
+            raise ValueError("Mamba2Mixer: " + "; ".join(problems))
+
+        self.hidden_size = hidden_size
+        self.d_inner = d_inner
+        self.head_dim = head_dim
+        self.num_heads = d_inner // head_dim
+        self.num_groups = num_groups
+        self.state_dim = state_dim
+        self.chunk_size = chunk_size
+        self.conv_kernel = conv_kernel
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.dt_limit = dt_limit
+        self.A_init_range = A_init_range
+        self.conv_dim = d_inner + 2 * num_groups * state_dim
+
+        factory = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Linear(hidden_size, d_inner + self.conv_dim + self.num_heads, bias=bias, **factory)
+        # No padding inside the module: forward pads on the left only, so position t sees t-k+1 .. t.
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias, **factory
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, **factory))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, **factory))
+        self.D = nn.Parameter(torch.empty(self.num_heads, **factory))
+        self.norm = GatedRMSNorm(d_inner, d_inner // num_groups, norm_eps, **factory)
+        self.out_proj = nn.Linear(d_inner, hidden_size, bias=bias, **factory)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(
+        self,
+        generator: torch.Generator | None = None,
+        *,
+        init_std: float = 0.02,
+        output_std: float | None = None,
+    ) -> None:
+        """Initialise as Mamba-2 does, drawing from `generator` (torch's global generator when None).
+
+        in_proj ~ N(0, init_std) and out_proj ~ N(0, output_std or init_std) (a model passes its
+        init_method_std and the depth-scaled std of projections into the residual stream), linear biases
+        0; the convolution keeps PyTorch's default U(-1/sqrt(k), 1/sqrt(k)) for weight and bias;
+        dt_bias = softplus^-1(dt) for dt log-uniform in [dt_min, dt_max] (floored at dt_init_floor);
+        A_log = log(U(A_init_range)); D = 1; the norm's scale 1.
+        """
+        # A meta-device build has no values to draw; a generator would only clash with its device.
+        gen = {"generator": None if self.dt_bias.is_meta else generator}
+        nn.init.normal_(self.in_proj.weight, 0.0, init_std, **gen)
+        nn.init.normal_(self.out_proj.weight, 0.0, init_std if output_std is None else output_std, **gen)
+        for lin in (self.in_proj, self.out_proj):
+            if lin.bias is not None:
+                lin.bias.zero_()
+        bound = 1.0 / math.sqrt(self.conv_kernel)  # fan_in of a depthwise kernel is its width
+        nn.init.uniform_(self.conv1d.weight, -bound, bound, **gen)
+        if self.conv1d.bias is not None:
+            nn.init.uniform_(self.conv1d.bias, -bound, bound, **gen)
+
+        # Drawn in float32 on the parameters' device, then stored in their dtype.
+        device = self.dt_bias.device
+        u = torch.rand(self.num_heads, device=device, dtype=torch.float32, **gen)
+        log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+        dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
+        # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), the latter exact for small dt.
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.empty(self.num_heads, device=device, dtype=torch.float32)
+        a.uniform_(*self.A_init_range, **gen)
+        self.A_log.copy_(torch.log(a))
+        self.D.fill_(1.0)
+        self.norm.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Mix along the sequence: hidden [batch, seq, hidden_size] -> [batch, seq, hidden_size]."""
+        bsz, seq, _ = hidden.shape
+        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+
+        # Causal depthwise convolution over time: pad k-1 steps on the left only.
+        xbc = F.pad(xbc.transpose(1, 2), (self.conv_kernel - 1, 0))
+        xbc = F.silu(self.conv1d(xbc)).transpose(1, 2)
+        x, B, C = xbc.split([self.d_inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
+
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute))
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(self.dt_limit[0], self.dt_limit[1])
+        A = -torch.exp(self.A_log.to(compute))
+        x = x.reshape(bsz, seq, self.num_heads, self.head_dim)
+        y, _ = ssd_chunked(
+            x,
+            dt,
+            A,
+            B.reshape(bsz, seq, self.num_groups, self.state_dim),
+            C.reshape(bsz, seq, self.num_groups, self.state_dim),
+            self.chunk_size,
+        )
+        y = y + x.to(compute) * self.D.to(compute)[:, None]  # the skip connection, per head
+        y = self.norm(y.reshape(bsz, seq, self.d_inner), z)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, d_inner={self.d_inner}, num_heads={self.num_heads}, "
+            f"head_dim={self.head_dim}, num_groups={self.num_groups}, state_dim={self.state_dim}, "
+            f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}"
+        )

@@ -1,0 +1,177 @@
+"""The state-space-dual (SSD) scan of Mamba-2, in plain PyTorch.
+
+The selective state space recurrence of one head h (state [head_dim p, d_state n]) is
+
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T
+    y_t     = state_t C_t
+
+with B_t and C_t shared by the heads of a group (head i belongs to group i // (heads / groups), as in
+Mamba-2 and its Hugging Face port). `ssd_chunked` computes it without a loop over time: the sequence is
+cut into chunks; inside a chunk the output is a masked quadratic ("attention-like") form whose mask is
+the decay between every pair of positions (a segment sum of dt * A); across chunks, the states at the
+chunk ends are passed on by the same segment-sum trick over the chunk index. Every step is a batched
+einsum, so torch.compile sees one static graph per shape. `ssd_recurrence` is the step-by-step loop,
+the reference the tests hold the chunked form to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """Segment sums of `a` [..., T] as a [..., T, T] matrix: out[..., i, j] = a[j+1] + ... + a[i] for
+    j <= i (0 on the diagonal) and -inf above it, so exp(out) is the causal decay from j to i.
+
+    Built by a cumulative sum of masked copies rather than as cumsum[i] - cumsum[j]: the difference of
+    two long running sums loses precision (and overflows exp above the diagonal before masking).
+    """
+    t = a.size(-1)
+    x = a[..., None].expand(*a.shape, t)  # x[..., i, j] = a[i]
+    below = torch.ones(t, t, dtype=torch.bool, device=a.device).tril(-1)
+    x = x.masked_fill(~below, 0.0)
+    out = x.cumsum(dim=-2)  # out[..., i, j] = sum of a[k] for j < k <= i
+    causal = torch.ones(t, t, dtype=torch.bool, device=a.device).tril(0)
+    return out.masked_fill(~causal, float("-inf"))
+
+
+def _check_shapes(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> None:
+    # Shapes come from the mixer, not from a user's file; a mismatch is a programming error that should
+    # name every size at once rather than fail deep inside an einsum.
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    ok = (
+        dt.shape == (b, l, h)
+        and A.shape == (h,)
+        and B.shape == (b, l, g, n)
+        and C.shape == (b, l, g, n)
+        and h % g == 0
+        and (initial_state is None or initial_state.shape == (b, h, p, n))
+    )
+    if not ok:
+        init = None if initial_state is None else tuple(initial_state.shape)
+        raise ValueError(
+            "SSD scan: expected x [b, l, h, p], dt [b, l, h], A [h], B and C [b, l, g, n] with h a multiple "
+            f"of g, initial_state [b, h, p, n]; got x {tuple(x.shape)}, dt {tuple(dt.shape)}, "
+            f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, initial_state {init}"
+        )
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSD scan by chunks.
+
+    Args:
+        x: inputs [batch, length, heads, head_dim].
+        dt: time steps [batch, length, heads], already through dt_bias and softplus (positive).
+        A: the (negative) continuous decay rate of each head [heads].
+        B, C: input and output projections [batch, length, groups, d_state]; heads / groups heads
+            share one group.
+        chunk_size: positions per chunk; any length works (the last chunk is padded with dt = 0,
+            which neither decays the state nor adds to it).
+        initial_state: the state before the first position [batch, heads, head_dim, d_state].
+
+    Returns:
+        y [batch, length, heads, head_dim] and the state after the last position
+        [batch, heads, head_dim, d_state], both in float32 (float64 inputs stay float64): the decays
+        are exponentials of long sums, too coarse in half precision.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"SSD scan: chunk_size must be a positive integer, got {chunk_size}")
+    _check_shapes(x, dt, A, B, C, initial_state)
+    bsz, length, nheads, head_dim = x.shape
+    ngroups, d_state = B.shape[2], B.shape[3]
+    rep = nheads // ngroups
+    dtype = torch.promote_types(x.dtype, torch.float32)
+
+    pad = (-length) % chunk_size
+    nchunks = (length + pad) // chunk_size
+    q = chunk_size
+
+    # Zero padding at the end: dt = 0 there, so the padded steps leave the state as it was.
+    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
+    dt = F.pad(dt.to(dtype), (0, 0, 0, pad))
+    B = F.pad(B.to(dtype), (0, 0, 0, 0, 0, pad))
+    C = F.pad(C.to(dtype), (0, 0, 0, 0, 0, pad))
+
+    # Heads split as (group, head-in-group): B and C are used per group without copying them per head.
+    # x_dt: [b, c, l, g, r, p]; B, C: [b, c, l, g, n]; a: [b, g, r, c, l] (the log-decay of each step).
+    x_dt = (x * dt[..., None]).reshape(bsz, nchunks, q, ngroups, rep, head_dim)
+    B = B.reshape(bsz, nchunks, q, ngroups, d_state)
+    C = C.reshape(bsz, nchunks, q, ngroups, d_state)
+    a = (dt * A.to(dtype)).reshape(bsz, nchunks, q, ngroups, rep).permute(0, 3, 4, 1, 2)
+    a_cumsum = a.cumsum(dim=-1)
+
+    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s.
+    decay = torch.exp(segsum(a))  # [b, g, r, c, l, s]
+    scores = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, l, s]
+    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", scores[:, :, None] * decay, x_dt)
+
+    # 2. The state each chunk adds by its end (starting from zero): sum_s exp(a_{s+1..end}) B_s x_s dt_s.
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [b, g, r, c, l]
+    chunk_states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_to_end, x_dt)
+
+    # 3. Across chunks: the state entering chunk c is the decayed sum of the initial state and every
+    # earlier chunk's contribution, again a segment sum (over chunk ends) instead of a loop.
+    if initial_state is None:
+        start = x.new_zeros(bsz, 1, ngroups, rep, head_dim, d_state)
+    else:
+        start = initial_state.to(dtype).reshape(bsz, 1, ngroups, rep, head_dim, d_state)
+    states = torch.cat([start, chunk_states], dim=1)  # [b, c + 1, g, r, p, n]
+    chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # [b, g, r, c + 1, c + 1]
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    entering, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Each position reads the state that entered its chunk, decayed up to that position.
+    decay_from_start = torch.exp(a_cumsum)  # [b, g, r, c, l]
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, entering, decay_from_start)
+
+    y = (y_diag + y_off).reshape(bsz, nchunks * q, nheads, head_dim)[:, :length]
+    return y, final_state.reshape(bsz, nheads, head_dim, d_state)
+
+
+def ssd_recurrence(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scan, one time step after another (the definition; slow, for tests and checks).
+
+    Arguments and results as in `ssd_chunked` (without the chunk size).
+    """
+    _check_shapes(x, dt, A, B, C, initial_state)
+    bsz, length, nheads, head_dim = x.shape
+    ngroups, d_state = B.shape[2], B.shape[3]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A = x.to(dtype), dt.to(dtype), A.to(dtype)
+    # Group i // (heads / groups) serves head i.
+    B = B.to(dtype).repeat_interleave(nheads // ngroups, dim=2)
+    C = C.to(dtype).repeat_interleave(nheads // ngroups, dim=2)
+    state = (
+        x.new_zeros(bsz, nheads, head_dim, d_state) if initial_state is None else initial_state.to(dtype)
+    )
+    ys = []
+    for t in range(length):
+        step_decay = torch.exp(dt[:, t] * A)[..., None, None]  # [b, h, 1, 1]
+        state = step_decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(bsz, 0, nheads, head_dim)
+    return y, state
