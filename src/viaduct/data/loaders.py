@@ -30,6 +30,7 @@ from viaduct.data.mock import MockGPTDataset
 from viaduct.data.samplers import PretrainingRandomSampler, PretrainingSampler, check_dataloader_type
 from viaduct.training.config.dataset import GPTDatasetConfig, MockGPTDatasetConfig
 from viaduct.training.config.finetuning import FinetuningDatasetConfig
+from viaduct.training.config.t5_dataset import T5DatasetConfig
 
 if TYPE_CHECKING:
     from viaduct.data.tokenizers import Tokenizer
@@ -68,7 +69,7 @@ def build_train_valid_test_datasets(
         from viaduct.data.sft.build import build_sft_datasets
 
         return build_sft_datasets(cfg, tokenizer, sample_counts)
-    if not isinstance(ds, GPTDatasetConfig):
+    if not isinstance(ds, GPTDatasetConfig) or isinstance(ds, T5DatasetConfig):
         p.add(
             "dataset",
             f"{type(ds).__name__} is not supported yet",

@@ -92,7 +92,7 @@ class Mamba2Mixer(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         dt_limit: tuple[float, float] = (0.0, math.inf),
-        A_init_range: tuple[float, float] = (1.0, 16.0),  # noqa: N803 (the name Mamba-2 uses)
+        A_init_range: tuple[float, float] = (1.0, 16.0),
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -134,17 +134,24 @@ class Mamba2Mixer(nn.Module):
         self.A_init_range = A_init_range
         self.conv_dim = d_inner + 2 * num_groups * state_dim
 
-        factory = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(hidden_size, d_inner + self.conv_dim + self.num_heads, bias=bias, **factory)
+        self.in_proj = nn.Linear(
+            hidden_size, d_inner + self.conv_dim + self.num_heads, bias=bias, device=device, dtype=dtype
+        )
         # No padding inside the module: forward pads on the left only, so position t sees t-k+1 .. t.
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias, **factory
+            self.conv_dim,
+            self.conv_dim,
+            conv_kernel,
+            groups=self.conv_dim,
+            bias=conv_bias,
+            device=device,
+            dtype=dtype,
         )
-        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, **factory))
-        self.A_log = nn.Parameter(torch.empty(self.num_heads, **factory))
-        self.D = nn.Parameter(torch.empty(self.num_heads, **factory))
-        self.norm = GatedRMSNorm(d_inner, d_inner // num_groups, norm_eps, **factory)
-        self.out_proj = nn.Linear(d_inner, hidden_size, bias=bias, **factory)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, device=device, dtype=dtype))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, device=device, dtype=dtype))
+        self.D = nn.Parameter(torch.empty(self.num_heads, device=device, dtype=dtype))
+        self.norm = GatedRMSNorm(d_inner, d_inner // num_groups, norm_eps, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(d_inner, hidden_size, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -159,31 +166,33 @@ class Mamba2Mixer(nn.Module):
 
         in_proj ~ N(0, init_std) and out_proj ~ N(0, output_std or init_std) (a model passes its
         init_method_std and the depth-scaled std of projections into the residual stream), linear biases
-        0; the convolution keeps PyTorch's default U(-1/sqrt(k), 1/sqrt(k)) for weight and bias;
+        0; the convolution's weight and bias ~ U(-1/sqrt(k), 1/sqrt(k)), PyTorch's default for it;
         dt_bias = softplus^-1(dt) for dt log-uniform in [dt_min, dt_max] (floored at dt_init_floor);
         A_log = log(U(A_init_range)); D = 1; the norm's scale 1.
         """
         # A meta-device build has no values to draw; a generator would only clash with its device.
-        gen = {"generator": None if self.dt_bias.is_meta else generator}
-        nn.init.normal_(self.in_proj.weight, 0.0, init_std, **gen)
-        nn.init.normal_(self.out_proj.weight, 0.0, init_std if output_std is None else output_std, **gen)
+        gen = None if self.dt_bias.is_meta else generator
+        nn.init.normal_(self.in_proj.weight, 0.0, init_std, generator=gen)
+        nn.init.normal_(
+            self.out_proj.weight, 0.0, init_std if output_std is None else output_std, generator=gen
+        )
         for lin in (self.in_proj, self.out_proj):
             if lin.bias is not None:
                 lin.bias.zero_()
         bound = 1.0 / math.sqrt(self.conv_kernel)  # fan_in of a depthwise kernel is its width
-        nn.init.uniform_(self.conv1d.weight, -bound, bound, **gen)
+        nn.init.uniform_(self.conv1d.weight, -bound, bound, generator=gen)
         if self.conv1d.bias is not None:
-            nn.init.uniform_(self.conv1d.bias, -bound, bound, **gen)
+            nn.init.uniform_(self.conv1d.bias, -bound, bound, generator=gen)
 
         # Drawn in float32 on the parameters' device, then stored in their dtype.
         device = self.dt_bias.device
-        u = torch.rand(self.num_heads, device=device, dtype=torch.float32, **gen)
+        u = torch.rand(self.num_heads, device=device, dtype=torch.float32, generator=gen)
         log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
         dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
         # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), the latter exact for small dt.
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         a = torch.empty(self.num_heads, device=device, dtype=torch.float32)
-        a.uniform_(*self.A_init_range, **gen)
+        a.uniform_(*self.A_init_range, generator=gen)
         self.A_log.copy_(torch.log(a))
         self.D.fill_(1.0)
         self.norm.reset_parameters()
@@ -196,7 +205,9 @@ class Mamba2Mixer(nn.Module):
         # Causal depthwise convolution over time: pad k-1 steps on the left only.
         xbc = F.pad(xbc.transpose(1, 2), (self.conv_kernel - 1, 0))
         xbc = F.silu(self.conv1d(xbc)).transpose(1, 2)
-        x, B, C = xbc.split([self.d_inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
+        x, B, C = xbc.split(
+            [self.d_inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1
+        )
 
         compute = torch.promote_types(hidden.dtype, torch.float32)
         dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute))

@@ -46,13 +46,13 @@ def _check_shapes(
 ) -> None:
     # Shapes come from the mixer, not from a user's file; a mismatch is a programming error that should
     # name every size at once rather than fail deep inside an einsum.
-    b, l, h, p = x.shape
+    b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     ok = (
-        dt.shape == (b, l, h)
+        dt.shape == (b, length, h)
         and A.shape == (h,)
-        and B.shape == (b, l, g, n)
-        and C.shape == (b, l, g, n)
+        and B.shape == (b, length, g, n)
+        and C.shape == (b, length, g, n)
         and h % g == 0
         and (initial_state is None or initial_state.shape == (b, h, p, n))
     )
@@ -165,9 +165,7 @@ def ssd_recurrence(
     # Group i // (heads / groups) serves head i.
     B = B.to(dtype).repeat_interleave(nheads // ngroups, dim=2)
     C = C.to(dtype).repeat_interleave(nheads // ngroups, dim=2)
-    state = (
-        x.new_zeros(bsz, nheads, head_dim, d_state) if initial_state is None else initial_state.to(dtype)
-    )
+    state = x.new_zeros(bsz, nheads, head_dim, d_state) if initial_state is None else initial_state.to(dtype)
     ys = []
     for t in range(length):
         step_decay = torch.exp(dt[:, t] * A)[..., None, None]  # [b, h, 1, 1]

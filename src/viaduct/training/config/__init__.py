@@ -21,6 +21,7 @@ from viaduct.training.config.resilience import (
 )
 from viaduct.training.config.rng import RNGConfig
 from viaduct.training.config.scheduler import SchedulerConfig
+from viaduct.training.config.t5_dataset import MockT5DatasetConfig, T5DatasetConfig
 from viaduct.training.config.tokenizer import TokenizerConfig
 from viaduct.training.config.train import TrainingConfig, ValidationConfig
 from viaduct.training.mixed_precision import MixedPrecisionConfig
@@ -40,6 +41,7 @@ __all__ = [
     "LoggerConfig",
     "MixedPrecisionConfig",
     "MockGPTDatasetConfig",
+    "MockT5DatasetConfig",
     "NVRxStragglerDetectionConfig",
     "OptimizerConfig",
     "PackedSequenceSpecs",
@@ -48,6 +50,7 @@ __all__ = [
     "RerunStateMachineConfig",
     "SchedulerConfig",
     "StragglerDetectionConfig",
+    "T5DatasetConfig",
     "TokenizerConfig",
     "TrainingConfig",
     "ValidationConfig",

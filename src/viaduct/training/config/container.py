@@ -55,6 +55,7 @@ from viaduct.training.config.resilience import (
 )
 from viaduct.training.config.rng import RNGConfig
 from viaduct.training.config.scheduler import SchedulerConfig, compute_scheduler_steps
+from viaduct.training.config.t5_dataset import T5DatasetConfig
 from viaduct.training.config.tokenizer import TokenizerConfig
 from viaduct.training.config.train import TrainingConfig, ValidationConfig
 from viaduct.training.mixed_precision import (
@@ -636,6 +637,17 @@ class ConfigContainer(ConfigBase):
         if isinstance(self.dataset, FinetuningDatasetConfig):
             if not {"dataset", "model"} & broken:
                 problems += self.dataset.layout_problems(self.model.pipeline_model_parallel_size)
+        elif isinstance(self.dataset, T5DatasetConfig):
+            # A GPTDatasetConfig by inheritance (the same indexed files), but its samples are
+            # encoder-decoder pairs: a GPT model must never train on them as if they were GPT samples.
+            problems.append(
+                Problem(
+                    "dataset",
+                    "T5 span-corruption data trains T5 models, which the training loop cannot run yet",
+                    type(self.dataset).__name__,
+                    fix=f"use dataset._target_: {GPTDatasetConfig.target()} (or the mock dataset)",
+                )
+            )
         elif not isinstance(self.dataset, GPTDatasetConfig):
             problems.append(
                 Problem(

@@ -7,6 +7,7 @@ The datasets themselves are `viaduct.data.t5_dataset`.
 """
 
 from dataclasses import dataclass
+
 from viaduct.config import Problems, unsupported
 from viaduct.training.config._checks import in_range, positive
 from viaduct.training.config.dataset import GPTDatasetConfig
@@ -61,7 +62,12 @@ class T5DatasetConfig(GPTDatasetConfig):
             value = getattr(self, name)
             # Room for at least one token and one masked span (sentinel + token + eos / bos).
             if value is not None and 0 < value < 3:
-                p.add(name, "must be >= 3 (a token, a sentinel and eos/bos)", value, fix=f"set dataset.{name}")
+                p.add(
+                    name,
+                    "must be >= 3 (a token, a sentinel and eos/bos)",
+                    value,
+                    fix=f"set dataset.{name} to 3 or more",
+                )
         length = self.seq_length if self.seq_length is not None else self.sequence_length
         if None not in (self.sequence_length_encoder, length) and self.sequence_length_encoder != length:
             p.add(
