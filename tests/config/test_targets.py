@@ -99,5 +99,5 @@ def test_megatron_target_without_a_viaduct_class_names_that_class():
     # another name that does not exist either.
     from viaduct.config.targets import TargetError
 
-    with pytest.raises(TargetError, match=r"no config class named HybridModelProvider\)"):
-        resolve_target("megatron.bridge.models.mamba.HybridModelProvider")
+    with pytest.raises(TargetError, match=r"no config class named DeepSeekV3ModelProvider\)"):
+        resolve_target("megatron.bridge.models.deepseek.DeepSeekV3ModelProvider")

@@ -33,6 +33,7 @@ REFUSED = [
     ("dataset.dataloader_type=external", "dataset.dataloader_type", "external is not supported yet"),
     ("dataset=finetuning", "dataset.dataset_root", "must name the directory of training.jsonl"),
     ("dataset=mock_t5", "dataset", "T5 span-corruption data trains T5 models"),
+    ("model=t5", "dataset", "a T5 model trains on span-corruption data"),
     ("dataset.trust_remote_code=true", "dataset.trust_remote_code", "is not supported yet"),
     ("model.tensor_model_parallel_size=3", "model.tensor_model_parallel_size", "4 attention heads"),
     (

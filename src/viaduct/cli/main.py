@@ -272,6 +272,10 @@ def _print_memory_plan(cfg: ConfigContainer, gpu_memory: float | None) -> None:
             sys.stdout.write(f"memory per pipeline rank (estimate, GiB): {per_rank}\n")
         estimate = check_memory(cfg, world, budget)
     except ConfigError as exc:
+        if gpu_memory is None and exc.problems and exc.problems[0].path == "model":
+            # A model family the estimate does not cover (Mamba, hybrid): say so, nothing to fail on.
+            sys.stdout.write(f"memory per GPU: not estimated: {exc.problems[0].message}\n")
+            return
         if gpu_memory is not None or not exc.problems or exc.problems[0].path != "model.vocab_size":
             raise
         # Only the run knows the vocabulary (from its tokenizer): no estimate, and nothing to fail on.

@@ -69,7 +69,12 @@ def build_train_valid_test_datasets(
         from viaduct.data.sft.build import build_sft_datasets
 
         return build_sft_datasets(cfg, tokenizer, sample_counts)
-    if not isinstance(ds, GPTDatasetConfig) or isinstance(ds, T5DatasetConfig):
+    if isinstance(ds, T5DatasetConfig):
+        # Span corruption for encoder-decoder models; rank 0 first in a distributed run (index caches).
+        from viaduct.data.t5_builder import build_t5_datasets
+
+        return build_t5_datasets(cfg, tokenizer, sample_counts)
+    if not isinstance(ds, GPTDatasetConfig):
         p.add(
             "dataset",
             f"{type(ds).__name__} is not supported yet",
@@ -106,16 +111,17 @@ def _ignore_signal(signum: int, _worker_id: int) -> None:
 
 
 def collate_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch whose tensors of one dtype share one storage.
+    """Stack samples into a batch whose tensors of one dtype and shape share one storage.
 
     A worker hands each storage to the main process through its own shared-memory segment, which
     costs far more than the copy: tokens, labels and position ids (int64) travel as one block and
     the loss mask as another, instead of a segment per key.
     """
     keys = list(samples[0])
-    by_dtype: dict[torch.dtype, list[str]] = {}
+    # Tensors stack into one block per dtype and shape (T5's encoder and decoder rows differ).
+    by_dtype: dict[tuple[torch.dtype, tuple[int, ...]], list[str]] = {}
     for k in keys:
-        by_dtype.setdefault(samples[0][k].dtype, []).append(k)
+        by_dtype.setdefault((samples[0][k].dtype, tuple(samples[0][k].shape)), []).append(k)
     out: dict[str, torch.Tensor] = {}
     for names in by_dtype.values():
         # [key, batch, *shape]: one allocation; each key is a contiguous slice of it.

@@ -24,6 +24,17 @@ from viaduct.models.llama import (
     Llama32ModelProvider3B,
     LlamaModelProvider,
 )
+from viaduct.models.mamba import (
+    HybridModelProvider,
+    MambaModelProvider,
+    MambaModelProvider1P3B,
+    MambaModelProvider2P7B,
+    MambaModelProvider130M,
+    MambaModelProvider370M,
+    MambaModelProvider780M,
+    NVIDIAMambaHybridModelProvider8B,
+    NVIDIAMambaModelProvider8B,
+)
 from viaduct.models.mistral import MistralModelProvider, MistralModelProvider7B
 from viaduct.models.provider import ModelProvider
 from viaduct.models.qwen import (
@@ -39,6 +50,7 @@ from viaduct.models.qwen import (
     Qwen25ModelProvider14B,
     Qwen25ModelProvider500M,
 )
+from viaduct.models.t5 import T5ModelProvider, T5ModelProvider3B, T5ModelProvider11B, T5ModelProvider220M
 from viaduct.models.transformer_config import TransformerConfig
 
 __all__ = [
@@ -49,6 +61,7 @@ __all__ = [
     "GPT2ModelProvider355M",
     "GPT2ModelProvider774M",
     "GPTModelProvider",
+    "HybridModelProvider",
     "Llama2ModelProvider7B",
     "Llama2ModelProvider13B",
     "Llama2ModelProvider70B",
@@ -62,9 +75,17 @@ __all__ = [
     "Llama32ModelProvider1B",
     "Llama32ModelProvider3B",
     "LlamaModelProvider",
+    "MambaModelProvider",
+    "MambaModelProvider1P3B",
+    "MambaModelProvider2P7B",
+    "MambaModelProvider130M",
+    "MambaModelProvider370M",
+    "MambaModelProvider780M",
     "MistralModelProvider",
     "MistralModelProvider7B",
     "ModelProvider",
+    "NVIDIAMambaHybridModelProvider8B",
+    "NVIDIAMambaModelProvider8B",
     "Qwen3ModelProvider",
     "Qwen3ModelProvider1P7B",
     "Qwen3ModelProvider4B",
@@ -76,5 +97,9 @@ __all__ = [
     "Qwen25ModelProvider7B",
     "Qwen25ModelProvider14B",
     "Qwen25ModelProvider500M",
+    "T5ModelProvider",
+    "T5ModelProvider3B",
+    "T5ModelProvider11B",
+    "T5ModelProvider220M",
     "TransformerConfig",
 ]

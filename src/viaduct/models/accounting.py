@@ -5,6 +5,9 @@ FLOPs follow the PaLM / torchtitan MFU convention: per token,
 parameters except the input embedding tables, with the output layer counted even when it is tied to
 the input embedding (its GEMM runs either way). The causal variant halves the attention term, since a
 causal kernel skips the masked half of the scores.
+
+Mamba / hybrid models (`viaduct.models.mamba.HybridModelProvider`) count their layers by kind (see
+`flops_per_token` for the SSD scan's share); the memory estimate covers GPT models only and refuses them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from viaduct.config.errors import ConfigError, Problem
 if TYPE_CHECKING:
     from viaduct.distributed.layout import ParallelLayout
     from viaduct.models.gpt.provider import GPTModelProvider
+    from viaduct.models.mamba.provider import HybridModelProvider
     from viaduct.training.config.container import ConfigContainer
 
 H100_BF16_PEAK_FLOPS = 989e12
@@ -52,6 +56,89 @@ def _layer_params(p: GPTModelProvider) -> int:
     return sum(_layer_params_by_tp(p))
 
 
+def _hybrid(provider: GPTModelProvider) -> HybridModelProvider | None:
+    """The provider as a Mamba / hybrid one, None for a GPT model."""
+    from viaduct.models.mamba.provider import HybridModelProvider
+
+    return provider if isinstance(provider, HybridModelProvider) else None
+
+
+def _attention_layer_params(p: GPTModelProvider) -> int:
+    """A hybrid model's attention-only layer: its norm, linear_qkv and linear_proj (no MLP)."""
+    assert p.kv_channels is not None and p.num_query_groups is not None
+    h, d = p.hidden_size, p.kv_channels
+    qkv_out = (p.num_attention_heads + 2 * p.num_query_groups) * d
+    n = qkv_out * h + (qkv_out if p.add_bias_linear or p.add_qkv_bias else 0)
+    n += p.num_attention_heads * d * h + (h if p.add_bias_linear else 0)
+    return n + _norm_params(p, h) + (2 * _norm_params(p, d) if p.qk_layernorm else 0)
+
+
+def _mlp_layer_params(p: GPTModelProvider) -> int:
+    """A hybrid model's MLP-only layer: its norm, linear_fc1 and linear_fc2."""
+    assert p.ffn_hidden_size is not None
+    h, ffn = p.hidden_size, p.ffn_hidden_size
+    fc1_out = 2 * ffn if p.gated_linear_unit else ffn
+    n = fc1_out * h + ffn * h + ((fc1_out + h) if p.add_bias_linear else 0)
+    return n + _norm_params(p, h)
+
+
+def _mamba_sizes(p: HybridModelProvider) -> tuple[int, int, int]:
+    """(d_inner, heads, conv channels) of a Mamba layer (`Mamba2Mixer`)."""
+    heads = p.mamba_heads()
+    d_inner = heads * p.mamba_head_dim
+    return d_inner, heads, d_inner + 2 * p.mamba_num_groups * p.mamba_state_dim
+
+
+_MAMBA_CONV_KERNEL = 4
+"""Width of the Mamba mixer's causal convolution (`Mamba2Mixer`'s default, which the model uses)."""
+
+
+def _mamba_projection_params(p: HybridModelProvider) -> int:
+    """The weights of a Mamba layer's in_proj and out_proj (its matmuls), biases included."""
+    h = p.hidden_size
+    d_inner, heads, conv_dim = _mamba_sizes(p)
+    in_out = d_inner + conv_dim + heads  # [z | x B C | dt]
+    return in_out * h + d_inner * h + ((in_out + h) if p.add_bias_linear else 0)
+
+
+def _mamba_layer_params(p: HybridModelProvider) -> int:
+    """A Mamba layer: norm, in_proj, depthwise conv1d (weight and bias), dt_bias / A_log / D per head,
+    the gated RMSNorm over d_inner, out_proj."""
+    d_inner, heads, conv_dim = _mamba_sizes(p)
+    conv = conv_dim * _MAMBA_CONV_KERNEL + conv_dim
+    return _norm_params(p, p.hidden_size) + _mamba_projection_params(p) + conv + 3 * heads + d_inner
+
+
+def _hybrid_layers_params(p: HybridModelProvider) -> int:
+    per_kind = {"M": _mamba_layer_params, "*": _attention_layer_params, "-": _mlp_layer_params}
+    return sum(per_kind[symbol](p) for symbol in p.layer_pattern())
+
+
+def _hybrid_flops_per_token(p: HybridModelProvider, seq: int, causal: bool, trainable: int | None) -> float:
+    """See `flops_per_token`."""
+    pattern = p.layer_pattern()
+    n_mamba, n_attn, n_mlp = pattern.count("M"), pattern.count("*"), pattern.count("-")
+    # Weight matmuls: every parameter but the norms, the embedding tables, the conv and the per-head
+    # scalars; the output layer counted even when tied.
+    matmul = n_attn * _attention_layer_params(p) + n_mlp * _mlp_layer_params(p)
+    matmul -= (n_attn + n_mlp) * _norm_params(p, p.hidden_size)
+    if p.qk_layernorm:
+        assert p.kv_channels is not None
+        matmul -= n_attn * 2 * _norm_params(p, p.kv_channels)
+    matmul += n_mamba * _mamba_projection_params(p) + p.padded_vocab_size() * p.hidden_size
+    _, heads, conv_dim = _mamba_sizes(p)
+    q = min(p.mamba_chunk_size, seq)
+    scan = 2 * q * (p.mamba_num_groups * p.mamba_state_dim + heads * p.mamba_head_dim)
+    scan += 4 * heads * p.mamba_head_dim * p.mamba_state_dim
+    conv = 2 * conv_dim * _MAMBA_CONV_KERNEL
+    assert p.kv_channels is not None
+    attention = 12 * n_attn * p.num_attention_heads * p.kv_channels * seq
+    mixing = 3.0 * n_mamba * (scan + conv) + (attention / 2 if causal else float(attention))
+    if trainable is not None:
+        return 4.0 * matmul + 6.0 * trainable + mixing
+    return 6.0 * matmul + mixing
+
+
 def embedding_parameters(provider: GPTModelProvider) -> int:
     """Input embedding tables: tokens, plus learned positions when configured."""
     provider.finalize()
@@ -69,7 +156,9 @@ def num_parameters(provider: GPTModelProvider, *, exclude_embeddings: bool = Fal
     """
     provider.finalize()
     h, vocab = provider.hidden_size, provider.padded_vocab_size()
-    n = provider.num_layers * _layer_params(provider) + _norm_params(provider, h)
+    hybrid = _hybrid(provider)
+    layers = _hybrid_layers_params(hybrid) if hybrid else provider.num_layers * _layer_params(provider)
+    n = layers + _norm_params(provider, h)
     if not provider.share_embeddings_and_output_weights:
         n += vocab * h
     return n if exclude_embeddings else n + embedding_parameters(provider)
@@ -86,10 +175,28 @@ def flops_per_token(
 
     `trainable`: PEFT's adapter parameters (`trainable_parameters`), when only they train: the frozen
     weights then take 4 FLOPs per parameter and token (forward, and the gradient of their input; no
-    weight gradient), the adapters 6."""
+    weight gradient), the adapters 6.
+
+    Mamba / hybrid models: attention layers as above (their heads x head_dim x seq term), every
+    weight matmul (attention, MLP, a Mamba layer's in_proj and out_proj, the output layer) at 6 per
+    parameter and token, and per Mamba layer and token 3 x the forward FLOPs of its sequence mixing,
+    counted as the SSD scan computes them (`viaduct.models.mamba.ssd.ssd_chunked`), with Q =
+    min(mamba_chunk_size, seq), G groups, N = mamba_state_dim, H heads of P = mamba_head_dim:
+
+        2 Q (G N + H P)   the chunk's C B^T scores and their product with x (the quadratic form)
+      + 4 H P N           the chunk-end states and the output from the states entering the chunk
+      + 2 C K             the depthwise convolution (C channels, kernel K = 4)
+
+    (the state passing between chunks, per chunk rather than per token, is left out). The causal
+    halving applies to the attention term only: the scan computes its masked scores in full. PEFT's
+    frozen weights count 4 per parameter and token as for GPT; the sequence mixing counts 3x its
+    forward whatever trains (the backward through it runs either way)."""
     provider.finalize()
     assert provider.kv_channels is not None
     seq = seq_length or provider.seq_length
+    hybrid = _hybrid(provider)
+    if hybrid is not None:
+        return _hybrid_flops_per_token(hybrid, seq, causal, trainable)
     matmul_params = num_parameters(provider, exclude_embeddings=True)
     if provider.share_embeddings_and_output_weights:
         matmul_params += provider.padded_vocab_size() * provider.hidden_size
@@ -379,7 +486,9 @@ def estimate_pipeline_memory(
     trainable: int | None = None,
 ) -> list[MemoryEstimate]:
     """`estimate_memory` of each pipeline rank of `layout` (by rank, each with its `pipeline_rank` and
-    `layers`; one entry, without them, without pipeline parallelism)."""
+    `layers`; one entry, without them, without pipeline parallelism). GPT models only: a Mamba /
+    hybrid provider raises `ConfigError`."""
+    _refuse_hybrid(provider)
     provider.finalize()
     if layout.pp <= 1:
         whole = _Share(
@@ -407,6 +516,19 @@ def estimate_pipeline_memory(
             )
         out.append(est if layout.pp <= 1 else replace(est, pipeline_rank=rank, layers=share.layers))
     return out
+
+
+def _refuse_hybrid(provider: GPTModelProvider) -> None:
+    # Mamba layers keep other activations than a transformer's: GPT's numbers would mislead.
+    if _hybrid(provider) is not None:
+        raise ConfigError(
+            Problem(
+                "model",
+                "the memory estimate covers GPT models only (not Mamba or hybrid layers yet)",
+                type(provider).__name__,
+                fix="measure instead: a run's log reports its peak memory",
+            )
+        )
 
 
 def _with_frozen_base(
@@ -573,6 +695,7 @@ def _config_inputs(
         raise ConfigError(
             Problem("model", "the memory estimate covers GPT models only", type(model).__name__)
         )
+    _refuse_hybrid(model)
     if model.vocab_size is None:
         raise ConfigError(
             Problem(

@@ -23,8 +23,10 @@ from viaduct.recipes.llama import (
     llama3_70b_pretrain_config,
     llama32_1b_pretrain_config,
 )
+from viaduct.recipes.mamba import mamba2_130m_pretrain_config, mamba2_hybrid_8b_pretrain_config
 from viaduct.recipes.qwen import qwen3_600m_pretrain_config, qwen25_500m_pretrain_config
 from viaduct.recipes.registry import DEFAULT_RECIPE, get_recipe, list_recipes, recipe
+from viaduct.recipes.t5 import t5_220m_pretrain_config
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -39,6 +41,8 @@ __all__ = [
     "llama32_1b_peft_config",
     "llama32_1b_pretrain_config",
     "llama32_1b_sft_config",
+    "mamba2_130m_pretrain_config",
+    "mamba2_hybrid_8b_pretrain_config",
     "qwen3_8b_peft_config",
     "qwen3_8b_sft_config",
     "qwen3_600m_peft_config",
@@ -46,6 +50,7 @@ __all__ = [
     "qwen3_600m_sft_config",
     "qwen25_500m_pretrain_config",
     "recipe",
+    "t5_220m_pretrain_config",
     "tiny_gpt_model",
     "tiny_gpt_peft_config",
     "tiny_gpt_pretrain_config",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from viaduct.config import ConfigError, DType, Problem
 from viaduct.config.provenance import setting_source
-from viaduct.models import GPTModelProvider
+from viaduct.models import GPTModelProvider, T5ModelProvider
 from viaduct.training.comm_overlap import CommOverlapConfig
 from viaduct.training.config import (
     CheckpointConfig,
@@ -27,9 +27,11 @@ from viaduct.training.config import (
     GPTDatasetConfig,
     LoggerConfig,
     MockGPTDatasetConfig,
+    MockT5DatasetConfig,
     OptimizerConfig,
     RNGConfig,
     SchedulerConfig,
+    T5DatasetConfig,
     TokenizerConfig,
     TrainingConfig,
 )
@@ -207,10 +209,15 @@ def _set_data(cfg: ConfigContainer, data_paths: list[str] | None, mock: bool) ->
         for name, info in type(ds).spec().fields.items()
         if info.init and name not in named and ds.source_of(name) != "default"
     }
+    # The same family of data (span corruption stays span corruption): its mock or its indexed kind.
+    t5 = isinstance(ds, T5DatasetConfig)
+    mock_cls, indexed_cls = (
+        (MockT5DatasetConfig, T5DatasetConfig) if t5 else (MockGPTDatasetConfig, GPTDatasetConfig)
+    )
     if mock:
-        cfg.dataset = MockGPTDatasetConfig(**kept)
+        cfg.dataset = mock_cls(**kept)
     else:
-        cfg.dataset = GPTDatasetConfig(**kept, data_path=list(data_paths or []), split=_DATA_PATHS_SPLIT)
+        cfg.dataset = indexed_cls(**kept, data_path=list(data_paths or []), split=_DATA_PATHS_SPLIT)
 
 
 def apply_recipe_kwargs(
@@ -253,7 +260,7 @@ def apply_recipe_kwargs(
     return cfg
 
 
-def pretrain_common(model: GPTModelProvider, *, name: str) -> ConfigContainer:
+def pretrain_common(model: GPTModelProvider | T5ModelProvider, *, name: str) -> ConfigContainer:
     """A complete pretraining config around `model`: AdamW + cosine, mock data, bf16 mixed precision.
 
     Recipes call this, then change what differs; everything stays overridable from YAML and CLI.

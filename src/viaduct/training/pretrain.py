@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from viaduct.distributed.mesh import ParallelMesh, build_mesh
 from viaduct.models.accounting import flops_per_token, peak_flops, trainable_parameters
 from viaduct.models.compile import compile_model
 from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.models.t5.provider import T5ModelProvider
 from viaduct.training.callbacks import Callback, CallbackManager
 from viaduct.training.checkpoint.checkpointer import Checkpointer
 from viaduct.training.checkpoint.lock import lock_save_dir
@@ -172,10 +173,10 @@ def _setup(
     if ctx is None:
         raise ValueError("_setup() needs the process group: call initialize_distributed() first")
     train_cfg = cfg.train
-    # validate() (run by pretrain() first) sets these and refuses any model but a GPT one.
+    # validate() (run by pretrain() first) sets these and refuses any model but a GPT or T5 one.
     model_cfg = cfg.model
-    if not isinstance(model_cfg, GPTModelProvider):
-        raise TypeError(f"pretrain() trains GPT models, got {type(model_cfg).__name__}")
+    if not isinstance(model_cfg, (GPTModelProvider, T5ModelProvider)):
+        raise TypeError(f"pretrain() trains GPT and T5 models, got {type(model_cfg).__name__}")
     train_iters = _validated(train_cfg.effective_train_iters, "train.effective_train_iters")
     global_batch_size = _validated(train_cfg.global_batch_size, "train.global_batch_size")
     micro_batch_size = _validated(train_cfg.micro_batch_size, "train.micro_batch_size")
@@ -220,7 +221,14 @@ def _setup(
     state.tokenizer = tokenizer
     _sync_vocab(cfg, tokenizer)
 
-    model, trained_model, pipeline = _build_model(cfg, model_cfg, pmesh, ctx)
+    model: nn.Module
+    trained_model: nn.Module
+    if isinstance(model_cfg, T5ModelProvider):
+        # validate() refused every layout but plain data parallelism for T5 models.
+        model = model_cfg.provide(device=ctx.device)
+        trained_model, pipeline = _compiled(cfg, ctx, model, scope="model"), None
+    else:
+        model, trained_model, pipeline = _build_model(cfg, model_cfg, pmesh, ctx)
     if layout.pp > 1:
         # Built from the shared seed (a stage's weights are the same layers' in one process); from
         # here on each stage draws from its own stream (dropout), as Megatron seeds them.
@@ -317,8 +325,18 @@ def _setup(
         train_cfg.decrease_batch_size_if_needed,
     )
     microbatches.update(train_state.consumed_train_samples)
+    if isinstance(model_cfg, T5ModelProvider):
+        from viaduct.models.t5.provider import t5_flops_per_sample
+        from viaduct.training.t5_step import forward_step as t5_forward_step
+
+        default_step, flops_per_sample = t5_forward_step, t5_flops_per_sample(model_cfg)
+        tokens_per_sample = model_cfg.seq_length + model_cfg.seq_length_dec  # encoder and decoder
+    else:
+        default_step = default_forward_step
+        fpt = flops_per_token(model_cfg, seq_length, trainable=trainable_parameters(cfg))
+        flops_per_sample, tokens_per_sample = fpt * seq_length, seq_length
     context = TrainContext(
-        forward_step=prepare_forward_step(forward_step_func or default_forward_step, state),
+        forward_step=prepare_forward_step(forward_step_func or default_step, state),
         trained_model=trained_model,
         plain_model=model,
         optimizer=optimizer,
@@ -330,9 +348,8 @@ def _setup(
         train_iters=train_iters,
         eval_global_batch_size=eval_global_batch_size,
         eval_num_microbatches=max(1, eval_global_batch_size // (eval_micro_batch_size * dp)),
-        flops_per_sample=flops_per_token(model_cfg, seq_length, trainable=trainable_parameters(cfg))
-        * seq_length,
-        tokens_per_sample=seq_length,
+        flops_per_sample=flops_per_sample,
+        tokens_per_sample=tokens_per_sample,
         callbacks=callbacks,
         profiler=profiler,
         checkpointer=checkpointer,
@@ -428,11 +445,16 @@ def _build_model(
     model = provider.provide(device=ctx.device)
     if cfg.peft is not None:
         cfg.peft(model, training=True)  # before compile and DDP: they see the adapted model
-    if not compile_layers:
-        return model, model, None
     # Under DDP, per-layer graphs let gradient buckets be reduced while backward still runs.
     scope = cfg.train.torch_compile_scope or ("layers" if ctx.distributed else "model")
-    return model, compile_model(model, scope=scope), None
+    return model, _compiled(cfg, ctx, model, scope=scope), None
+
+
+def _compiled(
+    cfg: ConfigContainer, ctx: DistributedContext, model: nn.Module, *, scope: Literal["model", "layers"]
+) -> nn.Module:
+    """`model` compiled in place when the run compiles (`_compile_enabled`), else as it is."""
+    return compile_model(model, scope=scope) if _compile_enabled(cfg, ctx) else model
 
 
 def _step_groups(pmesh: ParallelMesh) -> StepGroups:

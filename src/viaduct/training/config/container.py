@@ -37,6 +37,7 @@ from viaduct.config.errors import fields_with_problems, warn
 from viaduct.config.provenance import is_user_set
 from viaduct.models.gpt.provider import GPTModelProvider
 from viaduct.models.provider import ModelProvider
+from viaduct.models.t5.provider import T5ModelProvider
 from viaduct.peft.base import PEFT
 from viaduct.training.comm_overlap import CommOverlapConfig
 from viaduct.training.config.checkpoint import CheckpointConfig
@@ -625,7 +626,9 @@ class ConfigContainer(ConfigBase):
         problems: list[Problem] = []
         if self.profiling is not None and "profiling" not in broken and self.world_size is not None:
             problems += [p.prefixed("profiling") for p in self.profiling.setting_problems(self.world_size)]
-        if not isinstance(self.model, GPTModelProvider):
+        if isinstance(self.model, T5ModelProvider):
+            problems += self._t5_problems(broken)
+        elif not isinstance(self.model, GPTModelProvider):
             problems.append(
                 Problem(
                     "model",
@@ -637,13 +640,13 @@ class ConfigContainer(ConfigBase):
         if isinstance(self.dataset, FinetuningDatasetConfig):
             if not {"dataset", "model"} & broken:
                 problems += self.dataset.layout_problems(self.model.pipeline_model_parallel_size)
-        elif isinstance(self.dataset, T5DatasetConfig):
+        elif isinstance(self.dataset, T5DatasetConfig) and not isinstance(self.model, T5ModelProvider):
             # A GPTDatasetConfig by inheritance (the same indexed files), but its samples are
             # encoder-decoder pairs: a GPT model must never train on them as if they were GPT samples.
             problems.append(
                 Problem(
                     "dataset",
-                    "T5 span-corruption data trains T5 models, which the training loop cannot run yet",
+                    "T5 span-corruption data trains T5 models (model: T5ModelProvider), not this one",
                     type(self.dataset).__name__,
                     fix=f"use dataset._target_: {GPTDatasetConfig.target()} (or the mock dataset)",
                 )
@@ -662,6 +665,42 @@ class ConfigContainer(ConfigBase):
             problems += self._peft_problems(broken)
         return problems
 
+    def _t5_problems(self, broken: set[str]) -> list[Problem]:
+        """What the loop cannot run for a T5 model: other data than span corruption, sharded data
+        parallelism (FSDP wraps decoder-only layer stacks), PEFT (adapters on decoder-only models)."""
+        from viaduct.distributed.layout import layout_of
+
+        problems: list[Problem] = []
+        if not isinstance(self.dataset, T5DatasetConfig):
+            problems.append(
+                Problem(
+                    "dataset",
+                    "a T5 model trains on span-corruption data (encoder and decoder sequences)",
+                    type(self.dataset).__name__,
+                    fix=f"use dataset._target_: {T5DatasetConfig.target()} (dataset=t5, or dataset=mock_t5)",
+                )
+            )
+        if not {"model", "ddp", "optimizer", "dist"} & broken and self.data_parallel_size is not None:
+            if layout_of(self, self.world_size or 1).uses_fsdp:
+                problems.append(
+                    Problem(
+                        "ddp.use_distributed_optimizer",
+                        "sharded data parallelism (FSDP) of T5 models is not built yet",
+                        True,
+                        fix="train T5 with plain data parallelism: ddp.use_distributed_optimizer=false "
+                        "(and no data_parallel_sharding_strategy)",
+                    )
+                )
+        if self.peft is not None:
+            problems.append(
+                Problem(
+                    "peft",
+                    "PEFT adapters are built for decoder-only (GPT-family) models",
+                    fix="set peft=null",
+                )
+            )
+        return problems
+
     def _peft_problems(self, broken: set[str]) -> list[Problem]:
         """PEFT settings the run cannot honour: targets matching no layer of the whole model (a
         pipeline rank holds only part of it, so they are checked here), and what adapter-only
@@ -675,6 +714,17 @@ class ConfigContainer(ConfigBase):
         if not isinstance(peft, (LoRA, DoRA)):
             return [
                 Problem("peft", "only LoRA and DoRA can be trained", type(peft).__name__, fix="use peft=lora")
+            ]
+        from viaduct.models.mamba.provider import HybridModelProvider
+
+        if isinstance(self.model, HybridModelProvider):  # the adapter plan knows transformer layers only
+            return [
+                Problem(
+                    "peft",
+                    "PEFT is not supported yet for Mamba and hybrid models",
+                    type(peft).__name__,
+                    fix="unset peft (train every weight)",
+                )
             ]
         if isinstance(self.model, GPTModelProvider) and "model" not in broken:
             try:

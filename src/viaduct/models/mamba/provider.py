@@ -1,0 +1,426 @@
+"""`HybridModelProvider` / `MambaModelProvider`: configuration of a Mamba-2 or hybrid Mamba language model.
+
+Megatron Bridge calls the family `HybridModelProvider` (newer) and `MambaModelProvider` (its v0.2.0
+name); both are here, the second a subclass of the first that changes nothing, so a YAML file naming
+either loads. The provider is a `GPTModelProvider`: the model it builds (`MambaModel`) is a decoder-only
+language model with GPT's embedding, output layer and loss, so the training loop runs it with the GPT
+forward step and data unchanged. Only the layer stack differs; `hybrid_layer_pattern` says what each
+layer is, one symbol per layer:
+
+- `M`: a Mamba-2 layer (pre-norm, `Mamba2Mixer`, residual);
+- `*`: an attention layer (pre-norm, self-attention, residual; no MLP, as in Megatron's hybrid stack);
+- `-`: an MLP layer (pre-norm, MLP, residual).
+
+Megatron's other symbols (mixture of experts, pipeline boundaries, multi-token prediction, ...) are
+refused by `finalize()` with the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from viaduct.config import DType, Problems
+from viaduct.models.gpt.provider import GPTModelProvider
+from viaduct.models.transformer_config import Normalization, PositionEmbeddingType
+
+if TYPE_CHECKING:
+    from viaduct.models.mamba.model import MambaModel
+
+MAMBA, ATTENTION, MLP = "M", "*", "-"
+"""The layer symbols of `hybrid_layer_pattern` that viaduct builds."""
+LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
+
+# Megatron's other pattern symbols: what they mean here, and the fix.
+_REFUSED_SYMBOLS: dict[str, tuple[str, str]] = {
+    "E": ("mixture-of-experts layers are not supported yet", "replace 'E' by '-' (a dense MLP layer)"),
+    "G": ("this layer type is not supported", "use only M (Mamba), * (attention) and - (MLP)"),
+    "D": ("this layer type is not supported", "use only M (Mamba), * (attention) and - (MLP)"),
+    "+": ("this layer type is not supported", "use only M (Mamba), * (attention) and - (MLP)"),
+    "|": (
+        "pipeline stage boundaries are not supported: pipeline parallelism is not supported yet for "
+        "Mamba layers",
+        "remove every '|' from the pattern",
+    ),
+    "/": (
+        "multi-token prediction layers are not supported",
+        "remove the '/' and the layers after it from the pattern",
+    ),
+}
+# Parallel sizes the Mamba layers cannot be split over yet (their mixer has no tensor-parallel plan,
+# the scan no context-parallel exchange of states, the stack no pipeline split).
+_UNSUPPORTED_PARALLEL = (
+    ("tensor_model_parallel_size", "tensor parallelism"),
+    ("context_parallel_size", "context parallelism"),
+    ("pipeline_model_parallel_size", "pipeline parallelism"),
+)
+
+
+def parse_layer_pattern(pattern: str, path: str = "hybrid_layer_pattern") -> tuple[str, Problems]:
+    """The pattern without blanks, and one problem per symbol it cannot hold (each symbol once, with
+    its positions)."""
+    p = Problems()
+    clean = "".join(pattern.split())
+    positions: dict[str, list[int]] = {}
+    for i, ch in enumerate(clean):
+        if ch not in LAYER_SYMBOLS:
+            positions.setdefault(ch, []).append(i)
+    for ch, where in positions.items():
+        at = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
+        if ch in _REFUSED_SYMBOLS:
+            why, fix = _REFUSED_SYMBOLS[ch]
+            p.add(path, f"symbol {ch!r} (at {at}): {why}", pattern, fix=fix)
+        else:
+            p.add(
+                path,
+                f"unknown layer symbol {ch!r} (at {at})",
+                pattern,
+                fix="use one symbol per layer: M (Mamba), * (attention), - (MLP)",
+            )
+    if not clean:
+        p.add(path, "is empty: it needs one symbol per layer", pattern, fix="use e.g. 'MMMM' or 'M*M-'")
+    return clean, p
+
+
+@dataclass(kw_only=True)
+class HybridModelProvider(GPTModelProvider):
+    """A Mamba-2 or hybrid (Mamba, attention, MLP) decoder-only language model.
+
+    Standalone use: `HybridModelProvider(hybrid_layer_pattern="M*M-", hidden_size=256,
+    num_attention_heads=4, vocab_size=1000).finalize()`. Redeclared fields only change the defaults of
+    `GPTModelProvider`'s (Megatron Bridge's values for this family).
+    """
+
+    _aliases_: ClassVar[tuple[str, ...]] = ("hybrid",)
+
+    # ------------------------------------------------------------------ defaults that differ from GPT
+    params_dtype: DType = DType("bfloat16")
+    bf16: bool = True
+    num_layers: int | None = None  # type: ignore[assignment]
+    """Number of layers; unset means the length of hybrid_layer_pattern."""
+    num_attention_heads: int = 1
+    seq_length: int = 8192
+    position_embedding_type: PositionEmbeddingType = "none"
+    normalization: Normalization = "RMSNorm"
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    gated_linear_unit: bool = False
+    share_embeddings_and_output_weights: bool = False
+
+    # ------------------------------------------------------------------ Mamba
+    mamba_state_dim: int = 128
+    """Size of the SSM state of each head (d_state)."""
+    mamba_head_dim: int = 64
+    """Channels per Mamba head."""
+    mamba_num_groups: int = 8
+    """Groups of heads sharing the SSM's B and C projections (must divide the head count)."""
+    mamba_num_heads: int | None = None
+    """Mamba heads; unset means 2 x hidden_size / mamba_head_dim (Mamba-2's expand of 2)."""
+    mamba_chunk_size: int = 128
+    """Chunk length of the SSD scan (tokens per chunk of its quadratic form)."""
+    hybrid_attention_ratio: float = 0.0
+    """Share of attention layers when no pattern is given; only 0 is supported (give a pattern)."""
+    hybrid_mlp_ratio: float = 0.0
+    """Share of MLP layers when no pattern is given; only 0 is supported (give a pattern)."""
+    hybrid_layer_pattern: str | None = None
+    """One symbol per layer: M Mamba, * attention, - MLP; unset means num_layers Mamba layers."""
+    hybrid_override_pattern: str | None = None
+    """Deprecated name of hybrid_layer_pattern (moved there by finalize)."""
+
+    # ------------------------------------------------------------------ derived views
+
+    def layer_pattern(self) -> str:
+        """The symbol of every layer (after `finalize()`): the pattern, or all Mamba layers."""
+        if self.hybrid_layer_pattern is not None:
+            return "".join(self.hybrid_layer_pattern.split())
+        return MAMBA * (self.num_layers or 0)
+
+    def mamba_heads(self) -> int:
+        """The number of Mamba heads each Mamba layer has."""
+        if self.mamba_num_heads is not None:
+            return self.mamba_num_heads
+        return 2 * self.hidden_size // self.mamba_head_dim
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize(self) -> None:
+        """Move the deprecated pattern name, then derive and check as `TransformerConfig.finalize`."""
+        legacy, current = self.hybrid_override_pattern, self.hybrid_layer_pattern
+        if legacy is not None and current is None:
+            warnings.warn(
+                "model.hybrid_override_pattern is deprecated: use model.hybrid_layer_pattern",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.hybrid_layer_pattern, self.hybrid_override_pattern = legacy, None
+        super().finalize()
+
+    def _derive_defaults(self, bad: set[str]) -> None:
+        pattern = self.hybrid_layer_pattern
+        if bad.isdisjoint(("num_layers", "hybrid_layer_pattern")) and self.num_layers is None and pattern:
+            clean, problems = parse_layer_pattern(pattern)
+            if not problems:
+                self.derive("num_layers", len(clean), "= length of hybrid_layer_pattern", own=True)
+        super()._derive_defaults(bad)
+
+    def _check_architecture(self, p: Problems, bad: set[str]) -> None:
+        own = Problems()
+        self._check_mamba(own, bad)
+        p.extend(own.items)
+        # The base rules read num_layers as a number: skip them when it is missing or contradicted.
+        skip = (
+            {"num_layers"}
+            if self.num_layers is None or "num_layers" in {q.path for q in own.items}
+            else set()
+        )
+        super()._check_architecture(p, bad | skip)
+
+    def _check_mamba(self, p: Problems, bad: set[str]) -> None:
+        pattern, legacy = self.hybrid_layer_pattern, self.hybrid_override_pattern
+        if legacy is not None and pattern is not None:
+            p.add(
+                "hybrid_override_pattern",
+                "is the deprecated name of hybrid_layer_pattern, and both are set",
+                legacy,
+                fix="keep only model.hybrid_layer_pattern",
+            )
+        if pattern is not None and "hybrid_layer_pattern" not in bad:
+            clean, problems = parse_layer_pattern(pattern)
+            p.extend(problems.items)
+            n = self.num_layers
+            if not problems and n is not None and "num_layers" not in bad and n != len(clean):
+                p.add(
+                    "num_layers",
+                    f"disagrees with hybrid_layer_pattern, which has {len(clean)} layers",
+                    n,
+                    fix=f"set model.num_layers={len(clean)} or leave it unset (null)",
+                )
+        elif pattern is None and "num_layers" not in bad:
+            for name in ("hybrid_attention_ratio", "hybrid_mlp_ratio"):
+                ratio = getattr(self, name)
+                if name not in bad and ratio != 0.0:
+                    p.add(
+                        name,
+                        "placing layers by ratio is not supported; a pattern says where each layer goes",
+                        ratio,
+                        fix=f"set model.hybrid_layer_pattern (e.g. 'M*M-M*M-') and model.{name}=0.0",
+                    )
+            if self.num_layers is None:
+                p.add(
+                    "num_layers",
+                    "must be set when hybrid_layer_pattern is unset (all layers are then Mamba layers)",
+                    None,
+                    fix="set model.num_layers, or model.hybrid_layer_pattern (e.g. 'MMMM')",
+                )
+        for name in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_chunk_size"):
+            value = getattr(self, name)
+            if name not in bad and value < 1:
+                p.add(name, "must be >= 1", value, fix=f"set model.{name} to a positive number")
+        if "mamba_num_heads" not in bad and self.mamba_num_heads is not None and self.mamba_num_heads < 1:
+            p.add(
+                "mamba_num_heads", "must be >= 1", self.mamba_num_heads, fix="set it or leave it unset (null)"
+            )
+        sizes = ("hidden_size", "mamba_head_dim", "mamba_num_heads", "mamba_num_groups")
+        if bad.isdisjoint(sizes) and min(self.hidden_size, self.mamba_head_dim, self.mamba_num_groups) >= 1:
+            if self.mamba_num_heads is None and (2 * self.hidden_size) % self.mamba_head_dim:
+                p.add(
+                    "mamba_head_dim",
+                    f"must divide 2 x hidden_size ({2 * self.hidden_size}) when mamba_num_heads is unset",
+                    self.mamba_head_dim,
+                    fix="change model.mamba_head_dim, or set model.mamba_num_heads",
+                )
+            elif (heads := self.mamba_heads()) >= 1 and heads % self.mamba_num_groups:
+                p.add(
+                    "mamba_num_groups",
+                    f"must divide the number of Mamba heads ({heads})",
+                    self.mamba_num_groups,
+                    fix="set model.mamba_num_groups to a divisor of the head count",
+                )
+
+    def _check_parallelism(self, p: Problems, bad: set[str]) -> None:
+        for name, what in _UNSUPPORTED_PARALLEL:
+            size = getattr(self, name)
+            if name not in bad and isinstance(size, int) and size > 1:
+                p.add(
+                    name,
+                    f"{what} is not supported yet for Mamba layers",
+                    size,
+                    fix=f"set model.{name}=1 and scale with data parallelism or FSDP "
+                    "(ddp.use_distributed_optimizer)",
+                )
+        if self.init_model_with_meta_device and "init_model_with_meta_device" not in bad:
+            p.add(
+                "init_model_with_meta_device",
+                "is not supported yet for Mamba layers: their per-head initialization cannot draw into "
+                "the sharded parameters of a meta-device build",
+                True,
+                fix="set model.init_model_with_meta_device=false (each rank then builds and shards)",
+            )
+        super()._check_parallelism(p, bad | {name for name, _ in _UNSUPPORTED_PARALLEL})
+
+    # ------------------------------------------------------------------ building
+
+    def provide(
+        self,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        vp_stage: int | None = None,
+        *,
+        pp_rank: int | None = None,
+        device: Any = None,
+        init_seed: int | None = None,
+    ) -> MambaModel:
+        """Finalize, then build the whole `MambaModel` (see `GPTModelProvider.provide`; there is no
+        pipeline split, so pp_rank and vp_stage must be unset)."""
+        import torch
+
+        from viaduct.config.types import torch_dtype
+        from viaduct.models.mamba.model import MambaModel
+
+        self.finalize()
+        self._pipeline_stage(pp_rank, vp_stage)  # checks pp_rank / vp_stage (the only stage is rank 0)
+        if device is None:
+            if self.init_model_with_meta_device:
+                device = "meta"
+            elif self.use_cpu_initialization:
+                device = "cpu"
+            else:
+                device = torch.get_default_device()
+        device = torch.device(device)
+        # Built on meta (no memory, no throwaway init), then allocated and initialized once.
+        model = MambaModel(
+            self,
+            self.padded_vocab_size(),
+            pre_process=True if pre_process is None else pre_process,
+            post_process=True if post_process is None else post_process,
+            device="meta",
+            dtype=torch_dtype(self.params_dtype),
+        )
+        if device.type != "meta":
+            model.to_empty(device=device)
+            if self.perform_initialization:
+                model.init_weights(init_seed)
+            elif model.rotary is not None:
+                model.rotary.reset_parameters()
+        return model
+
+
+@dataclass(kw_only=True)
+class MambaModelProvider(HybridModelProvider):
+    """Megatron Bridge's v0.2.0 name of `HybridModelProvider`: the same configuration."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ("mamba",)
+
+
+# ---------------------------------------------------------------------- named sizes (Megatron Bridge's)
+
+
+@dataclass(kw_only=True)
+class MambaModelProvider130M(MambaModelProvider):
+    """Mamba-2 130M: 24 Mamba layers, hidden 768, one group of B/C."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = MAMBA * 24
+    num_layers: int | None = 24  # type: ignore[assignment]
+    seq_length: int = 2048
+    hidden_size: int = 768
+    mamba_num_groups: int = 1
+    ffn_hidden_size: int | None = 768
+    make_vocab_size_divisible_by: int = 16
+
+
+@dataclass(kw_only=True)
+class MambaModelProvider370M(MambaModelProvider):
+    """Mamba-2 370M: 48 Mamba layers, hidden 1024, one group of B/C."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = MAMBA * 48
+    num_layers: int | None = 48  # type: ignore[assignment]
+    seq_length: int = 2048
+    hidden_size: int = 1024
+    mamba_num_groups: int = 1
+    ffn_hidden_size: int | None = 1024
+    make_vocab_size_divisible_by: int = 16
+
+
+@dataclass(kw_only=True)
+class MambaModelProvider780M(MambaModelProvider):
+    """Mamba-2 780M: 48 Mamba layers, hidden 1536, one group of B/C."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = MAMBA * 48
+    num_layers: int | None = 48  # type: ignore[assignment]
+    seq_length: int = 2048
+    hidden_size: int = 1536
+    mamba_num_groups: int = 1
+    ffn_hidden_size: int | None = 1536
+    make_vocab_size_divisible_by: int = 16
+
+
+@dataclass(kw_only=True)
+class MambaModelProvider1P3B(MambaModelProvider):
+    """Mamba-2 1.3B: 48 Mamba layers, hidden 2048, one group of B/C."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = MAMBA * 48
+    num_layers: int | None = 48  # type: ignore[assignment]
+    seq_length: int = 2048
+    hidden_size: int = 2048
+    mamba_num_groups: int = 1
+    ffn_hidden_size: int | None = 2048
+    make_vocab_size_divisible_by: int = 16
+
+
+@dataclass(kw_only=True)
+class MambaModelProvider2P7B(MambaModelProvider):
+    """Mamba-2 2.7B: 64 Mamba layers, hidden 2560, one group of B/C."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = MAMBA * 64
+    num_layers: int | None = 64  # type: ignore[assignment]
+    seq_length: int = 2048
+    hidden_size: int = 2560
+    mamba_num_groups: int = 1
+    ffn_hidden_size: int | None = 2560
+    make_vocab_size_divisible_by: int = 16
+
+
+@dataclass(kw_only=True)
+class NVIDIAMambaModelProvider8B(MambaModelProvider):
+    """NVIDIA's 8B pure Mamba-2 research model: 56 Mamba layers, hidden 4096, 8 groups."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = MAMBA * 56
+    num_attention_heads: int = 32
+    num_layers: int | None = 56  # type: ignore[assignment]
+    seq_length: int = 4096
+    hidden_size: int = 4096
+    mamba_num_groups: int = 8
+    ffn_hidden_size: int | None = 4096
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass(kw_only=True)
+class NVIDIAMambaHybridModelProvider8B(MambaModelProvider):
+    """NVIDIA's 8B hybrid research model (Mamba-2-Hybrid): 24 Mamba, 4 attention (GQA, 8 groups) and
+    28 MLP layers, hidden 4096."""
+
+    _aliases_: ClassVar[tuple[str, ...]] = ()
+
+    hybrid_layer_pattern: str | None = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
+    num_layers: int | None = 56  # type: ignore[assignment]
+    seq_length: int = 4096
+    hidden_size: int = 4096
+    mamba_num_groups: int = 8
+    ffn_hidden_size: int | None = 16384
+    num_attention_heads: int = 32
+    num_query_groups: int | None = 8
+    make_vocab_size_divisible_by: int = 128

@@ -1,0 +1,510 @@
+"""Mamba-2 and hybrid models: the provider (defaults, pattern rules, Megatron Bridge YAML), the model
+(published sizes, meta-device build, causality, learning) and training through `pretrain()` (end to
+end, bitwise resume, FSDP on two processes, what the loop refuses)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from viaduct.config import ConfigError
+from viaduct.models import (
+    GPTModelProvider,
+    HybridModelProvider,
+    MambaModelProvider,
+    MambaModelProvider1P3B,
+    MambaModelProvider2P7B,
+    MambaModelProvider130M,
+    MambaModelProvider370M,
+    MambaModelProvider780M,
+    ModelProvider,
+    NVIDIAMambaHybridModelProvider8B,
+    NVIDIAMambaModelProvider8B,
+)
+from viaduct.models.accounting import estimate_memory, flops_per_token, num_parameters
+from viaduct.models.mamba import Mamba2Mixer
+from viaduct.models.mamba.model import AttentionLayer, MambaLayer, MambaModel, MLPLayer
+from viaduct.testing import run_distributed, tiny_pretrain_config
+from viaduct.training.callbacks import CallbackContext
+from viaduct.training.config import ConfigContainer
+from viaduct.training.pretrain import pretrain
+
+
+def tiny(
+    pattern: str | None = "M*M-", cls: type[HybridModelProvider] = MambaModelProvider, **kw: Any
+) -> HybridModelProvider:
+    """A small float32 model: 64 wide, 8 Mamba heads of 16 in 2 groups, state 16, chunks of 8."""
+    args: dict[str, Any] = dict(
+        hybrid_layer_pattern=pattern,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        mamba_num_groups=2,
+        mamba_head_dim=16,
+        mamba_state_dim=16,
+        mamba_chunk_size=8,
+        seq_length=32,
+        vocab_size=97,
+        params_dtype="float32",
+        bf16=False,
+        make_vocab_size_divisible_by=64,
+    )
+    args.update(kw)
+    return cls(**args)
+
+
+def _problems(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
+    return {p.path: f"{p.message} | fix: {p.fix}" for p in exc.value.problems}
+
+
+# ---------------------------------------------------------------------- provider
+
+
+def test_defaults_are_megatron_bridges() -> None:
+    p = MambaModelProvider()
+    assert isinstance(p, HybridModelProvider) and isinstance(p, GPTModelProvider)
+    assert p.params_dtype == torch.bfloat16 and p.bf16 and not p.fp16
+    assert p.num_layers is None and p.num_attention_heads == 1
+    assert (p.mamba_num_groups, p.mamba_chunk_size, p.mamba_state_dim, p.mamba_head_dim) == (8, 128, 128, 64)
+    assert p.mamba_num_heads is None
+    assert p.hybrid_attention_ratio == p.hybrid_mlp_ratio == 0.0
+    assert p.hybrid_layer_pattern is None and p.hybrid_override_pattern is None
+    assert p.seq_length == 8192 and p.position_embedding_type == "none"
+    assert p.normalization == "RMSNorm" and not p.add_bias_linear and not p.gated_linear_unit
+    assert p.hidden_dropout == p.attention_dropout == 0.0
+    assert not p.share_embeddings_and_output_weights
+
+
+def test_num_layers_comes_from_the_pattern_and_must_agree() -> None:
+    p = tiny("M*M-")
+    p.finalize()
+    assert p.num_layers == 4 and "hybrid_layer_pattern" in p.source_of("num_layers")
+    p.hybrid_layer_pattern = "MM"
+    p.finalize()  # a derived value follows the pattern
+    assert p.num_layers == 2
+    with pytest.raises(ConfigError) as exc:
+        tiny("M*M-", num_layers=3).finalize()
+    assert "num_layers" in _problems(exc) and "4 layers" in _problems(exc)["num_layers"]
+    tiny("M*M-", num_layers=4).finalize()
+
+
+def test_no_pattern_means_all_mamba_layers_and_needs_num_layers() -> None:
+    p = tiny(None, num_layers=3)
+    p.finalize()
+    assert p.layer_pattern() == "MMM"
+    with pytest.raises(ConfigError) as exc:
+        tiny(None).finalize()
+    assert "num_layers" in _problems(exc)
+    with pytest.raises(ConfigError) as exc:
+        tiny(None, num_layers=4, hybrid_attention_ratio=0.25).finalize()
+    assert "hybrid_layer_pattern" in _problems(exc)["hybrid_attention_ratio"]
+
+
+def test_pattern_problems_name_every_symbol_and_the_fix_at_once() -> None:
+    with pytest.raises(ConfigError) as exc:
+        tiny("MEM|M*/M-x", mamba_chunk_size=0).finalize()
+    text = str(exc.value)
+    for symbol, fix in (
+        ("'E'", "replace 'E' by '-'"),
+        ("'|'", "remove every '|'"),
+        ("'/'", "remove the '/'"),
+    ):
+        assert symbol in text and fix in text
+    assert "unknown layer symbol 'x'" in text and "M (Mamba), * (attention), - (MLP)" in text
+    assert "mamba_chunk_size" in _problems(exc)
+    assert len(exc.value.problems) == 5
+
+
+def test_deprecated_pattern_name_moves_and_both_names_conflict() -> None:
+    p = tiny(None, hybrid_override_pattern="MM*")
+    with pytest.warns(DeprecationWarning, match="hybrid_layer_pattern"):
+        p.finalize()
+    assert (p.hybrid_layer_pattern, p.hybrid_override_pattern, p.num_layers) == ("MM*", None, 3)
+    with pytest.raises(ConfigError) as exc:
+        tiny("MM", hybrid_override_pattern="MM").finalize()
+    assert "hybrid_override_pattern" in _problems(exc)
+
+
+def test_mamba_head_rules() -> None:
+    with pytest.raises(ConfigError) as exc:
+        tiny(mamba_num_groups=3).finalize()
+    assert "mamba_num_groups" in _problems(exc)
+    with pytest.raises(ConfigError) as exc:
+        tiny(mamba_head_dim=48).finalize()
+    assert "mamba_head_dim" in _problems(exc)
+    p = tiny(mamba_num_heads=4, mamba_num_groups=4)
+    p.finalize()
+    assert p.mamba_heads() == 4
+
+
+@pytest.mark.parametrize(
+    "field", ["tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size"]
+)
+def test_model_parallel_sizes_are_refused_clearly(field: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        tiny("M*M-", MambaModelProvider, **{field: 2}).finalize()
+    problems = _problems(exc)
+    assert "not supported yet for Mamba layers" in problems[field]
+    assert f"model.{field}=1" in problems[field]
+
+
+def test_tensor_parallel_refused_by_validate() -> None:
+    cfg = _config("M*M-", "model.tensor_model_parallel_size=2")
+    with pytest.raises(ConfigError, match="tensor parallelism is not supported yet for Mamba layers"):
+        cfg.validate(world_size=2)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "megatron.bridge.models.mamba.mamba_provider.MambaModelProvider",
+        "megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider",
+        "megatron.bridge.models.MambaModelProvider",
+    ],
+)
+def test_megatron_bridge_targets_load(target: str) -> None:
+    data = tiny().to_dict()
+    data["_target_"] = target
+    loaded = ModelProvider.from_dict(data)
+    assert isinstance(loaded, HybridModelProvider)
+    assert type(loaded).__name__ == target.rsplit(".", 1)[1]
+    assert loaded.hybrid_layer_pattern == "M*M-"
+
+
+def test_bridge_yaml_with_the_deprecated_pattern_name_loads(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(
+        "_target_: megatron.bridge.models.mamba.mamba_provider.MambaModelProvider130M\n"
+        "hybrid_override_pattern: MMMM\nhybrid_layer_pattern: null\nnum_layers: 4\nvocab_size: 100\n"
+    )
+    p = ModelProvider.from_yaml(path)
+    assert type(p) is MambaModelProvider130M
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        p.finalize()
+    assert p.layer_pattern() == "MMMM"
+
+
+@pytest.mark.parametrize("cls", [MambaModelProvider, HybridModelProvider, NVIDIAMambaHybridModelProvider8B])
+def test_yaml_round_trip(cls: type[MambaModelProvider], tmp_path: Path) -> None:
+    p = cls(vocab_size=1000) if cls is NVIDIAMambaHybridModelProvider8B else tiny(cls=cls)
+    path = tmp_path / "model.yaml"
+    p.to_yaml(path)
+    back = ModelProvider.from_yaml(path)
+    assert type(back) is type(p) and back == p
+    back.finalize()
+
+
+def test_short_names_select_the_family() -> None:
+    assert ModelProvider.variant("mamba") is MambaModelProvider
+    assert ModelProvider.variant("hybrid") is HybridModelProvider
+    assert ModelProvider.variant("MambaModelProvider130M") is MambaModelProvider130M
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+# Parameter counts of the published checkpoints' layout (Hugging Face state-spaces/mamba2-*: tied
+# embeddings, the 50277-token vocabulary padded to 50288), computed by hand from the module shapes:
+# per layer norm h + in_proj h(2d + 2n + heads) + conv (d + 2n) x 5 + 3 heads + gated norm d +
+# out_proj d h (d = 2h, n = state 128, one group, heads = d / 64), plus the table and the final norm.
+def _published_mamba2(layers: int, h: int, vocab: int = 50288) -> int:
+    d, n = 2 * h, 128
+    heads = d // 64
+    layer = h + h * (2 * d + 2 * n + heads) + (d + 2 * n) * 5 + 3 * heads + d + d * h
+    return layers * layer + vocab * h + h
+
+
+PUBLISHED = [
+    # class, nominal size of the published model, exact count of its layout
+    (MambaModelProvider130M, 130e6, _published_mamba2(24, 768)),
+    (MambaModelProvider370M, 370e6, _published_mamba2(48, 1024)),
+    (MambaModelProvider780M, 780e6, _published_mamba2(48, 1536)),
+    (MambaModelProvider1P3B, 1.3e9, _published_mamba2(48, 2048)),
+    (MambaModelProvider2P7B, 2.7e9, _published_mamba2(64, 2560)),
+]
+
+
+@pytest.mark.parametrize(("cls", "nominal", "exact"), PUBLISHED, ids=[c.__name__ for c, _, _ in PUBLISHED])
+def test_published_mamba2_sizes(cls: type[MambaModelProvider], nominal: float, exact: int) -> None:
+    p = cls(vocab_size=50277, should_pad_vocab=True, share_embeddings_and_output_weights=True)
+    assert p.padded_vocab_size() == 50288
+    assert num_parameters(p) == exact
+    assert abs(exact - nominal) / nominal < 0.04  # 128.99M, 368.3M, 780.2M, 1.344B, 2.703B
+    model = p.provide(device="meta")
+    assert sum(t.numel() for t in model.parameters()) == exact
+
+
+def test_mamba2_130m_exact_count() -> None:
+    # Mamba2-130m: 128,989,632 parameters (tied), about 129M.
+    p = MambaModelProvider130M(
+        vocab_size=50277, should_pad_vocab=True, share_embeddings_and_output_weights=True
+    )
+    assert num_parameters(p) == 128_989_632
+    untied = MambaModelProvider130M(vocab_size=50277, should_pad_vocab=True)
+    assert num_parameters(untied) == 128_989_632 + 50288 * 768
+
+
+@pytest.mark.parametrize(
+    ("cls", "billions", "kinds"),
+    [(NVIDIAMambaModelProvider8B, 8.24, (56, 0, 0)), (NVIDIAMambaHybridModelProvider8B, 8.66, (24, 4, 28))],
+)
+def test_nvidia_8b_sizes(cls: type[MambaModelProvider], billions: float, kinds: tuple[int, int, int]) -> None:
+    p = cls(vocab_size=256000)
+    p.finalize()
+    pattern = p.layer_pattern()
+    assert (pattern.count("M"), pattern.count("*"), pattern.count("-")) == kinds
+    n = num_parameters(p)
+    assert abs(n / 1e9 - billions) < 0.02 * billions
+    model = p.provide(device="meta")
+    assert sum(t.numel() for t in model.parameters()) == n
+    kinds_built = [type(layer) for layer in model.decoder.layers]
+    assert kinds_built.count(MambaLayer) == kinds[0] and kinds_built.count(AttentionLayer) == kinds[1]
+    assert kinds_built.count(MLPLayer) == kinds[2]
+
+
+def test_flops_per_token_counts_matmuls_scan_and_attention() -> None:
+    p = tiny("M*M-", seq_length=32)
+    p.finalize()
+    h, d, heads, groups, n, q = 64, 128, 8, 2, 16, 8
+    in_out = d + (d + 2 * groups * n) + heads
+    matmul = 2 * (in_out * h + d * h) + (3 * 64 * h + 64 * h) + 2 * 128 * h + 97 * h
+    scan = 2 * q * (groups * n + heads * 16) + 4 * heads * 16 * n + 2 * (d + 2 * groups * n) * 4
+    attention = 12 * 1 * 4 * 16 * 32
+    assert flops_per_token(p) == 6 * matmul + 2 * 3 * scan + attention
+    assert flops_per_token(p, causal=True) == 6 * matmul + 2 * 3 * scan + attention / 2
+
+
+def test_memory_estimate_refuses_mamba_models() -> None:
+    with pytest.raises(ConfigError, match="GPT models only"):
+        estimate_memory(tiny(), micro_batch_size=1)
+
+
+# ---------------------------------------------------------------------- model
+
+
+def test_meta_build_then_init_equals_a_direct_build() -> None:
+    p = tiny()
+    direct = p.provide(device="cpu", init_seed=7)
+    meta = p.provide(device="meta")
+    meta.to_empty(device="cpu")
+    meta.init_weights(7)
+    a, b = direct.state_dict(), meta.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    mixer = direct.decoder.layers["0"].mixer
+    other = direct.decoder.layers["2"].mixer
+    assert isinstance(mixer, Mamba2Mixer) and isinstance(other, Mamba2Mixer)
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+    assert bool((mixer.A_log.exp() >= 1).all()) and bool((mixer.A_log.exp() <= 16).all())
+    out_std = mixer.out_proj.weight.std().item()
+    assert math.isclose(out_std, 0.02 / math.sqrt(8), rel_tol=0.15)
+    # Each layer draws from its own generator: two mixers differ.
+    assert not torch.equal(mixer.in_proj.weight, other.in_proj.weight)
+
+
+def test_model_names_and_layer_kinds() -> None:
+    model = tiny("M*M-").provide(device="meta")
+    assert isinstance(model, MambaModel)
+    assert [type(layer) for layer in model.decoder.layers] == [
+        MambaLayer,
+        AttentionLayer,
+        MambaLayer,
+        MLPLayer,
+    ]
+    names = {n for n, _ in model.named_parameters()}
+    assert "decoder.layers.0.mixer.in_proj.weight" in names and "decoder.layers.0.norm.weight" in names
+    assert "decoder.layers.1.self_attention.linear_qkv.weight" in names
+    assert "decoder.layers.3.mlp.linear_fc1.weight" in names
+    assert {
+        "embedding.word_embeddings.weight",
+        "decoder.final_layernorm.weight",
+        "output_layer.weight",
+    } <= names
+
+
+def test_whole_hybrid_model_is_causal() -> None:
+    torch.manual_seed(0)
+    model = tiny("M*M-", params_dtype="float32").provide(device="cpu", init_seed=1).double()
+    x = torch.randint(0, 97, (2, 30))
+    y = x.clone()
+    y[:, 17:] = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :17], b[:, :17], rtol=0, atol=1e-12)
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+
+
+def test_kv_cache_generation_is_refused() -> None:
+    model = tiny().provide(device="cpu", init_seed=1)
+    with pytest.raises(ValueError, match="not supported for Mamba models"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache_position=torch.arange(4))
+
+
+def test_model_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = tiny("M*M-").provide(device="cpu", init_seed=3)
+    x = torch.randint(0, 97, (4, 32))
+    labels = torch.roll(x, -1, dims=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = model(x, labels=labels).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first is not None and loss.item() < 0.1 * first
+
+
+def test_full_recompute_gives_the_same_gradients() -> None:
+    plain = tiny("M*M-").provide(device="cpu", init_seed=5)
+    p = tiny("M*M-", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+    recomputed = p.provide(device="cpu", init_seed=5)
+    x = torch.randint(0, 97, (2, 32))
+    for m in (plain, recomputed):
+        m(x, labels=x).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _config(pattern: str | None, *overrides: str) -> ConfigContainer:
+    """The tiny pretraining config with a Mamba / hybrid model in place of its GPT one."""
+    cfg = tiny_pretrain_config()
+    cfg.model = tiny(pattern, num_layers=None if pattern else 2, vocab_size=None)
+    if overrides:
+        from viaduct.config import apply_overrides
+
+        apply_overrides(cfg, list(overrides))
+    return cfg
+
+
+def _run(pattern: str | None, *overrides: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    losses: list[float] = []
+    weights: dict[str, torch.Tensor] = {}
+
+    def step_end(ctx: CallbackContext) -> None:
+        if ctx.metrics["losses"]:
+            losses.append(float(ctx.metrics["losses"]["lm loss"]))
+
+    def train_end(ctx: CallbackContext) -> None:
+        assert ctx.model is not None
+        weights.update({k: v.detach().clone() for k, v in ctx.model.state_dict().items()})
+
+    pretrain(
+        _config(pattern, *overrides), callbacks=[{"on_train_step_end": step_end, "on_train_end": train_end}]
+    )
+    return losses, weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", [None, "M*M-"], ids=["mamba", "hybrid"])
+def test_pretrain_runs_end_to_end(pattern: str | None) -> None:
+    losses, weights = _run(pattern, "train.train_iters=8", "train.eval_iters=1", "optimizer.lr=3e-3")
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert any(".mixer.A_log" in k for k in weights)
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_is_bitwise(tmp_path: Path) -> None:
+    common = ("train.train_iters=6", "train.eval_iters=0", "dataset.num_workers=0")
+    straight, straight_weights = _run("M*M-", *common)
+    save = tmp_path / "ckpt"
+    first, _ = _run("M*M-", *common, "train.exit_interval=3", f"checkpoint.save={save}")
+    second, weights = _run("M*M-", *common, f"checkpoint.save={save}", f"checkpoint.load={save}")
+    assert len(first) == 3 and len(second) == 3
+    assert first + second == straight
+    assert weights.keys() == straight_weights.keys()
+    for name, value in straight_weights.items():
+        assert torch.equal(weights[name], value), name
+    # The checkpoint loads back as the same kind of model.
+    from viaduct.inference import load_checkpoint
+
+    loaded = load_checkpoint(save, device="cpu").model
+    assert isinstance(loaded, MambaModel) and loaded.decoder.layers.global_indices == (0, 1, 2, 3)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().clone()
+
+
+def _train(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """A 3-step hybrid run: its losses and every parameter at the end (gathered)."""
+    out: dict[str, Any] = {"losses": []}
+
+    def step_end(ctx: CallbackContext) -> None:
+        if ctx.metrics["losses"]:
+            out["losses"].append(float(ctx.metrics["losses"]["lm loss"]))
+
+    def train_end(ctx: CallbackContext) -> None:
+        assert ctx.model is not None
+        out["params"] = {
+            n.replace("module.", "").replace("_orig_mod.", ""): _full(p)
+            for n, p in ctx.model.named_parameters()
+        }
+        out["sharded"] = any(isinstance(p, DTensor) for p in ctx.model.parameters())
+
+    cfg = _config("M*M-", "train.train_iters=3", "train.eval_iters=0", "optimizer.lr=3e-3", *overrides)
+    pretrain(cfg, callbacks=[{"on_train_step_end": step_end, "on_train_end": train_end}])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [(), ("ddp.use_distributed_optimizer=true",)], ids=["ddp", "fsdp"])
+def test_two_ranks_match_one_process(layout: tuple[str, ...]) -> None:
+    one = _train(0, 1, ())
+    got = run_distributed(_train, 2, layout, timeout=240, all_ranks=True)
+    for rank in got:
+        assert rank["sharded"] == bool(layout)  # FSDP2 wrapped each layer (the Mamba ones too)
+        torch.testing.assert_close(
+            torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
+        )
+        assert rank["params"].keys() == one["params"].keys()
+        for name, value in rank["params"].items():
+            torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------- recipes, CLI, export
+
+
+@pytest.mark.parametrize(("name", "layers"), [("mamba2_130m", 24), ("mamba2_hybrid_8b", 56)])
+def test_recipes_validate(name: str, layers: int) -> None:
+    from viaduct.recipes import get_recipe
+
+    cfg = get_recipe(name)()
+    cfg.validate(world_size=8)
+    assert isinstance(cfg.model, MambaModelProvider) and cfg.model.num_layers == layers
+    assert cfg.dataset.seq_length == cfg.model.seq_length
+
+
+def test_cli_validate_says_the_memory_is_not_estimated(capsys: pytest.CaptureFixture[str]) -> None:
+    from viaduct.cli.main import run
+
+    assert run(["config", "validate", "--recipe", "mamba2_130m", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU: not estimated: the memory estimate covers GPT models only" in out
+    assert "configuration is valid" in out
+
+
+def test_hugging_face_copy_is_refused_clearly() -> None:
+    cfg = _config("M*M-", "checkpoint.also_save_hf_checkpoint=true", "checkpoint.save=/nonexistent/ckpt")
+    with pytest.raises(ConfigError, match="Mamba and hybrid models have no export yet"):
+        cfg.validate()
+
+
+def test_peft_is_refused_clearly() -> None:
+    cfg = _config("M*M-", "peft=lora")
+    with pytest.raises(ConfigError, match="PEFT is not supported yet for Mamba and hybrid models"):
+        cfg.validate()
