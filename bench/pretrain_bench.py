@@ -84,8 +84,15 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
         estimate = round(estimate_config_memory(cfg).total / 2**30, 2)
     dt = (clock.t[clock.done] - clock.t[args.warmup]) / (clock.done - args.warmup)
-    tokens_per_gpu = args.gbs * args.seq / world / dt
-    fpt = flops_per_token(cfg.model, args.seq, trainable=trainable_parameters(cfg))
+    from viaduct.models.t5.provider import T5ModelProvider, t5_flops_per_sample
+
+    if isinstance(cfg.model, T5ModelProvider):  # encoder and decoder tokens; the sample's FLOPs
+        tokens = cfg.model.seq_length + cfg.model.seq_length_dec
+        fpt = t5_flops_per_sample(cfg.model) / tokens
+    else:
+        tokens = args.seq
+        fpt = flops_per_token(cfg.model, args.seq, trainable=trainable_parameters(cfg))
+    tokens_per_gpu = args.gbs * tokens / world / dt
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_flops(name)
     return dict(
