@@ -290,3 +290,39 @@ def test_mixer_compiles() -> None:
     torch.testing.assert_close(out, m(hidden), rtol=1e-4, atol=1e-5)
     out.sum().backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def _saved_bytes(fn, *args: torch.Tensor) -> int:
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total
+
+
+def test_the_mixer_recomputes_the_scan_in_backward() -> None:
+    # The scan's float32 intermediates are not kept for backward: they are many times its inputs.
+    from viaduct.models.mamba import ssd_chunked
+
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(64, state_dim=16, head_dim=16, num_groups=2, chunk_size=32)
+    hidden = torch.randn(2, 256, 64, requires_grad=True)
+    kept_by_mixer = _saved_bytes(mixer, hidden)
+    b, seq, h, p, g, n = 2, 256, mixer.num_heads, 16, 2, 16
+    scan_inputs = (
+        torch.randn(b, seq, h, p, requires_grad=True),
+        torch.rand(b, seq, h, requires_grad=True),
+        -torch.rand(h, requires_grad=True),
+        torch.randn(b, seq, g, n, requires_grad=True),
+        torch.randn(b, seq, g, n, requires_grad=True),
+    )
+    kept_by_scan = _saved_bytes(lambda *a: ssd_chunked(*a, 32), *scan_inputs)
+    assert kept_by_mixer < kept_by_scan
+    out = mixer(hidden)
+    out.sum().backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from viaduct.models.mamba.ssd import ssd_chunked
 
@@ -215,14 +216,15 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(self.dt_limit[0], self.dt_limit[1])
         A = -torch.exp(self.A_log.to(compute))
         x = x.reshape(bsz, seq, self.num_heads, self.head_dim)
-        y, _ = ssd_chunked(
-            x,
-            dt,
-            A,
-            B.reshape(bsz, seq, self.num_groups, self.state_dim),
-            C.reshape(bsz, seq, self.num_groups, self.state_dim),
-            self.chunk_size,
-        )
+        B = B.reshape(bsz, seq, self.num_groups, self.state_dim)
+        C = C.reshape(bsz, seq, self.num_groups, self.state_dim)
+        if torch.is_grad_enabled():
+            # The chunked scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
+            # chunk, the states) are many times its inputs: keeping them for backward runs a 780M
+            # model at sequence 4096 out of memory, so backward recomputes them from x, dt, B, C.
+            y = checkpoint(_scan, x, dt, A, B, C, self.chunk_size, use_reentrant=False)
+        else:
+            y = _scan(x, dt, A, B, C, self.chunk_size)
         y = y + x.to(compute) * self.D.to(compute)[:, None]  # the skip connection, per head
         y = self.norm(y.reshape(bsz, seq, self.d_inner), z)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
@@ -233,3 +235,10 @@ class Mamba2Mixer(nn.Module):
             f"head_dim={self.head_dim}, num_groups={self.num_groups}, state_dim={self.state_dim}, "
             f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}"
         )
+
+
+def _scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """`ssd_chunked`'s output alone (what the mixer keeps, and recomputes in backward)."""
+    return ssd_chunked(x, dt, A, B, C, chunk_size)[0]
