@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from viaduct.config import ConfigError
 from viaduct.models.t5.provider import T5ModelProvider
@@ -60,7 +61,11 @@ def _run(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
     def train_end(ctx: CallbackContext) -> None:
         assert ctx.model is not None
         out["params"] = {
-            n.removeprefix("module."): p.detach().float().clone() for n, p in ctx.model.named_parameters()
+            n.removeprefix("module."): (p.full_tensor() if isinstance(p, DTensor) else p)
+            .detach()
+            .float()
+            .clone()
+            for n, p in ctx.model.named_parameters()
         }
 
     pretrain(tiny_t5(*overrides), callbacks=[{"on_train_step_end": step_end, "on_train_end": train_end}])
@@ -85,9 +90,10 @@ def test_t5_checkpoints_resume_bitwise(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-def test_t5_under_data_parallelism_matches_one_process() -> None:
+@pytest.mark.parametrize("layout", [(), ("ddp.use_distributed_optimizer=true",)], ids=["ddp", "fsdp"])
+def test_t5_under_data_parallelism_matches_one_process(layout: tuple[str, ...]) -> None:
     one = _run(0, 1, ())
-    for rank in run_distributed(_run, 2, (), timeout=240, all_ranks=True):
+    for rank in run_distributed(_run, 2, layout, timeout=240, all_ranks=True):
         torch.testing.assert_close(
             torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
         )
@@ -97,9 +103,9 @@ def test_t5_under_data_parallelism_matches_one_process() -> None:
 
 def test_what_t5_cannot_run_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
-        tiny_t5("dataset=mock", "ddp.use_distributed_optimizer=true").validate(world_size=2)
+        tiny_t5("dataset=mock", "model.tensor_model_parallel_size=2").validate(world_size=2)
     found = {p.path for p in info.value.problems}
-    assert {"dataset", "ddp.use_distributed_optimizer"} <= found
+    assert {"dataset", "model.tensor_model_parallel_size"} <= found
 
 
 def test_the_t5_recipe_runs_from_the_command_line(tmp_path: Path) -> None:

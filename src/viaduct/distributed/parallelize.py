@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from viaduct.config.types import torch_dtype
-from viaduct.models.common.transformer import TransformerLayer
+from viaduct.models.common.transformer import LayerStack, TransformerLayer
 from viaduct.models.gpt.model import draw_init_seed
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ def fsdp_policy(cfg: ConfigContainer) -> MixedPrecisionPolicy:
 
 
 def apply_fsdp(
-    model: GPTModel,
+    model: nn.Module,
     cfg: ConfigContainer,
     pmesh: ParallelMesh,
     *,
@@ -262,7 +262,9 @@ def apply_fsdp(
     # The model's per-token losses are a view of the loss kernel's output; nothing modifies them in
     # place (the forward-step contract computes new tensors from them), so FSDP's warning is moot.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    layers = list(model.decoder.layers)
+    # Every layer stack in forward order: the decoder's (GPT, Mamba), or the encoder's then the
+    # decoder's (T5).
+    layers = [layer for stack in model.modules() if isinstance(stack, LayerStack) for layer in stack]
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=layout.reshard_after_forward)
     # The root's parameters (output layer) are needed again as soon as backward starts: keep them.

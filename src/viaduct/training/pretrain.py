@@ -224,9 +224,8 @@ def _setup(
     model: nn.Module
     trained_model: nn.Module
     if isinstance(model_cfg, T5ModelProvider):
-        # validate() refused every layout but plain data parallelism for T5 models.
-        model = model_cfg.provide(device=ctx.device)
-        trained_model, pipeline = _compiled(cfg, ctx, model, scope="model"), None
+        model, pipeline = _build_t5(cfg, model_cfg, pmesh, ctx), None
+        trained_model = model if layout.uses_fsdp else _compiled(cfg, ctx, model, scope="model")
     else:
         model, trained_model, pipeline = _build_model(cfg, model_cfg, pmesh, ctx)
     if layout.pp > 1:
@@ -448,6 +447,28 @@ def _build_model(
     # Under DDP, per-layer graphs let gradient buckets be reduced while backward still runs.
     scope = cfg.train.torch_compile_scope or ("layers" if ctx.distributed else "model")
     return model, _compiled(cfg, ctx, model, scope=scope), None
+
+
+def _build_t5(
+    cfg: ConfigContainer, provider: T5ModelProvider, pmesh: ParallelMesh, ctx: DistributedContext
+) -> nn.Module:
+    """The T5 model on this rank's device; under FSDP (the one layout validate() lets T5 models use
+    besides plain data parallelism) kept in float32 and sharded per layer, compiled per layer first."""
+    from viaduct.models.gpt.model import draw_init_seed
+
+    seed = draw_init_seed()
+    model = provider.provide(device=ctx.device, init_seed=seed)
+    if any(p.is_meta for p in model.parameters()):  # init_model_with_meta_device: allocate, then init
+        model.to_empty(device=ctx.device)
+        model.init_weights(seed)
+    if pmesh.layout.uses_fsdp:
+        from viaduct.distributed.parallelize import apply_fsdp
+
+        model.float()
+        if _compile_enabled(cfg, ctx):
+            compile_model(model, scope="layers")
+        apply_fsdp(model, cfg, pmesh, sum_gradients=provider.calculate_per_token_loss)
+    return model
 
 
 def _compiled(

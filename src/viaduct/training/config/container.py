@@ -666,10 +666,9 @@ class ConfigContainer(ConfigBase):
         return problems
 
     def _t5_problems(self, broken: set[str]) -> list[Problem]:
-        """What the loop cannot run for a T5 model: other data than span corruption, sharded data
-        parallelism (FSDP wraps decoder-only layer stacks), PEFT (adapters on decoder-only models)."""
-        from viaduct.distributed.layout import layout_of
-
+        """What the loop cannot run for a T5 model: other data than span corruption, PEFT (adapters
+        are built for decoder-only models). Its provider refuses tensor, context and pipeline
+        parallelism."""
         problems: list[Problem] = []
         if not isinstance(self.dataset, T5DatasetConfig):
             problems.append(
@@ -680,17 +679,6 @@ class ConfigContainer(ConfigBase):
                     fix=f"use dataset._target_: {T5DatasetConfig.target()} (dataset=t5, or dataset=mock_t5)",
                 )
             )
-        if not {"model", "ddp", "optimizer", "dist"} & broken and self.data_parallel_size is not None:
-            if layout_of(self, self.world_size or 1).uses_fsdp:
-                problems.append(
-                    Problem(
-                        "ddp.use_distributed_optimizer",
-                        "sharded data parallelism (FSDP) of T5 models is not built yet",
-                        True,
-                        fix="train T5 with plain data parallelism: ddp.use_distributed_optimizer=false "
-                        "(and no data_parallel_sharding_strategy)",
-                    )
-                )
         if self.peft is not None:
             problems.append(
                 Problem(
