@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from viaduct.config import DType
+from viaduct.config import ConfigError, DType, Problem
 from viaduct.models.transformer_config import TransformerConfig
 
 
@@ -21,6 +21,26 @@ class ModelProvider(TransformerConfig):
     """A model family's configuration: architecture, parallel sizes and precision."""
 
     _abstract_config_ = True
+
+    def padded_vocab_size(self) -> int:
+        """The output/embedding size: vocab_size, rounded up to make_vocab_size_divisible_by x TP
+        when should_pad_vocab is on (padding rows are never a label, so they only cost compute).
+        Without it, only as far as tensor parallelism needs: a multiple of the TP size."""
+        if self.vocab_size is None:
+            raise ConfigError(
+                [
+                    Problem(
+                        "vocab_size",
+                        "must be set before the model is built",
+                        None,
+                        fix="set model.vocab_size, or let the tokenizer fill it in pretrain()",
+                    )
+                ]
+            )
+        multiple = self.tensor_model_parallel_size
+        if self.should_pad_vocab:
+            multiple *= self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
 
     def apply_overrides_and_finalize(
         self, dtype: Any = None, overrides: Mapping[str, Any] | None = None

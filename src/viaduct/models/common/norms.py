@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from viaduct.models.transformer_config import Normalization
+
+if TYPE_CHECKING:
+    from viaduct.models.transformer_config import TransformerConfig
 
 
 class Norm(nn.Module):
@@ -59,3 +64,17 @@ class Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}({self.size}, eps={self.eps}, zero_centered_gamma={self.zero_centered_gamma})"
+
+
+def hidden_norm(
+    cfg: TransformerConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Norm:
+    """The norm over the hidden size a layer of `cfg` applies (its kind, epsilon, zero-centred gamma)."""
+    return Norm(
+        cfg.hidden_size,
+        cfg.normalization,
+        cfg.layernorm_epsilon,
+        zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
+        device=device,
+        dtype=dtype,
+    )

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from viaduct.models.common.attention import LayerKV, Rope, SelfAttention
 from viaduct.models.common.mlp import MLP
-from viaduct.models.common.norms import Norm
+from viaduct.models.common.norms import Norm, hidden_norm
 
 if TYPE_CHECKING:
     from viaduct.models.transformer_config import TransformerConfig
@@ -47,21 +47,11 @@ class TransformerLayer(nn.Module):
         self.layer_number = layer_number  # 1-based, as in Megatron
         selective = set(cfg.recompute_modules or ()) if cfg.recompute_granularity == "selective" else set()
 
-        def norm() -> Norm:
-            return Norm(
-                cfg.hidden_size,
-                cfg.normalization,
-                cfg.layernorm_epsilon,
-                zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
-                device=device,
-                dtype=dtype,
-            )
-
-        self.input_layernorm = norm()
+        self.input_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.self_attention = SelfAttention(
             cfg, recompute_core_attention="core_attn" in selective, device=device, dtype=dtype
         )
-        self.pre_mlp_layernorm = norm()
+        self.pre_mlp_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
         self.hidden_dropout = cfg.hidden_dropout
         self.residual_post_norm = cfg.apply_residual_connection_post_layernorm
@@ -158,14 +148,7 @@ class TransformerBlock(nn.Module):
         )
         self.final_layernorm: Norm | None = None
         if post_process:
-            self.final_layernorm = Norm(
-                cfg.hidden_size,
-                cfg.normalization,
-                cfg.layernorm_epsilon,
-                zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
-                device=device,
-                dtype=dtype,
-            )
+            self.final_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         full = cfg.recompute_granularity == "full"
         self.recompute_method = cfg.recompute_method if full else None
         self.recompute_num_layers = cfg.recompute_num_layers or 0

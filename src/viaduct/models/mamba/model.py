@@ -24,7 +24,7 @@ from torch import nn
 
 from viaduct.models.common.attention import Rope, SelfAttention
 from viaduct.models.common.mlp import MLP
-from viaduct.models.common.norms import Norm
+from viaduct.models.common.norms import hidden_norm
 from viaduct.models.common.transformer import LayerStack
 from viaduct.models.gpt.model import GPTModel, _is_dtensor, draw_init_seed, part_seed
 from viaduct.models.mamba.mixer import Mamba2Mixer
@@ -34,17 +34,6 @@ from viaduct.models.mamba.provider import MLP as MLP_SYMBOL
 if TYPE_CHECKING:
     from viaduct.inference.kv_cache import KVCache
     from viaduct.models.mamba.provider import HybridModelProvider
-
-
-def _norm(cfg: HybridModelProvider, device: torch.device | str | None, dtype: torch.dtype | None) -> Norm:
-    return Norm(
-        cfg.hidden_size,
-        cfg.normalization,
-        cfg.layernorm_epsilon,
-        zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
-        device=device,
-        dtype=dtype,
-    )
 
 
 class MambaLayer(nn.Module):
@@ -60,7 +49,7 @@ class MambaLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_number = layer_number  # 1-based, as in Megatron
-        self.norm = _norm(cfg, device, dtype)
+        self.norm = hidden_norm(cfg, device=device, dtype=dtype)
         self.mixer = Mamba2Mixer(
             cfg.hidden_size,
             state_dim=cfg.mamba_state_dim,
@@ -98,7 +87,7 @@ class AttentionLayer(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         selective = set(cfg.recompute_modules or ()) if cfg.recompute_granularity == "selective" else set()
-        self.input_layernorm = _norm(cfg, device, dtype)
+        self.input_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.self_attention = SelfAttention(
             cfg, recompute_core_attention="core_attn" in selective, device=device, dtype=dtype
         )
@@ -124,7 +113,7 @@ class MLPLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.pre_mlp_layernorm = _norm(cfg, device, dtype)
+        self.pre_mlp_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
         self.hidden_dropout = cfg.hidden_dropout
 

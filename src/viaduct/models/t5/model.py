@@ -55,7 +55,7 @@ from viaduct.config.types import ACTIVATIONS
 from viaduct.models.common.attention import Rope, SelfAttention
 from viaduct.models.common.loss import cross_entropy, linear_cross_entropy, use_chunked_loss
 from viaduct.models.common.mlp import MLP
-from viaduct.models.common.norms import Norm
+from viaduct.models.common.norms import Norm, hidden_norm
 from viaduct.models.common.rotary import RotaryEmbedding
 from viaduct.models.common.transformer import LayerStack, TransformerBlock
 from viaduct.models.gpt.model import VocabOutput, draw_init_seed, part_seed
@@ -296,14 +296,9 @@ class T5DecoderLayer(nn.Module):
         super().__init__()
         self.layer_number = layer_number  # 1-based, as in Megatron
 
-        def norm() -> Norm:
-            return Norm(
-                spec.hidden_size, spec.normalization, spec.layernorm_epsilon, device=device, dtype=dtype
-            )
-
-        self.input_layernorm = norm()
+        self.input_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.self_attention = SelfAttention(cfg, device=device, dtype=dtype)
-        self.pre_cross_attn_layernorm = norm()
+        self.pre_cross_attn_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.cross_attention = CrossAttention(
             spec.hidden_size,
             spec.num_attention_heads,
@@ -314,7 +309,7 @@ class T5DecoderLayer(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.pre_mlp_layernorm = norm()
+        self.pre_mlp_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
         self.hidden_dropout = spec.hidden_dropout
 
@@ -353,9 +348,7 @@ class T5Decoder(nn.Module):
                 for i in range(spec.decoder_num_layers)
             }
         )
-        self.final_layernorm = Norm(
-            spec.hidden_size, spec.normalization, spec.layernorm_epsilon, device=device, dtype=dtype
-        )
+        self.final_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
 
     def forward(
         self,

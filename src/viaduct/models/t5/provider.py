@@ -246,26 +246,6 @@ class T5ModelProvider(ModelProvider):
 
     # ------------------------------------------------------------------ building
 
-    def padded_vocab_size(self) -> int:
-        """The output/embedding size: vocab_size, rounded up to make_vocab_size_divisible_by x TP
-        when should_pad_vocab is on (padding rows are never a label, so they only cost compute).
-        Without it, only as far as tensor parallelism needs: a multiple of the TP size."""
-        if self.vocab_size is None:
-            raise ConfigError(
-                [
-                    Problem(
-                        "vocab_size",
-                        "must be set before the model is built",
-                        None,
-                        fix="set model.vocab_size, or let the tokenizer fill it in",
-                    )
-                ]
-            )
-        multiple = self.tensor_model_parallel_size
-        if self.should_pad_vocab:
-            multiple *= self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // multiple) * multiple
-
     @property
     def effective_encoder_num_layers(self) -> int:
         """encoder_num_layers, or num_layers when it is unset."""
