@@ -684,6 +684,7 @@ class ConfigContainer(ConfigBase):
                 Problem(
                     "peft",
                     "PEFT adapters are built for decoder-only (GPT-family) models",
+                    type(self.peft).__name__,
                     fix="set peft=null",
                 )
             )
