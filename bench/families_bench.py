@@ -7,7 +7,9 @@
 Targets: the Mamba-2 780M shape at sequence 4096 runs at least 60% of the tokens/s of a GPT (Llama
 architecture) of about the same parameter count and vocabulary at the same sequence length; T5-base
 reaches at least 40% MFU on one H100. MFU counts the SSD scan as matmul work (`flops_per_token`) and
-T5's encoder, decoder and cross-attention (`t5_flops_per_sample`). One JSON line per case.
+T5's encoder, decoder and cross-attention (`t5_flops_per_sample`). One JSON line per case; each run
+also reports the memory estimate of `viaduct config validate` (`estimate_gib`), its peak GPU memory
+(`peak_mem_gib`) and their ratio (`estimate_over_peak`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-COMMON = ["--warmup=3", "--steps=10", "--log-interval=5", "scheduler.lr_warmup_fraction=null"]
+COMMON = ["--warmup=3", "--steps=10", "--log-interval=5", "--estimate", "scheduler.lr_warmup_fraction=null"]
 NULL_TOKENIZER = ["tokenizer.tokenizer_type=NullTokenizer", "tokenizer.tokenizer_model=null"]
 
 # A Llama-architecture GPT of about 780M parameters with Mamba-2's vocabulary (50288 padded).
@@ -44,7 +46,11 @@ def run(recipe: str, seq: int, mbs: int, gbs: int, extra: list[str]) -> dict[str
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout)[-1500:], "overrides": extra}
-    return json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
+    estimate, peak = result.get("estimate_gib"), result.get("peak_mem_gib")
+    if isinstance(estimate, float) and peak:
+        result["estimate_over_peak"] = round(estimate / peak, 3)
+    return result
 
 
 def mamba() -> dict[str, Any]:

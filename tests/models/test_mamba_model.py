@@ -281,9 +281,14 @@ def test_flops_per_token_counts_matmuls_scan_and_attention() -> None:
     assert flops_per_token(p, causal=True) == 6 * matmul + 2 * 3 * scan + attention / 2
 
 
-def test_memory_estimate_refuses_mamba_models() -> None:
-    with pytest.raises(ConfigError, match="GPT models only"):
-        estimate_memory(tiny(), micro_batch_size=1)
+def test_memory_estimate_covers_mamba_models_but_not_per_pipeline_rank() -> None:
+    # The estimate itself is checked in tests/models/test_family_memory.py.
+    assert estimate_memory(tiny(), micro_batch_size=1).activations > 0
+    from viaduct.distributed.layout import ParallelLayout
+    from viaduct.models.accounting import estimate_pipeline_memory
+
+    with pytest.raises(ConfigError, match="pipeline parallelism is not built for Mamba"):
+        estimate_pipeline_memory(tiny(), 1, layout=ParallelLayout(world_size=1))
 
 
 # ---------------------------------------------------------------------- model
@@ -489,18 +494,18 @@ def test_recipes_validate(name: str, layers: int) -> None:
     assert cfg.dataset.seq_length == cfg.model.seq_length
 
 
-def test_cli_validate_says_the_memory_is_not_estimated(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_validate_prints_the_memory_estimate(capsys: pytest.CaptureFixture[str]) -> None:
     from viaduct.cli.main import run
 
     assert run(["config", "validate", "--recipe", "mamba2_130m", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "memory per GPU: not estimated: the memory estimate covers GPT models only" in out
+    assert "memory per GPU (estimate): parameters" in out and "not estimated" not in out
     assert "configuration is valid" in out
 
 
 def test_hugging_face_copy_is_refused_clearly() -> None:
     cfg = _config("M*M-", "checkpoint.also_save_hf_checkpoint=true", "checkpoint.save=/nonexistent/ckpt")
-    with pytest.raises(ConfigError, match="Mamba and hybrid models have no export yet"):
+    with pytest.raises(ConfigError, match="hybrid models have no Hugging Face export yet"):
         cfg.validate()
 
 
@@ -508,3 +513,20 @@ def test_peft_is_refused_clearly() -> None:
     cfg = _config("M*M-", "peft=lora")
     with pytest.raises(ConfigError, match="PEFT is not supported yet for Mamba and hybrid models"):
         cfg.validate()
+
+
+def test_per_layer_compile_covers_every_layer_and_matches_eager() -> None:
+    """`compile_model(scope="layers")` (what FSDP runs use) compiles Mamba, attention and MLP layers,
+    not only transformer layers, with the eager model's loss."""
+    from viaduct.models.compile import compile_model
+
+    torch._dynamo.reset()
+    eager = tiny().provide(device="cpu", init_seed=3)
+    compiled = tiny().provide(device="cpu", init_seed=3)
+    compile_model(compiled, "layers", backend="aot_eager")
+    layers = list(compiled.decoder.layers)
+    assert {type(layer) for layer in layers} == {MambaLayer, AttentionLayer, MLPLayer}
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiled(x, labels=x), eager(x, labels=x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

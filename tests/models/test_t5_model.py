@@ -514,3 +514,139 @@ def test_spec_is_frozen() -> None:
     s = spec()
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.hidden_size = 8  # type: ignore[misc]
+
+
+def test_per_layer_compile_covers_encoder_and_decoder_layers() -> None:
+    """`compile_model(scope="layers")` (what FSDP runs use) compiles T5's decoder layers too (they
+    are no transformer layers), with the eager model's loss."""
+    from viaduct.models.compile import compile_model
+
+    torch._dynamo.reset()
+    eager, compiled = build(), build()
+    compile_model(compiled, "layers", backend="aot_eager")
+    layers = [*compiled.encoder.layers, *compiled.decoder.layers]
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    enc, dec = tokens(2, 12), tokens(2, 6, seed=2)
+    torch.testing.assert_close(
+        compiled(enc, dec, labels=dec), eager(enc, dec, labels=dec), rtol=1e-5, atol=1e-5
+    )
+    torch._dynamo.reset()
+
+
+RECOMPUTE = {
+    "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
+    "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective", recompute_modules=("core_attn", "mlp")),
+}
+
+
+@pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)
+@pytest.mark.parametrize("recompute", list(RECOMPUTE))
+def test_recompute_gives_the_same_loss_and_gradients(position_embedding_type: str, recompute: str) -> None:
+    """Activation recompute in both stacks (with dropout on, padding masks and 3 encoder layers against
+    2 decoder layers) re-runs the recomputed parts in backward and changes neither the loss nor a
+    gradient."""
+    kw: dict[str, object] = dict(
+        position_embedding_type=position_embedding_type,
+        encoder_num_layers=3,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+    )
+    enc, dec = tokens(2, 12), tokens(2, 6, seed=2)
+    enc_mask = torch.ones(2, 12, dtype=torch.bool)
+    enc_mask[1, 9:] = False
+
+    def run(model: T5Model) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]:
+        calls = {"mlp": 0, "cross": 0}
+        for layer in [*model.encoder.layers, *model.decoder.layers]:
+            # A pre-hook: recompute stops as soon as it has what backward needs, before a module's
+            # forward hooks would run.
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
+        for layer in model.decoder.layers:
+            attn = layer.cross_attention
+            kernel = attn.core_attention
+
+            def counted(*args: torch.Tensor | None, kernel=kernel) -> torch.Tensor:  # type: ignore[no-untyped-def]
+                calls["cross"] += 1
+                return kernel(*args)
+
+            attn.core_attention = counted  # type: ignore[method-assign]
+        model.train()
+        torch.manual_seed(11)  # the dropout masks
+        loss = model(enc, dec, enc_mask, labels=dec)
+        loss.sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, calls
+
+    plain_loss, plain_grads, plain_calls = run(build(**kw))
+    loss, grads, calls = run(build(**kw, **RECOMPUTE[recompute]))
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert plain_calls == {"mlp": 5, "cross": 2}
+    # Recomputed parts run again in backward: every layer (uniform, selective), the first of each
+    # stack (block: 1 encoder + 1 decoder layer, one cross-attention).
+    expected = {"full-uniform": (10, 4), "full-block": (7, 3), "selective": (10, 4)}[recompute]
+    assert (calls["mlp"], calls["cross"]) == expected
+
+
+def test_recompute_settings_are_checked() -> None:
+    with pytest.raises(ConfigError) as err:
+        spec(recompute_granularity="full")
+    assert {p.path for p in err.value.problems} == {"recompute_method", "recompute_num_layers"}
+    with pytest.raises(ConfigError) as err:
+        spec(recompute_granularity="selective", recompute_modules=("layernorm",))
+    assert {p.path for p in err.value.problems} == {"recompute_modules"}
+
+
+TP_CASES = [
+    (kind, sp, tied) for kind in POSITION_TYPES for sp, tied in ((False, True), (True, True), (True, False))
+]
+
+
+def _tp_forward_backward(
+    rank: int, world: int
+) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Per case of TP_CASES: the per-token loss, the logits and every parameter's gradient of one
+    forward and backward, with the model split over `world` tensor-parallel ranks (1: unsplit)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from viaduct.distributed.t5_parallel import apply_t5_tensor_parallel
+
+    out = []
+    enc, dec = tokens(2, 12), tokens(2, 6, seed=2)
+    enc_mask = torch.ones(2, 12, dtype=torch.bool)
+    enc_mask[1, 9:] = False
+    for kind, sp, tied in TP_CASES:
+        model = build(position_embedding_type=kind, share_embeddings_and_output_weights=tied)
+        if world > 1:
+            apply_t5_tensor_parallel(model, init_device_mesh("cpu", (world,)), sequence_parallel=sp)
+        loss = model(enc, dec, enc_mask, labels=dec)
+        loss.sum().backward()
+        logits = model(enc, dec, enc_mask)
+        grads = {
+            n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach()
+            for n, p in model.named_parameters()
+        }
+        out.append((loss.detach(), logits.detach(), grads))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_split_gives_the_unsplit_loss_logits_and_gradients() -> None:
+    """`apply_t5_tensor_parallel` over 2 ranks, with every position type (the relative bias tables split
+    by heads), with and without sequence parallelism, tied (with the output bias) and untied output:
+    the same per-token loss, full logits and gradients as the unsplit model."""
+    from viaduct.testing import run_distributed
+
+    one = _tp_forward_backward(0, 1)
+    for rank in run_distributed(_tp_forward_backward, 2, timeout=240, all_ranks=True):
+        for case, (want, got) in zip(TP_CASES, zip(one, rank, strict=True), strict=True):
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg=str(case))
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5, msg=str(case))
+            assert got[2].keys() == want[2].keys()
+            for name, grad in want[2].items():
+                torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=f"{case} {name}")

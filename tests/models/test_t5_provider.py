@@ -114,7 +114,7 @@ def test_short_names_select_the_providers() -> None:
 def test_finalize_reports_every_problem_at_once() -> None:
     provider = tiny(
         hidden_size=30,  # 4 heads do not divide it
-        tensor_model_parallel_size=2,
+        tensor_model_parallel_size=3,  # 4 heads do not split over 3 ranks
         context_parallel_size=2,
         pipeline_model_parallel_size=2,
         virtual_pipeline_model_parallel_size=2,
@@ -126,6 +126,7 @@ def test_finalize_reports_every_problem_at_once() -> None:
         qk_layernorm=True,
         num_query_groups=2,
         recompute_granularity="selective",
+        recompute_modules=["core_attn", "layernorm"],
         activation_func="torch.nn.functional.softplus",  # allowed, but not one T5Model runs
     )
     with pytest.raises(ConfigError) as err:
@@ -144,13 +145,14 @@ def test_finalize_reports_every_problem_at_once() -> None:
         "encoder_pipeline_model_parallel_size",
         "qk_layernorm",
         "num_query_groups",
-        "recompute_granularity",
+        "recompute_modules",
         "activation_func",
     }
     assert expected <= paths, expected - paths
     messages = {p.path: p.message for p in err.value.problems}
     assert messages["pipeline_model_parallel_size"] == "T5's encoder pipeline split is not built yet"
-    assert "not built for T5 models yet" in messages["tensor_model_parallel_size"]
+    assert "not built for T5 models yet" in messages["context_parallel_size"]
+    assert "cannot be split evenly over 3 tensor-parallel ranks" in messages["tensor_model_parallel_size"]
     assert "max_position_embeddings (64)" in messages["seq_length"]
     assert "named activation" in messages["activation_func"]
     for problem in err.value.problems:
@@ -183,17 +185,49 @@ def test_unknown_position_type_is_a_type_problem() -> None:
     assert problem_paths(err) == {"position_embedding_type"}
 
 
-def test_default_recompute_num_layers_is_inert_but_recompute_is_refused() -> None:
+def test_default_recompute_num_layers_is_inert_and_recompute_is_built() -> None:
     provider = tiny()
     provider.finalize()
     assert provider.recompute_num_layers == 1
-    with pytest.raises(ConfigError) as err:
-        tiny(recompute_granularity="full", recompute_method="uniform").finalize()
-    assert problem_paths(err) == {"recompute_granularity"}
+    assert provider.t5_spec().recompute_granularity is None
     # Any other value without full recompute is still the generic mistake.
     with pytest.raises(ConfigError) as err:
         tiny(recompute_num_layers=2).finalize()
     assert problem_paths(err) == {"recompute_num_layers"}
+    # Selective recompute keeps the inert default, and takes GPT's modules.
+    spec = tiny(recompute_granularity="selective", recompute_modules=["mlp"]).t5_spec()
+    assert (spec.recompute_granularity, spec.recompute_modules, spec.recompute_num_layers) == (
+        "selective",
+        ("mlp",),
+        None,
+    )
+    # Full recompute: the chunk may be as long as the deeper stack, and is capped per stack.
+    model = tiny(
+        encoder_num_layers=3, recompute_granularity="full", recompute_method="block", recompute_num_layers=3
+    ).provide(init_seed=0)
+    assert (model.encoder.recompute_method, model.encoder.recompute_num_layers) == ("block", 3)
+    assert (model.decoder.recompute_method, model.decoder.recompute_num_layers) == ("block", 2)
+    with pytest.raises(ConfigError) as err:
+        tiny(
+            encoder_num_layers=3,
+            recompute_granularity="full",
+            recompute_method="block",
+            recompute_num_layers=4,
+        ).finalize()
+    assert problem_paths(err) == {"recompute_num_layers"}
+    with pytest.raises(ConfigError) as err:
+        tiny(recompute_granularity="full").finalize()
+    assert problem_paths(err) == {"recompute_method"}
+
+
+def test_tensor_and_sequence_parallel_sizes_are_checked_for_both_stacks() -> None:
+    provider = tiny(tensor_model_parallel_size=2, sequence_parallel=True, vocab_size=95)
+    provider.finalize()
+    assert provider.padded_vocab_size() == 96  # a multiple of the tensor-parallel size
+    with pytest.raises(ConfigError) as err:
+        tiny(tensor_model_parallel_size=2, sequence_parallel=True, seq_length_dec=7).finalize()
+    assert problem_paths(err) == {"sequence_parallel"}
+    assert "seq_length_dec" in err.value.problems[0].message
 
 
 def test_derived_sizes_follow_edits() -> None:
@@ -311,8 +345,8 @@ def test_provide_refuses_stage_arguments_and_bad_fields() -> None:
     assert problem_paths(err) == {"pre_process", "post_process", "vp_stage"}
     tiny().provide(True, True)
     with pytest.raises(ConfigError) as err:
-        tiny(tensor_model_parallel_size=2).provide()
-    assert "tensor_model_parallel_size" in problem_paths(err)
+        tiny(context_parallel_size=2).provide()
+    assert "context_parallel_size" in problem_paths(err)
 
 
 # ---------------------------------------------------------------------------------------------- YAML

@@ -101,11 +101,69 @@ def test_t5_under_data_parallelism_matches_one_process(layout: tuple[str, ...]) 
             torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+TP = "model.tensor_model_parallel_size=2"
+RELATIVE = "model.position_embedding_type=relative"
+# The tokenizer's 299 tokens, padded to a multiple of 2 for one process too: tensor parallelism pads
+# the vocabulary to a multiple of its size, and a padding row (never a label) still enters the softmax.
+EVEN_VOCAB = "model.vocab_size=300"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("model", "layout", "world"),
+    [
+        ((EVEN_VOCAB, RELATIVE), (TP,), 2),
+        (
+            (EVEN_VOCAB, "model.share_embeddings_and_output_weights=false"),
+            (TP, "model.sequence_parallel=true"),
+            2,
+        ),
+        (
+            (EVEN_VOCAB, RELATIVE, "model.recompute_granularity=full", "model.recompute_method=uniform"),
+            (TP, "model.sequence_parallel=true", "ddp.use_distributed_optimizer=true"),
+            4,
+        ),
+    ],
+    ids=["tp2-relative", "tp2-sp-untied", "tp2-sp-fsdp2-relative-recompute"],
+)
+def test_t5_under_tensor_parallelism_matches_one_process(
+    model: tuple[str, ...], layout: tuple[str, ...], world: int
+) -> None:
+    """Tensor parallelism (heads, MLP units, relative bias tables and vocabulary split; with sequence
+    parallelism the residual streams too), alone or with sharded data parallelism, trains the same
+    losses and weights as one process."""
+    one = _run(0, 1, model)
+    for rank in run_distributed(_run, world, model + layout, timeout=480, all_ranks=True):
+        torch.testing.assert_close(
+            torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
+        )
+        assert rank["params"].keys() == one["params"].keys()
+        for name, value in one["params"].items():
+            # atol 1e-5: the key biases' gradient is zero in exact arithmetic (adding one number to
+            # every score of a softmax row changes nothing), so Adam's steps on them follow rounding
+            # noise, which differs when the heads' sums are split.
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_what_t5_cannot_run_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
-        tiny_t5("dataset=mock", "model.tensor_model_parallel_size=2").validate(world_size=2)
-    found = {p.path for p in info.value.problems}
-    assert {"dataset", "model.tensor_model_parallel_size"} <= found
+        tiny_t5(
+            "dataset=mock", "model.context_parallel_size=2", "model.pipeline_model_parallel_size=2"
+        ).validate(world_size=4)
+    found = {p.path: p.message for p in info.value.problems}
+    assert {"dataset", "model.context_parallel_size", "model.pipeline_model_parallel_size"} <= found.keys()
+    assert "encoder pipeline split is not built yet" in found["model.pipeline_model_parallel_size"]
+    # Sequence parallelism splits the decoder's sequence too: 15 tokens do not split over 2 ranks (the
+    # encoder's 64 do).
+    with pytest.raises(ConfigError) as info:
+        tiny_t5(TP, "model.sequence_parallel=true", "model.seq_length_dec=15").validate(world_size=2)
+    assert [p.path for p in info.value.problems] == ["model.sequence_parallel"]
+
+
+def test_t5_tensor_parallel_and_recompute_layouts_validate() -> None:
+    """What runs validates: tensor and sequence parallelism (with data parallelism) and recompute."""
+    tiny_t5(TP, "model.sequence_parallel=true", "ddp.use_distributed_optimizer=true").validate(world_size=4)
+    tiny_t5(TP, RELATIVE, "model.recompute_granularity=selective").validate(world_size=2)
 
 
 def test_the_t5_recipe_runs_from_the_command_line(tmp_path: Path) -> None:

@@ -273,7 +273,7 @@ def _print_memory_plan(cfg: ConfigContainer, gpu_memory: float | None) -> None:
         estimate = check_memory(cfg, world, budget)
     except ConfigError as exc:
         if gpu_memory is None and exc.problems and exc.problems[0].path == "model":
-            # A model family the estimate does not cover (Mamba, hybrid): say so, nothing to fail on.
+            # A model family the estimate does not cover: say so, nothing to fail on.
             sys.stdout.write(f"memory per GPU: not estimated: {exc.problems[0].message}\n")
             return
         if gpu_memory is not None or not exc.problems or exc.problems[0].path != "model.vocab_size":

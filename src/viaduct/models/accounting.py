@@ -7,7 +7,9 @@ the input embedding (its GEMM runs either way). The causal variant halves the at
 causal kernel skips the masked half of the scores.
 
 Mamba / hybrid models (`viaduct.models.mamba.HybridModelProvider`) count their layers by kind (see
-`flops_per_token` for the SSD scan's share); the memory estimate covers GPT models only and refuses them.
+`flops_per_token` for the SSD scan's share). Their memory estimate, and T5's, is
+`viaduct.models.family_memory`'s (`estimate_memory` hands them there); neither has a per-rank
+pipeline estimate.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from viaduct.config.errors import ConfigError, Problem
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from viaduct.distributed.layout import ParallelLayout
     from viaduct.models.gpt.provider import GPTModelProvider
     from viaduct.models.mamba.provider import HybridModelProvider
+    from viaduct.models.provider import ModelProvider
+    from viaduct.models.t5.provider import T5ModelProvider
     from viaduct.training.config.container import ConfigContainer
 
 H100_BF16_PEAK_FLOPS = 989e12
@@ -402,7 +406,7 @@ def _pipeline_shares(
 
 
 def estimate_memory(
-    provider: GPTModelProvider,
+    provider: GPTModelProvider | T5ModelProvider,
     micro_batch_size: int,
     seq_length: int | None = None,
     *,
@@ -412,6 +416,7 @@ def estimate_memory(
     num_microbatches: int | None = None,
     keep_logits_bytes: int = 4 << 30,
     trainable: int | None = None,
+    compiled: bool = True,
 ) -> MemoryEstimate:
     """Memory of one GPU for a training step with Adam on `micro_batch_size` x `seq_length` tokens,
     under `layout` (default: one rank, or plain data parallelism, where every rank holds everything).
@@ -458,7 +463,32 @@ def estimate_memory(
     adapter_parameter_count`): the frozen base weights are stored in params_dtype (also under FSDP2)
     with no gradient, master or optimizer state; the adapters, in the transformer layers, have all
     of those (float32 shards under FSDP2), spread over pipeline ranks with the layers.
+
+    Mamba / hybrid and T5 providers: `viaduct.models.family_memory.estimate_family_memory`, the same
+    parts under DDP and FSDP2 (no tensor, context or pipeline parallelism, no PEFT: refused).
+    `compiled` (those families only; GPT's activations are the same either way): the model runs
+    under torch.compile (`train.torch_compile`, the default on CUDA), whose backward recomputes part
+    of a Mamba layer's float32 elementwise work and a gated MLP's activation instead of keeping them.
     """
+    from viaduct.models.family_memory import estimate_family_memory, family
+
+    if family(provider) is not None:
+        if trainable is not None:
+            raise ConfigError(
+                Problem("peft", "PEFT is not built for this model family", type(provider).__name__)
+            )
+        return estimate_family_memory(
+            provider,
+            micro_batch_size,
+            seq_length,
+            layout=layout or _single_layout(),
+            master_weights=master_weights,
+            grad_reduce_in_fp32=grad_reduce_in_fp32,
+            num_microbatches=num_microbatches,
+            keep_logits_bytes=keep_logits_bytes,
+            compiled=compiled,
+        )
+    provider = cast("GPTModelProvider", provider)  # family() took the others
     per_rank = estimate_pipeline_memory(
         provider,
         micro_batch_size,
@@ -474,7 +504,7 @@ def estimate_memory(
 
 
 def estimate_pipeline_memory(
-    provider: GPTModelProvider,
+    provider: GPTModelProvider | T5ModelProvider,
     micro_batch_size: int,
     seq_length: int | None = None,
     *,
@@ -487,8 +517,13 @@ def estimate_pipeline_memory(
 ) -> list[MemoryEstimate]:
     """`estimate_memory` of each pipeline rank of `layout` (by rank, each with its `pipeline_rank` and
     `layers`; one entry, without them, without pipeline parallelism). GPT models only: a Mamba /
-    hybrid provider raises `ConfigError`."""
-    _refuse_hybrid(provider)
+    hybrid or T5 provider raises `ConfigError` (pipeline parallelism is not built for them; see
+    `estimate_memory`)."""
+    from viaduct.models.family_memory import family, refuse_parallelism
+
+    if family(provider) is not None:
+        refuse_parallelism(provider, layout, pipeline=True)
+    provider = cast("GPTModelProvider", provider)  # the others were refused
     provider.finalize()
     if layout.pp <= 1:
         whole = _Share(
@@ -516,19 +551,6 @@ def estimate_pipeline_memory(
             )
         out.append(est if layout.pp <= 1 else replace(est, pipeline_rank=rank, layers=share.layers))
     return out
-
-
-def _refuse_hybrid(provider: GPTModelProvider) -> None:
-    # Mamba layers keep other activations than a transformer's: GPT's numbers would mislead.
-    if _hybrid(provider) is not None:
-        raise ConfigError(
-            Problem(
-                "model",
-                "the memory estimate covers GPT models only (not Mamba or hybrid layers yet)",
-                type(provider).__name__,
-                fix="measure instead: a run's log reports its peak memory",
-            )
-        )
 
 
 def _with_frozen_base(
@@ -566,6 +588,20 @@ def _single_layout() -> ParallelLayout:
     return ParallelLayout(world_size=1)
 
 
+def _logits_bytes(p: ModelProvider, tokens: int, vocab: int, act_bytes: int, keep_logits_bytes: int) -> int:
+    """The loss path's logits over `tokens` tokens and `vocab` columns: with cross_entropy_loss_fusion
+    one chunk, the float32 loss and log-sum-exp, and all logits when they fit `keep_logits_bytes`
+    (else a second chunk, recomputed); without it all logits, their gradient and a float32 copy."""
+    from viaduct.models.common.loss import default_chunk_tokens
+
+    if not p.cross_entropy_loss_fusion:
+        return tokens * vocab * (2 * act_bytes + 4)
+    chunk = min(tokens, default_chunk_tokens(vocab))
+    logits = chunk * vocab * act_bytes + tokens * 8
+    all_logits = tokens * vocab * act_bytes
+    return logits + (all_logits if all_logits <= keep_logits_bytes else chunk * vocab * act_bytes)
+
+
 def _estimate(
     p: GPTModelProvider,
     micro_batch_size: int,
@@ -578,8 +614,6 @@ def _estimate(
     keep_logits_bytes: int,
 ) -> MemoryEstimate:
     """The estimate of one rank holding `share` (see `estimate_memory`)."""
-    from viaduct.models.common.loss import default_chunk_tokens
-
     tp, stream_split = layout.tp, layout.tp if layout.sequence_parallel else 1
     tokens = micro_batch_size * _ceil_div(seq_length or p.seq_length, layout.cp)
     pbytes = p.params_dtype.itemsize
@@ -623,14 +657,8 @@ def _estimate(
 
     logits = 0
     if share.output:
-        vocab = _ceil_div(p.padded_vocab_size(), tp)  # the vocabulary of one tensor-parallel rank
-        if p.cross_entropy_loss_fusion:
-            chunk = min(tokens, default_chunk_tokens(vocab))
-            logits = chunk * vocab * act_bytes + tokens * 8
-            all_logits = tokens * vocab * act_bytes
-            logits += all_logits if all_logits <= keep_logits_bytes else chunk * vocab * act_bytes
-        else:
-            logits = tokens * vocab * (2 * act_bytes + 4)
+        # The vocabulary of one tensor-parallel rank.
+        logits = _logits_bytes(p, tokens, _ceil_div(p.padded_vocab_size(), tp), act_bytes, keep_logits_bytes)
     return MemoryEstimate(
         parameters=parameters,
         gradients=gradients,
@@ -656,6 +684,8 @@ def estimate_config_memory(cfg: ConfigContainer, world_size: int | None = None) 
         grad_reduce_in_fp32=cfg.ddp.grad_reduce_in_fp32,
         num_microbatches=num_microbatches,
         trainable=trainable_parameters(cfg),
+        # None compiles on CUDA, where the estimate is for.
+        compiled=cfg.train.torch_compile is not False,
     )
 
 
@@ -685,17 +715,21 @@ def estimate_config_pipeline_memory(
 
 def _config_inputs(
     cfg: ConfigContainer, world_size: int | None
-) -> tuple[GPTModelProvider, int, ParallelLayout, int | None]:
+) -> tuple[GPTModelProvider | T5ModelProvider, int, ParallelLayout, int | None]:
     """(model, micro batch size, layout, micro-batches per step) of a validated `cfg` on `world_size`."""
     from viaduct.distributed.layout import layout_of
     from viaduct.models.gpt.provider import GPTModelProvider
+    from viaduct.models.t5.provider import T5ModelProvider
 
     model = cfg.model
-    if not isinstance(model, GPTModelProvider):
+    if not isinstance(model, (GPTModelProvider, T5ModelProvider)):
         raise ConfigError(
-            Problem("model", "the memory estimate covers GPT models only", type(model).__name__)
+            Problem(
+                "model",
+                "the memory estimate covers GPT, Mamba / hybrid and T5 models",
+                type(model).__name__,
+            )
         )
-    _refuse_hybrid(model)
     if model.vocab_size is None:
         raise ConfigError(
             Problem(

@@ -452,8 +452,11 @@ def _build_model(
 def _build_t5(
     cfg: ConfigContainer, provider: T5ModelProvider, pmesh: ParallelMesh, ctx: DistributedContext
 ) -> nn.Module:
-    """The T5 model on this rank's device; under FSDP (the one layout validate() lets T5 models use
-    besides plain data parallelism) kept in float32 and sharded per layer, compiled per layer first."""
+    """The T5 model on this rank's device. Under FSDP (sharded data parallelism, and always with tensor
+    parallelism, whose data-parallel part FSDP does) kept in float32 and, in the order of
+    `viaduct.distributed.parallelize`, split over the tensor-parallel ranks, compiled per layer, then
+    sharded per layer. Every rank builds the whole model from the shared seed first, so each keeps
+    exactly its part of the weights one process would have."""
     from viaduct.models.gpt.model import draw_init_seed
 
     seed = draw_init_seed()
@@ -461,11 +464,20 @@ def _build_t5(
     if any(p.is_meta for p in model.parameters()):  # init_model_with_meta_device: allocate, then init
         model.to_empty(device=ctx.device)
         model.init_weights(seed)
-    if pmesh.layout.uses_fsdp:
+    layout = pmesh.layout
+    if layout.uses_fsdp:
         from viaduct.distributed.parallelize import apply_fsdp
 
         model.float()
-        if _compile_enabled(cfg, ctx):
+        compile_layers = _compile_enabled(cfg, ctx)
+        if layout.tp > 1:
+            from viaduct.distributed.parallelize import enable_async_tensor_parallel
+            from viaduct.distributed.t5_parallel import apply_t5_tensor_parallel
+
+            apply_t5_tensor_parallel(model, pmesh.tp_mesh, sequence_parallel=layout.sequence_parallel)
+            if provider.tp_comm_overlap:
+                enable_async_tensor_parallel(pmesh.tp_mesh, ctx.device, compiled=compile_layers)
+        if compile_layers:
             compile_model(model, scope="layers")
         apply_fsdp(model, cfg, pmesh, sum_gradients=provider.calculate_per_token_loss)
     return model

@@ -29,6 +29,8 @@ from viaduct.models.conversion.hf_config import (
     HFModelSpec,
     parse_hf_config,
 )
+from viaduct.models.conversion.mamba_config import STATE_SPACES
+from viaduct.models.conversion.mamba_mapping import refuse_pickled_only
 from viaduct.models.conversion.mapping import (
     ParamMapping,
     hf_name_candidates,
@@ -216,6 +218,7 @@ class AutoBridge:
         mappings = param_mappings(arch, cfg)
         # PEFT adapters are not base weights: they keep their own initialization.
         params = {n: p for n, p in _named_parameters(model).items() if not is_adapter_name(n)}
+        refuse_pickled_only(arch, directory)
         with SafetensorsReader(directory) as reader:
             available = set(reader.names())
             problems: list[Problem] = []
@@ -365,7 +368,8 @@ class AutoBridge:
                 )
             writer.finish()
             config = dict(self.hf_config)
-            if dtype is not None:
+            # mamba_ssm builds its config class from every key: it takes no dtype.
+            if dtype is not None and self.architecture != STATE_SPACES:
                 name = str(dtype).removeprefix("torch.")
                 config["torch_dtype"] = name
                 if "dtype" in config:

@@ -22,8 +22,11 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "GPT2LMHeadModel",
+    "Mamba2ForCausalLM",
+    "MambaLMHeadModel",
 )
-"""The Hugging Face `architectures` values `AutoBridge` converts."""
+"""The Hugging Face `architectures` values `AutoBridge` converts (`MambaLMHeadModel`: the original
+`state-spaces/mamba2-*` files of `mamba_ssm`, whose config.json names no architecture)."""
 
 # Hugging Face activation names -> viaduct's `activation_func` names (same function, not an approximation).
 _ACTIVATIONS: dict[str, str] = {
@@ -123,15 +126,20 @@ _MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "mamba2": "Mamba2ForCausalLM",
 }
 
 
 def architecture_of(cfg: Mapping[str, Any], source: str = "config") -> str:
     """The single supported architecture the config names (`architectures`, else `model_type`), or a
     `ConfigError` listing the supported ones."""
+    from viaduct.models.conversion.mamba_config import STATE_SPACES, is_state_spaces_config
+
     archs = cfg.get("architectures")
     if archs is None and cfg.get("model_type") in _MODEL_TYPES:
         return _MODEL_TYPES[cfg["model_type"]]
+    if archs is None and "model_type" not in cfg and is_state_spaces_config(cfg):
+        return STATE_SPACES
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
     if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
@@ -156,7 +164,16 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config") -> HFModelSp
         )
     arch = architecture_of(cfg, source)
     r = _Reader(cfg, source)
-    fields = _parse_gpt2(r) if arch == "GPT2LMHeadModel" else _parse_llama_style(r, arch)
+    from viaduct.models.conversion import mamba_config
+
+    if arch == mamba_config.HF_MAMBA2:
+        fields = mamba_config.parse_hf_mamba2(r)
+    elif arch == mamba_config.STATE_SPACES:
+        fields = mamba_config.parse_state_spaces(r)
+    elif arch == "GPT2LMHeadModel":
+        fields = _parse_gpt2(r)
+    else:
+        fields = _parse_llama_style(r, arch)
     dtype = _dtype(r)
     if r.problems:
         raise ConfigError(r.problems, header=f"AutoBridge: cannot convert this {arch} config")
@@ -177,6 +194,7 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config") -> HFModelSp
 def _provider_class(arch: str) -> type[GPTModelProvider]:
     from viaduct.models.gpt2 import GPT2ModelProvider
     from viaduct.models.llama import LlamaModelProvider
+    from viaduct.models.mamba import MambaModelProvider
     from viaduct.models.mistral import MistralModelProvider
     from viaduct.models.qwen import Qwen3ModelProvider, Qwen25ModelProvider
 
@@ -186,6 +204,8 @@ def _provider_class(arch: str) -> type[GPTModelProvider]:
         "Qwen2ForCausalLM": Qwen25ModelProvider,
         "Qwen3ForCausalLM": Qwen3ModelProvider,
         "GPT2LMHeadModel": GPT2ModelProvider,
+        "Mamba2ForCausalLM": MambaModelProvider,
+        "MambaLMHeadModel": MambaModelProvider,
     }[arch]
 
 

@@ -8,6 +8,9 @@ Layouts that differ (each conversion is a pure reshuffle of rows, so a round tri
   then all keys, then all values.
 - Gated MLP. viaduct's `linear_fc1` interleaves the rows: row 2i is gate unit i, row 2i+1 up unit i;
   Hugging Face has `gate_proj` and `up_proj`.
+- Mamba-2's in_proj and conv1d with several B/C groups. viaduct keeps the rows by group (for each
+  group its z, x, B, C and dt rows, so a tensor-parallel split by rows gives whole groups); Hugging
+  Face keeps each kind whole ([z | x | B | C | dt], conv [x | B | C]).
 - GPT-2's `Conv1D` layers store the weight as [in, out], the transpose of a linear layer's.
 - Vocabulary: viaduct's embedding / output rows may be padded past the vocabulary (tensor
   parallelism); only the first vocab_size rows are Hugging Face's.
@@ -23,9 +26,26 @@ import torch
 
 from viaduct.models.gpt.provider import GPTModelProvider
 
-Kind = Literal["copy", "transpose", "qkv", "fused_qkv_t", "fused_qkv_bias", "gated"]
+Kind = Literal["copy", "transpose", "qkv", "fused_qkv_t", "fused_qkv_bias", "gated", "grouped"]
 """How a viaduct tensor is made from its Hugging Face tensors: copied, transposed (GPT-2 Conv1D),
-merged from q/k/v, from GPT-2's fused [q|k|v] (weight transposed, or bias), or from gate/up."""
+merged from q/k/v, from GPT-2's fused [q|k|v] (weight transposed, or bias), from gate/up, or
+regrouped (Mamba-2's sections kept by group)."""
+
+
+def rows_by_group(tensor: torch.Tensor, sections: tuple[int, ...], groups: int) -> torch.Tensor:
+    """Rows [s_1 | s_2 | ...] (each section made of `groups` equal blocks) reordered by group:
+    [s_1 block 0 | s_2 block 0 | ... | s_1 block 1 | ...]."""
+    rest = tensor.shape[1:]
+    parts = [part.reshape(groups, -1, *rest) for part in tensor.split(list(sections), dim=0)]
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+def rows_by_section(tensor: torch.Tensor, sections: tuple[int, ...], groups: int) -> torch.Tensor:
+    """The inverse of `rows_by_group`."""
+    rest = tensor.shape[1:]
+    per_group = [size // groups for size in sections]
+    parts = tensor.reshape(groups, -1, *rest).split(per_group, dim=1)
+    return torch.cat([part.reshape(-1, *rest) for part in parts], dim=0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,10 @@ class ParamMapping:
     """The head layout (QKV kinds only)."""
     vocab_rows: bool = False
     """The viaduct tensor may have padding rows past the Hugging Face rows (embedding, output layer)."""
+    sections: tuple[int, ...] = ()
+    """The Hugging Face row sections that viaduct keeps by group (grouped kind only)."""
+    groups: int = 1
+    """The number of groups each section is made of (grouped kind only)."""
 
     def megatron_shape(self) -> tuple[int, ...]:
         """The shape of the merged tensor (without vocabulary padding)."""
@@ -74,6 +98,8 @@ class ParamMapping:
             return tensors[0]
         if self.kind == "transpose":
             return tensors[0].t().contiguous()
+        if self.kind == "grouped":
+            return rows_by_group(tensors[0], self.sections, self.groups)
         if self.kind == "gated":
             gate, up = tensors
             return torch.stack((gate, up), dim=1).flatten(0, 1)
@@ -122,6 +148,8 @@ class ParamMapping:
             return [tensor]
         if self.kind == "transpose":
             return [tensor.t().contiguous()]
+        if self.kind == "grouped":
+            return [rows_by_section(tensor, self.sections, self.groups).contiguous()]
         if self.kind == "gated":
             pairs = tensor.unflatten(0, (-1, 2))
             return [pairs[:, 0].contiguous(), pairs[:, 1].contiguous()]
@@ -155,6 +183,10 @@ def hf_name_candidates(arch: str, hf_name: str) -> tuple[str, ...]:
     `transformer.` prefix that GPT2LMHeadModel saves."""
     if arch == "GPT2LMHeadModel" and hf_name.startswith("transformer."):
         return (hf_name, hf_name.removeprefix("transformer."))
+    if arch in ("Mamba2ForCausalLM", "MambaLMHeadModel"):
+        from viaduct.models.conversion.mamba_mapping import mamba_name_candidates
+
+        return mamba_name_candidates(arch, hf_name)
     return (hf_name,)
 
 
@@ -162,6 +194,13 @@ def param_mappings(arch: str, cfg: GPTModelProvider) -> dict[str, ParamMapping]:
     """Every parameter of the whole model `cfg` builds, by viaduct name (finalized `cfg`)."""
     if arch == "GPT2LMHeadModel":
         return _gpt2(cfg)
+    if arch in ("Mamba2ForCausalLM", "MambaLMHeadModel"):
+        from viaduct.models.conversion.mamba_mapping import mamba_param_mappings
+        from viaduct.models.mamba.provider import HybridModelProvider
+
+        if not isinstance(cfg, HybridModelProvider):
+            raise TypeError(f"a {arch} maps onto a HybridModelProvider, not {type(cfg).__name__}")
+        return mamba_param_mappings(arch, cfg)
     return _llama_style(cfg)
 
 

@@ -91,8 +91,10 @@ def hf_config_from_provider(provider: GPTModelProvider) -> dict[str, Any]:
     p.finalize()
     from viaduct.models.mamba.provider import HybridModelProvider
 
-    if isinstance(p, HybridModelProvider):  # its Mamba layers have no place in a GPT-style export
-        raise _refuse("hybrid_layer_pattern", p.layer_pattern(), "Mamba and hybrid models have no export yet")
+    if isinstance(p, HybridModelProvider):  # all-Mamba models export as Mamba2ForCausalLM, hybrids not
+        from viaduct.models.conversion.mamba_config import mamba_hf_config
+
+        return mamba_hf_config(p)
     arch = _architecture(p)
     act = _activation(p)
     dtype = DType.canonical_name(p.params_dtype)

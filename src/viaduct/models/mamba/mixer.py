@@ -1,11 +1,15 @@
 """The Mamba-2 mixer: in_proj -> causal depthwise conv -> SSD scan -> gated RMSNorm -> out_proj.
 
-Parameter names and layouts follow Megatron's `MambaMixer` and Hugging Face's `Mamba2Mixer`, so their
-checkpoints map onto this module name for name:
+Parameter names follow Megatron's `MambaMixer` and Hugging Face's `Mamba2Mixer`, so their checkpoints
+map onto this module name for name:
 
-- `in_proj` (hidden -> [z | x | B | C | dt]): the gate z and x have d_inner channels, B and C
-  ngroups * d_state each, dt one per head;
-- `conv1d`: depthwise over the [x | B | C] channels, weight [conv_dim, 1, kernel];
+- `in_proj` (hidden -> z, x, B, C, dt): the gate z and x have d_inner channels, B and C
+  ngroups * d_state each, dt one per head. The rows are kept *by group* ([z_g | x_g | B_g | C_g |
+  dt_g] for each B/C group g, the heads of a group being consecutive), so that a tensor-parallel
+  split by rows gives each rank whole groups; with one group (every published Mamba-2 size) this is
+  Hugging Face's [z | x | B | C | dt], with several the conversion reorders the rows;
+- `conv1d`: depthwise over the x, B and C channels, weight [conv_dim, 1, kernel], channels by group
+  ([x_g | B_g | C_g]) likewise;
 - `dt_bias`, `A_log`, `D`: one value per head (A = -exp(A_log));
 - `norm.weight` [d_inner]: RMSNorm of y * silu(z) over groups of d_inner / ngroups channels;
 - `out_proj` (d_inner -> hidden).
@@ -17,6 +21,7 @@ belongs to the block around the mixer, as in Hugging Face's `Mamba2Block`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +58,23 @@ class GatedRMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        out_dtype = y.dtype
-        compute = torch.promote_types(y.dtype, torch.float32)
-        h = y.to(compute) * F.silu(z.to(compute))
-        h = h.unflatten(-1, (-1, self.group_size))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h.flatten(-2) * self.weight.to(compute)).to(out_dtype)
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.size}, group_size={self.group_size}, eps={self.eps}"
+
+
+def gated_rms_norm(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+) -> torch.Tensor:
+    """`GatedRMSNorm` as a function of its weight (which may cover a tensor-parallel shard of whole
+    groups)."""
+    out_dtype = y.dtype
+    compute = torch.promote_types(y.dtype, torch.float32)
+    h = y.to(compute) * F.silu(z.to(compute))
+    h = h.unflatten(-1, (-1, group_size))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h.flatten(-2) * weight.to(compute)).to(out_dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -200,24 +213,32 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mix along the sequence: hidden [batch, seq, hidden_size] -> [batch, seq, hidden_size]."""
-        bsz, seq, _ = hidden.shape
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        return self.mix(hidden, dict(self.named_parameters()))
 
-        # Causal depthwise convolution over time: pad k-1 steps on the left only.
-        xbc = F.pad(xbc.transpose(1, 2), (self.conv_kernel - 1, 0))
-        xbc = F.silu(self.conv1d(xbc)).transpose(1, 2)
-        x, B, C = xbc.split(
-            [self.d_inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1
-        )
+    def mix(self, hidden: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The forward pass with the given parameter tensors (keyed as `named_parameters()`; a missing
+        bias is no bias). They may be a slice of whole B/C groups of this mixer's (tensor parallelism
+        gives each rank some groups): the group count is read from them, so the output is then that
+        slice's share of out_proj's output, a partial sum."""
+        bsz, seq, _ = hidden.shape
+        heads_per_group = self.num_heads // self.num_groups
+        p, n = self.head_dim, self.state_dim
+        d_group = heads_per_group * p  # channels of x (and z) per group
+        groups = params["A_log"].shape[0] // heads_per_group
+        heads, d_inner = groups * heads_per_group, groups * d_group
+
+        proj = F.linear(hidden, params["in_proj.weight"], params.get("in_proj.bias"))
+        z, xbc, dt = proj.unflatten(-1, (groups, -1)).split([d_group, d_group + 2 * n, heads_per_group], -1)
+        conv_w, conv_b = params["conv1d.weight"], params.get("conv1d.bias")
+        xbc = F.silu(_causal_depthwise_conv(xbc.flatten(-2), conv_w, conv_b)).unflatten(-1, (groups, -1))
+        x, B, C = xbc.split([d_group, n, n], dim=-1)
 
         compute = torch.promote_types(hidden.dtype, torch.float32)
-        dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute))
+        dt = F.softplus(dt.reshape(bsz, seq, heads).to(compute) + params["dt_bias"].to(compute))
         if self.dt_limit != (0.0, math.inf):
             dt = dt.clamp(self.dt_limit[0], self.dt_limit[1])
-        A = -torch.exp(self.A_log.to(compute))
-        x = x.reshape(bsz, seq, self.num_heads, self.head_dim)
-        B = B.reshape(bsz, seq, self.num_groups, self.state_dim)
-        C = C.reshape(bsz, seq, self.num_groups, self.state_dim)
+        A = -torch.exp(params["A_log"].to(compute))
+        x = x.reshape(bsz, seq, heads, p)
         if torch.is_grad_enabled():
             # The chunked scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
             # chunk, the states) are many times its inputs: keeping them for backward runs a 780M
@@ -225,9 +246,16 @@ class Mamba2Mixer(nn.Module):
             y = checkpoint(_scan, x, dt, A, B, C, self.chunk_size, use_reentrant=False)
         else:
             y = _scan(x, dt, A, B, C, self.chunk_size)
-        y = y + x.to(compute) * self.D.to(compute)[:, None]  # the skip connection, per head
-        y = self.norm(y.reshape(bsz, seq, self.d_inner), z)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        y = y + x.to(compute) * params["D"].to(compute)[:, None]  # the skip connection, per head
+        y = gated_rms_norm(
+            y.reshape(bsz, seq, d_inner),
+            z.reshape(bsz, seq, d_inner),
+            params["norm.weight"],
+            self.norm.group_size,
+            self.norm.eps,
+        )
+        out_w = params["out_proj.weight"]
+        return F.linear(y.to(out_w.dtype), out_w, params.get("out_proj.bias"))
 
     def extra_repr(self) -> str:
         return (
@@ -235,6 +263,19 @@ class Mamba2Mixer(nn.Module):
             f"head_dim={self.head_dim}, num_groups={self.num_groups}, state_dim={self.state_dim}, "
             f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}"
         )
+
+
+def _causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`nn.Conv1d`'s depthwise convolution of x [batch, seq, channels] over time, padded on the left
+    only (position t sees t-k+1 .. t), with its weight [channels, 1, k]: a sum of k shifted copies,
+    which torch.compile fuses into one elementwise pass in the channels-last layout the projections
+    produce (cuDNN's depthwise kernel needs a transposed copy and is slower in backward)."""
+    k, seq = weight.shape[-1], x.shape[1]
+    w = weight[:, 0, :].to(x.dtype)
+    out = x * w[:, k - 1]
+    for shift in range(1, k):
+        out = out + F.pad(x, (0, 0, shift, 0))[:, :seq] * w[:, k - 1 - shift]
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 def _scan(

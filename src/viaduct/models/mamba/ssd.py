@@ -89,7 +89,9 @@ def ssd_chunked(
     Returns:
         y [batch, length, heads, head_dim] and the state after the last position
         [batch, heads, head_dim, d_state], both in float32 (float64 inputs stay float64): the decays
-        are exponentials of long sums, too coarse in half precision.
+        are exponentials of long sums, too coarse in half precision. With bf16 or fp16 inputs the
+        matmuls take their operands in that dtype (accumulating in float32), the decays and the
+        states passed between chunks stay float32.
     """
     if chunk_size < 1:
         raise ValueError(f"SSD scan: chunk_size must be a positive integer, got {chunk_size}")
@@ -102,46 +104,54 @@ def ssd_chunked(
     pad = (-length) % chunk_size
     nchunks = (length + pad) // chunk_size
     q = chunk_size
+    # The matmuls take their operands in the inputs' dtype (bf16 tensor cores on a GPU); decays,
+    # states and sums stay in float32, as Mamba-2's reference kernels keep them.
+    op = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else dtype
 
     # Zero padding at the end: dt = 0 there, so the padded steps leave the state as it was.
-    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
     dt = F.pad(dt.to(dtype), (0, 0, 0, pad))
-    B = F.pad(B.to(dtype), (0, 0, 0, 0, 0, pad))
-    C = F.pad(C.to(dtype), (0, 0, 0, 0, 0, pad))
+    x_dt = F.pad((x.to(dtype) * dt[:, :length, :, None]).to(op), (0, 0, 0, 0, 0, pad))
+    B = F.pad(B.to(op), (0, 0, 0, 0, 0, pad)).reshape(bsz, nchunks, q, ngroups, d_state)
+    C = F.pad(C.to(op), (0, 0, 0, 0, 0, pad)).reshape(bsz, nchunks, q, ngroups, d_state)
 
     # Heads split as (group, head-in-group): B and C are used per group without copying them per head.
     # x_dt: [b, c, l, g, r, p]; B, C: [b, c, l, g, n]; a: [b, g, r, c, l] (the log-decay of each step).
-    x_dt = (x * dt[..., None]).reshape(bsz, nchunks, q, ngroups, rep, head_dim)
-    B = B.reshape(bsz, nchunks, q, ngroups, d_state)
-    C = C.reshape(bsz, nchunks, q, ngroups, d_state)
+    x_dt = x_dt.reshape(bsz, nchunks, q, ngroups, rep, head_dim)
     a = (dt * A.to(dtype)).reshape(bsz, nchunks, q, ngroups, rep).permute(0, 3, 4, 1, 2)
     a_cumsum = a.cumsum(dim=-1)
 
-    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s.
-    decay = torch.exp(segsum(a))  # [b, g, r, c, l, s]
+    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s. The decay
+    # is a difference of the chunk's running sums (short: a chunk is at most a few hundred steps),
+    # clamped at 0 above the diagonal so that the masked entries cannot overflow (nor give NaN
+    # gradients); scores, decay and mask fuse into one elementwise pass under torch.compile.
     scores = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, l, s]
-    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", scores[:, :, None] * decay, x_dt)
+    decay = torch.exp((a_cumsum[..., :, None] - a_cumsum[..., None, :]).clamp(max=0.0))
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    weights = torch.where(causal, scores[:, :, None].to(dtype) * decay, 0.0).to(op)  # [b, g, r, c, l, s]
+    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", weights, x_dt)
 
     # 2. The state each chunk adds by its end (starting from zero): sum_s exp(a_{s+1..end}) B_s x_s dt_s.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [b, g, r, c, l]
-    chunk_states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_to_end, x_dt)
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum).permute(0, 3, 4, 1, 2)  # [b, c, l, g, r]
+    x_end = (x_dt.to(dtype) * decay_to_end[..., None]).to(op)
+    chunk_states = torch.einsum("bclgn,bclgrp->bgrcpn", B, x_end).to(dtype)
 
     # 3. Across chunks: the state entering chunk c is the decayed sum of the initial state and every
-    # earlier chunk's contribution, again a segment sum (over chunk ends) instead of a loop.
+    # earlier chunk's contribution, again a segment sum (over chunk ends) instead of a loop; one
+    # batched float32 matmul over [chunk, head_dim x d_state] blocks.
     if initial_state is None:
-        start = x.new_zeros(bsz, 1, ngroups, rep, head_dim, d_state)
+        start = chunk_states.new_zeros(bsz, ngroups, rep, 1, head_dim, d_state)
     else:
-        start = initial_state.to(dtype).reshape(bsz, 1, ngroups, rep, head_dim, d_state)
-    states = torch.cat([start, chunk_states], dim=1)  # [b, c + 1, g, r, p, n]
+        start = initial_state.to(dtype).reshape(bsz, ngroups, rep, 1, head_dim, d_state)
+    states = torch.cat([start, chunk_states], dim=3).flatten(-2)  # [b, g, r, c + 1, p * n]
     chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # [b, g, r, c + 1, c + 1]
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-    entering, final_state = states[:, :-1], states[:, -1]
+    states = torch.matmul(chunk_decay, states).unflatten(-1, (head_dim, d_state))
+    entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. Each position reads the state that entered its chunk, decayed up to that position.
-    decay_from_start = torch.exp(a_cumsum)  # [b, g, r, c, l]
-    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, entering, decay_from_start)
+    decay_from_start = torch.exp(a_cumsum).permute(0, 3, 4, 1, 2)  # [b, c, l, g, r]
+    y_off = torch.einsum("bclgn,bgrcpn->bclgrp", C, entering.to(op)).to(dtype) * decay_from_start[..., None]
 
-    y = (y_diag + y_off).reshape(bsz, nchunks * q, nheads, head_dim)[:, :length]
+    y = (y_diag.to(dtype) + y_off).reshape(bsz, nchunks * q, nheads, head_dim)[:, :length]
     return y, final_state.reshape(bsz, nheads, head_dim, d_state)
 
 

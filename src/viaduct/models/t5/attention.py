@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class CrossAttention(nn.Module):
@@ -29,6 +30,7 @@ class CrossAttention(nn.Module):
         bias: bool,
         attention_dropout: float,
         softmax_scale: float | None = None,
+        recompute_core_attention: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -40,6 +42,9 @@ class CrossAttention(nn.Module):
         self.linear_proj = nn.Linear(inner, hidden_size, bias=bias, device=device, dtype=dtype)
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = attention_dropout
+        self.recompute_core_attention = recompute_core_attention
+        """Selective recompute: re-run the attention kernel in the backward pass instead of keeping
+        what it saves (the score matrices on the unfused path)."""
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None
@@ -54,7 +59,17 @@ class CrossAttention(nn.Module):
         q = self.linear_q(x).view(b, s_q, -1, self.head_dim).transpose(1, 2)
         kv = self.linear_kv(context).view(b, s_k, -1, 2, self.head_dim)
         k, v = (t.transpose(1, 2) for t in kv.unbind(3))  # [batch, heads, seq_k, head_dim]
-        out = F.scaled_dot_product_attention(
+        if self.recompute_core_attention and torch.is_grad_enabled():
+            out = checkpoint(self.core_attention, q, k, v, attn_mask, use_reentrant=False)
+        else:
+            out = self.core_attention(q, k, v, attn_mask)
+        return self.linear_proj(out.transpose(1, 2).reshape(b, s_q, -1))
+
+    def core_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v over [batch, heads, seq, head_dim]."""
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -62,7 +77,6 @@ class CrossAttention(nn.Module):
             dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale,
         )
-        return self.linear_proj(out.transpose(1, 2).reshape(b, s_q, -1))
 
 
 def relative_position_bucket(

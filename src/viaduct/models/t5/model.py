@@ -49,6 +49,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from viaduct.config import FunctionRef, Problems
 from viaduct.config.types import ACTIVATIONS
@@ -57,7 +58,7 @@ from viaduct.models.common.loss import cross_entropy, linear_cross_entropy, use_
 from viaduct.models.common.mlp import MLP
 from viaduct.models.common.norms import Norm, hidden_norm
 from viaduct.models.common.rotary import RotaryEmbedding
-from viaduct.models.common.transformer import LayerStack, TransformerBlock
+from viaduct.models.common.transformer import LayerStack, TransformerBlock, _maybe_checkpoint
 from viaduct.models.gpt.model import VocabOutput, draw_init_seed, part_seed
 from viaduct.models.t5.attention import CrossAttention, RelativePositionBias
 from viaduct.models.transformer_config import TransformerConfig
@@ -66,6 +67,7 @@ T5PositionEmbeddingType = Literal["learned_absolute", "rope", "relative"]
 """How positions enter a T5 model (`T5Spec.position_embedding_type`)."""
 _POSITION_TYPES = ("learned_absolute", "rope", "relative")
 _NORMS = ("LayerNorm", "RMSNorm")
+_RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +125,14 @@ class T5Spec:
     """Compute the loss without holding all logits where that pays (see `viaduct.models.common.loss`)."""
     params_dtype: torch.dtype = torch.float32
     """Dtype the parameters are created in."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recompute of both stacks: whole layers (full), the parts in recompute_modules, or none."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """With full recompute: chunks of recompute_num_layers layers (uniform), or the first that many."""
+    recompute_num_layers: int | None = None
+    """With full recompute: layers per chunk (uniform) or recomputed layers (block), in each stack."""
+    recompute_modules: tuple[str, ...] = ("core_attn",)
+    """With selective recompute: what each layer recomputes, of core_attn (every attention kernel) and mlp."""
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -193,7 +203,38 @@ class T5Spec:
             p.add("layernorm_epsilon", "must be > 0", self.layernorm_epsilon, fix="use 1e-5")
         if self.init_method_std <= 0:
             p.add("init_method_std", "must be > 0", self.init_method_std, fix="use 0.02")
+        self._check_recompute(p)
         p.raise_if_any("invalid T5 model shape")
+
+    def _check_recompute(self, p: Problems) -> None:
+        granularity = self.recompute_granularity
+        if granularity not in (None, "full", "selective"):
+            p.add("recompute_granularity", "must be full, selective or None", granularity, fix="pick one")
+        elif granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                p.add(
+                    "recompute_method",
+                    "must be uniform or block with full recompute",
+                    self.recompute_method,
+                    fix="use uniform",
+                )
+            n = self.recompute_num_layers
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                p.add(
+                    "recompute_num_layers",
+                    "must be a positive integer with full recompute",
+                    n,
+                    fix="use 1",
+                )
+        elif granularity == "selective":
+            unknown = [m for m in self.recompute_modules if m not in _RECOMPUTE_MODULES]
+            if unknown:
+                p.add(
+                    "recompute_modules",
+                    f"T5 layers recompute only {' and '.join(_RECOMPUTE_MODULES)}; unknown: {unknown}",
+                    self.recompute_modules,
+                    fix="recompute core_attn or mlp",
+                )
 
     @property
     def head_dim(self) -> int:
@@ -225,7 +266,15 @@ class T5Spec:
             position_embedding_type="rope" if self.position_embedding_type == "rope" else "none",
             rotary_base=self.rotary_base,
             rotary_percent=self.rotary_percent,
+            recompute_granularity=self.recompute_granularity,
         )
+        if self.recompute_granularity == "full":
+            # One setting serves both stacks: in the shallower one a chunk (or the recomputed
+            # block) cannot be longer than the stack.
+            cfg.recompute_method = self.recompute_method
+            cfg.recompute_num_layers = min(self.recompute_num_layers or 1, num_layers)
+        elif self.recompute_granularity == "selective":
+            cfg.recompute_modules = list(self.recompute_modules)
         cfg.finalize()
         return cfg
 
@@ -282,7 +331,11 @@ class T5Embedding(nn.Module):
 
 class T5DecoderLayer(nn.Module):
     """x + self_attn(norm(x)), x + cross_attn(norm(x), encoder output), x + mlp(norm(x)); dropout on
-    each branch (Megatron Core's decoder `TransformerLayer` with cross-attention)."""
+    each branch (Megatron Core's decoder `TransformerLayer` with cross-attention).
+
+    Selective recompute (`cfg.recompute_modules`), as in the encoder's `TransformerLayer`: core_attn
+    re-runs both attention kernels (self and cross) in the backward pass, mlp the MLP.
+    """
 
     def __init__(
         self,
@@ -295,9 +348,13 @@ class T5DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_number = layer_number  # 1-based, as in Megatron
+        selective = set(cfg.recompute_modules or ()) if cfg.recompute_granularity == "selective" else set()
+        core_attn = "core_attn" in selective
 
         self.input_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
-        self.self_attention = SelfAttention(cfg, device=device, dtype=dtype)
+        self.self_attention = SelfAttention(
+            cfg, recompute_core_attention=core_attn, device=device, dtype=dtype
+        )
         self.pre_cross_attn_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.cross_attention = CrossAttention(
             spec.hidden_size,
@@ -306,12 +363,14 @@ class T5DecoderLayer(nn.Module):
             bias=spec.add_bias_linear,
             attention_dropout=spec.attention_dropout,
             softmax_scale=spec.softmax_scale,
+            recompute_core_attention=core_attn,
             device=device,
             dtype=dtype,
         )
         self.pre_mlp_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
         self.hidden_dropout = spec.hidden_dropout
+        self.recompute_mlp = "mlp" in selective
 
     def forward(
         self,
@@ -325,13 +384,17 @@ class T5DecoderLayer(nn.Module):
         x = x + F.dropout(h, self.hidden_dropout, self.training)
         h = self.cross_attention(self.pre_cross_attn_layernorm(x), context, cross_mask)
         x = x + F.dropout(h, self.hidden_dropout, self.training)
-        h = self.mlp(self.pre_mlp_layernorm(x))
+        h = _maybe_checkpoint(self.recompute_mlp, self.mlp, self.pre_mlp_layernorm(x))
         return x + F.dropout(h, self.hidden_dropout, self.training)
 
 
 class T5Decoder(nn.Module):
     """The decoder layers (in a `LayerStack` keyed by index, so names read `decoder.layers.<i>`),
-    then the final norm."""
+    then the final norm.
+
+    Full recompute as the encoder's `TransformerBlock`: uniform keeps only the input of each chunk of
+    recompute_num_layers layers, block recomputes the first recompute_num_layers layers one by one.
+    """
 
     def __init__(
         self,
@@ -349,6 +412,9 @@ class T5Decoder(nn.Module):
             }
         )
         self.final_layernorm = hidden_norm(cfg, device=device, dtype=dtype)
+        full = cfg.recompute_granularity == "full"
+        self.recompute_method = cfg.recompute_method if full else None
+        self.recompute_num_layers = cfg.recompute_num_layers or 0
 
     def forward(
         self,
@@ -358,9 +424,39 @@ class T5Decoder(nn.Module):
         self_mask: torch.Tensor | None,
         cross_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, context, rope, self_mask, cross_mask)
+        # A plain list: torch.compile unpacks a ModuleDict (subclass) into its keys, not its layers.
+        layers = list(self.layers.values())
+        n = self.recompute_num_layers
+        if self.recompute_method == "uniform" and torch.is_grad_enabled():
+            for start in range(0, len(layers), n):
+                x = checkpoint(
+                    _run_decoder_layers,
+                    layers[start : start + n],
+                    x,
+                    context,
+                    rope,
+                    self_mask,
+                    cross_mask,
+                    use_reentrant=False,
+                )
+        else:
+            for i, layer in enumerate(layers):
+                recompute = self.recompute_method == "block" and i < n
+                x = _maybe_checkpoint(recompute, layer, x, context, rope, self_mask, cross_mask)
         return self.final_layernorm(x)
+
+
+def _run_decoder_layers(
+    layers: list[nn.Module],
+    x: torch.Tensor,
+    context: torch.Tensor,
+    rope: Rope | None,
+    self_mask: torch.Tensor | None,
+    cross_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, context, rope, self_mask, cross_mask)
+    return x
 
 
 class OutputLayer(nn.Module):

@@ -5,10 +5,12 @@ Field names and defaults are Megatron Bridge's `megatron.bridge.models.t5_provid
 so its YAML files load here (`_target_` maps by class name). `provide()` builds a `T5Model` (see
 `viaduct.models.t5.model`) from a `T5Spec` derived from the fields (`t5_spec()`).
 
-Not built yet, and refused by `finalize()`: tensor, context and pipeline parallelism (Megatron
-splits T5's encoder and decoder over separate pipeline stages), virtual pipeline stages, activation
-recompute, and the inherited architecture options `T5Model` has no place for (grouped-query
-attention, QK norm, sliding windows, ...). The training loop does not run T5 models yet.
+`pretrain()` trains T5 models with data parallelism (plain or FSDP), tensor parallelism (with or
+without sequence parallelism; `viaduct.distributed.t5_parallel`) and activation recompute (full or
+selective, in both stacks). Not built yet, and refused by `finalize()`: context and pipeline
+parallelism (Megatron splits T5's encoder and decoder over separate pipeline stages), virtual
+pipeline stages, and the inherited architecture options `T5Model` has no place for (grouped-query
+attention, QK norm, sliding windows, ...).
 
 This module imports neither torch nor the model code until a model is built, so configurations
 load without torch.
@@ -47,7 +49,6 @@ _NOT_IN_T5: dict[str, tuple[Callable[[Any], bool], str]] = {
     "attention_softmax_in_fp32": (lambda v: v is False, "a float32 softmax switch"),
     "apply_query_key_layer_scaling": (lambda v: v is False, "query-key layer scaling"),
     "attention_backend": (lambda v: v == AttnBackend.auto, "choosing the attention kernel"),
-    "recompute_granularity": (lambda v: v is None, "activation recompute"),
 }
 
 
@@ -74,7 +75,7 @@ class T5ModelProvider(ModelProvider):
     fp16_lm_cross_entropy: bool = unsupported("a half-precision cross entropy for T5", default=False)
     """Cross entropy in the logits' half precision (T5Model always computes it in float32)."""
     parallel_output: bool = True
-    """Keep the logits split over tensor-parallel ranks (no effect: T5 has no tensor parallelism yet)."""
+    """Keep the logits split over tensor-parallel ranks (no effect: the loss never gathers the vocabulary)."""
     share_embeddings_and_output_weights: bool = True
     """Logits through the token table plus an output bias (Megatron's); false: own weight, no bias."""
     make_vocab_size_divisible_by: int = 128
@@ -114,7 +115,7 @@ class T5ModelProvider(ModelProvider):
     deallocate_pipeline_outputs: bool = True
     """Free a stage's output once it is sent (no effect: T5 has no pipeline parallelism yet)."""
     recompute_num_layers: int | None = 1
-    """Layers per recompute chunk (T5 has no recompute yet; the default 1 is inert)."""
+    """With full recompute: layers per chunk (uniform) or recomputed (block) in each stack; else inert."""
     distribute_saved_activations: bool = False
     """Shard recompute checkpoints over the tensor-parallel group (not supported)."""
     enable_autocast: bool = False
@@ -209,24 +210,54 @@ class T5ModelProvider(ModelProvider):
     def _check_memory(self, p: Problems, bad: set[str]) -> None:
         # Bridge's T5 sets recompute_num_layers=1 without recompute; the value is inert then, so
         # the generic "only applies to full recompute" rule must not fire on the default.
-        if self.recompute_granularity is None and self.recompute_num_layers == 1:
+        if self.recompute_granularity != "full" and self.recompute_num_layers == 1:
+            bad = bad | {"recompute_num_layers"}
+        layers = self.recompute_num_layers
+        if (
+            self.recompute_granularity == "full"
+            and bad.isdisjoint(("recompute_granularity", "recompute_num_layers", "num_layers"))
+            and layers is not None
+            and "encoder_num_layers" not in bad
+        ):
+            # One value serves both stacks (applied to each, capped at its depth): it may reach the
+            # deeper one's depth, which the generic rule (num_layers, the decoder's) does not know.
+            deepest = max(self.num_layers, self.effective_encoder_num_layers, 1)
+            if not 1 <= layers <= deepest:
+                p.add(
+                    "recompute_num_layers",
+                    f"must be in [1, {deepest}] (the deeper stack's layers)",
+                    layers,
+                    fix="set model.recompute_num_layers",
+                )
             bad = bad | {"recompute_num_layers"}
         super()._check_memory(p, bad)
 
     def _check_parallelism(self, p: Problems, bad: set[str]) -> None:
         super()._check_parallelism(p, bad)
-        for name, what in (
-            ("tensor_model_parallel_size", "tensor parallelism"),
-            ("context_parallel_size", "context parallelism"),
+        cp = self.context_parallel_size
+        if "context_parallel_size" not in bad and cp > 1:
+            p.add(
+                "context_parallel_size",
+                "context parallelism is not built for T5 models yet",
+                cp,
+                fix="set model.context_parallel_size=1",
+            )
+        tp = self.tensor_model_parallel_size
+        if (
+            self.sequence_parallel
+            and bad.isdisjoint(("sequence_parallel", "tensor_model_parallel_size", "seq_length_dec"))
+            and tp > 1
+            and self.seq_length_dec % tp
         ):
-            value = getattr(self, name)
-            if name not in bad and value > 1:
-                p.add(
-                    name,
-                    f"{what} is not built for T5 models yet",
-                    value,
-                    fix=f"set model.{name}=1",
-                )
+            # The decoder's residual stream is split along its sequence too (the generic rule checks
+            # seq_length, the encoder's).
+            p.add(
+                "sequence_parallel",
+                f"splits the decoder's {self.seq_length_dec} tokens (seq_length_dec) over {tp} "
+                "tensor-parallel ranks: not evenly",
+                True,
+                fix="use a seq_length_dec that divides, or set model.sequence_parallel=false",
+            )
         pp = self.pipeline_model_parallel_size
         if "pipeline_model_parallel_size" not in bad and pp > 1:
             p.add(
@@ -285,6 +316,10 @@ class T5ModelProvider(ModelProvider):
             init_method_std=self.init_method_std,
             cross_entropy_loss_fusion=self.cross_entropy_loss_fusion,
             params_dtype=torch_dtype(self.params_dtype),
+            recompute_granularity=self.recompute_granularity,
+            recompute_method=self.recompute_method if self.recompute_granularity == "full" else None,
+            recompute_num_layers=self.recompute_num_layers if self.recompute_granularity == "full" else None,
+            recompute_modules=tuple(self.recompute_modules or ("core_attn",)),
         )
 
     def provide(

@@ -667,8 +667,8 @@ class ConfigContainer(ConfigBase):
 
     def _t5_problems(self, broken: set[str]) -> list[Problem]:
         """What the loop cannot run for a T5 model: other data than span corruption, PEFT (adapters
-        are built for decoder-only models). Its provider refuses tensor, context and pipeline
-        parallelism."""
+        are built for decoder-only models). Its provider refuses context and pipeline parallelism;
+        tensor (and sequence) parallelism and activation recompute run."""
         problems: list[Problem] = []
         if not isinstance(self.dataset, T5DatasetConfig):
             problems.append(
