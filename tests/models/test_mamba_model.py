@@ -143,9 +143,7 @@ def test_mamba_head_rules() -> None:
     assert p.mamba_heads() == 4
 
 
-@pytest.mark.parametrize(
-    "field", ["tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size"]
-)
+@pytest.mark.parametrize("field", ["context_parallel_size", "pipeline_model_parallel_size"])
 def test_model_parallel_sizes_are_refused_clearly(field: str) -> None:
     with pytest.raises(ConfigError) as exc:
         tiny("M*M-", MambaModelProvider, **{field: 2}).finalize()
@@ -154,10 +152,17 @@ def test_model_parallel_sizes_are_refused_clearly(field: str) -> None:
     assert f"model.{field}=1" in problems[field]
 
 
-def test_tensor_parallel_refused_by_validate() -> None:
-    cfg = _config("M*M-", "model.tensor_model_parallel_size=2")
-    with pytest.raises(ConfigError, match="tensor parallelism is not supported yet for Mamba layers"):
-        cfg.validate(world_size=2)
+def test_tensor_parallel_splits_whole_groups() -> None:
+    # 2 groups split over 4 ranks: refused with the rule and the fix; over 2 ranks: fine.
+    cfg = _config("M*M-", "model.tensor_model_parallel_size=4", "model.num_attention_heads=4")
+    with pytest.raises(ConfigError, match="whole B/C groups") as exc:
+        cfg.validate(world_size=4)
+    assert "divides mamba_num_groups" in str(exc.value)
+    _config("M*M-", "model.tensor_model_parallel_size=2", "model.sequence_parallel=true").validate(
+        world_size=2
+    )
+    # An all-Mamba model is not held to the (unused) attention heads' rule.
+    _config(None, "model.tensor_model_parallel_size=2", "model.num_attention_heads=1").validate(world_size=2)
 
 
 @pytest.mark.parametrize(
@@ -460,23 +465,53 @@ def _train(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
         }
         out["sharded"] = any(isinstance(p, DTensor) for p in ctx.model.parameters())
 
-    cfg = _config("M*M-", "train.train_iters=3", "train.eval_iters=0", "optimizer.lr=3e-3", *overrides)
+    # A vocabulary already padded for 2 tensor-parallel ranks: padding rows enter the softmax (as in
+    # Megatron), so one process must have the same rows.
+    common = ("train.train_iters=3", "train.eval_iters=0", "optimizer.lr=3e-3", "model.vocab_size=384")
+    cfg = _config("M*M-", *common, *overrides)
     pretrain(cfg, callbacks=[{"on_train_step_end": step_end, "on_train_end": train_end}])
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [(), ("ddp.use_distributed_optimizer=true",)], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (),
+        ("ddp.use_distributed_optimizer=true",),
+        ("model.tensor_model_parallel_size=2",),
+        ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true"),
+        ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "train.torch_compile=true"),
+    ],
+    ids=["ddp", "fsdp", "tp", "tp-sp", "tp-sp-compiled"],
+)
 def test_two_ranks_match_one_process(layout: tuple[str, ...]) -> None:
     one = _train(0, 1, ())
     got = run_distributed(_train, 2, layout, timeout=240, all_ranks=True)
     for rank in got:
-        assert rank["sharded"] == bool(layout)  # FSDP2 wrapped each layer (the Mamba ones too)
+        assert rank["sharded"] == bool(layout)  # FSDP2 or TP made DTensors (of the Mamba layers too)
         torch.testing.assert_close(
             torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
         )
         assert rank["params"].keys() == one["params"].keys()
+        for name, value in rank["params"].items():
+            torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_with_sharded_data_parallel_matches_one_process() -> None:
+    # 4 ranks: Mamba groups and attention heads over 2 tensor-parallel ranks, FSDP over the other 2.
+    one = _train(0, 1, ())
+    layout = ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true")
+    got = run_distributed(
+        _train, 4, (*layout, "ddp.use_distributed_optimizer=true"), timeout=300, all_ranks=True
+    )
+    for rank in got:
+        torch.testing.assert_close(
+            torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
+        )
         for name, value in rank["params"].items():
             torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
 

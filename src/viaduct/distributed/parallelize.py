@@ -34,8 +34,10 @@ from torch.distributed.tensor.parallel import (
 )
 
 from viaduct.config.types import torch_dtype
-from viaduct.models.common.transformer import LayerStack, TransformerLayer
+from viaduct.distributed.mamba_parallel import mamba_layer_plan
+from viaduct.models.common.transformer import LayerStack
 from viaduct.models.gpt.model import draw_init_seed
+from viaduct.models.mamba.model import MambaLayer
 
 if TYPE_CHECKING:
     from viaduct.distributed.mesh import ParallelMesh
@@ -100,7 +102,7 @@ class _AdaptedRowwise(RowwiseParallel):
         _distribute_own(module, own.get(name, {}), device_mesh)
 
 
-def _layer_plan(layer: TransformerLayer, sp: bool) -> dict[str, ParallelStyle]:
+def _layer_plan(layer: nn.Module, sp: bool) -> dict[str, ParallelStyle]:
     """Megatron's split of one transformer layer: QKV and fc1 column-parallel (heads / MLP units split),
     the projections back into the residual stream row-parallel (partial sums reduced; with sequence
     parallel reduce-scattered along the sequence, and the norms run on sequence shards). Layers with
@@ -117,29 +119,32 @@ def _layer_plan(layer: TransformerLayer, sp: bool) -> dict[str, ParallelStyle]:
         adapted = isinstance(layer.get_submodule(name), AdaptedLinear)
         return _AdaptedRowwise(output_layouts=seq) if adapted else RowwiseParallel(output_layouts=seq)
 
-    plan: dict[str, ParallelStyle] = {
-        "self_attention.linear_qkv": colwise("self_attention.linear_qkv"),
-        "self_attention.linear_proj": rowwise("self_attention.linear_proj"),
-        "mlp.linear_fc1": colwise("mlp.linear_fc1"),
-        "mlp.linear_fc2": rowwise("mlp.linear_fc2"),
-    }
-    attn = layer.self_attention
-    if attn.q_layernorm is not None:
-        # Per-head norms see only this rank's heads: as DTensors split along the head dimension, their
-        # replicated weights get gradients summed over all heads.
-        plan["self_attention.q_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        plan["self_attention.k_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    if sp:
-        plan["input_layernorm"] = SequenceParallel(use_local_output=True)
-        plan["pre_mlp_layernorm"] = SequenceParallel(use_local_output=True)
-        plan["self_attention"] = PrepareModuleInput(
-            input_layouts=(Shard(1), None, None),
-            desired_input_layouts=(Replicate(), None, None),
-            use_local_output=True,
-        )
-        plan["mlp"] = PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-        )
+    plan: dict[str, ParallelStyle] = {}
+    # A transformer layer has both halves; a hybrid model's attention or MLP layer one of them.
+    attn = getattr(layer, "self_attention", None)
+    if attn is not None:
+        plan["self_attention.linear_qkv"] = colwise("self_attention.linear_qkv")
+        plan["self_attention.linear_proj"] = rowwise("self_attention.linear_proj")
+        if attn.q_layernorm is not None:
+            # Per-head norms see only this rank's heads: as DTensors split along the head dimension,
+            # their replicated weights get gradients summed over all heads.
+            plan["self_attention.q_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["self_attention.k_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if sp:
+            plan["input_layernorm"] = SequenceParallel(use_local_output=True)
+            plan["self_attention"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None),
+                desired_input_layouts=(Replicate(), None, None),
+                use_local_output=True,
+            )
+    if getattr(layer, "mlp", None) is not None:
+        plan["mlp.linear_fc1"] = colwise("mlp.linear_fc1")
+        plan["mlp.linear_fc2"] = rowwise("mlp.linear_fc2")
+        if sp:
+            plan["pre_mlp_layernorm"] = SequenceParallel(use_local_output=True)
+            plan["mlp"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
     return plan
 
 
@@ -168,10 +173,11 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh: DeviceMesh, *, sequence_para
     parallelize_module(model, tp_mesh, plan)
     if embedding is not None:
         embedding.register_forward_hook(_wait_for_collective)
-    for i, layer in enumerate(model.decoder.layers):
-        if not isinstance(layer, TransformerLayer):
-            raise TypeError(f"decoder.layers.{i} is a {type(layer).__name__}, not a TransformerLayer")
-        parallelize_module(layer, tp_mesh, _layer_plan(layer, sp))
+    for layer in model.decoder.layers:
+        if isinstance(layer, MambaLayer):
+            parallelize_module(layer, tp_mesh, mamba_layer_plan(sp))
+        else:  # a transformer layer, or a hybrid model's attention or MLP layer
+            parallelize_module(layer, tp_mesh, _layer_plan(layer, sp))
     if model.output_layer is not None:
         # Untied: the output weight is split by vocabulary rows, as a column-parallel layer's is. The
         # model reads the weight rather than calling the layer, so only the placement matters.

@@ -42,7 +42,7 @@ def mamba_param_mappings(arch: str, cfg: HybridModelProvider) -> dict[str, Param
     ]
     if not cfg.share_embeddings_and_output_weights:
         out.append(ParamMapping("output_layer.weight", ("lm_head.weight",), ((vocab, h),), vocab_rows=True))
-    for i in range(cfg.num_layers):
+    for i in range(len(cfg.layer_pattern())):
         m, p = f"decoder.layers.{i}.", f"backbone.layers.{i}."
         shapes = {
             "norm.weight": (h,),

@@ -51,7 +51,6 @@ _REFUSED_SYMBOLS: dict[str, tuple[str, str]] = {
 # Parallel sizes the Mamba layers cannot be split over yet (their mixer has no tensor-parallel plan,
 # the scan no context-parallel exchange of states, the stack no pipeline split).
 _UNSUPPORTED_PARALLEL = (
-    ("tensor_model_parallel_size", "tensor parallelism"),
     ("context_parallel_size", "context parallelism"),
     ("pipeline_model_parallel_size", "pipeline parallelism"),
 )
@@ -247,8 +246,8 @@ class HybridModelProvider(GPTModelProvider):
                     name,
                     f"{what} is not supported yet for Mamba layers",
                     size,
-                    fix=f"set model.{name}=1 and scale with data parallelism or FSDP "
-                    "(ddp.use_distributed_optimizer)",
+                    fix=f"set model.{name}=1 and scale with tensor parallelism, data parallelism or "
+                    "FSDP (ddp.use_distributed_optimizer)",
                 )
         if self.init_model_with_meta_device and "init_model_with_meta_device" not in bad:
             p.add(
@@ -259,6 +258,27 @@ class HybridModelProvider(GPTModelProvider):
                 fix="set model.init_model_with_meta_device=false (each rank then builds and shards)",
             )
         super()._check_parallelism(p, bad | {name for name, _ in _UNSUPPORTED_PARALLEL})
+
+    def _check_tensor_parallel(self, p: Problems, bad: set[str]) -> None:
+        """Mamba layers are split by whole B/C groups; the attention and MLP rules apply only to a
+        pattern that has such layers."""
+        pattern = set(self.layer_pattern()) if "hybrid_layer_pattern" not in bad else set()
+        unused = set()
+        if ATTENTION not in pattern:
+            unused |= {"num_attention_heads", "num_query_groups"}
+        if MLP not in pattern:
+            unused.add("ffn_hidden_size")
+        super()._check_tensor_parallel(p, bad | unused)
+        tp, groups = self.tensor_model_parallel_size, self.mamba_num_groups
+        fine = {"tensor_model_parallel_size", "mamba_num_groups"}.isdisjoint(bad) and groups >= 1
+        if fine and tp > 1 and MAMBA in pattern and groups % tp:
+            p.add(
+                "tensor_model_parallel_size",
+                f"Mamba layers are split by whole B/C groups, and {groups} groups (model.mamba_num_groups) "
+                f"cannot be split evenly over {tp} tensor-parallel ranks",
+                tp,
+                fix="choose a tensor_model_parallel_size that divides mamba_num_groups",
+            )
 
     # ------------------------------------------------------------------ building
 
