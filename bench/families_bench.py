@@ -3,6 +3,7 @@
     python bench/families_bench.py mamba   # Mamba-2 780M shape vs a GPT of the same size, seq 4096
     python bench/families_bench.py t5      # T5 220M (T5-base shape), encoder 512 / decoder 128
     python bench/families_bench.py all
+    python bench/families_bench.py mamba model.mamba_chunk_size=64   # overrides for the family's run
 
 Targets: the Mamba-2 780M shape at sequence 4096 runs at least 60% of the tokens/s of a GPT (Llama
 architecture) of about the same parameter count and vocabulary at the same sequence length; T5-base
@@ -53,8 +54,8 @@ def run(recipe: str, seq: int, mbs: int, gbs: int, extra: list[str]) -> dict[str
     return result
 
 
-def mamba() -> dict[str, Any]:
-    m = run("mamba2_130m", 4096, 4, 16, ["model._target_=viaduct.models.MambaModelProvider780M"])
+def mamba(extra: list[str]) -> dict[str, Any]:
+    m = run("mamba2_130m", 4096, 4, 16, ["model._target_=viaduct.models.MambaModelProvider780M", *extra])
     g = run("llama32_1b", 4096, 4, 16, [*NULL_TOKENIZER, *GPT_780M])
     out: dict[str, Any] = {"case": "mamba", "mamba2_780m": m, "gpt_780m": g}
     if "tokens_per_s_per_gpu" in m and "tokens_per_s_per_gpu" in g:
@@ -62,17 +63,18 @@ def mamba() -> dict[str, Any]:
     return out
 
 
-def t5() -> dict[str, Any]:
-    return {"case": "t5", "t5_220m": run("t5_220m", 512, 32, 128, ["dataset=mock_t5"])}
+def t5(extra: list[str]) -> dict[str, Any]:
+    return {"case": "t5", "t5_220m": run("t5_220m", 512, 32, 128, ["dataset=mock_t5", *extra])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("case", choices=["mamba", "t5", "all"])
+    ap.add_argument("overrides", nargs="*", help="config overrides for the family's model (a.b=v)")
     args = ap.parse_args()
     for name, fn in (("mamba", mamba), ("t5", t5)):
         if args.case in (name, "all"):
-            print(json.dumps(fn()), flush=True)
+            print(json.dumps(fn(args.overrides)), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from viaduct.models.family_memory import (
     stack_activations,
     t5_decoder_layer_bytes,
     t5_encoder_layer_bytes,
+    t5_mask_bytes,
 )
 from viaduct.models.mamba.model import AttentionLayer, MambaLayer, MLPLayer
 from viaduct.models.mamba.provider import HybridModelProvider
@@ -96,9 +97,9 @@ def hybrid(dtype: str = "fp32", **kw: object) -> HybridModelProvider:
     return p
 
 
-def layer_saved(layer: torch.nn.Module, dtype: torch.dtype, compiled: bool = False) -> int:
+def layer_saved(layer: torch.nn.Module, dtype: torch.dtype, compiled: bool = False, seq: int = S) -> int:
     torch.manual_seed(0)
-    x = torch.randn(B, S, H, dtype=dtype, requires_grad=True)
+    x = torch.randn(B, seq, H, dtype=dtype, requires_grad=True)
     run = torch.compile(layer, backend="aot_eager_decomp_partition", fullgraph=True) if compiled else layer
     return saved_bytes(lambda: run(x), list(layer.parameters()))
 
@@ -106,32 +107,42 @@ def layer_saved(layer: torch.nn.Module, dtype: torch.dtype, compiled: bool = Fal
 # ---------------------------------------------------------------------------------------- hybrid layers
 
 
+@pytest.mark.parametrize("groups", [1, 2], ids=["1-group", "2-groups"])
 @pytest.mark.parametrize("norm", ["RMSNorm", "LayerNorm"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mamba_layer_keeps_what_the_formula_says(dtype: str, norm: str) -> None:
-    p = hybrid(dtype, normalization=norm)
+def test_mamba_layer_keeps_what_the_formula_says(dtype: str, norm: str, groups: int) -> None:
+    # One group: the mixer's per-group split of in_proj's output gives views (the conv keeps in_proj's
+    # output whole); several: copies of x B C, x and z.
+    p = hybrid(dtype, normalization=norm, mamba_num_groups=groups)
     a = DTYPES[dtype].itemsize
     measured = layer_saved(MambaLayer(p, 1, dtype=DTYPES[dtype]), DTYPES[dtype])
     expected = B * S * (mamba_layer_bytes(p, a, S, compiled=False) + cpu_rms_norm_extra(norm, a))
     assert measured == pytest.approx(expected, rel=0.02)
 
 
-def test_mamba_layer_keeps_no_scan_intermediates() -> None:
-    # The scan's float32 intermediates are many times its inputs; the checkpoint in the mixer drops
-    # them, so what the layer keeps is far below the scan's own saved tensors plus the rest.
-    p = hybrid("bf16", normalization="LayerNorm")
+@pytest.mark.parametrize("seq", [S, 20], ids=["whole-chunks", "padded"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba_layer_keeps_no_scan_intermediates(dtype: str, seq: int) -> None:
+    # The scan's intermediates are many times its inputs; the checkpoint in the mixer drops them, so
+    # what the layer keeps is far below the scan's own saved tensors plus the rest. Its inputs come
+    # as the mixer gives them: x, B and C in the compute dtype (the matmuls' operands then), dt in
+    # float32.
+    d = DTYPES[dtype]
+    p = hybrid(dtype, normalization="LayerNorm", seq_length=seq)
     _, heads, _ = _mamba_sizes(p)
-    x = torch.randn(B, S, heads, p.mamba_head_dim, requires_grad=True)
-    dt = torch.rand(B, S, heads, requires_grad=True)
+    x = torch.randn(B, seq, heads, p.mamba_head_dim, dtype=d, requires_grad=True)
+    dt = torch.rand(B, seq, heads, requires_grad=True)
     A = -torch.rand(heads, requires_grad=True)
-    Bm, Cm = (torch.randn(B, S, p.mamba_num_groups, p.mamba_state_dim, requires_grad=True) for _ in range(2))
+    G, N = p.mamba_num_groups, p.mamba_state_dim
+    Bm, Cm = (torch.randn(B, seq, G, N, dtype=d, requires_grad=True) for _ in range(2))
     scan = saved_bytes(
         lambda: ssd_chunked(x, dt, A, Bm, Cm, p.mamba_chunk_size)[0], [], skip=(x, dt, A, Bm, Cm)
     )
-    # The transient the estimate adds for the one layer whose scan backward recomputes.
-    assert mamba_scan_recompute_bytes(p, B, S) == pytest.approx(scan, rel=0.2)
-    layer = layer_saved(MambaLayer(p, 1, dtype=torch.bfloat16), torch.bfloat16)
-    assert layer == pytest.approx(B * S * mamba_layer_bytes(p, 2, S, compiled=False), rel=0.02)
+    # The transient the estimate adds for the one layer whose scan backward recomputes (exact but
+    # for the scan's few bool masks).
+    assert mamba_scan_recompute_bytes(p, d.itemsize, B, seq) == pytest.approx(scan, rel=0.005)
+    layer = layer_saved(MambaLayer(p, 1, dtype=d), d, seq=seq)
+    assert layer == pytest.approx(B * seq * mamba_layer_bytes(p, d.itemsize, seq, compiled=False), rel=0.02)
     assert scan > layer / 2  # what the checkpoint keeps out of the layer's saved tensors
 
 
@@ -177,12 +188,20 @@ def test_mlp_layer_keeps_what_the_formula_says(dtype: str, gated: bool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("groups", [1, 2], ids=["1-group", "2-groups"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compiled_layers_keep_what_the_formula_says(dtype: str) -> None:
-    # torch.compile's partitioner (the one inductor uses, without generating code) keeps in_proj's
-    # output and recomputes the Mamba mixer's float32 elementwise chain, and a gated MLP's act(gate).
+def test_compiled_layers_keep_what_the_formula_says(dtype: str, groups: int) -> None:
+    # torch.compile's partitioner (the one inductor uses, without generating code) recomputes most of
+    # the Mamba mixer's float32 elementwise chain (not the conv's shifted copies: it does not
+    # recompute a padding), and a gated MLP's act(gate).
     a = DTYPES[dtype].itemsize
-    p = hybrid(dtype, normalization="LayerNorm", gated_linear_unit=True, activation_func="silu")
+    p = hybrid(
+        dtype,
+        normalization="LayerNorm",
+        gated_linear_unit=True,
+        activation_func="silu",
+        mamba_num_groups=groups,
+    )
     mamba = layer_saved(MambaLayer(p, 1, dtype=DTYPES[dtype]), DTYPES[dtype], compiled=True)
     assert mamba == pytest.approx(B * S * mamba_layer_bytes(p, a, S, compiled=True), rel=0.02)
     assert mamba < B * S * mamba_layer_bytes(p, a, S, compiled=False)
@@ -240,10 +259,83 @@ def test_hybrid_model_estimate_parts() -> None:
         for k in p.layer_pattern()
     )
     tokens = 2 * S
-    expected = tokens * (layers + 2 * 2 * H + 4 + 8) + mamba_scan_recompute_bytes(p, 2, S)
+    expected = tokens * (layers + 2 * 2 * H + 4 + 8) + mamba_scan_recompute_bytes(p, 2, 2, S)
     assert est.activations == expected
     assert estimate_memory(p, 2).activations < est.activations  # compiled keeps less
     assert estimate_memory(p, 4, compiled=False).activations > 1.9 * est.activations
+
+
+def _rank_share(mixer: torch.nn.Module, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """The mixer's parameters a tensor-parallel rank holds (its whole B/C groups: contiguous row
+    blocks of in_proj, conv1d, the per-head and norm weights; out_proj's input columns), as views."""
+    share = {}
+    for name, param in mixer.named_parameters():
+        dim = 1 if name == "out_proj.weight" else 0
+        size = param.shape[dim] // tp
+        share[name] = param.narrow(dim, rank * size, size)
+    return share
+
+
+@pytest.mark.parametrize("groups", [2, 4], ids=["1-group-a-rank", "2-groups-a-rank"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba_layer_on_a_tensor_parallel_rank_keeps_what_the_formula_says(dtype: str, groups: int) -> None:
+    # What one of two tensor-parallel ranks runs (without sequence parallelism): the norm on the whole
+    # (replicated) input, the mixer on its half of the groups, its partial out_proj sum into the
+    # residual (the all-reduce keeps nothing).
+    d = DTYPES[dtype]
+    p = hybrid(dtype, normalization="RMSNorm", mamba_num_groups=groups)
+    layer = MambaLayer(p, 1, dtype=d)
+    share = _rank_share(layer.mixer, 2, 1)
+    torch.manual_seed(0)
+    x = torch.randn(B, S, H, dtype=d, requires_grad=True)
+    measured = saved_bytes(lambda: x + layer.mixer.mix(layer.norm(x), share), list(layer.parameters()))
+    rank = mamba_layer_bytes(p, d.itemsize, S, compiled=False, layout=ParallelLayout(world_size=2, tp=2))
+    assert measured == pytest.approx(B * S * (rank + cpu_rms_norm_extra("RMSNorm", d.itemsize)), rel=0.02)
+    # The mixer's part is halved; the norm's is not.
+    assert measured < 0.6 * layer_saved(layer, d)
+
+
+def test_hybrid_estimate_under_tensor_and_sequence_parallelism() -> None:
+    # h 64, Mamba: d_inner 128, 8 heads of 16, 4 groups of state 16 (conv channels c = 128 + 2 x 4 x
+    # 16 = 256, in_proj out 128 + 256 + 8 = 392); attention: 4 heads of 16; MLP: 256 units; RMSNorm,
+    # no biases, untied output, vocabulary 256 (a multiple of 128 x 2: the same padded size at tp 2).
+    p = hybrid("bf16", hybrid_layer_pattern="M*-M", mamba_num_groups=4, vocab_size=256)
+    h, d_inner, c, heads, vocab, ffn = H, 128, 256, 8, 256, 256
+    mamba_split = h * (d_inner + c + heads) + (4 * c + c) + 3 * heads + d_inner + d_inner * h
+    attention_split, mlp_split = h * 3 * h + h * h, 2 * h * ffn
+    root_split, norm = 2 * vocab * h, h  # token table and output layer; each norm's weight
+    whole = 2 * mamba_split + attention_split + mlp_split + root_split + 5 * norm
+    assert whole == num_parameters(p)
+    # Each rank: half of every split part, every norm (and no bias) whole.
+    rank = (2 * mamba_split + attention_split + mlp_split + root_split) // 2 + 5 * norm
+
+    tokens, a = B * S, 2
+    stream = 2 * a * h + 4  # a norm's input and output (the next GEMM's input), its rstd
+    mamba_inner = mamba_layer_bytes(p, a, S, compiled=False) - stream  # calibrated above
+    attention_inner = (3 * h + h) * a + 4 * 4  # q k v, the kernel's output, log-sum-exp per head
+    mlp_inner = 2 * ffn * a  # fc1's output, the activation's output
+    scan = mamba_scan_recompute_bytes(p, a, B, S)  # in heads and groups: halved on each rank
+
+    def activations(tp: int, sp: bool) -> float:
+        s = tp if sp else 1
+        layers = 4 * stream / s + (2 * mamba_inner + attention_inner + mlp_inner) / tp
+        final_norm, token_ids = stream / s, 8
+        return tokens * (layers + final_norm + token_ids) + scan / tp
+
+    one = estimate_memory(p, B, compiled=False)
+    assert (one.parameters, one.activations) == (2 * whole, activations(1, False))
+    for sp in (False, True):
+        layout = ParallelLayout(world_size=2, tp=2, sequence_parallel=sp)
+        est = estimate_memory(p, B, layout=layout, num_microbatches=1, compiled=False)
+        # Tensor parallelism always runs FSDP2: float32 weights (one data-parallel rank: no sharding).
+        assert est.parameters == 4 * rank and est.gradients == 4 * rank and est.optimizer == 8 * rank
+        assert est.parameters / one.parameters == pytest.approx(2 * rank / whole)
+        assert est.activations / one.activations == pytest.approx(
+            activations(2, sp) / activations(1, False), rel=1e-3
+        )
+        assert est.logits < one.logits  # half the vocabulary a rank
+    no_sp = estimate_memory(p, B, layout=ParallelLayout(world_size=2, tp=2), compiled=False).activations
+    assert 0.5 * one.activations < no_sp < 0.65 * one.activations
 
 
 def test_fsdp_shards_a_hybrid_model_and_gathers_two_layers() -> None:
@@ -256,12 +348,15 @@ def test_fsdp_shards_a_hybrid_model_and_gathers_two_layers() -> None:
     assert 0 < est.gathered_weights < 2 * n
 
 
-def test_pipeline_and_tensor_parallel_estimates_are_refused_clearly() -> None:
+def test_pipeline_and_context_parallel_estimates_are_refused_clearly() -> None:
     p = hybrid()
     with pytest.raises(ConfigError, match="pipeline parallelism is not built for Mamba / hybrid models"):
         estimate_pipeline_memory(p, 1, layout=ParallelLayout(world_size=1))
-    with pytest.raises(ConfigError, match="tensor parallelism is not built"):
-        estimate_memory(p, 1, layout=ParallelLayout(world_size=2, tp=2))
+    with pytest.raises(ConfigError, match="context parallelism is not built") as err:
+        estimate_memory(p, 1, layout=ParallelLayout(world_size=2, cp=2))
+    assert "model.context_parallel_size" in str(err.value)
+    with pytest.raises(ConfigError, match="context parallelism is not built for T5"):
+        estimate_memory(t5(), 1, layout=ParallelLayout(world_size=4, tp=2, cp=2))
     with pytest.raises(ConfigError, match="PEFT is not built"):
         estimate_memory(p, 1, trainable=10)
 
@@ -396,6 +491,76 @@ def test_t5_estimate_parts_and_recompute() -> None:
         estimate_pipeline_memory(p, 1, layout=ParallelLayout(world_size=1))
 
 
+def test_t5_estimate_under_tensor_and_sequence_parallelism() -> None:
+    # h 64, 4 heads of 16 (inner 64), MLP 256 units, LayerNorm, biases, learned positions (64),
+    # vocabulary 256 (a multiple of 128 x 2), tied embeddings with the output bias; 2 + 2 layers.
+    p = t5("bf16", vocab_size=256)
+    h, inner, ffn, vocab, norm = H, 64, 256, 256, 2 * H
+
+    def column(n_in: int, n_out: int) -> int:  # weight and bias, both split
+        return n_in * n_out + n_out
+
+    self_attention = column(h, 3 * inner) + inner * h
+    mlp = column(h, ffn) + ffn * h
+    cross = column(h, inner) + column(h, 2 * inner) + inner * h
+    encoder_split, decoder_split = self_attention + mlp, self_attention + cross + mlp
+    encoder_whole, decoder_whole = 2 * norm + 2 * h, 3 * norm + 3 * h  # norms, row-parallel biases
+    root_split = vocab * h + 64 * h + vocab  # token table, position table, tied output bias
+    split = 2 * encoder_split + 2 * decoder_split + root_split
+    replicated = 2 * encoder_whole + 2 * decoder_whole + 2 * norm  # with the two final norms
+    assert split + replicated == t5_provider_num_parameters(p)
+    rank = split // 2 + replicated
+
+    a, enc, dec = 2, B * ENC, B * DEC
+    stream = 2 * a * h + 8  # a norm's input and output, LayerNorm's mean and rstd
+    attention = (3 * inner + inner) * a + 4 * 4  # q k v, the kernel's output, log-sum-exp per head
+    mlp_inner = 2 * ffn * a  # fc1's output, the activation's output (compiled: the same, not gated)
+    cross_q = 2 * inner * a + 4 * 4  # per decoder token: q, the kernel's output, log-sum-exp
+    cross_kv = 2 * inner * a  # per encoder token: the key/value projection's output
+    masks = B * ENC * a + B * DEC * DEC * a + B * ENC * a  # replicated
+
+    def activations(tp: int, sp: bool) -> float:
+        s = tp if sp else 1
+        encoder_layer = 2 * stream / s + (attention + mlp_inner) / tp
+        decoder_layer = 3 * stream / s + (attention + mlp_inner + cross_q) / tp
+        layers = 2 * enc * encoder_layer + 2 * (dec * decoder_layer + enc * cross_kv / tp)
+        per_token = stream / s + 8  # the final norms; the embedding's token ids
+        return layers + per_token * (enc + dec) + masks
+
+    one = estimate_memory(p, B)
+    assert (one.parameters, one.activations) == (2 * (split + replicated), activations(1, False))
+    for sp in (False, True):
+        est = estimate_memory(
+            p,
+            B,
+            layout=ParallelLayout(
+                world_size=4, tp=2, dp_shard=2, strategy="optim_grads_params", sequence_parallel=sp
+            ),
+        )
+        shard = -(-rank // 2)  # FSDP2 over the two data-parallel ranks
+        assert (est.parameters, est.optimizer) == (4 * shard, 8 * shard)
+        assert est.parameters / one.parameters == pytest.approx(2 * shard / (split + replicated))
+        assert est.activations / one.activations == pytest.approx(
+            activations(2, sp) / activations(1, False), rel=1e-3
+        )
+        assert est.logits < one.logits
+    # Without sequence parallelism the residual stream stays whole, so a rank keeps more than half.
+    no_sp = estimate_memory(p, B, layout=ParallelLayout(world_size=2, tp=2)).activations
+    with_sp = estimate_memory(
+        p, B, layout=ParallelLayout(world_size=2, tp=2, sequence_parallel=True)
+    ).activations
+    assert with_sp < 0.55 * one.activations < no_sp < one.activations
+    # Relative position bias: the masks carry it per head, a rank's heads only; the bucket indices
+    # (int64 [seq, seq] per stack) and the cross-attention mask stay whole.
+    rel = t5("bf16", position_embedding_type="relative")
+    per_head = B * 4 * (ENC * ENC + DEC * DEC) * a
+    whole = 8 * (ENC * ENC + DEC * DEC) + B * ENC * a
+    assert t5_mask_bytes(rel, a, B, ENC, DEC) == per_head + whole
+    assert (
+        t5_mask_bytes(rel, a, B, ENC, DEC, layout=ParallelLayout(world_size=2, tp=2)) == per_head // 2 + whole
+    )
+
+
 # ------------------------------------------------------------------------------------- configurations
 
 
@@ -430,6 +595,20 @@ def test_cli_validate_prints_the_t5_estimate(capsys: pytest.CaptureFixture[str])
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "memory per GPU (estimate): parameters 0.38" in out and "not estimated" not in out
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
+def test_cli_validate_prints_the_tensor_parallel_t5_estimate(
+    capsys: pytest.CaptureFixture[str], sequence_parallel: bool
+) -> None:
+    from viaduct.cli.main import run
+
+    args = ["config", "validate", "--recipe", "t5_220m", "model.tensor_model_parallel_size=2"]
+    args += ["model.vocab_size=32128", f"model.sequence_parallel={str(sequence_parallel).lower()}"]
+    assert run([*args, "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU (estimate): parameters" in out and "not estimated" not in out
+    assert "tp 2" in out
 
 
 @pytest.mark.slow

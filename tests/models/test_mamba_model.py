@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from viaduct.config import ConfigError
@@ -30,6 +31,7 @@ from viaduct.models import (
 from viaduct.models.accounting import estimate_memory, flops_per_token, num_parameters
 from viaduct.models.mamba import Mamba2Mixer
 from viaduct.models.mamba.model import AttentionLayer, MambaLayer, MambaModel, MLPLayer
+from viaduct.models.mamba.provider import pattern_from_ratios
 from viaduct.testing import run_distributed, tiny_pretrain_config
 from viaduct.training.callbacks import CallbackContext
 from viaduct.training.config import ConfigContainer
@@ -101,9 +103,30 @@ def test_no_pattern_means_all_mamba_layers_and_needs_num_layers() -> None:
     with pytest.raises(ConfigError) as exc:
         tiny(None).finalize()
     assert "num_layers" in _problems(exc)
+
+
+def test_ratios_place_the_layers_as_megatron_does() -> None:
+    # Worked by hand from Megatron's rule: 8 layers, 2 attention (runs of 6 / 3 = 2 Mamba layers,
+    # Mamba first and last), then 2 MLP over the remaining 6 Mamba layers (runs of 4 / 2 = 2, the last
+    # ending with an MLP layer).
+    assert pattern_from_ratios(8, 0.25, 0.25) == "MM*-M*M-"
+    # 10 layers, 1 attention: two runs of 4.5 Mamba layers, the first rounding down.
+    assert pattern_from_ratios(10, 0.1, 0.0) == "MMMMM*MMMM"
+    assert pattern_from_ratios(5, 0.0, 0.0) == "MMMMM"
+    p = tiny(None, num_layers=8, hybrid_attention_ratio=0.25, hybrid_mlp_ratio=0.25)
+    p.finalize()
+    assert p.layer_pattern() == "MM*-M*M-"
+    model = p.provide(device="cpu")
+    assert [type(layer) for layer in model.decoder.layers][2:4] == [AttentionLayer, MLPLayer]
     with pytest.raises(ConfigError) as exc:
-        tiny(None, num_layers=4, hybrid_attention_ratio=0.25).finalize()
-    assert "hybrid_layer_pattern" in _problems(exc)["hybrid_attention_ratio"]
+        tiny(None, num_layers=4, hybrid_attention_ratio=0.75, hybrid_mlp_ratio=0.5).finalize()
+    assert "at most 1" in _problems(exc)["hybrid_mlp_ratio"]
+    with pytest.raises(ConfigError) as exc:
+        tiny(None, num_layers=4, hybrid_attention_ratio=-0.1).finalize()
+    assert "between 0 and 1" in _problems(exc)["hybrid_attention_ratio"]
+    # A pattern overrides the ratios, with a warning when they disagree.
+    with pytest.warns(UserWarning, match="hybrid_attention_ratio=0.5 is ignored"):
+        tiny("M*M-", hybrid_attention_ratio=0.5).finalize()
 
 
 def test_pattern_problems_name_every_symbol_and_the_fix_at_once() -> None:
@@ -514,6 +537,37 @@ def test_tensor_parallel_with_sharded_data_parallel_matches_one_process() -> Non
         )
         for name, value in rank["params"].items():
             torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _init_split_on_meta(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Build on the meta device, split over 2 tensor-parallel ranks, then allocate and initialize
+    (what init_model_with_meta_device does on GPUs): every mixer parameter, gathered whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from viaduct.distributed.parallelize import apply_tensor_parallel
+
+    provider = tiny("M*M-", vocab_size=128, init_model_with_meta_device=True)
+    model = provider.provide()
+    assert all(p.is_meta for p in model.parameters())
+    apply_tensor_parallel(model, init_device_mesh("cpu", (world,)), sequence_parallel=False)
+    model.to_empty(device="cpu")
+    model.init_weights(5)
+    return {n: _full(p) for n, p in model.named_parameters() if ".mixer." in n}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_meta_device_build_initializes_split_mixers() -> None:
+    got = run_distributed(_init_split_on_meta, 2, timeout=120)
+    p = tiny("M*M-")
+    dt = F.softplus(got["decoder.layers.0.mixer.dt_bias"])
+    assert dt.shape == (8,) and ((dt > 0.001 - 1e-6) & (dt < 0.1 + 1e-6)).all()
+    a = torch.exp(got["decoder.layers.2.mixer.A_log"])
+    assert ((a >= 1.0) & (a <= 16.0)).all()
+    assert torch.equal(got["decoder.layers.0.mixer.D"], torch.ones(8))
+    w = got["decoder.layers.0.mixer.in_proj.weight"]
+    assert abs(w.std().item() - p.init_method_std) < 0.2 * p.init_method_std
+    assert all(torch.isfinite(t).all() for t in got.values())
 
 
 # ---------------------------------------------------------------------- recipes, CLI, export

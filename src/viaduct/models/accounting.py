@@ -67,23 +67,34 @@ def _hybrid(provider: GPTModelProvider) -> HybridModelProvider | None:
     return provider if isinstance(provider, HybridModelProvider) else None
 
 
-def _attention_layer_params(p: GPTModelProvider) -> int:
-    """A hybrid model's attention-only layer: its norm, linear_qkv and linear_proj (no MLP)."""
+def _attention_layer_params_by_tp(p: GPTModelProvider) -> tuple[int, int]:
+    """A hybrid model's attention-only layer (its norm, linear_qkv and linear_proj, no MLP) as
+    (parameters tensor parallelism splits, parameters it replicates), split as GPT's layer's."""
     assert p.kv_channels is not None and p.num_query_groups is not None
     h, d = p.hidden_size, p.kv_channels
     qkv_out = (p.num_attention_heads + 2 * p.num_query_groups) * d
-    n = qkv_out * h + (qkv_out if p.add_bias_linear or p.add_qkv_bias else 0)
-    n += p.num_attention_heads * d * h + (h if p.add_bias_linear else 0)
-    return n + _norm_params(p, h) + (2 * _norm_params(p, d) if p.qk_layernorm else 0)
+    split = qkv_out * h + (qkv_out if p.add_bias_linear or p.add_qkv_bias else 0)
+    split += p.num_attention_heads * d * h
+    replicated = (h if p.add_bias_linear else 0) + _norm_params(p, h)
+    return split, replicated + (2 * _norm_params(p, d) if p.qk_layernorm else 0)
 
 
-def _mlp_layer_params(p: GPTModelProvider) -> int:
-    """A hybrid model's MLP-only layer: its norm, linear_fc1 and linear_fc2."""
+def _attention_layer_params(p: GPTModelProvider) -> int:
+    return sum(_attention_layer_params_by_tp(p))
+
+
+def _mlp_layer_params_by_tp(p: GPTModelProvider) -> tuple[int, int]:
+    """A hybrid model's MLP-only layer (its norm, linear_fc1 and linear_fc2) as (split, replicated)
+    parameters under tensor parallelism, split as GPT's layer's."""
     assert p.ffn_hidden_size is not None
     h, ffn = p.hidden_size, p.ffn_hidden_size
     fc1_out = 2 * ffn if p.gated_linear_unit else ffn
-    n = fc1_out * h + ffn * h + ((fc1_out + h) if p.add_bias_linear else 0)
-    return n + _norm_params(p, h)
+    split = fc1_out * h + ffn * h + (fc1_out if p.add_bias_linear else 0)
+    return split, (h if p.add_bias_linear else 0) + _norm_params(p, h)
+
+
+def _mlp_layer_params(p: GPTModelProvider) -> int:
+    return sum(_mlp_layer_params_by_tp(p))
 
 
 def _mamba_sizes(p: HybridModelProvider) -> tuple[int, int, int]:
@@ -105,12 +116,20 @@ def _mamba_projection_params(p: HybridModelProvider) -> int:
     return in_out * h + d_inner * h + ((in_out + h) if p.add_bias_linear else 0)
 
 
-def _mamba_layer_params(p: HybridModelProvider) -> int:
-    """A Mamba layer: norm, in_proj, depthwise conv1d (weight and bias), dt_bias / A_log / D per head,
-    the gated RMSNorm over d_inner, out_proj."""
+def _mamba_layer_params_by_tp(p: HybridModelProvider) -> tuple[int, int]:
+    """A Mamba layer (norm, in_proj, depthwise conv1d weight and bias, dt_bias / A_log / D per head,
+    the gated RMSNorm over d_inner, out_proj) as (split, replicated) parameters under tensor
+    parallelism, which gives each rank whole B/C groups of everything in the mixer but out_proj's
+    bias, and keeps the layer's norm whole."""
     d_inner, heads, conv_dim = _mamba_sizes(p)
     conv = conv_dim * _MAMBA_CONV_KERNEL + conv_dim
-    return _norm_params(p, p.hidden_size) + _mamba_projection_params(p) + conv + 3 * heads + d_inner
+    out_bias = p.hidden_size if p.add_bias_linear else 0
+    split = _mamba_projection_params(p) - out_bias + conv + 3 * heads + d_inner
+    return split, _norm_params(p, p.hidden_size) + out_bias
+
+
+def _mamba_layer_params(p: HybridModelProvider) -> int:
+    return sum(_mamba_layer_params_by_tp(p))
 
 
 def _hybrid_layers_params(p: HybridModelProvider) -> int:
@@ -306,6 +325,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _per_tp_rank(layout: ParallelLayout, *, split: int = 0, stream: int = 0, replicated: int = 0) -> int:
+    """One tensor-parallel rank's share of a count (parameters, or bytes per token kept for backward),
+    the one rule every model family's estimate divides by: `split` is divided by `layout.tp` (weights
+    split by heads, MLP units, B/C groups or vocabulary rows, and the activations inside the attention,
+    MLP or mixer), `stream` only under sequence parallelism (the residual stream's activations: the
+    norms' inputs and outputs and the dropout masks, the next GEMM's input counted with them),
+    `replicated` not at all (norm weights, row-parallel biases). Each divided part is rounded up."""
+    stream_split = layout.tp if layout.sequence_parallel else 1
+    return _ceil_div(split, layout.tp) + _ceil_div(stream, stream_split) + replicated
+
+
 @dataclass(frozen=True)
 class _Share:
     """What one rank holds and keeps: the whole model, or one pipeline rank's part of it."""
@@ -330,16 +360,16 @@ def _fsdp_weights(
     p: GPTModelProvider, layout: ParallelLayout, grad_reduce_in_fp32: bool, accumulates: bool, share: _Share
 ) -> tuple[int, int, int, int]:
     """(parameters, gradients, optimizer, gathered weights) bytes per GPU under FSDP2."""
-    tp, pbytes = layout.tp, p.params_dtype.itemsize
+    pbytes = p.params_dtype.itemsize
     h, vocab = p.hidden_size, p.padded_vocab_size()
     split, replicated = _layer_params_by_tp(p)
-    layer = _ceil_div(split, tp) + replicated  # one layer's weights on one tensor-parallel rank
+    layer = _per_tp_rank(layout, split=split, replicated=replicated)  # one layer on one tp rank
     # The root group: embedding tables (split by rows), final norm, output layer (split by rows).
-    root = _ceil_div(embedding_parameters(p), tp) if share.embedding else 0
+    root = _per_tp_rank(layout, split=embedding_parameters(p)) if share.embedding else 0
     if share.output:
         root += _norm_params(p, h)
         if not p.share_embeddings_and_output_weights or share.tied_copy:
-            root += _ceil_div(vocab * h, tp)
+            root += _per_tp_rank(layout, split=vocab * h)
     local = root + share.layers * layer  # what the rank holds, on one tensor-parallel rank
     shard = _ceil_div(local, layout.grad_shards)
     gradients = 4 * shard
@@ -465,7 +495,8 @@ def estimate_memory(
     of those (float32 shards under FSDP2), spread over pipeline ranks with the layers.
 
     Mamba / hybrid and T5 providers: `viaduct.models.family_memory.estimate_family_memory`, the same
-    parts under DDP and FSDP2 (no tensor, context or pipeline parallelism, no PEFT: refused).
+    parts under DDP and FSDP2 and on a tensor-parallel rank, divided by the same rule
+    (`_per_tp_rank`); context and pipeline parallelism and PEFT are refused.
     `compiled` (those families only; GPT's activations are the same either way): the model runs
     under torch.compile (`train.torch_compile`, the default on CUDA), whose backward recomputes part
     of a Mamba layer's float32 elementwise work and a gated MLP's activation instead of keeping them.
@@ -614,7 +645,6 @@ def _estimate(
     keep_logits_bytes: int,
 ) -> MemoryEstimate:
     """The estimate of one rank holding `share` (see `estimate_memory`)."""
-    tp, stream_split = layout.tp, layout.tp if layout.sequence_parallel else 1
     tokens = micro_batch_size * _ceil_div(seq_length or p.seq_length, layout.cp)
     pbytes = p.params_dtype.itemsize
     if master_weights is None:
@@ -631,8 +661,8 @@ def _estimate(
 
     act_bytes = p.autocast_dtype.itemsize if p.enable_autocast and p.autocast_dtype else pbytes
     stream, inner = _layer_activation_bytes(p, act_bytes)
-    per_layer = _ceil_div(stream, stream_split) + _ceil_div(inner, tp)
-    residual = _ceil_div(p.hidden_size * (4 if p.fp32_residual_connection else act_bytes), stream_split)
+    per_layer = _per_tp_rank(layout, split=inner, stream=stream)
+    residual = _per_tp_rank(layout, stream=p.hidden_size * (4 if p.fp32_residual_connection else act_bytes))
     n_layers = share.chunk_layers
     # What each forward pass in flight keeps until its backward, and what the backward's recompute
     # adds on top for the one pass being run backward.
@@ -652,13 +682,14 @@ def _estimate(
     if share.sends:
         kept_bytes += share.in_flight * residual  # the stage outputs sent on, kept for their backward
     if share.output:
-        kept_bytes += _ceil_div(2 * p.hidden_size * act_bytes, stream_split)  # final norm: input, output
+        kept_bytes += _per_tp_rank(layout, stream=2 * p.hidden_size * act_bytes)  # final norm: input, output
     activations = tokens * kept_bytes
 
     logits = 0
     if share.output:
         # The vocabulary of one tensor-parallel rank.
-        logits = _logits_bytes(p, tokens, _ceil_div(p.padded_vocab_size(), tp), act_bytes, keep_logits_bytes)
+        vocab = _per_tp_rank(layout, split=p.padded_vocab_size())
+        logits = _logits_bytes(p, tokens, vocab, act_bytes, keep_logits_bytes)
     return MemoryEstimate(
         parameters=parameters,
         gradients=gradients,

@@ -2,8 +2,21 @@
 
 `viaduct.models.accounting.estimate_memory` hands these families here; the parts and their
 conventions are GPT's (`MemoryEstimate`): weights, gradients and Adam's state under plain data
-parallelism or FSDP2, the activations the layers keep for the backward pass, and the loss path.
-Neither family has tensor, context or pipeline parallelism (their providers refuse it), nor PEFT.
+parallelism or FSDP2, the activations the layers keep for the backward pass, and the loss path,
+each on one tensor-parallel rank. Neither family has context or pipeline parallelism (refused), nor
+PEFT.
+
+Tensor parallelism divides as GPT's estimate does, by one rule (`viaduct.models.accounting.
+_per_tp_rank`): weights split by heads, MLP units, B/C groups or vocabulary rows are divided by the
+tensor-parallel size, norms and row-parallel biases are whole on every rank; the activations inside
+an attention, MLP or Mamba mixer are divided by it, the residual stream's (each norm's input,
+statistics and output, which is the next GEMM's input, and the dropout masks) only under sequence
+parallelism. A Mamba layer's mixer is split by whole B/C groups (in_proj, conv, dt_bias / A_log / D
+and the gated norm's weight; out_proj by its input columns, its bias whole), its block norm whole. T5
+splits both stacks as GPT's layers, cross-attention by heads (its key/value projection's output per
+encoder token with them), the relative position bias by heads, and the vocabulary; under sequence
+parallelism the encoder output, split along the sequence, counts as the residual stream does. The
+token ids stay whole on every rank, and so do the attention masks but for a relative bias.
 
 Activations are bytes per token that CUDA's kernels keep for backward, checked on the CPU by summing
 the storages saved for backward during one forward (tests/models/test_family_memory.py). `a` is the
@@ -13,27 +26,41 @@ one keeps a float32 copy of its input and of the normalized values as well); the
 its output. Dropout keeps a bool mask per element (CUDA's fused dropout; the CPU's keeps a mask in
 the compute dtype); attention dropout keeps nothing (the fused kernels regenerate it from a seed).
 
-A Mamba layer (d = d_inner, c = d_inner + 2 G N conv channels, H heads, G groups), per token:
+A Mamba layer (d = d_inner, c = d_inner + 2 G N conv channels, H heads, G groups; under tensor
+parallelism a rank's share of them), per token, eagerly:
 
     2 a h + norm statistics           the block norm's input and in_proj's input
-    a c (s + k - 1) / s               the left-padded conv input (k = conv width, s = sequence)
+    a c, or a (d + c + H)             the conv's input: a copy of the groups' x, B, C channels, or
+                                      with one group (on the rank) in_proj's output, of which it is
+                                      a view
+    a c (k - 1 + k (k - 1) / 2s)      the conv's k - 1 shifted copies (k = 4, s = sequence), each
+                                      left-padded by its shift
     2 a c                             conv output (silu's input) and silu's output (x, B, C)
     8 H + 4 G                         softplus's input and dt (float32); the gated norm's rstd
-    8 d (a < 4) or f (d + c + H)      float32 z and x copies; in float32, z keeps in_proj's output
+    a d (G > 1) + f d (a < 4)         x: a contiguous copy for the scan, a float32 one for D's skip
+    f d (a < 4 or G > 1)              z in float32 (silu's input), unless a view of in_proj's output
     16 d                              float32 y, silu(z), y * silu(z), the normalized values
     a d                               out_proj's input
 
-That is eager mode. Under torch.compile (`compiled`, the default on CUDA) the partitioner keeps
-in_proj's output whole (a (d + c + H)) and recomputes the float32 elementwise chain in backward,
-keeping three float32 [d] tensors instead of the 8 H + 8 d + 16 d above (two and dt in float32),
-as `torch.compile(backend="aot_eager_decomp_partition")` shows on the CPU; it also recomputes a
-gated MLP's act(gate).
+Under torch.compile (`compiled`, the default on CUDA) the partitioner recomputes silu's input and
+most of the float32 elementwise chain, keeping the conv's input and shifted copies (it never
+recomputes a padding), silu's output, the float32 y and out_proj's input, plus, with several
+groups, the 16-bit copies of x and z, dt and in 16 bits one more float32 [d] tensor (with one group
+only dt, and that in float32), as `torch.compile(backend="aot_eager_decomp_partition")` shows on the
+CPU; it also recomputes a gated MLP's act(gate).
 
-The SSD scan runs under `torch.utils.checkpoint` (`Mamba2Mixer.forward`): it keeps only its inputs
-(x, dt, A, B, C, counted above) and recomputes its float32 intermediates when backward reaches the
-layer. Those live for one layer at a time, on top of everything kept: about
-10 H Q + 14 H P + 22 G N bytes per token and 10 H P N per chunk (fitted to the scan's saved tensors
-within about 15%; Q = mamba_chunk_size, P = mamba_head_dim, N = mamba_state_dim).
+The SSD scan runs under `torch.utils.checkpoint` (`Mamba2Mixer.mix`): it keeps only its inputs (x,
+dt, A, B, C, counted above) and recomputes its intermediates when backward reaches the layer. Those
+live for one layer at a time, on top of everything kept: exactly the tensors `ssd_chunked` saves,
+per token of the sequence padded to whole chunks of Q = mamba_chunk_size (P = mamba_head_dim,
+N = mamba_state_dim; the matmuls' operands are in the inputs' dtype, `a`):
+
+    f H (2 Q + 3) + f G Q + a H Q     decays and their exponents, scores, the masked weights
+    4 a G N + 2 (a + f) H P           B and C (twice each), x dt and x at the chunk end (operand
+                                      and float32), the states' output in float32
+
+plus f H P per token in 16 bits (x in float32), a H P N per chunk (the states entering it) and per
+sequence f H (C + 1) (P N + C + 1) (the chunk-end states and their decays, C chunks).
 
 An attention layer keeps its norm's input and output, the fused q, k, v projection output, the
 kernel's output (linear_proj's input) and its float32 log-sum-exp (4 bytes per head); rotary
@@ -111,79 +138,138 @@ def _dropout(p: TransformerConfig, h: int) -> int:
 
 def _pre_norm(p: TransformerConfig, a: int) -> int:
     """A pre-norm branch's norm: its input, its statistics and its output (the next GEMM's input),
-    plus the branch's dropout mask, per token."""
+    plus the branch's dropout mask, per token: the residual-stream part of a layer, which sequence
+    parallelism splits over the tensor-parallel ranks."""
     return 2 * a * p.hidden_size + _norm_stats(p) + _dropout(p, p.hidden_size)
 
 
-def attention_layer_bytes(p: TransformerConfig, a: int) -> int:
+def _one_rank() -> ParallelLayout:
+    from viaduct.models.accounting import _single_layout
+
+    return _single_layout()
+
+
+def attention_layer_bytes(p: TransformerConfig, a: int, *, layout: ParallelLayout | None = None) -> int:
     """Bytes per token an attention-only layer (`AttentionLayer`, a transformer layer's first half)
-    keeps for backward, `a` the compute dtype's size."""
+    keeps for backward on one tensor-parallel rank of `layout` (default one rank), `a` the compute
+    dtype's size."""
+    from viaduct.models.accounting import _per_tp_rank
+
     assert p.kv_channels is not None and p.num_query_groups is not None
     q, kv = p.num_attention_heads * p.kv_channels, p.num_query_groups * p.kv_channels
-    n = _pre_norm(p, a) + (q + 2 * kv) * a + q * a + _F32 * p.num_attention_heads
+    inner = (q + 2 * kv) * a + q * a + _F32 * p.num_attention_heads
     rope = p.position_embedding_type == "rope"
     if rope or p.qk_layernorm:  # new q and k tensors reach the kernel; v still keeps the fused output
-        n += (q + kv) * a
+        inner += (q + kv) * a
     if p.qk_layernorm:
-        n += _norm_stats(p) * (p.num_attention_heads + p.num_query_groups)
-    return n
+        inner += _norm_stats(p) * (p.num_attention_heads + p.num_query_groups)
+    return _per_tp_rank(layout or _one_rank(), split=inner, stream=_pre_norm(p, a))
 
 
-def mlp_layer_bytes(p: TransformerConfig, a: int, compiled: bool = True, recompute: bool = False) -> int:
-    """Bytes per token an MLP-only layer (`MLPLayer`, a transformer layer's second half) keeps;
-    `recompute`: the MLP runs under selective recompute and keeps only its input (the norm's output)."""
+def mlp_layer_bytes(
+    p: TransformerConfig,
+    a: int,
+    compiled: bool = True,
+    recompute: bool = False,
+    *,
+    layout: ParallelLayout | None = None,
+) -> int:
+    """Bytes per token an MLP-only layer (`MLPLayer`, a transformer layer's second half) keeps on one
+    tensor-parallel rank; `recompute`: the MLP runs under selective recompute and keeps only its
+    input (the norm's output)."""
+    from viaduct.models.accounting import _per_tp_rank
+
     assert p.ffn_hidden_size is not None
     ffn = p.ffn_hidden_size
-    if recompute:
-        return _pre_norm(p, a)
     # Non-gated: fc1's output (the activation's input) and the activation's output (fc2's input).
     # Gated: fc1's output (its de-interleaved copy, eagerly) and the product act(gate) * up; eagerly
     # also act(gate), which the compiled backward recomputes.
     inner = (3 if compiled else 4) * ffn if p.gated_linear_unit else 2 * ffn
-    return _pre_norm(p, a) + inner * a
+    split = 0 if recompute else inner * a
+    return _per_tp_rank(layout or _one_rank(), split=split, stream=_pre_norm(p, a))
 
 
-def mamba_layer_bytes(p: HybridModelProvider, a: int, seq: int, compiled: bool = True) -> int:
+def mamba_layer_bytes(
+    p: HybridModelProvider,
+    a: int,
+    seq: int,
+    compiled: bool = True,
+    *,
+    layout: ParallelLayout | None = None,
+) -> int:
     """Bytes per token a Mamba layer keeps for backward at sequence length `seq`, eagerly or under
-    torch.compile (see the module docstring; the conv's left padding is spread over the sequence,
-    rounded up)."""
-    from viaduct.models.accounting import _MAMBA_CONV_KERNEL, _mamba_sizes
+    torch.compile, on one tensor-parallel rank of `layout` (default one rank), which holds
+    mamba_num_groups / tp whole B/C groups (see the module docstring; the shifted copies' padding is
+    spread over the sequence, rounded up)."""
+    from viaduct.models.accounting import _MAMBA_CONV_KERNEL, _mamba_sizes, _per_tp_rank
 
+    layout = layout or _one_rank()
     d, heads, c = _mamba_sizes(p)
-    n = _pre_norm(p, a) + a * d + _F32 * p.mamba_num_groups  # + out_proj's input, the norm's rstd
-    n += _ceil_div(a * c * (seq + _MAMBA_CONV_KERNEL - 1), seq) + 2 * a * c
+    k = _MAMBA_CONV_KERNEL
+    # With one group on the rank, the mixer's per-group split of in_proj's output gives views: the
+    # conv reads (and keeps) in_proj's output whole, and x and z need no copy. With more, x B C, x
+    # and z are each copied out of the interleaved groups.
+    one_group = p.mamba_num_groups // layout.tp == 1
+    n = a * (d + c + heads) if one_group else a * c  # the conv's input
+    # Its k - 1 shifted copies (each seq + shift rows long) and silu's output (the scan's x, B and C).
+    n += _ceil_div(a * c * ((k - 1) * seq + k * (k - 1) // 2), seq) + a * c
+    n += a * d + _F32 * p.mamba_num_groups  # out_proj's input; the gated norm's rstd per group
     if compiled:
-        # The partitioner keeps in_proj's output whole and recomputes the float32 elementwise chain
-        # from it and from the scan's output, keeping three float32 [d] tensors (two and dt in float32).
-        n += a * (d + c + heads) + (3 * _F32 * d if a < _F32 else 2 * _F32 * d + _F32 * heads)
-        return n
-    n += 2 * _F32 * heads  # softplus's input and dt
-    # In float32 z is a view of in_proj's output, which its consumer keeps whole; in 16 bits the mixer
-    # keeps float32 copies of z (for silu) and of x (for the D skip connection) instead.
-    n += 2 * _F32 * d if a < _F32 else _F32 * (d + c + heads)
-    return n + 4 * _F32 * d
+        # The partitioner recomputes silu's input and most of the float32 elementwise chain, keeping
+        # the scan's output y in float32; dt (its copy, or in float32 its sum with dt_bias) except
+        # where in 16 bits in_proj's output is kept whole; with several groups the 16-bit copies of
+        # x and z and, in 16 bits, one more float32 [d] tensor.
+        n += _F32 * d
+        if not one_group or a == _F32:
+            n += a * heads
+        if not one_group:
+            n += 2 * a * d + (_F32 * d if a < _F32 else 0)
+    else:
+        n += a * c + 2 * _F32 * heads  # silu's input; softplus's input and dt (float32)
+        # x: a contiguous copy for the scan (several groups), a float32 one for the D skip (16 bits);
+        # z: float32 for silu (a copy unless it is a view of in_proj's float32 output).
+        n += (0 if one_group else a * d) + (_F32 * d if a < _F32 else 0)
+        n += _F32 * d if a < _F32 or not one_group else 0
+        n += 4 * _F32 * d  # float32 y, silu(z), y * silu(z), the normalized values
+    return _per_tp_rank(layout, split=n, stream=_pre_norm(p, a))
 
 
-def mamba_scan_recompute_bytes(p: HybridModelProvider, sequences: int, seq: int) -> int:
-    """The SSD scan's float32 intermediates one Mamba layer recomputes in backward (transient, one
-    layer at a time), for `sequences` sequences of `seq` tokens: a fit to the
-    tensors the chunked scan saves (see the module docstring)."""
-    from viaduct.models.accounting import _mamba_sizes
+def mamba_scan_recompute_bytes(
+    p: HybridModelProvider, a: int, sequences: int, seq: int, *, layout: ParallelLayout | None = None
+) -> int:
+    """The SSD scan's intermediates one Mamba layer recomputes in backward (transient, one layer at a
+    time) for `sequences` sequences of `seq` tokens with `a`-byte inputs, on one tensor-parallel rank
+    (its heads and groups): the tensors `ssd_chunked` saves (see the module docstring)."""
+    from viaduct.models.accounting import _mamba_sizes, _per_tp_rank
 
     _, heads, _ = _mamba_sizes(p)
-    q = min(p.mamba_chunk_size, seq)
-    padded = sequences * _ceil_div(seq, q) * q
-    chunks = sequences * (_ceil_div(seq, q) + 1)
+    q = p.mamba_chunk_size  # the scan pads the sequence to whole chunks of this size
+    chunks = sequences * _ceil_div(seq, q)
     g, hp, n = p.mamba_num_groups, heads * p.mamba_head_dim, p.mamba_state_dim
-    return padded * (10 * heads * q + 14 * hp + 22 * g * n) + chunks * 10 * hp * n
+    per_padded = _F32 * heads * (2 * q + 3) + _F32 * g * q + a * heads * q + 4 * a * g * n
+    per_padded += 2 * (a + _F32) * hp
+    total = chunks * q * per_padded + chunks * a * hp * n
+    if a < _F32:
+        total += sequences * seq * _F32 * hp  # x in float32 (for x * dt)
+    c1 = _ceil_div(seq, q) + 1  # chunk ends, the initial state's included
+    total += sequences * _F32 * heads * c1 * (p.mamba_head_dim * n + c1)
+    return _per_tp_rank(layout or _one_rank(), split=total)
 
 
-def hybrid_layer_bytes(p: HybridModelProvider, a: int, seq: int, compiled: bool = True) -> list[int]:
-    """Bytes per token each layer of a hybrid model keeps, in order (`layer_pattern`)."""
+def hybrid_layer_bytes(
+    p: HybridModelProvider,
+    a: int,
+    seq: int,
+    compiled: bool = True,
+    *,
+    layout: ParallelLayout | None = None,
+) -> list[int]:
+    """Bytes per token each layer of a hybrid model keeps on one tensor-parallel rank, in order
+    (`layer_pattern`)."""
     per_kind = {
-        "M": mamba_layer_bytes(p, a, seq, compiled),
-        "*": attention_layer_bytes(p, a),
-        "-": mlp_layer_bytes(p, a, compiled),
+        "M": mamba_layer_bytes(p, a, seq, compiled, layout=layout),
+        "*": attention_layer_bytes(p, a, layout=layout),
+        "-": mlp_layer_bytes(p, a, compiled, layout=layout),
     }
     return [per_kind[symbol] for symbol in p.layer_pattern()]
 
@@ -194,20 +280,31 @@ def _selective_mlp(p: TransformerConfig) -> bool:
     return p.recompute_granularity == "selective" and "mlp" in (p.recompute_modules or ())
 
 
-def t5_encoder_layer_bytes(p: TransformerConfig, a: int, compiled: bool = True) -> int:
-    """Bytes per encoder token one T5 encoder layer keeps (self-attention and MLP, pre-norm)."""
-    return attention_layer_bytes(p, a) + mlp_layer_bytes(p, a, compiled, _selective_mlp(p))
+def t5_encoder_layer_bytes(
+    p: TransformerConfig, a: int, compiled: bool = True, *, layout: ParallelLayout | None = None
+) -> int:
+    """Bytes per encoder token one T5 encoder layer keeps (self-attention and MLP, pre-norm) on one
+    tensor-parallel rank of `layout` (default one rank)."""
+    mlp = mlp_layer_bytes(p, a, compiled, _selective_mlp(p), layout=layout)
+    return attention_layer_bytes(p, a, layout=layout) + mlp
 
 
-def t5_decoder_layer_bytes(p: TransformerConfig, a: int, compiled: bool = True) -> tuple[int, int]:
-    """(bytes per decoder token, bytes per encoder token) one T5 decoder layer keeps: its
-    self-attention and MLP as the encoder's, and cross-attention (its norm, q, the kernel's output
-    and log-sum-exp per decoder token; the key/value projection's output per encoder token)."""
+def t5_decoder_layer_bytes(
+    p: TransformerConfig, a: int, compiled: bool = True, *, layout: ParallelLayout | None = None
+) -> tuple[int, int]:
+    """(bytes per decoder token, bytes per encoder token) one T5 decoder layer keeps on one
+    tensor-parallel rank: its self-attention and MLP as the encoder's, and cross-attention (its
+    norm, q, the kernel's output and log-sum-exp per decoder token; the key/value projection's
+    output per encoder token, split by heads)."""
+    from viaduct.models.accounting import _per_tp_rank
+
     assert p.kv_channels is not None
+    layout = layout or _one_rank()
     inner = p.num_attention_heads * p.kv_channels
-    cross = _pre_norm(p, a) + 2 * inner * a + _F32 * p.num_attention_heads
-    mlp = mlp_layer_bytes(p, a, compiled, _selective_mlp(p))
-    return attention_layer_bytes(p, a) + mlp + cross, 2 * inner * a
+    cross = _per_tp_rank(layout, split=2 * inner * a + _F32 * p.num_attention_heads, stream=_pre_norm(p, a))
+    mlp = mlp_layer_bytes(p, a, compiled, _selective_mlp(p), layout=layout)
+    per_dec = attention_layer_bytes(p, a, layout=layout) + mlp + cross
+    return per_dec, _per_tp_rank(layout, split=2 * inner * a)
 
 
 def _t5_layer_config(p: T5ModelProvider) -> TransformerConfig:
@@ -220,18 +317,29 @@ def _t5_layer_config(p: T5ModelProvider) -> TransformerConfig:
     return cfg
 
 
-def t5_mask_bytes(p: T5ModelProvider, a: int, batch: int, enc_seq: int, dec_seq: int) -> int:
+def t5_mask_bytes(
+    p: T5ModelProvider,
+    a: int,
+    batch: int,
+    enc_seq: int,
+    dec_seq: int,
+    *,
+    layout: ParallelLayout | None = None,
+) -> int:
     """The additive attention masks the training step's padding masks become, each kept once for
     all the layers of its stack: encoder self-attention and cross-attention [batch, 1, 1, enc_seq],
     decoder self-attention (causal) [batch, 1, dec_seq, dec_seq]; with relative position bias the
-    self-attention masks carry the bias per head, plus the int64 bucket indices of each stack."""
+    self-attention masks carry the bias per head (a tensor-parallel rank's heads), plus the int64
+    bucket indices of each stack."""
+    from viaduct.models.accounting import _per_tp_rank
+
     heads = p.num_attention_heads
     if p.position_embedding_type == "relative":
-        enc = batch * heads * enc_seq * enc_seq * a + 8 * enc_seq * enc_seq
-        dec = batch * heads * dec_seq * dec_seq * a + 8 * dec_seq * dec_seq
+        per_head = batch * heads * (enc_seq * enc_seq + dec_seq * dec_seq) * a
+        whole = 8 * (enc_seq * enc_seq + dec_seq * dec_seq)
     else:
-        enc, dec = batch * enc_seq * a, batch * dec_seq * dec_seq * a
-    return enc + dec + batch * enc_seq * a
+        per_head, whole = 0, batch * enc_seq * a + batch * dec_seq * dec_seq * a
+    return _per_tp_rank(layout or _one_rank(), split=per_head, replicated=whole + batch * enc_seq * a)
 
 
 # ------------------------------------------------------------------------------ recompute
@@ -264,21 +372,31 @@ def stack_activations(layer_bytes: list[int], residual: int, p: TransformerConfi
 # ------------------------------------------------------------------------------ weights
 
 
-def _layer_params(provider: ModelProvider) -> tuple[list[int], int]:
-    """(parameters of each layer FSDP2 wraps, in forward order; the root group's parameters)."""
+def _layer_params(provider: ModelProvider) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The parameters of each layer FSDP2 wraps, in forward order, and of the root group, each as
+    (split by tensor parallelism, replicated): see `viaduct.models.accounting._per_tp_rank`."""
     from viaduct.models.accounting import (
-        _attention_layer_params,
-        _mamba_layer_params,
-        _mlp_layer_params,
+        _attention_layer_params_by_tp,
+        _mamba_layer_params_by_tp,
+        _mlp_layer_params_by_tp,
+        _norm_params,
         num_parameters,
     )
 
     kind = family(provider)
     if kind == "mamba":
         hybrid: HybridModelProvider = provider  # type: ignore[assignment]
-        per_kind = {"M": _mamba_layer_params, "*": _attention_layer_params, "-": _mlp_layer_params}
+        per_kind = {
+            "M": _mamba_layer_params_by_tp,
+            "*": _attention_layer_params_by_tp,
+            "-": _mlp_layer_params_by_tp,
+        }
         layers = [per_kind[s](hybrid) for s in hybrid.layer_pattern()]
-        return layers, num_parameters(hybrid) - sum(layers)
+        # The root: the embedding tables and the output layer split by vocabulary (and position) rows,
+        # the final norm whole.
+        final_norm = _norm_params(hybrid, hybrid.hidden_size)
+        root = num_parameters(hybrid) - sum(map(sum, layers)) - final_norm
+        return layers, (root, final_norm)
     from viaduct.models.t5.provider import t5_provider_num_parameters
 
     t5: T5ModelProvider = provider  # type: ignore[assignment]
@@ -286,21 +404,22 @@ def _layer_params(provider: ModelProvider) -> tuple[list[int], int]:
     h, inner, ffn = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.ffn_hidden_size
     bias = spec.add_bias_linear
 
-    def linear(n_in: int, n_out: int) -> int:
+    def column(n_in: int, n_out: int) -> int:  # weight and bias split by output rows
         return n_in * n_out + (n_out if bias else 0)
 
+    # Row-parallel layers (the attention output projections, fc2) split their weight and keep their
+    # bias [h] whole, as GPT's.
+    row_bias = h if bias else 0
     norm = h * (2 if spec.normalization == "LayerNorm" else 1)
-    self_attn = linear(h, 3 * inner) + linear(inner, h)
-    mlp = linear(h, ffn * (2 if spec.gated_linear_unit else 1)) + linear(ffn, h)
-    cross = linear(h, inner) + linear(h, 2 * inner) + linear(inner, h)
-    layers = [2 * norm + self_attn + mlp] * spec.encoder_num_layers
-    layers += [3 * norm + self_attn + cross + mlp] * spec.decoder_num_layers
-    return layers, t5_provider_num_parameters(t5) - sum(layers)
-
-
-def _num_parameters(provider: ModelProvider) -> int:
-    layers, root = _layer_params(provider)
-    return sum(layers) + root
+    self_attn = column(h, 3 * inner) + inner * h
+    mlp = column(h, ffn * (2 if spec.gated_linear_unit else 1)) + ffn * h
+    cross = column(h, inner) + column(h, 2 * inner) + inner * h
+    layers = [(self_attn + mlp, 2 * norm + 2 * row_bias)] * spec.encoder_num_layers
+    layers += [(self_attn + cross + mlp, 3 * norm + 3 * row_bias)] * spec.decoder_num_layers
+    # The root: the token table, learned position or relative bias tables, the output weight or tied
+    # output bias, all split (by rows, or relative buckets by heads); the two final norms whole.
+    root = t5_provider_num_parameters(t5) - sum(map(sum, layers)) - 2 * norm
+    return layers, (root, 2 * norm)
 
 
 def _weights(
@@ -312,9 +431,14 @@ def _weights(
     num_microbatches: int | None,
 ) -> tuple[int, int, int, int]:
     """(parameters, gradients, optimizer, gathered weights) bytes per GPU, as for GPT: whole under
-    DDP; float32 shards under FSDP2, which wraps each layer (Mamba, attention, MLP; T5's encoder and
-    decoder layers) and keeps the rest (embeddings, final norms, output layer) in the root group."""
-    layers, root = _layer_params(provider)
+    DDP; float32 shards under FSDP2 (always so under tensor parallelism), which wraps each layer
+    (Mamba, attention, MLP; T5's encoder and decoder layers) and keeps the rest (embeddings, final
+    norms, output layer) in the root group; each a tensor-parallel rank's share."""
+    from viaduct.models.accounting import _per_tp_rank
+
+    by_tp, (root_split, root_whole) = _layer_params(provider)
+    layers = [_per_tp_rank(layout, split=split, replicated=whole) for split, whole in by_tp]
+    root = _per_tp_rank(layout, split=root_split, replicated=root_whole)
     local = sum(layers) + root
     if not layout.uses_fsdp:
         gradients = local * (_F32 if master and grad_fp32 else pbytes)
@@ -339,7 +463,7 @@ def _weights(
 
 def refuse_parallelism(provider: ModelProvider, layout: ParallelLayout, *, pipeline: bool = False) -> None:
     """Raise `ConfigError` for what the families do not build: pipeline parallelism (and any
-    per-rank pipeline estimate), tensor and context parallelism."""
+    per-rank pipeline estimate) and context parallelism."""
     kind = "Mamba / hybrid" if family(provider) == "mamba" else "T5"
     problems = []
     if pipeline or layout.pp > 1:
@@ -352,19 +476,15 @@ def refuse_parallelism(provider: ModelProvider, layout: ParallelLayout, *, pipel
                 fix="estimate the whole model with estimate_memory (pipeline_model_parallel_size=1)",
             )
         )
-    for path, size, what in (
-        ("model.tensor_model_parallel_size", layout.tp, "tensor"),
-        ("model.context_parallel_size", layout.cp, "context"),
-    ):
-        if size > 1:
-            problems.append(
-                Problem(
-                    path,
-                    f"{what} parallelism is not built for {kind} models",
-                    size,
-                    fix=f"set {path}=1",
-                )
+    if layout.cp > 1:
+        problems.append(
+            Problem(
+                "model.context_parallel_size",
+                f"context parallelism is not built for {kind} models",
+                layout.cp,
+                fix="set model.context_parallel_size=1",
             )
+        )
     if problems:
         raise ConfigError(problems, header=f"no memory estimate for this {kind} layout")
 
@@ -382,10 +502,11 @@ def estimate_family_memory(
     compiled: bool = True,
 ) -> MemoryEstimate:
     """`viaduct.models.accounting.estimate_memory` of a Mamba / hybrid or T5 provider (the module
-    docstring says what the activations count). `seq_length`: the (encoder) sequence length, default
-    the provider's; T5's decoder sees seq_length_dec. `compiled`: the model runs under torch.compile
-    (the default on CUDA), whose partitioner keeps less of a Mamba layer and of a gated MLP."""
-    from viaduct.models.accounting import MemoryEstimate, _logits_bytes
+    docstring says what the activations count) on one rank of `layout`. `seq_length`: the (encoder)
+    sequence length, default the provider's; T5's decoder sees seq_length_dec. `compiled`: the model
+    runs under torch.compile (the default on CUDA), whose partitioner keeps less of a Mamba layer and
+    of a gated MLP."""
+    from viaduct.models.accounting import MemoryEstimate, _logits_bytes, _per_tp_rank
 
     refuse_parallelism(provider, layout)
     provider.finalize()
@@ -400,43 +521,58 @@ def estimate_family_memory(
     b = micro_batch_size
     seq = seq_length or provider.seq_length
     h = provider.hidden_size
+
+    def final_norm(p: TransformerConfig) -> int:
+        """A final norm's input, statistics and output, per token."""
+        return _per_tp_rank(layout, stream=2 * a * h + _norm_stats(p))
+
+    def embedding(p: TransformerConfig) -> int:
+        """What the embedding keeps per token: its int64 token ids (every tensor-parallel rank reads
+        them whole) and its dropout mask."""
+        return _per_tp_rank(layout, stream=_dropout(p, h), replicated=_TOKEN_IDS)
+
     if family(provider) == "mamba":
         hybrid: HybridModelProvider = provider  # type: ignore[assignment]
         tokens = b * seq
-        residual = h * (_F32 if hybrid.fp32_residual_connection else a)
-        _, peak = stack_activations(hybrid_layer_bytes(hybrid, a, seq, compiled), residual, hybrid)
+        residual = _per_tp_rank(layout, stream=h * (_F32 if hybrid.fp32_residual_connection else a))
+        layer_bytes = hybrid_layer_bytes(hybrid, a, seq, compiled, layout=layout)
+        _, peak = stack_activations(layer_bytes, residual, hybrid)
         activations = tokens * peak
         if "M" in hybrid.layer_pattern():
-            activations += mamba_scan_recompute_bytes(hybrid, b, seq)
-        activations += tokens * (2 * a * h + _norm_stats(hybrid))  # final norm: input, output
-        activations += tokens * (_TOKEN_IDS + _dropout(hybrid, h))  # the embedding's
+            activations += mamba_scan_recompute_bytes(hybrid, a, b, seq, layout=layout)
+        activations += tokens * (final_norm(hybrid) + embedding(hybrid))
         logit_tokens, extra = tokens, 0
     else:
         t5: T5ModelProvider = provider  # type: ignore[assignment]
         cfg = _t5_layer_config(t5)
         enc_tokens, dec_tokens = b * seq, b * t5.seq_length_dec
-        residual = a * h
+        residual = _per_tp_rank(layout, stream=a * h)
+        encoder_layer = t5_encoder_layer_bytes(cfg, a, compiled, layout=layout)
         enc_kept, enc_peak = stack_activations(
-            [t5_encoder_layer_bytes(cfg, a, compiled)] * t5.effective_encoder_num_layers, residual, t5
+            [encoder_layer] * t5.effective_encoder_num_layers, residual, t5
         )
-        per_dec, per_enc = t5_decoder_layer_bytes(cfg, a, compiled)
+        per_dec, per_enc = t5_decoder_layer_bytes(cfg, a, compiled, layout=layout)
         # Full recompute keeps a decoder layer's input only: its key/value output goes with the rest.
         dec_layers = [per_dec * dec_tokens + per_enc * enc_tokens] * t5.num_layers
         _, dec_peak = stack_activations(dec_layers, residual * dec_tokens, t5)
         # Backward runs the decoder (the encoder's kept activations all alive), then the encoder.
         layers = max(enc_tokens * enc_kept + dec_peak, enc_tokens * enc_peak)
-        embedding = (_TOKEN_IDS + _dropout(cfg, h)) * (enc_tokens + dec_tokens)
-        final_norms = (2 * a * h + _norm_stats(cfg)) * (enc_tokens + dec_tokens)  # the encoder's: output
-        masks = t5_mask_bytes(t5, a, b, seq, t5.seq_length_dec)
-        activations = layers + embedding + final_norms + masks
+        # The encoder's final norm output is the encoder output every cross-attention reads.
+        per_token = embedding(cfg) + final_norm(cfg)
+        masks = t5_mask_bytes(t5, a, b, seq, t5.seq_length_dec, layout=layout)
+        activations = layers + per_token * (enc_tokens + dec_tokens) + masks
         logit_tokens = dec_tokens
         extra = 0
-        if t5.share_embeddings_and_output_weights and provider.cross_entropy_loss_fusion:
-            # The chunked loss takes no bias: hidden states and the table get the bias as one more
-            # column (`_fold_bias`), copies kept for the backward.
+        vocab_parallel = layout.tp > 1  # the vocabulary-parallel loss always takes the folded bias
+        if t5.share_embeddings_and_output_weights and (provider.cross_entropy_loss_fusion or vocab_parallel):
+            # The chunked and the vocabulary-parallel losses take no bias: hidden states and the table
+            # (a rank's rows of it) get the bias as one more column (`_fold_bias`), copies kept for
+            # the backward.
             vocab = provider.padded_vocab_size()
-            extra = dec_tokens * (h + 1) * a + vocab * (h + 1) * pbytes
-    logits = _logits_bytes(provider, logit_tokens, provider.padded_vocab_size(), a, keep_logits_bytes) + extra
+            extra = dec_tokens * _per_tp_rank(layout, stream=(h + 1) * a)
+            extra += _per_tp_rank(layout, split=vocab * (h + 1)) * pbytes
+    vocab = _per_tp_rank(layout, split=provider.padded_vocab_size())  # a tensor-parallel rank's
+    logits = _logits_bytes(provider, logit_tokens, vocab, a, keep_logits_bytes) + extra
     return MemoryEstimate(
         parameters=parameters,
         gradients=gradients,

@@ -198,15 +198,14 @@ class Mamba2Mixer(nn.Module):
         if self.conv1d.bias is not None:
             nn.init.uniform_(self.conv1d.bias, -bound, bound, generator=gen)
 
-        # Drawn in float32 on the parameters' device, then stored in their dtype.
-        device = self.dt_bias.device
-        u = torch.rand(self.num_heads, device=device, dtype=torch.float32, generator=gen)
+        # Drawn in float32 like the parameter (the same shards, if it is split), then stored in its
+        # dtype; only elementwise steps, so a sharded parameter initializes shard by shard.
+        u = torch.empty_like(self.dt_bias, dtype=torch.float32).uniform_(0.0, 1.0, generator=gen)
         log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
         dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
         # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), the latter exact for small dt.
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        a = torch.empty(self.num_heads, device=device, dtype=torch.float32)
-        a.uniform_(*self.A_init_range, generator=gen)
+        a = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*self.A_init_range, generator=gen)
         self.A_log.copy_(torch.log(a))
         self.D.fill_(1.0)
         self.norm.reset_parameters()

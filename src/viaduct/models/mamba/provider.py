@@ -56,6 +56,37 @@ _UNSUPPORTED_PARALLEL = (
 )
 
 
+def _spread(layers: list[str], symbol: str, count: int, *, end_with_mamba: bool) -> None:
+    """Turn `count` of the Mamba layers into `symbol`, evenly spaced: the Mamba layers that stay are
+    cut into runs of equal (fractional) length, count + 1 of them (Mamba layers first and last) or,
+    without `end_with_mamba`, count (the last run ends with `symbol`); each `symbol` goes where the
+    running remainder of the current run drops under half a layer, so a run of 2.5 layers is 2 or 3
+    layers long as rounding falls. (Megatron's placement, which this reproduces exactly.)"""
+    if count <= 0:
+        return
+    mamba = [i for i, s in enumerate(layers) if s == MAMBA]
+    run = (len(mamba) - count) / (count + 1 if end_with_mamba else count)
+    left = run
+    for i in mamba:
+        if left < 0.5:
+            layers[i] = symbol
+            left += run
+        else:
+            left -= 1
+
+
+def pattern_from_ratios(num_layers: int, attention_ratio: float, mlp_ratio: float) -> str:
+    """The layers of a hybrid stack placed by its ratios, as Megatron places them:
+    round(num_layers x attention_ratio) attention layers spread evenly with Mamba layers first and
+    last, then round(num_layers x mlp_ratio) MLP layers spread evenly over the remaining Mamba
+    layers, the last run ending with one; the rest stay Mamba layers.
+    `pattern_from_ratios(8, 0.25, 0.25)` is "MM*-M*M-"."""
+    layers = [MAMBA] * num_layers
+    _spread(layers, ATTENTION, round(num_layers * attention_ratio), end_with_mamba=True)
+    _spread(layers, MLP, round(num_layers * mlp_ratio), end_with_mamba=False)
+    return "".join(layers)
+
+
 def parse_layer_pattern(pattern: str, path: str = "hybrid_layer_pattern") -> tuple[str, Problems]:
     """The pattern without blanks, and one problem per symbol it cannot hold (each symbol once, with
     its positions)."""
@@ -120,9 +151,9 @@ class HybridModelProvider(GPTModelProvider):
     mamba_chunk_size: int = 128
     """Chunk length of the SSD scan (tokens per chunk of its quadratic form)."""
     hybrid_attention_ratio: float = 0.0
-    """Share of attention layers when no pattern is given; only 0 is supported (give a pattern)."""
+    """Share of attention layers, spread evenly among num_layers, when no pattern is given."""
     hybrid_mlp_ratio: float = 0.0
-    """Share of MLP layers when no pattern is given; only 0 is supported (give a pattern)."""
+    """Share of MLP layers, spread evenly among the Mamba layers, when no pattern is given."""
     hybrid_layer_pattern: str | None = None
     """One symbol per layer: M Mamba, * attention, - MLP; unset means num_layers Mamba layers."""
     hybrid_override_pattern: str | None = None
@@ -131,10 +162,11 @@ class HybridModelProvider(GPTModelProvider):
     # ------------------------------------------------------------------ derived views
 
     def layer_pattern(self) -> str:
-        """The symbol of every layer (after `finalize()`): the pattern, or all Mamba layers."""
+        """The symbol of every layer (after `finalize()`): the pattern, or num_layers layers placed by
+        the ratios (all Mamba layers when both are 0)."""
         if self.hybrid_layer_pattern is not None:
             return "".join(self.hybrid_layer_pattern.split())
-        return MAMBA * (self.num_layers or 0)
+        return pattern_from_ratios(self.num_layers or 0, self.hybrid_attention_ratio, self.hybrid_mlp_ratio)
 
     def mamba_heads(self) -> int:
         """The number of Mamba heads each Mamba layer has."""
@@ -188,6 +220,8 @@ class HybridModelProvider(GPTModelProvider):
         if pattern is not None and "hybrid_layer_pattern" not in bad:
             clean, problems = parse_layer_pattern(pattern)
             p.extend(problems.items)
+            if not problems:
+                self._warn_if_ratios_disagree(clean)
             n = self.num_layers
             if not problems and n is not None and "num_layers" not in bad and n != len(clean):
                 p.add(
@@ -197,19 +231,12 @@ class HybridModelProvider(GPTModelProvider):
                     fix=f"set model.num_layers={len(clean)} or leave it unset (null)",
                 )
         elif pattern is None and "num_layers" not in bad:
-            for name in ("hybrid_attention_ratio", "hybrid_mlp_ratio"):
-                ratio = getattr(self, name)
-                if name not in bad and ratio != 0.0:
-                    p.add(
-                        name,
-                        "placing layers by ratio is not supported; a pattern says where each layer goes",
-                        ratio,
-                        fix=f"set model.hybrid_layer_pattern (e.g. 'M*M-M*M-') and model.{name}=0.0",
-                    )
+            self._check_ratios(p, bad)
             if self.num_layers is None:
                 p.add(
                     "num_layers",
-                    "must be set when hybrid_layer_pattern is unset (all layers are then Mamba layers)",
+                    "must be set when hybrid_layer_pattern is unset (the layers are then placed by "
+                    "hybrid_attention_ratio and hybrid_mlp_ratio; all Mamba layers when both are 0)",
                     None,
                     fix="set model.num_layers, or model.hybrid_layer_pattern (e.g. 'MMMM')",
                 )
@@ -238,6 +265,42 @@ class HybridModelProvider(GPTModelProvider):
                     fix="set model.mamba_num_groups to a divisor of the head count",
                 )
 
+    def _warn_if_ratios_disagree(self, pattern: str) -> None:
+        # As in Megatron, a pattern overrides the ratios; ratios that say otherwise are worth a word.
+        for name, symbol in (("hybrid_attention_ratio", ATTENTION), ("hybrid_mlp_ratio", MLP)):
+            ratio, actual = getattr(self, name), pattern.count(symbol) / max(len(pattern), 1)
+            if ratio != 0.0 and abs(ratio - actual) > 1e-3:
+                warnings.warn(
+                    f"model.{name}={ratio} is ignored: hybrid_layer_pattern places the layers "
+                    f"(its share of '{symbol}' layers is {actual:.3f})",
+                    stacklevel=2,
+                )
+
+    def _check_ratios(self, p: Problems, bad: set[str]) -> None:
+        """The ratios that place the layers when no pattern is given: shares in [0, 1], together at
+        most 1."""
+        names = ("hybrid_attention_ratio", "hybrid_mlp_ratio")
+        ok = True
+        for name in names:
+            ratio = getattr(self, name)
+            if name not in bad and not 0.0 <= ratio <= 1.0:
+                ok = False
+                p.add(
+                    name,
+                    "is a share of the layers, between 0 and 1",
+                    ratio,
+                    fix=f"set model.{name} in [0, 1]",
+                )
+        total = self.hybrid_attention_ratio + self.hybrid_mlp_ratio
+        if ok and bad.isdisjoint(names) and total > 1.0:
+            p.add(
+                "hybrid_mlp_ratio",
+                f"with hybrid_attention_ratio {self.hybrid_attention_ratio} the shares add up to {total}, "
+                "more than all the layers",
+                self.hybrid_mlp_ratio,
+                fix="lower model.hybrid_attention_ratio or model.hybrid_mlp_ratio (their sum at most 1)",
+            )
+
     def _check_parallelism(self, p: Problems, bad: set[str]) -> None:
         for name, what in _UNSUPPORTED_PARALLEL:
             size = getattr(self, name)
@@ -249,14 +312,6 @@ class HybridModelProvider(GPTModelProvider):
                     fix=f"set model.{name}=1 and scale with tensor parallelism, data parallelism or "
                     "FSDP (ddp.use_distributed_optimizer)",
                 )
-        if self.init_model_with_meta_device and "init_model_with_meta_device" not in bad:
-            p.add(
-                "init_model_with_meta_device",
-                "is not supported yet for Mamba layers: their per-head initialization cannot draw into "
-                "the sharded parameters of a meta-device build",
-                True,
-                fix="set model.init_model_with_meta_device=false (each rank then builds and shards)",
-            )
         super()._check_parallelism(p, bad | {name for name, _ in _UNSUPPORTED_PARALLEL})
 
     def _check_tensor_parallel(self, p: Problems, bad: set[str]) -> None:
