@@ -303,14 +303,16 @@ class MemoryEstimate:
         return f"{parts}; total {gib['total']:.2f} GiB"
 
 
-def _layer_activation_bytes(p: GPTModelProvider, act_bytes: int) -> tuple[int, int]:
+def _layer_activation_bytes(p: GPTModelProvider, act_bytes: int) -> tuple[int, int, int]:
     """Bytes per token one layer keeps for backward without recompute, as (residual-stream part,
-    attention/MLP part): sequence parallelism splits the first over the tensor-parallel ranks,
-    tensor parallelism the second."""
+    GEMM inputs, attention/MLP part): sequence parallelism splits the first over the tensor-parallel
+    ranks, tensor parallelism the third; the second, the norms' outputs that the QKV and fc1 GEMMs
+    keep, is whole on every rank (under sequence parallelism their all-gathered copies)."""
     assert p.kv_channels is not None and p.num_query_groups is not None and p.ffn_hidden_size is not None
     h, d, ffn = p.hidden_size, p.kv_channels, p.ffn_hidden_size
     q, kv = p.num_attention_heads * d, p.num_query_groups * d
-    stream = 4 * h * act_bytes  # each norm keeps its input and the next GEMM keeps its output
+    stream = 2 * h * act_bytes  # each norm keeps its input
+    gemm_inputs = 2 * h * act_bytes  # and the GEMM after it keeps its output
     if p.hidden_dropout > 0:
         stream += 2 * h  # two bool masks
     attention = (q + 2 * kv) + q  # q, k, v for the kernel + its output (input of linear_proj)
@@ -318,7 +320,10 @@ def _layer_activation_bytes(p: GPTModelProvider, act_bytes: int) -> tuple[int, i
     if p.recompute_granularity == "selective" and "mlp" in (p.recompute_modules or ()):
         # The fused attention kernels keep only q, k, v and the output, so core_attn frees nothing here.
         mlp = 0
-    return stream, (attention + mlp) * act_bytes
+        # The recomputed MLP keeps only its input, before sequence parallelism's all-gather (which
+        # runs again in the recompute): a shard of the residual stream, not fc1's gathered input.
+        stream, gemm_inputs = stream + h * act_bytes, gemm_inputs - h * act_bytes
+    return stream, gemm_inputs, (attention + mlp) * act_bytes
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -330,8 +335,9 @@ def _per_tp_rank(layout: ParallelLayout, *, split: int = 0, stream: int = 0, rep
     the one rule every model family's estimate divides by: `split` is divided by `layout.tp` (weights
     split by heads, MLP units, B/C groups or vocabulary rows, and the activations inside the attention,
     MLP or mixer), `stream` only under sequence parallelism (the residual stream's activations: the
-    norms' inputs and outputs and the dropout masks, the next GEMM's input counted with them),
-    `replicated` not at all (norm weights, row-parallel biases). Each divided part is rounded up."""
+    norms' inputs and the dropout masks), `replicated` not at all (norm weights, row-parallel biases,
+    and the input a column-parallel GEMM keeps, which under sequence parallelism is the whole
+    all-gathered copy). Each divided part is rounded up."""
     stream_split = layout.tp if layout.sequence_parallel else 1
     return _ceil_div(split, layout.tp) + _ceil_div(stream, stream_split) + replicated
 
@@ -660,8 +666,8 @@ def _estimate(
         optimizer = n * (8 + (4 if master_weights else 0))
 
     act_bytes = p.autocast_dtype.itemsize if p.enable_autocast and p.autocast_dtype else pbytes
-    stream, inner = _layer_activation_bytes(p, act_bytes)
-    per_layer = _per_tp_rank(layout, split=inner, stream=stream)
+    stream, gemm_inputs, inner = _layer_activation_bytes(p, act_bytes)
+    per_layer = _per_tp_rank(layout, split=inner, stream=stream, replicated=gemm_inputs)
     residual = _per_tp_rank(layout, stream=p.hidden_size * (4 if p.fp32_residual_connection else act_bytes))
     n_layers = share.chunk_layers
     # What each forward pass in flight keeps until its backward, and what the backward's recompute
@@ -682,7 +688,11 @@ def _estimate(
     if share.sends:
         kept_bytes += share.in_flight * residual  # the stage outputs sent on, kept for their backward
     if share.output:
-        kept_bytes += _per_tp_rank(layout, stream=2 * p.hidden_size * act_bytes)  # final norm: input, output
+        # The final norm's input, and its output, which the output layer keeps (gathered under
+        # sequence parallelism).
+        kept_bytes += _per_tp_rank(
+            layout, stream=p.hidden_size * act_bytes, replicated=p.hidden_size * act_bytes
+        )
     activations = tokens * kept_bytes
 
     logits = 0

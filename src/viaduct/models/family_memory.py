@@ -137,10 +137,16 @@ def _dropout(p: TransformerConfig, h: int) -> int:
 
 
 def _pre_norm(p: TransformerConfig, a: int) -> int:
-    """A pre-norm branch's norm: its input, its statistics and its output (the next GEMM's input),
-    plus the branch's dropout mask, per token: the residual-stream part of a layer, which sequence
-    parallelism splits over the tensor-parallel ranks."""
-    return 2 * a * p.hidden_size + _norm_stats(p) + _dropout(p, p.hidden_size)
+    """A pre-norm branch's norm: its input and statistics, plus the branch's dropout mask, per token:
+    the residual-stream part of a layer, which sequence parallelism splits over the tensor-parallel
+    ranks. (The norm's output, the next GEMM's input, is `_gemm_input`.)"""
+    return a * p.hidden_size + _norm_stats(p) + _dropout(p, p.hidden_size)
+
+
+def _gemm_input(p: TransformerConfig, a: int) -> int:
+    """The input the GEMM after a pre-norm keeps, per token: whole on every tensor-parallel rank,
+    also under sequence parallelism, where it is the all-gathered copy of the norm's output."""
+    return a * p.hidden_size
 
 
 def _one_rank() -> ParallelLayout:
@@ -163,7 +169,9 @@ def attention_layer_bytes(p: TransformerConfig, a: int, *, layout: ParallelLayou
         inner += (q + kv) * a
     if p.qk_layernorm:
         inner += _norm_stats(p) * (p.num_attention_heads + p.num_query_groups)
-    return _per_tp_rank(layout or _one_rank(), split=inner, stream=_pre_norm(p, a))
+    return _per_tp_rank(
+        layout or _one_rank(), split=inner, stream=_pre_norm(p, a), replicated=_gemm_input(p, a)
+    )
 
 
 def mlp_layer_bytes(
@@ -185,8 +193,13 @@ def mlp_layer_bytes(
     # Gated: fc1's output (its de-interleaved copy, eagerly) and the product act(gate) * up; eagerly
     # also act(gate), which the compiled backward recomputes.
     inner = (3 if compiled else 4) * ffn if p.gated_linear_unit else 2 * ffn
-    split = 0 if recompute else inner * a
-    return _per_tp_rank(layout or _one_rank(), split=split, stream=_pre_norm(p, a))
+    if recompute:
+        # Only the MLP's input is kept, before sequence parallelism's all-gather (re-run in the
+        # recompute): a shard of the residual stream.
+        return _per_tp_rank(layout or _one_rank(), stream=_pre_norm(p, a) + _gemm_input(p, a))
+    return _per_tp_rank(
+        layout or _one_rank(), split=inner * a, stream=_pre_norm(p, a), replicated=_gemm_input(p, a)
+    )
 
 
 def mamba_layer_bytes(
@@ -231,7 +244,7 @@ def mamba_layer_bytes(
         n += (0 if one_group else a * d) + (_F32 * d if a < _F32 else 0)
         n += _F32 * d if a < _F32 or not one_group else 0
         n += 4 * _F32 * d  # float32 y, silu(z), y * silu(z), the normalized values
-    return _per_tp_rank(layout, split=n, stream=_pre_norm(p, a))
+    return _per_tp_rank(layout, split=n, stream=_pre_norm(p, a), replicated=_gemm_input(p, a))
 
 
 def mamba_scan_recompute_bytes(
@@ -301,10 +314,18 @@ def t5_decoder_layer_bytes(
     assert p.kv_channels is not None
     layout = layout or _one_rank()
     inner = p.num_attention_heads * p.kv_channels
-    cross = _per_tp_rank(layout, split=2 * inner * a + _F32 * p.num_attention_heads, stream=_pre_norm(p, a))
+    cross = _per_tp_rank(
+        layout,
+        split=2 * inner * a + _F32 * p.num_attention_heads,
+        stream=_pre_norm(p, a),
+        replicated=_gemm_input(p, a),
+    )
     mlp = mlp_layer_bytes(p, a, compiled, _selective_mlp(p), layout=layout)
     per_dec = attention_layer_bytes(p, a, layout=layout) + mlp + cross
-    return per_dec, _per_tp_rank(layout, split=2 * inner * a)
+    # Under sequence parallelism each layer's key/value projection gathers the encoder output (split
+    # along the sequence) and keeps its own whole copy.
+    gathered = a * p.hidden_size if layout.sequence_parallel else 0
+    return per_dec, _per_tp_rank(layout, split=2 * inner * a, replicated=gathered)
 
 
 def _t5_layer_config(p: T5ModelProvider) -> TransformerConfig:
@@ -523,8 +544,9 @@ def estimate_family_memory(
     h = provider.hidden_size
 
     def final_norm(p: TransformerConfig) -> int:
-        """A final norm's input, statistics and output, per token."""
-        return _per_tp_rank(layout, stream=2 * a * h + _norm_stats(p))
+        """A final norm's input and statistics, and its output (whole: the output layer, or each
+        cross-attention under sequence parallelism, reads it gathered), per token."""
+        return _per_tp_rank(layout, stream=a * h + _norm_stats(p), replicated=a * h)
 
     def embedding(p: TransformerConfig) -> int:
         """What the embedding keeps per token: its int64 token ids (every tensor-parallel rank reads

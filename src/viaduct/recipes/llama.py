@@ -72,14 +72,19 @@ def llama3_70b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContai
 
     Tensor parallelism 8 with sequence parallelism inside each 8-GPU node; pipeline parallelism 4
     with 5 virtual stages per rank (20 stages of 4 layers, interleaved 1F1B schedule); sharded data
-    parallelism (FSDP2, strategy optim) over the remaining ranks; bf16 mixed precision, no activation
-    recompute, micro-batches of 1 x 8192 tokens. On 64 GPUs (data-parallel 2) the global batch of 32
-    is 16 micro-batches per step, a pipeline bubble of 3.6%, and the busiest pipeline rank (the first:
-    its in-flight micro-batches) needs about 54 GiB per GPU
+    parallelism (FSDP2, strategy optim) over the remaining ranks; bf16 mixed precision, selective
+    recompute of the MLPs, micro-batches of 1 x 8192 tokens. On 64 GPUs (data-parallel 2) the global
+    batch of 32 is 16 micro-batches per step, a pipeline bubble of 3.6%, and the busiest pipeline rank
+    (the first: its in-flight micro-batches) needs about 49 GiB per GPU
     (`viaduct config validate --recipe llama3_70b --world-size 64 --gpu-memory 80`). On 32 GPUs
-    (no data parallelism) that is about 71 GiB: add full activation recompute there
+    (no data parallelism) that is about 66 GiB: use full activation recompute there
     (`model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1`:
     about 49 GiB).
+
+    Why the MLPs are recomputed: PyTorch's sequence parallelism keeps the all-gathered input of each
+    column-parallel GEMM for its backward (Megatron's gathers it again instead); without recompute
+    the first pipeline rank would need about 74 GiB. The recomputed MLP keeps only its input's
+    sequence shard and gathers it again in backward.
 
     Strategy optim rather than optim_grads_params: under pipeline parallelism PyTorch's schedules keep
     the weights gathered and the gradients unsharded from one micro-batch to the next anyway, so
@@ -97,6 +102,8 @@ def llama3_70b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigContai
     model.sequence_parallel = True
     model.pipeline_model_parallel_size = 4
     model.virtual_pipeline_model_parallel_size = 5
+    model.recompute_granularity = "selective"
+    model.recompute_modules = ["mlp"]
     cfg.train.micro_batch_size = 1
     return apply_recipe_kwargs(cfg, kwargs, recipe="llama3_70b_pretrain_config", default_name="llama3_70b")
 
