@@ -148,6 +148,26 @@ def _layer_plan(layer: nn.Module, sp: bool) -> dict[str, ParallelStyle]:
     return plan
 
 
+def embedding_plan(prefix: str, has_positions: bool, sp: bool) -> dict[str, ParallelStyle]:
+    """The embedding module `prefix`'s split: its token table (`word_embeddings`) by vocabulary rows,
+    the partial sums reduced; a learned position table (`position_embeddings`) likewise. Under
+    sequence parallelism, without positions the token embedding's partial sums are reduce-scattered
+    straight onto sequence shards; with them, reduced whole, added, then sliced (no communication)."""
+    direct = sp and not has_positions
+    plan: dict[str, ParallelStyle] = {
+        f"{prefix}.word_embeddings": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1) if direct else Replicate()
+        )
+    }
+    if has_positions:
+        plan[f"{prefix}.position_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Replicate()
+        )
+    if sp and not direct:
+        plan[prefix] = _SliceSequence()
+    return plan
+
+
 def apply_tensor_parallel(model: GPTModel, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Split `model` over `tp_mesh` (see `_layer_plan`); the vocabulary is split too."""
     from viaduct.distributed.vocab_parallel import VocabParallelOutput
@@ -156,18 +176,7 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh: DeviceMesh, *, sequence_para
     plan: dict[str, ParallelStyle] = {}
     embedding = model.embedding
     if embedding is not None:
-        # Without position embeddings the token embedding's partial sums are reduce-scattered straight
-        # onto sequence shards; with them, reduced whole, added, then sliced (no communication).
-        direct = sp and embedding.position_embeddings is None
-        plan["embedding.word_embeddings"] = RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Shard(1) if direct else Replicate()
-        )
-        if embedding.position_embeddings is not None:
-            plan["embedding.position_embeddings"] = RowwiseParallel(
-                input_layouts=Replicate(), output_layouts=Replicate()
-            )
-        if sp and not direct:
-            plan["embedding"] = _SliceSequence()
+        plan |= embedding_plan("embedding", embedding.position_embeddings is not None, sp)
     if model.decoder.final_layernorm is not None and sp:
         plan["decoder.final_layernorm"] = SequenceParallel(use_local_output=True)
     parallelize_module(model, tp_mesh, plan)

@@ -26,7 +26,7 @@ and the vocabulary-parallel output goes into its `vocab_output` hook.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -42,8 +42,8 @@ from viaduct.distributed.parallelize import (
     _distribute_own,
     _layer_plan,
     _SequenceGatheredOutput,
-    _SliceSequence,
     _wait_for_collective,
+    embedding_plan,
 )
 from viaduct.models.common.transformer import TransformerLayer
 
@@ -58,7 +58,7 @@ def _decoder_layer_plan(layer: T5DecoderLayer, sp: bool) -> dict[str, ParallelSt
     submodule names), plus the cross-attention: queries and keys/values column-parallel, the output
     projection row-parallel (reduce-scattered along the sequence with sequence parallelism)."""
     # `_layer_plan` reads only the submodules a decoder layer shares with a TransformerLayer.
-    plan = _layer_plan(cast(TransformerLayer, layer), sp)
+    plan = _layer_plan(layer, sp)
     plan["cross_attention.linear_q"] = ColwiseParallel()
     plan["cross_attention.linear_kv"] = ColwiseParallel()
     plan["cross_attention.linear_proj"] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
@@ -83,21 +83,8 @@ def apply_t5_tensor_parallel(model: T5Model, tp_mesh: DeviceMesh, *, sequence_pa
     from viaduct.models.t5.model import T5DecoderLayer
 
     sp = sequence_parallel
-    embedding = model.embedding
-    # As GPT's embedding: the token table split by vocabulary rows (partial sums reduced; without
-    # position embeddings reduce-scattered straight onto sequence shards under sequence parallelism).
-    direct = sp and embedding.position_embeddings is None
-    plan: dict[str, ParallelStyle] = {
-        "embedding.word_embeddings": RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Shard(1) if direct else Replicate()
-        )
-    }
-    if embedding.position_embeddings is not None:
-        plan["embedding.position_embeddings"] = RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Replicate()
-        )
-    if sp and not direct:
-        plan["embedding"] = _SliceSequence()
+    # As GPT's embedding (one table for both stacks).
+    plan = embedding_plan("embedding", model.embedding.position_embeddings is not None, sp)
     for name in ("encoder_relative_pos_emb", "decoder_relative_pos_emb"):
         if getattr(model, name) is not None:
             # [buckets, heads] split by columns: each rank looks up the bias of its own heads, in the
@@ -109,7 +96,7 @@ def apply_t5_tensor_parallel(model: T5Model, tp_mesh: DeviceMesh, *, sequence_pa
         plan["encoder.final_layernorm"] = SequenceParallel(use_local_output=True)
         plan["decoder.final_layernorm"] = SequenceParallel(use_local_output=True)
     parallelize_module(model, tp_mesh, plan)
-    embedding.register_forward_hook(_wait_for_collective)
+    model.embedding.register_forward_hook(_wait_for_collective)
     for i, layer in enumerate(model.encoder.layers):
         if not isinstance(layer, TransformerLayer):
             raise TypeError(f"encoder.layers.{i} is a {type(layer).__name__}, not a TransformerLayer")
