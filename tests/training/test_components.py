@@ -154,16 +154,6 @@ def test_spec_defaults():
         ),
         (LoggerConfig(mlflow_experiment="x"), "logger.mlflow_experiment", "MLflow"),
         (LoggerConfig(comet_project="x"), "logger.comet_project", "Comet"),
-        (
-            RerunStateMachineConfig(rerun_mode="validate_results"),
-            "rerun_state_machine.rerun_mode",
-            "re-running",
-        ),
-        (
-            RerunStateMachineConfig(error_injection_rate=5),
-            "rerun_state_machine.error_injection_rate",
-            "injection",
-        ),
         (ProfilingConfig(use_nsys_profiler=True), "profiling.use_nsys_profiler", "nsys"),
         (FaultToleranceConfig(), "ft", "fault tolerance"),
         (NVRxStragglerDetectionConfig(), "nvrx_straggler", "NVRx straggler detection"),

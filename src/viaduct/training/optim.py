@@ -181,8 +181,11 @@ class MixedPrecisionOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self) -> None:
-        """Start a step: the gradients of the last one are dropped."""
+        """Start a step: the gradients of the last one (and a pending `scale_grads` factor) are dropped.
+
+        A step re-run in place (rerun_state_machine) starts over from here, so nothing may carry over."""
         self.main_grads.begin_step()
+        self._grad_scale = None
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call backward on: multiplied by the fp16 loss scale, if any."""

@@ -51,6 +51,7 @@ from viaduct.training.microbatches import MicroBatchCalculator
 from viaduct.training.optim import build_optimizer
 from viaduct.training.outputs import check_outputs
 from viaduct.training.profiling import Profiler
+from viaduct.training.rerun import RerunStateMachine, validation_log_path
 from viaduct.training.rng import set_random_seed
 from viaduct.training.scheduler import build_scheduler
 from viaduct.training.signals import DistributedSignalHandler
@@ -158,6 +159,11 @@ def _run(
         gc.collect()
         if state.dist is not None:
             destroy_distributed(state.dist, abort=failed)
+    if state.exit_code:
+        # The rerun state machine's exit codes (16: resume on other hardware; 17: a reproduced fatal
+        # result) are for the job scheduler: the process ends with them, after a clean shutdown.
+        log.error("%s", state.exit_reason)
+        raise SystemExit(state.exit_code)
     return state
 
 
@@ -259,6 +265,16 @@ def _setup(
         )
     # The streams the first step must see (seeded, or the checkpoint's): the loop returns to them.
     rng_at_start = RNGSnapshot.capture(ctx.device)
+    rerun = RerunStateMachine(
+        cfg.rerun_state_machine,
+        capture_rng=lambda: RNGSnapshot.capture(ctx.device),
+        rank=ctx.rank,
+        group=ctx.host_group,
+        distributed=ctx.distributed,
+        host_device=ctx.host_device,
+        log_path=validation_log_path(cfg),
+    )
+    rerun.load_checkpoint_state(checkpointer.loaded_rerun_state, str(cfg.checkpoint.load))
 
     per_token = model_cfg.calculate_per_token_loss
     if ctx.distributed and not layout.uses_fsdp:
@@ -359,6 +375,7 @@ def _setup(
         pipeline=pipeline,
         micro_batch_size=micro_batch_size,
         eval_micro_batch_size=eval_micro_batch_size,
+        rerun=rerun,
     )
     n_params = sum(p.numel() for p in model.parameters())
     state.logger.info(

@@ -88,6 +88,8 @@ class GlobalState:
     exit_reason: str | None = None
     """Why the loop stopped before the last iteration (the exit signal, exit_interval,
     exit_duration_in_mins); None when it ran to the end or did not train."""
+    exit_code: int | None = None
+    """The process exit code the run asks for (16 or 17 from the rerun state machine); None otherwise."""
     final_validation: dict[str, float] | None = None
     """Losses of the validation pass after training; None when none ran (an early exit, no validation
     data, or the last step's own evaluation already covered it)."""

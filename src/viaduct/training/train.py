@@ -30,6 +30,7 @@ from viaduct.training.host_memory import keep_freed_host_memory
 from viaduct.training.logging import IntervalTiming, StepRecord
 from viaduct.training.microbatches import MicroBatchCalculator
 from viaduct.training.optim import MixedPrecisionOptimizer
+from viaduct.training.rerun import EXIT_CODE_RESUME_TO_DISAMBIGUATE, RerunExit, RerunStateMachine
 from viaduct.training.state import GlobalState
 from viaduct.training.train_step import StepGroups, train_step
 
@@ -215,6 +216,8 @@ class TrainContext:
     """With pipeline parallelism: this rank's stages and their schedules (they run the steps)."""
     micro_batch_size: int = 1
     eval_micro_batch_size: int = 1
+    rerun: RerunStateMachine | None = None
+    """rerun_state_machine's result validation (None: the loss checks at each log interval only)."""
 
 
 def _decoupled_lr(optimizer: MixedPrecisionOptimizer) -> float | None:
@@ -292,7 +295,9 @@ def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[fl
                 "to continue anyway"
             )
         for name, value in record.losses.items():
-            if rsm.check_for_spiky_loss and recent and value > rsm.spiky_loss_factor * max(recent):
+            # Under validate_results the machine checks every micro-batch's local loss for spikes.
+            spiky = rsm.check_for_spiky_loss and rsm.rerun_mode != "validate_results"
+            if spiky and recent and value > rsm.spiky_loss_factor * max(recent):
                 log.warning(
                     "spiky loss at iteration %d: %s = %.4f is over %.1f × the largest of the last %d (%.4f)",
                     record.step,
@@ -403,6 +408,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
     last_saved_step = train_state.step if train_state.step > 0 else None
     first_step = True
     exit_reason: str | None = None
+    exit_code: int | None = None
 
     while train_state.step < train_iters:
         step = train_state.step + 1
@@ -423,19 +429,30 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             result = None
             train_state.skipped_train_samples += global_batch_size
         else:
-            result = train_step(
-                context.forward_step,
-                train_iterator,
-                model,
-                optimizer,
-                context.microbatches.num_microbatches,
-                per_token_loss=context.per_token_loss,
-                empty_cache_level=train_cfg.empty_unused_memory_level,
-                timers=timers,
-                groups=context.step_groups,
-                pipeline=context.pipeline,
-                micro_batch_size=context.micro_batch_size,
-            )
+            try:
+                result = train_step(
+                    context.forward_step,
+                    train_iterator,
+                    model,
+                    optimizer,
+                    context.microbatches.num_microbatches,
+                    per_token_loss=context.per_token_loss,
+                    empty_cache_level=train_cfg.empty_unused_memory_level,
+                    timers=timers,
+                    groups=context.step_groups,
+                    pipeline=context.pipeline,
+                    micro_batch_size=context.micro_batch_size,
+                    rerun=context.rerun,
+                    step=step,
+                )
+            except RerunExit as stop:
+                # The optimizer has not stepped: the state is that of the previous iteration, and the
+                # machine has put the RNG back to this step's start, so a resumed run re-runs this step.
+                exit_reason, exit_code = stop.reason, stop.code
+                if stop.code == EXIT_CODE_RESUME_TO_DISAMBIGUATE and cfg.checkpoint.save:
+                    _save(state, context, train_state.step)
+                last_saved_step = train_state.step  # no other save: it would not hold the record
+                break
             skipped = not result.updated
             if result.updated:
                 scheduler.step(increment=global_batch_size)
@@ -508,6 +525,9 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
                 for at, values in layer_norms.items():
                     logger.log_scalars(at, values)
             _check_losses(state, records, recent_losses)
+            report = context.rerun.determinism_report() if context.rerun is not None else None
+            if report is not None and logger is not None:
+                logger.info(report)
             pending.clear()
             interval_start, interval_steps, interval_samples = time.time(), 0, 0
 
@@ -565,6 +585,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
     if exit_reason is not None and logger is not None:
         logger.info(f"exiting at iteration {train_state.step}: {exit_reason}")
     state.exit_reason = exit_reason
+    state.exit_code = exit_code
     if train_cfg.manual_gc:
         gc.enable()
     context.callbacks.fire("on_train_end", callback_ctx)
@@ -580,6 +601,7 @@ def _save(state: GlobalState, context: TrainContext, step: int) -> None:
         optimizer=context.optimizer,
         scheduler=context.scheduler,
         train_state=train_state,
+        rerun_state=context.rerun.checkpoint_state() if context.rerun is not None else None,
     )
     if context.progress_file is not None:
         context.progress_file.checkpoint_saved(

@@ -30,6 +30,7 @@ from viaduct.training.optim import MixedPrecisionOptimizer
 if TYPE_CHECKING:
     from viaduct.distributed.pipeline import Pipeline
     from viaduct.training.logging.timers import Timers
+    from viaduct.training.rerun import RerunStateMachine
 
 ForwardStep = Callable[[Iterator[Any], nn.Module], tuple[Any, LossFunc]]
 """A forward step with any `state` already bound: `(data_iterator, model) -> (output, loss_func)`."""
@@ -113,8 +114,12 @@ def forward_backward(
     per_token_loss: bool = False,
     forward_only: bool = False,
     groups: StepGroups | None = None,
+    local_losses: list[torch.Tensor] | None = None,
 ) -> MetricAccumulator:
-    """Run the micro-batches of one step (no pipeline parallelism); returns the accumulated reports."""
+    """Run the micro-batches of one step (no pipeline parallelism); returns the accumulated reports.
+
+    `local_losses` receives each micro-batch's loss as this rank computed it, before any reduction
+    (per token when the loss function returns a token count): what the rerun state machine checks."""
     groups = groups or StepGroups()
     metrics = MetricAccumulator()
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -138,6 +143,11 @@ def forward_backward(
             output, loss_func = forward_step(data_iterator, model)
             loss, num_tokens, report = unpack_loss(loss_func(output))
             metrics.add(report)
+            if local_losses is not None:
+                local = loss.detach().float()
+                local_losses.append(
+                    local / num_tokens.detach().clamp(min=1) if num_tokens is not None else local
+                )
             if forward_only:
                 continue
             loss, tokens = normalize_loss(loss, num_tokens, num_microbatches, per_token_loss, groups)
@@ -195,6 +205,8 @@ def train_step(
     groups: StepGroups | None = None,
     pipeline: Pipeline | None = None,
     micro_batch_size: int = 1,
+    rerun: RerunStateMachine | None = None,
+    step: int = 0,
 ) -> StepResult:
     """Forward/backward over `num_microbatches`, then the optimizer step.
 
@@ -215,6 +227,23 @@ def train_step(
             per_token_loss=per_token_loss,
             groups=groups,
         )
+    elif rerun is not None and rerun.active:
+
+        def run_once(iterator: Iterator[Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            local: list[torch.Tensor] = []
+            metrics = forward_backward(
+                forward_step,
+                iterator,
+                model,
+                optimizer,
+                num_microbatches,
+                per_token_loss=per_token_loss,
+                groups=groups,
+                local_losses=local,
+            )
+            return metrics.reduce(), local
+
+        losses = rerun.run_step(step, data_iterator, run_once, optimizer.zero_grad)
     else:
         losses = forward_backward(
             forward_step,

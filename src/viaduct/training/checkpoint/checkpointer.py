@@ -5,7 +5,8 @@ One checkpoint is a directory ``<checkpoint.save>/iter_NNNNNNN/`` holding
 * the model and optimizer tensors: torch.distributed.checkpoint shards (``ckpt_format="torch_dist"``)
   or one ``model_optim.pt`` (``"torch"``), keyed ``model.<name>`` / ``optimizer.<kind>.<name>``;
 * ``common.pt``: everything that is not a tensor (scheduler state, optimizer hyperparameters, loss
-  scaler), ``train_state.pt`` (step, consumed samples, FLOPs), ``rng/rank_NNNNN.pt`` (one per rank),
+  scaler, and the rerun state machine's JSON record when it asked for a restart),
+  ``train_state.pt`` (step, consumed samples, FLOPs), ``rng/rank_NNNNN.pt`` (one per rank),
   ``metadata.json`` (format, step, world size, contents), ``run_config.yaml`` and ``tokenizer/``;
 
 and ``<checkpoint.save>/latest_checkpointed_iteration.txt`` (Megatron-LM's tracker) and
@@ -98,6 +99,8 @@ class Checkpointer:
         self.checkpoint_cfg = cfg.checkpoint
         self.ctx = ctx
         self.last_load: LoadReport | None = None
+        self.loaded_rerun_state: object = None
+        """The rerun state machine's JSON record of the loaded checkpoint (None when it holds none)."""
         # PEFT: checkpoints hold the adapters; the base comes from checkpoint.pretrained_checkpoint.
         self._adapters_only = cfg.peft is not None
         self._loaded_dir: Path | None = None  # retention never deletes the checkpoint this run started from
@@ -126,8 +129,12 @@ class Checkpointer:
         optimizer: MixedPrecisionOptimizer | None,
         scheduler: OptimizerParamScheduler | None,
         train_state: TrainState,
+        rerun_state: str | None = None,
     ) -> str:
         """Write the checkpoint of `step` under `checkpoint.save`; returns its directory.
+
+        `rerun_state`: the rerun state machine's JSON record (the iteration a resumed run must re-run),
+        kept in common.pt as a string.
 
         With `checkpoint.async_save` this returns once the state is staged in CPU memory: the directory
         appears (complete, with the tracker updated) when the background write finishes. It first waits
@@ -167,6 +174,8 @@ class Checkpointer:
         }
         if with_optim:
             common["optimizer"] = optim_common
+        if rerun_state is not None:
+            common["rerun_state_machine"] = rerun_state
         storage = self._async_storage(ckpt.ckpt_format) if use_async else self._storage(ckpt.ckpt_format)
         share = storage.share(tensors)  # what this rank writes
         rng_state = _rng_module().get_rng_state() if ckpt.save_rng else None
@@ -556,6 +565,7 @@ class Checkpointer:
                 report.parts.append("scheduler")
             train_state.load_state_dict(self._read_pt(directory / layout.TRAIN_STATE, fld))
             report.parts.append("train_state")
+            self.loaded_rerun_state = common.get("rerun_state_machine")
             if ckpt.load_rng:
                 self._restore_rng(directory, contents, fld, report)
             report.step = train_state.step

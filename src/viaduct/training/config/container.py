@@ -624,6 +624,21 @@ class ConfigContainer(ConfigBase):
     def _runnable_problems(self, broken: set[str]) -> list[Problem]:
         """What the training loop cannot run (yet) although each component is sound on its own."""
         problems: list[Problem] = []
+        rerun_mode = self.rerun_state_machine.rerun_mode
+        if (
+            rerun_mode != "disabled"
+            and not {"rerun_state_machine", "model"} & broken
+            and self.model.pipeline_model_parallel_size > 1
+        ):
+            problems.append(
+                Problem(
+                    "rerun_state_machine.rerun_mode",
+                    "re-running iterations is not built for pipeline parallelism (a pipeline schedule "
+                    "interleaves the micro-batches of the stages, so a step cannot be replayed in place)",
+                    rerun_mode,
+                    fix="set rerun_state_machine.rerun_mode=disabled or model.pipeline_model_parallel_size=1",
+                )
+            )
         if self.profiling is not None and "profiling" not in broken and self.world_size is not None:
             problems += [p.prefixed("profiling") for p in self.profiling.setting_problems(self.world_size)]
         if isinstance(self.model, T5ModelProvider):

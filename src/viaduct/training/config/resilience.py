@@ -1,6 +1,8 @@
 """Resilience components: `rerun_state_machine`, `ft`, `straggler`, `nvrx_straggler`, `inprocess_restart`.
 
-Only the loss checks of the rerun state machine (NaN/Inf and spiky loss) are built. Fault tolerance,
+The rerun state machine is built (`viaduct.training.rerun`): the loss checks (NaN/Inf and spiky
+loss), result validation by re-running rejected iterations (in place, then after a restart with exit
+code 16 or 17), determinism statistics, and error injection to test it. Fault tolerance,
 straggler detection and in-process restart need the NVIDIA Resiliency Extension or Megatron's
 runtime; their full field sets are kept so Megatron Bridge configs load, and setting any of those
 components is reported as not supported.
@@ -9,13 +11,13 @@ components is reported as not supported.
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, Problems, unsupported
+from viaduct.config import ConfigBase, Problems
 from viaduct.training.config._checks import in_range, positive
 
 
 @dataclass(kw_only=True)
 class RerunStateMachineConfig(ConfigBase):
-    """Checks on the loss (NaN/Inf, spikes); re-running iterations to attribute faults is not built."""
+    """Checks on the loss (NaN/Inf, spikes) and re-running iterations to attribute faults."""
 
     _component_: ClassVar[str] = "rerun_state_machine"
 
@@ -28,20 +30,39 @@ class RerunStateMachineConfig(ConfigBase):
     spiky_loss_factor: float = 10.0
     """A loss above this multiple of the largest loss of the recent window counts as a spike."""
 
-    rerun_mode: Literal["disabled", "validate_results", "report_determinism_stats"] = unsupported(
-        "result validation by re-running iterations", default="disabled"
-    )
+    rerun_mode: Literal["disabled", "validate_results", "report_determinism_stats"] = "disabled"
     """Re-run engine: "disabled", "validate_results" (re-run rejected steps) or "report_determinism_stats"."""
 
-    error_injection_rate: int = unsupported("error injection", default=0)
-    """Fake a failed result once every this many validations (0: never), to test the machinery."""
+    error_injection_rate: int = 0
+    """Fake a failed NaN check once every this many validations (0: never); needs validate_results."""
 
     error_injection_type: Literal["correct_result", "transient_error", "persistent_error"] = "transient_error"
     """Kind of fault error injection fakes."""
 
     def finalize(self) -> None:
-        """Check the spike factor."""
+        """Check the spike factor and error injection."""
         p = Problems()
+        if self.error_injection_rate < 0:
+            p.add(
+                "error_injection_rate",
+                "must be >= 0 (0 injects nothing)",
+                self.error_injection_rate,
+                fix="set rerun_state_machine.error_injection_rate to 0 or a positive count of validations",
+            )
+        elif self.error_injection_rate > 0 and self.rerun_mode != "validate_results":
+            p.add(
+                "error_injection_rate",
+                f"injects faults for result validation, which rerun_mode {self.rerun_mode!r} does not run",
+                self.error_injection_rate,
+                fix="set rerun_state_machine.rerun_mode=validate_results, or error_injection_rate=0",
+            )
+        elif self.error_injection_rate > 0 and not self.check_for_nan_in_loss:
+            p.add(
+                "error_injection_rate",
+                "faults are injected into the NaN check, which check_for_nan_in_loss=false turns off",
+                self.error_injection_rate,
+                fix="set rerun_state_machine.check_for_nan_in_loss=true, or error_injection_rate=0",
+            )
         if self.spiky_loss_factor < 1.0:
             p.add(
                 "spiky_loss_factor",
