@@ -152,11 +152,6 @@ def test_spec_defaults():
             "ddp.reduce_scatter_with_fp32_accumulation",
             "",
         ),
-        (LoggerConfig(mlflow_experiment="x"), "logger.mlflow_experiment", "MLflow"),
-        (LoggerConfig(comet_project="x"), "logger.comet_project", "Comet"),
-        (ProfilingConfig(use_nsys_profiler=True), "profiling.use_nsys_profiler", "nsys"),
-        (FaultToleranceConfig(), "ft", "fault tolerance"),
-        (NVRxStragglerDetectionConfig(), "nvrx_straggler", "NVRx straggler detection"),
     ],
 )
 def test_unsupported_values_reported_by_type_check(cfg, path, reason):

@@ -56,13 +56,15 @@ def test_all_problems_reported_at_once_with_sources():
     cfg = tiny()
     apply_overrides(cfg, ["train.global_batch_size=24", "optimizer.lr=-1"])
     cfg.model.num_attention_heads = 3
-    cfg.ft = __import__("viaduct.training.config", fromlist=["FaultToleranceConfig"]).FaultToleranceConfig()
+    cfg.inprocess_restart = __import__(
+        "viaduct.training.config", fromlist=["InProcessRestartConfig"]
+    ).InProcessRestartConfig()
     with pytest.raises(ConfigError) as info:
         cfg.validate(world_size=2)
     paths = {p.path for p in info.value.problems}
-    assert {"train.global_batch_size", "model.num_attention_heads", "ft"} <= paths
+    assert {"train.global_batch_size", "model.num_attention_heads", "inprocess_restart"} <= paths
     text = str(info.value)
-    assert "ft: fault tolerance is not supported yet" in text
+    assert "inprocess_restart: in-process restart is not supported yet" in text
     assert "CLI 'train.global_batch_size=24'" in text
     assert "test_container.py" in text  # the Python line that set num_attention_heads
 

@@ -6,7 +6,9 @@ between GPUs); without it everything runs on the CPU over gloo.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -51,6 +53,49 @@ class DistributedContext:
         return self.rank == self.world_size - 1
 
 
+log = logging.getLogger(__name__)
+
+_FR_PATH_VARS = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+
+
+def flight_recorder_env(cfg: DistributedInitConfig, environ: MutableMapping[str, str]) -> dict[str, str]:
+    """Put the dist.flight_recorder_* settings into `environ`; returns the variables it set.
+
+    PyTorch's NCCL process groups read these variables when they are created, so this must run
+    before the process group exists. Nothing is set without a dump path (from the config, or
+    already in the environment). A variable the launcher already set wins over the config, with a
+    warning: the person who exported it meant it.
+    """
+    path = next((environ[v] for v in _FR_PATH_VARS if environ.get(v)), None) or cfg.flight_recorder_dump_path
+    if path is None:
+        return {}
+    # A directory would make every rank write to the same name; PyTorch appends the rank to the prefix.
+    prefix = os.path.join(path, "_dump_") if os.path.isdir(path) else path
+    wanted = {
+        "TORCH_FR_DUMP_TEMP_FILE": prefix,
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": str(cfg.flight_recorder_trace_buffer_size),
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": str(int(cfg.flight_recorder_dump_on_timeout)),
+        "TORCH_INCLUDE_STACK_TRACE": str(int(cfg.flight_recorder_include_stack_trace)),
+        "TORCH_INCLUDE_ONLY_ACTIVE": str(int(cfg.flight_recorder_include_only_active)),
+        "TORCH_NCCL_EXTRA_DUMP_ON_EXEC": str(int(cfg.flight_recorder_extra_dump_on_exec)),
+    }
+    applied: dict[str, str] = {}
+    for name, value in wanted.items():
+        if name in environ:
+            if environ[name] != value:
+                log.warning(
+                    "flight recorder: %s is already set to %r in the environment; keeping it (config: %r)",
+                    name,
+                    environ[name],
+                    value,
+                )
+            continue
+        environ[name] = value
+        applied[name] = value
+    return applied
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.strip().isdigit() else default
@@ -65,16 +110,23 @@ def _fresh_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     The store of a job outlives a run (torchrun's agent keeps it; a TCP store server is shared by the
     groups of a process), and process-group setup numbers its keys from zero again after a teardown,
     so a second run in the same processes would read the first run's keys and hang. Each run's
-    prefix keeps their keys apart; every rank counts its runs the same way.
+    prefix keeps their keys apart; every rank counts its runs the same way. The prefix also names
+    torchrun's restart: the processes of a restarted job count from one again, and would otherwise
+    read the failed attempt's keys (a dead rank's address) from the store the agent kept.
     """
     global _runs_in_this_process
     _runs_in_this_process += 1
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-    return dist.PrefixStore(f"viaduct/run{_runs_in_this_process}", store)
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    return dist.PrefixStore(f"viaduct/attempt{attempt}/run{_runs_in_this_process}", store)
 
 
 def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:
-    """Set the device and, under a launcher, create the default process group."""
+    """Set the device and, under a launcher, create the default process group.
+
+    The flight-recorder variables are set first, before any process group is created.
+    """
+    flight_recorder_env(cfg, os.environ)
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", cfg.local_rank)

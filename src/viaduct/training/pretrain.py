@@ -42,6 +42,7 @@ from viaduct.training.callbacks import Callback, CallbackManager
 from viaduct.training.checkpoint.checkpointer import Checkpointer
 from viaduct.training.checkpoint.lock import lock_save_dir
 from viaduct.training.config import ConfigContainer
+from viaduct.training.fault_tolerance import FaultTolerance, rank_from_env
 from viaduct.training.forward_contract import prepare_forward_step
 from viaduct.training.gpt_step import forward_step as default_forward_step
 from viaduct.training.logging import ProgressFile, TrainingLogger, write_config_file
@@ -56,6 +57,7 @@ from viaduct.training.rng import set_random_seed
 from viaduct.training.scheduler import build_scheduler
 from viaduct.training.signals import DistributedSignalHandler
 from viaduct.training.state import GlobalState
+from viaduct.training.straggler import build_straggler_detection, time_forward_step
 from viaduct.training.train import RNGSnapshot, TrainContext, run_evaluation, train
 from viaduct.training.train_step import StepGroups
 
@@ -138,15 +140,21 @@ def _run(
     failed = True
     context: TrainContext | None = None
     try:
+        ft = _start_fault_tolerance(cfg, resources)  # first: a hang in any later setup step is caught
         # Before the process group: NCCL and CUDA read their variables when they start.
         added = apply_env_vars(cfg.env_vars)
         if added:
             log.info("set environment variables from env_vars: %s", ", ".join(sorted(added)))
         state.dist = initialize_distributed(cfg.dist)
+        if ft is not None:
+            ft.connect(state.dist)
         context = _setup(
             state, forward_step_func, callbacks, resources, require_checkpoint=require_checkpoint
         )
+        context.fault_tolerance = ft
         _train_and_evaluate(state, context)
+        if ft is not None:
+            ft.update_timeouts()  # with what the whole run observed (every rank gets here)
         failed = False
     finally:
         for close in reversed(resources):
@@ -165,6 +173,15 @@ def _run(
         log.error("%s", state.exit_reason)
         raise SystemExit(state.exit_code)
     return state
+
+
+def _start_fault_tolerance(cfg: ConfigContainer, resources: Resources) -> FaultTolerance | None:
+    """ft.enable_ft_package's hang watchdog, started in the "setup" section; None when it is off."""
+    if cfg.ft is None or not cfg.ft.enable_ft_package or not cfg.checkpoint.save:
+        return None  # validate() refuses enable_ft_package without checkpoint.save
+    ft = FaultTolerance(cfg.ft, cfg.checkpoint.save, rank=rank_from_env())
+    resources.append(ft.close)
+    return ft
 
 
 def _setup(
@@ -350,8 +367,12 @@ def _setup(
         default_step = default_forward_step
         fpt = flops_per_token(model_cfg, seq_length, trainable=trainable_parameters(cfg))
         flops_per_sample, tokens_per_sample = fpt * seq_length, seq_length
+    stragglers = build_straggler_detection(cfg, ctx, resources)  # none unless configured: no cost
+    callbacks.callbacks.extend(stragglers)  # built-in callbacks, after the user's
     context = TrainContext(
-        forward_step=prepare_forward_step(forward_step_func or default_step, state),
+        forward_step=time_forward_step(
+            prepare_forward_step(forward_step_func or default_step, state), stragglers
+        ),
         trained_model=trained_model,
         plain_model=model,
         optimizer=optimizer,
@@ -376,6 +397,7 @@ def _setup(
         micro_batch_size=micro_batch_size,
         eval_micro_batch_size=eval_micro_batch_size,
         rerun=rerun,
+        stragglers=stragglers,
     )
     n_params = sum(p.numel() for p in model.parameters())
     state.logger.info(

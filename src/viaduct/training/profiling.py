@@ -19,6 +19,11 @@ The loop drives it::
         profiler.close()                      # writes what it has when the run stops early
 
 With `cfg=None`, or on a rank not in `profile_ranks`, every method does nothing.
+
+With `use_nsys_profiler`, the window is bracketed by cudaProfilerStart/Stop (for
+`nsys profile --capture-range=cudaProfilerApi`), autograd ops are emitted as NVTX ranges and each step
+of the window gets an NVTX range "step <k>". The CUDA calls go through a `CudaProfilerApi`, which a
+caller may replace (a recorder, to check the window logic without a GPU).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from viaduct.config import ConfigError, Problem
 from viaduct.training.config.profiling import ProfilingConfig
 
-__all__ = ["DEFAULT_TRACE_DIR", "Profiler", "memory_snapshot_file", "profiling_problems"]
+__all__ = ["DEFAULT_TRACE_DIR", "CudaProfilerApi", "Profiler", "memory_snapshot_file", "profiling_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,13 @@ def profiling_problems(
                 True,
                 fix="set profiling.nvtx_ranges=false, or run on a GPU",
             )
+        if cfg.use_nsys_profiler:
+            add(
+                "use_nsys_profiler",
+                f"needs CUDA (it starts and stops the CUDA profiler that nsys captures); {where}",
+                True,
+                fix="set profiling.use_nsys_profiler=false, or run on a GPU",
+            )
         if cfg.record_memory_history:
             add(
                 "record_memory_history",
@@ -83,6 +95,28 @@ def profiling_problems(
     # The rules between settings (and the world size) live with the config, where validate() asks them.
     problems += [q.prefixed("profiling") for q in cfg.setting_problems(world_size)]
     return problems
+
+
+class CudaProfilerApi:
+    """The CUDA calls the profiler makes: CUDA profiler start/stop and NVTX ranges (torch.cuda)."""
+
+    def start(self) -> None:
+        """cudaProfilerStart: opens nsys's capture range."""
+        torch.cuda.profiler.start()
+
+    def stop(self) -> None:
+        """cudaProfilerStop: closes nsys's capture range."""
+        torch.cuda.profiler.stop()
+
+    def range_push(self, name: str) -> None:
+        torch.cuda.nvtx.range_push(name)
+
+    def range_pop(self) -> None:
+        torch.cuda.nvtx.range_pop()
+
+    def autograd_ranges(self, record_shapes: bool) -> contextlib.AbstractContextManager[object]:
+        """Autograd ops (forward and backward) as NVTX ranges while the returned context is entered."""
+        return torch.autograd.profiler.emit_nvtx(record_shapes=record_shapes)
 
 
 def _record_every_step(step: int) -> torch.profiler.ProfilerAction:
@@ -106,8 +140,11 @@ class Profiler:
         trace_dir: str | None,
         device: torch.device | str,
         world_size: int | None = None,
+        cuda_api: CudaProfilerApi | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.cuda = cuda_api if cuda_api is not None else CudaProfilerApi()
+        """Where the CUDA profiler and NVTX calls go."""
         problems = profiling_problems(cfg, device=self.device, world_size=world_size)
         if problems:
             raise ConfigError(problems)
@@ -122,7 +159,8 @@ class Profiler:
         """The memory snapshot, once written."""
 
         self._torch_prof: torch.profiler.profile | None = None
-        self._emit_nvtx: Any = None  # torch.autograd.profiler.emit_nvtx, entered over the window
+        self._emit_nvtx: contextlib.AbstractContextManager[object] | None = None  # autograd NVTX ranges
+        self._cuda_profiler_on = False  # cudaProfilerStart called and not yet stopped
         self._nvtx_depth = 0  # step ranges pushed and not yet popped
         self._recording_memory = False
         self._window_done = False
@@ -132,7 +170,7 @@ class Profiler:
     @property
     def in_window(self) -> bool:
         """Whether the window's profilers are running now."""
-        return self._torch_prof is not None or self._emit_nvtx is not None
+        return self._torch_prof is not None or self._emit_nvtx is not None or self._cuda_profiler_on
 
     def _wants(self, name: str) -> bool:
         return self.enabled and bool(getattr(self.cfg, name))
@@ -158,8 +196,8 @@ class Profiler:
                 self._stop_memory_history()
             elif step >= cfg.profile_step_start:
                 self._enter_window(step)
-        if cfg.nvtx_ranges:
-            torch.cuda.nvtx.range_push(f"step {step}")
+        if cfg.nvtx_ranges or (cfg.use_nsys_profiler and self._cuda_profiler_on):
+            self.cuda.range_push(f"step {step}")
             self._nvtx_depth += 1
 
     def step_end(self, step: int) -> None:
@@ -169,7 +207,7 @@ class Profiler:
         cfg = self.cfg
         assert cfg is not None
         if self._nvtx_depth:
-            torch.cuda.nvtx.range_pop()
+            self.cuda.range_pop()
             self._nvtx_depth -= 1
         if not self._window_done and step >= cfg.profile_step_end - 1:
             self._close_window()
@@ -180,11 +218,11 @@ class Profiler:
         if not self._wants("nvtx_ranges") or self._closed:
             yield
             return
-        torch.cuda.nvtx.range_push(name)
+        self.cuda.range_push(name)
         try:
             yield
         finally:
-            torch.cuda.nvtx.range_pop()
+            self.cuda.range_pop()
 
     def close(self) -> None:
         """Stop everything; a window still open writes its trace, pending memory history its snapshot."""
@@ -192,7 +230,7 @@ class Profiler:
             return
         try:
             while self._nvtx_depth:
-                torch.cuda.nvtx.range_pop()
+                self.cuda.range_pop()
                 self._nvtx_depth -= 1
             if not self._window_done:
                 self._close_window()
@@ -215,14 +253,20 @@ class Profiler:
             self._torch_prof.step_num = step - 1
             self._torch_prof.step()
             return
-        if self._emit_nvtx is not None:
+        if self._emit_nvtx is not None or self._cuda_profiler_on:
             return
-        if cfg.nvtx_ranges and not cfg.use_pytorch_profiler:
+        if cfg.use_nsys_profiler:
+            # nsys --capture-range=cudaProfilerApi records from here to cudaProfilerStop.
+            self.cuda.start()
+            self._cuda_profiler_on = True
+            log.info("rank %d: CUDA profiler (nsys capture range) started at step %d", self.rank, step)
+        if (cfg.nvtx_ranges or cfg.use_nsys_profiler) and not cfg.use_pytorch_profiler:
             # Autograd ops (forward and backward) as NVTX ranges, for Nsight Systems. Not together with
             # torch.profiler: both are autograd profilers and only one can run per thread (the trace
             # holds the ops anyway); the step and region ranges are still pushed.
-            self._emit_nvtx = torch.autograd.profiler.emit_nvtx(record_shapes=cfg.record_shapes)
-            self._emit_nvtx.__enter__()
+            ctx = self.cuda.autograd_ranges(cfg.record_shapes)
+            ctx.__enter__()
+            self._emit_nvtx = ctx
         if cfg.use_pytorch_profiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
@@ -249,6 +293,10 @@ class Profiler:
             if self._emit_nvtx is not None:
                 ctx, self._emit_nvtx = self._emit_nvtx, None
                 ctx.__exit__(None, None, None)
+            if self._cuda_profiler_on:
+                self._cuda_profiler_on = False
+                self.cuda.stop()
+                log.info("rank %d: CUDA profiler (nsys capture range) stopped", self.rank)
         finally:
             if self._recording_memory:
                 self._dump_snapshot()

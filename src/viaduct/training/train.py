@@ -7,6 +7,7 @@ loss scale on the device; they are copied to the host together every `logger.log
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -37,10 +38,12 @@ from viaduct.training.train_step import StepGroups, train_step
 if TYPE_CHECKING:
     from viaduct.distributed.pipeline import Pipeline
     from viaduct.training.checkpoint.checkpointer import Checkpointer
+    from viaduct.training.fault_tolerance import FaultTolerance
     from viaduct.training.forward_contract import ForwardStepFunc
     from viaduct.training.logging import ProgressFile
     from viaduct.training.profiling import Profiler
     from viaduct.training.scheduler import OptimizerParamScheduler
+    from viaduct.training.straggler import StragglerDetection
 
 log = logging.getLogger("viaduct")
 
@@ -218,6 +221,10 @@ class TrainContext:
     eval_micro_batch_size: int = 1
     rerun: RerunStateMachine | None = None
     """rerun_state_machine's result validation (None: the loss checks at each log interval only)."""
+    fault_tolerance: FaultTolerance | None = None
+    """ft's hang watchdog: the loop marks its steps and saves (None: ft off)."""
+    stragglers: list[StragglerDetection] = field(default_factory=list)
+    """The straggler detectors the config turns on (they run as callbacks; one may stop the run)."""
 
 
 def _decoupled_lr(optimizer: MixedPrecisionOptimizer) -> float | None:
@@ -420,6 +427,8 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             last_saved_step = train_state.step
         global_batch_size = context.microbatches.current_global_batch_size
         context.callbacks.fire("on_train_step_start", callback_ctx)
+        if context.fault_tolerance is not None:
+            context.fault_tolerance.step_start()
 
         if step in train_cfg.iterations_to_skip:
             # Consume the batch without an update (Megatron's iterations_to_skip).
@@ -490,6 +499,8 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             "on_train_step_end",
             CallbackContext(state, model, optimizer, scheduler, {"losses": result.losses if result else {}}),
         )
+        if context.fault_tolerance is not None:
+            context.fault_tolerance.step_end()
         if first_step:
             if state.dist is not None:
                 set_timeout_after_init(state.dist, cfg.dist)
@@ -570,6 +581,8 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             exit_reason = f"exit_duration_in_mins ({train_cfg.exit_duration_in_mins}) reached"
         if exit_reason is None and train_cfg.exit_interval and step % train_cfg.exit_interval == 0:
             exit_reason = f"exit_interval ({train_cfg.exit_interval}) reached"
+        if exit_reason is None:  # nvrx_straggler.stop_if_detected: every rank decided the same
+            exit_reason = next((d.stop_reason for d in context.stragglers if d.stop_reason), None)
         if saved:
             last_saved_step = step
         if exit_reason is not None:
@@ -595,14 +608,16 @@ def _save(state: GlobalState, context: TrainContext, step: int) -> None:
     if context.checkpointer is None:
         return
     train_state = state.train_state
-    path = context.checkpointer.save(
-        step,
-        model=context.plain_model,
-        optimizer=context.optimizer,
-        scheduler=context.scheduler,
-        train_state=train_state,
-        rerun_state=context.rerun.checkpoint_state() if context.rerun is not None else None,
-    )
+    ft = context.fault_tolerance
+    with ft.checkpointing() if ft is not None else contextlib.nullcontext():
+        path = context.checkpointer.save(
+            step,
+            model=context.plain_model,
+            optimizer=context.optimizer,
+            scheduler=context.scheduler,
+            train_state=train_state,
+            rerun_state=context.rerun.checkpoint_state() if context.rerun is not None else None,
+        )
     if context.progress_file is not None:
         context.progress_file.checkpoint_saved(
             step,

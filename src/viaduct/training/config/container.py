@@ -12,7 +12,8 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
 4. data-parallel size from the world size and TP·PP·CP;
 5. one owner for the sequence length (model.seq_length <-> dataset.seq_length);
 6. each component's finalize(): dataset, ddp, optimizer, model, logger, train, scheduler,
-   checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft;
+   checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft, dist, ft,
+   straggler, nvrx_straggler;
 7. cross-component rules: batch sizes and micro-batches, evaluation batches, scheduler steps
    (in samples), micro-batch counts the pipeline schedule can run (every step's, ramp-up included),
    the parallel layout's rules, PEFT needs a pretrained checkpoint and targets matching layers of
@@ -83,6 +84,9 @@ FINALIZE_ORDER = (
     "comm_overlap",
     "peft",
     "dist",
+    "ft",
+    "straggler",
+    "nvrx_straggler",
 )
 
 
@@ -127,9 +131,9 @@ class ConfigContainer(ConfigBase):
     ft: FaultToleranceConfig | None = None
     """Fault tolerance and automatic recovery (not supported yet)."""
     straggler: StragglerDetectionConfig | None = None
-    """GPU straggler detection (not supported yet)."""
+    """Megatron Core-style straggler detection: per-rank step-time scores every logger.log_interval."""
     nvrx_straggler: NVRxStragglerDetectionConfig | None = None
-    """NVIDIA Resiliency Extension straggler detection (not supported yet)."""
+    """NVRx-style straggler detection: relative and individual step-time scores, optional stop."""
     inprocess_restart: InProcessRestartConfig | None = None
     """In-process restart for fault tolerance (not supported yet)."""
 
@@ -639,6 +643,8 @@ class ConfigContainer(ConfigBase):
                     fix="set rerun_state_machine.rerun_mode=disabled or model.pipeline_model_parallel_size=1",
                 )
             )
+        if self.ft is not None and "ft" not in broken and self.world_size is not None:
+            problems += self.ft.run_problems(self.world_size, self.checkpoint.save)
         if self.profiling is not None and "profiling" not in broken and self.world_size is not None:
             problems += [p.prefixed("profiling") for p in self.profiling.setting_problems(self.world_size)]
         if isinstance(self.model, T5ModelProvider):

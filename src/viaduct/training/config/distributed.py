@@ -78,30 +78,45 @@ class DistributedInitConfig(ConfigBase):
     )
     """Context-parallel size used for evaluation instead of the training one."""
 
+    flight_recorder_dump_path: str | None = None
+    """NCCL flight-recorder dump file prefix (a directory gets "_dump_" appended); None leaves it off."""
+
+    flight_recorder_trace_buffer_size: int = 2000
+    """Collectives the NCCL flight recorder keeps per process group (TORCH_NCCL_TRACE_BUFFER_SIZE)."""
+
+    flight_recorder_dump_on_timeout: bool = True
+    """Dump the flight-recorder trace when a collective times out (TORCH_NCCL_DUMP_ON_TIMEOUT)."""
+
+    flight_recorder_include_stack_trace: bool = False
+    """Record Python stack traces with each collective (TORCH_INCLUDE_STACK_TRACE)."""
+
+    flight_recorder_include_only_active: bool = True
+    """Dump only collectives still in flight (TORCH_INCLUDE_ONLY_ACTIVE)."""
+
+    flight_recorder_extra_dump_on_exec: bool = True
+    """Also dump when the NCCL watchdog detects an exception (TORCH_NCCL_EXTRA_DUMP_ON_EXEC)."""
+
     _legacy_fields_: ClassVar[dict[str, str]] = {
         "lazy_init": "renamed lazy_mpu_init",
-        **{
-            f"flight_recorder_{s}": "set the TORCH_NCCL_* / TORCH_FR_* environment variables instead"
-            for s in (
-                "dump_path",
-                "trace_buffer_size",
-                "dump_on_timeout",
-                "include_stack_trace",
-                "include_only_active",
-                "extra_dump_on_exec",
-            )
-        },
         "disable_jit_fuser": "viaduct uses no TorchScript fusers",
         "enable_megatron_core_experimental": "Megatron Core switch",
         "use_decentralized_pg": "viaduct always passes process groups explicitly",
     }
 
     def finalize(self) -> None:
-        """Check timeouts and the local rank."""
+        """Check timeouts, the local rank and the flight-recorder settings."""
         p = Problems()
         positive(p, self, "distributed_timeout_minutes")
         positive(p, self, "distributed_timeout_seconds_after_init")
         positive(p, self, "local_rank", zero_ok=True)
+        positive(p, self, "flight_recorder_trace_buffer_size", zero_ok=True)
+        if self.flight_recorder_dump_path is not None and not self.flight_recorder_dump_path.strip():
+            p.add(
+                "flight_recorder_dump_path",
+                "is empty",
+                self.flight_recorder_dump_path,
+                fix="set dist.flight_recorder_dump_path to a file prefix or directory, or to None",
+            )
         p.raise_if_any()
 
 

@@ -1,18 +1,24 @@
-"""`logger`: console logging, timers, TensorBoard and Weights & Biases.
+"""`logger`: console logging, timers, TensorBoard, Weights & Biases, MLflow and Comet.
 
-The `*_to_tensorboard` switches choose metrics for every metrics backend (TensorBoard and W&B), as
-in Megatron. MLflow and Comet fields are kept so Megatron Bridge configs load, but are not built.
+The `*_to_tensorboard` switches choose metrics for every metrics backend (TensorBoard, W&B, MLflow
+and Comet), as in Megatron.
 """
 
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, Problems, unsupported
+from viaduct.config import ConfigBase, Problem, Problems, unsupported
 from viaduct.training.config._checks import positive
 
-_MLFLOW = "MLflow logging"
-_COMET = "Comet logging"
+
+def _installed(name: str) -> bool:
+    # Looked up, not imported: validating a config should not pay for importing mlflow (or need torch).
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: an import of it already failed (or was blocked)
+    return importlib.util.find_spec(name) is not None
 
 
 @dataclass(kw_only=True)
@@ -126,37 +132,37 @@ class LoggerConfig(ConfigBase):
     log_energy: bool = unsupported("energy logging", default=False)
     """Log energy used by the GPUs (NVML)."""
 
-    mlflow_experiment: str | None = unsupported(_MLFLOW, default=None)
+    mlflow_experiment: str | None = None
     """MLflow experiment name (enables MLflow)."""
 
-    mlflow_run_name: str | None = unsupported(_MLFLOW, default=None)
+    mlflow_run_name: str | None = None
     """MLflow run name."""
 
-    mlflow_tracking_uri: str | None = unsupported(_MLFLOW, default=None)
-    """MLflow tracking server."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (a server, or file:///path); None uses MLFLOW_TRACKING_URI or MLflow's default."""
 
-    mlflow_tags: dict[str, str] | None = unsupported(_MLFLOW, default=None)  # noqa: RUF009
+    mlflow_tags: dict[str, str] | None = None
     """Tags of the MLflow run."""
 
-    mlflow_description: str | None = unsupported(_MLFLOW, default=None)
+    mlflow_description: str | None = None
     """Description of the MLflow run."""
 
-    mlflow_log_artifacts: bool = unsupported(_MLFLOW, default=True)
-    """Upload artifacts to MLflow."""
+    mlflow_log_artifacts: bool = True
+    """Upload the run's configuration (config.yaml) to the MLflow run; checkpoints are not uploaded."""
 
-    comet_project: str | None = unsupported(_COMET, default=None)
+    comet_project: str | None = None
     """Comet project (enables Comet)."""
 
-    comet_experiment_name: str | None = unsupported(_COMET, default=None)
+    comet_experiment_name: str | None = None
     """Comet experiment name."""
 
-    comet_workspace: str | None = unsupported(_COMET, default=None)
+    comet_workspace: str | None = None
     """Comet workspace."""
 
-    comet_api_key: str | None = unsupported(_COMET, default=None)
-    """Comet API key."""
+    comet_api_key: str | None = None
+    """Comet API key; None uses COMET_API_KEY (it is never sent to a metrics backend)."""
 
-    comet_tags: list[str] | None = unsupported(_COMET, default=None)  # noqa: RUF009
+    comet_tags: list[str] | None = None
     """Tags of the Comet experiment."""
 
     _legacy_fields_: ClassVar[dict[str, str]] = {
@@ -168,7 +174,7 @@ class LoggerConfig(ConfigBase):
     }
 
     def finalize(self) -> None:
-        """Check intervals and that W&B details come with a W&B project."""
+        """Check intervals, that W&B / MLflow details come with their switch, and MLflow's package."""
         p = Problems()
         for name in (
             "log_interval",
@@ -195,4 +201,84 @@ class LoggerConfig(ConfigBase):
                 self.wandb_project,
                 fix="set logger.wandb_project to a project name",
             )
+        self._mlflow_problems(p)
+        self._comet_problems(p)
+        p.extend(self.package_problems())
         p.raise_if_any()
+
+    def package_problems(self) -> list[Problem]:
+        """Optional packages that the configured MLflow / Comet logging needs and that are missing.
+
+        Asked by finalize() and again when a run sets up its logging, so `viaduct config validate`
+        refuses what a run would.
+        """
+        p = Problems()
+        if self.mlflow_experiment is not None and not _installed("mlflow"):
+            p.add(
+                "mlflow_experiment",
+                "MLflow logging needs the mlflow package, which is not installed",
+                self.mlflow_experiment,
+                fix='pip install "viaduct[mlflow]", or set logger.mlflow_experiment to None',
+            )
+        if self.comet_project is not None and not _installed("comet_ml"):
+            p.add(
+                "comet_project",
+                "Comet logging needs the comet_ml package, which is not installed",
+                self.comet_project,
+                fix='pip install "viaduct[comet]", or set logger.comet_project to None',
+            )
+        return p.items
+
+    def _comet_problems(self, p: Problems) -> None:
+        details = ("comet_experiment_name", "comet_workspace", "comet_api_key", "comet_tags")
+        if self.comet_project is None:
+            for name in details:
+                if getattr(self, name) is not None:
+                    p.add(
+                        name,
+                        "has no effect: Comet is enabled by comet_project, which is not set",
+                        "<hidden>" if name == "comet_api_key" else getattr(self, name),
+                        fix=f"set logger.comet_project, or remove logger.{name}",
+                    )
+            return
+        if not self.comet_project.strip():
+            p.add(
+                "comet_project",
+                "is empty",
+                self.comet_project,
+                fix="set logger.comet_project to a project name",
+            )
+        if self.comet_experiment_name is None or not self.comet_experiment_name.strip():
+            p.add(
+                "comet_experiment_name",
+                "is required with logger.comet_project (experiments are told apart by name)",
+                self.comet_experiment_name,
+                fix="set logger.comet_experiment_name to an experiment name",
+            )
+
+    def _mlflow_problems(self, p: Problems) -> None:
+        details = ("mlflow_run_name", "mlflow_tracking_uri", "mlflow_tags", "mlflow_description")
+        if self.mlflow_experiment is None:
+            for name in details:
+                if getattr(self, name) is not None:
+                    p.add(
+                        name,
+                        "has no effect: MLflow is enabled by mlflow_experiment, which is not set",
+                        getattr(self, name),
+                        fix=f"set logger.mlflow_experiment, or remove logger.{name}",
+                    )
+            return
+        if not self.mlflow_experiment.strip():
+            p.add(
+                "mlflow_experiment",
+                "is empty",
+                self.mlflow_experiment,
+                fix="set logger.mlflow_experiment to an experiment name",
+            )
+        if self.mlflow_run_name is None or not self.mlflow_run_name.strip():
+            p.add(
+                "mlflow_run_name",
+                "is required with logger.mlflow_experiment (runs are told apart by name)",
+                self.mlflow_run_name,
+                fix="set logger.mlflow_run_name to a run name",
+            )

@@ -1,4 +1,4 @@
-"""`profiling`: PyTorch profiler traces and memory snapshots over a window of steps."""
+"""`profiling`: torch.profiler traces, nsys capture ranges, NVTX ranges and memory snapshots."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -43,7 +43,7 @@ class ProfilingConfig(ConfigBase):
     nvtx_ranges: bool = False
     """Annotate steps and model regions with NVTX ranges."""
 
-    use_nsys_profiler: bool = unsupported("nsys profiling (cudaProfilerApi capture range)", default=False)
+    use_nsys_profiler: bool = False
     """Start/stop the CUDA profiler around the profiled steps, for nsys --capture-range=cudaProfilerApi."""
 
     pytorch_profiler_collect_chakra: bool = unsupported("Chakra execution traces", default=False)
@@ -94,13 +94,14 @@ class ProfilingConfig(ConfigBase):
         profiler at setup adds only what depends on the device (CUDA). Paths are relative.
         """
         p = Problems()
-        if self.record_shapes and not self.nvtx_ranges:
+        if self.record_shapes and not (self.nvtx_ranges or self.use_nsys_profiler):
             p.add(
                 "record_shapes",
-                "only adds shapes to NVTX ranges, and profiling.nvtx_ranges is false",
+                "only adds shapes to NVTX ranges, and neither profiling.nvtx_ranges nor "
+                "profiling.use_nsys_profiler is on",
                 True,
-                fix="set profiling.nvtx_ranges=true, or use profiling.pytorch_profiler_collect_shapes for "
-                "torch.profiler traces",
+                fix="set profiling.nvtx_ranges=true or profiling.use_nsys_profiler=true, or use "
+                "profiling.pytorch_profiler_collect_shapes for torch.profiler traces",
             )
         if self.record_shapes and self.nvtx_ranges and self.use_pytorch_profiler:
             p.add(
@@ -119,7 +120,12 @@ class ProfilingConfig(ConfigBase):
                     True,
                     fix="set profiling.use_pytorch_profiler=true, or leave this setting false",
                 )
-        wants_something = self.use_pytorch_profiler or self.nvtx_ranges or self.record_memory_history
+        wants_something = (
+            self.use_pytorch_profiler
+            or self.use_nsys_profiler
+            or self.nvtx_ranges
+            or self.record_memory_history
+        )
         if world_size is not None and wants_something and self.profile_ranks:
             missing = sorted(r for r in self.profile_ranks if r >= world_size)
             if missing:

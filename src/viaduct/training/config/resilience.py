@@ -2,16 +2,17 @@
 
 The rerun state machine is built (`viaduct.training.rerun`): the loss checks (NaN/Inf and spiky
 loss), result validation by re-running rejected iterations (in place, then after a restart with exit
-code 16 or 17), determinism statistics, and error injection to test it. Fault tolerance,
-straggler detection and in-process restart need the NVIDIA Resiliency Extension or Megatron's
-runtime; their full field sets are kept so Megatron Bridge configs load, and setting any of those
-components is reported as not supported.
+code 16 or 17), determinism statistics, and error injection to test it. Fault tolerance is built
+too (`viaduct.training.fault_tolerance`: hang detection per rank, restarts by torchrun), and so is
+straggler detection, both `straggler` and `nvrx_straggler` (`viaduct.training.straggler`: per-rank
+step times compared at each report). In-process restart needs the NVIDIA Resiliency Extension; its
+full field set is kept so Megatron Bridge configs load, and setting it is reported as not supported.
 """
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, Problems
+from viaduct.config import ConfigBase, Problem, Problems
 from viaduct.training.config._checks import in_range, positive
 
 
@@ -75,19 +76,18 @@ class RerunStateMachineConfig(ConfigBase):
 
 @dataclass(kw_only=True)
 class FaultToleranceConfig(ConfigBase):
-    """Hang detection with the NVIDIA Resiliency Extension rank monitor (needs its ft_launcher)."""
+    """Hang detection: a watchdog ends a hung rank, and `torchrun --max-restarts` restarts the job."""
 
     _component_: ClassVar[str] = "ft"
-    _unsupported_ = "fault tolerance"
 
     enable_ft_package: bool = False
-    """Enable the NVRx rank-monitor integration."""
+    """Watch every rank for hangs (needs checkpoint.save); off: the component does nothing."""
 
     calc_ft_timeouts: bool = False
     """Learn the section timeouts from observed durations (kept in <save>/ft_state.json)."""
 
     simulate_fault: bool = False
-    """Testing: start a thread that injects a fault."""
+    """Testing: start a thread that injects a fault (first attempt of a job only)."""
 
     simulated_fault_type: Literal["rank_hung", "rank_killed", "random"] = "random"
     """Kind of injected fault; "random" picks one of the others."""
@@ -96,30 +96,103 @@ class FaultToleranceConfig(ConfigBase):
     """Rank that gets the injected fault; None picks one at random."""
 
     simulated_fault_base_delay: int = 0
-    """Seconds before the injected fault (plus a small random delay)."""
+    """Seconds after the first training step before the injected fault (plus up to 1 s)."""
+
+    setup_timeout: float = 600.0
+    """Seconds from the start of pretrain() to the end of the first step before a rank counts as hung."""
+
+    step_timeout: float = 180.0
+    """Seconds one training step may take before the rank counts as hung."""
+
+    checkpointing_timeout: float = 600.0
+    """Seconds one checkpoint save may take before the rank counts as hung."""
+
+    out_of_section_timeout: float = 300.0
+    """Seconds outside setup, steps and saves (logging, evaluation) before the rank counts as hung."""
+
+    def finalize(self) -> None:
+        """Positive timeouts; fault injection only with the watchdog on and a delay >= 0."""
+        p = Problems()
+        for name in ("setup_timeout", "step_timeout", "checkpointing_timeout", "out_of_section_timeout"):
+            positive(p, self, name)
+        positive(p, self, "simulated_fault_base_delay", zero_ok=True)
+        positive(p, self, "simulated_fault_rank", zero_ok=True)
+        if self.simulate_fault and not self.enable_ft_package:
+            p.add(
+                "simulate_fault",
+                "injects a fault for the hang watchdog to find, which enable_ft_package=false turns off",
+                True,
+                fix="set ft.enable_ft_package=true, or ft.simulate_fault=false",
+            )
+        if self.calc_ft_timeouts and not self.enable_ft_package:
+            p.add(
+                "calc_ft_timeouts",
+                "learns timeouts for the hang watchdog, which enable_ft_package=false turns off",
+                True,
+                fix="set ft.enable_ft_package=true, or ft.calc_ft_timeouts=false",
+            )
+        p.raise_if_any()
+
+    def run_problems(self, world_size: int, save: str | None) -> list[Problem]:
+        """What depends on the rest of the run: a checkpoint directory, a fault rank that exists."""
+        problems: list[Problem] = []
+        if self.enable_ft_package and not save:
+            problems.append(
+                Problem(
+                    "ft.enable_ft_package",
+                    "a restarted job resumes from checkpoints (and keeps ft_state.json and the stack "
+                    "dumps beside them), and checkpoint.save is unset",
+                    True,
+                    fix="set checkpoint.save (and checkpoint.save_interval), or ft.enable_ft_package=false",
+                )
+            )
+        rank = self.simulated_fault_rank
+        if self.simulate_fault and rank is not None and rank >= world_size:
+            problems.append(
+                Problem(
+                    "ft.simulated_fault_rank",
+                    f"must be a rank of the job (0 to {world_size - 1} for world size {world_size})",
+                    rank,
+                    fix=f"set ft.simulated_fault_rank to 0..{world_size - 1}, or unset it (a random rank)",
+                )
+            )
+        return problems
 
 
 @dataclass(kw_only=True)
 class StragglerDetectionConfig(ConfigBase):
-    """Megatron Core's straggler detector: per-rank throughput estimates reported every log_interval."""
+    """Megatron Core's straggler detector: per-rank step-time scores reported every logger.log_interval."""
 
     _component_: ClassVar[str] = "straggler"
-    _unsupported_ = "straggler detection"
 
     log_straggler: bool = False
-    """Track and log per-GPU throughput to find stragglers."""
+    """Time every rank's steps and report the fastest and slowest ranks every logger.log_interval steps."""
 
     enable_straggler_on_startup: bool = True
-    """Start with the detector enabled."""
+    """Start with the detector enabled (disable_straggler_on_startup wins when both are set)."""
 
     disable_straggler_on_startup: bool = False
     """Start with the detector disabled (it can be toggled through straggler_ctrlr_port)."""
 
     straggler_ctrlr_port: int = 65535
-    """Port that toggles the detector on and off at runtime."""
+    """Port of rank 0's HTTP endpoint on 127.0.0.1 (/enable, /disable, /status) that toggles the detector."""
 
     straggler_minmax_count: int = 1
     """Number of fastest and slowest ranks to report."""
+
+    def finalize(self) -> None:
+        """When log_straggler is on: a valid port and at least one rank to report."""
+        p = Problems()
+        if self.log_straggler:
+            in_range(p, self, "straggler_ctrlr_port", 1, 65535)
+            if self.straggler_minmax_count < 1:
+                p.add(
+                    "straggler_minmax_count",
+                    "must be >= 1 (the number of fastest and slowest ranks each report shows)",
+                    self.straggler_minmax_count,
+                    fix="set straggler.straggler_minmax_count to 1 or more",
+                )
+        p.raise_if_any()
 
 
 @dataclass(kw_only=True)
@@ -127,19 +200,18 @@ class NVRxStragglerDetectionConfig(ConfigBase):
     """NVRx straggler detection: relative and individual GPU performance scores, reported periodically."""
 
     _component_: ClassVar[str] = "nvrx_straggler"
-    _unsupported_ = "NVRx straggler detection"
 
     enabled: bool = False
-    """Enable NVRx straggler detection."""
+    """Time every rank's steps and score them every report_time_interval seconds."""
 
     report_time_interval: float = 300.0
-    """Seconds between straggler reports."""
+    """Seconds between straggler reports (reached at a step boundary; no collective in between)."""
 
     calc_relative_gpu_perf: bool = True
-    """Score each GPU against the other GPUs."""
+    """Score each rank against the others: fastest rank's median step time / this rank's."""
 
     calc_individual_gpu_perf: bool = True
-    """Score each GPU against its own best history."""
+    """Score each rank against its own history: its best earlier median step time / the current one."""
 
     num_gpu_perf_scores_to_print: int = 5
     """Best and worst scores printed per report (0: print only when stragglers are found)."""
@@ -151,16 +223,16 @@ class NVRxStragglerDetectionConfig(ConfigBase):
     """Individual score below which a GPU is a straggler."""
 
     stop_if_detected: bool = False
-    """Stop training when a straggler is detected."""
+    """Stop training (saving a checkpoint when checkpoint.save is set) when a straggler is detected."""
 
     enable_logging: bool = True
-    """Log the GPU performance scores."""
+    """Log the scores and the stragglers found (detection and stop_if_detected work either way)."""
 
     profiling_interval: int = 1
-    """Profile every this many steps."""
+    """Time every this many steps (1: every step)."""
 
     logger_name: str = "megatron.bridge.NVRxStragglerDetection"
-    """Python logger that receives the reports."""
+    """Python logger that receives the reports (viaduct's console when nothing handles that logger)."""
 
     def finalize(self) -> None:
         """When enabled: at least one score, a positive interval, thresholds in [0, 1]."""

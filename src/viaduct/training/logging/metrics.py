@@ -1,10 +1,10 @@
-"""Metrics backends (TensorBoard, Weights & Biases) and the derived throughput / runtime metrics.
+"""Metrics backends (TensorBoard, W&B, MLflow, Comet) and the derived throughput / runtime metrics.
 
 Backends live on the last rank only and are created on first use. TensorBoard
 receives every scalar at its step and the "... vs samples" scalars with consumed samples as the x
 value. W&B cannot take a second x axis (its steps must grow), so it receives the step-indexed
 scalars only, plus "samples vs steps" to plot against; its values are buffered per step and sent
-in step order by `commit()`.
+in step order by `commit()`. MLflow and Comet receive the same as W&B, from the same buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from viaduct.config import ConfigError, Problem
 if TYPE_CHECKING:
     from viaduct.training.config.container import ConfigContainer
     from viaduct.training.config.logger import LoggerConfig
+    from viaduct.training.logging.comet_writer import CometWriter
+    from viaduct.training.logging.mlflow_writer import MlflowWriter
 
 TIME_UNITS: dict[str, float] = {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0, "days": 86400.0}
 
@@ -54,8 +56,24 @@ def check_backends(cfg: LoggerConfig) -> None:
                     fix='pip install "viaduct[wandb]", or set logger.wandb_project to None',
                 )
             )
+    problems += [q.prefixed("logger") for q in cfg.package_problems()]
     if problems:
         raise ConfigError(problems)
+
+
+_SECRETS = ("logger.comet_api_key",)
+"""Config values never sent to a metrics backend (they would show in its parameter tables)."""
+
+
+def flat_params(cfg: ConfigContainer) -> dict[str, object]:
+    """The configuration as dotted path -> value, secrets masked: the params of MLflow and Comet runs."""
+    from viaduct.config.diff import flatten
+
+    flat = flatten(cfg.to_dict())
+    for key in _SECRETS:
+        if flat.get(key) is not None:
+            flat[key] = "<hidden>"
+    return flat
 
 
 def wandb_dir(cfg: ConfigContainer) -> str:
@@ -69,16 +87,23 @@ def wandb_dir(cfg: ConfigContainer) -> str:
 
 def _json_config(cfg: ConfigContainer) -> dict[str, Any]:
     # The plain to_dict() (not the YAML form), made JSON-safe: W&B shows it in its config panel.
-    return json.loads(json.dumps(cfg.to_dict(), default=str))
+    data = json.loads(json.dumps(cfg.to_dict(), default=str))
+    if data.get("logger", {}).get("comet_api_key") is not None:
+        data["logger"]["comet_api_key"] = "<hidden>"
+    return data
 
 
 class MetricsWriter:
-    """TensorBoard and W&B behind one `scalar()` call; does nothing when `enabled` is False."""
+    """TensorBoard, W&B, MLflow and Comet behind one `scalar()` call; does nothing unless `enabled`."""
 
     def __init__(self, cfg: ConfigContainer, *, enabled: bool) -> None:
         self._cfg = cfg
         self._tb_dir = cfg.logger.tensorboard_dir if enabled else None
         self._wandb_project = cfg.logger.wandb_project if enabled else None
+        self._mlflow_experiment = cfg.logger.mlflow_experiment if enabled else None
+        self._mlflow: MlflowWriter | None = None
+        self._comet_project = cfg.logger.comet_project if enabled else None
+        self._comet: CometWriter | None = None
         self._tb: Any = None
         self._run: Any = None
         self._pending: dict[int, dict[str, float]] = {}
@@ -87,7 +112,39 @@ class MetricsWriter:
     @property
     def active(self) -> bool:
         """True when at least one backend is configured (and not closed)."""
-        return not self._closed and (self._tb_dir is not None or self._wandb_project is not None)
+        return not self._closed and (
+            self._tb_dir is not None
+            or self._wandb_project is not None
+            or self._mlflow_experiment is not None
+            or self._comet_project is not None
+        )
+
+    @property
+    def _buffered(self) -> bool:
+        # The step-indexed backends, which take one request per step from the buffer.
+        return (
+            self._wandb_project is not None
+            or self._mlflow_experiment is not None
+            or self._comet_project is not None
+        )
+
+    @property
+    def mlflow(self) -> MlflowWriter | None:
+        """The MLflow writer (its run created on first use), or None without logger.mlflow_experiment."""
+        if self._mlflow is None and self._mlflow_experiment is not None and not self._closed:
+            from viaduct.training.logging.mlflow_writer import MlflowWriter
+
+            self._mlflow = MlflowWriter(self._cfg, flat_params(self._cfg))
+        return self._mlflow
+
+    @property
+    def comet(self) -> CometWriter | None:
+        """The Comet writer (its experiment created on first use), or None without logger.comet_project."""
+        if self._comet is None and self._comet_project is not None and not self._closed:
+            from viaduct.training.logging.comet_writer import CometWriter
+
+            self._comet = CometWriter(self._cfg, flat_params(self._cfg))
+        return self._comet
 
     @property
     def tensorboard(self) -> Any:
@@ -126,7 +183,7 @@ class MetricsWriter:
         value = float(value)
         if self._tb_dir is not None:
             self.tensorboard.add_scalar(name, value, step)
-        if self._wandb_project is not None:
+        if self._buffered:
             self._pending.setdefault(step, {})[name] = value
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -139,15 +196,22 @@ class MetricsWriter:
             self.tensorboard.add_scalar(f"{name} vs samples", float(value), consumed_samples)
 
     def wandb_scalar(self, name: str, value: float, step: int) -> None:
-        """Record a W&B-only scalar (e.g. "samples vs steps", which TensorBoard plots natively)."""
-        if self.active and self._wandb_project is not None:
+        """Record a scalar for the step-indexed backends only (W&B, MLflow, Comet).
+
+        E.g. "samples vs steps", which TensorBoard plots natively.
+        """
+        if self.active and self._buffered:
             self._pending.setdefault(step, {})[name] = float(value)
 
     def commit(self) -> None:
-        """Send the buffered W&B values, one `log` per step in increasing step order."""
+        """Send the buffered W&B / MLflow / Comet values, one `log` per step in increasing step order."""
         if self._pending and self.wandb_run is not None:
             for step in sorted(self._pending):
                 self._run.log(self._pending[step], step=step)
+        for writer in (self.mlflow, self.comet) if self._pending else ():
+            if writer is not None:
+                for step in sorted(self._pending):
+                    writer.log(self._pending[step], step=step)
         self._pending.clear()
 
     def flush(self) -> None:
@@ -156,7 +220,7 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        """Flush and close both backends; later calls (and later scalars) do nothing."""
+        """Flush and close the backends; later calls (and later scalars) do nothing."""
         if self._closed:
             return
         self.commit()
@@ -168,6 +232,12 @@ class MetricsWriter:
         if self._run is not None:
             self._run.finish()
             self._run = None
+        if self._mlflow is not None:
+            self._mlflow.close()
+            self._mlflow = None
+        if self._comet is not None:
+            self._comet.close()
+            self._comet = None
 
 
 class ThroughputWindow:
