@@ -58,13 +58,17 @@ def test_all_problems_reported_at_once_with_sources():
     cfg.model.num_attention_heads = 3
     cfg.inprocess_restart = __import__(
         "viaduct.training.config", fromlist=["InProcessRestartConfig"]
-    ).InProcessRestartConfig()
+    ).InProcessRestartConfig(max_rank_faults=2)
     with pytest.raises(ConfigError) as info:
         cfg.validate(world_size=2)
     paths = {p.path for p in info.value.problems}
-    assert {"train.global_batch_size", "model.num_attention_heads", "inprocess_restart"} <= paths
+    assert {
+        "train.global_batch_size",
+        "model.num_attention_heads",
+        "inprocess_restart.max_rank_faults",
+    } <= paths
     text = str(info.value)
-    assert "inprocess_restart: in-process restart is not supported yet" in text
+    assert "inprocess_restart.max_rank_faults: counting faults per rank is not supported yet" in text
     assert "CLI 'train.global_batch_size=24'" in text
     assert "test_container.py" in text  # the Python line that set num_attention_heads
 

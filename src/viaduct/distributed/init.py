@@ -102,6 +102,21 @@ def _env_int(name: str, default: int) -> int:
 
 
 _runs_in_this_process = 0
+_inprocess_attempt: int | None = None
+"""The in-process restart attempt now running (0 first), or None outside `inprocess_restart`."""
+
+
+def begin_restartable_run() -> int:
+    """Count a run that in-process restart wraps: its attempts share the run's number."""
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+    return _runs_in_this_process
+
+
+def set_inprocess_attempt(attempt: int | None) -> None:
+    """Name the in-process restart attempt whose process group `_fresh_store` prefixes next."""
+    global _inprocess_attempt
+    _inprocess_attempt = attempt
 
 
 def _fresh_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
@@ -112,13 +127,19 @@ def _fresh_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     so a second run in the same processes would read the first run's keys and hang. Each run's
     prefix keeps their keys apart; every rank counts its runs the same way. The prefix also names
     torchrun's restart: the processes of a restarted job count from one again, and would otherwise
-    read the failed attempt's keys (a dead rank's address) from the store the agent kept.
+    read the failed attempt's keys (a dead rank's address) from the store the agent kept. Under
+    in-process restart, the run was counted once when it began, and the prefix names the attempt
+    too: each attempt forms a new group in the same processes, which must not read the last one's.
     """
     global _runs_in_this_process
-    _runs_in_this_process += 1
+    if _inprocess_attempt is None:
+        _runs_in_this_process += 1
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-    return dist.PrefixStore(f"viaduct/attempt{attempt}/run{_runs_in_this_process}", store)
+    prefix = f"viaduct/attempt{attempt}/run{_runs_in_this_process}"
+    if _inprocess_attempt is not None:
+        prefix += f"/inprocess{_inprocess_attempt}"
+    return dist.PrefixStore(prefix, store)
 
 
 def initialize_distributed(cfg: DistributedInitConfig) -> DistributedContext:

@@ -103,8 +103,10 @@ def pretrain(
     `forward_step_func` defaults to `viaduct.training.gpt_step.forward_step`.
     """
     _check(config)
-    state = GlobalState(cfg=config)
-    return _run(state, forward_step_func, CallbackManager(callbacks))
+    callbacks = _reusable(callbacks)
+    return _restartable(
+        config, lambda: _run(GlobalState(cfg=config), forward_step_func, CallbackManager(callbacks))
+    )
 
 
 def finetune(
@@ -123,8 +125,28 @@ def finetune(
             )
         )
     _check(config)
-    state = GlobalState(cfg=config)
-    return _run(state, forward_step_func, CallbackManager(callbacks), require_checkpoint=True)
+    callbacks = _reusable(callbacks)
+    return _restartable(
+        config,
+        lambda: _run(
+            GlobalState(cfg=config), forward_step_func, CallbackManager(callbacks), require_checkpoint=True
+        ),
+    )
+
+
+def _reusable(callbacks: Callbacks) -> Callbacks:
+    """`callbacks` as a list: an in-process restart hands them to each attempt, and a generator runs out."""
+    return None if callbacks is None else list(callbacks)
+
+
+def _restartable(config: ConfigContainer, attempt: Callable[[], GlobalState]) -> GlobalState:
+    """`attempt()` (one whole run, from a fresh state), re-entered after faults under inprocess_restart."""
+    ipr = config.inprocess_restart
+    if ipr is None or not ipr.enabled:
+        return attempt()
+    from viaduct.training.inprocess_restart import run_with_restarts
+
+    return run_with_restarts(ipr, attempt)
 
 
 def _run(

@@ -13,7 +13,7 @@ problem in one `ConfigError`. It runs, in this order (documented in docs/configu
 5. one owner for the sequence length (model.seq_length <-> dataset.seq_length);
 6. each component's finalize(): dataset, ddp, optimizer, model, logger, train, scheduler,
    checkpoint, profiling, rng, tokenizer, rerun_state_machine, comm_overlap, peft, dist, ft,
-   straggler, nvrx_straggler;
+   straggler, nvrx_straggler, inprocess_restart;
 7. cross-component rules: batch sizes and micro-batches, evaluation batches, scheduler steps
    (in samples), micro-batch counts the pipeline schedule can run (every step's, ramp-up included),
    the parallel layout's rules, PEFT needs a pretrained checkpoint and targets matching layers of
@@ -87,6 +87,7 @@ FINALIZE_ORDER = (
     "ft",
     "straggler",
     "nvrx_straggler",
+    "inprocess_restart",
 )
 
 
@@ -645,6 +646,13 @@ class ConfigContainer(ConfigBase):
             )
         if self.ft is not None and "ft" not in broken and self.world_size is not None:
             problems += self.ft.run_problems(self.world_size, self.checkpoint.save)
+        if (
+            self.inprocess_restart is not None
+            and "inprocess_restart" not in broken
+            and self.world_size is not None
+        ):
+            ipr = self.inprocess_restart
+            problems += ipr.run_problems(self.world_size, self.checkpoint.save, self.checkpoint.load)
         if self.profiling is not None and "profiling" not in broken and self.world_size is not None:
             problems += [p.prefixed("profiling") for p in self.profiling.setting_problems(self.world_size)]
         if isinstance(self.model, T5ModelProvider):

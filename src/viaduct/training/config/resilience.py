@@ -5,14 +5,16 @@ loss), result validation by re-running rejected iterations (in place, then after
 code 16 or 17), determinism statistics, and error injection to test it. Fault tolerance is built
 too (`viaduct.training.fault_tolerance`: hang detection per rank, restarts by torchrun), and so is
 straggler detection, both `straggler` and `nvrx_straggler` (`viaduct.training.straggler`: per-rank
-step times compared at each report). In-process restart needs the NVIDIA Resiliency Extension; its
-full field set is kept so Megatron Bridge configs load, and setting it is reported as not supported.
+step times compared at each report). In-process restart is built as well
+(`viaduct.training.inprocess_restart`: every rank re-enters training in the same processes after a
+fault); the fields of NVRx's separate monitoring process and per-rank fault counting are refused.
 """
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from viaduct.config import ConfigBase, Problem, Problems
+from viaduct.config import ConfigBase, Problem, Problems, unsupported
 from viaduct.training.config._checks import in_range, positive
 
 
@@ -256,10 +258,15 @@ class NVRxStragglerDetectionConfig(ConfigBase):
 
 @dataclass(kw_only=True)
 class InProcessRestartConfig(ConfigBase):
-    """NVRx in-process restart: on a fault, abort and re-enter training in the same processes."""
+    """In-process restart: on a fault, abort and re-enter training in the same processes.
+
+    A fault is an exception on any rank, a rank without heartbeat for `heartbeat_timeout` seconds,
+    or a rank without progress for `soft_timeout` seconds. Every rank then restarts from the latest
+    checkpoint in `checkpoint.save` (so `checkpoint.save` and `checkpoint.load` must name the same
+    directory). There are no spare ranks: every rank of the job takes part in each attempt.
+    """
 
     _component_: ClassVar[str] = "inprocess_restart"
-    _unsupported_ = "in-process restart"
 
     enabled: bool = False
     """Enable in-process restart."""
@@ -270,8 +277,8 @@ class InProcessRestartConfig(ConfigBase):
     monitor_thread_interval: float = 1.0
     """Seconds between checks of the monitoring thread."""
 
-    monitor_process_interval: float = 1.0
-    """Seconds between checks of the monitoring process."""
+    monitor_process_interval: float = unsupported("a separate monitoring process", 1.0)
+    """Seconds between checks of the monitoring process (there is none: the monitor thread checks)."""
 
     progress_watchdog_interval: float = 1.0
     """Seconds between automatic progress-watchdog timestamps."""
@@ -309,8 +316,75 @@ class InProcessRestartConfig(ConfigBase):
     empty_cuda_cache: bool = True
     """Empty the CUDA cache while restarting."""
 
-    max_rank_faults: int | None = None
+    max_rank_faults: int | None = unsupported("counting faults per rank", None)
     """Faults a rank may have before the job stops; None is unlimited."""
 
-    monitor_process_logdir: str | None = None
+    monitor_process_logdir: str | None = unsupported("a separate monitoring process", None)
     """Directory for the monitoring process's logs; None disables them."""
+
+    def finalize(self) -> None:
+        """When enabled: positive intervals and timeouts, soft_timeout < hard_timeout, heartbeats that
+        come more often than heartbeat_timeout, and max_iterations >= 0 (or None: unlimited)."""
+        p = Problems()
+        if self.enabled:
+            for name in (
+                "monitor_thread_interval",
+                "progress_watchdog_interval",
+                "heartbeat_interval",
+                "soft_timeout",
+                "hard_timeout",
+                "heartbeat_timeout",
+                "barrier_timeout",
+                "completion_timeout",
+            ):
+                positive(p, self, name)
+            positive(p, self, "last_call_wait", zero_ok=True)
+            positive(p, self, "termination_grace_time", zero_ok=True)
+            positive(p, self, "max_iterations", zero_ok=True)
+            if 0 < self.hard_timeout <= self.soft_timeout:
+                p.add(
+                    "soft_timeout",
+                    f"must be < hard_timeout ({self.hard_timeout}): the restart must be tried before "
+                    "the rank is ended",
+                    self.soft_timeout,
+                    fix="lower inprocess_restart.soft_timeout or raise inprocess_restart.hard_timeout",
+                )
+            if 0 < self.heartbeat_timeout <= self.heartbeat_interval:
+                p.add(
+                    "heartbeat_interval",
+                    f"must be < heartbeat_timeout ({self.heartbeat_timeout}): otherwise every rank "
+                    "looks lost between two heartbeats",
+                    self.heartbeat_interval,
+                    fix="lower inprocess_restart.heartbeat_interval or raise "
+                    "inprocess_restart.heartbeat_timeout",
+                )
+            positive(p, self, "active_world_size")
+        p.raise_if_any()
+
+    def run_problems(self, world_size: int, save: str | None, load: str | None) -> list[Problem]:
+        """What depends on the rest of the run: a checkpoint to restart from, no spare ranks."""
+        problems: list[Problem] = []
+        if not self.enabled:
+            return problems
+        if not save or not load or os.path.normpath(save) != os.path.normpath(load):
+            problems.append(
+                Problem(
+                    "inprocess_restart.enabled",
+                    "a restart resumes from the latest checkpoint the run saved, so checkpoint.save and "
+                    f"checkpoint.load must name the same directory (save={save!r}, load={load!r})",
+                    True,
+                    fix="set checkpoint.save and checkpoint.load to one directory (and "
+                    "checkpoint.save_interval), or inprocess_restart.enabled=false",
+                )
+            )
+        if self.active_world_size is not None and self.active_world_size != world_size:
+            problems.append(
+                Problem(
+                    "inprocess_restart.active_world_size",
+                    f"must be the world size ({world_size}): warm spare ranks are not supported, every "
+                    "rank trains",
+                    self.active_world_size,
+                    fix="unset inprocess_restart.active_world_size",
+                )
+            )
+        return problems
