@@ -8,20 +8,21 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from viaduct.config import ConfigError
-from viaduct.testing import assert_identical, free_port, tiny_pretrain_config
-from viaduct.training.checkpoint.dcp_index import SafeFileSystemReader, read_index
+from viaduct.testing import (
+    assert_identical,
+    checkpoint_tensors,
+    run_torchrun_job,
+    tiny_pretrain_config,
+)
 from viaduct.training.config import FaultToleranceConfig
 from viaduct.training.fault_tolerance import (
     EXIT_CODE_HANG,
@@ -341,43 +342,16 @@ pretrain(cfg, callbacks=[{"on_train_step_start": on_step_start, "on_train_step_e
 def _torchrun(tmp_path: Path, save: Path, *extra: str, restarts: int = 0) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "job.py"
     script.write_text(JOB)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    command += ["--max-restarts", str(restarts), "--master-port", str(free_port()), str(script), str(save)]
-    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    # A session of its own: on a timeout the agent and its workers are killed together (killing only
-    # the agent would leave the workers running).
-    proc = subprocess.Popen(
-        [*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        cwd=tmp_path, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the torchrun job did not finish in 240 s:\n{(out + err)[-6000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _weights(iteration_dir: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = read_index(iteration_dir)
-    out = {
-        k: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in meta.state_dict_metadata.items()
-        if isinstance(m, TensorStorageMetadata)
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(out, storage_reader=SafeFileSystemReader(iteration_dir), no_dist=True)
-    return out
+    return run_torchrun_job(
+        script, str(save), *extra, launcher_args=("--max-restarts", str(restarts)), cwd=tmp_path
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_hung_rank_is_restarted_by_torchrun_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+def test_a_hung_rank_is_restarted_by_torchrun_and_resumes_to_the_same_weights(
+    tmp_path: Path,
+) -> None:
     step_timeout = 3.0
     hung = _torchrun(
         tmp_path,
@@ -415,5 +389,7 @@ def test_a_hung_rank_is_restarted_by_torchrun_and_resumes_to_the_same_weights(tm
     clean = _torchrun(tmp_path, tmp_path / "clean")
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
     assert_identical(
-        _weights(tmp_path / "clean" / "iter_0000040"), _weights(tmp_path / "hung" / "iter_0000040"), "weights"
+        checkpoint_tensors(tmp_path / "clean" / "iter_0000040"),
+        checkpoint_tensors(tmp_path / "hung" / "iter_0000040"),
+        "weights",
     )

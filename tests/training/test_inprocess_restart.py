@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from viaduct.config import ConfigError, Problem
-from viaduct.testing import assert_identical, free_port, tiny_pretrain_config
-from viaduct.training.checkpoint.dcp_index import SafeFileSystemReader, read_index
+from viaduct.testing import (
+    assert_identical,
+    checkpoint_tensors,
+    run_torchrun_job,
+    tiny_pretrain_config,
+)
 from viaduct.training.config import InProcessRestartConfig
 from viaduct.training.inprocess_restart import Monitor, RestartInterrupt, run_with_restarts
 
@@ -263,37 +264,7 @@ def _torchrun(
 ) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "job.py"
     script.write_text(JOB)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    command += ["--master-port", str(free_port()), str(script), str(save), str(fault_step), fault]
-    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    # A session of its own: on a timeout the agent and its workers are killed together.
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the torchrun job did not finish in 240 s:\n{(out + err)[-6000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _weights(iteration_dir: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = read_index(iteration_dir)
-    out = {
-        k: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in meta.state_dict_metadata.items()
-        if isinstance(m, TensorStorageMetadata)
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(out, storage_reader=SafeFileSystemReader(iteration_dir), no_dist=True)
-    return out
+    return run_torchrun_job(script, str(save), str(fault_step), fault, cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -316,8 +287,8 @@ def test_an_exception_on_one_rank_restarts_every_rank_in_the_same_processes(tmp_
     clean = _torchrun(tmp_path, tmp_path / "clean", fault_step=-1)
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
     assert_identical(
-        _weights(tmp_path / "clean" / "iter_0000020"),
-        _weights(tmp_path / "faulty" / "iter_0000020"),
+        checkpoint_tensors(tmp_path / "clean" / "iter_0000020"),
+        checkpoint_tensors(tmp_path / "faulty" / "iter_0000020"),
         "weights",
     )
 
@@ -340,5 +311,7 @@ def test_a_hung_rank_is_found_by_the_soft_timeout_and_every_rank_restarts(tmp_pa
     clean = _torchrun(tmp_path, tmp_path / "clean", fault_step=-1)
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
     assert_identical(
-        _weights(tmp_path / "clean" / "iter_0000020"), _weights(tmp_path / "hung" / "iter_0000020"), "weights"
+        checkpoint_tensors(tmp_path / "clean" / "iter_0000020"),
+        checkpoint_tensors(tmp_path / "hung" / "iter_0000020"),
+        "weights",
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,3 +27,23 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
             assert_identical(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def checkpoint_tensors(iteration_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint iteration (`<save>/iter_NNNNNNN`), read in one process
+    through viaduct's checked reader: what tests compare across runs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from viaduct.training.checkpoint.dcp_index import SafeFileSystemReader, read_index
+
+    meta = read_index(iteration_dir)
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(out, storage_reader=SafeFileSystemReader(iteration_dir), no_dist=True)
+    return out

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -76,6 +78,39 @@ def torchrun_nodes(
                 agent.kill()
                 agent.communicate()
     return results
+
+
+def run_torchrun_job(
+    script: Path,
+    *args: str,
+    nproc: int = 2,
+    launcher_args: tuple[str, ...] = (),
+    cwd: Path,
+    timeout: float = 240,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m torch.distributed.run --nproc-per-node NPROC [launcher_args] SCRIPT ARGS` on a free
+    port, one thread per rank, this checkout's viaduct first on the path; stdout and stderr captured.
+
+    The job runs in a session of its own: on a timeout the agent and its workers are killed together
+    (killing only the agent would leave the workers running), and the test fails with the job's
+    last output."""
+    import pytest
+
+    src = str(Path(__file__).resolve().parents[2])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *launcher_args]
+    command += ["--master-port", str(free_port()), str(script), *args]
+    env = {**os.environ, "PYTHONPATH": src, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the torchrun job did not finish in {timeout:.0f} s:\n{(out + err)[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
