@@ -118,6 +118,11 @@ def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
 
 
+def _host_values(local: list[torch.Tensor]) -> list[float]:
+    """The step's local losses on the host, in one copy (the one sync the checks need)."""
+    return torch.stack([v.detach().float().view(()) for v in local]).cpu().tolist() if local else []
+
+
 def _json_number(value: float) -> float | str:
     """JSON has no NaN or infinity: those become "nan", "inf", "-inf"."""
     return value if math.isfinite(value) else repr(value)
@@ -182,7 +187,7 @@ class RerunStateMachine:
         losses, local = run_once(recording)
         if self.mode == "report_determinism_stats":
             return self._second_run(rng, recording, local, run_once, zero_grad)
-        values = torch.stack([v.detach().float().view(()) for v in local]).cpu().tolist() if local else []
+        values = _host_values(local)
         if self.resumed_iteration == step:
             self._check_resumed(step, values)
         rejection = self._validate(step, values, first_run=self.resumed_iteration != step)
@@ -194,7 +199,7 @@ class RerunStateMachine:
         zero_grad()
         rng.restore()
         losses, local = run_once(iter(list(recording.batches)))
-        replayed = torch.stack([v.detach().float().view(()) for v in local]).cpu().tolist() if local else []
+        replayed = _host_values(local)
         outcome = _NONE
         if rejection is not None:
             value = replayed[rejection.microbatch]
