@@ -276,17 +276,17 @@ def _weight_hash_worker(rank: int, world_size: int) -> int:
 def _hash_detects(rank: int, world_size: int) -> tuple[bool, bool]:
     import torch.distributed as dist
 
-    from viaduct.training.train import _weights_match_across_ranks
+    from viaduct.training.step_checks import weights_match_across_ranks
 
     dist.init_process_group("gloo")
     try:
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 4)
-        same = _weights_match_across_ranks(model)
+        same = weights_match_across_ranks(model)
         if rank == 1:
             with torch.no_grad():
                 model.weight[0, 0] += 1e-6  # one replica drifts by one small step
-        return same, _weights_match_across_ranks(model)
+        return same, weights_match_across_ranks(model)
     finally:
         dist.destroy_process_group()
 
@@ -305,7 +305,7 @@ def test_weight_hash_check_passes_for_healthy_replicas():
 
 @pytest.mark.slow
 def test_nan_loss_stops_the_run_with_the_iteration():
-    from viaduct.training.train import NonFiniteLossError
+    from viaduct.training.step_checks import NonFiniteLossError
 
     def forward_step(state: GlobalState, data_iterator, model):
         output, loss_func = gpt_forward_step(state, data_iterator, model)
@@ -337,12 +337,12 @@ def test_skip_train_only_evaluates():
 
 
 def test_large_gradient_warning(caplog):
-    from viaduct.training.train import _check_large_grads
+    from viaduct.training.step_checks import check_large_grads
 
     recent: list[float] = []
     with caplog.at_level("WARNING", logger="viaduct"):
         for step, norm in enumerate([1.0] * 10 + [50.0], start=1):
-            _check_large_grads(step, norm, recent)
+            check_large_grads(step, norm, recent)
     assert "unexpectedly large gradients at iteration 11" in caplog.text
 
 

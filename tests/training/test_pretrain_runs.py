@@ -119,7 +119,7 @@ def test_run_errors_are_user_facing_errors():
     for user-facing errors) and still the RuntimeError it always was."""
     from viaduct.distributed.ddp import NonFiniteGradientError
     from viaduct.training.errors import TrainingRunError
-    from viaduct.training.train import NonFiniteLossError, WeightHashMismatchError
+    from viaduct.training.step_checks import NonFiniteLossError, WeightHashMismatchError
 
     for error in (NonFiniteLossError, WeightHashMismatchError, NonFiniteGradientError):
         assert issubclass(error, TrainingRunError)

@@ -14,9 +14,9 @@ resumes on other hardware; that resumed run re-runs the iteration once more: a d
 persistent fault of the previous machine (training goes on), the same result is correct (a real
 data or model problem) and a fatal check stops the job with exit code 17. What the resumed run needs
 (the iteration and each rank's rejected value) travels in the checkpoint's ``common.pt`` as a JSON
-string. Ranks never diverge: each rank's verdict is reduced with MAX over all ranks (one all-reduce
-of a few numbers per step in this mode, a second one only after a replay), and every rank acts on the
-reduced verdict.
+string. Ranks never diverge: whether any rank rejected a result travels in the all-reduce of the
+step's metrics that every step makes anyway (no collective of its own), a replay's outcomes are
+reduced with MAX over all ranks, and every rank acts on the reduced verdict.
 
 `rerun_mode="report_determinism_stats"`: every iteration runs twice; the absolute differences of
 the two runs' local losses are accumulated on the device and reported every log interval.
@@ -42,6 +42,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from viaduct.training.config import ConfigContainer
     from viaduct.training.config.resilience import RerunStateMachineConfig
+    from viaduct.training.train_step import MetricAccumulator
 
 log = logging.getLogger("viaduct")
 
@@ -128,8 +129,9 @@ def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else repr(value)
 
 
-RunOnce = Callable[[Iterator[Any]], tuple[dict[str, torch.Tensor], list[torch.Tensor]]]
-"""One forward/backward of the step over the given iterator: (reduced metrics, local losses)."""
+RunOnce = Callable[[Iterator[Any]], "tuple[MetricAccumulator, list[torch.Tensor]]"]
+"""One forward/backward of the step over the given iterator: (its metrics, not reduced yet; local
+losses)."""
 
 
 class RerunStateMachine:
@@ -184,7 +186,7 @@ class RerunStateMachine:
         Raises `RerunExit` when the job must stop (the optimizer has not stepped then)."""
         rng = self.capture_rng()
         recording = _Recording(data_iterator)
-        losses, local = run_once(recording)
+        metrics, local = run_once(recording)
         if self.mode == "report_determinism_stats":
             return self._second_run(rng, recording, local, run_once, zero_grad)
         values = _host_values(local)
@@ -193,12 +195,17 @@ class RerunStateMachine:
         rejection = self._validate(step, values, first_run=self.resumed_iteration != step)
         if self.resumed_iteration == step:
             self.resumed_iteration, self.resumed = None, {}
-        if not self._agree(1 if rejection is not None else 0):
+        # Whether any rank rejected rides along with the metrics' all-reduce (summed over the ranks).
+        device = local[0].device if local else self.host_device
+        flag = torch.tensor([1.0 if rejection is not None else 0.0], device=device)
+        losses, rejected = metrics.reduce_with_flags(flag)
+        if rejected is None or float(rejected[0].item()) == 0.0:
             return losses
         # Some rank rejected a result: every rank replays the iteration in place.
         zero_grad()
         rng.restore()
-        losses, local = run_once(iter(list(recording.batches)))
+        metrics, local = run_once(iter(list(recording.batches)))
+        losses = metrics.reduce()
         replayed = _host_values(local)
         outcome = _NONE
         if rejection is not None:
@@ -306,7 +313,8 @@ class RerunStateMachine:
         """Run the step again from its start; training continues with the second run."""
         zero_grad()
         rng.restore()
-        losses, again = run_once(iter(list(recording.batches)))
+        metrics, again = run_once(iter(list(recording.batches)))
+        losses = metrics.reduce()
         if local:
             first = torch.stack([v.detach().float().view(()) for v in local])
             second = torch.stack([v.detach().float().view(()) for v in again])
@@ -355,9 +363,6 @@ class RerunStateMachine:
         flag = torch.tensor([float(value)], device=self.host_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag.item())
-
-    def _agree(self, flag: int) -> bool:
-        return self._reduce_max(flag) > 0
 
     def _event(self, step: int | None, event: str, rejection: _Rejection | None, **extra: Any) -> None:
         record: dict[str, Any] = {"time": round(time.time(), 3), "rank": self.rank, "event": event}

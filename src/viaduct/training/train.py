@@ -19,13 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from viaduct.distributed.init import set_timeout_after_init
 from viaduct.training.callbacks import CallbackContext, CallbackManager
-from viaduct.training.errors import TrainingRunError
 from viaduct.training.eval import evaluate
 from viaduct.training.host_memory import keep_freed_host_memory
 from viaduct.training.logging import IntervalTiming, StepRecord
@@ -33,6 +30,14 @@ from viaduct.training.microbatches import MicroBatchCalculator
 from viaduct.training.optim import MixedPrecisionOptimizer
 from viaduct.training.rerun import EXIT_CODE_RESUME_TO_DISAMBIGUATE, RerunExit, RerunStateMachine
 from viaduct.training.state import GlobalState
+from viaduct.training.step_checks import (
+    WeightHashMismatchError,
+    check_large_grads,
+    check_losses,
+    decide_exit,
+    replica_group,
+    weights_match_across_ranks,
+)
 from viaduct.training.train_step import StepGroups, train_step
 
 if TYPE_CHECKING:
@@ -46,14 +51,6 @@ if TYPE_CHECKING:
     from viaduct.training.straggler import StragglerDetection
 
 log = logging.getLogger("viaduct")
-
-
-class NonFiniteLossError(TrainingRunError):
-    """The training loss became NaN or infinite (rerun_state_machine.check_for_nan_in_loss)."""
-
-
-class WeightHashMismatchError(TrainingRunError):
-    """Data-parallel replicas hold different weights (train.check_weight_hash_across_dp_replicas_interval)."""
 
 
 @dataclass
@@ -291,94 +288,6 @@ def _share_across_stages(
     return merged
 
 
-def _check_losses(state: GlobalState, records: list[StepRecord], recent: list[float]) -> None:
-    rsm = state.cfg.rerun_state_machine
-    for record in records:
-        if record.nan and rsm.check_for_nan_in_loss:
-            raise NonFiniteLossError(
-                f"the training loss is {record.losses} at iteration {record.step} (NaN or infinite); "
-                "stopping (rerun_state_machine.check_for_nan_in_loss). Lower optimizer.lr, raise "
-                "optimizer.clip_grad or check the data; set rerun_state_machine.check_for_nan_in_loss=false "
-                "to continue anyway"
-            )
-        for name, value in record.losses.items():
-            # Under validate_results the machine checks every micro-batch's local loss for spikes.
-            spiky = rsm.check_for_spiky_loss and rsm.rerun_mode != "validate_results"
-            if spiky and recent and value > rsm.spiky_loss_factor * max(recent):
-                log.warning(
-                    "spiky loss at iteration %d: %s = %.4f is over %.1f × the largest of the last %d (%.4f)",
-                    record.step,
-                    name,
-                    value,
-                    rsm.spiky_loss_factor,
-                    len(recent),
-                    max(recent),
-                )
-            if math.isfinite(value):
-                recent.append(value)
-                del recent[:-100]
-
-
-def _check_large_grads(step: int, norm: float, recent: list[float]) -> None:
-    """Warn when the grad norm jumps over 10 × the largest of the last 100 (ddp.check_for_large_grads)."""
-    if len(recent) >= 10 and norm > 10 * max(recent):
-        log.warning(
-            "unexpectedly large gradients at iteration %d: grad norm %.4g is over 10 × the largest of the "
-            "last %d steps (%.4g)",
-            step,
-            norm,
-            len(recent),
-            max(recent),
-        )
-    if math.isfinite(norm):
-        recent.append(norm)
-        del recent[:-100]
-
-
-def _weights_match_across_ranks(module: nn.Module, group: dist.ProcessGroup | None = None) -> bool:
-    """All data-parallel replicas hold bitwise-identical weights (one checksum per parameter).
-
-    Sharded parameters are compared shard by shard: `group` must then hold the ranks that keep the
-    same shards (the data-parallel replicas of the mesh)."""
-    with torch.no_grad():
-        sums = torch.stack([_local(p.detach()).double().sum() for p in module.parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, sums, group=group)
-    return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _replica_group(state: GlobalState) -> dist.ProcessGroup | Literal[False] | None:
-    """The ranks that hold the same weights (None: all ranks), or False when there are none to compare
-    (one process, or every data-parallel rank holds a different shard)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    pmesh = state.dist.parallel if state.dist is not None else None
-    if pmesh is None or pmesh.mesh is None:
-        return None  # plain DDP: every rank is a replica
-    if pmesh.layout.dp_replicate == 1:
-        return False
-    return pmesh.mesh.get_group("dp_replicate")
-
-
-def _decide_exit(state: GlobalState) -> tuple[bool, bool]:
-    """(signal received on any rank, exit_duration_in_mins exceeded on any rank): host-side only."""
-    limit = state.cfg.train.exit_duration_in_mins
-    handler = state.signal_handler
-    signal = bool(handler is not None and handler.received())
-    minutes = (time.time() - state.start_time) / 60.0
-    over = limit is not None and minutes > limit
-    ctx = state.dist
-    if ctx is not None and ctx.distributed and (handler is not None or limit is not None):
-        flags = torch.tensor([float(signal), float(over)], device=ctx.host_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.host_group)
-        signal, over = bool(flags[0]), bool(flags[1])  # a device sync without the gloo group
-    return signal, over
-
-
 def train(state: GlobalState, context: TrainContext) -> None:
     """Run steps until train_iters (or an exit condition); evaluate and checkpoint on the way.
 
@@ -466,7 +375,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             if result.updated:
                 scheduler.step(increment=global_batch_size)
             if cfg.ddp.check_for_large_grads and result.grad_norm is not None:
-                _check_large_grads(step, float(result.grad_norm), recent_norms)  # opt-in host sync
+                check_large_grads(step, float(result.grad_norm), recent_norms)  # opt-in host sync
 
         train_state.step = step
         train_state.consumed_train_samples += global_batch_size
@@ -535,7 +444,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
                 logger.log_train(records, timing)
                 for at, values in layer_norms.items():
                     logger.log_scalars(at, values)
-            _check_losses(state, records, recent_losses)
+            check_losses(state, records, recent_losses)
             report = context.rerun.determinism_report() if context.rerun is not None else None
             if report is not None and logger is not None:
                 logger.info(report)
@@ -545,9 +454,9 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
         if train_cfg.manual_gc and train_cfg.manual_gc_interval and step % train_cfg.manual_gc_interval == 0:
             gc.collect()
         interval = train_cfg.check_weight_hash_across_dp_replicas_interval
-        replicas = _replica_group(state) if interval and step % interval == 0 else False
+        replicas = replica_group(state) if interval and step % interval == 0 else False
         if replicas is not False:
-            if not _weights_match_across_ranks(context.plain_model, replicas):
+            if not weights_match_across_ranks(context.plain_model, replicas):
                 raise WeightHashMismatchError(
                     f"data-parallel replicas hold different weights at iteration {step}; "
                     "this points at a non-deterministic kernel or a hardware fault"
@@ -568,7 +477,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
             context.profiler.step_end(step)
 
         # Checkpoint and exit decisions (Megatron's checkpoint_and_decide_exit).
-        signal, over_time = _decide_exit(state)
+        signal, over_time = decide_exit(state)
         saved = False
         if signal:
             exit_reason = f"received {train_cfg.exit_signal.name}"
@@ -592,7 +501,7 @@ def _train_loop(state: GlobalState, context: TrainContext) -> None:
         records, layer_norms = _to_records(pending)
         if context.pipeline is not None:
             _share_across_stages(context.pipeline, records, layer_norms)
-        _check_losses(state, records, recent_losses)
+        check_losses(state, records, recent_losses)
     if cfg.checkpoint.save and train_state.step > 0 and last_saved_step != train_state.step:
         _save(state, context, train_state.step)
     if exit_reason is not None and logger is not None:

@@ -83,25 +83,35 @@ class MetricAccumulator:
 
     def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
         """Final values: all-reduced over `group` when torch.distributed is initialized."""
+        return self.reduce_with_flags(None, group)[0]
+
+    def reduce_with_flags(
+        self, flags: torch.Tensor | None, group: dist.ProcessGroup | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """`reduce`, with `flags` (a 1-D tensor on the metrics' device) summed over the ranks in the
+        same all-reduce: a decision every rank must share costs no collective of its own."""
         names_p, names_s = sorted(self.pairs), sorted(self.scalars)
-        if not names_p and not names_s:
-            return {}
+        if not names_p and not names_s and flags is None:
+            return {}, None
         parts = [self.pairs[n] for n in names_p] + [
             (self.scalars[n] / max(self.n, 1)).view(1) for n in names_s
         ]
+        if flags is not None:
+            parts.append(flags.float().view(-1).to(parts[0].device if parts else flags.device))
         flat = torch.cat(parts)
+        n_metrics = 2 * len(names_p) + len(names_s)
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(group)
             dist.all_reduce(flat, group=group)
             scale = torch.ones_like(flat)
-            scale[2 * len(names_p) :] = 1.0 / world  # scalars: mean over ranks
+            scale[2 * len(names_p) : n_metrics] = 1.0 / world  # scalars: mean over ranks
             flat = flat * scale
         out = {}
         for i, n in enumerate(names_p):
             out[n] = flat[2 * i] / flat[2 * i + 1].clamp(min=1)
         for j, n in enumerate(names_s):
             out[n] = flat[2 * len(names_p) + j]
-        return out
+        return out, (flat[n_metrics:] if flags is not None else None)
 
 
 def forward_backward(
@@ -229,7 +239,7 @@ def train_step(
         )
     elif rerun is not None and rerun.active:
 
-        def run_once(iterator: Iterator[Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        def run_once(iterator: Iterator[Any]) -> tuple[MetricAccumulator, list[torch.Tensor]]:
             local: list[torch.Tensor] = []
             metrics = forward_backward(
                 forward_step,
@@ -241,7 +251,7 @@ def train_step(
                 groups=groups,
                 local_losses=local,
             )
-            return metrics.reduce(), local
+            return metrics, local
 
         losses = rerun.run_step(step, data_iterator, run_once, optimizer.zero_grad)
     else:
