@@ -72,6 +72,55 @@ def test_blend_tracks_the_weights_on_every_prefix():
     assert blend_counts([0.0, 1.0], 7).tolist() == [0, 7]
 
 
+def greedy_reference(weights: list[float], size: int) -> tuple[list[int], list[int]]:
+    """Megatron's build_blending_indices, written out: each sample goes to the component whose
+    weight·max(i, 1) - count is largest (the first one on ties)."""
+    counts = [0] * len(weights)
+    ids, ranks = [], []
+    for i in range(size):
+        t = float(max(i, 1))
+        errors = [w * t - c for w, c in zip(weights, counts)]
+        d = errors.index(max(errors))
+        ids.append(d)
+        ranks.append(counts[d])
+        counts[d] += 1
+    return ids, ranks
+
+
+def test_the_blend_order_is_megatrons_greedy_rule():
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n = int(rng.integers(1, 9))
+        raw = rng.random(n) if trial % 3 else rng.integers(1, 4, n).astype(float)  # integers: ties
+        size = int(rng.integers(1, 3000))
+        weights = (raw / raw.sum()).tolist()
+        ids, ranks = blending_indices(raw, size)
+        assert (ids.tolist(), ranks.tolist()) == greedy_reference(weights, size), (trial, raw, size)
+    # The case a sort by (k + 1/2) / w got wrong: 0.3 / 0.7 starts b, a, b, b, a, ...
+    assert blending_indices([0.3, 0.7], 10)[0].tolist() == greedy_reference([0.3, 0.7], 10)[0]
+
+
+def test_a_blend_cached_in_the_earlier_sorted_order_is_not_reused(tmp_path, data, monkeypatch):
+    from viaduct.data import blended
+    from viaduct.data.indexed import IndexedDataset
+
+    config = GPTDatasetConfig(random_seed=1)
+    parts = [
+        GPTDataset(IndexedDataset(p), np.arange(100), 300, S, config, NullTokenizer(VOCAB), "train")
+        for p in data
+    ]
+    # A cache as the sorted-order code wrote it (format 1): valid indices, another order.
+    monkeypatch.setattr(blended, "_FORMAT", 1)
+    old = BlendedDataset(parts, [0.3, 0.7], 200, 1, tmp_path)
+    b_first = np.argsort(np.where(old.dataset_index == 1, 0, 1), kind="stable")  # still valid indices
+    for name in ("dataset_index", "dataset_sample_index"):
+        np.save(next(tmp_path.glob(f"*-{name}.npy")), getattr(old, name)[b_first])
+    monkeypatch.undo()
+    new = BlendedDataset(parts, [0.3, 0.7], 200, 1, tmp_path)
+    assert new.built_anew
+    assert new.dataset_index.tolist() == greedy_reference(list(new.weights), 200)[0]
+
+
 def test_blended_dataset_caches_and_checks_component_sizes(tmp_path, data):
     from viaduct.data.indexed import IndexedDataset
 
@@ -136,6 +185,23 @@ def test_unweighted_prefixes_are_weighted_by_size(data):
     train, _, _ = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (2000, 0, 0))
     tokens = [int(ds.indexed.sequence_lengths.sum()) for ds in train.datasets]
     assert train.weights[0] == pytest.approx(tokens[0] / sum(tokens), abs=0.01)
+
+
+def test_an_unweighted_blend_stops_after_one_epoch_unless_asked_to_repeat(data):
+    a, b = data
+    # Megatron's rule: one epoch of each prefix, weighed by its length; the blend is capped at them.
+    train, _, _ = build_gpt_datasets(
+        cfg_with(data_path=[a, b], split="1,0,0"), NullTokenizer(VOCAB), (2000, 0, 0)
+    )
+    epochs = [len(ds) for ds in train.datasets]
+    assert len(train) == sum(epochs) < 2000
+    assert np.bincount(train.dataset_index).tolist() == epochs  # every sample of each epoch, once
+    # Opt-in: the epochs' sizes become weights and the components repeat epochs to give 2000 samples.
+    cfg = cfg_with(data_path=[a, b], split="1,0,0", unweighted_blend_repeats_epochs=True)
+    train, _, _ = build_gpt_datasets(cfg, NullTokenizer(VOCAB), (2000, 0, 0))
+    assert len(train) >= 2000
+    assert train.weights[0] == pytest.approx(epochs[0] / sum(epochs))
+    assert all(len(ds) > n for ds, n in zip(train.datasets, epochs))
 
 
 def test_split_cuts_each_prefix_by_documents(data):

@@ -544,3 +544,22 @@ def test_config_validation_reports_every_schedule_problem_at_once():
         "optimizer.min_lr",
         "scheduler.lr_warmup_iters",
     }  # floor above peak; warmup too long
+
+
+def test_inverse_square_root_rounds_like_megatron():
+    # Megatron computes max_lr * warmup**0.5 / n**0.5; math.sqrt rounds this one 1 ulp lower.
+    s = OptimizerParamScheduler(
+        _adamw(),
+        init_lr=0.0,
+        max_lr=1.0,
+        min_lr=0.1,
+        lr_warmup_steps=50,
+        lr_decay_steps=5000,
+        lr_decay_style="inverse-square-root",
+        start_wd=0.0,
+        end_wd=0.0,
+        wd_incr_steps=0,
+        wd_incr_style="constant",
+    )
+    s.step(2921)
+    assert s.get_lr({}) == 0.13083357955509323

@@ -1,14 +1,19 @@
 """A weighted blend of datasets: sample i of the blend is sample `dataset_sample_index[i]` of
 component `dataset_index[i]`.
 
-The order follows the weights closely over *every* prefix of the blend, not only over the whole:
-Megatron gets this with a greedy loop (give the next sample to the component whose count lags its
-weight the most). We build an equivalent order without a Python loop: the k-th sample of component
-d is given the time (k + 1/2) / w_d, and the blend is all samples sorted by time (ties to the lower
-component). After n samples each component holds within about one sample of n·w_d (Webster's
-apportionment), and within k-th place each component's own samples stay in order, so component d
-reads its samples 0, 1, 2, ... The order is deterministic (no randomness: the components shuffle
-their own samples).
+The order is Megatron-Core's, sample for sample: for each sample i, the component whose error
+weight·max(i, 1) - (samples it has given so far) is largest gives its next sample, ties going to
+the lower component. The errors are computed in float64 exactly as Megatron's compiled helper does,
+so even ties that rounding decides fall the same way. The order is deterministic (no randomness:
+the components shuffle their own samples).
+
+A Python loop over millions of samples is too slow, so `blending_indices` cuts the blend into
+blocks and steps every block at once (numpy across blocks, one Python step per sample of a block).
+A block's starting counts are guessed first (each component's share of the samples before it);
+then, as long as some block started from counts that differ from where the block before it ended,
+those blocks run again from the right counts. The greedy rule pulls a wrong start back onto the
+true path within a few samples, so this settles after two or three rounds; and since the first
+block starts from the true (all zero) counts, the settled result is the greedy order exactly.
 
 Indices are cached like the GPT dataset's when a cache directory is given (atomic writes); a
 cached file that is unreadable or does not fit the blend (shape, dtype, a component or sample out
@@ -20,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +44,7 @@ from viaduct.data.index_cache import (
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2  # the greedy (Megatron) order: caches of the earlier sorted order are not reused
 _INDEX_NAMES = ("dataset_index", "dataset_sample_index")
 
 
@@ -53,29 +57,89 @@ class BlendComponent(Protocol):
 
 
 def normalize_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """`weights` / their sum, in float64 (Megatron-Core's `normalize`, bit for bit)."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
         raise ValueError(f"blend weights must be non-negative, finite and not all 0, got {list(weights)}")
-    return w / w.sum()
+    return w / np.sum(w)
 
 
 def blending_indices(weights: Sequence[float] | np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset_index int16, dataset_sample_index int64) of a blend of `size` samples (see module doc)."""
-    w = normalize_weights(weights)
+    """(dataset_index int16, dataset_sample_index int64) of a blend of `size` samples (see module doc),
+    `weights` normalized first (as Megatron's BlendedDataset does)."""
+    return greedy_blending_indices(normalize_weights(weights), size)
+
+
+def greedy_blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron-Core's `build_blending_indices` for `weights` used as they are (normally summing to 1:
+    normalizing again could change their last bits, and so the order)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"blend weights must be a non-empty list, got {list(weights)}")
     if w.size >= 2**15:
         raise ValueError(f"at most {2**15 - 1} datasets can be blended, got {w.size}")
+    size = int(size)
     if size <= 0:
         return np.zeros(0, np.int16), np.zeros(0, np.int64)
-    # Webster counts stay below w_d·(size + D/2) + 1/2; give each component a few more candidates
-    # so the first `size` times never run out of any component.
-    extra = w.size / 2 + 2
-    caps = [math.ceil(wd * (size + extra)) + 1 if wd > 0 else 0 for wd in w]
-    times = np.concatenate([(np.arange(c, dtype=np.float64) + 0.5) / wd for c, wd in zip(caps, w) if c])
-    ids = np.concatenate([np.full(c, d, dtype=np.int16) for d, c in enumerate(caps) if c])
-    ranks = np.concatenate([np.arange(c, dtype=np.int64) for c in caps if c])
-    # Candidates are laid out by component, so a stable sort breaks ties toward the lower component.
-    order = np.argsort(times, kind="stable")[:size]
-    return ids[order], ranks[order]
+    if np.any(w == 0) and np.any(w > 0):
+        # Megatron refuses a weight of 0; here such a component is left out of the greedy rule,
+        # which would otherwise pick it on an early tie.
+        used = np.flatnonzero(w > 0)
+        ids, taken = greedy_blending_indices(w[used], size)
+        return used[ids].astype(np.int16), taken
+    n_datasets = w.size
+    # Blocks: enough of them that each numpy step does real work, few enough that a block is long
+    # compared with the few samples a wrong start needs to rejoin the greedy path.
+    n_blocks = max(1, min(size // 256, max(64, (1 << 16) // n_datasets)))
+    length = -(-size // n_blocks)
+    starts = np.arange(n_blocks, dtype=np.int64) * length
+
+    # Guess each block's starting counts: each component's share of the samples before the block.
+    expected = np.outer(np.maximum(starts, 1).astype(np.float64), w)
+    guess = np.floor(expected)
+    short = starts - guess.sum(axis=1)  # samples the floors leave out, given to the largest remainders
+    order = np.argsort(-(expected - guess), axis=1, kind="stable")
+    ranks = np.argsort(order, axis=1, kind="stable")
+    guess += ranks < short[:, None]
+    guess[0] = 0.0  # the first block starts from the true counts
+
+    picks = np.empty((n_blocks, length), dtype=np.int16)
+    taken = np.empty((n_blocks, length), dtype=np.int64)
+    start_counts = guess
+    end_counts = np.empty_like(guess)
+    todo = np.arange(n_blocks)
+    while todo.size:
+        end_counts[todo] = _run_blocks(w, starts[todo], start_counts[todo], length, picks, taken, todo)
+        # A block is settled when it started where the block before it ended.
+        wrong = np.flatnonzero((start_counts[1:] != end_counts[:-1]).any(axis=1)) + 1
+        start_counts[wrong] = end_counts[wrong - 1]
+        todo = wrong
+    return picks.reshape(-1)[:size].copy(), taken.reshape(-1)[:size].copy()
+
+
+def _run_blocks(
+    w: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    length: int,
+    picks: np.ndarray,
+    taken: np.ndarray,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """Step the blocks `rows` (first samples `starts`, counts so far `counts`) through `length`
+    samples of the greedy rule; writes their picks into picks/taken and returns their end counts."""
+    counts = counts.copy()
+    block = np.arange(rows.size)
+    for j in range(length):
+        # Megatron's error, operation for operation: weight × max(i, 1) - count, all in float64.
+        t = np.maximum(starts + j, 1).astype(np.float64)
+        error = t[:, None] * w[None, :]
+        error -= counts
+        pick = error.argmax(axis=1)  # the first of equal maxima: ties go to the lower component
+        picks[rows, j] = pick
+        taken[rows, j] = counts[block, pick]
+        counts[block, pick] += 1.0
+    return counts
 
 
 def blend_counts(weights: Sequence[float] | np.ndarray, size: int) -> np.ndarray:
@@ -87,8 +151,9 @@ def blend_counts(weights: Sequence[float] | np.ndarray, size: int) -> np.ndarray
 class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
     """`num_samples` samples drawn from `datasets` in proportion to `weights` (None: to their sizes).
 
-    Each component must hold at least as many samples as the blend takes from it (`blend_counts`);
-    the builder sizes them num_samples × weight × (1 + mid_level_dataset_surplus), and at least that.
+    `weights` are normalized (Megatron normalizes them here too, after its builder already did: the
+    same two divisions keep the same bits). Each component must hold at least as many samples as
+    the blend takes from it (`blend_counts`); the builder sizes them as Megatron's builder does.
     `seed` enters the cache key only (the order itself has no randomness).
     """
 
@@ -145,7 +210,7 @@ class BlendedDataset(Dataset[dict[str, torch.Tensor]]):
             cached = load_cached_indices(paths, _INDEX_NAMES, self.description, self.cache_problem)
             if cached is not None:
                 return cached[0], cached[1]
-        indices = blending_indices(self.weights, self.num_samples)
+        indices = greedy_blending_indices(self.weights, self.num_samples)
         self.built_anew = True
         if paths is not None:
             paths["description"].parent.mkdir(parents=True, exist_ok=True)  # the cache directory

@@ -3,10 +3,15 @@
 Megatron's BlendedMegatronDatasetBuilder rules, for each split with samples to give:
 
 - one prefix without weights: a `GPTDataset` over the split's documents;
-- several prefixes (or weights): one `GPTDataset` per prefix, each sized
-  ceil(ceil(N·w) × (1 + mid_level_dataset_surplus)) samples, blended by a `BlendedDataset` of N.
-  Weights None weigh each prefix by the tokens its split holds (Megatron: by its samples per epoch);
-  unlike Megatron, which then caps the blend at one epoch, the components repeat epochs as needed.
+- several prefixes with weights (or one weighted prefix of `blend` / `data_path`): one `GPTDataset`
+  per prefix, each sized ceil(ceil(N·w) × (1 + mid_level_dataset_surplus)) samples (w normalized),
+  blended by a `BlendedDataset` of sum(ceil(N·w)) samples, a few more than N;
+- several prefixes without weights: one `GPTDataset` of one epoch per prefix, weighed by its length,
+  blended by a `BlendedDataset` of min(N, the epochs' samples together): the blend is capped at one
+  epoch of every prefix, as in Megatron-Core. With `unweighted_blend_repeats_epochs` (opt-in) the
+  epochs' sample counts are used as weights instead, so the blend gives all N samples.
+
+The result is Megatron-Core's datasets sample for sample (tests/data/test_megatron_parity.py).
 
 `split` ("969,30,1", derived into split_matrix) cuts every prefix by documents: split i takes
 documents [round(start·n), round(end·n)). `blend_per_split` gives each split its own prefixes, whole.
@@ -130,23 +135,32 @@ def build_gpt_datasets(
             jobs.append((i, j, src, np.arange(beg, stop, dtype=np.int64)))
     p.raise_if_any()
 
-    # How many samples each mid-level dataset must hold.
+    # How many samples each mid-level dataset must hold, and how long each blend is: Megatron-Core's
+    # BlendedMegatronDatasetBuilder rules, so the blend gives its samples in its order.
     extra = int(bool(ds.add_extra_token_to_sequence))
-    sizes: dict[tuple[int, int], int] = {}
-    weights_of: dict[int, list[float]] = {}
+    sizes: dict[tuple[int, int], int | None] = {}
+    weights_of: dict[int, list[float] | None] = {}
+    blend_size: dict[int, int] = {}
     for i, split in enumerate(plan):
         count = sample_counts[i]
-        if len(split) == 1:
-            sizes[(i, 0)] = count
-        if len(split) <= 1:
-            continue
         srcs = [src for src, _ in split]
+        if not srcs:
+            continue
         given = [s.weight for s in srcs if s.weight is not None]  # a blend weighs all prefixes or none
-        raw: list[float]
-        if len(given) < len(srcs):  # no weights: weigh each prefix by the samples its split holds
+        weighted = len(given) == len(srcs)
+        # One prefix is a plain GPT dataset, except one *weighted* prefix of a shared blend, which
+        # Megatron blends like several (so its component gets the surplus too).
+        if len(srcs) == 1 and (not weighted or ds.blend_per_split is not None):
+            sizes[(i, 0)] = count
+            continue
+        if not weighted:
+            # Weighed by size: each component is one epoch of its split, the blend weighs them by
+            # their lengths and is capped at their sum (the components never repeat an epoch).
             docs = [d for k, _, _, d in jobs if k == i]
-            raw = [max(0, _tokens(prefixes[s.prefix], d) - extra) // seq_length for s, d in zip(srcs, docs)]
-            if not any(raw):  # weights by size would all be 0
+            per_epoch = [
+                max(0, _tokens(prefixes[s.prefix], d) - extra) // seq_length for s, d in zip(srcs, docs)
+            ]
+            if not any(per_epoch):  # weights by size would all be 0
                 raise ConfigError(
                     Problem(
                         "dataset.split" if ds.blend_per_split is None else srcs[0].field,
@@ -156,14 +170,29 @@ def build_gpt_datasets(
                         fix="give the split a larger share of the data, more data, or a shorter seq_length",
                     )
                 )
-        else:
-            raw = given
-        w = normalize_weights(raw)
-        weights_of[i] = [float(x) for x in w]
-        need = blend_counts(w, count)
+            if not ds.unweighted_blend_repeats_epochs:
+                for j in range(len(srcs)):
+                    sizes[(i, j)] = None
+                weights_of[i] = None
+                continue
+            # Opted out of the cap: weigh each prefix by its epoch's samples, as if given as weights.
+            given = [float(n) for n in per_epoch]
+        w = [float(x) for x in normalize_weights(given)]
+        weights_of[i] = w
+        # Each component is asked for ceil(N·w) samples plus the surplus; the blend is as long as the
+        # components' targets together (a few samples more than N).
+        targets = [math.ceil(count * wd) for wd in w]
+        blend_size[i] = sum(targets)
         surplus = ds.mid_level_dataset_surplus
-        for j, (wd, nd) in enumerate(zip(w, need)):
-            sizes[(i, j)] = max(int(nd), math.ceil(math.ceil(count * wd) * (1 + surplus)))
+        for j, target in enumerate(targets):
+            sizes[(i, j)] = math.ceil(target * (1 + surplus))
+        # The greedy order keeps each component within one sample above its share, so it can only
+        # run short of a component when the surplus is under a sample or two; then (where Megatron
+        # fails) the component is sized to what the blend takes from it.
+        if any(math.ceil(wd * blend_size[i]) + 1 > (sizes[(i, j)] or 0) for j, wd in enumerate(w)):
+            need = blend_counts(w, blend_size[i])  # normalizes again, as BlendedDataset does
+            for j, nd in enumerate(need):
+                sizes[(i, j)] = max(int(nd), sizes[(i, j)] or 0)
 
     def build(job: tuple[int, int, _Source, np.ndarray]) -> GPTDataset | ConfigError:
         i, j, src, docs = job
@@ -200,11 +229,26 @@ def build_gpt_datasets(
         parts = [b for (k, _, _, _), b in zip(jobs, built) if k == i]
         if not parts:
             out.append(None)
-        elif len(parts) == 1:
+        elif len(parts) == 1 and i not in blend_size:  # a weighted single prefix is still blended
             out.append(parts[0])
         else:
             cache = Path(ds.path_to_cache) if ds.path_to_cache else parts[0].cache_dir
-            out.append(BlendedDataset(parts, weights_of[i], sample_counts[i], ds.random_seed, cache))
+            weights = weights_of[i]
+            if weights is None:  # weighed by size: by the components' one-epoch lengths
+                lengths = [len(b) for b in parts]
+                kept = [k for k, n in enumerate(lengths) if n > 0]  # a split too small for a sample
+                parts = [parts[k] for k in kept]
+                out.append(
+                    BlendedDataset(
+                        parts,
+                        [lengths[k] for k in kept],
+                        min(sample_counts[i], sum(lengths)),
+                        ds.random_seed,
+                        cache,
+                    )
+                )
+            else:
+                out.append(BlendedDataset(parts, weights, blend_size[i], ds.random_seed, cache))
     return out[0], out[1], out[2]
 
 

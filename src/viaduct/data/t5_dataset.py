@@ -11,8 +11,9 @@ helper; the code is ours):
   a document of several sentences with one longer than 512 tokens is skipped is kept. Epochs are
   walked until the requested number of samples is reached; the rows are then shuffled.
   The target lengths come from `numpy.random.RandomState(random_seed)` drawing uint32 values,
-  the same Mersenne Twister stream as Megatron's `std::mt19937(seed)`; the shuffle is our own
-  (`RandomState(random_seed + 1).permutation`). Cached as .npy like the GPT dataset's indices.
+  the same Mersenne Twister stream as Megatron's `std::mt19937(seed)`; the rows are shuffled as
+  Megatron shuffles them (Fisher-Yates with `std::mt19937_64(random_seed + 1)`, reimplemented
+  here), so the sample index is Megatron's row for row. Cached as .npy like the GPT indices.
 - sample i reads its sentences, truncated to the target length, and masks spans with
   `numpy.random.RandomState((random_seed + i) % 2**32)` (Megatron's seeding): a sample depends only
   on the seed and its index, never on the order samples are read, so a resumed run sees the same
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1  # bump when the index algorithm changes, so old caches are not reused
+_FORMAT = 2  # bump when the index algorithm changes, so old caches are not reused
 LONG_SENTENCE_LEN = 512
 """A document of several sentences with one longer than this is skipped (Megatron's rule)."""
 _DRAW_CHUNK = 1 << 16
@@ -174,8 +175,54 @@ def build_t5_sample_index(
         if num_samples is None or len(rows) // 3 >= num_samples:
             break
     index = np.frombuffer(rows, dtype=np.int64).reshape(-1, 3)
-    order = np.random.RandomState((seed + 1) % 2**32).permutation(index.shape[0])
-    return index[order]
+    return index[megatron_shuffle_order(index.shape[0], seed + 1)]
+
+
+# Megatron shuffles the rows with std::mt19937_64: the 64-bit Mersenne Twister's constants.
+_MT_N, _MT_M = 312, 156
+_MT_A = np.uint64(0xB5026F5AA96619E9)
+_MT_UPPER, _MT_LOWER = np.uint64(0xFFFFFFFF80000000), np.uint64(0x7FFFFFFF)
+
+
+def mt19937_64(seed: int, count: int) -> np.ndarray:
+    """The first `count` outputs of C++'s `std::mt19937_64(seed)`, as uint64 (vectorized per block)."""
+    state = [seed % 2**64]
+    for i in range(1, _MT_N):  # the standard initialization (Python ints: exact mod 2**64)
+        prev = state[-1]
+        state.append((6364136223846793005 * (prev ^ (prev >> 62)) + i) % 2**64)
+    mt = np.array(state, dtype=np.uint64)
+    out = np.empty(-(-count // _MT_N) * _MT_N, dtype=np.uint64)
+    one = np.uint64(1)
+
+    def twist(x: np.ndarray) -> np.ndarray:
+        return (x >> one) ^ np.where(x & one, _MT_A, np.uint64(0))
+
+    for block in range(0, out.size, _MT_N):
+        # Regenerate in three runs, so each reads the values the sequential twist would see.
+        k = _MT_N - _MT_M
+        mt[:k] = mt[_MT_M:] ^ twist((mt[:k] & _MT_UPPER) | (mt[1 : k + 1] & _MT_LOWER))
+        mt[k:-1] = mt[: _MT_N - 1 - k] ^ twist((mt[k:-1] & _MT_UPPER) | (mt[k + 1 :] & _MT_LOWER))
+        mt[-1:] = mt[_MT_M - 1 : _MT_M] ^ twist((mt[-1:] & _MT_UPPER) | (mt[:1] & _MT_LOWER))
+        y = mt.copy()
+        y ^= (y >> np.uint64(29)) & np.uint64(0x5555555555555555)
+        y ^= (y << np.uint64(17)) & np.uint64(0x71D67FFFEDA60000)
+        y ^= (y << np.uint64(37)) & np.uint64(0xFFF7EEE000000000)
+        y ^= y >> np.uint64(43)
+        out[block : block + _MT_N] = y
+    return out[:count]
+
+
+def megatron_shuffle_order(count: int, seed: int) -> np.ndarray:
+    """The order Megatron's `build_mapping` shuffles `count` rows into: a Fisher-Yates shuffle from
+    the last row down, swapping row i with row `rand() % (i + 1)` of `std::mt19937_64(seed)`."""
+    if count <= 1:
+        return np.arange(count, dtype=np.int64)
+    bounds = np.arange(count, 1, -1, dtype=np.uint64)  # i + 1 for i = count - 1, ..., 1
+    swaps = (mt19937_64(seed, count - 1) % bounds).tolist()
+    order = list(range(count))
+    for i, j in zip(range(count - 1, 0, -1), swaps):  # sequential by nature; a list keeps it quick
+        order[i], order[j] = order[j], order[i]
+    return np.asarray(order, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------ dataset

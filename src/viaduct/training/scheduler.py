@@ -140,7 +140,8 @@ class OptimizerParamScheduler:
         if n > self.lr_decay_steps:
             return min_lr
         if self.lr_decay_style == "inverse-square-root":
-            lr = max_lr * math.sqrt(max(self.lr_warmup_steps, 1)) / math.sqrt(max(n, 1))
+            # `** 0.5`, not math.sqrt: Megatron's expression, whose rounding differs in the last bit.
+            lr = max_lr * max(self.lr_warmup_steps, 1) ** 0.5 / (max(n, 1) ** 0.5)
             return max(min_lr, lr)
 
         if self.lr_decay_style == "WSD":

@@ -165,6 +165,10 @@ class GPTDatasetConfig(DataloaderConfig):
     mid_level_dataset_surplus: float = 0.005
     """Extra fraction of samples built per blended component, so blending never runs short."""
 
+    unweighted_blend_repeats_epochs: bool = False
+    """A blend without weights repeats its prefixes' epochs to give every requested sample, rather than
+    stopping after one epoch of each (Megatron-Core's rule, the default)."""
+
     add_extra_token_to_sequence: bool = True
     """Read seq_length + 1 tokens per sample so inputs and shifted labels both have seq_length tokens."""
 
