@@ -4,6 +4,7 @@
     python bench/families_bench.py t5      # T5 220M (T5-base shape), encoder 512 / decoder 128
     python bench/families_bench.py all
     python bench/families_bench.py mamba model.mamba_chunk_size=64   # overrides for the family's run
+    python bench/families_bench.py t5 --profile 25   # + the costliest GPU kernels of the timed steps
 
 Targets: the Mamba-2 780M shape at sequence 4096 runs at least 60% of the tokens/s of a GPT (Llama
 architecture) of about the same parameter count and vocabulary at the same sequence length; T5-base
@@ -40,9 +41,12 @@ GPT_780M = [
 ]
 
 
+PROFILE: list[str] = []  # ["--profile=N"] from the command line
+
+
 def run(recipe: str, seq: int, mbs: int, gbs: int, extra: list[str]) -> dict[str, Any]:
     command = [sys.executable, str(HERE / "pretrain_bench.py"), f"--recipe={recipe}", f"--seq={seq}"]
-    command += [f"--mbs={mbs}", f"--gbs={gbs}", *COMMON, *extra]
+    command += [f"--mbs={mbs}", f"--gbs={gbs}", *COMMON, *PROFILE, *extra]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -71,7 +75,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("case", choices=["mamba", "t5", "all"])
     ap.add_argument("overrides", nargs="*", help="config overrides for the family's model (a.b=v)")
+    ap.add_argument("--profile", type=int, default=0, help="list this many costliest GPU kernels per run")
     args = ap.parse_args()
+    if args.profile:
+        PROFILE.append(f"--profile={args.profile}")
     for name, fn in (("mamba", mamba), ("t5", t5)):
         if args.case in (name, "all"):
             print(json.dumps(fn(args.overrides)), flush=True)

@@ -3,6 +3,7 @@
     python bench/pretrain_bench.py                                   # Llama-3.2-1B shape, 16×2048, one GPU
     python bench/pretrain_bench.py --compare                         # also the model benchmark: loop overhead
     torchrun --nproc-per-node 2 bench/pretrain_bench.py --mbs 16 --gbs 32   # data parallel
+    python bench/pretrain_bench.py --profile 20                      # + the 20 costliest GPU kernels
 
 The run is a real `pretrain()` of a recipe (mock data through DataLoader workers, the optimizer,
 scheduler, logging every `--log-interval` steps) with checkpoints and evaluation off. Timing: the
@@ -58,12 +59,24 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
             self.done = 0
             self.t: dict[int, float] = {}
             self.peak_mem_max: float | None = None
+            self.profiler: torch.profiler.profile | None = None
+            self.kernels: dict[str, float] = {}
 
         def on_train_step_end(self, ctx: Any) -> None:
             self.done += 1
             if self.done == args.warmup or ctx.state.train_state.step == steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.t[self.done] = time.perf_counter()
+                if args.profile and self.done == args.warmup and torch.cuda.is_available():
+                    self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.profiler.__enter__()
+                elif self.profiler is not None:
+                    self.profiler.__exit__(None, None, None)
+                    events = sorted(
+                        self.profiler.key_averages(), key=lambda e: e.device_time_total, reverse=True
+                    )
+                    n = self.done - args.warmup
+                    self.kernels = {e.key[:90]: round(e.device_time_total / n / 1e3, 3) for e in events}
 
         def on_train_end(self, ctx: Any) -> None:
             # Ranks differ under pipeline parallelism (the first stage keeps the most micro-batches'
@@ -124,7 +137,25 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         virtual_pipeline_parallel=cfg.model.virtual_pipeline_model_parallel_size,
         num_microbatches=cfg.num_microbatches,
         steps=state.train_state.step,
+        **(_kernel_summary(clock.kernels, args.profile, dt) if clock.kernels else {}),
     )
+
+
+def _kernel_summary(kernels: dict[str, float], top: int, step_s: float) -> dict[str, Any]:
+    """The costliest GPU kernels (ms per step) and the share of the step each kind takes."""
+    kinds = {
+        "gemm": ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_"),
+        "attention": ("flash", "fmha", "sdpa"),
+    }
+    shares = dict.fromkeys([*kinds, "other"], 0.0)
+    for name, ms in kernels.items():
+        kind = next((k for k, keys in kinds.items() if any(key in name.lower() for key in keys)), "other")
+        shares[kind] += ms
+    return {
+        "kernels_ms_per_step": dict(list(kernels.items())[:top]),
+        "kernel_ms_by_kind": {k: round(v, 2) for k, v in shares.items()},
+        "gpu_busy_pct": round(100 * sum(kernels.values()) / (step_s * 1e3), 1),
+    }
 
 
 def main() -> None:
@@ -141,6 +172,12 @@ def main() -> None:
         "--finetune", action="store_true", help="run finetune() (checkpoint.pretrained_checkpoint set)"
     )
     ap.add_argument("--estimate", action="store_true", help="also report the memory estimate (GiB)")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile the timed steps (GPU): list this many costliest kernels",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides (a.b=v)")
     args = ap.parse_args()
     model_result: dict[str, Any] | None = None
