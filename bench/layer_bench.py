@@ -5,6 +5,7 @@ kernels that take the time: where a family's step goes, without building the who
     python bench/layer_bench.py --chunks 64 128 256               # the SSD chunk length's effect
     python bench/layer_bench.py --profile 12                      # + the 12 costliest kernels
     python bench/layer_bench.py --cpu --batch 1 --seq 256         # a quick check on a CPU
+    python bench/layer_bench.py --ssd torch                       # the scan without the Triton kernels
 
 The Mamba layer is `MambaLayer` of `MambaModelProvider780M` (48 of them make the model); the GPT
 layer is a `TransformerLayer` of the Llama-architecture GPT of about the same size that
@@ -28,6 +29,7 @@ from viaduct.models import MambaModelProvider780M
 from viaduct.models.common.transformer import TransformerLayer
 from viaduct.models.llama.provider import LlamaModelProvider
 from viaduct.models.mamba.model import MambaLayer
+from viaduct.models.mamba.ssd import SSD_BACKENDS, set_ssd_backend
 
 # The GPT of `families_bench.py mamba`: 25 of these layers against 48 Mamba layers.
 GPT_LAYERS, MAMBA_LAYERS, TARGET = 25, 48, 0.6
@@ -119,18 +121,34 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="SSD chunk lengths to try")
     ap.add_argument("--profile", type=int, default=0, help="list this many costliest GPU kernels")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--keep-scan", action="store_true", help="no recompute of the SSD scan in backward")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU in float32 (a smoke test)")
+    ap.add_argument(
+        "--ssd",
+        choices=SSD_BACKENDS,
+        default="auto",
+        help="the scan's within-chunk step: Triton kernels or PyTorch",
+    )
     args = ap.parse_args()
+    set_ssd_backend(args.ssd)
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     gpt = run(_gpt_layer(device, dtype, args.seq), args, device, dtype)
     print(json.dumps({"layer": "gpt_780m", "device": device, **gpt}), flush=True)
     for chunk in args.chunks or [None]:
-        mamba = run(_mamba_layer(device, dtype, chunk), args, device, dtype)
+        layer = _mamba_layer(device, dtype, chunk)
+        layer.mixer.recompute_scan = not args.keep_scan
+        mamba = run(layer, args, device, dtype)
         ratio = float(mamba["ms"]) / float(gpt["ms"])  # type: ignore[arg-type]
         budget = GPT_LAYERS / (TARGET * MAMBA_LAYERS)
-        line = {"layer": "mamba2_780m", "chunk": chunk or "default", **mamba}
+        line = {
+            "layer": "mamba2_780m",
+            "chunk": chunk or "default",
+            "ssd": args.ssd,
+            "keep_scan": args.keep_scan,
+        }
+        line |= mamba
         line |= {"mamba_over_gpt": round(ratio, 3), "mamba_over_gpt_budget": round(ratio / budget, 3)}
         print(json.dumps(line), flush=True)
 

@@ -38,6 +38,7 @@ def _scan_inputs(
         (1, 37, 6, 4, 3, 2, 16),  # three groups of two heads, padded last chunk
         (2, 32, 4, 2, 4, 3, 16),  # one head per group, whole chunks
         (1, 5, 2, 3, 1, 4, 16),  # shorter than one chunk
+        (1, 150, 2, 3, 1, 4, 2),  # 75 chunks: states passed on by the matmul, not the loop
     ],
 )
 @pytest.mark.parametrize("with_initial_state", [False, True])

@@ -147,6 +147,9 @@ class Mamba2Mixer(nn.Module):
         self.dt_limit = dt_limit
         self.A_init_range = A_init_range
         self.conv_dim = d_inner + 2 * num_groups * state_dim
+        self.recompute_scan = True
+        """Keep only the scan's inputs for backward and run it again there (its intermediates are many
+        times its inputs); False keeps what autograd saves instead (more memory, less time)."""
 
         self.in_proj = nn.Linear(
             hidden_size, d_inner + self.conv_dim + self.num_heads, bias=bias, device=device, dtype=dtype
@@ -238,7 +241,7 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(self.dt_limit[0], self.dt_limit[1])
         A = -torch.exp(params["A_log"].to(compute))
         x = x.reshape(bsz, seq, heads, p)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.recompute_scan:
             # The chunked scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
             # chunk, the states) are many times its inputs: keeping them for backward runs a 780M
             # model at sequence 4096 out of memory, so backward recomputes them from x, dt, B, C.

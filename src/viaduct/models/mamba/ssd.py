@@ -1,4 +1,4 @@
-"""The state-space-dual (SSD) scan of Mamba-2, in plain PyTorch.
+"""The state-space-dual (SSD) scan of Mamba-2, in PyTorch (with fused Triton kernels for one step).
 
 The selective state space recurrence of one head h (state [head_dim p, d_state n]) is
 
@@ -10,11 +10,17 @@ Mamba-2 and its Hugging Face port). `ssd_chunked` computes it without a loop ove
 cut into chunks; inside a chunk the output is a masked quadratic ("attention-like") form whose mask is
 the decay between every pair of positions (a segment sum of dt * A); across chunks, the states at the
 chunk ends are passed on by the same segment-sum trick over the chunk index. Every step is a batched
-einsum, so torch.compile sees one static graph per shape. `ssd_recurrence` is the step-by-step loop,
-the reference the tests hold the chunked form to.
+einsum, so torch.compile sees one static graph per shape, except the within-chunk step on CUDA: there
+it runs as fused Triton kernels (`viaduct.models.mamba.ssd_triton`, opaque custom ops to the compiler)
+where Triton is importable, which never write the [chunk, chunk] weights of every head to memory;
+`set_ssd_backend` / `ssd_backend` choose the path. `ssd_recurrence` is the step-by-step loop, the
+reference the tests hold the chunked form to.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +69,87 @@ def _check_shapes(
             f"of g, initial_state [b, h, p, n]; got x {tuple(x.shape)}, dt {tuple(dt.shape)}, "
             f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, initial_state {init}"
         )
+
+
+# Which implementation computes step 1 of `ssd_chunked`: "auto" (the Triton kernels where the inputs
+# are on CUDA, Triton is importable and the shape suits them; PyTorch otherwise), "torch" (always
+# PyTorch: the reference) or "triton" (always the kernels; an error where they cannot run). Read when
+# a call is traced, so a compiled model keeps the choice it was compiled with until it recompiles.
+SSD_BACKENDS = ("auto", "torch", "triton")
+_SEQUENTIAL_CHUNKS = 64
+"""Chunks up to which the states are passed on by a loop (step 3 of `ssd_chunked`)."""
+_backend = "auto"
+
+
+def set_ssd_backend(backend: str) -> str:
+    """Choose the implementation of the scan's within-chunk step (one of `SSD_BACKENDS`) for every
+    later call; returns the previous choice."""
+    global _backend
+    if backend not in SSD_BACKENDS:
+        raise ValueError(f"SSD backend must be one of {', '.join(SSD_BACKENDS)}; got {backend!r}")
+    previous, _backend = _backend, backend
+    return previous
+
+
+@contextlib.contextmanager
+def ssd_backend(backend: str) -> Iterator[None]:
+    """`set_ssd_backend` for the duration of a `with` block."""
+    previous = set_ssd_backend(backend)
+    try:
+        yield
+    finally:
+        set_ssd_backend(previous)
+
+
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    """Whether the Triton kernels can be loaded (Triton importable). A constant to torch.compile, so the
+    check is made once and leaves no graph break."""
+    try:
+        import viaduct.models.mamba.ssd_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _chunk_diag(scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor) -> torch.Tensor:
+    """Step 1 of `ssd_chunked` by the chosen implementation: y_diag [b, c, l, g, r, p] (float32 or
+    x_dt's dtype) from scores [b, g, c, l, s], a_cumsum [b, g, r, c, l] and x_dt [b, c, l, g, r, p]."""
+    if _backend != "torch":
+        ready = triton_available()
+        if ready:
+            from viaduct.models.mamba import ssd_triton
+
+            fits = ssd_triton.supports(x_dt.shape[2], x_dt.shape[-1], x_dt.dtype)
+            if fits and (_backend == "triton" or x_dt.is_cuda):
+                return ssd_triton.ssd_chunk_diag(scores, a_cumsum, x_dt)
+        if _backend == "triton":
+            why = (
+                "Triton is not importable"
+                if not ready
+                else (
+                    f"chunk {x_dt.shape[2]} (a power of two >= 16 is needed), head_dim {x_dt.shape[-1]} "
+                    f"(at most 128) or dtype {x_dt.dtype} (bf16, fp16 or fp32) does not suit the kernels"
+                )
+            )
+            raise ValueError(f"SSD backend 'triton' was forced but {why}; use 'auto' or 'torch'")
+    return _chunk_diag_torch(scores, a_cumsum, x_dt)
+
+
+def _chunk_diag_torch(scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor) -> torch.Tensor:
+    """Step 1 of `ssd_chunked` in PyTorch (the reference for the Triton kernels), in x_dt's dtype.
+
+    The decay is a difference of the chunk's running sums (short: a chunk is at most a few hundred
+    steps), clamped at 0 above the diagonal so that the masked entries cannot overflow (nor give NaN
+    gradients); scores, decay and mask fuse into one elementwise pass under torch.compile, but the
+    weights are still a [chunk, chunk] matrix per head in memory.
+    """
+    q, op = x_dt.shape[2], x_dt.dtype
+    dtype = torch.promote_types(op, torch.float32)
+    decay = torch.exp((a_cumsum[..., :, None] - a_cumsum[..., None, :]).clamp(max=0.0))
+    causal = torch.ones(q, q, dtype=torch.bool, device=x_dt.device).tril()
+    weights = torch.where(causal, scores[:, :, None].to(dtype) * decay, 0.0).to(op)  # [b, g, r, c, l, s]
+    return torch.einsum("bgrcls,bcsgrp->bclgrp", weights, x_dt)
 
 
 def ssd_chunked(
@@ -120,15 +207,10 @@ def ssd_chunked(
     a = (dt * A.to(dtype)).reshape(bsz, nchunks, q, ngroups, rep).permute(0, 3, 4, 1, 2)
     a_cumsum = a.cumsum(dim=-1)
 
-    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s. The decay
-    # is a difference of the chunk's running sums (short: a chunk is at most a few hundred steps),
-    # clamped at 0 above the diagonal so that the masked entries cannot overflow (nor give NaN
-    # gradients); scores, decay and mask fuse into one elementwise pass under torch.compile.
+    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s (fused
+    # Triton kernels on CUDA, `_chunk_diag_torch` elsewhere). The scores are per group, hence small.
     scores = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, l, s]
-    decay = torch.exp((a_cumsum[..., :, None] - a_cumsum[..., None, :]).clamp(max=0.0))
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    weights = torch.where(causal, scores[:, :, None].to(dtype) * decay, 0.0).to(op)  # [b, g, r, c, l, s]
-    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", weights, x_dt)
+    y_diag = _chunk_diag(scores, a_cumsum, x_dt)
 
     # 2. The state each chunk adds by its end (starting from zero): sum_s exp(a_{s+1..end}) B_s x_s dt_s.
     decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum).permute(0, 3, 4, 1, 2)  # [b, c, l, g, r]
@@ -136,16 +218,26 @@ def ssd_chunked(
     chunk_states = torch.einsum("bclgn,bclgrp->bgrcpn", B, x_end).to(dtype)
 
     # 3. Across chunks: the state entering chunk c is the decayed sum of the initial state and every
-    # earlier chunk's contribution, again a segment sum (over chunk ends) instead of a loop; one
-    # batched float32 matmul over [chunk, head_dim x d_state] blocks.
+    # earlier chunk's contribution. Up to `_SEQUENTIAL_CHUNKS` chunks, a loop over the chunks of
+    # elementwise steps, which torch.compile fuses into one pass over the states (a few MB a step);
+    # beyond, where unrolling would swell the graph, the segment sum over chunk ends as one batched
+    # float32 matmul (no tensor cores for its thin [chunk, chunk] blocks: slower on a GPU).
     if initial_state is None:
-        start = chunk_states.new_zeros(bsz, ngroups, rep, 1, head_dim, d_state)
+        start = chunk_states.new_zeros(bsz, ngroups, rep, head_dim, d_state)
     else:
-        start = initial_state.to(dtype).reshape(bsz, ngroups, rep, 1, head_dim, d_state)
-    states = torch.cat([start, chunk_states], dim=3).flatten(-2)  # [b, g, r, c + 1, p * n]
-    chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # [b, g, r, c + 1, c + 1]
-    states = torch.matmul(chunk_decay, states).unflatten(-1, (head_dim, d_state))
-    entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
+        start = initial_state.to(dtype).reshape(bsz, ngroups, rep, head_dim, d_state)
+    if nchunks <= _SEQUENTIAL_CHUNKS:
+        chunk_decay = torch.exp(a_cumsum[..., -1])[..., None, None]  # [b, g, r, c, 1, 1]
+        state, passed = start, []
+        for c in range(nchunks):
+            passed.append(state)
+            state = chunk_decay[:, :, :, c] * state + chunk_states[:, :, :, c]
+        entering, final_state = torch.stack(passed, dim=3), state
+    else:
+        states = torch.cat([start[:, :, :, None], chunk_states], dim=3).flatten(-2)  # [b, g, r, c + 1, p n]
+        chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # [b, g, r, c + 1, c + 1]
+        states = torch.matmul(chunk_decay, states).unflatten(-1, (head_dim, d_state))
+        entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. Each position reads the state that entered its chunk, decayed up to that position.
     decay_from_start = torch.exp(a_cumsum).permute(0, 3, 4, 1, 2)  # [b, c, l, g, r]
