@@ -8,6 +8,8 @@ Tiers: `pytest -q` runs everything; `pytest -q -m "not slow"` is the fast tier f
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,3 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _viaduct_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Subprocesses (the CLI tests) inherit it through the environment.
     os.environ.setdefault("VIADUCT_CACHE", str(tmp_path_factory.mktemp("viaduct-cache")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _end_kept_processes() -> Iterator[None]:
+    """Processes kept by `run_distributed(..., reuse=True)` serve one test module: its tests share
+    their start-up, and no module sees what another left in them (or holds their memory)."""
+    yield
+    kept = sys.modules.get("viaduct.testing.distributed")
+    if kept is not None:
+        kept.close_pools()

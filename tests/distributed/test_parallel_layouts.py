@@ -165,7 +165,7 @@ def _one_process(overrides: tuple[str, ...]) -> dict[str, Any]:
 def test_layout_matches_one_process(name: str) -> None:
     world, overrides = LAYOUTS[name]
     ref = _one_process(overrides)
-    got = run_distributed(_train, world, overrides, timeout=240)
+    got = run_distributed(_train, world, overrides, timeout=240, reuse=True)
     assert len(got["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
     assert got["weights"].keys() == ref["weights"].keys()

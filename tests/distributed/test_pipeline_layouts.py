@@ -123,7 +123,7 @@ def _assert_same_run(got: dict[str, Any], ref: dict[str, Any], rtol: float = 1e-
 def test_pipeline_layout_matches_one_process(name: str) -> None:
     world, overrides = LAYOUTS[name]
     ref = _one_process(overrides)
-    got = _merged(run_distributed(_train, world, overrides, timeout=300, all_ranks=True))
+    got = _merged(run_distributed(_train, world, overrides, timeout=300, all_ranks=True, reuse=True))
     assert len(got["losses"]) == STEPS
     _assert_same_run(got, ref)
 
@@ -144,7 +144,9 @@ def test_a_custom_forward_step_and_evaluation_run_under_pipeline_parallelism() -
     # Evaluation during training (iteration 3) and after it: the final validation pass.
     overrides = (*PP2, "train.eval_iters=2", "train.eval_interval=3")
     ref = _train(0, 1, ("train.eval_iters=2", "train.eval_interval=3"), _custom_forward_step)
-    got = _merged(run_distributed(_train, 2, overrides, _custom_forward_step, timeout=300, all_ranks=True))
+    got = _merged(
+        run_distributed(_train, 2, overrides, _custom_forward_step, timeout=300, all_ranks=True, reuse=True)
+    )
     assert [set(x) for x in got["losses"]] == [{"mean token loss"}] * STEPS
     _assert_same_run(got, ref)
     assert got["validation"].keys() == {"mean token loss"}

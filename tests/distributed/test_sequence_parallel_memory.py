@@ -68,8 +68,8 @@ def _layer_bytes(rank: int, world: int, sp: bool) -> int:
 
 
 def test_sequence_parallel_splits_the_stream_but_not_the_gathered_gemm_inputs() -> None:
-    plain: Any = run_distributed(_layer_bytes, 2, False, timeout=120)
-    split: Any = run_distributed(_layer_bytes, 2, True, timeout=120)
+    plain: Any = run_distributed(_layer_bytes, 2, False, timeout=120, reuse=True)
+    split: Any = run_distributed(_layer_bytes, 2, True, timeout=120, reuse=True)
     tokens, a = B * S, 4
     # What sequence parallelism splits: each LayerNorm's input and its float32 mean and rstd, and
     # nothing more: the two gathered [hidden] inputs (QKV's and fc1's) stay whole on each rank (had

@@ -511,7 +511,7 @@ def _train(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
 )
 def test_two_ranks_match_one_process(layout: tuple[str, ...]) -> None:
     one = _train(0, 1, ())
-    got = run_distributed(_train, 2, layout, timeout=240, all_ranks=True)
+    got = run_distributed(_train, 2, layout, timeout=240, all_ranks=True, reuse=True)
     for rank in got:
         assert rank["sharded"] == bool(layout)  # FSDP2 or TP made DTensors (of the Mamba layers too)
         torch.testing.assert_close(
@@ -529,7 +529,7 @@ def test_tensor_parallel_with_sharded_data_parallel_matches_one_process() -> Non
     one = _train(0, 1, ())
     layout = ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true")
     got = run_distributed(
-        _train, 4, (*layout, "ddp.use_distributed_optimizer=true"), timeout=300, all_ranks=True
+        _train, 4, (*layout, "ddp.use_distributed_optimizer=true"), timeout=300, all_ranks=True, reuse=True
     )
     for rank in got:
         torch.testing.assert_close(

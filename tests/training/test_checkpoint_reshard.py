@@ -109,7 +109,7 @@ def _phase(rank: int, world: int, root: str, steps: int, expect: int | None) -> 
 def _run(world: int, root: Path, steps: int, expect: int | None) -> list[float]:
     if world == 1:
         return _phase(0, 1, str(root), steps, expect)
-    return run_distributed(_phase, world, str(root), steps, expect, timeout=90)
+    return run_distributed(_phase, world, str(root), steps, expect, timeout=90, reuse=True)
 
 
 @pytest.mark.slow
@@ -166,6 +166,7 @@ def test_two_rank_resume_is_bitwise(tmp_path: Path) -> None:
             [*common, f"checkpoint.save={save}", f"checkpoint.load={save}"],
         ],
         timeout=120,
+        reuse=True,
     )
     assert len(straight) == 4 and len(first) == 2 and len(second) == 2
     assert first + second == straight

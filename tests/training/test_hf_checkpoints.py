@@ -99,7 +99,7 @@ def test_lora_starts_from_a_hugging_face_directory(hf_dir: Path, tmp_path: Path)
 def test_sharded_and_pipelined_runs_load_their_part(hf_dir: Path, overrides: tuple[str, ...]) -> None:
     # Same global batch on 2 ranks: the losses of the one-process run.
     one = _first_losses(0, 1, str(hf_dir), ())
-    got = run_distributed(_first_losses, 2, str(hf_dir), overrides, timeout=240, all_ranks=True)
+    got = run_distributed(_first_losses, 2, str(hf_dir), overrides, timeout=240, all_ranks=True, reuse=True)
     torch.testing.assert_close(torch.tensor(got[-1]), torch.tensor(one), rtol=1e-5, atol=1e-6)
 
 
@@ -210,7 +210,9 @@ def test_each_checkpoint_carries_a_hugging_face_copy(tmp_path: Path) -> None:
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _train_with_hf_copy(0, 1, one, ())
-    run_distributed(_train_with_hf_copy, 2, two, ("ddp.use_distributed_optimizer=true",), timeout=240)
+    run_distributed(
+        _train_with_hf_copy, 2, two, ("ddp.use_distributed_optimizer=true",), timeout=240, reuse=True
+    )
     for step in (1, 2):
         copy = Path(one) / f"iter_{step:07d}" / "hf"
         assert (copy / "config.json").is_file()

@@ -189,7 +189,7 @@ def test_lora_under_parallel_layouts_matches_one_process(
 ) -> None:
     """The same global batch on 2 ranks: the one-process losses and weights (adapters included)."""
     one = _finetune(0, 1, base, method)
-    got = run_distributed(_finetune, 2, base, method + layout, timeout=240, all_ranks=True)
+    got = run_distributed(_finetune, 2, base, method + layout, timeout=240, all_ranks=True, reuse=True)
     assert got[-1]["losses"]  # under pipeline parallelism only the last stage sees the loss
     for rank in got:
         if rank["losses"]:

@@ -85,7 +85,7 @@ def _dp_worker(rank: int, world_size: int) -> dict[str, torch.Tensor]:
 def test_data_parallel_matches_one_process():
     rec = Recorder()
     pretrain(tiny_pretrain_config("train.train_iters=3", "train.micro_batch_size=2", *SGD), callbacks=[rec])
-    dp = run_distributed(_dp_worker, 2, timeout=120)
+    dp = run_distributed(_dp_worker, 2, timeout=120, reuse=True)
     for name, w in rec.weights.items():
         torch.testing.assert_close(dp[name], w, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -125,7 +125,7 @@ def test_data_parallel_bf16_accumulates_and_reduces_in_fp32():
     """
     rec = MasterRecorder()
     pretrain(tiny_pretrain_config(*BF16_DP), callbacks=[rec])
-    dp = run_distributed(_dp_bf16_worker, 2, timeout=120)
+    dp = run_distributed(_dp_bf16_worker, 2, timeout=120, reuse=True)
     for name, delta in rec.masters.items():
         assert delta.abs().max() > 0, name
         torch.testing.assert_close(dp[name], delta, rtol=1e-5, atol=1e-9, msg=name)
@@ -300,7 +300,7 @@ def test_weight_hash_check_tells_equal_from_drifted_replicas():
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_weight_hash_check_passes_for_healthy_replicas():
-    assert run_distributed(_weight_hash_worker, 2, timeout=120) == 2
+    assert run_distributed(_weight_hash_worker, 2, timeout=120, reuse=True) == 2
 
 
 @pytest.mark.slow

@@ -323,8 +323,8 @@ def _ddp_worker(rank: int, world_size: int, root: str, poison: bool) -> dict[str
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_ranks_replay_together_when_one_rank_rejects(tmp_path: Path) -> None:
-    faulty = run_distributed(_ddp_worker, 2, str(tmp_path), True, timeout=240, all_ranks=True)
-    clean = run_distributed(_ddp_worker, 2, str(tmp_path), False, timeout=240, all_ranks=True)
+    faulty = run_distributed(_ddp_worker, 2, str(tmp_path), True, timeout=240, all_ranks=True, reuse=True)
+    clean = run_distributed(_ddp_worker, 2, str(tmp_path), False, timeout=240, all_ranks=True, reuse=True)
     assert [r["step"] for r in faulty] == [3, 3]
     events = _events(tmp_path / "faulty")
     assert [(e["rank"], e["event"]) for e in events] == [(1, "rejected"), (1, "transient_fault")]

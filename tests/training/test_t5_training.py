@@ -93,7 +93,7 @@ def test_t5_checkpoints_resume_bitwise(tmp_path: Path) -> None:
 @pytest.mark.parametrize("layout", [(), ("ddp.use_distributed_optimizer=true",)], ids=["ddp", "fsdp"])
 def test_t5_under_data_parallelism_matches_one_process(layout: tuple[str, ...]) -> None:
     one = _run(0, 1, ())
-    for rank in run_distributed(_run, 2, layout, timeout=240, all_ranks=True):
+    for rank in run_distributed(_run, 2, layout, timeout=240, all_ranks=True, reuse=True):
         torch.testing.assert_close(
             torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
         )
@@ -133,7 +133,7 @@ def test_t5_under_tensor_parallelism_matches_one_process(
     parallelism the residual streams too), alone or with sharded data parallelism, trains the same
     losses and weights as one process."""
     one = _run(0, 1, model)
-    for rank in run_distributed(_run, world, model + layout, timeout=480, all_ranks=True):
+    for rank in run_distributed(_run, world, model + layout, timeout=480, all_ranks=True, reuse=True):
         torch.testing.assert_close(
             torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
         )

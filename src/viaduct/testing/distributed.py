@@ -8,6 +8,7 @@ here with that rank's traceback; a hang is killed after `timeout` seconds.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import signal
@@ -133,10 +134,21 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, all_ranks: bool = False
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    all_ranks: bool = False,
+    reuse: bool = False,
 ) -> Any:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return rank 0's result
-    (with `all_ranks`, the list of every rank's, in rank order)."""
+    (with `all_ranks`, the list of every rank's, in rank order).
+
+    With `reuse`, the processes are kept for the next `reuse` call of the same world size (see
+    `_Pool`): no process start-up and imports per call, for functions that leave nothing behind
+    (a `pretrain()` run does not)."""
+    if reuse:
+        return _pool(world_size).run(fn, args, timeout, all_ranks)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -181,3 +193,123 @@ def run_distributed(
     if all_ranks:
         return [pickle.loads(results[r][1]) for r in range(world_size)]
     return pickle.loads(results[0][1])
+
+
+def _pool_worker(rank: int, world_size: int, tasks: Any, results: Any) -> None:
+    """Run tasks until told to stop; each in a fresh process group and environment."""
+    import torch
+    import torch.distributed as dist
+
+    base_env = dict(os.environ)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        fn, args, port = task
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        try:
+            payload = pickle.dumps(fn(rank, world_size, *args))
+            status = "ok"
+        except BaseException:
+            payload, status = traceback.format_exc().encode(), "error"
+        # What one task leaves must not reach the next: a process group it did not tear down, and
+        # torch.compile's caches (guards of the last model would make the next one recompile and
+        # count against the recompile limit).
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        torch._dynamo.reset()
+        results.put((rank, status, payload))
+
+
+class _Pool:
+    """`world_size` spawned processes that run one `run_distributed(..., reuse=True)` call after
+    another. A failure or a timeout ends them (a rank may be stuck in a collective); the next call
+    starts new ones."""
+
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [
+            ctx.Process(target=_pool_worker, args=(r, world_size, self.tasks[r], self.results))
+            for r in range(world_size)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, fn: Callable[..., Any], args: tuple, timeout: float, all_ranks: bool) -> Any:
+        import queue as queue_mod
+        import time
+
+        port = free_port()
+        for q in self.tasks:
+            q.put((fn, args, port))
+        results: dict[int, tuple[str, bytes]] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) < self.world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(self.world_size)) - set(results))
+                    raise TimeoutError(
+                        f"run_distributed: ranks {missing} did not finish within {timeout:.0f} s"
+                    )
+                try:
+                    rank, status, payload = self.results.get(timeout=min(remaining, 1.0))
+                except queue_mod.Empty:
+                    dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
+                    if dead:
+                        raise RuntimeError(
+                            f"run_distributed: rank {dead[0]} died with exit code "
+                            f"{self.procs[dead[0]].exitcode} before reporting"
+                        ) from None
+                    continue
+                results[rank] = (status, payload)
+                if status == "error":  # the other ranks may wait for it in a collective: no waiting
+                    raise RuntimeError(f"rank {rank} failed:\n{payload.decode()}")
+        except BaseException:
+            self.close()
+            raise
+        if all_ranks:
+            return [pickle.loads(results[r][1]) for r in range(self.world_size)]
+        return pickle.loads(results[0][1])
+
+    def close(self) -> None:
+        _pools.pop(self.world_size, None)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+
+
+_pools: dict[int, _Pool] = {}
+
+
+def _pool(world_size: int) -> _Pool:
+    if world_size not in _pools:
+        _pools[world_size] = _Pool(world_size)
+    return _pools[world_size]
+
+
+def close_pools() -> None:
+    """End the processes kept by `run_distributed(..., reuse=True)` (tests call it at session end;
+    at interpreter exit it also runs)."""
+    for pool in list(_pools.values()):
+        for q in pool.tasks:
+            q.put(None)
+        for proc in pool.procs:
+            proc.join(timeout=10)
+        pool.close()
+
+
+atexit.register(close_pools)
