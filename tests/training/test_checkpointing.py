@@ -640,3 +640,21 @@ def test_two_ranks_save_one_rank_loads(tmp_path: Path, parallel_save: bool) -> N
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)
     assert_identical(ref["model"], run.model.state_dict())
     assert_identical(ref["optimizer"], run.optimizer.state_dict())
+
+
+def test_classes_another_library_allowed_are_still_refused(tmp_path: Path) -> None:
+    # Importing megatron-core (among others) adds PosixPath and friends to torch's process-wide
+    # weights_only allowlist; a checkpoint file is read with torch's own list regardless.
+    cfg = make_cfg(save=str(tmp_path), load=str(tmp_path))
+    Run(cfg).step(1).save(Checkpointer(cfg, ctx1()))
+    common = tmp_path / "iter_0000001" / "common.pt"
+    torch.save({"scheduler": Path("/etc/passwd")}, common)
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([type(Path("/"))])
+    try:
+        with pytest.raises(CheckpointError, match="checkpoint.load: cannot read common.pt"):
+            Run(cfg).load(Checkpointer(cfg, ctx1()))
+        assert type(Path("/")) in torch.serialization.get_safe_globals()  # put back after the read
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)

@@ -45,8 +45,7 @@ parallelism a rank's share of them), per token, eagerly:
 Under torch.compile (`compiled`, the default on CUDA) the partitioner recomputes silu's input and
 most of the float32 elementwise chain, keeping the conv's input and shifted copies (it never
 recomputes a padding), silu's output, the float32 y and out_proj's input, plus, with several
-groups, the 16-bit copies of x and z, dt and in 16 bits one more float32 [d] tensor (with one group
-only dt, and that in float32), as `torch.compile(backend="aot_eager_decomp_partition")` shows on the
+groups, the 16-bit copies of x and z and dt (with one group only dt, and that in float32), as `torch.compile(backend="aot_eager_decomp_partition")` shows on the
 CPU; it also recomputes a gated MLP's act(gate).
 
 The SSD scan runs under `torch.utils.checkpoint` (`Mamba2Mixer.mix`): it keeps only its inputs (x,
@@ -60,7 +59,9 @@ N = mamba_state_dim; the matmuls' operands are in the inputs' dtype, `a`):
                                       and float32), the states' output in float32
 
 plus f H P per token in 16 bits (x in float32), a H P N per chunk (the states entering it) and per
-sequence f H (C + 1) (P N + C + 1) (the chunk-end states and their decays, C chunks).
+sequence f H C (P N + 1) (the state entering each of the C chunks and its decay) where a loop passes
+the states on (up to 64 chunks), or f H (C + 1) (P N + C + 1) where a matmul does (the chunk-end
+states and their decay matrix).
 
 An attention layer keeps its norm's input and output, the fused q, k, v projection output, the
 kernel's output (linear_proj's input) and its float32 log-sum-exp (4 bytes per head); rotary
@@ -231,12 +232,12 @@ def mamba_layer_bytes(
         # The partitioner recomputes silu's input and most of the float32 elementwise chain, keeping
         # the scan's output y in float32; dt (its copy, or in float32 its sum with dt_bias) except
         # where in 16 bits in_proj's output is kept whole; with several groups the 16-bit copies of
-        # x and z and, in 16 bits, one more float32 [d] tensor.
+        # x and z.
         n += _F32 * d
         if not one_group or a == _F32:
             n += a * heads
         if not one_group:
-            n += 2 * a * d + (_F32 * d if a < _F32 else 0)
+            n += 2 * a * d
     else:
         n += a * c + 2 * _F32 * heads  # silu's input; softplus's input and dt (float32)
         # x: a contiguous copy for the scan (several groups), a float32 one for the D skip (16 bits);
@@ -254,6 +255,7 @@ def mamba_scan_recompute_bytes(
     time) for `sequences` sequences of `seq` tokens with `a`-byte inputs, on one tensor-parallel rank
     (its heads and groups): the tensors `ssd_chunked` saves (see the module docstring)."""
     from viaduct.models.accounting import _mamba_sizes, _per_tp_rank
+    from viaduct.models.mamba.ssd import _SEQUENTIAL_CHUNKS
 
     _, heads, _ = _mamba_sizes(p)
     q = p.mamba_chunk_size  # the scan pads the sequence to whole chunks of this size
@@ -264,8 +266,11 @@ def mamba_scan_recompute_bytes(
     total = chunks * q * per_padded + chunks * a * hp * n
     if a < _F32:
         total += sequences * seq * _F32 * hp  # x in float32 (for x * dt)
-    c1 = _ceil_div(seq, q) + 1  # chunk ends, the initial state's included
-    total += sequences * _F32 * heads * c1 * (p.mamba_head_dim * n + c1)
+    c = _ceil_div(seq, q)
+    if c <= _SEQUENTIAL_CHUNKS:  # states passed on by a loop: the state entering each chunk, its decay
+        total += sequences * _F32 * heads * c * (p.mamba_head_dim * n + 1)
+    else:  # by a matmul: the chunk-end states (the initial one's included) and their decay matrix
+        total += sequences * _F32 * heads * (c + 1) * (p.mamba_head_dim * n + c + 1)
     return _per_tp_rank(layout or _one_rank(), split=total)
 
 

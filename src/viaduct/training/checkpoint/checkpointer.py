@@ -72,6 +72,7 @@ from viaduct.training.checkpoint.restore import (
     restore_optimizer,
 )
 from viaduct.training.checkpoint.retention import Retention
+from viaduct.training.checkpoint.safe_load import load_weights_only
 from viaduct.training.checkpoint.save_guard import SaveErrors, check_finite
 from viaduct.training.checkpoint.stages import merge_stage_optimizer_common, without_other_stages
 from viaduct.training.checkpoint.staging import StagingArena, StagingMemoryError
@@ -640,7 +641,7 @@ class Checkpointer:
     @staticmethod
     def _read_pt(path: Path, fld: str) -> Any:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_weights_only(path)
         except STORAGE_ERRORS as exc:  # missing, truncated, or holding objects weights_only refuses
             raise checkpoint_problem(fld, f"cannot read {path.name}", path, cause=exc) from exc
 

@@ -21,6 +21,7 @@ from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint import layout as L
 from viaduct.training.checkpoint.dcp_index import CheckpointIndexError
 from viaduct.training.checkpoint.errors import cause_text
+from viaduct.training.checkpoint.safe_load import load_weights_only
 
 __all__ = ["find_checkpoint_dir", "format_inspection", "inspect_checkpoint"]
 
@@ -59,7 +60,7 @@ def _read_pt(path: Path) -> Any:
     if not path.is_file():
         raise _error(f"{path.name} is missing", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except Exception as exc:  # truncated, garbage, or objects weights_only refuses
         raise _error(f"{path.name} is corrupt or unreadable", path, cause=exc) from exc
 
@@ -85,7 +86,7 @@ def _torch_tensors(directory: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise _error(f"{L.TORCH_TENSORS} is missing", path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = load_weights_only(path, mmap=True)
     except Exception as exc:
         raise _error(f"{L.TORCH_TENSORS} is corrupt or truncated", path, cause=exc) from exc
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

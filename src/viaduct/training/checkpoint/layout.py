@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from viaduct.training.checkpoint.safe_load import load_weights_only
+
 TRACKER = "latest_checkpointed_iteration.txt"
 LATEST_TRAIN_STATE = "latest_train_state.pt"
 """Megatron Bridge's tracker: a copy of the newest checkpoint's train_state.pt (both trackers are read)."""
@@ -107,7 +109,7 @@ def read_tracker(root: Path) -> int | None:
     path = root / LATEST_TRAIN_STATE
     if path.is_file():
         try:
-            steps.append(int(torch.load(path, map_location="cpu", weights_only=True)["step"]))
+            steps.append(int(load_weights_only(path)["step"]))
         except Exception as exc:  # truncated, not a dict, no step: all mean "unreadable"
             raise ValueError(f"{path} is not a readable train state: {type(exc).__name__}: {exc}") from exc
     return max(steps) if steps else None

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from viaduct.config import ConfigError, Problem
 from viaduct.training.checkpoint.flat import TensorInfo
 from viaduct.training.checkpoint.layout import TORCH_TENSORS, save_file
+from viaduct.training.checkpoint.safe_load import load_weights_only
 
 # What a checkpoint read or write may raise, to catch around one. DCP raises CheckpointException, a
 # BaseException subclass that `except Exception` would let through as a raw traceback (a truncated
@@ -296,7 +297,7 @@ class TorchStorage:
 
     def _open(self, directory: Path) -> dict[str, torch.Tensor]:
         # mmap: describe() and partial reads touch only the pages they need.
-        data = torch.load(directory / TORCH_TENSORS, map_location="cpu", weights_only=True, mmap=True)
+        data = load_weights_only(directory / TORCH_TENSORS, mmap=True)
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise ValueError(f"{directory / TORCH_TENSORS} is not a flat dict of tensors")
         return data
