@@ -92,7 +92,7 @@ def _run(world: int, *phases: list[str], timeout: float = 150) -> list[dict[str,
     if world == 1:
         return [_pretrain(p) for p in phases]
     ports = [free_port() for _ in phases]
-    return run_distributed(_on_ranks, world, list(phases), ports, timeout=timeout)
+    return run_distributed(_on_ranks, world, list(phases), ports, timeout=timeout, reuse=True)
 
 
 def _ckpt(save: Path, *, load: bool = True) -> list[str]:
