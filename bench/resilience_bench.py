@@ -10,8 +10,8 @@ differed from one another by up to 40% on the tiny model here, far more than the
 
 - `off`: every resilience feature off (`rerun_state_machine.rerun_mode=disabled`, the defaults).
 - `on`: everything that goes together when nothing fails: `rerun_mode=validate_results` with
-  `check_for_spiky_loss` (a host read of the step's losses, and an all-reduce of one flag with
-  several ranks), `ft.enable_ft_package` (the hang watchdog thread), `straggler.log_straggler`
+  `check_for_spiky_loss` (a host read of the step's losses; with several ranks its verdict rides
+  in the metrics' all-reduce), `ft.enable_ft_package` (the hang watchdog thread), `straggler.log_straggler`
   (its report every `logger.log_interval` steps and the control endpoint on a free port) and
   `nvrx_straggler.enabled` (its default 300 s interval: the calibration exchange only).
 - `determinism`: `rerun_mode=report_determinism_stats`, which runs every iteration twice by design:
