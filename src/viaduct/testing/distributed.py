@@ -114,15 +114,20 @@ def run_torchrun_job(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def _torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun gives a rank of a one-node job."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(_torchrun_env(rank, world_size, port))
     try:
         result = fn(rank, world_size, *args)
         # Plain pickle bytes: tensors sent through the queue as shared memory would vanish with this
@@ -208,14 +213,7 @@ def _pool_worker(rank: int, world_size: int, tasks: Any, results: Any) -> None:
         fn, args, port = task
         os.environ.clear()
         os.environ.update(base_env)
-        os.environ.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
+        os.environ.update(_torchrun_env(rank, world_size, port))
         try:
             payload = pickle.dumps(fn(rank, world_size, *args))
             status = "ok"
