@@ -5,7 +5,7 @@ Within a chunk, head h of group g gives
     y[l] = sum_{s <= l} scores[g, l, s] * exp(min(cs[h, l] - cs[h, s], 0)) * x_dt[h, s]
 
 with scores = C B^T of the group and cs the running sum of the head's log-decays over the chunk.
-The PyTorch form (`viaduct.models.mamba.ssd._diag_torch`) builds the weights as a [chunk, chunk]
+The PyTorch form (`viaduct.models.mamba.ssd._chunk_diag_torch`) builds the weights as a [chunk, chunk]
 matrix for every head (and autograd keeps it, and builds its gradient, for backward): at Mamba-2
 780M's shape that is about a hundred million elements written and read back several times per
 layer. These kernels build each [block, block] tile of the weights in registers from the group's
