@@ -9,8 +9,9 @@ with B_t and C_t shared by the heads of a group (head i belongs to group i // (h
 Mamba-2 and its Hugging Face port). `ssd_chunked` computes it without a loop over time: the sequence is
 cut into chunks; inside a chunk the output is a masked quadratic ("attention-like") form whose mask is
 the decay between every pair of positions (a segment sum of dt * A); across chunks, the states at the
-chunk ends are passed on by the same segment-sum trick over the chunk index. Every step is a batched
-einsum, so torch.compile sees one static graph per shape, except the within-chunk step on CUDA: there
+chunk ends are passed on by a short loop over the chunks (or, for many chunks, the same segment-sum
+trick over the chunk index). Every step is a batched einsum or elementwise, so torch.compile sees one
+static graph per shape, except the within-chunk step on CUDA: there
 it runs as fused Triton kernels (`viaduct.models.mamba.ssd_triton`, opaque custom ops to the compiler)
 where Triton is importable, which never write the [chunk, chunk] weights of every head to memory;
 `set_ssd_backend` / `ssd_backend` choose the path. `ssd_recurrence` is the step-by-step loop, the
