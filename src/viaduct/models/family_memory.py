@@ -45,8 +45,9 @@ parallelism a rank's share of them), per token, eagerly:
 Under torch.compile (`compiled`, the default on CUDA) the partitioner recomputes silu's input and
 most of the float32 elementwise chain, keeping the conv's input and shifted copies (it never
 recomputes a padding), silu's output, the float32 y and out_proj's input, plus, with several
-groups, the 16-bit copies of x and z and dt (with one group only dt, and that in float32), as `torch.compile(backend="aot_eager_decomp_partition")` shows on the
-CPU; it also recomputes a gated MLP's act(gate).
+groups, the 16-bit copies of x and z and dt (with one group only dt, and that in float32), as
+`torch.compile(backend="aot_eager_decomp_partition")` shows on the CPU; it also recomputes a gated
+MLP's act(gate).
 
 The SSD scan runs under `torch.utils.checkpoint` (`Mamba2Mixer.mix`): it keeps only its inputs (x,
 dt, A, B, C, counted above) and recomputes its intermediates when backward reaches the layer. Those
