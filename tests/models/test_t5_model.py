@@ -91,6 +91,19 @@ def test_shapes_loss_and_names(position_embedding_type: str, tied: bool) -> None
     assert ("decoder_relative_pos_emb.relative_attention_bias.weight" in names) == relative
 
 
+def test_negative_labels_carry_no_loss() -> None:
+    # The span-corruption data pads its labels with -1 (Megatron's value), Hugging Face's with -100.
+    model = build()
+    enc, dec = tokens(2, 9), tokens(2, 6, seed=2)
+    full = model(enc, dec, labels=dec)
+    for pad in (-1, -100):
+        labels = dec.clone()
+        labels[:, 4:] = pad
+        loss = model(enc, dec, labels=labels)
+        assert torch.equal(loss[:, 4:], torch.zeros(2, 2))
+        torch.testing.assert_close(loss[:, :4], full[:, :4])
+
+
 # ---------------------------------------------------------------------------------------------- visibility
 
 

@@ -302,7 +302,8 @@ def t5_sample(
     text_dec = np.full(decoder_length, special.pad, dtype=np.int64)
     text_dec[0] = special.bos
     text_dec[1:n_dec] = labels[:-1]
-    padded_labels = np.full(decoder_length, special.pad, dtype=np.int64)
+    # Megatron's value at padded positions (they carry no loss; the model ignores negative labels).
+    padded_labels = np.full(decoder_length, -1, dtype=np.int64)
     padded_labels[:n_dec] = labels
     enc_mask = np.arange(encoder_length) < n_enc
     dec_mask = np.arange(decoder_length) < n_dec

@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from viaduct.config import FunctionRef, Problems
 from viaduct.config.types import ACTIVATIONS
 from viaduct.models.common.attention import Rope, SelfAttention
-from viaduct.models.common.loss import cross_entropy, linear_cross_entropy, use_chunked_loss
+from viaduct.models.common.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy, use_chunked_loss
 from viaduct.models.common.mlp import MLP
 from viaduct.models.common.norms import Norm, hidden_norm
 from viaduct.models.common.rotary import RotaryEmbedding
@@ -680,7 +680,9 @@ class T5Model(nn.Module):
         return self.loss(h, labels)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross entropy [batch, seq] (float32) of the decoder's final hidden states."""
+        """Per-token cross entropy [batch, seq] (float32) of the decoder's final hidden states; a
+        negative label (Megatron's T5 data pads with -1, Hugging Face's with -100) gives loss 0."""
+        labels = torch.where(labels < 0, IGNORE_INDEX, labels)
         weight, bias = self.output_weight(), self.output_bias()
         if self.vocab_output is not None:
             folded_hidden, folded_weight = _fold_bias(hidden, weight, bias)
