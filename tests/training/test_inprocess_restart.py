@@ -267,9 +267,35 @@ def _torchrun(
     return run_torchrun_job(script, str(save), str(fault_step), fault, cwd=tmp_path)
 
 
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same job without a fault (run once for the module): its final checkpoint."""
+    root = tmp_path_factory.mktemp("ipr_clean")
+    clean = _torchrun(root, root / "clean", fault_step=-1)
+    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
+    return root / "clean" / "iter_0000020"
+
+
+def _restarted_in_place_to_the_clean_end(
+    tmp_path: Path, name: str, out: str, rank: int, clean_ckpt: Path
+) -> None:
+    """Both ranks ran two attempts in one process each; the second resumed from the checkpoint of
+    step 5 and trained to the end, with the final weights of the run without a fault."""
+    for r in (0, 1):
+        pids = (tmp_path / f"{name}.pids.rank{r}").read_text().split()
+        assert len(pids) == 2 and pids[0] == pids[1], pids  # two attempts, one process
+    second = [int(s) for s in re.findall(rf"IPR-STEP attempt=2 rank={rank} step=(\d+)", out)]
+    assert second[0] == 6 and second[-1] == 20, second
+    assert_identical(
+        checkpoint_tensors(clean_ckpt), checkpoint_tensors(tmp_path / name / "iter_0000020"), "weights"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_an_exception_on_one_rank_restarts_every_rank_in_the_same_processes(tmp_path: Path) -> None:
+def test_an_exception_on_one_rank_restarts_every_rank_in_the_same_processes(
+    tmp_path: Path, clean_run: Path
+) -> None:
     faulty = _torchrun(tmp_path, tmp_path / "faulty", fault_step=8)
     out = faulty.stdout + faulty.stderr
     assert faulty.returncode == 0, out[-6000:]
@@ -277,41 +303,18 @@ def test_an_exception_on_one_rank_restarts_every_rank_in_the_same_processes(tmp_
     # Rank 0's error (its peer left mid-collective) is reported beside the cause.
     restart = re.search(r"in-process restart 1 of 2 after: (.*)", out)
     assert restart and "rank 1: RuntimeError: injected fault at step 8" in restart[1], out[-6000:]
-    for rank in (0, 1):
-        pids = (tmp_path / f"faulty.pids.rank{rank}").read_text().split()
-        assert len(pids) == 2 and pids[0] == pids[1], pids  # two attempts, one process
-    # The second attempt resumed from the checkpoint of step 5 and trained to the end.
-    second = [int(s) for s in re.findall(r"IPR-STEP attempt=2 rank=0 step=(\d+)", out)]
-    assert second[0] == 6 and second[-1] == 20, second
-
-    clean = _torchrun(tmp_path, tmp_path / "clean", fault_step=-1)
-    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
-    assert_identical(
-        checkpoint_tensors(tmp_path / "clean" / "iter_0000020"),
-        checkpoint_tensors(tmp_path / "faulty" / "iter_0000020"),
-        "weights",
-    )
+    _restarted_in_place_to_the_clean_end(tmp_path, "faulty", out, 0, clean_run)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_hung_rank_is_found_by_the_soft_timeout_and_every_rank_restarts(tmp_path: Path) -> None:
+def test_a_hung_rank_is_found_by_the_soft_timeout_and_every_rank_restarts(
+    tmp_path: Path, clean_run: Path
+) -> None:
     hung = _torchrun(tmp_path, tmp_path / "hung", fault_step=8, fault="hang")
     out = hung.stdout + hung.stderr
     assert hung.returncode == 0, out[-6000:]
     # Rank 0 waits in a collective for rank 1, which keeps running Python: rank 0 stops progressing.
     restart = re.search(r"in-process restart 1 of 2 after: (.*)", out)
     assert restart and "rank 0: no progress" in restart[1] and "soft_timeout 3.0 s" in restart[1], out[-6000:]
-    for rank in (0, 1):
-        pids = (tmp_path / f"hung.pids.rank{rank}").read_text().split()
-        assert len(pids) == 2 and pids[0] == pids[1], pids
-    second = [int(s) for s in re.findall(r"IPR-STEP attempt=2 rank=1 step=(\d+)", out)]
-    assert second[0] == 6 and second[-1] == 20, second
-
-    clean = _torchrun(tmp_path, tmp_path / "clean", fault_step=-1)
-    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
-    assert_identical(
-        checkpoint_tensors(tmp_path / "clean" / "iter_0000020"),
-        checkpoint_tensors(tmp_path / "hung" / "iter_0000020"),
-        "weights",
-    )
+    _restarted_in_place_to_the_clean_end(tmp_path, "hung", out, 1, clean_run)

@@ -256,7 +256,7 @@ def mamba_scan_recompute_bytes(
     time) for `sequences` sequences of `seq` tokens with `a`-byte inputs, on one tensor-parallel rank
     (its heads and groups): the tensors `ssd_chunked` saves (see the module docstring)."""
     from viaduct.models.accounting import _mamba_sizes, _per_tp_rank
-    from viaduct.models.mamba.ssd import _SEQUENTIAL_CHUNKS
+    from viaduct.models.mamba.ssd import SEQUENTIAL_CHUNKS
 
     _, heads, _ = _mamba_sizes(p)
     q = p.mamba_chunk_size  # the scan pads the sequence to whole chunks of this size
@@ -268,7 +268,7 @@ def mamba_scan_recompute_bytes(
     if a < _F32:
         total += sequences * seq * _F32 * hp  # x in float32 (for x * dt)
     c = _ceil_div(seq, q)
-    if c <= _SEQUENTIAL_CHUNKS:  # states passed on by a loop: the state entering each chunk, its decay
+    if c <= SEQUENTIAL_CHUNKS:  # states passed on by a loop: the state entering each chunk, its decay
         total += sequences * _F32 * heads * c * (p.mamba_head_dim * n + 1)
     else:  # by a matmul: the chunk-end states (the initial one's included) and their decay matrix
         total += sequences * _F32 * heads * (c + 1) * (p.mamba_head_dim * n + c + 1)

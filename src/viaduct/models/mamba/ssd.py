@@ -77,7 +77,7 @@ def _check_shapes(
 # PyTorch: the reference) or "triton" (always the kernels; an error where they cannot run). Read when
 # a call is traced, so a compiled model keeps the choice it was compiled with until it recompiles.
 SSD_BACKENDS = ("auto", "torch", "triton")
-_SEQUENTIAL_CHUNKS = 64
+SEQUENTIAL_CHUNKS = 64
 """Chunks up to which the states are passed on by a loop (step 3 of `ssd_chunked`)."""
 _backend = "auto"
 
@@ -219,7 +219,7 @@ def ssd_chunked(
     chunk_states = torch.einsum("bclgn,bclgrp->bgrcpn", B, x_end).to(dtype)
 
     # 3. Across chunks: the state entering chunk c is the decayed sum of the initial state and every
-    # earlier chunk's contribution. Up to `_SEQUENTIAL_CHUNKS` chunks, a loop over the chunks of
+    # earlier chunk's contribution. Up to `SEQUENTIAL_CHUNKS` chunks, a loop over the chunks of
     # elementwise steps, which torch.compile fuses into one pass over the states (a few MB a step);
     # beyond, where unrolling would swell the graph, the segment sum over chunk ends as one batched
     # float32 matmul (no tensor cores for its thin [chunk, chunk] blocks: slower on a GPU).
@@ -227,7 +227,7 @@ def ssd_chunked(
         start = chunk_states.new_zeros(bsz, ngroups, rep, head_dim, d_state)
     else:
         start = initial_state.to(dtype).reshape(bsz, ngroups, rep, head_dim, d_state)
-    if nchunks <= _SEQUENTIAL_CHUNKS:
+    if nchunks <= SEQUENTIAL_CHUNKS:
         chunk_decay = torch.exp(a_cumsum[..., -1])[..., None, None]  # [b, g, r, c, 1, 1]
         state, passed = start, []
         for c in range(nchunks):
