@@ -40,7 +40,7 @@ def test_billion_laughs_is_refused_at_its_line(tmp_path):
     start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         process_config_with_overrides(Everything(inner=Inner()), config_filepath=path)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # expanded, it would not end
     problem = info.value.problems[0]
     assert "anchors and aliases expand" in problem.message
     # The first value already past the limit: nine to the fifth "lol"s, on line 5.
@@ -60,7 +60,7 @@ def test_billion_laughs_in_an_override_value():
     start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         apply_overrides(Everything(inner=Inner()), [f"table={bomb}"])
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # expanded, it would not end
     assert info.value.problems[0].path == "table"
     assert "anchors and aliases expand" in info.value.problems[0].message
 
@@ -92,7 +92,7 @@ def test_interpolation_chain_is_refused_at_the_first_long_link(tmp_path):
     start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         process_config_with_overrides(Everything(inner=Inner()), config_filepath=path)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # expanded, it would not end
     by_path = {p.path: p for p in info.value.problems}
     # b, c and d are 1,000 / 10,000 / 100,000 characters; e would be a million.
     assert "would be 1,000,000 characters" in by_path["table.e"].message

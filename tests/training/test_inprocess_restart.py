@@ -166,7 +166,7 @@ def test_no_progress_past_the_soft_timeout_interrupts_the_main_thread() -> None:
 
     def stuck() -> None:
         time.sleep(1.5)  # one call that never returns in time: the main thread makes no progress
-        for _ in range(200):  # Python code again: the interrupt lands here
+        for _ in range(1000):  # Python code again: the interrupt lands here, long before 10 s
             time.sleep(0.01)
 
     t0 = time.monotonic()
@@ -177,7 +177,8 @@ def test_no_progress_past_the_soft_timeout_interrupts_the_main_thread() -> None:
         monitor.stop()
     reason = monitor.restart_reason()
     assert reason is not None and "rank 0: no progress" in reason and "soft_timeout 0.5" in reason
-    assert time.monotonic() - t0 < 2.0
+    # Uninterrupted, `stuck` would take 11.5 s; a busy machine may delay the interrupt a little.
+    assert time.monotonic() - t0 < 6.0
 
 
 @pytest.mark.slow
