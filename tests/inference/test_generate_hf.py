@@ -1,6 +1,7 @@
 """Generation against Hugging Face transformers as the oracle: tiny random models of each supported
-family, converted by `viaduct.AutoBridge`, generate greedily with the KV cache exactly the tokens that
-transformers' own forward chooses; and `viaduct generate --hf DIR` end to end."""
+family (Mamba-2 included), converted by `viaduct.AutoBridge`, generate greedily with the KV cache
+exactly the tokens that transformers' own forward chooses; and `viaduct generate --hf DIR` end to
+end."""
 
 from __future__ import annotations
 
@@ -44,6 +45,22 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(**SMALL, num_key_value_heads=2, max_position_embeddings=64, sliding_window=5),
     ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    # Mamba-2: a scan state instead of keys and values; prompts span several chunks of 4.
+    "mamba2": (
+        "Mamba2Config",
+        "Mamba2ForCausalLM",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            state_size=8,
+            head_dim=8,
+            num_heads=8,
+            expand=2,
+            n_groups=2,
+            chunk_size=4,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 

@@ -375,12 +375,6 @@ def test_whole_hybrid_model_is_causal() -> None:
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-def test_kv_cache_generation_is_refused() -> None:
-    model = tiny().provide(device="cpu", init_seed=1)
-    with pytest.raises(ValueError, match="not supported for Mamba models"):
-        model(torch.zeros(1, 4, dtype=torch.long), cache_position=torch.arange(4))
-
-
 def test_model_overfits_one_batch() -> None:
     torch.manual_seed(0)
     model = tiny("M*M-").provide(device="cpu", init_seed=3)

@@ -1,9 +1,11 @@
 """The key/value cache of generation: `KVCache`, preallocated once per generation call.
 
-Each layer gets keys and values [batch, kv_heads, max_length, head_dim] in the model's dtype on its
-device (grouped-query attention stores only the KV heads). A prefill pass writes the prompts' slots,
-each decode step one slot more; the attention of the new tokens reads every slot, masked by
-`attention_mask`.
+Each attention layer gets keys and values [batch, kv_heads, max_length, head_dim] in the model's dtype
+on its device (grouped-query attention stores only the KV heads). A prefill pass writes the prompts'
+slots, each decode step one slot more; the attention of the new tokens reads every slot, masked by
+`attention_mask`. A layer that keeps another state makes its own with `new_cache` (a Mamba layer: its
+scan state and last convolution inputs, see `viaduct.models.mamba.mixer.MambaCache`; an MLP layer:
+nothing).
 
 Prompts of different lengths share one cache by left padding: row r's prompt starts at slot
 `pad[r]`, so every row's next token goes to the same slot and a decode step has one static shape.
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from viaduct.models.common.attention import LayerKV
+from viaduct.models.common.transformer import LayerCache
 
 if TYPE_CHECKING:
     from viaduct.models.gpt.model import GPTModel
@@ -53,17 +55,6 @@ class KVCache:
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
         self.batch_size, self.max_length = batch_size, max_length
-        shape = (batch_size, cfg.num_query_groups, max_length, cfg.kv_channels)
-        # Zeros, not empty: a masked-out slot's value still meets a zero probability in probs @ v, and
-        # 0 * NaN (uninitialised memory) would be NaN.
-        self.layers: list[LayerKV] = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in model.decoder.layers
-        ]
-        """One (keys, values) pair per layer the model holds, in order."""
         pads = [0] * batch_size if pad_lengths is None else list(pad_lengths)
         if len(pads) != batch_size or any(not 0 <= p < max_length for p in pads):
             raise ValueError(f"pad_lengths must be {batch_size} values in [0, {max_length}), got {pads}")
@@ -72,13 +63,35 @@ class KVCache:
         self.slots = torch.arange(max_length, device=device)
         self.key_valid = self.slots[None, :] >= self.pad[:, None]
         """[batch, max_length] bool: False on each row's padding slots."""
+        shape = (batch_size, cfg.num_query_groups, max_length, cfg.kv_channels)
+        self.layers: list[LayerCache] = []
+        """One cache per layer the model holds, in order: (keys, values) for an attention layer."""
+        for layer in model.decoder.layers.values():
+            new_cache = getattr(layer, "new_cache", None)
+            if new_cache is not None:
+                self.layers.append(new_cache(batch_size, self.key_valid, dtype=dtype, device=device))
+            else:
+                # Zeros, not empty: a masked-out slot's value still meets a zero probability in
+                # probs @ v, and 0 * NaN (uninitialised memory) would be NaN.
+                self.layers.append(
+                    (
+                        torch.zeros(shape, dtype=dtype, device=device),
+                        torch.zeros(shape, dtype=dtype, device=device),
+                    )
+                )
         self.window = cfg.window_size
         self.max_position = model.seq_length - 1
 
     @property
     def nbytes(self) -> int:
-        """Memory the keys and values take."""
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        """Memory the layers' caches take."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, tuple):
+                total += layer[0].nbytes + layer[1].nbytes
+            elif layer is not None:
+                total += layer.nbytes
+        return total
 
     def position_ids(self, cache_position: torch.Tensor) -> torch.Tensor:
         """Positions [batch, seq] of the tokens at slots `cache_position` [seq]: slot minus the row's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,21 @@ from viaduct.models.common.norms import Norm, hidden_norm
 
 if TYPE_CHECKING:
     from viaduct.models.transformer_config import TransformerConfig
+
+
+class LayerState(Protocol):
+    """A layer's generation state other than keys and values (a Mamba layer's scan state and
+    convolution inputs): tensors it updates in place, token after token."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory its tensors take."""
+        ...
+
+
+LayerCache = LayerKV | LayerState | None
+"""What one layer carries between generation steps: an attention layer's keys and values, another
+layer's own state, or nothing (an MLP layer)."""
 
 
 def _maybe_checkpoint(
@@ -158,10 +173,10 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         rope: Rope | None = None,
         attn_mask: torch.Tensor | None = None,
-        kv_cache: Sequence[LayerKV] | None = None,
+        kv_cache: Sequence[LayerCache] | None = None,
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`kv_cache`: one `LayerKV` per layer held here, in order (generation; no recompute then)."""
+        """`kv_cache`: one `LayerCache` per layer held here, in order (generation; no recompute then)."""
         # A plain list: torch.compile unpacks a ModuleDict (subclass) into its keys, not its layers.
         layers = list(self.layers.values())
         if kv_cache is not None:

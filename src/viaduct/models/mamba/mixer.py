@@ -22,13 +22,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from viaduct.models.mamba.ssd import ssd_chunked
+from viaduct.models.mamba.ssd import ssd_chunked, ssd_recurrence
+
+
+@dataclass
+class MambaCache:
+    """What one Mamba layer carries from token to token in generation (its counterpart of a layer's
+    keys and values): the state of the scan and the last inputs of the causal convolution.
+
+    The tensors are updated in place by each `Mamba2Mixer.mix` call given the cache, so a compiled
+    decode step keeps one graph. Zeros are the state before the first token.
+    """
+
+    conv: torch.Tensor
+    """The convolution's last conv_kernel - 1 inputs [batch, conv_kernel - 1, conv_dim] (before it)."""
+    ssm: torch.Tensor
+    """The scan's state [batch, heads, head_dim, state_dim], float32."""
+    valid: torch.Tensor
+    """[batch, slots] bool, False on each row's left-padding slots (the generation cache's, shared):
+    padding tokens are kept out of the state, so a row computes what it would alone."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache's own tensors take (`valid` belongs to the generation cache)."""
+        return self.conv.nbytes + self.ssm.nbytes
 
 
 class GatedRMSNorm(nn.Module):
@@ -213,15 +237,46 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
         self.norm.reset_parameters()
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Mix along the sequence: hidden [batch, seq, hidden_size] -> [batch, seq, hidden_size]."""
-        return self.mix(hidden, dict(self.named_parameters()))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: MambaCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mix along the sequence: hidden [batch, seq, hidden_size] -> [batch, seq, hidden_size].
 
-    def mix(self, hidden: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        With `cache` (generation): the tokens continue the sequence the cache holds (see `mix`)."""
+        return self.mix(hidden, dict(self.named_parameters()), cache, cache_position)
+
+    def new_cache(
+        self, batch_size: int, valid: torch.Tensor, *, dtype: torch.dtype, device: torch.device
+    ) -> MambaCache:
+        """An empty generation cache for `batch_size` rows (`valid`: see `MambaCache.valid`); the
+        convolution's inputs in `dtype`, the scan's state in float32."""
+        return MambaCache(
+            conv=torch.zeros(batch_size, self.conv_kernel - 1, self.conv_dim, dtype=dtype, device=device),
+            ssm=torch.zeros(
+                batch_size, self.num_heads, self.head_dim, self.state_dim, dtype=torch.float32, device=device
+            ),
+            valid=valid,
+        )
+
+    def mix(
+        self,
+        hidden: torch.Tensor,
+        params: Mapping[str, torch.Tensor],
+        cache: MambaCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The forward pass with the given parameter tensors (keyed as `named_parameters()`; a missing
         bias is no bias). They may be a slice of whole B/C groups of this mixer's (tensor parallelism
         gives each rank some groups): the group count is read from them, so the output is then that
-        slice's share of out_proj's output, a partial sum."""
+        slice's share of out_proj's output, a partial sum.
+
+        With `cache` (generation, whole parameters): the tokens, at the generation slots
+        `cache_position` [seq], continue from the cache's state and convolution inputs, which are
+        updated in place; tokens on padding slots leave both as they were (a zero time step, a zero
+        convolution input), as if the row started at its first real token."""
         bsz, seq, _ = hidden.shape
         heads_per_group = self.num_heads // self.num_groups
         p, n = self.head_dim, self.state_dim
@@ -232,8 +287,20 @@ class Mamba2Mixer(nn.Module):
         proj = F.linear(hidden, params["in_proj.weight"], params.get("in_proj.bias"))
         z, xbc, dt = proj.unflatten(-1, (groups, -1)).split([d_group, d_group + 2 * n, heads_per_group], -1)
         conv_w, conv_b = params["conv1d.weight"], params.get("conv1d.bias")
-        xbc = F.silu(_causal_depthwise_conv(xbc.flatten(-2), conv_w, conv_b)).unflatten(-1, (groups, -1))
-        x, B, C = xbc.split([d_group, n, n], dim=-1)
+        xbc = xbc.flatten(-2)
+        valid = None
+        if cache is not None:
+            if cache_position is None:
+                raise ValueError("a Mamba layer with a generation cache needs cache_position")
+            valid = cache.valid[:, cache_position]  # [batch, seq]
+            xbc = xbc * valid[..., None].to(xbc.dtype)
+            conv_in = torch.cat([cache.conv.to(xbc.dtype), xbc], dim=1)
+            conv = _causal_depthwise_conv(conv_in, conv_w, conv_b)[:, -seq:]
+            if self.conv_kernel > 1:
+                cache.conv.copy_(conv_in[:, conv_in.shape[1] - (self.conv_kernel - 1) :])
+        else:
+            conv = _causal_depthwise_conv(xbc, conv_w, conv_b)
+        x, B, C = F.silu(conv).unflatten(-1, (groups, -1)).split([d_group, n, n], dim=-1)
 
         compute = torch.promote_types(hidden.dtype, torch.float32)
         dt = F.softplus(dt.reshape(bsz, seq, heads).to(compute) + params["dt_bias"].to(compute))
@@ -241,7 +308,15 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(self.dt_limit[0], self.dt_limit[1])
         A = -torch.exp(params["A_log"].to(compute))
         x = x.reshape(bsz, seq, heads, p)
-        if torch.is_grad_enabled() and self.recompute_scan:
+        if cache is not None:
+            assert valid is not None
+            dt = dt * valid[..., None]  # a zero step neither decays the state nor adds to it
+            if seq == 1:  # a decode step: one step of the recurrence, no chunk padding
+                y, state = ssd_recurrence(x, dt, A, B, C, initial_state=cache.ssm)
+            else:
+                y, state = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=cache.ssm)
+            cache.ssm.copy_(state)
+        elif torch.is_grad_enabled() and self.recompute_scan:
             # The chunked scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
             # chunk, the states) are many times its inputs: keeping them for backward runs a 780M
             # model at sequence 4096 out of memory, so backward recomputes them from x, dt, B, C.

@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viaduct.models.common.attention import Rope, SelfAttention
+from viaduct.models.common.attention import LayerKV, Rope, SelfAttention
 from viaduct.models.common.mlp import MLP
 from viaduct.models.common.norms import hidden_norm
 from viaduct.models.common.transformer import LayerStack
 from viaduct.models.gpt.model import GPTModel, _is_dtensor, draw_init_seed, part_seed
-from viaduct.models.mamba.mixer import Mamba2Mixer
+from viaduct.models.mamba.mixer import Mamba2Mixer, MambaCache
 from viaduct.models.mamba.provider import ATTENTION, MAMBA
 from viaduct.models.mamba.provider import MLP as MLP_SYMBOL
 
 if TYPE_CHECKING:
-    from viaduct.inference.kv_cache import KVCache
     from viaduct.models.mamba.provider import HybridModelProvider
 
 
@@ -65,12 +64,26 @@ class MambaLayer(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: MambaCache | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`rope` and `attn_mask` are ignored: the scan is causal by construction and has no positions.
-        (A padding mask has no meaning for a recurrence: padded tokens are excluded by the loss mask.)"""
-        h = self.mixer(self.norm(x))
+        (A padding mask has no meaning for a recurrence: padded tokens are excluded by the loss mask.)
+        `kv_cache` / `cache_position`: generation, this layer's `MambaCache` (see `Mamba2Mixer.mix`)."""
+        h = self.norm(x)
+        # Only generation passes the cache: a tensor-parallel mixer's forward takes the input alone.
+        h = self.mixer(h) if kv_cache is None else self.mixer(h, kv_cache, cache_position)
         return x + F.dropout(h, self.hidden_dropout, self.training)
+
+    def new_cache(
+        self, batch_size: int, valid: torch.Tensor, *, dtype: torch.dtype, device: torch.device
+    ) -> MambaCache:
+        """This layer's empty generation cache (see `viaduct.inference.KVCache`)."""
+        return self.mixer.new_cache(batch_size, valid, dtype=dtype, device=device)
 
 
 class AttentionLayer(nn.Module):
@@ -94,9 +107,19 @@ class AttentionLayer(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.self_attention(self.input_layernorm(x), rope, attn_mask)
+        """`kv_cache` / `cache_position`: generation with a KV cache (see `SelfAttention.forward`)."""
+        h = self.input_layernorm(x)
+        if kv_cache is not None:
+            h = self.self_attention(h, rope, attn_mask, kv_cache, cache_position)
+        else:
+            h = self.self_attention(h, rope, attn_mask)
         return x + F.dropout(h, self.hidden_dropout, self.training)
 
 
@@ -118,10 +141,22 @@ class MLPLayer(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Position-wise: `rope`, `attn_mask` and the generation arguments change nothing."""
         h = self.mlp(self.pre_mlp_layernorm(x))
         return x + F.dropout(h, self.hidden_dropout, self.training)
+
+    def new_cache(
+        self, batch_size: int, valid: torch.Tensor, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """An MLP layer carries nothing between tokens."""
+        return None
 
 
 _LAYERS: dict[str, type[MambaLayer | AttentionLayer | MLPLayer]] = {
@@ -136,7 +171,9 @@ class MambaModel(GPTModel):
 
     The `GPTModel` interface (`forward(input_ids, position_ids, attention_mask, labels)`, logits or
     per-token loss); built by `HybridModelProvider.provide()`, always whole (no pipeline stages).
-    Generation with a KV cache is not supported (a Mamba layer's state is no key/value cache).
+    Generation (`viaduct.inference`) runs through GPT's cached forward: the generation cache gives each
+    Mamba layer a `MambaCache` (its scan state and convolution inputs) where an attention layer gets
+    keys and values.
     """
 
     def __init__(
@@ -187,20 +224,3 @@ class MambaModel(GPTModel):
             if not (weight.is_meta or _is_dtensor(weight)):
                 generator = torch.Generator(device=weight.device).manual_seed(part_seed(seed, name))
             module.reset_parameters(generator, init_std=std, output_std=out_std)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        cache_position: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """As `GPTModel.forward`, without a KV cache."""
-        if kv_cache is not None or cache_position is not None:
-            raise ValueError(
-                "generation with a KV cache is not supported for Mamba models (their layers keep a "
-                "recurrent state, not keys and values); run forward on the whole sequence instead"
-            )
-        return super().forward(input_ids, position_ids, attention_mask, labels)
