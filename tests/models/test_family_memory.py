@@ -349,10 +349,35 @@ def test_fsdp_shards_a_hybrid_model_and_gathers_two_layers() -> None:
     assert 0 < est.gathered_weights < 2 * n
 
 
-def test_pipeline_and_context_parallel_estimates_are_refused_clearly() -> None:
+def test_pipeline_ranks_of_a_hybrid_model_share_its_parts() -> None:
+    # Stage boundaries in the pattern: rank 0 holds the embedding and 4 layers, rank 1 the other 3,
+    # the final norm, the output layer and the loss. 1f1b: rank 0 keeps 2 micro-batches in flight.
+    whole = estimate_memory(hybrid(hybrid_layer_pattern="MM*-|M-M"), 2)
+    p = hybrid(hybrid_layer_pattern="MM*-|M-M", pipeline_model_parallel_size=2)
+    first, last = estimate_pipeline_memory(
+        p, 2, layout=ParallelLayout(world_size=2, pp=2), num_microbatches=4
+    )
+    assert (first.pipeline_rank, first.layers, last.pipeline_rank, last.layers) == (0, 4, 1, 3)
+    assert first.parameters + last.parameters == whole.parameters  # every weight once (untied)
+    assert first.optimizer + last.optimizer == whole.optimizer
+    assert first.logits == 0 and last.logits == whole.logits
+    assert last.activations < whole.activations < first.activations  # two passes in flight on rank 0
+    assert estimate_memory(p, 2, layout=ParallelLayout(world_size=2, pp=2), num_microbatches=4) == max(
+        first, last, key=lambda e: e.total
+    )
+    # Tied embeddings: the last stage holds its own copy of the token table.
+    tied = dict(hybrid_layer_pattern="MM*-|M-M", share_embeddings_and_output_weights=True)
+    whole_tied = estimate_memory(hybrid(**tied), 2)
+    a, b = estimate_pipeline_memory(
+        hybrid(**tied, pipeline_model_parallel_size=2), 2, layout=ParallelLayout(world_size=2, pp=2)
+    )
+    assert a.parameters + b.parameters == whole_tied.parameters + 128 * H * 4  # one more float32 table
+
+
+def test_t5_pipeline_and_context_parallel_estimates_are_refused_clearly() -> None:
     p = hybrid()
-    with pytest.raises(ConfigError, match="pipeline parallelism is not built for Mamba / hybrid models"):
-        estimate_pipeline_memory(p, 1, layout=ParallelLayout(world_size=1))
+    with pytest.raises(ConfigError, match="pipeline parallelism is not built for T5 models"):
+        estimate_pipeline_memory(t5(), 1, layout=ParallelLayout(world_size=2, pp=2))
     with pytest.raises(ConfigError, match="context parallelism is not built") as err:
         estimate_memory(p, 1, layout=ParallelLayout(world_size=2, cp=2))
     assert "model.context_parallel_size" in str(err.value)
@@ -488,8 +513,8 @@ def test_t5_estimate_parts_and_recompute() -> None:
     full = replace(cfg, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kept, peak = stack_activations(layers, 2 * H, full)
     assert kept == 4 * 2 * H and peak == 4 * 2 * H + layers[0]
-    with pytest.raises(ConfigError, match="pipeline parallelism is not built for T5"):
-        estimate_pipeline_memory(p, 1, layout=ParallelLayout(world_size=1))
+    # Without pipeline parallelism, one rank: the whole model (pipeline parallelism is refused above).
+    assert estimate_pipeline_memory(p, 1, layout=ParallelLayout(world_size=1)) == [estimate_memory(p, 1)]
 
 
 def test_t5_estimate_under_tensor_and_sequence_parallelism() -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from viaduct.config import ConfigError
+from viaduct.distributed.pipeline_split import pipeline_stages
 from viaduct.models import (
     GPTModelProvider,
     HybridModelProvider,
@@ -135,13 +136,13 @@ def test_pattern_problems_name_every_symbol_and_the_fix_at_once() -> None:
     text = str(exc.value)
     for symbol, fix in (
         ("'E'", "replace 'E' by '-'"),
-        ("'|'", "remove every '|'"),
         ("'/'", "remove the '/'"),
     ):
         assert symbol in text and fix in text
     assert "unknown layer symbol 'x'" in text and "M (Mamba), * (attention), - (MLP)" in text
+    assert "'|'" not in text  # a stage boundary, no layer: fine
     assert "mamba_chunk_size" in _problems(exc)
-    assert len(exc.value.problems) == 5
+    assert len(exc.value.problems) == 4
 
 
 def test_deprecated_pattern_name_moves_and_both_names_conflict() -> None:
@@ -166,13 +167,45 @@ def test_mamba_head_rules() -> None:
     assert p.mamba_heads() == 4
 
 
-@pytest.mark.parametrize("field", ["context_parallel_size", "pipeline_model_parallel_size"])
-def test_model_parallel_sizes_are_refused_clearly(field: str) -> None:
+def test_context_parallelism_is_refused_clearly() -> None:
     with pytest.raises(ConfigError) as exc:
-        tiny("M*M-", MambaModelProvider, **{field: 2}).finalize()
+        tiny("M*M-", MambaModelProvider, context_parallel_size=2).finalize()
     problems = _problems(exc)
-    assert "not supported yet for Mamba layers" in problems[field]
-    assert f"model.{field}=1" in problems[field]
+    assert "not supported yet for Mamba layers" in problems["context_parallel_size"]
+    assert "model.context_parallel_size=1" in problems["context_parallel_size"]
+
+
+def test_stage_boundaries_in_the_pattern_split_the_pipeline() -> None:
+    p = tiny("M*M | -M", pipeline_model_parallel_size=2)
+    p.finalize()
+    assert p.num_layers == 5 and p.layer_pattern() == "M*M-M"
+    assert p.pipeline_layout() == ("Ettt|ttL", "hybrid_layer_pattern")
+    assert [s.layers for s in pipeline_stages(p)] == [(0, 1, 2), (3, 4)]
+    stage = p.provide(pp_rank=1, device="cpu", init_seed=0)
+    assert stage.decoder.layers.global_indices == (3, 4) and stage.embedding is None
+    assert isinstance(stage.decoder.layers["3"], MLPLayer)
+    # Without pipeline parallelism the whole model is one stage: a pattern trained with boundaries
+    # also builds in one process.
+    whole = tiny("M*M|-M")
+    whole.finalize()
+    assert [s.layers for s in pipeline_stages(whole)] == [(0, 1, 2, 3, 4)]
+
+
+def test_stage_boundary_problems_name_the_pattern() -> None:
+    with pytest.raises(ConfigError) as exc:
+        tiny("M|*|M-", pipeline_model_parallel_size=2).finalize()
+    assert (
+        "cut it into 3 slices, not a multiple of pipeline_model_parallel_size (2)"
+        in _problems(exc)["hybrid_layer_pattern"]
+    )
+    with pytest.raises(ConfigError) as exc:
+        tiny("M*|M-", pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Ett|ttL").finalize()
+    assert "both place the layers" in _problems(exc)["pipeline_model_parallel_layout"]
+    with pytest.raises(ConfigError) as exc:
+        tiny("M*|M-", pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=1).finalize()
+    assert (
+        "cannot be combined with hybrid_layer_pattern" in _problems(exc)["num_layers_in_first_pipeline_stage"]
+    )
 
 
 def test_tensor_parallel_splits_whole_groups() -> None:
@@ -309,14 +342,16 @@ def test_flops_per_token_counts_matmuls_scan_and_attention() -> None:
     assert flops_per_token(p, causal=True) == 6 * matmul + 2 * 3 * scan + attention / 2
 
 
-def test_memory_estimate_covers_mamba_models_but_not_per_pipeline_rank() -> None:
-    # The estimate itself is checked in tests/models/test_family_memory.py.
+def test_memory_estimate_covers_mamba_models_and_their_pipeline_ranks() -> None:
+    # The estimates themselves are checked in tests/models/test_family_memory.py.
     assert estimate_memory(tiny(), micro_batch_size=1).activations > 0
     from viaduct.distributed.layout import ParallelLayout
     from viaduct.models.accounting import estimate_pipeline_memory
 
-    with pytest.raises(ConfigError, match="pipeline parallelism is not built for Mamba"):
-        estimate_pipeline_memory(tiny(), 1, layout=ParallelLayout(world_size=1))
+    ranks = estimate_pipeline_memory(
+        tiny(pipeline_model_parallel_size=2), 1, layout=ParallelLayout(world_size=2, pp=2)
+    )
+    assert [(e.pipeline_rank, e.layers) for e in ranks] == [(0, 2), (1, 2)]
 
 
 # ---------------------------------------------------------------------- model
@@ -514,6 +549,69 @@ def test_two_ranks_match_one_process(layout: tuple[str, ...]) -> None:
         assert rank["params"].keys() == one["params"].keys()
         for name, value in rank["params"].items():
             torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _layers(params: dict[str, torch.Tensor]) -> list[int]:
+    """The global indices of the layers whose parameters these are."""
+    return sorted(
+        {int(n.split("decoder.layers.")[1].split(".")[0]) for n in params if "decoder.layers." in n}
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (),  # 2 + 2 layers
+        ("model.hybrid_layer_pattern='M*M|-'",),  # stage boundaries in the pattern: 3 + 1 layers
+        ("model.hybrid_layer_pattern='M|*|M|-'",),  # 4 slices: 2 virtual stages per rank, interleaved
+        ("model.share_embeddings_and_output_weights=true",),  # the last stage's copy of the table
+    ],
+    ids=["even", "pattern-boundaries", "pattern-virtual-stages", "tied"],
+)
+def test_pipeline_stages_match_one_process(layout: tuple[str, ...], request: pytest.FixtureRequest) -> None:
+    # The boundaries only split the pattern: one process trains the same "M*M-" model.
+    one = _train(0, 1, tuple(o for o in layout if "share_embeddings" in o))
+    got = run_distributed(
+        _train, 2, ("model.pipeline_model_parallel_size=2", *layout), timeout=240, all_ranks=True, reuse=True
+    )
+    first, last = got
+    held = {
+        "even": ([0, 1], [2, 3]),
+        "pattern-boundaries": ([0, 1, 2], [3]),
+        "pattern-virtual-stages": ([0, 2], [1, 3]),
+        "tied": ([0, 1], [2, 3]),
+    }[request.node.callspec.id]
+    assert (_layers(first["params"]), _layers(last["params"])) == held
+    assert not first["losses"]  # only the last stage computes the loss
+    torch.testing.assert_close(
+        torch.tensor(last["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
+    )
+    assert set(first["params"]).isdisjoint(last["params"]) or "share_embeddings" in str(layout)
+    merged = {**first["params"], **last["params"]}
+    assert merged.keys() == one["params"].keys()
+    for name, value in merged.items():
+        torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_checkpoint_loads_in_one_process(tmp_path: Path) -> None:
+    save = tmp_path / "ckpt"
+    layout = (
+        "model.pipeline_model_parallel_size=2",
+        "model.hybrid_layer_pattern='M*M|-'",
+        f"checkpoint.save={save}",
+    )
+    first, last = run_distributed(_train, 2, layout, timeout=240, all_ranks=True, reuse=True)
+    from viaduct.inference import load_checkpoint
+
+    loaded = load_checkpoint(save, device="cpu").model
+    assert isinstance(loaded, MambaModel) and loaded.decoder.layers.global_indices == (0, 1, 2, 3)
+    trained = {**first["params"], **last["params"]}
+    for name, value in loaded.named_parameters():
+        torch.testing.assert_close(value.detach(), trained[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.slow

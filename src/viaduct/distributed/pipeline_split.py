@@ -71,6 +71,10 @@ class PipelineModelConfig(Protocol):
     account_for_loss_in_pipeline_split: bool
     pipeline_model_parallel_layout: str | list[list[str]] | None
 
+    def pipeline_layout(self) -> tuple[str | list[list[str]] | None, str]:
+        """The layout the split follows (None: none) and the field it comes from (for messages)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -106,7 +110,7 @@ def num_virtual_stages(model_cfg: PipelineModelConfig) -> int:
     vpp = getattr(model_cfg, "virtual_pipeline_model_parallel_size", None)
     if isinstance(vpp, int) and not isinstance(vpp, bool) and vpp >= 1:
         return vpp
-    layout = getattr(model_cfg, "pipeline_model_parallel_layout", None)
+    layout, _ = model_cfg.pipeline_layout()
     if layout is not None:
         try:
             slices = parse_layout(layout)
@@ -282,9 +286,9 @@ def _uneven_counts(cfg: PipelineModelConfig, pp: int, vpp: int, problems: list[P
 
 
 def _layout_counts(
-    cfg: PipelineModelConfig, layout: str | list[list[str]], pp: int, problems: list[Problem]
+    cfg: PipelineModelConfig, layout: str | list[list[str]], path: str, pp: int, problems: list[Problem]
 ) -> tuple[list[int], int]:
-    """(layers of each slice, vpp) of a layout; ([], 1) after a problem."""
+    """(layers of each slice, vpp) of a layout, read from field `path`; ([], 1) after a problem."""
     before = len(problems)
     for name in (
         "num_layers_in_first_pipeline_stage",
@@ -297,8 +301,8 @@ def _layout_counts(
             problems.append(
                 Problem(
                     name,
-                    "cannot be combined with pipeline_model_parallel_layout (Megatron refuses it too): the "
-                    "layout already places every layer",
+                    f"cannot be combined with {path} (Megatron refuses it too): it already places every "
+                    "layer",
                     value,
                     fix=f"unset model.{name}, or the layout",
                 )
@@ -308,7 +312,6 @@ def _layout_counts(
     except LayoutError as exc:
         problems.append(layout_error_problem(layout, exc))
         return [], 1
-    path = "pipeline_model_parallel_layout"
     n_slices = len(slices)
     if n_slices % pp:
         problems.append(
@@ -326,7 +329,7 @@ def _layout_counts(
         problems.append(
             Problem(
                 "virtual_pipeline_model_parallel_size",
-                f"conflicts with pipeline_model_parallel_layout: its {n_slices} slices over {pp} "
+                f"conflicts with {path}: its {n_slices} slices over {pp} "
                 f"pipeline ranks make {vpp} virtual stage{'s' * (vpp > 1)} per rank",
                 set_vpp,
                 fix="unset model.virtual_pipeline_model_parallel_size (the layout sets it), "
@@ -382,7 +385,7 @@ def _plan(model_cfg: PipelineModelConfig) -> tuple[_Plan | None, list[Problem]]:
         return None, problems
     if pp <= 1:
         return _Plan(1, 1, (n,)), problems
-    layout = model_cfg.pipeline_model_parallel_layout
+    layout, layout_path = model_cfg.pipeline_layout()
     vpp_field = model_cfg.virtual_pipeline_model_parallel_size
     if vpp_field is not None and vpp_field < 1:
         problems.append(
@@ -395,7 +398,7 @@ def _plan(model_cfg: PipelineModelConfig) -> tuple[_Plan | None, list[Problem]]:
         )
         return None, problems
     if layout is not None:
-        counts, vpp = _layout_counts(model_cfg, layout, pp, problems)
+        counts, vpp = _layout_counts(model_cfg, layout, layout_path, pp, problems)
     else:
         vpp = vpp_field or 1
         uneven = (

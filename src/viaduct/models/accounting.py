@@ -501,31 +501,12 @@ def estimate_memory(
     of those (float32 shards under FSDP2), spread over pipeline ranks with the layers.
 
     Mamba / hybrid and T5 providers: `viaduct.models.family_memory.estimate_family_memory`, the same
-    parts under DDP and FSDP2 and on a tensor-parallel rank, divided by the same rule
-    (`_per_tp_rank`); context and pipeline parallelism and PEFT are refused.
+    parts under DDP and FSDP2, on a tensor-parallel rank and (Mamba / hybrid) on a pipeline rank,
+    divided by the same rules; context parallelism, pipeline parallelism for T5, and PEFT are refused.
     `compiled` (those families only; GPT's activations are the same either way): the model runs
     under torch.compile (`train.torch_compile`, the default on CUDA), whose backward recomputes part
     of a Mamba layer's float32 elementwise work and a gated MLP's activation instead of keeping them.
     """
-    from viaduct.models.family_memory import estimate_family_memory, family
-
-    if family(provider) is not None:
-        if trainable is not None:
-            raise ConfigError(
-                Problem("peft", "PEFT is not built for this model family", type(provider).__name__)
-            )
-        return estimate_family_memory(
-            provider,
-            micro_batch_size,
-            seq_length,
-            layout=layout or _single_layout(),
-            master_weights=master_weights,
-            grad_reduce_in_fp32=grad_reduce_in_fp32,
-            num_microbatches=num_microbatches,
-            keep_logits_bytes=keep_logits_bytes,
-            compiled=compiled,
-        )
-    provider = cast("GPTModelProvider", provider)  # family() took the others
     per_rank = estimate_pipeline_memory(
         provider,
         micro_batch_size,
@@ -536,6 +517,7 @@ def estimate_memory(
         num_microbatches=num_microbatches,
         keep_logits_bytes=keep_logits_bytes,
         trainable=trainable,
+        compiled=compiled,
     )
     return max(per_rank, key=lambda e: e.total)
 
@@ -551,16 +533,30 @@ def estimate_pipeline_memory(
     num_microbatches: int | None = None,
     keep_logits_bytes: int = 4 << 30,
     trainable: int | None = None,
+    compiled: bool = True,
 ) -> list[MemoryEstimate]:
     """`estimate_memory` of each pipeline rank of `layout` (by rank, each with its `pipeline_rank` and
-    `layers`; one entry, without them, without pipeline parallelism). GPT models only: a Mamba /
-    hybrid or T5 provider raises `ConfigError` (pipeline parallelism is not built for them; see
-    `estimate_memory`)."""
-    from viaduct.models.family_memory import family, refuse_parallelism
+    `layers`; one entry, without them, without pipeline parallelism). A T5 provider raises
+    `ConfigError` under pipeline parallelism, which is not built for it (see `estimate_memory`)."""
+    from viaduct.models.family_memory import estimate_family_memory, family
 
     if family(provider) is not None:
-        refuse_parallelism(provider, layout, pipeline=True)
-    provider = cast("GPTModelProvider", provider)  # the others were refused
+        if trainable is not None:
+            raise ConfigError(
+                Problem("peft", "PEFT is not built for this model family", type(provider).__name__)
+            )
+        return estimate_family_memory(
+            provider,
+            micro_batch_size,
+            seq_length,
+            layout=layout,
+            master_weights=master_weights,
+            grad_reduce_in_fp32=grad_reduce_in_fp32,
+            num_microbatches=num_microbatches,
+            keep_logits_bytes=keep_logits_bytes,
+            compiled=compiled,
+        )
+    provider = cast("GPTModelProvider", provider)  # family() took the others
     provider.finalize()
     if layout.pp <= 1:
         whole = _Share(

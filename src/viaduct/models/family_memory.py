@@ -3,8 +3,9 @@
 `viaduct.models.accounting.estimate_memory` hands these families here; the parts and their
 conventions are GPT's (`MemoryEstimate`): weights, gradients and Adam's state under plain data
 parallelism or FSDP2, the activations the layers keep for the backward pass, and the loss path,
-each on one tensor-parallel rank. Neither family has context or pipeline parallelism (refused), nor
-PEFT.
+each on one tensor-parallel rank and, for Mamba / hybrid models, on one pipeline rank
+(`pipeline_parts`). Neither family has context parallelism (refused), T5 no pipeline parallelism,
+nor PEFT.
 
 Tensor parallelism divides as GPT's estimate does, by one rule (`viaduct.models.accounting.
 _per_tp_rank`): weights split by heads, MLP units, B/C groups or vocabulary rows are divided by the
@@ -89,6 +90,7 @@ core_attn frees nothing from the fused kernels).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from viaduct.config.errors import ConfigError, Problem
@@ -449,6 +451,48 @@ def _layer_params(provider: ModelProvider) -> tuple[list[tuple[int, int]], tuple
     return layers, (root, 2 * norm)
 
 
+@dataclass(frozen=True)
+class RankPart:
+    """What one pipeline rank of a Mamba / hybrid model holds and keeps (`pipeline_parts`)."""
+
+    chunks: tuple[tuple[int, ...], ...]
+    """The layers (global indices) of each of its model chunks."""
+    embedding: bool
+    """Whether it holds the embedding (the first stage)."""
+    output: bool
+    """Whether it holds the final norm, the output layer and the loss (the last stage)."""
+    in_flight: int = 1
+    """Chunk forward passes whose activations are alive at its peak."""
+    sends: bool = False
+    """Whether its in-flight outputs go to a next stage (kept until their backward)."""
+
+
+def pipeline_parts(
+    provider: HybridModelProvider, layout: ParallelLayout, num_microbatches: int | None
+) -> list[RankPart]:
+    """Each pipeline rank's `RankPart` (one part, the whole model, without pipeline parallelism)."""
+    from viaduct.distributed.pipeline_split import pipeline_stages
+    from viaduct.models.accounting import _in_flight
+
+    if layout.pp <= 1:
+        return [RankPart(chunks=(tuple(range(len(provider.layer_pattern()))),), embedding=True, output=True)]
+    stages = pipeline_stages(provider)  # type: ignore[arg-type]  # num_layers is set once finalized
+    parts = []
+    for rank in range(layout.pp):
+        mine = [s for s in stages if s.pp_rank == rank]
+        output = any(s.post_process for s in mine)
+        parts.append(
+            RankPart(
+                chunks=tuple(s.layers for s in mine),
+                embedding=any(s.pre_process for s in mine),
+                output=output,
+                in_flight=_in_flight(layout.schedule, layout.pp, layout.vpp, rank, num_microbatches),
+                sends=not output or layout.vpp > 1,
+            )
+        )
+    return parts
+
+
 def _weights(
     provider: ModelProvider,
     layout: ParallelLayout,
@@ -456,14 +500,25 @@ def _weights(
     master: bool,
     grad_fp32: bool,
     num_microbatches: int | None,
+    part: RankPart | None = None,
 ) -> tuple[int, int, int, int]:
     """(parameters, gradients, optimizer, gathered weights) bytes per GPU, as for GPT: whole under
     DDP; float32 shards under FSDP2 (always so under tensor parallelism), which wraps each layer
     (Mamba, attention, MLP; T5's encoder and decoder layers) and keeps the rest (embeddings, final
-    norms, output layer) in the root group; each a tensor-parallel rank's share."""
-    from viaduct.models.accounting import _per_tp_rank
+    norms, output layer) in the root group; each a tensor-parallel rank's share. `part`: a pipeline
+    rank's layers and root parts only (its copy of a tied table on the last stage included)."""
+    from viaduct.models.accounting import _per_tp_rank, embedding_parameters
 
     by_tp, (root_split, root_whole) = _layer_params(provider)
+    if part is not None and layout.pp > 1:
+        hybrid: HybridModelProvider = provider  # type: ignore[assignment]
+        by_tp = [by_tp[i] for chunk in part.chunks for i in chunk]
+        table = embedding_parameters(hybrid)
+        output = root_split - table  # the output layer (0 when tied to the token table)
+        if hybrid.share_embeddings_and_output_weights and part.output and not part.embedding:
+            output = hybrid.padded_vocab_size() * hybrid.hidden_size  # the last stage's copy
+        root_split = (table if part.embedding else 0) + (output if part.output else 0)
+        root_whole = root_whole if part.output else 0  # the final norm
     layers = [_per_tp_rank(layout, split=split, replicated=whole) for split, whole in by_tp]
     root = _per_tp_rank(layout, split=root_split, replicated=root_whole)
     local = sum(layers) + root
@@ -475,7 +530,10 @@ def _weights(
     accumulates = num_microbatches is None or num_microbatches > 1
     if accumulates and not layout.sync_grads_every_microbatch:
         gradients += local * (_F32 if grad_fp32 else pbytes)
-    if layout.reshard_after_forward:
+    if layout.pp > 1:
+        # PyTorch's schedules keep every layer gathered from its first backward to the end of the step.
+        gathered = local
+    elif layout.reshard_after_forward:
         # The root stays gathered from the first forward to the last backward; of the layers, the one
         # computing and the one prefetched (the largest neighbouring pair: the layers differ).
         pairs = [a + b for a, b in itertools.pairwise(layers)] or layers or [0]
@@ -488,17 +546,16 @@ def _weights(
 # ------------------------------------------------------------------------------ the estimate
 
 
-def refuse_parallelism(provider: ModelProvider, layout: ParallelLayout, *, pipeline: bool = False) -> None:
-    """Raise `ConfigError` for what the families do not build: pipeline parallelism (and any
-    per-rank pipeline estimate) and context parallelism."""
+def refuse_parallelism(provider: ModelProvider, layout: ParallelLayout) -> None:
+    """Raise `ConfigError` for what the families do not build: pipeline parallelism for T5, context
+    parallelism for both."""
     kind = "Mamba / hybrid" if family(provider) == "mamba" else "T5"
     problems = []
-    if pipeline or layout.pp > 1:
+    if kind == "T5" and layout.pp > 1:
         problems.append(
             Problem(
                 "model.pipeline_model_parallel_size",
-                f"pipeline parallelism is not built for {kind} models, so there is no per-rank "
-                "pipeline estimate",
+                "pipeline parallelism is not built for T5 models, so there is no per-rank pipeline estimate",
                 layout.pp,
                 fix="estimate the whole model with estimate_memory (pipeline_model_parallel_size=1)",
             )
@@ -527,12 +584,18 @@ def estimate_family_memory(
     num_microbatches: int | None,
     keep_logits_bytes: int,
     compiled: bool = True,
-) -> MemoryEstimate:
-    """`viaduct.models.accounting.estimate_memory` of a Mamba / hybrid or T5 provider (the module
-    docstring says what the activations count) on one rank of `layout`. `seq_length`: the (encoder)
-    sequence length, default the provider's; T5's decoder sees seq_length_dec. `compiled`: the model
-    runs under torch.compile (the default on CUDA), whose partitioner keeps less of a Mamba layer and
-    of a gated MLP."""
+) -> list[MemoryEstimate]:
+    """`viaduct.models.accounting.estimate_pipeline_memory` of a Mamba / hybrid or T5 provider (the
+    module docstring says what the activations count): the estimate of each pipeline rank of
+    `layout`, one without pipeline parallelism. `seq_length`: the (encoder) sequence length, default
+    the provider's; T5's decoder sees seq_length_dec. `compiled`: the model runs under torch.compile
+    (the default on CUDA), whose partitioner keeps less of a Mamba layer and of a gated MLP.
+
+    A pipeline rank of a Mamba / hybrid model (GPT's rules, `viaduct.models.accounting`): its layers'
+    weights, the first rank also the embedding, the last the final norm and the output layer (with
+    tied embeddings, a copy of the table), all kept gathered under FSDP2; the activations of the
+    micro-batches in flight at its peak, each keeping its largest chunk's layers and the output it
+    sent; the logits on the last rank only."""
     from viaduct.models.accounting import MemoryEstimate, _logits_bytes, _per_tp_rank
 
     refuse_parallelism(provider, layout)
@@ -540,9 +603,6 @@ def estimate_family_memory(
     pbytes = provider.params_dtype.itemsize
     master = pbytes < _F32 if master_weights is None else master_weights
     grad_fp32 = master if grad_reduce_in_fp32 is None else grad_reduce_in_fp32
-    parameters, gradients, optimizer, gathered = _weights(
-        provider, layout, pbytes, master, grad_fp32, num_microbatches
-    )
     autocast = provider.enable_autocast and provider.autocast_dtype
     a = provider.autocast_dtype.itemsize if autocast else pbytes  # type: ignore[union-attr]
     b = micro_batch_size
@@ -559,53 +619,83 @@ def estimate_family_memory(
         them whole) and its dropout mask."""
         return _per_tp_rank(layout, stream=_dropout(p, h), replicated=_TOKEN_IDS)
 
+    def logits_of(tokens: int) -> int:
+        vocab = _per_tp_rank(layout, split=provider.padded_vocab_size())  # a tensor-parallel rank's
+        return _logits_bytes(provider, tokens, vocab, a, keep_logits_bytes)
+
     if family(provider) == "mamba":
         hybrid: HybridModelProvider = provider  # type: ignore[assignment]
         tokens = b * seq
         residual = _per_tp_rank(layout, stream=h * (_F32 if hybrid.fp32_residual_connection else a))
         layer_bytes = hybrid_layer_bytes(hybrid, a, seq, compiled, layout=layout)
-        _, peak = stack_activations(layer_bytes, residual, hybrid)
-        activations = tokens * peak
-        if "M" in hybrid.layer_pattern():
-            activations += mamba_scan_recompute_bytes(hybrid, a, b, seq, layout=layout)
-        activations += tokens * (final_norm(hybrid) + embedding(hybrid))
-        logit_tokens, extra = tokens, 0
-    else:
-        t5: T5ModelProvider = provider  # type: ignore[assignment]
-        cfg = _t5_layer_config(t5)
-        enc_tokens, dec_tokens = b * seq, b * t5.seq_length_dec
-        residual = _per_tp_rank(layout, stream=a * h)
-        encoder_layer = t5_encoder_layer_bytes(cfg, a, compiled, layout=layout)
-        enc_kept, enc_peak = stack_activations(
-            [encoder_layer] * t5.effective_encoder_num_layers, residual, t5
-        )
-        per_dec, per_enc = t5_decoder_layer_bytes(cfg, a, compiled, layout=layout)
-        # Full recompute keeps a decoder layer's input only: its key/value output goes with the rest.
-        dec_layers = [per_dec * dec_tokens + per_enc * enc_tokens] * t5.num_layers
-        _, dec_peak = stack_activations(dec_layers, residual * dec_tokens, t5)
-        # Backward runs the decoder (the encoder's kept activations all alive), then the encoder.
-        layers = max(enc_tokens * enc_kept + dec_peak, enc_tokens * enc_peak)
-        # The encoder's final norm output is the encoder output every cross-attention reads.
-        per_token = embedding(cfg) + final_norm(cfg)
-        masks = t5_mask_bytes(t5, a, b, seq, t5.seq_length_dec, layout=layout)
-        activations = layers + per_token * (enc_tokens + dec_tokens) + masks
-        logit_tokens = dec_tokens
-        extra = 0
-        vocab_parallel = layout.tp > 1  # the vocabulary-parallel loss always takes the folded bias
-        if t5.share_embeddings_and_output_weights and (provider.cross_entropy_loss_fusion or vocab_parallel):
-            # The chunked and the vocabulary-parallel losses take no bias: hidden states and the table
-            # (a rank's rows of it) get the bias as one more column (`_fold_bias`), copies kept for
-            # the backward.
-            vocab = provider.padded_vocab_size()
-            extra = dec_tokens * _per_tp_rank(layout, stream=(h + 1) * a)
-            extra += _per_tp_rank(layout, split=vocab * (h + 1)) * pbytes
-    vocab = _per_tp_rank(layout, split=provider.padded_vocab_size())  # a tensor-parallel rank's
-    logits = _logits_bytes(provider, logit_tokens, vocab, a, keep_logits_bytes) + extra
-    return MemoryEstimate(
-        parameters=parameters,
-        gradients=gradients,
-        optimizer=optimizer,
-        gathered_weights=gathered,
-        activations=activations,
-        logits=logits,
+        pattern = hybrid.layer_pattern()
+        estimates: list[MemoryEstimate] = []
+        for part in pipeline_parts(hybrid, layout, num_microbatches):
+            parameters, gradients, optimizer, gathered = _weights(
+                provider, layout, pbytes, master, grad_fp32, num_microbatches, part
+            )
+            # Each pass in flight keeps its chunk's layers (the largest chunk counted); the one run
+            # backward also holds what its recompute brings back.
+            stacks = [stack_activations([layer_bytes[i] for i in c], residual, hybrid) for c in part.chunks]
+            kept = max(k for k, _ in stacks)
+            activations = tokens * (part.in_flight * kept + max(peak - k for k, peak in stacks))
+            if any(pattern[i] == "M" for c in part.chunks for i in c):
+                activations += mamba_scan_recompute_bytes(hybrid, a, b, seq, layout=layout)
+            if part.sends:
+                activations += tokens * part.in_flight * residual
+            if part.embedding:
+                activations += tokens * part.in_flight * embedding(hybrid)
+            if part.output:
+                activations += tokens * final_norm(hybrid)
+            estimate = MemoryEstimate(
+                parameters=parameters,
+                gradients=gradients,
+                optimizer=optimizer,
+                gathered_weights=gathered,
+                activations=activations,
+                logits=logits_of(tokens) if part.output else 0,
+            )
+            if layout.pp > 1:
+                layers = sum(len(c) for c in part.chunks)
+                estimate = replace(estimate, pipeline_rank=len(estimates), layers=layers)
+            estimates.append(estimate)
+        return estimates
+
+    t5: T5ModelProvider = provider  # type: ignore[assignment]
+    parameters, gradients, optimizer, gathered = _weights(
+        provider, layout, pbytes, master, grad_fp32, num_microbatches
     )
+    cfg = _t5_layer_config(t5)
+    enc_tokens, dec_tokens = b * seq, b * t5.seq_length_dec
+    residual = _per_tp_rank(layout, stream=a * h)
+    encoder_layer = t5_encoder_layer_bytes(cfg, a, compiled, layout=layout)
+    enc_kept, enc_peak = stack_activations([encoder_layer] * t5.effective_encoder_num_layers, residual, t5)
+    per_dec, per_enc = t5_decoder_layer_bytes(cfg, a, compiled, layout=layout)
+    # Full recompute keeps a decoder layer's input only: its key/value output goes with the rest.
+    dec_layers = [per_dec * dec_tokens + per_enc * enc_tokens] * t5.num_layers
+    _, dec_peak = stack_activations(dec_layers, residual * dec_tokens, t5)
+    # Backward runs the decoder (the encoder's kept activations all alive), then the encoder.
+    layers = max(enc_tokens * enc_kept + dec_peak, enc_tokens * enc_peak)
+    # The encoder's final norm output is the encoder output every cross-attention reads.
+    per_token = embedding(cfg) + final_norm(cfg)
+    masks = t5_mask_bytes(t5, a, b, seq, t5.seq_length_dec, layout=layout)
+    activations = layers + per_token * (enc_tokens + dec_tokens) + masks
+    extra = 0
+    vocab_parallel = layout.tp > 1  # the vocabulary-parallel loss always takes the folded bias
+    if t5.share_embeddings_and_output_weights and (provider.cross_entropy_loss_fusion or vocab_parallel):
+        # The chunked and the vocabulary-parallel losses take no bias: hidden states and the table
+        # (a rank's rows of it) get the bias as one more column (`_fold_bias`), copies kept for the
+        # backward.
+        vocab = provider.padded_vocab_size()
+        extra = dec_tokens * _per_tp_rank(layout, stream=(h + 1) * a)
+        extra += _per_tp_rank(layout, split=vocab * (h + 1)) * pbytes
+    return [
+        MemoryEstimate(
+            parameters=parameters,
+            gradients=gradients,
+            optimizer=optimizer,
+            gathered_weights=gathered,
+            activations=activations,
+            logits=logits_of(dec_tokens) + extra,
+        )
+    ]

@@ -228,6 +228,12 @@ class TransformerConfig(MegatronCompatFields):
         "test_mode": "Megatron internal test switch",
     }
 
+    def pipeline_layout(self) -> tuple[str | list[list[str]] | None, str]:
+        """The layout the pipeline split follows (`viaduct.distributed.pipeline_split`; None: an even
+        or uneven split) and the field it comes from: pipeline_model_parallel_layout here (a family may
+        derive one from another field)."""
+        return self.pipeline_model_parallel_layout, "pipeline_model_parallel_layout"
+
     # ------------------------------------------------------------------ finalize
 
     def finalize(self) -> None:

@@ -81,8 +81,6 @@ class GPTModelProvider(ModelProvider):
         """
         import torch
 
-        from viaduct.models.gpt.model import GPTModel
-
         self.finalize()
         stage = self._pipeline_stage(pp_rank, vp_stage)
         if pre_process is None:
@@ -99,7 +97,7 @@ class GPTModelProvider(ModelProvider):
                 device = torch.get_default_device()
         device = torch.device(device)
         # Build on meta (no memory, no throwaway init), then allocate and initialize once.
-        model = GPTModel(
+        model = self._model_class()(
             self,
             vocab,
             pre_process=pre_process,
@@ -116,6 +114,12 @@ class GPTModelProvider(ModelProvider):
             elif model.rotary is not None:
                 model.rotary.reset_parameters()
         return model
+
+    def _model_class(self) -> type[GPTModel]:
+        """The model `provide` builds (a family with other layers builds a subclass)."""
+        from viaduct.models.gpt.model import GPTModel
+
+        return GPTModel
 
     def _pipeline_stage(self, pp_rank: int | None, vp_stage: int | None) -> StageSpec | None:
         """The stage `provide(pp_rank=..., vp_stage=...)` builds (None: the whole model), after

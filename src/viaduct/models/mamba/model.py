@@ -16,6 +16,7 @@ and FSDP's per-layer wrapping treat them alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ from viaduct.models.mamba.provider import ATTENTION, MAMBA
 from viaduct.models.mamba.provider import MLP as MLP_SYMBOL
 
 if TYPE_CHECKING:
+    from viaduct.distributed.pipeline_split import StageSpec
     from viaduct.models.mamba.provider import HybridModelProvider
 
 
@@ -170,7 +172,8 @@ class MambaModel(GPTModel):
     """Embedding -> Mamba / attention / MLP layers -> final norm -> output layer (-> per-token loss).
 
     The `GPTModel` interface (`forward(input_ids, position_ids, attention_mask, labels)`, logits or
-    per-token loss); built by `HybridModelProvider.provide()`, always whole (no pipeline stages).
+    per-token loss); built by `HybridModelProvider.provide()`, whole or as one pipeline stage (its
+    layers keyed by their global index, as GPT's stages are).
     Generation (`viaduct.inference`) runs through GPT's cached forward: the generation cache gives each
     Mamba layer a `MambaCache` (its scan state and convolution inputs) where an attention layer gets
     keys and values.
@@ -183,24 +186,28 @@ class MambaModel(GPTModel):
         *,
         pre_process: bool = True,
         post_process: bool = True,
+        layers: Sequence[int] | None = None,
+        stage: StageSpec | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        # GPT's parts with an empty transformer stack (its final norm included), then our layers.
+        # GPT's parts with an empty transformer stack (its final norm included), then our layers: the
+        # given global indices (a pipeline stage's), else every layer of the pattern.
         super().__init__(
             cfg,
             vocab_size,
             pre_process=pre_process,
             post_process=post_process,
             layers=(),
+            stage=stage,
             device=device,
             dtype=dtype,
         )
+        pattern = cfg.layer_pattern()
+        if layers is None:
+            layers = stage.layers if stage is not None else range(len(pattern))
         self.decoder.layers = LayerStack(
-            {
-                str(i): _LAYERS[symbol](cfg, i + 1, device=device, dtype=dtype)
-                for i, symbol in enumerate(cfg.layer_pattern())
-            }
+            {str(i): _LAYERS[pattern[i]](cfg, i + 1, device=device, dtype=dtype) for i in layers}
         )
 
     @torch.no_grad()

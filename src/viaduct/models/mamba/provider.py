@@ -11,8 +11,8 @@ layer is, one symbol per layer:
 - `*`: an attention layer (pre-norm, self-attention, residual; no MLP, as in Megatron's hybrid stack);
 - `-`: an MLP layer (pre-norm, MLP, residual).
 
-Megatron's other symbols (mixture of experts, pipeline boundaries, multi-token prediction, ...) are
-refused by `finalize()` with the fix.
+`|` between two symbols marks a pipeline stage boundary (`pipeline_layout`). Megatron's other
+symbols (mixture of experts, multi-token prediction, ...) are refused by `finalize()` with the fix.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 MAMBA, ATTENTION, MLP = "M", "*", "-"
 """The layer symbols of `hybrid_layer_pattern` that viaduct builds."""
 LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
+STAGE_BOUNDARY = "|"
+"""Marks a pipeline stage boundary between two layers of `hybrid_layer_pattern` (no layer itself)."""
 
 # Megatron's other pattern symbols: what they mean here, and the fix.
 _REFUSED_SYMBOLS: dict[str, tuple[str, str]] = {
@@ -38,22 +40,14 @@ _REFUSED_SYMBOLS: dict[str, tuple[str, str]] = {
     "G": ("this layer type is not supported", "use only M (Mamba), * (attention) and - (MLP)"),
     "D": ("this layer type is not supported", "use only M (Mamba), * (attention) and - (MLP)"),
     "+": ("this layer type is not supported", "use only M (Mamba), * (attention) and - (MLP)"),
-    "|": (
-        "pipeline stage boundaries are not supported: pipeline parallelism is not supported yet for "
-        "Mamba layers",
-        "remove every '|' from the pattern",
-    ),
     "/": (
         "multi-token prediction layers are not supported",
         "remove the '/' and the layers after it from the pattern",
     ),
 }
-# Parallel sizes the Mamba layers cannot be split over yet (their mixer has no tensor-parallel plan,
-# the scan no context-parallel exchange of states, the stack no pipeline split).
-_UNSUPPORTED_PARALLEL = (
-    ("context_parallel_size", "context parallelism"),
-    ("pipeline_model_parallel_size", "pipeline parallelism"),
-)
+# Parallel sizes the Mamba layers cannot be split over yet (the scan has no context-parallel exchange
+# of states).
+_UNSUPPORTED_PARALLEL = (("context_parallel_size", "context parallelism"),)
 
 
 def _spread(layers: list[str], symbol: str, count: int, *, end_with_mamba: bool) -> None:
@@ -88,13 +82,13 @@ def pattern_from_ratios(num_layers: int, attention_ratio: float, mlp_ratio: floa
 
 
 def parse_layer_pattern(pattern: str, path: str = "hybrid_layer_pattern") -> tuple[str, Problems]:
-    """The pattern without blanks, and one problem per symbol it cannot hold (each symbol once, with
-    its positions)."""
+    """The layer symbols of the pattern (without blanks and stage boundaries), and one problem per
+    symbol it cannot hold (each symbol once, with its positions)."""
     p = Problems()
     clean = "".join(pattern.split())
     positions: dict[str, list[int]] = {}
     for i, ch in enumerate(clean):
-        if ch not in LAYER_SYMBOLS:
+        if ch not in LAYER_SYMBOLS and ch != STAGE_BOUNDARY:
             positions.setdefault(ch, []).append(i)
     for ch, where in positions.items():
         at = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
@@ -108,9 +102,19 @@ def parse_layer_pattern(pattern: str, path: str = "hybrid_layer_pattern") -> tup
                 pattern,
                 fix="use one symbol per layer: M (Mamba), * (attention), - (MLP)",
             )
-    if not clean:
+    layers = clean.replace(STAGE_BOUNDARY, "")
+    if not layers:
         p.add(path, "is empty: it needs one symbol per layer", pattern, fix="use e.g. 'MMMM' or 'M*M-'")
-    return clean, p
+    return layers, p
+
+
+def pattern_stage_layers(pattern: str) -> list[int] | None:
+    """The number of layers between the pattern's stage boundaries ('|'), in order; None without any
+    ("MM*|M-M|MM" gives [3, 3, 2])."""
+    clean = "".join(pattern.split())
+    if STAGE_BOUNDARY not in clean:
+        return None
+    return [len(part) for part in clean.split(STAGE_BOUNDARY)]
 
 
 @dataclass(kw_only=True)
@@ -155,7 +159,7 @@ class HybridModelProvider(GPTModelProvider):
     hybrid_mlp_ratio: float = 0.0
     """Share of MLP layers, spread evenly among the Mamba layers, when no pattern is given."""
     hybrid_layer_pattern: str | None = None
-    """One symbol per layer: M Mamba, * attention, - MLP; unset means num_layers Mamba layers."""
+    """One symbol per layer: M Mamba, * attention, - MLP, | a pipeline stage boundary; unset: all Mamba."""
     hybrid_override_pattern: str | None = None
     """Deprecated name of hybrid_layer_pattern (moved there by finalize)."""
 
@@ -165,8 +169,17 @@ class HybridModelProvider(GPTModelProvider):
         """The symbol of every layer (after `finalize()`): the pattern, or num_layers layers placed by
         the ratios (all Mamba layers when both are 0)."""
         if self.hybrid_layer_pattern is not None:
-            return "".join(self.hybrid_layer_pattern.split())
+            return "".join(self.hybrid_layer_pattern.split()).replace(STAGE_BOUNDARY, "")
         return pattern_from_ratios(self.num_layers or 0, self.hybrid_attention_ratio, self.hybrid_mlp_ratio)
+
+    def pipeline_layout(self) -> tuple[str | list[list[str]] | None, str]:
+        """With stage boundaries ('|') in hybrid_layer_pattern, the layout they draw: the embedding on
+        the first slice, the loss on the last, each slice the layers between two boundaries (slices
+        go to the pipeline ranks in turn, as a layout's do); else `TransformerConfig`'s."""
+        stages = pattern_stage_layers(self.hybrid_layer_pattern or "")
+        if stages is None:
+            return super().pipeline_layout()
+        return "E" + "|".join("t" * n for n in stages) + "L", "hybrid_layer_pattern"
 
     def mamba_heads(self) -> int:
         """The number of Mamba heads each Mamba layer has."""
@@ -314,6 +327,41 @@ class HybridModelProvider(GPTModelProvider):
                 )
         super()._check_parallelism(p, bad | {name for name, _ in _UNSUPPORTED_PARALLEL})
 
+    def _check_pipeline(self, p: Problems, bad: set[str], pp: int) -> None:
+        """Stage boundaries in the pattern place the layers as a pipeline layout would: never both, and
+        as many slices as a multiple of the pipeline ranks (they only apply with pipeline parallelism:
+        without it the whole model is one stage, so a pattern trained with boundaries also loads in
+        one process)."""
+        pattern = self.hybrid_layer_pattern
+        skip: set[str] = set()
+        if self.num_layers is None:
+            skip.add("num_layers")  # no pattern to count (a problem reported already)
+        if pattern is not None and "hybrid_layer_pattern" not in bad:
+            stages = pattern_stage_layers(pattern)
+            if parse_layer_pattern(pattern)[1]:
+                skip |= {"num_layers", "pipeline_model_parallel_layout"}  # its symbols are reported
+            elif stages is not None:
+                layout = self.pipeline_model_parallel_layout
+                if layout is not None and "pipeline_model_parallel_layout" not in bad:
+                    p.add(
+                        "pipeline_model_parallel_layout",
+                        "cannot be combined with stage boundaries ('|') in hybrid_layer_pattern: both "
+                        "place the layers",
+                        layout,
+                        fix="unset model.pipeline_model_parallel_layout, or remove the '|' from the pattern",
+                    )
+                if pp > 1 and len(stages) % pp:
+                    p.add(
+                        "hybrid_layer_pattern",
+                        f"its stage boundaries ('|') cut it into {len(stages)} slices, not a multiple of "
+                        f"pipeline_model_parallel_size ({pp})",
+                        pattern,
+                        fix=f"mark {pp} × (virtual stages) slices with '|', or change "
+                        "model.pipeline_model_parallel_size",
+                    )
+                    skip.add("pipeline_model_parallel_layout")
+        super()._check_pipeline(p, bad | skip, pp)
+
     def _check_tensor_parallel(self, p: Problems, bad: set[str]) -> None:
         """Mamba layers are split by whole B/C groups; the attention and MLP rules apply only to a
         pattern that has such layers."""
@@ -347,39 +395,20 @@ class HybridModelProvider(GPTModelProvider):
         device: Any = None,
         init_seed: int | None = None,
     ) -> MambaModel:
-        """Finalize, then build the whole `MambaModel` (see `GPTModelProvider.provide`; there is no
-        pipeline split, so pp_rank and vp_stage must be unset)."""
-        import torch
-
-        from viaduct.config.types import torch_dtype
+        """Finalize, then build the `MambaModel` (or one pipeline stage of it) as
+        `GPTModelProvider.provide` does."""
         from viaduct.models.mamba.model import MambaModel
 
-        self.finalize()
-        self._pipeline_stage(pp_rank, vp_stage)  # checks pp_rank / vp_stage (the only stage is rank 0)
-        if device is None:
-            if self.init_model_with_meta_device:
-                device = "meta"
-            elif self.use_cpu_initialization:
-                device = "cpu"
-            else:
-                device = torch.get_default_device()
-        device = torch.device(device)
-        # Built on meta (no memory, no throwaway init), then allocated and initialized once.
-        model = MambaModel(
-            self,
-            self.padded_vocab_size(),
-            pre_process=True if pre_process is None else pre_process,
-            post_process=True if post_process is None else post_process,
-            device="meta",
-            dtype=torch_dtype(self.params_dtype),
+        model = super().provide(
+            pre_process, post_process, vp_stage, pp_rank=pp_rank, device=device, init_seed=init_seed
         )
-        if device.type != "meta":
-            model.to_empty(device=device)
-            if self.perform_initialization:
-                model.init_weights(init_seed)
-            elif model.rotary is not None:
-                model.rotary.reset_parameters()
+        assert isinstance(model, MambaModel)
         return model
+
+    def _model_class(self) -> type[MambaModel]:
+        from viaduct.models.mamba.model import MambaModel
+
+        return MambaModel
 
 
 @dataclass(kw_only=True)
