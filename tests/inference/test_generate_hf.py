@@ -1,7 +1,7 @@
 """Generation against Hugging Face transformers as the oracle: tiny random models of each supported
-family (Mamba-2 included), converted by `viaduct.AutoBridge`, generate greedily with the KV cache
-exactly the tokens that transformers' own forward chooses; and `viaduct generate --hf DIR` end to
-end."""
+family (Mamba-2 and Nemotron-H included), converted by `viaduct.AutoBridge`, generate greedily with
+the KV cache exactly the tokens that transformers' own forward chooses; and `viaduct generate --hf
+DIR` end to end."""
 
 from __future__ import annotations
 
@@ -57,6 +57,25 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
             num_heads=8,
             expand=2,
             n_groups=2,
+            chunk_size=4,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Nemotron-H: Mamba, attention (no positions) and squared-ReLU MLP layers.
+    "nemotron_h": (
+        "NemotronHConfig",
+        "NemotronHForCausalLM",
+        dict(
+            hidden_size=32,
+            hybrid_override_pattern="M*M-",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            mamba_num_heads=8,
+            mamba_head_dim=8,
+            n_groups=2,
+            ssm_state_size=8,
+            intermediate_size=48,
             chunk_size=4,
             tie_word_embeddings=False,
         ),

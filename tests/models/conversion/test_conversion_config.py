@@ -99,7 +99,7 @@ def test_transformers_4_style_rope_keys_and_each_family_map() -> None:
     assert gpt2.position_embedding_type == "learned_absolute" and gpt2.share_embeddings_and_output_weights
     assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                             "Qwen3ForCausalLM", "GPT2LMHeadModel", "Mamba2ForCausalLM",
-                                            "MambaLMHeadModel"}  # fmt: skip
+                                            "MambaLMHeadModel", "NemotronHForCausalLM"}  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

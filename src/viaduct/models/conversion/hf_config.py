@@ -24,9 +24,11 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "GPT2LMHeadModel",
     "Mamba2ForCausalLM",
     "MambaLMHeadModel",
+    "NemotronHForCausalLM",
 )
 """The Hugging Face `architectures` values `AutoBridge` converts (`MambaLMHeadModel`: the original
-`state-spaces/mamba2-*` files of `mamba_ssm`, whose config.json names no architecture)."""
+`state-spaces/mamba2-*` files of `mamba_ssm`, whose config.json names no architecture;
+`NemotronHForCausalLM`: NVIDIA's hybrid Mamba / attention / MLP models)."""
 
 # Hugging Face activation names -> viaduct's `activation_func` names (same function, not an approximation).
 _ACTIVATIONS: dict[str, str] = {
@@ -36,6 +38,7 @@ _ACTIVATIONS: dict[str, str] = {
     "gelu_new": "fast_gelu",
     "gelu_pytorch_tanh": "fast_gelu",
     "relu": "relu",
+    "relu2": "squared_relu",
     "quick_gelu": "quick_gelu",
 }
 _DTYPES: dict[str, str] = {
@@ -127,6 +130,7 @@ _MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mamba2": "Mamba2ForCausalLM",
+    "nemotron_h": "NemotronHForCausalLM",
 }
 
 
@@ -170,6 +174,10 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config") -> HFModelSp
         fields = mamba_config.parse_hf_mamba2(r)
     elif arch == mamba_config.STATE_SPACES:
         fields = mamba_config.parse_state_spaces(r)
+    elif arch == "NemotronHForCausalLM":
+        from viaduct.models.conversion.nemotron_h import parse_nemotron_h
+
+        fields = parse_nemotron_h(r)
     elif arch == "GPT2LMHeadModel":
         fields = _parse_gpt2(r)
     else:
@@ -194,7 +202,7 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config") -> HFModelSp
 def _provider_class(arch: str) -> type[GPTModelProvider]:
     from viaduct.models.gpt2 import GPT2ModelProvider
     from viaduct.models.llama import LlamaModelProvider
-    from viaduct.models.mamba import MambaModelProvider
+    from viaduct.models.mamba import HybridModelProvider, MambaModelProvider
     from viaduct.models.mistral import MistralModelProvider
     from viaduct.models.qwen import Qwen3ModelProvider, Qwen25ModelProvider
 
@@ -206,6 +214,7 @@ def _provider_class(arch: str) -> type[GPTModelProvider]:
         "GPT2LMHeadModel": GPT2ModelProvider,
         "Mamba2ForCausalLM": MambaModelProvider,
         "MambaLMHeadModel": MambaModelProvider,
+        "NemotronHForCausalLM": HybridModelProvider,
     }[arch]
 
 

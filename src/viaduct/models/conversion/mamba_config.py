@@ -266,8 +266,8 @@ def mamba_hf_config(p: HybridModelProvider) -> dict[str, Any]:
         refuse(
             "hybrid_layer_pattern",
             pattern,
-            "attention ('*') and MLP ('-') layers have no place in a Mamba2ForCausalLM: hybrid models have "
-            "no Hugging Face export yet",
+            "attention ('*') and MLP ('-') layers have no place in a Mamba2ForCausalLM: a hybrid exports as "
+            "NemotronHForCausalLM",
         )
     if p.normalization != "RMSNorm" or p.layernorm_zero_centered_gamma:
         refuse("normalization", p.normalization, "Mamba2ForCausalLM normalizes with RMSNorm (plain gamma)")

@@ -31,10 +31,6 @@ def mamba_param_mappings(arch: str, cfg: HybridModelProvider) -> dict[str, Param
         )
     assert cfg.vocab_size is not None  # set by every Mamba-2 config
     h, vocab = cfg.hidden_size, cfg.vocab_size
-    heads, head_dim = cfg.mamba_heads(), cfg.mamba_head_dim
-    d_inner = heads * head_dim
-    conv_dim = d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
-    proj = d_inner + conv_dim + heads
     embedding = "backbone.embeddings.weight" if arch == HF_MAMBA2 else "backbone.embedding.weight"
     out = [
         ParamMapping("embedding.word_embeddings.weight", (embedding,), ((vocab, h),), vocab_rows=True),
@@ -43,25 +39,36 @@ def mamba_param_mappings(arch: str, cfg: HybridModelProvider) -> dict[str, Param
     if not cfg.share_embeddings_and_output_weights:
         out.append(ParamMapping("output_layer.weight", ("lm_head.weight",), ((vocab, h),), vocab_rows=True))
     for i in range(len(cfg.layer_pattern())):
-        m, p = f"decoder.layers.{i}.", f"backbone.layers.{i}."
-        shapes = {
-            "norm.weight": (h,),
-            "mixer.in_proj.weight": (proj, h),
-            "mixer.conv1d.weight": (conv_dim, 1, 4),
-            "mixer.conv1d.bias": (conv_dim,),
-            "mixer.dt_bias": (heads,),
-            "mixer.A_log": (heads,),
-            "mixer.D": (heads,),
-            "mixer.norm.weight": (d_inner,),
-            "mixer.out_proj.weight": (h, d_inner),
-        }
-        if cfg.add_bias_linear:
-            shapes |= {"mixer.in_proj.bias": (proj,), "mixer.out_proj.bias": (h,)}
-        out += [
-            ParamMapping(m + name, (p + name,), (shape,), **_layout(name, cfg))
-            for name, shape in shapes.items()
-        ]
+        out += mamba_layer_mappings(f"decoder.layers.{i}.", f"backbone.layers.{i}.", cfg)
     return {pm.megatron: pm for pm in out}
+
+
+def mamba_layer_mappings(ours: str, theirs: str, cfg: HybridModelProvider) -> list[ParamMapping]:
+    """The tensors of one Mamba layer, named with the prefixes `ours` (viaduct) and `theirs`: the
+    block's norm and the mixer's tensors keep their names (`norm.weight`, `mixer.in_proj.weight`, ...)
+    in Mamba-2's files and in Nemotron-H's."""
+    h = cfg.hidden_size
+    heads, head_dim = cfg.mamba_heads(), cfg.mamba_head_dim
+    d_inner = heads * head_dim
+    conv_dim = d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
+    proj = d_inner + conv_dim + heads
+    shapes = {
+        "norm.weight": (h,),
+        "mixer.in_proj.weight": (proj, h),
+        "mixer.conv1d.weight": (conv_dim, 1, 4),
+        "mixer.conv1d.bias": (conv_dim,),
+        "mixer.dt_bias": (heads,),
+        "mixer.A_log": (heads,),
+        "mixer.D": (heads,),
+        "mixer.norm.weight": (d_inner,),
+        "mixer.out_proj.weight": (h, d_inner),
+    }
+    if cfg.add_bias_linear:
+        shapes |= {"mixer.in_proj.bias": (proj,), "mixer.out_proj.bias": (h,)}
+    return [
+        ParamMapping(ours + name, (theirs + name,), (shape,), **_layout(name, cfg))
+        for name, shape in shapes.items()
+    ]
 
 
 def _layout(name: str, cfg: HybridModelProvider) -> dict[str, Any]:

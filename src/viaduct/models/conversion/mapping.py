@@ -187,6 +187,10 @@ def hf_name_candidates(arch: str, hf_name: str) -> tuple[str, ...]:
         from viaduct.models.conversion.mamba_mapping import mamba_name_candidates
 
         return mamba_name_candidates(arch, hf_name)
+    if arch == "NemotronHForCausalLM":
+        from viaduct.models.conversion.nemotron_h import nemotron_h_name_candidates
+
+        return nemotron_h_name_candidates(hf_name)
     return (hf_name,)
 
 
@@ -201,6 +205,13 @@ def param_mappings(arch: str, cfg: GPTModelProvider) -> dict[str, ParamMapping]:
         if not isinstance(cfg, HybridModelProvider):
             raise TypeError(f"a {arch} maps onto a HybridModelProvider, not {type(cfg).__name__}")
         return mamba_param_mappings(arch, cfg)
+    if arch == "NemotronHForCausalLM":
+        from viaduct.models.conversion.nemotron_h import nemotron_h_param_mappings
+        from viaduct.models.mamba.provider import HybridModelProvider
+
+        if not isinstance(cfg, HybridModelProvider):
+            raise TypeError(f"a {arch} maps onto a HybridModelProvider, not {type(cfg).__name__}")
+        return nemotron_h_param_mappings(cfg)
     return _llama_style(cfg)
 
 

@@ -21,6 +21,7 @@ _ACTIVATIONS = {
     "gelu": "gelu",
     "fast_gelu": "gelu_new",
     "relu": "relu",
+    "squared_relu": "relu2",
     "quick_gelu": "quick_gelu",
 }
 _MODEL_TYPES = {
@@ -91,10 +92,15 @@ def hf_config_from_provider(provider: GPTModelProvider) -> dict[str, Any]:
     p.finalize()
     from viaduct.models.mamba.provider import HybridModelProvider
 
-    if isinstance(p, HybridModelProvider):  # all-Mamba models export as Mamba2ForCausalLM, hybrids not
-        from viaduct.models.conversion.mamba_config import mamba_hf_config
+    if isinstance(p, HybridModelProvider):
+        # All-Mamba models export as Mamba2ForCausalLM, hybrids as NVIDIA's NemotronHForCausalLM.
+        if set(p.layer_pattern()) == {"M"}:
+            from viaduct.models.conversion.mamba_config import mamba_hf_config
 
-        return mamba_hf_config(p)
+            return mamba_hf_config(p)
+        from viaduct.models.conversion.nemotron_h import nemotron_h_hf_config
+
+        return nemotron_h_hf_config(p)
     arch = _architecture(p)
     act = _activation(p)
     dtype = DType.canonical_name(p.params_dtype)
