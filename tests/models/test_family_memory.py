@@ -384,7 +384,11 @@ def test_t5_pipeline_and_context_parallel_estimates_are_refused_clearly() -> Non
     with pytest.raises(ConfigError, match="context parallelism is not built for T5"):
         estimate_memory(t5(), 1, layout=ParallelLayout(world_size=4, tp=2, cp=2))
     with pytest.raises(ConfigError, match="PEFT is not built"):
-        estimate_memory(p, 1, trainable=10)
+        estimate_memory(t5(), 1, trainable=10)
+    # A hybrid's PEFT estimate: the base frozen (no gradients, no optimizer state), the adapters trained.
+    full, adapted = estimate_memory(p, 1), estimate_memory(p, 1, trainable=10)
+    assert adapted.gradients == 10 * 4 and adapted.optimizer == 10 * 8
+    assert adapted.parameters == full.parameters + 10 * 4 and adapted.activations == full.activations
 
 
 # ---------------------------------------------------------------------------------------------- T5

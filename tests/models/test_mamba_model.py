@@ -692,12 +692,6 @@ def test_a_hybrid_hugging_face_copy_validates_unless_nemotron_h_cannot_hold_it()
         cfg.validate()
 
 
-def test_peft_is_refused_clearly() -> None:
-    cfg = _config("M*M-", "peft=lora")
-    with pytest.raises(ConfigError, match="PEFT is not supported yet for Mamba and hybrid models"):
-        cfg.validate()
-
-
 def test_per_layer_compile_covers_every_layer_and_matches_eager() -> None:
     """`compile_model(scope="layers")` (what FSDP runs use) compiles Mamba, attention and MLP layers,
     not only transformer layers, with the eager model's loss."""

@@ -541,11 +541,11 @@ def estimate_pipeline_memory(
     from viaduct.models.family_memory import estimate_family_memory, family
 
     if family(provider) is not None:
-        if trainable is not None:
+        if trainable is not None and family(provider) != "mamba":
             raise ConfigError(
                 Problem("peft", "PEFT is not built for this model family", type(provider).__name__)
             )
-        return estimate_family_memory(
+        estimates = estimate_family_memory(
             provider,
             micro_batch_size,
             seq_length,
@@ -556,6 +556,21 @@ def estimate_pipeline_memory(
             keep_logits_bytes=keep_logits_bytes,
             compiled=compiled,
         )
+        if trainable is None:
+            return estimates
+        hybrid = cast("GPTModelProvider", provider)
+        return [
+            _with_frozen_base(
+                est,
+                hybrid,
+                layout,
+                _Share(layers=est.layers or hybrid.num_layers, chunk_layers=0, embedding=False, output=False),
+                trainable,
+                master_weights,
+                grad_reduce_in_fp32,
+            )
+            for est in estimates
+        ]
     provider = cast("GPTModelProvider", provider)  # family() took the others
     provider.finalize()
     if layout.pp <= 1:

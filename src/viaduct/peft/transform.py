@@ -66,20 +66,34 @@ def _matches(pattern: str, name: str) -> bool:
 
 def layer_linears(provider: GPTModelProvider) -> dict[str, tuple[int, int]]:
     """The linear layers a GPT model of `provider` has for adapters, by full name, with their
-    (in, out) features: the model as one process builds it, known without building it."""
+    (in, out) features: the model as one process builds it, known without building it. A hybrid
+    model's layers have their kind's: a Mamba layer its mixer's in_proj and out_proj, an attention
+    layer linear_qkv and linear_proj, an MLP layer linear_fc1 and linear_fc2."""
+    from viaduct.models.mamba.provider import HybridModelProvider
+
     provider.finalize()
     assert provider.kv_channels is not None and provider.num_query_groups is not None
     assert provider.ffn_hidden_size is not None
     h, d, ffn = provider.hidden_size, provider.kv_channels, provider.ffn_hidden_size
     qkv_out = (provider.num_attention_heads + 2 * provider.num_query_groups) * d
     fc1_out = 2 * ffn if provider.gated_linear_unit else ffn
+    hybrid = isinstance(provider, HybridModelProvider)
+    kinds = provider.layer_pattern() if hybrid else "T" * provider.num_layers  # T: a transformer layer
     out: dict[str, tuple[int, int]] = {}
-    for i in range(provider.num_layers):
+    for i, kind in enumerate(kinds):
         layer = f"decoder.layers.{i}"
-        out[f"{layer}.self_attention.linear_qkv"] = (h, qkv_out)
-        out[f"{layer}.self_attention.linear_proj"] = (provider.num_attention_heads * d, h)
-        out[f"{layer}.mlp.linear_fc1"] = (h, fc1_out)
-        out[f"{layer}.mlp.linear_fc2"] = (ffn, h)
+        if kind == "M":
+            assert isinstance(provider, HybridModelProvider)
+            d_inner = provider.mamba_heads() * provider.mamba_head_dim
+            conv = d_inner + 2 * provider.mamba_num_groups * provider.mamba_state_dim
+            out[f"{layer}.mixer.in_proj"] = (h, d_inner + conv + provider.mamba_heads())
+            out[f"{layer}.mixer.out_proj"] = (d_inner, h)
+        if kind in "T*":
+            out[f"{layer}.self_attention.linear_qkv"] = (h, qkv_out)
+            out[f"{layer}.self_attention.linear_proj"] = (provider.num_attention_heads * d, h)
+        if kind in "T-":
+            out[f"{layer}.mlp.linear_fc1"] = (h, fc1_out)
+            out[f"{layer}.mlp.linear_fc2"] = (ffn, h)
     return out
 
 

@@ -246,7 +246,9 @@ class Mamba2Mixer(nn.Module):
         """Mix along the sequence: hidden [batch, seq, hidden_size] -> [batch, seq, hidden_size].
 
         With `cache` (generation): the tokens continue the sequence the cache holds (see `mix`)."""
-        return self.mix(hidden, dict(self.named_parameters()), cache, cache_position)
+        # The projections run as modules, so a PEFT adapter put on one (an `nn.Linear` subclass) acts.
+        params = dict(self.named_parameters())
+        return self.mix(hidden, params, cache, cache_position, in_proj=self.in_proj, out_proj=self.out_proj)
 
     def new_cache(
         self, batch_size: int, valid: torch.Tensor, *, dtype: torch.dtype, device: torch.device
@@ -267,11 +269,16 @@ class Mamba2Mixer(nn.Module):
         params: Mapping[str, torch.Tensor],
         cache: MambaCache | None = None,
         cache_position: torch.Tensor | None = None,
+        *,
+        in_proj: nn.Module | None = None,
+        out_proj: nn.Module | None = None,
     ) -> torch.Tensor:
         """The forward pass with the given parameter tensors (keyed as `named_parameters()`; a missing
         bias is no bias). They may be a slice of whole B/C groups of this mixer's (tensor parallelism
         gives each rank some groups): the group count is read from them, so the output is then that
-        slice's share of out_proj's output, a partial sum.
+        slice's share of out_proj's output, a partial sum. `in_proj` / `out_proj`: modules to run the
+        projections with instead of their tensors in `params` (the mixer's own, which may carry PEFT
+        adapters).
 
         With `cache` (generation, whole parameters): the tokens, at the generation slots
         `cache_position` [seq], continue from the cache's state and convolution inputs, which are
@@ -284,7 +291,10 @@ class Mamba2Mixer(nn.Module):
         groups = params["A_log"].shape[0] // heads_per_group
         heads, d_inner = groups * heads_per_group, groups * d_group
 
-        proj = F.linear(hidden, params["in_proj.weight"], params.get("in_proj.bias"))
+        if in_proj is not None:
+            proj = in_proj(hidden)
+        else:
+            proj = F.linear(hidden, params["in_proj.weight"], params.get("in_proj.bias"))
         z, xbc, dt = proj.unflatten(-1, (groups, -1)).split([d_group, d_group + 2 * n, heads_per_group], -1)
         conv_w, conv_b = params["conv1d.weight"], params.get("conv1d.bias")
         xbc = xbc.flatten(-2)
@@ -332,6 +342,8 @@ class Mamba2Mixer(nn.Module):
             self.norm.eps,
         )
         out_w = params["out_proj.weight"]
+        if out_proj is not None:
+            return out_proj(y.to(out_w.dtype))
         return F.linear(y.to(out_w.dtype), out_w, params.get("out_proj.bias"))
 
     def extra_repr(self) -> str:
