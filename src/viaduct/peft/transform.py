@@ -77,8 +77,9 @@ def layer_linears(provider: GPTModelProvider) -> dict[str, tuple[int, int]]:
     h, d, ffn = provider.hidden_size, provider.kv_channels, provider.ffn_hidden_size
     qkv_out = (provider.num_attention_heads + 2 * provider.num_query_groups) * d
     fc1_out = 2 * ffn if provider.gated_linear_unit else ffn
-    hybrid = isinstance(provider, HybridModelProvider)
-    kinds = provider.layer_pattern() if hybrid else "T" * provider.num_layers  # T: a transformer layer
+    kinds = "T" * provider.num_layers  # T: a transformer layer
+    if isinstance(provider, HybridModelProvider):
+        kinds = provider.layer_pattern()
     out: dict[str, tuple[int, int]] = {}
     for i, kind in enumerate(kinds):
         layer = f"decoder.layers.{i}"
