@@ -378,11 +378,13 @@ def test_t5_pipeline_and_context_parallel_estimates_are_refused_clearly() -> Non
     p = hybrid()
     with pytest.raises(ConfigError, match="pipeline parallelism is not built for T5 models"):
         estimate_pipeline_memory(t5(), 1, layout=ParallelLayout(world_size=2, pp=2))
-    with pytest.raises(ConfigError, match="context parallelism is not built") as err:
-        estimate_memory(p, 1, layout=ParallelLayout(world_size=2, cp=2))
-    assert "model.context_parallel_size" in str(err.value)
-    with pytest.raises(ConfigError, match="context parallelism is not built for T5"):
+    with pytest.raises(ConfigError, match="context parallelism is not built for T5") as err:
         estimate_memory(t5(), 1, layout=ParallelLayout(world_size=4, tp=2, cp=2))
+    assert "model.context_parallel_size" in str(err.value)
+    # A hybrid under context parallelism: each rank's share of the sequence.
+    whole, half = estimate_memory(p, 2), estimate_memory(p, 2, layout=ParallelLayout(world_size=2, cp=2))
+    assert half.logits < whole.logits
+    assert whole.activations // 2 - 64 <= half.activations <= whole.activations // 2 + 64
     with pytest.raises(ConfigError, match="PEFT is not built"):
         estimate_memory(t5(), 1, trainable=10)
     # A hybrid's PEFT estimate: the base frozen (no gradients, no optimizer state), the adapters trained.

@@ -167,12 +167,18 @@ def test_mamba_head_rules() -> None:
     assert p.mamba_heads() == 4
 
 
-def test_context_parallelism_is_refused_clearly() -> None:
+def test_context_parallelism_needs_whole_groups_per_rank_and_no_tensor_parallelism() -> None:
+    tiny("M*M-", MambaModelProvider, context_parallel_size=2).finalize()  # 2 groups over 2 ranks
     with pytest.raises(ConfigError) as exc:
-        tiny("M*M-", MambaModelProvider, context_parallel_size=2).finalize()
-    problems = _problems(exc)
-    assert "not supported yet for Mamba layers" in problems["context_parallel_size"]
-    assert "model.context_parallel_size=1" in problems["context_parallel_size"]
+        tiny("M*M-", MambaModelProvider, context_parallel_size=4).finalize()
+    assert (
+        "2 groups (model.mamba_num_groups) cannot be split evenly over 4"
+        in _problems(exc)["context_parallel_size"]
+    )
+    with pytest.raises(ConfigError) as exc:
+        tiny("M*M-", MambaModelProvider, context_parallel_size=2, tensor_model_parallel_size=2).finalize()
+    assert "together with tensor parallelism" in _problems(exc)["context_parallel_size"]
+    tiny("*-", MambaModelProvider, context_parallel_size=4).finalize()  # no Mamba layer: GPT's rules
 
 
 def test_stage_boundaries_in_the_pattern_split_the_pipeline() -> None:
@@ -535,14 +541,16 @@ def _train(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
         ("model.tensor_model_parallel_size=2",),
         ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true"),
         ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "train.torch_compile=true"),
+        ("model.context_parallel_size=2",),
+        ("model.context_parallel_size=2", "train.torch_compile=true"),
     ],
-    ids=["ddp", "fsdp", "tp", "tp-sp", "tp-sp-compiled"],
+    ids=["ddp", "fsdp", "tp", "tp-sp", "tp-sp-compiled", "cp", "cp-compiled"],
 )
 def test_two_ranks_match_one_process(layout: tuple[str, ...]) -> None:
     one = _train(0, 1, ())
     got = run_distributed(_train, 2, layout, timeout=240, all_ranks=True, reuse=True)
     for rank in got:
-        assert rank["sharded"] == bool(layout)  # FSDP2 or TP made DTensors (of the Mamba layers too)
+        assert rank["sharded"] == bool(layout)  # FSDP2 (over the data- and context-parallel ranks) or TP
         torch.testing.assert_close(
             torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
         )

@@ -267,15 +267,18 @@ class ContextParallelAttention:
 
 
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Install `ContextParallelAttention(group)` on every `SelfAttention` of `model`; returns how
-    many. Feed the model `shard_batch(batch, cp, rank)` with the group's size and this rank."""
+    """Install `ContextParallelAttention(group)` on every `SelfAttention` of `model`, and the
+    context-parallel runner on every Mamba mixer (`viaduct.distributed.mamba_context`); returns how
+    many layers. Feed the model `shard_batch(batch, cp, rank)` with the group's size and this rank."""
+    from viaduct.distributed.mamba_context import apply_mamba_context_parallel
+
     kernel = ContextParallelAttention(group)
     count = 0
     for module in model.modules():
         if isinstance(module, SelfAttention):
             module.kernel = kernel
             count += 1
-    return count
+    return count + apply_mamba_context_parallel(model, group)
 
 
 class ContextParallelBatches:

@@ -502,7 +502,8 @@ def estimate_memory(
 
     Mamba / hybrid and T5 providers: `viaduct.models.family_memory.estimate_family_memory`, the same
     parts under DDP and FSDP2, on a tensor-parallel rank and (Mamba / hybrid) on a pipeline rank,
-    divided by the same rules; context parallelism, pipeline parallelism for T5, and PEFT are refused.
+    divided by the same rules (PEFT on a hybrid as above: the base frozen, the adapters trained);
+    context parallelism, and pipeline parallelism and PEFT for T5, are refused.
     `compiled` (those families only; GPT's activations are the same either way): the model runs
     under torch.compile (`train.torch_compile`, the default on CUDA), whose backward recomputes part
     of a Mamba layer's float32 elementwise work and a gated MLP's activation instead of keeping them.

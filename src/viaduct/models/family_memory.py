@@ -4,8 +4,9 @@
 conventions are GPT's (`MemoryEstimate`): weights, gradients and Adam's state under plain data
 parallelism or FSDP2, the activations the layers keep for the backward pass, and the loss path,
 each on one tensor-parallel rank and, for Mamba / hybrid models, on one pipeline rank
-(`pipeline_parts`). Neither family has context parallelism (refused), T5 no pipeline parallelism,
-nor PEFT.
+(`pipeline_parts`) and context-parallel rank (its seq / cp tokens). T5 has no pipeline or context
+parallelism (refused) and no PEFT (PEFT on a hybrid: `viaduct.models.accounting.
+estimate_pipeline_memory`).
 
 Tensor parallelism divides as GPT's estimate does, by one rule (`viaduct.models.accounting.
 _per_tp_rank`): weights split by heads, MLP units, B/C groups or vocabulary rows are divided by the
@@ -547,8 +548,8 @@ def _weights(
 
 
 def refuse_parallelism(provider: ModelProvider, layout: ParallelLayout) -> None:
-    """Raise `ConfigError` for what the families do not build: pipeline parallelism for T5, context
-    parallelism for both."""
+    """Raise `ConfigError` for what the families do not build: pipeline and context parallelism for
+    T5."""
     kind = "Mamba / hybrid" if family(provider) == "mamba" else "T5"
     problems = []
     if kind == "T5" and layout.pp > 1:
@@ -560,11 +561,11 @@ def refuse_parallelism(provider: ModelProvider, layout: ParallelLayout) -> None:
                 fix="estimate the whole model with estimate_memory (pipeline_model_parallel_size=1)",
             )
         )
-    if layout.cp > 1:
+    if kind == "T5" and layout.cp > 1:
         problems.append(
             Problem(
                 "model.context_parallel_size",
-                f"context parallelism is not built for {kind} models",
+                "context parallelism is not built for T5 models",
                 layout.cp,
                 fix="set model.context_parallel_size=1",
             )
@@ -625,7 +626,9 @@ def estimate_family_memory(
 
     if family(provider) == "mamba":
         hybrid: HybridModelProvider = provider  # type: ignore[assignment]
-        tokens = b * seq
+        # Under context parallelism a rank keeps its seq / cp tokens of everything; a Mamba mixer's
+        # inside runs over every token for cp-th of the groups, the same amount.
+        tokens = b * _ceil_div(seq, layout.cp)
         residual = _per_tp_rank(layout, stream=h * (_F32 if hybrid.fp32_residual_connection else a))
         layer_bytes = hybrid_layer_bytes(hybrid, a, seq, compiled, layout=layout)
         pattern = hybrid.layer_pattern()
@@ -640,7 +643,9 @@ def estimate_family_memory(
             kept = max(k for k, _ in stacks)
             activations = tokens * (part.in_flight * kept + max(peak - k for k, peak in stacks))
             if any(pattern[i] == "M" for c in part.chunks for i in c):
-                activations += mamba_scan_recompute_bytes(hybrid, a, b, seq, layout=layout)
+                activations += _ceil_div(
+                    mamba_scan_recompute_bytes(hybrid, a, b, seq, layout=layout), layout.cp
+                )
             if part.sends:
                 activations += tokens * part.in_flight * residual
             if part.embedding:

@@ -21,7 +21,7 @@ belongs to the block around the mixer, as in Hugging Face's `Mamba2Block`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +174,9 @@ class Mamba2Mixer(nn.Module):
         self.recompute_scan = True
         """Keep only the scan's inputs for backward and run it again there (its intermediates are many
         times its inputs); False keeps what autograd saves instead (more memory, less time)."""
+        self.runner: Callable[[Mamba2Mixer, torch.Tensor], torch.Tensor] | None = None
+        """Set from outside to run the mixer another way (context parallelism,
+        `viaduct.distributed.mamba_context`), given the mixer and its input; None: `mix` here."""
 
         self.in_proj = nn.Linear(
             hidden_size, d_inner + self.conv_dim + self.num_heads, bias=bias, device=device, dtype=dtype
@@ -246,6 +249,8 @@ class Mamba2Mixer(nn.Module):
         """Mix along the sequence: hidden [batch, seq, hidden_size] -> [batch, seq, hidden_size].
 
         With `cache` (generation): the tokens continue the sequence the cache holds (see `mix`)."""
+        if self.runner is not None and cache is None:
+            return self.runner(self, hidden)
         # The projections run as modules, so a PEFT adapter put on one (an `nn.Linear` subclass) acts.
         params = dict(self.named_parameters())
         return self.mix(hidden, params, cache, cache_position, in_proj=self.in_proj, out_proj=self.out_proj)
@@ -270,21 +275,20 @@ class Mamba2Mixer(nn.Module):
         cache: MambaCache | None = None,
         cache_position: torch.Tensor | None = None,
         *,
-        in_proj: nn.Module | None = None,
-        out_proj: nn.Module | None = None,
+        in_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        out_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The forward pass with the given parameter tensors (keyed as `named_parameters()`; a missing
         bias is no bias). They may be a slice of whole B/C groups of this mixer's (tensor parallelism
         gives each rank some groups): the group count is read from them, so the output is then that
-        slice's share of out_proj's output, a partial sum. `in_proj` / `out_proj`: modules to run the
-        projections with instead of their tensors in `params` (the mixer's own, which may carry PEFT
-        adapters).
+        slice's share of out_proj's output, a partial sum. `in_proj` / `out_proj`: callables to run the
+        projections with instead of their tensors in `params` (the mixer's own modules, which may carry
+        PEFT adapters; or, under context parallelism, ones that trade the sequence for groups).
 
         With `cache` (generation, whole parameters): the tokens, at the generation slots
         `cache_position` [seq], continue from the cache's state and convolution inputs, which are
         updated in place; tokens on padding slots leave both as they were (a zero time step, a zero
         convolution input), as if the row started at its first real token."""
-        bsz, seq, _ = hidden.shape
         heads_per_group = self.num_heads // self.num_groups
         p, n = self.head_dim, self.state_dim
         d_group = heads_per_group * p  # channels of x (and z) per group
@@ -295,6 +299,7 @@ class Mamba2Mixer(nn.Module):
             proj = in_proj(hidden)
         else:
             proj = F.linear(hidden, params["in_proj.weight"], params.get("in_proj.bias"))
+        bsz, seq = proj.shape[:2]  # in_proj may hand over another stretch of the sequence (context parallel)
         z, xbc, dt = proj.unflatten(-1, (groups, -1)).split([d_group, d_group + 2 * n, heads_per_group], -1)
         conv_w, conv_b = params["conv1d.weight"], params.get("conv1d.bias")
         xbc = xbc.flatten(-2)

@@ -45,9 +45,6 @@ _REFUSED_SYMBOLS: dict[str, tuple[str, str]] = {
         "remove the '/' and the layers after it from the pattern",
     ),
 }
-# Parallel sizes the Mamba layers cannot be split over yet (the scan has no context-parallel exchange
-# of states).
-_UNSUPPORTED_PARALLEL = (("context_parallel_size", "context parallelism"),)
 
 
 def _spread(layers: list[str], symbol: str, count: int, *, end_with_mamba: bool) -> None:
@@ -315,17 +312,30 @@ class HybridModelProvider(GPTModelProvider):
             )
 
     def _check_parallelism(self, p: Problems, bad: set[str]) -> None:
-        for name, what in _UNSUPPORTED_PARALLEL:
-            size = getattr(self, name)
-            if name not in bad and isinstance(size, int) and size > 1:
+        """Context parallelism trades each rank's tokens for whole B/C groups around the Mamba scan
+        (`viaduct.distributed.mamba_context`): the groups must split evenly over the ranks, and the
+        split mixers of tensor parallelism cannot take part yet."""
+        cp = self.context_parallel_size
+        fine = {"context_parallel_size", "hybrid_layer_pattern"}.isdisjoint(bad) and isinstance(cp, int)
+        if fine and cp > 1 and MAMBA in self.layer_pattern():
+            groups, tp = self.mamba_num_groups, self.tensor_model_parallel_size
+            if "mamba_num_groups" not in bad and groups >= 1 and groups % cp:
                 p.add(
-                    name,
-                    f"{what} is not supported yet for Mamba layers",
-                    size,
-                    fix=f"set model.{name}=1 and scale with tensor parallelism, data parallelism or "
-                    "FSDP (ddp.use_distributed_optimizer)",
+                    "context_parallel_size",
+                    f"Mamba layers trade the sequence for whole B/C groups under context parallelism, and "
+                    f"{groups} groups (model.mamba_num_groups) cannot be split evenly over {cp} ranks",
+                    cp,
+                    fix="choose a context_parallel_size that divides mamba_num_groups",
                 )
-        super()._check_parallelism(p, bad | {name for name, _ in _UNSUPPORTED_PARALLEL})
+            if "tensor_model_parallel_size" not in bad and isinstance(tp, int) and tp > 1:
+                p.add(
+                    "context_parallel_size",
+                    "context parallelism together with tensor parallelism is not supported yet for Mamba "
+                    f"layers (tensor_model_parallel_size={tp})",
+                    cp,
+                    fix="use one of them for the Mamba model (with FSDP or data parallelism beside it)",
+                )
+        super()._check_parallelism(p, bad)
 
     def _check_pipeline(self, p: Problems, bad: set[str], pp: int) -> None:
         """Stage boundaries in the pattern place the layers as a pipeline layout would: never both, and

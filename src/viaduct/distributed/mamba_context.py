@@ -1,0 +1,141 @@
+"""Context parallelism for Mamba-2 layers: the sequence traded for B/C groups around the scan.
+
+Under context parallelism each rank holds two chunks of every sequence (the `cp_positions` layout of
+`viaduct.distributed.context_parallel`). A Mamba mixer's scan and convolution run along the whole
+sequence, but its B/C groups are independent from in_proj to out_proj (the fact tensor parallelism
+uses too). So, as Megatron does, each rank projects its own tokens with the whole in_proj, then one
+all-to-all over the group trades "my tokens, every group" for "every token, my groups"
+(`num_groups / cp` of them, in global sequence order); the convolution, scan and gated norm run on
+those groups; a second all-to-all trades back, and out_proj (whole) maps the rank's own tokens. Each
+all-to-all's backward is the other one. The weights stay whole on every rank; a rank's gradient of
+the per-group ones (convolution, dt_bias, A_log, D, the norm) covers its groups only, and of
+in_proj / out_proj its tokens only: both are partial sums, reduced over the group with the rest.
+
+Everything runs under gloo as under NCCL; the model code never sees `torch.distributed` (the mixer
+calls its `runner` hook).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from viaduct.models.mamba.mixer import Mamba2Mixer
+
+
+def _chunk_order(cp: int) -> list[int]:
+    """The global chunk of each (rank, half) in rank-major order: rank r holds chunks r and 2cp-1-r."""
+    return [chunk for r in range(cp) for chunk in (r, 2 * cp - 1 - r)]
+
+
+def _exchange(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """all_to_all over dim 0 of `send` [cp, ...]: part j goes to rank j, part i of the result came
+    from rank i."""
+    send = send.contiguous()  # (empty_like of a permuted view would keep its strides)
+    out = torch.empty_like(send)
+    dist.all_to_all_single(out, send, group=group)
+    return out
+
+
+def _tokens_to_groups(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[b, local tokens, cp blocks of channels] -> [b, all tokens in global order, this rank's block]."""
+    cp = dist.get_world_size(group)
+    b, local, channels = x.shape
+    half = local // 2
+    got = _exchange(x.reshape(b, local, cp, channels // cp).permute(2, 0, 1, 3), group)  # [cp, b, local, c]
+    chunks = got.reshape(cp, b, 2, half, -1).permute(1, 0, 2, 3, 4).reshape(b, 2 * cp, half, -1)
+    order = torch.tensor(_chunk_order(cp), device=x.device).argsort()  # global chunk -> (rank, half)
+    return chunks[:, order].reshape(b, 2 * cp * half, -1)
+
+
+def _groups_to_tokens(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The inverse (and adjoint) of `_tokens_to_groups`: [b, all tokens, this rank's block] ->
+    [b, this rank's tokens, every block]."""
+    cp = dist.get_world_size(group)
+    b, total, block = y.shape
+    half = total // (2 * cp)
+    order = torch.tensor(_chunk_order(cp), device=y.device)
+    chunks = y.reshape(b, 2 * cp, half, block)[:, order]  # (rank, half) order
+    got = _exchange(chunks.reshape(b, cp, 2 * half, block).permute(1, 0, 2, 3), group)  # [cp, b, local, c]
+    return got.permute(1, 2, 0, 3).reshape(b, 2 * half, cp * block)
+
+
+class _TokensToGroups(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _tokens_to_groups(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _groups_to_tokens(grad, ctx.group), None
+
+
+class _GroupsToTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _groups_to_tokens(y, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _tokens_to_groups(grad, ctx.group), None
+
+
+class MambaContextParallel:
+    """A `Mamba2Mixer.runner` for a sequence split over `group` (see the module docstring). The
+    mixer's group count must be a multiple of the group's size."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.cp = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def __call__(self, mixer: Mamba2Mixer, hidden: torch.Tensor) -> torch.Tensor:
+        cp, groups = self.cp, mixer.num_groups
+        if groups % cp:
+            raise ValueError(
+                f"a Mamba mixer with {groups} B/C groups cannot be split over {cp} context-parallel ranks: "
+                "set model.context_parallel_size to a divisor of model.mamba_num_groups"
+            )
+        mine = groups // cp
+        first = self.rank * mine
+        per_head = mixer.num_heads // groups
+        d_group, conv_group = per_head * mixer.head_dim, mixer.conv_dim // groups
+        params = dict(mixer.named_parameters())
+        # This rank's groups of the per-group parameters (rows kept by group, see `Mamba2Mixer`).
+        rows = {
+            "conv1d.weight": conv_group,
+            "conv1d.bias": conv_group,
+            "dt_bias": per_head,
+            "A_log": per_head,
+            "D": per_head,
+            "norm.weight": d_group,
+        }
+        local = {
+            name: params[name][first * size : (first + mine) * size]
+            for name, size in rows.items()
+            if name in params  # conv1d.bias only with conv_bias
+        }
+        local["out_proj.weight"] = params["out_proj.weight"]  # whole: it maps this rank's tokens
+
+        def project_in(h: torch.Tensor) -> torch.Tensor:
+            return _TokensToGroups.apply(mixer.in_proj(h), self.group)
+
+        def project_out(y: torch.Tensor) -> torch.Tensor:
+            return mixer.out_proj(_GroupsToTokens.apply(y, self.group))
+
+        return mixer.mix(hidden, local, in_proj=project_in, out_proj=project_out)
+
+
+def apply_mamba_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup) -> int:
+    """Install `MambaContextParallel(group)` on every `Mamba2Mixer` of `model`; returns how many."""
+    runner = MambaContextParallel(group)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Mamba2Mixer):
+            module.runner = runner
+            count += 1
+    return count
