@@ -35,7 +35,12 @@ def hf_mamba(seed: int = 0, **overrides: Any) -> Any:
     changes the output (norm scales around 1, A_log around log(1..16), D around 1)."""
     config = transformers.Mamba2Config(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = transformers.Mamba2ForCausalLM(config).eval()
+    return draw_weights(transformers.Mamba2ForCausalLM(config).eval(), std=0.1)
+
+
+def draw_weights(model: Any, std: float) -> Any:
+    """Draw every tensor of a Hugging Face Mamba-2 style model: norm scales and D around 1, A_log
+    around log(1..16), dt_bias in softplus' steep part, the convolution uniform, the rest N(0, std)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm_f.weight", ".D")):
@@ -47,7 +52,7 @@ def hf_mamba(seed: int = 0, **overrides: Any) -> Any:
             elif "conv1d" in name:
                 p.uniform_(-0.5, 0.5)
             else:
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, std)
     return model
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests.models.conversion.test_mamba_hf import draw_weights
 
 from viaduct.config import ConfigError
 from viaduct.models.conversion import AutoBridge
@@ -35,20 +36,7 @@ def hf_nemotron(seed: int = 0, **overrides: Any) -> Any:
     config = transformers.NemotronHConfig(**{**BASE, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.NemotronHForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".A_log"):
-                p.copy_(torch.log(torch.empty_like(p).uniform_(1.0, 16.0)))
-            elif name.endswith(".dt_bias"):
-                p.copy_(torch.empty_like(p).uniform_(-4.0, -1.0))
-            elif "conv1d" in name:
-                p.uniform_(-0.5, 0.5)
-            else:
-                p.normal_(0.0, 0.2)
-    return model
+    return draw_weights(transformers.NemotronHForCausalLM(config).eval(), std=0.2)
 
 
 def tokens(seq: int = 13, batch: int = 2) -> torch.Tensor:
