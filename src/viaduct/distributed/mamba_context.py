@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from viaduct.models.mamba.mixer import Mamba2Mixer
 
@@ -94,17 +95,31 @@ class MambaContextParallel:
         self.rank = dist.get_rank(group)
 
     def __call__(self, mixer: Mamba2Mixer, hidden: torch.Tensor) -> torch.Tensor:
-        cp, groups = self.cp, mixer.num_groups
+        # The projections run as the mixer's modules, so PEFT adapters on them act.
+        return self.run(mixer, hidden, dict(mixer.named_parameters()), modules=True)
+
+    def run(
+        self,
+        mixer: Mamba2Mixer,
+        hidden: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        *,
+        modules: bool = False,
+    ) -> torch.Tensor:
+        """The mixer on this rank's tokens with `params`: the mixer's own, or a tensor-parallel rank's
+        whole groups (`viaduct.distributed.mamba_parallel`, which then reduces the partial output)."""
+        per_head = mixer.num_heads // mixer.num_groups
+        groups, cp = params["A_log"].shape[0] // per_head, self.cp
         if groups % cp:
             raise ValueError(
-                f"a Mamba mixer with {groups} B/C groups cannot be split over {cp} context-parallel ranks: "
-                "set model.context_parallel_size to a divisor of model.mamba_num_groups"
+                f"{groups} B/C groups of a Mamba mixer cannot be split over {cp} context-parallel ranks: "
+                "set model.context_parallel_size to a divisor of model.mamba_num_groups (divided by "
+                "tensor_model_parallel_size)"
             )
         mine = groups // cp
         first = self.rank * mine
-        per_head = mixer.num_heads // groups
-        d_group, conv_group = per_head * mixer.head_dim, mixer.conv_dim // groups
-        params = dict(mixer.named_parameters())
+        d_group = per_head * mixer.head_dim
+        conv_group = d_group + 2 * mixer.state_dim
         # This rank's groups of the per-group parameters (rows kept by group, see `Mamba2Mixer`).
         rows = {
             "conv1d.weight": conv_group,
@@ -122,10 +137,18 @@ class MambaContextParallel:
         local["out_proj.weight"] = params["out_proj.weight"]  # whole: it maps this rank's tokens
 
         def project_in(h: torch.Tensor) -> torch.Tensor:
-            return _TokensToGroups.apply(mixer.in_proj(h), self.group)
+            proj = (
+                mixer.in_proj(h)
+                if modules
+                else F.linear(h, params["in_proj.weight"], params.get("in_proj.bias"))
+            )
+            return _TokensToGroups.apply(proj, self.group)
 
         def project_out(y: torch.Tensor) -> torch.Tensor:
-            return mixer.out_proj(_GroupsToTokens.apply(y, self.group))
+            y = _GroupsToTokens.apply(y, self.group)
+            if modules:
+                return mixer.out_proj(y)
+            return F.linear(y, params["out_proj.weight"], params.get("out_proj.bias"))
 
         return mixer.mix(hidden, local, in_proj=project_in, out_proj=project_out)
 

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel, parallelize_module
 
+from viaduct.distributed.mamba_context import MambaContextParallel
 from viaduct.models.mamba.mixer import Mamba2Mixer
 
 # How each mixer parameter is split: rows of the ranks' groups, out_proj by input columns; what is
@@ -79,7 +80,11 @@ class MambaMixerParallel(ParallelStyle):
             local_in = full.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
             params = {n: _local(operator.attrgetter(n)(mixer)) for n in names}
             bias = params.pop("out_proj.bias", None)
-            partial = mixer.mix(local_in, params)
+            if isinstance(mixer.runner, MambaContextParallel):
+                # Context parallelism too: this rank's groups, split again over its context ranks.
+                partial = mixer.runner.run(mixer, local_in, params)
+            else:
+                partial = mixer.mix(local_in, params)
             reduced = DTensor.from_local(partial, device_mesh, [Partial()], run_check=False)
             out = reduced.redistribute(device_mesh, [seq]).to_local()
             return out if bias is None else out + bias.to(out.dtype)

@@ -313,28 +313,26 @@ class HybridModelProvider(GPTModelProvider):
 
     def _check_parallelism(self, p: Problems, bad: set[str]) -> None:
         """Context parallelism trades each rank's tokens for whole B/C groups around the Mamba scan
-        (`viaduct.distributed.mamba_context`): the groups must split evenly over the ranks, and the
-        split mixers of tensor parallelism cannot take part yet."""
-        cp = self.context_parallel_size
-        fine = {"context_parallel_size", "hybrid_layer_pattern"}.isdisjoint(bad) and isinstance(cp, int)
-        if fine and cp > 1 and MAMBA in self.layer_pattern():
-            groups, tp = self.mamba_num_groups, self.tensor_model_parallel_size
-            if "mamba_num_groups" not in bad and groups >= 1 and groups % cp:
-                p.add(
-                    "context_parallel_size",
-                    f"Mamba layers trade the sequence for whole B/C groups under context parallelism, and "
-                    f"{groups} groups (model.mamba_num_groups) cannot be split evenly over {cp} ranks",
-                    cp,
-                    fix="choose a context_parallel_size that divides mamba_num_groups",
-                )
-            if "tensor_model_parallel_size" not in bad and isinstance(tp, int) and tp > 1:
-                p.add(
-                    "context_parallel_size",
-                    "context parallelism together with tensor parallelism is not supported yet for Mamba "
-                    f"layers (tensor_model_parallel_size={tp})",
-                    cp,
-                    fix="use one of them for the Mamba model (with FSDP or data parallelism beside it)",
-                )
+        (`viaduct.distributed.mamba_context`): a tensor-parallel rank's groups must split evenly over
+        the context-parallel ranks."""
+        cp, tp = self.context_parallel_size, self.tensor_model_parallel_size
+        inputs = {
+            "context_parallel_size",
+            "tensor_model_parallel_size",
+            "hybrid_layer_pattern",
+            "mamba_num_groups",
+        }
+        fine = inputs.isdisjoint(bad) and isinstance(cp, int) and isinstance(tp, int) and tp >= 1
+        groups = self.mamba_num_groups
+        if fine and cp > 1 and groups >= 1 and MAMBA in self.layer_pattern() and groups % (tp * cp):
+            on = f" (tensor_model_parallel_size={tp} × context_parallel_size={cp})" if tp > 1 else ""
+            p.add(
+                "context_parallel_size",
+                "Mamba layers trade the sequence for whole B/C groups under context parallelism, and "
+                f"{groups} groups (model.mamba_num_groups) cannot be split evenly over {tp * cp} ranks{on}",
+                cp,
+                fix="choose sizes whose product divides mamba_num_groups",
+            )
         super()._check_parallelism(p, bad)
 
     def _check_pipeline(self, p: Problems, bad: set[str], pp: int) -> None:
