@@ -192,3 +192,41 @@ def test_a_hybrid_run_saves_a_copy_transformers_loads(tmp_path: Path) -> None:
     with torch.no_grad():
         want = trained(ids)[..., : hf.config.vocab_size]
     torch.testing.assert_close(hf_logits(hf, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def _finetune_losses(hf: Path, *overrides: str) -> list[float]:
+    """The first two losses of `finetune()` from the Hugging Face directory `hf`, on synthetic tokens."""
+    from viaduct.testing import tiny_pretrain_config
+    from viaduct.training.pretrain import finetune
+
+    cfg = tiny_pretrain_config(
+        "train.train_iters=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_iters=0",
+        f"checkpoint.pretrained_checkpoint={hf}", "tokenizer.tokenizer_type=NullTokenizer",
+        f"tokenizer.vocab_size={VOCAB - 1}",  # NullTokenizer adds its end-of-document token
+    )  # fmt: skip
+    provider = AutoBridge.from_hf_pretrained(hf).to_megatron_provider(load_weights=False)
+    provider.seq_length = 32
+    cfg.model = provider
+    from viaduct.config import apply_overrides
+
+    apply_overrides(cfg, list(overrides))
+    losses: list[float] = []
+    finetune(
+        cfg,
+        callbacks=[{"on_train_step_end": lambda ctx: losses.append(float(ctx.metrics["losses"]["lm loss"]))}],
+    )
+    return losses
+
+
+@pytest.mark.slow
+def test_lora_finetuning_starts_from_a_nemotron_h_directory(tmp_path: Path) -> None:
+    # Megatron Bridge's Nemotron-H LoRA targets: every linear layer of every block kind.
+    hf_nemotron().save_pretrained(tmp_path)
+    full = _finetune_losses(tmp_path)
+    lora = _finetune_losses(
+        tmp_path,
+        "peft=lora",
+        "peft.target_modules=['in_proj','out_proj','linear_qkv','linear_proj','linear_fc1','linear_fc2']",
+    )
+    assert lora[0] == full[0]  # B = 0: the imported model's own loss
+    assert len(lora) == 2 and lora[1] != full[1]
