@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from viaduct.config import ConfigError
 from viaduct.inference import load_checkpoint
 from viaduct.models.mamba import HybridModelProvider
 from viaduct.peft.adapters import AdaptedLinear
@@ -105,34 +104,29 @@ def test_lora_on_every_layer_kind_trains_only_the_adapters(base: str, tmp_path: 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "layout",
-    [("ddp.use_distributed_optimizer=true",), ("model.pipeline_model_parallel_size=2",)],
-    ids=["fsdp", "pp"],
+    ("method", "layout"),
+    [
+        ((), ("ddp.use_distributed_optimizer=true",)),
+        ((), ("model.pipeline_model_parallel_size=2",)),
+        ((), ("model.tensor_model_parallel_size=2", "model.sequence_parallel=true")),
+        (("peft=dora",), ("model.tensor_model_parallel_size=2",)),
+    ],
+    ids=["fsdp", "pp", "tp-sp", "dora-tp"],
 )
 def test_lora_on_a_hybrid_under_parallel_layouts_matches_one_process(
-    base: str, layout: tuple[str, ...]
+    base: str, method: tuple[str, ...], layout: tuple[str, ...]
 ) -> None:
-    one = _finetune(0, 1, base, ())
-    got = run_distributed(_finetune, 2, base, layout, timeout=240, all_ranks=True, reuse=True)
-    torch.testing.assert_close(
-        torch.tensor(got[-1]["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
-    )
+    """The same global batch on 2 ranks: the one-process losses and weights, adapters included (under
+    tensor parallelism the mixers' adapters split with their layers' groups)."""
+    one = _finetune(0, 1, base, method)
+    got = run_distributed(_finetune, 2, base, method + layout, timeout=240, all_ranks=True, reuse=True)
+    losses = got[-1]["losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
     merged = {k: v for rank in got for k, v in rank["params"].items()}
     assert merged.keys() == one["params"].keys()
     for name, value in merged.items():
-        torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.slow
-def test_adapters_on_split_mixers_are_refused_under_tensor_parallelism(base: str) -> None:
-    common = (
-        "peft=lora",
-        f"checkpoint.pretrained_checkpoint={base}",
-        "model.tensor_model_parallel_size=2",
-    )
-    with pytest.raises(ConfigError) as info:
-        _config(*common, TARGETS).validate(world_size=2)
-    problems = {p.path: p for p in info.value.problems}
-    assert "not supported yet under tensor parallelism" in problems["peft.target_modules"].message
-    # Adapters on the attention and MLP layers only: the split mixers run without any.
-    _config(*common, "peft.target_modules=['linear_qkv','linear_fc1']").validate(world_size=2)
+        # Adam scales an element whose gradient is near zero up to a whole step (lr 0.01): summed in
+        # another order, a few such elements of 2,048 move by ~1e-5.
+        torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=3e-5, msg=name)
+    for rank in got:  # the base stays frozen however the layout re-created its parameters
+        assert rank["trainable"] == {n for n in rank["params"] if ".adapter." in n}

@@ -17,11 +17,11 @@ calls its `runner` hook).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from viaduct.models.mamba.mixer import Mamba2Mixer
 
@@ -96,18 +96,21 @@ class MambaContextParallel:
 
     def __call__(self, mixer: Mamba2Mixer, hidden: torch.Tensor) -> torch.Tensor:
         # The projections run as the mixer's modules, so PEFT adapters on them act.
-        return self.run(mixer, hidden, dict(mixer.named_parameters()), modules=True)
+        params = dict(mixer.named_parameters())
+        return self.run(mixer, hidden, params, project_in=mixer.in_proj, project_out=mixer.out_proj)
 
     def run(
         self,
         mixer: Mamba2Mixer,
         hidden: torch.Tensor,
-        params: dict[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
         *,
-        modules: bool = False,
+        project_in: Callable[[torch.Tensor], torch.Tensor],
+        project_out: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The mixer on this rank's tokens with `params`: the mixer's own, or a tensor-parallel rank's
-        whole groups (`viaduct.distributed.mamba_parallel`, which then reduces the partial output)."""
+        """The mixer on this rank's tokens: `params` are the mixer's own, or a tensor-parallel rank's
+        whole groups; `project_in` / `project_out` compute in_proj on the rank's tokens and out_proj
+        on its tokens' mixed values (`viaduct.distributed.mamba_parallel` gives tensor-parallel ones)."""
         per_head = mixer.num_heads // mixer.num_groups
         groups, cp = params["A_log"].shape[0] // per_head, self.cp
         if groups % cp:
@@ -136,21 +139,13 @@ class MambaContextParallel:
         }
         local["out_proj.weight"] = params["out_proj.weight"]  # whole: it maps this rank's tokens
 
-        def project_in(h: torch.Tensor) -> torch.Tensor:
-            proj = (
-                mixer.in_proj(h)
-                if modules
-                else F.linear(h, params["in_proj.weight"], params.get("in_proj.bias"))
-            )
-            return _TokensToGroups.apply(proj, self.group)
+        def trade_in(h: torch.Tensor) -> torch.Tensor:
+            return _TokensToGroups.apply(project_in(h), self.group)
 
-        def project_out(y: torch.Tensor) -> torch.Tensor:
-            y = _GroupsToTokens.apply(y, self.group)
-            if modules:
-                return mixer.out_proj(y)
-            return F.linear(y, params["out_proj.weight"], params.get("out_proj.bias"))
+        def trade_out(y: torch.Tensor) -> torch.Tensor:
+            return project_out(_GroupsToTokens.apply(y, self.group))
 
-        return mixer.mix(hidden, local, in_proj=project_in, out_proj=project_out)
+        return mixer.mix(hidden, local, in_proj=trade_in, out_proj=trade_out)
 
 
 def apply_mamba_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup) -> int:

@@ -11,7 +11,11 @@ sequence under sequence parallelism) before out_proj's bias, which is kept whole
 
 The layer's norm runs on sequence shards under sequence parallelism, as a transformer layer's do.
 The mixer's model code is untouched: it runs `Mamba2Mixer.mix` on this rank's local parameter
-tensors (the DTensors' local shards, through which gradients flow back to them).
+tensors (the DTensors' local shards, through which gradients flow back to them), its two projections
+as the modules on DTensors, as PyTorch's column- and row-parallel styles run a linear layer, so a
+PEFT adapter on them, split with its layer (in_proj's B and DoRA magnitude by rows, out_proj's A by
+columns), acts as well. Under context parallelism too, the rank's groups are traded over its context
+ranks between the projections (`viaduct.distributed.mamba_context`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import types
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel, parallelize_module
 
 from viaduct.distributed.mamba_context import MambaContextParallel
@@ -40,6 +44,11 @@ _MIXER_PLACEMENTS: dict[str, Placement] = {
     "D": Shard(0),
     "norm.weight": Shard(0),
     "out_proj.weight": Shard(1),
+    # A PEFT adapter splits with its layer's base: in_proj's B and DoRA magnitude by rows, out_proj's
+    # A by input columns (the rest, A of in_proj and B of out_proj, replicated).
+    "in_proj.adapter.linear_out.weight": Shard(0),
+    "in_proj.adapter.weight_magnitude": Shard(0),
+    "out_proj.adapter.linear_in.weight": Shard(1),
 }
 
 
@@ -77,17 +86,25 @@ class MambaMixerParallel(ParallelStyle):
             # Replicated input; backward sums the ranks' partial input gradients (or reduce-scatters
             # them back onto the sequence shards).
             full = DTensor.from_local(hidden, device_mesh, [seq], run_check=False)
-            local_in = full.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            replicated = full.redistribute(device_mesh, [Replicate()])
             params = {n: _local(operator.attrgetter(n)(mixer)) for n in names}
-            bias = params.pop("out_proj.bias", None)
+
+            # The projections run as the modules, on DTensors (as PyTorch's column- and row-parallel
+            # styles run a linear layer), so a PEFT adapter split alike acts on them too.
+            def project_in(x: torch.Tensor) -> torch.Tensor:
+                return mixer.in_proj(x).to_local()  # this rank's groups' rows
+
+            def project_out(y: torch.Tensor) -> torch.Tensor:
+                split = DTensor.from_local(y, device_mesh, [Shard(y.ndim - 1)], run_check=False)
+                # Partial sums over the ranks' groups, reduced (or reduce-scattered), the bias once.
+                return mixer.out_proj(split).redistribute(device_mesh, [seq]).to_local()
+
             if isinstance(mixer.runner, MambaContextParallel):
-                # Context parallelism too: this rank's groups, split again over its context ranks.
-                partial = mixer.runner.run(mixer, local_in, params)
-            else:
-                partial = mixer.mix(local_in, params)
-            reduced = DTensor.from_local(partial, device_mesh, [Partial()], run_check=False)
-            out = reduced.redistribute(device_mesh, [seq]).to_local()
-            return out if bias is None else out + bias.to(out.dtype)
+                # Context parallelism too: this rank's groups, traded over its context ranks.
+                return mixer.runner.run(
+                    mixer, replicated, params, project_in=project_in, project_out=project_out
+                )
+            return mixer.mix(replicated, params, in_proj=project_in, out_proj=project_out)
 
         module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
         return module

@@ -733,8 +733,6 @@ class ConfigContainer(ConfigBase):
             return [
                 Problem("peft", "only LoRA and DoRA can be trained", type(peft).__name__, fix="use peft=lora")
             ]
-        from viaduct.models.mamba.provider import HybridModelProvider
-
         if isinstance(self.model, GPTModelProvider) and "model" not in broken:
             try:
                 planned = planned_adapters(peft, self.model)
@@ -742,20 +740,6 @@ class ConfigContainer(ConfigBase):
                 problems += exc.problems
             else:
                 problems += _stages_without_adapters(self.model, planned)
-                mixers = sorted(n for n in planned if n.endswith((".mixer.in_proj", ".mixer.out_proj")))
-                tp = self.model.tensor_model_parallel_size
-                if isinstance(self.model, HybridModelProvider) and mixers and tp > 1:
-                    # The split mixer runs on its local weight shards, past the adapters.
-                    problems.append(
-                        Problem(
-                            "peft.target_modules",
-                            f"adapters on Mamba mixers ({mixers[0]}, ...) are not supported yet under tensor "
-                            f"parallelism (tensor_model_parallel_size={tp})",
-                            peft.target_modules,
-                            fix="leave in_proj / out_proj out of peft.target_modules, or set "
-                            "model.tensor_model_parallel_size=1 (FSDP and data parallelism work)",
-                        )
-                    )
         if self.checkpoint.also_save_hf_checkpoint:
             problems.append(
                 Problem(
