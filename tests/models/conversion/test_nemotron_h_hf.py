@@ -168,6 +168,23 @@ def test_unsupported_options_are_refused_with_the_field_named() -> None:
         AutoBridge.from_hf_config(types)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("layers_block_type", [{"mamba": 1}, None]),
+        ("layers_block_type", "M*M-"),
+        ("hybrid_override_pattern", 42),
+        ("mamba_num_heads", "eight"),
+        ("n_groups", 3),
+    ],
+)
+def test_a_damaged_config_is_a_clear_error(key: str, value: object) -> None:
+    config = {k: v for k, v in BASE.items() if k != "hybrid_override_pattern" or key != "layers_block_type"}
+    with pytest.raises(ConfigError) as info:
+        AutoBridge.from_hf_config({**config, "architectures": ["NemotronHForCausalLM"], key: value})
+    assert key in {p.path for p in info.value.problems}
+
+
 @pytest.mark.slow
 def test_a_hybrid_run_saves_a_copy_transformers_loads(tmp_path: Path) -> None:
     from viaduct.inference import load_checkpoint

@@ -43,11 +43,11 @@ def _pattern(r: _Reader) -> str | None:
         if not isinstance(types, list) or not types:
             r.problem(key, "must be a non-empty list of block types", types)
             return None
-        bad = sorted({t for t in types if t not in _BLOCK_TYPES}, key=str)
+        bad = sorted({str(t) for t in types if not isinstance(t, str) or t not in _BLOCK_TYPES})
         if bad:
             r.problem(
                 key,
-                f"holds block types viaduct does not build: {', '.join(map(str, bad))} (mixture-of-experts "
+                f"holds block types viaduct does not build: {', '.join(bad)} (mixture-of-experts "
                 "blocks are not supported yet); only mamba, attention and mlp",
                 types,
             )
