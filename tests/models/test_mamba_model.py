@@ -624,6 +624,21 @@ def test_pipeline_checkpoint_loads_in_one_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_biased_projections_under_tensor_parallelism_match_one_process() -> None:
+    # out_proj's bias is whole on every rank and must enter the reduced output once.
+    bias = ("model.add_bias_linear=true",)
+    one = _train(0, 1, bias)
+    layout = (*bias, "model.tensor_model_parallel_size=2", "model.sequence_parallel=true")
+    for rank in run_distributed(_train, 2, layout, timeout=240, all_ranks=True, reuse=True):
+        torch.testing.assert_close(
+            torch.tensor(rank["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
+        )
+        for name, value in rank["params"].items():
+            torch.testing.assert_close(value, one["params"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tensor_and_context_parallel_together_match_one_process() -> None:
     # 4 groups: 2 per tensor-parallel rank, 1 per context-parallel rank of each.
     groups = ("model.mamba_num_groups=4",)
