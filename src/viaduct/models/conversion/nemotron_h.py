@@ -81,8 +81,9 @@ def parse_nemotron_h(r: _Reader) -> dict[str, Any]:
         r.problem("n_groups", f"must divide mamba_num_heads ({heads})", groups)
     attention_heads = r.get_int("num_attention_heads", 32)
     head_dim = r.get_int("head_dim", None, required=False) or r.get_int("attention_head_dim", 128)
-    if r.get_int("num_nextn_predict_layers", 0, minimum=0):
-        r.problem("num_nextn_predict_layers", "multi-token prediction layers are not supported (only 0)", 0)
+    mtp = r.get_int("num_nextn_predict_layers", 0, minimum=0)
+    if mtp:
+        r.problem("num_nextn_predict_layers", "multi-token prediction layers are not supported (only 0)", mtp)
     if r.cfg.get("sliding_window") is not None:
         r.problem(
             "sliding_window",
