@@ -4,6 +4,7 @@ per target.
     python bench/generate_bench.py                              # Llama-3.2-1B shape, bf16, batch 1, GPU
     python bench/generate_bench.py --batch 8 --new 512          # other shapes
     python bench/generate_bench.py --tiny --device cpu          # a small model: a smoke test on a CPU
+    python bench/generate_bench.py --model mamba2_130m          # Mamba-2 130M: a scan state, no KV cache
 
 Random weights (the speed does not depend on them), a prompt of `--prompt` random token ids, greedy,
 no end-of-sequence token (every row generates all `--new` tokens). Everything goes through the public
@@ -36,23 +37,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from viaduct.inference import generate_tokens
     from viaduct.models.accounting import num_parameters
+    from viaduct.models.gpt.provider import GPTModelProvider
     from viaduct.models.llama import Llama32ModelProvider1B
+    from viaduct.models.mamba import MambaModelProvider130M
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    provider = Llama32ModelProvider1B()
-    if args.tiny:
-        # Llama-3.2 layout (GQA, tied embeddings, llama3 rope) at a size a CPU runs in seconds.
-        overrides = dict(
-            num_layers=2,
-            hidden_size=128,
-            ffn_hidden_size=352,
-            num_attention_heads=4,
-            num_query_groups=2,
-            kv_channels=32,
-            vocab_size=512,
-        )
+    provider: GPTModelProvider
+    overrides: dict[str, Any] = {}
+    if args.model == "mamba2_130m":
+        provider = MambaModelProvider130M(vocab_size=50277, should_pad_vocab=True)
+        if args.tiny:  # two Mamba-2 layers, 128 wide
+            overrides = dict(num_layers=None, hybrid_layer_pattern="MM", hidden_size=128, mamba_head_dim=32)
     else:
-        overrides = {}
+        provider = Llama32ModelProvider1B()
+        if args.tiny:
+            # Llama-3.2 layout (GQA, tied embeddings, llama3 rope) at a size a CPU runs in seconds.
+            overrides = dict(
+                num_layers=2,
+                hidden_size=128,
+                ffn_hidden_size=352,
+                num_attention_heads=4,
+                num_query_groups=2,
+                kv_channels=32,
+                vocab_size=512,
+            )
     overrides.update(seq_length=max(args.prompt + args.new, 2048), hidden_dropout=0.0, attention_dropout=0.0)
     provider.apply_overrides_and_finalize(dtype=args.dtype, overrides=overrides)
     model = provider.provide(device=device, init_seed=0)
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decode_s = t_full - t_prefill
     decode_tps = args.batch * (args.new - 1) / decode_s if decode_s > 0 else None
     return dict(
-        shape="tiny" if args.tiny else "llama32_1b",
+        shape=("tiny " if args.tiny else "") + args.model,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
         dtype=args.dtype,
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    ap.add_argument("--model", choices=["llama32_1b", "mamba2_130m"], default="llama32_1b")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, 128-wide model of the same layout")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
@@ -132,7 +141,13 @@ def main() -> None:
         args.dtype = "fp32" if cpu else "bf16"
     result = run(args)
     print(json.dumps(result), flush=True)
-    if not args.tiny and args.batch == 1 and args.prompt == 128 and args.new == 256:
+    if (
+        args.model == "llama32_1b"
+        and not args.tiny
+        and args.batch == 1
+        and args.prompt == 128
+        and args.new == 256
+    ):
         value = result["decode_tokens_per_s"]
         target = {
             "target": "decode-1b",
