@@ -21,9 +21,9 @@ def mamba2_130m_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> ConfigConta
     published checkpoints are. Embeddings stay untied (Megatron Bridge's default for this family; the
     published checkpoints tie them: model.share_embeddings_and_output_weights=true for that).
 
-    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`;
-    tensor, context and pipeline parallelism are not supported yet for Mamba layers (use data
-    parallelism or FSDP).
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    With its one B/C group the 130M shape splits over no tensor- or context-parallel ranks; data
+    parallelism, FSDP and pipeline parallelism scale it.
     """
     model = MambaModelProvider130M(vocab_size=50277, should_pad_vocab=True)
     cfg = pretrain_common(model, name="mamba2_130m")
@@ -36,8 +36,9 @@ def mamba2_hybrid_8b_pretrain_config(**kwargs: Unpack[PretrainKwargs]) -> Config
     4096 wide), 4096-token context, a 256000-token vocabulary, FSDP2 sharding of parameters,
     gradients and optimizer state over the data-parallel ranks, micro-batches of 1.
 
-    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`;
-    tensor, context and pipeline parallelism are not supported yet for Mamba layers.
+    Keyword arguments (`train_iters=`, `lr=`, `dir=`, ...): see `viaduct.recipes.common.PretrainKwargs`.
+    Its 8 B/C groups split over up to 8 tensor × context-parallel ranks; pipeline parallelism splits
+    the 56 layers.
     """
     cfg = pretrain_common(NVIDIAMambaHybridModelProvider8B(vocab_size=256000), name="mamba2_hybrid_8b")
     cfg.ddp.use_distributed_optimizer = True
