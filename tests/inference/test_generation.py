@@ -65,12 +65,13 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def greedy_without_cache(model: GPTModel, ids: list[int], n: int) -> list[int]:
-    """The reference: the full forward over the whole sequence again for every new token."""
+def greedy_without_cache(model: GPTModel, ids: list[int], n: int, vocab: int = VOCAB) -> list[int]:
+    """The reference: the full forward over the whole sequence again for every new token (the padding
+    rows of the output layer, from `vocab` on, left out)."""
     seq = list(ids)
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([seq]))[0, -1, :VOCAB]
+            logits = model(torch.tensor([seq]))[0, -1, :vocab]
             seq.append(int(logits.argmax()))
     return seq[len(ids) :]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.inference.test_generation import greedy_without_cache
 
 from viaduct.inference import KVCache, generate, generate_tokens, load_checkpoint
 from viaduct.models import MambaModelProvider
@@ -47,16 +48,6 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def greedy_without_cache(model: MambaModel, ids: list[int], n: int) -> list[int]:
-    """The reference: the full forward over the whole sequence again for every new token."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([seq]))[0, -1, :VOCAB]
-            seq.append(int(logits.argmax()))
-    return seq[len(ids) :]
-
-
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_prefill_continuation_and_decode_logits_equal_the_full_forward(pattern: str) -> None:
     model = build(pattern)
@@ -90,7 +81,7 @@ def test_greedy_with_cache_equals_greedy_without(pattern: str) -> None:
     model = build(pattern)
     ids = prompt(9, seed=1)
     got = generate_tokens(model, [ids], max_new_tokens=12)[0]
-    assert got == greedy_without_cache(model, ids, 12)
+    assert got == greedy_without_cache(model, ids, 12, VOCAB)
     assert all(t < VOCAB for t in got)
 
 
@@ -101,7 +92,7 @@ def test_batched_prompts_of_different_lengths_equal_each_alone() -> None:
     batched = generate_tokens(model, prompts, max_new_tokens=10)
     alone = [generate_tokens(model, [p], max_new_tokens=10)[0] for p in prompts]
     assert batched == alone
-    assert batched[1] == greedy_without_cache(model, prompts[1], 10)
+    assert batched[1] == greedy_without_cache(model, prompts[1], 10, VOCAB)
 
 
 def test_left_padding_leaves_each_rows_logits_as_alone() -> None:

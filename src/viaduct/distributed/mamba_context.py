@@ -26,11 +26,6 @@ import torch.distributed as dist
 from viaduct.models.mamba.mixer import Mamba2Mixer
 
 
-def _chunk_order(cp: int) -> list[int]:
-    """The global chunk of each (rank, half) in rank-major order: rank r holds chunks r and 2cp-1-r."""
-    return [chunk for r in range(cp) for chunk in (r, 2 * cp - 1 - r)]
-
-
 def _exchange(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """all_to_all over dim 0 of `send` [cp, ...]: part j goes to rank j, part i of the result came
     from rank i."""
@@ -46,9 +41,10 @@ def _tokens_to_groups(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor
     b, local, channels = x.shape
     half = local // 2
     got = _exchange(x.reshape(b, local, cp, channels // cp).permute(2, 0, 1, 3), group)  # [cp, b, local, c]
-    chunks = got.reshape(cp, b, 2, half, -1).permute(1, 0, 2, 3, 4).reshape(b, 2 * cp, half, -1)
-    order = torch.tensor(_chunk_order(cp), device=x.device).argsort()  # global chunk -> (rank, half)
-    return chunks[:, order].reshape(b, 2 * cp * half, -1)
+    halves = got.reshape(cp, b, 2, half, -1)
+    # Rank r sent chunks r and 2cp-1-r: the first halves in rank order, then the second ones reversed.
+    chunks = torch.cat((halves[:, :, 0], halves[:, :, 1].flip(0)))  # [2cp, b, half, c], global order
+    return chunks.permute(1, 0, 2, 3).reshape(b, 2 * cp * half, -1)
 
 
 def _groups_to_tokens(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -57,9 +53,10 @@ def _groups_to_tokens(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor
     cp = dist.get_world_size(group)
     b, total, block = y.shape
     half = total // (2 * cp)
-    order = torch.tensor(_chunk_order(cp), device=y.device)
-    chunks = y.reshape(b, 2 * cp, half, block)[:, order]  # (rank, half) order
-    got = _exchange(chunks.reshape(b, cp, 2 * half, block).permute(1, 0, 2, 3), group)  # [cp, b, local, c]
+    chunks = y.reshape(b, 2 * cp, half, block)
+    # Rank r's tokens: chunks r and 2cp-1-r, in that order.
+    mine = torch.stack((chunks[:, :cp], chunks[:, cp:].flip(1)), dim=2)  # [b, cp, 2, half, c]
+    got = _exchange(mine.reshape(b, cp, 2 * half, block).permute(1, 0, 2, 3), group)  # [cp, b, local, c]
     return got.permute(1, 2, 0, 3).reshape(b, 2 * half, cp * block)
 
 

@@ -565,7 +565,7 @@ def estimate_pipeline_memory(
                 est,
                 hybrid,
                 layout,
-                _Share(layers=est.layers or hybrid.num_layers, chunk_layers=0, embedding=False, output=False),
+                est.layers or hybrid.num_layers,
                 trainable,
                 master_weights,
                 grad_reduce_in_fp32,
@@ -596,7 +596,7 @@ def estimate_pipeline_memory(
         )
         if trainable is not None:
             est = _with_frozen_base(
-                est, provider, layout, share, trainable, master_weights, grad_reduce_in_fp32
+                est, provider, layout, share.layers, trainable, master_weights, grad_reduce_in_fp32
             )
         out.append(est if layout.pp <= 1 else replace(est, pipeline_rank=rank, layers=share.layers))
     return out
@@ -606,17 +606,18 @@ def _with_frozen_base(
     est: MemoryEstimate,
     p: GPTModelProvider,
     layout: ParallelLayout,
-    share: _Share,
+    layers: int,
     trainable: int,
     master_weights: bool | None,
     grad_reduce_in_fp32: bool | None,
 ) -> MemoryEstimate:
     """`est` (every weight trained) redone for PEFT: the base frozen in params_dtype, only the
-    `trainable` adapter parameters (this rank's share of them) with gradients and optimizer state."""
+    `trainable` adapter parameters (the share of them on the rank's `layers` layers) with gradients and
+    optimizer state."""
     pbytes = p.params_dtype.itemsize
     master = pbytes < 4 if master_weights is None else master_weights
     grad_fp32 = master if grad_reduce_in_fp32 is None else grad_reduce_in_fp32
-    adapters = _ceil_div(trainable * share.layers, max(1, p.num_layers))
+    adapters = _ceil_div(trainable * layers, max(1, p.num_layers))
     if layout.uses_fsdp:
         # The estimate's float32 shards become params_dtype ones; the adapters are float32 shards.
         base = est.parameters // 4 * pbytes
