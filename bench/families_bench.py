@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("case", choices=["mamba", "t5", "all"])
     ap.add_argument("overrides", nargs="*", help="config overrides for the family's model (a.b=v)")
     ap.add_argument("--profile", type=int, default=0, help="list this many costliest GPU kernels per run")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     if args.profile:
         PROFILE.append(f"--profile={args.profile}")
     for name, fn in (("mamba", mamba), ("t5", t5)):

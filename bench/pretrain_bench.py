@@ -180,7 +180,7 @@ def main() -> None:
         help="profile the timed steps (GPU): list this many costliest kernels",
     )
     ap.add_argument("overrides", nargs="*", help="config overrides (a.b=v)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # overrides may come on both sides of the options
     model_result: dict[str, Any] | None = None
     if args.compare:  # first, so the two runs never hold GPU memory at the same time
         spec = dict(model=args.recipe, batch=args.mbs, seq=args.seq, steps=args.steps)
