@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from viaduct.models.mamba.ssd import ssd_chunked, ssd_recurrence
+from viaduct.models.mamba.ssd import ssd_chunked, ssd_recurrence, uses_kernels
 
 
 @dataclass
@@ -173,7 +173,8 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = d_inner + 2 * num_groups * state_dim
         self.recompute_scan = True
         """Keep only the scan's inputs for backward and run it again there (its intermediates are many
-        times its inputs); False keeps what autograd saves instead (more memory, less time)."""
+        times its inputs); False keeps what autograd saves instead (more memory, less time). The fused
+        Triton scan always keeps only its inputs."""
         self.runner: Callable[[Mamba2Mixer, torch.Tensor], torch.Tensor] | None = None
         """Set from outside to run the mixer another way (context parallelism,
         `viaduct.distributed.mamba_context`), given the mixer and its input; None: `mix` here."""
@@ -331,10 +332,11 @@ class Mamba2Mixer(nn.Module):
             else:
                 y, state = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=cache.ssm)
             cache.ssm.copy_(state)
-        elif torch.is_grad_enabled() and self.recompute_scan:
-            # The chunked scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
+        elif torch.is_grad_enabled() and self.recompute_scan and not uses_kernels(x, self.chunk_size, n):
+            # The PyTorch scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
             # chunk, the states) are many times its inputs: keeping them for backward runs a 780M
             # model at sequence 4096 out of memory, so backward recomputes them from x, dt, B, C.
+            # (The fused kernels keep only their inputs already.)
             y = checkpoint(_scan, x, dt, A, B, C, self.chunk_size, use_reentrant=False)
         else:
             y = _scan(x, dt, A, B, C, self.chunk_size)

@@ -11,9 +11,9 @@ cut into chunks; inside a chunk the output is a masked quadratic ("attention-lik
 the decay between every pair of positions (a segment sum of dt * A); across chunks, the states at the
 chunk ends are passed on by a short loop over the chunks (or, for many chunks, the same segment-sum
 trick over the chunk index). Every step is a batched einsum or elementwise, so torch.compile sees one
-static graph per shape, except the within-chunk step on CUDA: there
-it runs as fused Triton kernels (`viaduct.models.mamba.ssd_triton`, opaque custom ops to the compiler)
-where Triton is importable, which never write the [chunk, chunk] weights of every head to memory;
+static graph per shape. On CUDA, where Triton is importable, the whole scan runs instead as fused
+Triton kernels (`viaduct.models.mamba.ssd_triton`, an opaque custom op to the compiler) that never
+write a [chunk, chunk] matrix per head to memory and keep only their inputs for backward;
 `set_ssd_backend` / `ssd_backend` choose the path. `ssd_recurrence` is the step-by-step loop, the
 reference the tests hold the chunked form to.
 """
@@ -72,8 +72,8 @@ def _check_shapes(
         )
 
 
-# Which implementation computes step 1 of `ssd_chunked`: "auto" (the Triton kernels where the inputs
-# are on CUDA, Triton is importable and the shape suits them; PyTorch otherwise), "torch" (always
+# Which implementation computes `ssd_chunked`: "auto" (the fused Triton kernels where the inputs are
+# on CUDA, Triton is importable and the shape suits them; PyTorch otherwise), "torch" (always
 # PyTorch: the reference) or "triton" (always the kernels; an error where they cannot run). Read when
 # a call is traced, so a compiled model keeps the choice it was compiled with until it recompiles.
 SSD_BACKENDS = ("auto", "torch", "triton")
@@ -83,8 +83,8 @@ _backend = "auto"
 
 
 def set_ssd_backend(backend: str) -> str:
-    """Choose the implementation of the scan's within-chunk step (one of `SSD_BACKENDS`) for every
-    later call; returns the previous choice."""
+    """Choose the implementation of the scan (one of `SSD_BACKENDS`) for every later call; returns
+    the previous choice."""
     global _backend
     if backend not in SSD_BACKENDS:
         raise ValueError(f"SSD backend must be one of {', '.join(SSD_BACKENDS)}; got {backend!r}")
@@ -113,32 +113,35 @@ def triton_available() -> bool:
     return True
 
 
-def _chunk_diag(scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor) -> torch.Tensor:
-    """Step 1 of `ssd_chunked` by the chosen implementation: y_diag [b, c, l, g, r, p] (float32 or
-    x_dt's dtype) from scores [b, g, c, l, s], a_cumsum [b, g, r, c, l] and x_dt [b, c, l, g, r, p]."""
-    if _backend != "torch":
-        ready = triton_available()
-        if ready:
-            from viaduct.models.mamba import ssd_triton
+def uses_kernels(x: torch.Tensor, chunk_size: int, state_dim: int) -> bool:
+    """Whether `ssd_chunked` runs the fused Triton kernels for inputs like x [b, l, h, p] (which then
+    keep only the scan's inputs for backward, so no activation checkpoint is needed around it).
+    Raises where the backend is forced to "triton" and they cannot run."""
+    if _backend == "torch":
+        return False
+    ready = triton_available()
+    if ready:
+        from viaduct.models.mamba import ssd_triton
 
-            fits = ssd_triton.supports(x_dt.shape[2], x_dt.shape[-1], x_dt.dtype)
-            if fits and (_backend == "triton" or x_dt.is_cuda):
-                return ssd_triton.ssd_chunk_diag(scores, a_cumsum, x_dt)
-        if _backend == "triton":
-            why = (
-                "Triton is not importable"
-                if not ready
-                else (
-                    f"chunk {x_dt.shape[2]} (a power of two >= 16 is needed), head_dim {x_dt.shape[-1]} "
-                    f"(at most 128) or dtype {x_dt.dtype} (bf16, fp16 or fp32) does not suit the kernels"
-                )
+        fits = ssd_triton.supports(chunk_size, x.shape[-1], state_dim, x.dtype)
+        if fits and (_backend == "triton" or x.is_cuda):
+            return True
+    if _backend == "triton":
+        why = (
+            "Triton is not importable"
+            if not ready
+            else (
+                f"chunk {chunk_size} (a power of two >= 16 is needed), head_dim {x.shape[-1]} (at most 128), "
+                f"state_dim {state_dim} (at most 256) or dtype {x.dtype} (bf16, fp16 or fp32) does not "
+                "suit the kernels"
             )
-            raise ValueError(f"SSD backend 'triton' was forced but {why}; use 'auto' or 'torch'")
-    return _chunk_diag_torch(scores, a_cumsum, x_dt)
+        )
+        raise ValueError(f"SSD backend 'triton' was forced but {why}; use 'auto' or 'torch'")
+    return False
 
 
 def _chunk_diag_torch(scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor) -> torch.Tensor:
-    """Step 1 of `ssd_chunked` in PyTorch (the reference for the Triton kernels), in x_dt's dtype.
+    """Step 1 of `ssd_chunked` in PyTorch, in x_dt's dtype.
 
     The decay is a difference of the chunk's running sums (short: a chunk is at most a few hundred
     steps), clamped at 0 above the diagonal so that the masked entries cannot overflow (nor give NaN
@@ -190,6 +193,8 @@ def ssd_chunked(
     dtype = torch.promote_types(x.dtype, torch.float32)
 
     pad = (-length) % chunk_size
+    if uses_kernels(x, chunk_size, d_state):
+        return _scan_with_kernels(x, dt, A, B, C, chunk_size, initial_state, pad)
     nchunks = (length + pad) // chunk_size
     q = chunk_size
     # The matmuls take their operands in the inputs' dtype (bf16 tensor cores on a GPU); decays,
@@ -208,10 +213,10 @@ def ssd_chunked(
     a = (dt * A.to(dtype)).reshape(bsz, nchunks, q, ngroups, rep).permute(0, 3, 4, 1, 2)
     a_cumsum = a.cumsum(dim=-1)
 
-    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s (fused
-    # Triton kernels on CUDA, `_chunk_diag_torch` elsewhere). The scores are per group, hence small.
+    # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s dt_s. The
+    # scores are per group, hence small.
     scores = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, l, s]
-    y_diag = _chunk_diag(scores, a_cumsum, x_dt)
+    y_diag = _chunk_diag_torch(scores, a_cumsum, x_dt)
 
     # 2. The state each chunk adds by its end (starting from zero): sum_s exp(a_{s+1..end}) B_s x_s dt_s.
     decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum).permute(0, 3, 4, 1, 2)  # [b, c, l, g, r]
@@ -246,6 +251,30 @@ def ssd_chunked(
 
     y = (y_diag.to(dtype) + y_off).reshape(bsz, nchunks * q, nheads, head_dim)[:, :length]
     return y, final_state.reshape(bsz, nheads, head_dim, d_state)
+
+
+def _scan_with_kernels(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ssd_chunked` by the fused Triton kernels: B and C in x's dtype, dt, A and the initial state in
+    float32, the positions padded to whole chunks (dt = 0 there) only when they are not."""
+    from viaduct.models.mamba import ssd_triton
+
+    length = x.shape[1]
+    dt, A, B, C = dt.float(), A.float(), B.to(x.dtype), C.to(x.dtype)
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    init = None if initial_state is None else initial_state.float()
+    y, final_state = ssd_triton.ssd_scan_op(x, dt, A, B, C, init, chunk_size)
+    return (y[:, :length] if pad else y), final_state
 
 
 def ssd_recurrence(

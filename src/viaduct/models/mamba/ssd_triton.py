@@ -1,29 +1,20 @@
-"""Step 1 of the SSD scan (the output of each chunk from its own inputs) as fused Triton kernels.
+"""The whole SSD scan of Mamba-2 as fused Triton kernels (`viaduct.models.mamba.ssd_kernels`).
 
-Within a chunk, head h of group g gives
+`ssd_scan(x, dt, A, B, C, initial_state, chunk_size)` computes what `ssd_chunked` computes (same
+arguments, positions a multiple of the chunk) without the intermediates of the PyTorch form: that
+form builds a [chunk, chunk] weight matrix per head and chunk, decays and states as separate float32
+tensors, and autograd keeps them (at Mamba-2 780M's shape, several GB per layer moved per step). Here
 
-    y[l] = sum_{s <= l} scores[g, l, s] * exp(min(cs[h, l] - cs[h, s], 0)) * x_dt[h, s]
-
-with scores = C B^T of the group and cs the running sum of the head's log-decays over the chunk.
-The PyTorch form (`viaduct.models.mamba.ssd._chunk_diag_torch`) builds the weights as a [chunk, chunk]
-matrix for every head (and autograd keeps it, and builds its gradient, for backward): at Mamba-2
-780M's shape that is about a hundred million elements written and read back several times per
-layer. These kernels build each [block, block] tile of the weights in registers from the group's
-scores (read once per head, shared through the L2 cache) and the head's two rows of running sums,
-and skip the tiles above the diagonal, so nothing of size [chunk, chunk] per head ever reaches
-memory, in forward or in backward.
-
-Kernels (every program works on one chunk of one batch row):
-    forward       per (head, block of rows l): y = W @ x_dt, over the column blocks s <= l.
-    d x_dt        per (head, block of columns s): d x_dt = W^T @ dy, over the row blocks l >= s.
-    d scores, d cs per (group, tile (l, s) on or below the diagonal), looping over the group's heads:
-                  dM = dy x_dt^T, d scores = sum over heads of dM * decay (no atomics: one program
-                  owns each tile), and the tile's row and column sums of dM * W, the gradient of the
-                  decay's exponent, written as partial sums per block that a small sum finishes
-                  (deterministic, unlike atomics).
+    forward   the chunks' own states (one matmul per chunk and head), the pass that turns them into
+              the states entering each chunk (a loop over the chunks, in place), and the output
+              (the entering state through C plus the chunk's own inputs, the [chunk, chunk] weights
+              built tile by tile in registers);
+    backward  saves only the inputs and recomputes those states (two cheap passes), then the
+              gradients by five kernels (see `_backward`) and a few small PyTorch sums.
 
 Both directions are `torch.library` custom ops with fake (meta) implementations, so torch.compile
-treats them as opaque calls inside a full graph and never traces Triton itself.
+treats them as opaque calls inside a full graph and never traces Triton itself; the scan needs no
+activation checkpoint around it (it keeps only its inputs).
 
 This module imports Triton at import time; `viaduct.models.mamba.ssd` imports it only where Triton
 is importable. With TRITON_INTERPRET=1 the kernels also run on CPU tensors (slowly), which is how the
@@ -36,344 +27,357 @@ import os
 
 import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
-import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 
-# The dtypes the kernels take: the matmul operands of the scan (float64 stays on the PyTorch path).
+from viaduct.models.mamba import ssd_kernels as k
+
+# The dtypes the kernels take for x, B and C: the matmul operands of the scan (float64 stays on the
+# PyTorch path).
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The widest head and state the kernels keep in registers (float32 [block, width] accumulators).
+MAX_HEAD_DIM = 128
+MAX_STATE_DIM = 256
 # Programs enough to keep an H100's 132 multiprocessors busy (several resident on each).
 _MIN_PROGRAMS = 1024
-# The widest head the kernels keep in registers (an fp32 [block, head_dim] accumulator per program).
-MAX_HEAD_DIM = 128
+# Elements of the flattened [head_dim, state_dim] state per program of the state passes.
+_PASS_BLOCK = 1024
 
 
-def supports(chunk: int, head_dim: int, dtype: torch.dtype) -> bool:
+def supports(chunk: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernels handle this shape: a chunk length that is a power of two of at least 16
-    (the tiles divide it and tl.dot needs 16 along every side), head_dim up to `MAX_HEAD_DIM` (any
-    value: the head is masked up to the next power of two) and a half-precision or float32 dtype."""
+    (the tiles divide it and tl.dot needs 16 along every side), head_dim up to `MAX_HEAD_DIM`,
+    state_dim up to `MAX_STATE_DIM` (any values: both are masked up to the next power of two) and a
+    half-precision or float32 dtype."""
     return (
         chunk >= 16
         and chunk & (chunk - 1) == 0
         and 1 <= head_dim <= MAX_HEAD_DIM
+        and 1 <= state_dim <= MAX_STATE_DIM
         and dtype in SUPPORTED_DTYPES
     )
 
 
-def _tiles(chunk: int, head_dim: int, dtype: torch.dtype, scores_kernel: bool) -> tuple[int, int, int]:
-    """Tile side (rows and columns of the weights), padded head width and warps of a kernel.
-
-    Chosen by compiling for the H100 (sm_90) and reading the registers each program needs: 64 x 64
-    tiles over half-precision operands use wgmma with 8 warps and stay in registers (about 160 to 230
-    a thread, no spills), except the score-gradient kernel with 128-wide heads and every kernel with
-    float32 operands (exact FMA dots), which spill at 64 and take 32 x 32 tiles with 4 warps. Shared
-    memory stays under 100 KiB everywhere, well inside the H100's 227 KiB."""
-    wide = dtype == torch.float32 or (scores_kernel and head_dim > 64)
-    tile = min(chunk, 32 if wide else 64)
-    return tile, max(16, triton.next_power_of_2(head_dim)), 8 if tile == 64 else 4
+def _tile(chunk: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Tile side along the chunk and warps per program. 64 over half-precision operands (wgmma with
+    8 warps on an H100); 32 with 4 warps over float32 operands, whose exact FMA dots need more
+    registers."""
+    tile = min(chunk, 32 if dtype == torch.float32 else 64)
+    return tile, 8 if tile == 64 else 4
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 operands: exact products, as torch's float32 matmul (TF32 off by default) gives;
-    # half-precision operands ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
 
 
-def _upcast_dots(dtype: torch.dtype) -> bool:
-    # Triton's CPU interpreter multiplies bf16 blocks as their raw bits (NumPy has no bfloat16): there
-    # the operands, already rounded to bf16, go to tl.dot as float32, which gives the same products.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input precision, upcast) of the kernels' dots: float32 operands exact, as torch's float32
+    matmul (TF32 off by default) gives; half precision ignores the setting. Triton's CPU interpreter
+    multiplies bf16 blocks as their raw bits (NumPy has no bfloat16): there the operands, already
+    rounded to bf16, go to tl.dot as float32, which gives the same products."""
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return ("ieee" if dtype == torch.float32 else "tf32"), upcast
 
 
-@triton.jit
-def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32 (operands in the op dtype)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PREC)
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """t [b, L, heads or groups, width] with its last dimension contiguous (a copy only if it is
+    not), and its strides over batch, position and head."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1), t.stride(2)
 
 
-@triton.jit
-def _fwd_kernel(
-    S,  # scores [b, g, c, l, s]
-    ACS,  # running sums [b, h, c, l], float32
-    X,  # x_dt [b, c, l, h, p]
-    Y,  # out [b, c, l, h, p], float32
-    NC,  # chunks per row
-    H: tl.constexpr,
-    R: tl.constexpr,  # heads per group
-    Q: tl.constexpr,  # chunk length
-    P: tl.constexpr,  # head_dim
-    BL: tl.constexpr,
-    BS: tl.constexpr,
-    BP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    bc = tl.program_id(0).to(tl.int64)  # batch row * NC + chunk (the 64-bit index keeps offsets safe)
-    h = tl.program_id(1)
-    l0 = tl.program_id(2) * BL
-    b = bc // NC
-    c = bc % NC
-    g = h // R
-    offs_l = l0 + tl.arange(0, BL)
-    offs_p = tl.arange(0, BP)
-    p_ok = offs_p[None, :] < P
-
-    s_base = S + ((b * (H // R) + g) * NC + c) * Q * Q
-    a_base = ACS + ((b * H + h) * NC + c) * Q
-    x_base = X + bc * Q * H * P + h * P
-    cs_l = tl.load(a_base + offs_l)
-    acc = tl.zeros([BL, BP], dtype=tl.float32)
-    # Column blocks up to the diagonal only: the weights above it are zero. (A constant trip count with
-    # a uniform branch rather than a loop bound read from the program id: Triton's CPU interpreter
-    # cannot take a tensor as a range bound under NumPy 2, and the chunk has only a few blocks.)
-    for s0 in range(0, Q, BS):
-        if s0 < l0 + BL:
-            offs_s = s0 + tl.arange(0, BS)
-            sc = tl.load(s_base + offs_l[:, None] * Q + offs_s[None, :]).to(tl.float32)
-            cs_s = tl.load(a_base + offs_s)
-            # The clamp keeps the entries above the diagonal (masked next) from overflowing.
-            decay = tl.exp(tl.minimum(cs_l[:, None] - cs_s[None, :], 0.0))
-            w = tl.where(offs_l[:, None] >= offs_s[None, :], sc * decay, 0.0)
-            xs = tl.load(x_base + offs_s[:, None] * (H * P) + offs_p[None, :], mask=p_ok, other=0.0)
-            acc += _mm(w.to(xs.dtype), xs, DOT_PREC, UPCAST)
-    tl.store(Y + bc * Q * H * P + h * P + offs_l[:, None] * (H * P) + offs_p[None, :], acc, mask=p_ok)
-
-
-@triton.jit
-def _bwd_dx_kernel(
-    S,  # scores [b, g, c, l, s]
-    ACS,  # running sums [b, h, c, l], float32
-    DY,  # gradient of the output [b, c, l, h, p], float32
-    DX,  # out: gradient of x_dt [b, c, l, h, p], x_dt's dtype
-    NC,
-    H: tl.constexpr,
-    R: tl.constexpr,
-    Q: tl.constexpr,
-    P: tl.constexpr,
-    BL: tl.constexpr,
-    BS: tl.constexpr,
-    BP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    bc = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    s0 = tl.program_id(2) * BS
-    b = bc // NC
-    c = bc % NC
-    g = h // R
-    offs_s = s0 + tl.arange(0, BS)
-    offs_p = tl.arange(0, BP)
-    p_ok = offs_p[None, :] < P
-
-    s_base = S + ((b * (H // R) + g) * NC + c) * Q * Q
-    a_base = ACS + ((b * H + h) * NC + c) * Q
-    dy_base = DY + bc * Q * H * P + h * P
-    cs_s = tl.load(a_base + offs_s)
-    acc = tl.zeros([BS, BP], dtype=tl.float32)
-    # Row blocks from the diagonal down (anti-causal): W[l, s] is zero for l < s.
-    for l0 in range(0, Q, BL):
-        if l0 + BL > s0:
-            offs_l = l0 + tl.arange(0, BL)
-            # The transposed tile W^T [s, l], read straight from the row-major scores.
-            sc_t = tl.load(s_base + offs_l[None, :] * Q + offs_s[:, None]).to(tl.float32)
-            cs_l = tl.load(a_base + offs_l)
-            decay_t = tl.exp(tl.minimum(cs_l[None, :] - cs_s[:, None], 0.0))
-            w_t = tl.where(offs_l[None, :] >= offs_s[:, None], sc_t * decay_t, 0.0)
-            dy = tl.load(dy_base + offs_l[:, None] * (H * P) + offs_p[None, :], mask=p_ok, other=0.0)
-            op = DX.dtype.element_ty
-            acc += _mm(w_t.to(op), dy.to(op), DOT_PREC, UPCAST)
-    dx = acc.to(DX.dtype.element_ty)
-    tl.store(DX + bc * Q * H * P + h * P + offs_s[:, None] * (H * P) + offs_p[None, :], dx, mask=p_ok)
-
-
-@triton.jit
-def _bwd_scores_kernel(
-    S,  # scores [b, g, c, l, s]
-    ACS,  # running sums [b, h, c, l], float32
-    X,  # x_dt [b, c, l, h, p]
-    DY,  # gradient of the output [b, c, l, h, p], float32
-    DS,  # out: gradient of the scores [splits, b, g, c, l, s], zero-filled (tiles above the diagonal stay 0)
-    ROW,  # out: partial row sums of dM * W [b * c, h, column blocks, Q], float32, zero-filled
-    COL,  # out: partial column sums of dM * W [b * c, h, row blocks, Q], float32, zero-filled
-    NC,
-    DS_SPLIT,  # elements between the partial sums of DS over the splits of a group's heads
-    H: tl.constexpr,
-    R: tl.constexpr,
-    RS: tl.constexpr,  # heads per split (a divisor of R)
-    Q: tl.constexpr,
-    P: tl.constexpr,
-    BL: tl.constexpr,
-    BS: tl.constexpr,
-    BP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    bc = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) // (R // RS)
-    split = tl.program_id(1) % (R // RS)
-    NSB: tl.constexpr = Q // BS
-    NLB: tl.constexpr = Q // BL
-    lb = tl.program_id(2) // NSB
-    sb = tl.program_id(2) % NSB
-    l0 = lb * BL
-    s0 = sb * BS
-    # Tiles wholly above the diagonal have zero weights and zero gradients: nothing to do.
-    if s0 < l0 + BL:
-        b = bc // NC
-        c = bc % NC
-        offs_l = l0 + tl.arange(0, BL)
-        offs_s = s0 + tl.arange(0, BS)
-        offs_p = tl.arange(0, BP)
-        p_ok = offs_p[None, :] < P
-        causal = offs_l[:, None] >= offs_s[None, :]
-        s_tile = ((b * (H // R) + g) * NC + c) * Q * Q + offs_l[:, None] * Q + offs_s[None, :]
-        sc = tl.load(S + s_tile).to(tl.float32)
-        ds = tl.zeros([BL, BS], dtype=tl.float32)
-        for r in range(RS):
-            h = g * R + split * RS + r
-            a_base = ACS + ((b * H + h) * NC + c) * Q
-            cs_l = tl.load(a_base + offs_l)
-            cs_s = tl.load(a_base + offs_s)
-            diff = cs_l[:, None] - cs_s[None, :]
-            decay = tl.exp(tl.minimum(diff, 0.0))
-            head = bc * Q * H * P + h * P
-            dy = tl.load(DY + head + offs_l[:, None] * (H * P) + offs_p[None, :], mask=p_ok, other=0.0)
-            xs = tl.load(X + head + offs_s[:, None] * (H * P) + offs_p[None, :], mask=p_ok, other=0.0)
-            # dM[l, s] = dy[l] . x_dt[s]: the gradient of the weights.
-            dm = _mm(dy.to(xs.dtype), tl.trans(xs), DOT_PREC, UPCAST)
-            dm_decay = tl.where(causal, dm * decay, 0.0)
-            ds += dm_decay
-            # The gradient of the decay's exponent cs_l - cs_s is dM * W where the clamp at 0 lets it
-            # through (torch's clamp passes the gradient where the value is <= the bound).
-            d_exp = tl.where(diff <= 0.0, dm_decay * sc, 0.0)
-            tl.store(ROW + ((bc * H + h) * NSB + sb) * Q + offs_l, tl.sum(d_exp, axis=1))
-            tl.store(COL + ((bc * H + h) * NLB + lb) * Q + offs_s, tl.sum(d_exp, axis=0))
-        tl.store(DS + split * DS_SPLIT + s_tile, ds.to(DS.dtype.element_ty))
-
-
-def _layouts(
-    scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int, int, int, int]]:
-    """Contiguous scores [b, g, c, l, s], running sums [b, h, c, l] and x_dt [b, c, l, h, p] (x_dt
-    and the running sums are small next to the weights; the copies happen only if needed) and the
-    sizes (b, c, q, g, r, p)."""
-    bsz, nchunks, q, ngroups, rep, head_dim = x_dt.shape
-    acs = a_cumsum.float().contiguous().view(bsz, ngroups * rep, nchunks, q)
-    return scores.contiguous(), acs, x_dt.contiguous(), (bsz, nchunks, q, ngroups, rep, head_dim)
-
-
-@torch.library.custom_op("viaduct::ssd_chunk_diag", mutates_args=())
-def ssd_chunk_diag(scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor) -> torch.Tensor:
-    """y_diag [b, c, l, g, r, p] in float32 from scores [b, g, c, l, s], a_cumsum [b, g, r, c, l]
-    (float32) and x_dt [b, c, l, g, r, p] (scores' dtype)."""
-    s, acs, x, (bsz, nchunks, q, ngroups, rep, head_dim) = _layouts(scores, a_cumsum, x_dt)
-    nheads = ngroups * rep
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    tile, bp, warps = _tiles(q, head_dim, x.dtype, scores_kernel=False)
-    grid = (bsz * nchunks, nheads, q // tile)
-    _fwd_kernel[grid](
-        s,
-        acs,
-        x,
-        y,
-        nchunks,
-        nheads,
-        rep,
-        q,
-        head_dim,
-        tile,
-        tile,
-        bp,
-        _dot_precision(x.dtype),
-        _upcast_dots(x.dtype),
-        num_warps=warps,
-    )
-    return y
-
-
-@ssd_chunk_diag.register_fake
-def _(scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor) -> torch.Tensor:
-    return x_dt.new_empty(x_dt.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("viaduct::ssd_chunk_diag_backward", mutates_args=())
-def ssd_chunk_diag_backward(
-    dy: torch.Tensor, scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `ssd_chunk_diag` for scores, a_cumsum and x_dt, in their dtypes and shapes."""
-    s, acs, x, (bsz, nchunks, q, ngroups, rep, head_dim) = _layouts(scores, a_cumsum, x_dt)
-    nheads = ngroups * rep
-    dy = dy.float().contiguous()
-    prec, upcast = _dot_precision(x.dtype), _upcast_dots(x.dtype)
-
-    tile, bp, warps = _tiles(q, head_dim, x.dtype, scores_kernel=False)
-    dx = torch.empty_like(x)
-    _bwd_dx_kernel[(bsz * nchunks, nheads, q // tile)](
-        s, acs, dy, dx, nchunks, nheads, rep, q, head_dim, tile, tile, bp, prec, upcast, num_warps=warps
+def _split(programs: int, per_group: int) -> int:
+    """How many programs share a group's heads: the fewest (a divisor of the heads per group) that
+    give at least `_MIN_PROGRAMS` programs."""
+    return next(
+        (d for d in range(1, per_group + 1) if per_group % d == 0 and programs * d >= _MIN_PROGRAMS),
+        per_group,
     )
 
-    tile, bp, warps = _tiles(q, head_dim, x.dtype, scores_kernel=True)
-    bl = bs = tile
 
-    # One program per tile and group loops over the group's heads (summing d scores without atomics);
-    # where that leaves too few programs to fill the GPU, the heads are split among a few programs
-    # whose float32 partial sums (a few [chunk, chunk] matrices per group, not per head) are added.
-    tiles = bsz * nchunks * ngroups * (q // bl) * (q // bs + 1) // 2
-    splits = next((d for d in range(1, rep + 1) if rep % d == 0 and tiles * d >= _MIN_PROGRAMS), rep)
-    ds = torch.zeros((splits, *s.shape), dtype=s.dtype if splits == 1 else torch.float32, device=x.device)
-    row = torch.zeros(bsz * nchunks, nheads, q // bs, q, dtype=torch.float32, device=x.device)
-    col = torch.zeros(bsz * nchunks, nheads, q // bl, q, dtype=torch.float32, device=x.device)
-    _bwd_scores_kernel[(bsz * nchunks, ngroups * splits, (q // bl) * (q // bs))](
-        s,
-        acs,
-        x,
-        dy,
-        ds,
-        row,
-        col,
-        nchunks,
-        s.numel(),
-        nheads,
-        rep,
-        rep // splits,
-        q,
-        head_dim,
-        bl,
-        bs,
-        bp,
-        prec,
-        upcast,
-        num_warps=warps,
-    )
-    # d cs[l] = sum_s dE[l, s] - sum_s dE[s, l] with dE the gradient of the exponent cs_l - cs_s.
-    dcs = row.sum(2) - col.sum(2)  # [b * c, h, q]
-    da = dcs.view(bsz, nchunks, ngroups, rep, q).permute(0, 2, 3, 1, 4).contiguous().to(a_cumsum.dtype)
-    # Contiguous results, as the fake implementation below promises the compiler.
-    return ds.sum(0).to(scores.dtype), da, dx.view(x_dt.shape)
+class _Prep:
+    """What both directions derive from the inputs: sizes, the running sums of the log-decays
+    [b, h, chunks, Q] and CB [b, chunks, g, Q, Q] (per group: small)."""
+
+    def __init__(
+        self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, q: int
+    ):
+        self.bsz, self.length, self.nheads, self.head_dim = x.shape
+        self.ngroups, self.d_state = B.shape[2], B.shape[3]
+        self.q, self.nchunks = q, self.length // q
+        self.rep = self.nheads // self.ngroups
+        self.op = x.dtype
+        self.x, *self.sx = _rows(x)
+        self.B, *self.sb = _rows(B)
+        self.C, *self.sc = _rows(C)
+        self.dt = dt.float().contiguous()
+        a = (self.dt * A.float()).view(self.bsz, self.nchunks, q, self.nheads)
+        self.acs = a.permute(0, 3, 1, 2).cumsum(-1).contiguous()  # [b, h, c, Q]
+        Cc = self.C.view(self.bsz, self.nchunks, q, self.ngroups, self.d_state)
+        Bc = self.B.view(self.bsz, self.nchunks, q, self.ngroups, self.d_state)
+        self.cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc).contiguous()
+        self.tile, self.warps = _tile(q, self.op)
+        self.bp, self.bn = _pow2(self.head_dim), _pow2(self.d_state)
+        self.dot_prec, self.upcast = _dot_args(self.op)
+
+    def states_shape(self) -> tuple[int, ...]:
+        return (self.bsz, self.nchunks, self.nheads, self.head_dim, self.d_state)
+
+    def chunk_states(self, u: torch.Tensor, v: torch.Tensor, mode: int) -> torch.Tensor:
+        """`chunk_state_kernel`: the chunks' own states (mode 0: u = x, v = B) or the gradients
+        reaching their entering states (mode 1: u = dy, v = C), [b, c, h, P, N] float32."""
+        u, *su = _rows(u)
+        v, *sv = _rows(v)
+        out = torch.empty(self.states_shape(), dtype=torch.float32, device=u.device)
+        bn = min(self.bn, 128)
+        grid = (self.bsz * self.nchunks, self.nheads, triton.cdiv(self.d_state, bn))
+        k.chunk_state_kernel[grid](
+            u, *su, self.dt, self.acs, v, *sv, out, self.nchunks, self.length,
+            self.nheads, self.rep, self.q, self.head_dim, self.d_state, self.tile, self.bp, bn,
+            mode, self.dot_prec, self.upcast, num_warps=self.warps,
+        )  # fmt: skip
+        return out
+
+    def pass_states(self, states: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
+        """`state_pass_kernel`: `states` becomes the states entering the chunks (in place); returns
+        the final state [b, h, P, N] float32."""
+        pn = self.head_dim * self.d_state
+        final = torch.empty(
+            self.bsz, self.nheads, self.head_dim, self.d_state, dtype=torch.float32, device=states.device
+        )
+        init = final if initial is None else initial.float().contiguous()
+        grid = (self.bsz, self.nheads, triton.cdiv(pn, _PASS_BLOCK))
+        k.state_pass_kernel[grid](
+            states,
+            self.acs,
+            init,
+            final,
+            self.nchunks,
+            self.nheads,
+            self.q,
+            pn,
+            _PASS_BLOCK,
+            initial is not None,
+        )
+        return final
 
 
-@ssd_chunk_diag_backward.register_fake
+def _forward(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    initial_state: torch.Tensor | None, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    s = _Prep(x, dt, A, B, C, chunk_size)
+    entering = s.chunk_states(s.x, s.B, 0)
+    final = s.pass_states(entering, initial_state)
+    y = torch.empty(s.bsz, s.length, s.nheads, s.head_dim, dtype=torch.float32, device=x.device)
+    grid = (s.bsz * s.nchunks, s.nheads, s.q // s.tile)
+    k.chunk_scan_kernel[grid](
+        s.x, *s.sx, s.dt, s.acs, s.cb, s.C, *s.sc, entering, y, s.nchunks, s.length,
+        s.nheads, s.rep, s.ngroups, s.q, s.head_dim, s.d_state, s.tile, s.tile, s.bp, min(s.bn, 128),
+        s.dot_prec, s.upcast, num_warps=s.warps,
+    )  # fmt: skip
+    return y, final
+
+
+@torch.library.custom_op("viaduct::ssd_scan", mutates_args=())
+def ssd_scan_op(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y [b, L, h, p] and the final state [b, h, p, n], both float32, from x [b, L, h, p], dt [b, L, h]
+    (float32), A [h], B and C [b, L, g, n] (x's dtype) and an optional initial state [b, h, p, n];
+    L a multiple of chunk_size."""
+    return _forward(x, dt, A, B, C, initial_state, chunk_size)
+
+
+@ssd_scan_op.register_fake
 def _(
-    dy: torch.Tensor, scores: torch.Tensor, a_cumsum: torch.Tensor, x_dt: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return scores.new_empty(scores.shape), a_cumsum.new_empty(a_cumsum.shape), x_dt.new_empty(x_dt.shape)
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    initial_state: torch.Tensor | None, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    b, _, h, p = x.shape
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((b, h, p, B.shape[3]), dtype=torch.float32)
+
+
+def _backward(
+    dy: torch.Tensor, d_final: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of x, dt, A, B, C and the initial state (x, B, C in their dtypes; the rest float32).
+
+    1. Recompute the states entering the chunks (forward's first two kernels).
+    2. The gradient reaching each entering state from its chunk's outputs (`chunk_state_kernel`,
+       mode 1), passed backwards over the chunks into each chunk's own-state gradient and the chunk
+       decays' gradients (`state_pass_backward_kernel`).
+    3. d x and d dt through xdt (`chunk_dx_kernel`); d CB and the within-chunk decay exponents
+       (`chunk_cb_backward_kernel`); C's gradient through the entering states and B's through the
+       own states, with their exponents' gradients (`head_sum_kernel`, modes 0 and 1).
+    4. In PyTorch: d CB into d B and d C, the exponents' gradients summed per position and
+       back through the running sum into d dt and d A.
+    """
+    s = _Prep(x, dt, A, B, C, chunk_size)
+    bsz, length, nh, nc, q, ng = s.bsz, s.length, s.nheads, s.nchunks, s.q, s.ngroups
+    dev = x.device
+    dy = dy.float().contiguous()
+
+    entering = s.chunk_states(s.x, s.B, 0)
+    s.pass_states(entering, initial_state)
+    d_states = s.chunk_states(dy, s.C, 1)
+    pn = s.head_dim * s.d_state
+    nblocks = triton.cdiv(pn, _PASS_BLOCK)
+    d_decay = torch.empty(bsz, nh, nc, nblocks, dtype=torch.float32, device=dev)
+    d_init = torch.empty(bsz, nh, s.head_dim, s.d_state, dtype=torch.float32, device=dev)
+    dfin = d_init if d_final is None else d_final.float().contiguous()
+    k.state_pass_backward_kernel[(bsz, nh, nblocks)](
+        d_states,
+        entering,
+        s.acs,
+        dfin,
+        d_init,
+        d_decay,
+        nc,
+        nblocks,
+        nh,
+        q,
+        pn,
+        _PASS_BLOCK,
+        d_final is not None,
+    )
+
+    dx = torch.empty(bsz, length, nh, s.head_dim, dtype=s.op, device=dev)
+    ddt = torch.empty(bsz, length, nh, dtype=torch.float32, device=dev)
+    k.chunk_dx_kernel[(bsz * nc, nh, q // s.tile)](
+        s.x, *s.sx, s.dt, s.acs, s.cb, s.B, *s.sb, d_states, dy, dx, ddt, nc, length,
+        nh, s.rep, ng, q, s.head_dim, s.d_state, s.tile, s.tile, s.bp, min(s.bn, 128),
+        s.dot_prec, s.upcast, num_warps=s.warps,
+    )  # fmt: skip
+
+    # One program per tile and group loops over the group's heads; where that leaves too few
+    # programs to fill the GPU, the heads are split among a few programs whose float32 partial sums
+    # (a few [chunk, chunk] matrices per group, not per head) are added. Heads wider than 64 spill
+    # at 64 x 64 tiles in this kernel: half the tile there.
+    tile = s.tile if s.head_dim <= 64 else min(s.tile, 32)
+    nt = q // tile
+    splits = _split(bsz * nc * ng * nt * (nt + 1) // 2, s.rep)
+    dcb = torch.zeros((splits, *s.cb.shape), dtype=torch.float32, device=dev)
+    row = torch.zeros(bsz * nc, nh, nt, q, dtype=torch.float32, device=dev)
+    col = torch.zeros_like(row)
+    k.chunk_cb_backward_kernel[(bsz * nc, ng * splits, nt * nt)](
+        s.x, *s.sx, s.dt, s.acs, s.cb, dy, dcb, row, col, nc, length, s.cb.numel(),
+        nh, s.rep, s.rep // splits, ng, q, s.head_dim, tile, tile, s.bp,
+        s.dot_prec, s.upcast, num_warps=8 if tile == 64 else 4,
+    )  # fmt: skip
+    dcb_sum = dcb.sum(0)
+
+    # B and C's gradients through the states, and the exponents' gradients that come with them.
+    br = min(q, 64 if s.d_state <= 128 and s.op != torch.float32 else 32)
+    hs_splits = _split(bsz * nc * ng * (q // br), s.rep)
+    d_c = torch.empty(hs_splits, bsz, length, ng, s.d_state, dtype=torch.float32, device=dev)
+    d_b = torch.empty_like(d_c)
+    d_exp_c = torch.empty(bsz, length, nh, dtype=torch.float32, device=dev)
+    d_exp_b = torch.empty_like(d_exp_c)
+    for mode, u, v, w, out, rowdot in (
+        (0, dy, entering, s.C, d_c, d_exp_c),
+        (1, s.x, d_states, s.B, d_b, d_exp_b),
+    ):
+        u, *su = _rows(u)
+        w, *sw = _rows(w)
+        k.head_sum_kernel[(bsz * nc, ng * hs_splits, q // br)](
+            u, *su, s.dt, s.acs, v, w, *sw, out, rowdot, nc, length, out[0].numel(),
+            nh, s.rep, s.rep // hs_splits, ng, q, s.head_dim, s.d_state, br, s.bp, s.bn,
+            mode, s.dot_prec, s.upcast, num_warps=4 if br == 32 else 8,
+        )  # fmt: skip
+
+    # d CB [b, c, g, l, s] into B and C (small per-group matmuls, float32).
+    Cc = s.C.view(bsz, nc, q, ng, s.d_state).float()
+    Bc = s.B.view(bsz, nc, q, ng, s.d_state).float()
+    dC = d_c.sum(0) + torch.einsum("bcgls,bcsgn->bclgn", dcb_sum, Bc).reshape(bsz, length, ng, s.d_state)
+    dB = d_b.sum(0) + torch.einsum("bcgls,bclgn->bcsgn", dcb_sum, Cc).reshape(bsz, length, ng, s.d_state)
+
+    # The exponents' gradients, per position of each head's running sum [b, h, c, Q].
+    def per_chunk(t: torch.Tensor) -> torch.Tensor:  # [b, L, h] -> [b, h, c, Q]
+        return t.view(bsz, nc, q, nh).permute(0, 3, 1, 2)
+
+    d_exp_b = per_chunk(d_exp_b)
+    d_acs = (row.sum(2) - col.sum(2)).view(bsz, nc, nh, q).permute(0, 2, 1, 3) + per_chunk(d_exp_c) - d_exp_b
+    d_end = d_exp_b.sum(-1) + d_decay.sum(-1)  # cs[Q-1] of each chunk: the state's decay to the chunk end
+    d_acs = torch.cat([d_acs[..., :-1], d_acs[..., -1:] + d_end[..., None]], dim=-1)
+    # Back through the running sum (a reversed cumulative sum) to each step's log-decay dt * A.
+    d_a = d_acs.flip(-1).cumsum(-1).flip(-1).permute(0, 2, 3, 1).reshape(bsz, length, nh)
+    d_dt = ddt + d_a * A.float()
+    d_A = (d_a * s.dt).sum((0, 1))
+    return dx, d_dt, d_A.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), d_init
+
+
+@torch.library.custom_op("viaduct::ssd_scan_backward", mutates_args=())
+def ssd_scan_backward_op(
+    dy: torch.Tensor,
+    d_final: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `ssd_scan_op`'s x, dt, A, B, C and initial state (zeros' worth if it had none)."""
+    dx, d_dt, d_A, dB, dC, d_init = _backward(dy, d_final, x, dt, A, B, C, initial_state, chunk_size)
+    return dx, d_dt, d_A, dB.contiguous(), dC.contiguous(), d_init
+
+
+@ssd_scan_backward_op.register_fake
+def _(
+    dy: torch.Tensor, d_final: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    b, _, h, p = x.shape
+    f32 = torch.float32
+    return (
+        x.new_empty(x.shape),
+        dt.new_empty(dt.shape, dtype=f32),
+        A.new_empty(A.shape),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        x.new_empty((b, h, p, B.shape[3]), dtype=f32),
+    )
 
 
 def _setup_context(
     ctx: torch.autograd.function.FunctionCtx,
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    output: torch.Tensor,
+    inputs: tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int
+    ],
+    output: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
-    ctx.save_for_backward(*inputs)
+    x, dt, A, B, C, initial_state, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C, initial_state)  # type: ignore[arg-type]  # None is saved as None
+    ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+    ctx.has_initial = initial_state is not None  # type: ignore[attr-defined]
 
 
-def _backward(
-    ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scores, a_cumsum, x_dt = ctx.saved_tensors  # type: ignore[attr-defined]
-    return ssd_chunk_diag_backward(dy, scores, a_cumsum, x_dt)
+def _autograd_backward(
+    ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor | None, d_final: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    x, dt, A, B, C, initial_state = ctx.saved_tensors  # type: ignore[attr-defined]
+    if dy is None:
+        dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dx, d_dt, d_A, dB, dC, d_init = ssd_scan_backward_op(
+        dy,
+        d_final,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        initial_state,
+        ctx.chunk_size,  # type: ignore[attr-defined]
+    )
+    return dx, d_dt, d_A, dB, dC, (d_init if ctx.has_initial else None), None  # type: ignore[attr-defined]
 
 
-ssd_chunk_diag.register_autograd(_backward, setup_context=_setup_context)
+ssd_scan_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -1,0 +1,491 @@
+"""Triton kernels of the fused SSD scan (`viaduct.models.mamba.ssd_triton` launches them).
+
+Notation (one batch row b, one chunk c of Q positions, one head h of group g):
+
+    cs[l]      running sum of the head's log-decays dt * A over the chunk (float32, `ACS`)
+    xdt[s]     x[s] * dt[s], rounded to the operand dtype before every matmul
+    CB[l, s]   C[l] . B[s] of the group (`CB`, computed once per chunk and group)
+    S          the state entering the chunk [P, N] (float32)
+
+    y[l]   = exp(cs[l]) C[l] S^T  +  sum_{s <= l} CB[l, s] exp(cs[l] - cs[s]) xdt[s]
+    S_next = exp(cs[Q-1]) S  +  sum_s exp(cs[Q-1] - cs[s]) xdt[s] B[s]^T
+
+Every program works on one chunk of one batch row (program id 0 is b * chunks + c). Tensors of
+positions ([b, L, ...]: x, dt, B, C, y, dy) are addressed by their strides, so views from the mixer
+need no copies; per-chunk tensors (running sums, CB, states) are contiguous. Matmul operands are in
+the inputs' dtype (bf16 on a GPU) with float32 accumulation; decays and states stay float32, as
+Mamba-2's reference kernels keep them. No kernel writes a [chunk, chunk] matrix per head to memory.
+"""
+
+from __future__ import annotations
+
+import triton  # type: ignore[import-not-found,unused-ignore]
+import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
+
+
+@triton.jit
+def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32 (operands in the op dtype; UPCAST: as float32, for Triton's CPU
+    interpreter, which multiplies bf16 blocks as raw bits)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def chunk_state_kernel(
+    U,  # per-position rows [b, L, h, P] (x, or dy), strided
+    su_b,
+    su_l,
+    su_h,
+    DT,  # time steps [b, L, h] float32, contiguous
+    ACS,  # running sums [b, h, NC, Q] float32
+    V,  # per-position group rows [b, L, g, N] (B, or C), strided
+    sv_b,
+    sv_l,
+    sv_g,
+    OUT,  # [b, NC, h, P, N] float32
+    NC,
+    L,
+    H: tl.constexpr,
+    R: tl.constexpr,  # heads per group
+    Q: tl.constexpr,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    BL: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,  # 0: xdt rows decayed to the chunk's end; 1: dy rows decayed from its start
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """OUT[p, n] = sum_l (U[l, p] * scale[l]) V[l, n]: the state a chunk adds from zero (MODE 0:
+    scale = dt exp(cs[Q-1] - cs), U = x, V = B) or the gradient reaching the state that entered it
+    from its outputs (MODE 1: scale = exp(cs), U = dy, V = C)."""
+    bc = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    b = bc // NC
+    c = bc % NC
+    g = h // R
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
+    p_ok = offs_p < P
+    n_ok = offs_n < N
+    a_base = ACS + ((b * H + h) * NC + c) * Q
+    cs_end = tl.load(a_base + Q - 1)
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for l0 in range(0, Q, BL):
+        t = c * Q + l0 + tl.arange(0, BL)
+        cs = tl.load(a_base + l0 + tl.arange(0, BL))
+        if MODE == 0:
+            scale = tl.load(DT + (b * L + t) * H + h) * tl.exp(cs_end - cs)
+        else:
+            scale = tl.exp(cs)
+        u = tl.load(
+            U + b * su_b + t[:, None] * su_l + h * su_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            V + b * sv_b + t[:, None] * sv_l + g * sv_g + offs_n[None, :], mask=n_ok[None, :], other=0.0
+        )
+        us = (u.to(tl.float32) * scale[:, None]).to(v.dtype)
+        acc += _mm(tl.trans(us), v, DOT_PREC, UPCAST)
+    out = OUT + ((bc * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    tl.store(out, acc, mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def state_pass_kernel(
+    ST,  # in: each chunk's own state [b, NC, h, P*N] float32; out: the state entering each chunk
+    ACS,  # running sums [b, h, NC, Q]
+    INIT,  # state before the first chunk [b, h, P*N] float32 (read if HAS_INIT)
+    FINAL,  # out: the state after the last chunk [b, h, P*N] float32
+    NC,
+    H: tl.constexpr,
+    Q: tl.constexpr,
+    PN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+):
+    """S_in(0) = INIT; S_in(c + 1) = exp(cs_c[Q-1]) S_in(c) + ST[c], in place over ST."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < PN
+    if HAS_INIT:
+        s = tl.load(INIT + (b * H + h) * PN + offs, mask=ok, other=0.0)
+    else:
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(0, NC):
+        ptr = ST + ((b * NC + c) * H + h) * PN + offs
+        own = tl.load(ptr, mask=ok, other=0.0)
+        tl.store(ptr, s, mask=ok)
+        s = tl.exp(tl.load(ACS + ((b * H + h) * NC + c) * Q + Q - 1)) * s + own
+    tl.store(FINAL + (b * H + h) * PN + offs, s, mask=ok)
+
+
+@triton.jit
+def state_pass_backward_kernel(
+    DS,  # in: gradient reaching each chunk's entering state from its outputs [b, NC, h, P*N];
+    # out: gradient of each chunk's own state
+    ENT,  # the states entering the chunks [b, NC, h, P*N]
+    ACS,  # running sums [b, h, NC, Q]
+    DFINAL,  # gradient of the final state [b, h, P*N] (read if HAS_DFINAL)
+    DINIT,  # out: gradient of the initial state [b, h, P*N]
+    DDECAY,  # out: partial sums of the gradient of each chunk's log-decay [b, h, NC, blocks]
+    NC,
+    NBLOCKS,
+    H: tl.constexpr,
+    Q: tl.constexpr,
+    PN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+):
+    """The pass backwards: G(NC) = DFINAL; own-state gradient of chunk c = G(c + 1);
+    G(c) = DS[c] + exp(A_c) G(c + 1); d A_c = exp(A_c) sum(G(c + 1) * S_in(c)) (A_c = cs_c[Q-1])."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    blk = tl.program_id(2)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < PN
+    if HAS_DFINAL:
+        grad = tl.load(DFINAL + (b * H + h) * PN + offs, mask=ok, other=0.0)
+    else:
+        grad = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, NC):
+        c = NC - 1 - i
+        ptr = (b * NC + c) * H * PN + h * PN + offs
+        direct = tl.load(DS + ptr, mask=ok, other=0.0)
+        tl.store(DS + ptr, grad, mask=ok)
+        decay = tl.exp(tl.load(ACS + ((b * H + h) * NC + c) * Q + Q - 1))
+        entering = tl.load(ENT + ptr, mask=ok, other=0.0)
+        tl.store(DDECAY + ((b * H + h) * NC + c) * NBLOCKS + blk, decay * tl.sum(grad * entering, axis=0))
+        grad = direct + decay * grad
+    tl.store(DINIT + (b * H + h) * PN + offs, grad, mask=ok)
+
+
+@triton.jit
+def chunk_scan_kernel(
+    X,  # x [b, L, h, P], strided
+    sx_b,
+    sx_l,
+    sx_h,
+    DT,  # [b, L, h] float32
+    ACS,  # [b, h, NC, Q]
+    CB,  # [b, NC, g, Q, Q] (the operand dtype)
+    C,  # [b, L, g, N], strided
+    sc_b,
+    sc_l,
+    sc_g,
+    ENT,  # states entering the chunks [b, NC, h, P, N] float32
+    Y,  # out [b, L, h, P] float32, contiguous
+    NC,
+    L,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    G: tl.constexpr,
+    Q: tl.constexpr,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    BL: tl.constexpr,
+    BS: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """y for one block of rows l of one head: the entering state read through C, plus the chunk's
+    own inputs weighted by CB and the decays (column blocks up to the diagonal only)."""
+    bc = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    l0 = tl.program_id(2) * BL
+    b = bc // NC
+    c = bc % NC
+    g = h // R
+    offs_l = l0 + tl.arange(0, BL)
+    t_l = c * Q + offs_l
+    offs_p = tl.arange(0, BP)
+    p_ok = offs_p < P
+    a_base = ACS + ((b * H + h) * NC + c) * Q
+    cs_l = tl.load(a_base + offs_l)
+
+    acc = tl.zeros([BL, BP], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < N
+        cm = tl.load(
+            C + b * sc_b + t_l[:, None] * sc_l + g * sc_g + offs_n[None, :], mask=n_ok[None, :], other=0.0
+        )
+        # The state transposed, [BN, BP], read from its [P, N] layout.
+        st = tl.load(
+            ENT + ((bc * H + h) * P + offs_p[None, :]) * N + offs_n[:, None],
+            mask=p_ok[None, :] & n_ok[:, None],
+            other=0.0,
+        )
+        acc += _mm(cm, st.to(cm.dtype), DOT_PREC, UPCAST)
+    acc = acc * tl.exp(cs_l)[:, None]
+
+    cb_base = CB + (bc * G + g) * Q * Q
+    # Column blocks up to the diagonal: the weights above it are zero. (A constant trip count with a
+    # uniform branch: Triton's CPU interpreter cannot take a tensor as a range bound.)
+    for s0 in range(0, Q, BS):
+        if s0 < l0 + BL:
+            offs_s = s0 + tl.arange(0, BS)
+            t_s = c * Q + offs_s
+            sc = tl.load(cb_base + offs_l[:, None] * Q + offs_s[None, :]).to(tl.float32)
+            cs_s = tl.load(a_base + offs_s)
+            # The clamp keeps the entries above the diagonal (masked next) from overflowing.
+            decay = tl.exp(tl.minimum(cs_l[:, None] - cs_s[None, :], 0.0))
+            w = tl.where(offs_l[:, None] >= offs_s[None, :], sc * decay, 0.0)
+            xs = tl.load(
+                X + b * sx_b + t_s[:, None] * sx_l + h * sx_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
+            )
+            dts = tl.load(DT + (b * L + t_s) * H + h)
+            xdt = (xs.to(tl.float32) * dts[:, None]).to(xs.dtype)
+            acc += _mm(w.to(xs.dtype), xdt, DOT_PREC, UPCAST)
+    tl.store(Y + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :], acc, mask=p_ok[None, :])
+
+
+@triton.jit
+def chunk_dx_kernel(
+    X,  # x [b, L, h, P], strided
+    sx_b,
+    sx_l,
+    sx_h,
+    DT,  # [b, L, h] float32
+    ACS,  # [b, h, NC, Q]
+    CB,  # [b, NC, g, Q, Q]
+    B,  # [b, L, g, N], strided
+    sb_b,
+    sb_l,
+    sb_g,
+    DST,  # gradient of each chunk's own state [b, NC, h, P, N] float32
+    DY,  # [b, L, h, P] float32, contiguous
+    DX,  # out [b, L, h, P] in x's dtype, contiguous
+    DDT,  # out [b, L, h] float32: the time step's gradient through xdt
+    NC,
+    L,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    G: tl.constexpr,
+    Q: tl.constexpr,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    BL: tl.constexpr,
+    BS: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """d xdt[s] = sum_{l >= s} CB[l, s] exp(cs[l] - cs[s]) dy[l] + exp(cs[Q-1] - cs[s]) B[s] dS^T
+    for one block of positions s of one head; from it d x = d xdt * dt and d dt = d xdt . x."""
+    bc = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s0 = tl.program_id(2) * BS
+    b = bc // NC
+    c = bc % NC
+    g = h // R
+    offs_s = s0 + tl.arange(0, BS)
+    t_s = c * Q + offs_s
+    offs_p = tl.arange(0, BP)
+    p_ok = offs_p < P
+    a_base = ACS + ((b * H + h) * NC + c) * Q
+    cs_s = tl.load(a_base + offs_s)
+    cs_end = tl.load(a_base + Q - 1)
+    xs = tl.load(
+        X + b * sx_b + t_s[:, None] * sx_l + h * sx_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
+    )
+    op = xs.dtype
+
+    acc = tl.zeros([BS, BP], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < N
+        bm = tl.load(
+            B + b * sb_b + t_s[:, None] * sb_l + g * sb_g + offs_n[None, :], mask=n_ok[None, :], other=0.0
+        )
+        dst = tl.load(
+            DST + ((bc * H + h) * P + offs_p[None, :]) * N + offs_n[:, None],
+            mask=p_ok[None, :] & n_ok[:, None],
+            other=0.0,
+        )
+        acc += _mm(bm, dst.to(bm.dtype), DOT_PREC, UPCAST)
+    acc = acc * tl.exp(cs_end - cs_s)[:, None]
+
+    cb_base = CB + (bc * G + g) * Q * Q
+    # Row blocks from the diagonal down (anti-causal): the weights are zero for l < s.
+    for l0 in range(0, Q, BL):
+        if l0 + BL > s0:
+            offs_l = l0 + tl.arange(0, BL)
+            t_l = c * Q + offs_l
+            # The transposed tile [s, l], read straight from the row-major CB.
+            sc_t = tl.load(cb_base + offs_l[None, :] * Q + offs_s[:, None]).to(tl.float32)
+            cs_l = tl.load(a_base + offs_l)
+            decay_t = tl.exp(tl.minimum(cs_l[None, :] - cs_s[:, None], 0.0))
+            w_t = tl.where(offs_l[None, :] >= offs_s[:, None], sc_t * decay_t, 0.0)
+            dy = tl.load(
+                DY + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :], mask=p_ok[None, :], other=0.0
+            )
+            acc += _mm(w_t.to(op), dy.to(op), DOT_PREC, UPCAST)
+    dts = tl.load(DT + (b * L + t_s) * H + h)
+    tl.store(
+        DX + ((b * L + t_s[:, None]) * H + h) * P + offs_p[None, :],
+        (acc * dts[:, None]).to(DX.dtype.element_ty),
+        mask=p_ok[None, :],
+    )
+    tl.store(DDT + (b * L + t_s) * H + h, tl.sum(acc * xs.to(tl.float32), axis=1))
+
+
+@triton.jit
+def chunk_cb_backward_kernel(
+    X,  # x [b, L, h, P], strided
+    sx_b,
+    sx_l,
+    sx_h,
+    DT,  # [b, L, h] float32
+    ACS,  # [b, h, NC, Q]
+    CB,  # [b, NC, g, Q, Q]
+    DY,  # [b, L, h, P] float32, contiguous
+    DCB,  # out: [splits, b, NC, g, Q, Q], zero-filled (tiles above the diagonal stay 0)
+    ROW,  # out: partial row sums of dM * W [b * NC, h, column blocks, Q] float32
+    COL,  # out: partial column sums of dM * W [b * NC, h, row blocks, Q] float32
+    NC,
+    L,
+    DCB_SPLIT,  # elements between the partial sums of DCB over the splits of a group's heads
+    H: tl.constexpr,
+    R: tl.constexpr,
+    RS: tl.constexpr,  # heads per split (a divisor of R)
+    G: tl.constexpr,
+    Q: tl.constexpr,
+    P: tl.constexpr,
+    BL: tl.constexpr,
+    BS: tl.constexpr,
+    BP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Per group and tile (l, s) on or below the diagonal, looping over the group's heads:
+    dM = dy xdt^T (the gradient of the weights W = CB * decay), d CB = sum over heads of dM * decay
+    (one program owns each tile: no atomics), and the tile's row and column sums of dM * W, the
+    gradient of the decay's exponent cs[l] - cs[s], as partial sums per block (deterministic)."""
+    bc = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) // (R // RS)
+    split = tl.program_id(1) % (R // RS)
+    NSB: tl.constexpr = Q // BS
+    NLB: tl.constexpr = Q // BL
+    lb = tl.program_id(2) // NSB
+    sb = tl.program_id(2) % NSB
+    l0 = lb * BL
+    s0 = sb * BS
+    # Tiles wholly above the diagonal have zero weights and zero gradients: nothing to do.
+    if s0 < l0 + BL:
+        b = bc // NC
+        c = bc % NC
+        offs_l = l0 + tl.arange(0, BL)
+        offs_s = s0 + tl.arange(0, BS)
+        t_l = c * Q + offs_l
+        t_s = c * Q + offs_s
+        offs_p = tl.arange(0, BP)
+        p_ok = offs_p[None, :] < P
+        causal = offs_l[:, None] >= offs_s[None, :]
+        tile = (bc * G + g) * Q * Q + offs_l[:, None] * Q + offs_s[None, :]
+        sc = tl.load(CB + tile).to(tl.float32)
+        dcb = tl.zeros([BL, BS], dtype=tl.float32)
+        for r in range(RS):
+            h = g * R + split * RS + r
+            a_base = ACS + ((b * H + h) * NC + c) * Q
+            cs_l = tl.load(a_base + offs_l)
+            cs_s = tl.load(a_base + offs_s)
+            diff = cs_l[:, None] - cs_s[None, :]
+            decay = tl.exp(tl.minimum(diff, 0.0))
+            dy = tl.load(DY + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :], mask=p_ok, other=0.0)
+            xs = tl.load(
+                X + b * sx_b + t_s[:, None] * sx_l + h * sx_h + offs_p[None, :], mask=p_ok, other=0.0
+            )
+            xdt = (xs.to(tl.float32) * tl.load(DT + (b * L + t_s) * H + h)[:, None]).to(xs.dtype)
+            dm = _mm(dy.to(xs.dtype), tl.trans(xdt), DOT_PREC, UPCAST)
+            dm_decay = tl.where(causal, dm * decay, 0.0)
+            dcb += dm_decay
+            # The exponent's gradient is dM * W where the clamp at 0 lets it through (torch's clamp
+            # passes the gradient where the value is <= the bound).
+            d_exp = tl.where(diff <= 0.0, dm_decay * sc, 0.0)
+            tl.store(ROW + ((bc * H + h) * NSB + sb) * Q + offs_l, tl.sum(d_exp, axis=1))
+            tl.store(COL + ((bc * H + h) * NLB + lb) * Q + offs_s, tl.sum(d_exp, axis=0))
+        tl.store(DCB + split * DCB_SPLIT + tile, dcb.to(DCB.dtype.element_ty))
+
+
+@triton.jit
+def head_sum_kernel(
+    U,  # per-position rows [b, L, h, P] (dy, or x), strided
+    su_b,
+    su_l,
+    su_h,
+    DT,  # [b, L, h] float32
+    ACS,  # [b, h, NC, Q]
+    V,  # per-chunk states [b, NC, h, P, N] float32 (entering states, or own-state gradients)
+    W,  # per-position group rows [b, L, g, N] (C, or B), strided
+    sw_b,
+    sw_l,
+    sw_g,
+    OUT,  # out: [splits, b, L, g, N] float32
+    ROWDOT,  # out: [b, L, h] float32
+    NC,
+    L,
+    OUT_SPLIT,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    RS: tl.constexpr,
+    G: tl.constexpr,
+    Q: tl.constexpr,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    BR: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,  # N up to a power of two: a program holds whole rows of N
+    MODE: tl.constexpr,  # 0: exp(cs) (dy, entering, C); 1: dt exp(cs[Q-1] - cs) (x, dS, B)
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """For one block of rows of one group, summed over (a split of) its heads:
+    M_h = (U_h * scale_h) V_h [rows, N], OUT = sum_h M_h, and per head ROWDOT = sum_n W * M_h.
+
+    MODE 0 gives C's gradient through the entering state and (ROWDOT) the exponent cs[l]'s;
+    MODE 1 gives B's gradient through the chunk's own state and (ROWDOT) the gradient of the decay
+    exponent cs[Q-1] - cs[s] of that state."""
+    bc = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) // (R // RS)
+    split = tl.program_id(1) % (R // RS)
+    r0 = tl.program_id(2) * BR
+    b = bc // NC
+    c = bc % NC
+    offs_r = r0 + tl.arange(0, BR)
+    t = c * Q + offs_r
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    p_ok = offs_p < P
+    n_ok = offs_n < N
+    w = tl.load(W + b * sw_b + t[:, None] * sw_l + g * sw_g + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+    op = w.dtype
+    acc = tl.zeros([BR, BN], dtype=tl.float32)
+    for i in range(RS):
+        h = g * R + split * RS + i
+        a_base = ACS + ((b * H + h) * NC + c) * Q
+        cs = tl.load(a_base + offs_r)
+        if MODE == 0:
+            scale = tl.exp(cs)
+        else:
+            scale = tl.load(DT + (b * L + t) * H + h) * tl.exp(tl.load(a_base + Q - 1) - cs)
+        u = tl.load(
+            U + b * su_b + t[:, None] * su_l + h * su_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            V + ((bc * H + h) * P + offs_p[:, None]) * N + offs_n[None, :],
+            mask=p_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        m = _mm((u.to(tl.float32) * scale[:, None]).to(op), v.to(op), DOT_PREC, UPCAST)
+        acc += m
+        tl.store(ROWDOT + (b * L + t) * H + h, tl.sum(m * w.to(tl.float32), axis=1))
+    out = OUT + split * OUT_SPLIT + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :]
+    tl.store(out, acc, mask=n_ok[None, :])
