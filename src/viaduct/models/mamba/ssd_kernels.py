@@ -34,6 +34,20 @@ def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, rows, stride, cols, width):
+    """The [rows, cols] tile at base + row * stride + col, columns from `width` on read as 0 (the
+    rows of a per-position tensor: its positions, and a head's or group's channels)."""
+    return tl.load(base + rows[:, None] * stride + cols[None, :], mask=cols[None, :] < width, other=0.0)
+
+
+@triton.jit
+def _state_t(base, offs_p, offs_n, P, N):
+    """A row-major [P, N] state at base, read transposed as [len(offs_n), len(offs_p)]."""
+    mask = (offs_p[None, :] < P) & (offs_n[:, None] < N)
+    return tl.load(base + offs_p[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
 def chunk_state_kernel(
     U,  # per-position rows [b, L, h, P] (x, or dy), strided
     su_b,
@@ -82,12 +96,8 @@ def chunk_state_kernel(
             scale = tl.load(DT + (b * L + t) * H + h) * tl.exp(cs_end - cs)
         else:
             scale = tl.exp(cs)
-        u = tl.load(
-            U + b * su_b + t[:, None] * su_l + h * su_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
-        )
-        v = tl.load(
-            V + b * sv_b + t[:, None] * sv_l + g * sv_g + offs_n[None, :], mask=n_ok[None, :], other=0.0
-        )
+        u = _tile(U + b * su_b + h * su_h, t, su_l, offs_p, P)
+        v = _tile(V + b * sv_b + g * sv_g, t, sv_l, offs_n, N)
         us = (u.to(tl.float32) * scale[:, None]).to(v.dtype)
         acc += _mm(tl.trans(us), v, DOT_PREC, UPCAST)
     out = OUT + ((bc * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
@@ -212,16 +222,8 @@ def chunk_scan_kernel(
     acc = tl.zeros([BL, BP], dtype=tl.float32)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
-        n_ok = offs_n < N
-        cm = tl.load(
-            C + b * sc_b + t_l[:, None] * sc_l + g * sc_g + offs_n[None, :], mask=n_ok[None, :], other=0.0
-        )
-        # The state transposed, [BN, BP], read from its [P, N] layout.
-        st = tl.load(
-            ENT + ((bc * H + h) * P + offs_p[None, :]) * N + offs_n[:, None],
-            mask=p_ok[None, :] & n_ok[:, None],
-            other=0.0,
-        )
+        cm = _tile(C + b * sc_b + g * sc_g, t_l, sc_l, offs_n, N)
+        st = _state_t(ENT + (bc * H + h) * P * N, offs_p, offs_n, P, N)
         acc += _mm(cm, st.to(cm.dtype), DOT_PREC, UPCAST)
     acc = acc * tl.exp(cs_l)[:, None]
 
@@ -237,9 +239,7 @@ def chunk_scan_kernel(
             # The clamp keeps the entries above the diagonal (masked next) from overflowing.
             decay = tl.exp(tl.minimum(cs_l[:, None] - cs_s[None, :], 0.0))
             w = tl.where(offs_l[:, None] >= offs_s[None, :], sc * decay, 0.0)
-            xs = tl.load(
-                X + b * sx_b + t_s[:, None] * sx_l + h * sx_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
-            )
+            xs = _tile(X + b * sx_b + h * sx_h, t_s, sx_l, offs_p, P)
             dts = tl.load(DT + (b * L + t_s) * H + h)
             xdt = (xs.to(tl.float32) * dts[:, None]).to(xs.dtype)
             acc += _mm(w.to(xs.dtype), xdt, DOT_PREC, UPCAST)
@@ -293,23 +293,14 @@ def chunk_dx_kernel(
     a_base = ACS + ((b * H + h) * NC + c) * Q
     cs_s = tl.load(a_base + offs_s)
     cs_end = tl.load(a_base + Q - 1)
-    xs = tl.load(
-        X + b * sx_b + t_s[:, None] * sx_l + h * sx_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
-    )
+    xs = _tile(X + b * sx_b + h * sx_h, t_s, sx_l, offs_p, P)
     op = xs.dtype
 
     acc = tl.zeros([BS, BP], dtype=tl.float32)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
-        n_ok = offs_n < N
-        bm = tl.load(
-            B + b * sb_b + t_s[:, None] * sb_l + g * sb_g + offs_n[None, :], mask=n_ok[None, :], other=0.0
-        )
-        dst = tl.load(
-            DST + ((bc * H + h) * P + offs_p[None, :]) * N + offs_n[:, None],
-            mask=p_ok[None, :] & n_ok[:, None],
-            other=0.0,
-        )
+        bm = _tile(B + b * sb_b + g * sb_g, t_s, sb_l, offs_n, N)
+        dst = _state_t(DST + (bc * H + h) * P * N, offs_p, offs_n, P, N)
         acc += _mm(bm, dst.to(bm.dtype), DOT_PREC, UPCAST)
     acc = acc * tl.exp(cs_end - cs_s)[:, None]
 
@@ -324,9 +315,7 @@ def chunk_dx_kernel(
             cs_l = tl.load(a_base + offs_l)
             decay_t = tl.exp(tl.minimum(cs_l[None, :] - cs_s[:, None], 0.0))
             w_t = tl.where(offs_l[None, :] >= offs_s[:, None], sc_t * decay_t, 0.0)
-            dy = tl.load(
-                DY + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :], mask=p_ok[None, :], other=0.0
-            )
+            dy = _tile(DY + b * L * H * P + h * P, t_l, H * P, offs_p, P)
             acc += _mm(w_t.to(op), dy.to(op), DOT_PREC, UPCAST)
     dts = tl.load(DT + (b * L + t_s) * H + h)
     tl.store(
@@ -387,7 +376,6 @@ def chunk_cb_backward_kernel(
         t_l = c * Q + offs_l
         t_s = c * Q + offs_s
         offs_p = tl.arange(0, BP)
-        p_ok = offs_p[None, :] < P
         causal = offs_l[:, None] >= offs_s[None, :]
         tile = (bc * G + g) * Q * Q + offs_l[:, None] * Q + offs_s[None, :]
         sc = tl.load(CB + tile).to(tl.float32)
@@ -399,10 +387,8 @@ def chunk_cb_backward_kernel(
             cs_s = tl.load(a_base + offs_s)
             diff = cs_l[:, None] - cs_s[None, :]
             decay = tl.exp(tl.minimum(diff, 0.0))
-            dy = tl.load(DY + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :], mask=p_ok, other=0.0)
-            xs = tl.load(
-                X + b * sx_b + t_s[:, None] * sx_l + h * sx_h + offs_p[None, :], mask=p_ok, other=0.0
-            )
+            dy = _tile(DY + b * L * H * P + h * P, t_l, H * P, offs_p, P)
+            xs = _tile(X + b * sx_b + h * sx_h, t_s, sx_l, offs_p, P)
             xdt = (xs.to(tl.float32) * tl.load(DT + (b * L + t_s) * H + h)[:, None]).to(xs.dtype)
             dm = _mm(dy.to(xs.dtype), tl.trans(xdt), DOT_PREC, UPCAST)
             dm_decay = tl.where(causal, dm * decay, 0.0)
@@ -465,7 +451,7 @@ def head_sum_kernel(
     offs_n = tl.arange(0, BN)
     p_ok = offs_p < P
     n_ok = offs_n < N
-    w = tl.load(W + b * sw_b + t[:, None] * sw_l + g * sw_g + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+    w = _tile(W + b * sw_b + g * sw_g, t, sw_l, offs_n, N)
     op = w.dtype
     acc = tl.zeros([BR, BN], dtype=tl.float32)
     for i in range(RS):
@@ -476,9 +462,7 @@ def head_sum_kernel(
             scale = tl.exp(cs)
         else:
             scale = tl.load(DT + (b * L + t) * H + h) * tl.exp(tl.load(a_base + Q - 1) - cs)
-        u = tl.load(
-            U + b * su_b + t[:, None] * su_l + h * su_h + offs_p[None, :], mask=p_ok[None, :], other=0.0
-        )
+        u = _tile(U + b * su_b + h * su_h, t, su_l, offs_p, P)
         v = tl.load(
             V + ((bc * H + h) * P + offs_p[:, None]) * N + offs_n[None, :],
             mask=p_ok[:, None] & n_ok[None, :],
