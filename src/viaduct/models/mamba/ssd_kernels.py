@@ -5,7 +5,7 @@ Notation (one batch row b, one chunk c of Q positions, one head h of group g):
     cs[l]      running sum of the head's log-decays dt * A over the chunk (float32, `ACS`)
     xdt[s]     x[s] * dt[s], rounded to the operand dtype before every matmul
     CB[l, s]   C[l] . B[s] of the group (`CB`, computed once per chunk and group)
-    S          the state entering the chunk [P, N] (float32)
+    S          the state entering the chunk [P, N] (carried in float32, stored in the operand dtype)
 
     y[l]   = exp(cs[l]) C[l] S^T  +  sum_{s <= l} CB[l, s] exp(cs[l] - cs[s]) xdt[s]
     S_next = exp(cs[Q-1]) S  +  sum_s exp(cs[Q-1] - cs[s]) xdt[s] B[s]^T
@@ -13,8 +13,10 @@ Notation (one batch row b, one chunk c of Q positions, one head h of group g):
 Every program works on one chunk of one batch row (program id 0 is b * chunks + c). Tensors of
 positions ([b, L, ...]: x, dt, B, C, y, dy) are addressed by their strides, so views from the mixer
 need no copies; per-chunk tensors (running sums, CB, states) are contiguous. Matmul operands are in
-the inputs' dtype (bf16 on a GPU) with float32 accumulation; decays and states stay float32, as
-Mamba-2's reference kernels keep them. No kernel writes a [chunk, chunk] matrix per head to memory.
+the inputs' dtype (bf16 on a GPU) with float32 accumulation; decays, and the states while they are
+carried from chunk to chunk, stay float32, as Mamba-2's reference kernels keep them. The states go
+to memory in the operand dtype, the dtype every matmul reads them in. No kernel writes a
+[chunk, chunk] matrix per head to memory.
 """
 
 from __future__ import annotations
@@ -48,45 +50,38 @@ def _state_t(base, offs_p, offs_n, P, N):
 
 
 @triton.jit
-def chunk_state_kernel(
-    U,  # per-position rows [b, L, h, P] (x, or dy), strided
+def _chunk_outer(
+    U,
     su_b,
     su_l,
     su_h,
-    DT,  # time steps [b, L, h] float32, contiguous
-    ACS,  # running sums [b, h, NC, Q] float32
-    V,  # per-position group rows [b, L, g, N] (B, or C), strided
+    DT,
+    a_base,
+    V,
     sv_b,
     sv_l,
     sv_g,
-    OUT,  # [b, NC, h, P, N] float32
-    NC,
+    b,
+    c,
+    h,
+    g,
     L,
+    offs_p,
+    offs_n,
     H: tl.constexpr,
-    R: tl.constexpr,  # heads per group
     Q: tl.constexpr,
     P: tl.constexpr,
     N: tl.constexpr,
     BL: tl.constexpr,
     BP: tl.constexpr,
     BN: tl.constexpr,
-    MODE: tl.constexpr,  # 0: xdt rows decayed to the chunk's end; 1: dy rows decayed from its start
+    MODE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """OUT[p, n] = sum_l (U[l, p] * scale[l]) V[l, n]: the state a chunk adds from zero (MODE 0:
-    scale = dt exp(cs[Q-1] - cs), U = x, V = B) or the gradient reaching the state that entered it
-    from its outputs (MODE 1: scale = exp(cs), U = dy, V = C)."""
-    bc = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    b = bc // NC
-    c = bc % NC
-    g = h // R
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
-    p_ok = offs_p < P
-    n_ok = offs_n < N
-    a_base = ACS + ((b * H + h) * NC + c) * Q
+    """sum over chunk c's rows l of (U[l, p] * scale[l]) V[l, n], a [BP, BN] float32 block: with
+    MODE 0 (U = x, V = B, scale = dt exp(cs[Q-1] - cs)) the state the chunk adds from zero, with
+    MODE 1 (U = dy, V = C, scale = exp(cs)) the gradient its outputs send to its entering state."""
     cs_end = tl.load(a_base + Q - 1)
     acc = tl.zeros([BP, BN], dtype=tl.float32)
     for l0 in range(0, Q, BL):
@@ -100,78 +95,123 @@ def chunk_state_kernel(
         v = _tile(V + b * sv_b + g * sv_g, t, sv_l, offs_n, N)
         us = (u.to(tl.float32) * scale[:, None]).to(v.dtype)
         acc += _mm(tl.trans(us), v, DOT_PREC, UPCAST)
-    out = OUT + ((bc * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
-    tl.store(out, acc, mask=p_ok[:, None] & n_ok[None, :])
+    return acc
 
 
 @triton.jit
-def state_pass_kernel(
-    ST,  # in: each chunk's own state [b, NC, h, P*N] float32; out: the state entering each chunk
-    ACS,  # running sums [b, h, NC, Q]
-    INIT,  # state before the first chunk [b, h, P*N] float32 (read if HAS_INIT)
-    FINAL,  # out: the state after the last chunk [b, h, P*N] float32
+def state_forward_kernel(
+    X,  # x [b, L, h, P], strided
+    sx_b,
+    sx_l,
+    sx_h,
+    DT,  # time steps [b, L, h] float32, contiguous
+    ACS,  # running sums [b, h, NC, Q] float32
+    B,  # [b, L, g, N], strided
+    sb_b,
+    sb_l,
+    sb_g,
+    INIT,  # the state before the first chunk [b, h, P, N] float32 (read if HAS_INIT)
+    ENT,  # out: the state entering each chunk [b, NC, h, P, N] (its dtype)
+    FINAL,  # out: the state after the last chunk [b, h, P, N] float32
     NC,
+    L,
     H: tl.constexpr,
+    R: tl.constexpr,  # heads per group
     Q: tl.constexpr,
-    PN: tl.constexpr,
-    BLOCK: tl.constexpr,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    BL: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """S_in(0) = INIT; S_in(c + 1) = exp(cs_c[Q-1]) S_in(c) + ST[c], in place over ST."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < PN
+    """One block [BP, BN] of one head's state, carried over the chunks of one batch row in
+    registers: S_in(0) = INIT, S_in(c + 1) = exp(cs_c[Q-1]) S_in(c) + (the state chunk c adds).
+    One kernel for both steps: the chunks' own states never go to memory, and the loop's
+    latency hides behind each chunk's matmul."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+    offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
+    mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    block = offs_p[:, None] * N + offs_n[None, :]
     if HAS_INIT:
-        s = tl.load(INIT + (b * H + h) * PN + offs, mask=ok, other=0.0)
+        state = tl.load(INIT + (b * H + h) * P * N + block, mask=mask, other=0.0)
     else:
-        s = tl.zeros([BLOCK], dtype=tl.float32)
+        state = tl.zeros([BP, BN], dtype=tl.float32)
     for c in range(0, NC):
-        ptr = ST + ((b * NC + c) * H + h) * PN + offs
-        own = tl.load(ptr, mask=ok, other=0.0)
-        tl.store(ptr, s, mask=ok)
-        s = tl.exp(tl.load(ACS + ((b * H + h) * NC + c) * Q + Q - 1)) * s + own
-    tl.store(FINAL + (b * H + h) * PN + offs, s, mask=ok)
+        a_base = ACS + ((b * H + h) * NC + c) * Q
+        own = _chunk_outer(
+            X, sx_b, sx_l, sx_h, DT, a_base, B, sb_b, sb_l, sb_g, b, c, h, h // R, L, offs_p, offs_n,
+            H, Q, P, N, BL, BP, BN, 0, DOT_PREC, UPCAST,
+        )  # fmt: skip
+        tl.store(ENT + ((b * NC + c) * H + h) * P * N + block, state.to(ENT.dtype.element_ty), mask=mask)
+        state = tl.exp(tl.load(a_base + Q - 1)) * state + own
+    tl.store(FINAL + (b * H + h) * P * N + block, state, mask=mask)
 
 
 @triton.jit
-def state_pass_backward_kernel(
-    DS,  # in: gradient reaching each chunk's entering state from its outputs [b, NC, h, P*N];
-    # out: gradient of each chunk's own state
-    ENT,  # the states entering the chunks [b, NC, h, P*N]
-    ACS,  # running sums [b, h, NC, Q]
-    DFINAL,  # gradient of the final state [b, h, P*N] (read if HAS_DFINAL)
-    DINIT,  # out: gradient of the initial state [b, h, P*N]
+def state_backward_kernel(
+    DY,  # gradient of y [b, L, h, P] float32, contiguous
+    DT,  # [b, L, h] float32 (unused by this mode of `_chunk_outer`; any pointer)
+    ACS,  # [b, h, NC, Q]
+    C,  # [b, L, g, N], strided
+    sc_b,
+    sc_l,
+    sc_g,
+    ENT,  # the states entering the chunks [b, NC, h, P, N]
+    DFINAL,  # gradient of the final state [b, h, P, N] float32 (read if HAS_DFINAL)
+    DST,  # out: gradient of each chunk's own state [b, NC, h, P, N] (its dtype)
+    DINIT,  # out: gradient of the initial state [b, h, P, N] float32
     DDECAY,  # out: partial sums of the gradient of each chunk's log-decay [b, h, NC, blocks]
     NC,
-    NBLOCKS,
+    L,
     H: tl.constexpr,
+    R: tl.constexpr,
     Q: tl.constexpr,
-    PN: tl.constexpr,
-    BLOCK: tl.constexpr,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    BL: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """The pass backwards: G(NC) = DFINAL; own-state gradient of chunk c = G(c + 1);
-    G(c) = DS[c] + exp(A_c) G(c + 1); d A_c = exp(A_c) sum(G(c + 1) * S_in(c)) (A_c = cs_c[Q-1])."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    blk = tl.program_id(2)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < PN
+    """The state pass backwards for one block of one head's state, over the chunks in reverse:
+    G(NC) = DFINAL; chunk c's own state gets G(c + 1); G(c) = (what chunk c's outputs send to its
+    entering state) + exp(A_c) G(c + 1); d A_c = exp(A_c) sum(G(c + 1) * S_in(c)), A_c = cs_c[Q-1]."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    blk = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    nblocks = tl.num_programs(1) * tl.num_programs(2)
+    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+    offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
+    mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    block = offs_p[:, None] * N + offs_n[None, :]
     if HAS_DFINAL:
-        grad = tl.load(DFINAL + (b * H + h) * PN + offs, mask=ok, other=0.0)
+        grad = tl.load(DFINAL + (b * H + h) * P * N + block, mask=mask, other=0.0)
     else:
-        grad = tl.zeros([BLOCK], dtype=tl.float32)
+        grad = tl.zeros([BP, BN], dtype=tl.float32)
     for i in range(0, NC):
         c = NC - 1 - i
-        ptr = (b * NC + c) * H * PN + h * PN + offs
-        direct = tl.load(DS + ptr, mask=ok, other=0.0)
-        tl.store(DS + ptr, grad, mask=ok)
-        decay = tl.exp(tl.load(ACS + ((b * H + h) * NC + c) * Q + Q - 1))
-        entering = tl.load(ENT + ptr, mask=ok, other=0.0)
-        tl.store(DDECAY + ((b * H + h) * NC + c) * NBLOCKS + blk, decay * tl.sum(grad * entering, axis=0))
+        a_base = ACS + ((b * H + h) * NC + c) * Q
+        direct = _chunk_outer(
+            DY, L * H * P, H * P, P, DT, a_base, C, sc_b, sc_l, sc_g, b, c, h, h // R, L, offs_p, offs_n,
+            H, Q, P, N, BL, BP, BN, 1, DOT_PREC, UPCAST,
+        )  # fmt: skip
+        at = ((b * NC + c) * H + h) * P * N + block
+        tl.store(DST + at, grad.to(DST.dtype.element_ty), mask=mask)
+        decay = tl.exp(tl.load(a_base + Q - 1))
+        entering = tl.load(ENT + at, mask=mask, other=0.0).to(tl.float32)
+        d_decay = decay * tl.sum(tl.sum(grad * entering, axis=1), axis=0)
+        tl.store(DDECAY + ((b * H + h) * NC + c) * nblocks + blk, d_decay)
         grad = direct + decay * grad
-    tl.store(DINIT + (b * H + h) * PN + offs, grad, mask=ok)
+    tl.store(DINIT + (b * H + h) * P * N + block, grad, mask=mask)
 
 
 @triton.jit
@@ -187,7 +227,7 @@ def chunk_scan_kernel(
     sc_b,
     sc_l,
     sc_g,
-    ENT,  # states entering the chunks [b, NC, h, P, N] float32
+    ENT,  # states entering the chunks [b, NC, h, P, N]
     Y,  # out [b, L, h, P] float32, contiguous
     NC,
     L,
@@ -259,7 +299,7 @@ def chunk_dx_kernel(
     sb_b,
     sb_l,
     sb_g,
-    DST,  # gradient of each chunk's own state [b, NC, h, P, N] float32
+    DST,  # gradient of each chunk's own state [b, NC, h, P, N]
     DY,  # [b, L, h, P] float32, contiguous
     DX,  # out [b, L, h, P] in x's dtype, contiguous
     DDT,  # out [b, L, h] float32: the time step's gradient through xdt
@@ -409,7 +449,7 @@ def head_sum_kernel(
     su_h,
     DT,  # [b, L, h] float32
     ACS,  # [b, h, NC, Q]
-    V,  # per-chunk states [b, NC, h, P, N] float32 (entering states, or own-state gradients)
+    V,  # per-chunk states [b, NC, h, P, N] (entering states, or own-state gradients)
     W,  # per-position group rows [b, L, g, N] (C, or B), strided
     sw_b,
     sw_l,

@@ -38,8 +38,6 @@ MAX_HEAD_DIM = 128
 MAX_STATE_DIM = 256
 # Programs enough to keep an H100's 132 multiprocessors busy (several resident on each).
 _MIN_PROGRAMS = 1024
-# Elements of the flattened [head_dim, state_dim] state per program of the state passes.
-_PASS_BLOCK = 1024
 
 
 def supports(chunk: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> bool:
@@ -122,43 +120,49 @@ class _Prep:
     def states_shape(self) -> tuple[int, ...]:
         return (self.bsz, self.nchunks, self.nheads, self.head_dim, self.d_state)
 
-    def chunk_states(self, u: torch.Tensor, v: torch.Tensor, mode: int) -> torch.Tensor:
-        """`chunk_state_kernel`: the chunks' own states (mode 0: u = x, v = B) or the gradients
-        reaching their entering states (mode 1: u = dy, v = C), [b, c, h, P, N] float32."""
-        u, *su = _rows(u)
-        v, *sv = _rows(v)
-        out = torch.empty(self.states_shape(), dtype=torch.float32, device=u.device)
-        bn = min(self.bn, 128)
-        grid = (self.bsz * self.nchunks, self.nheads, triton.cdiv(self.d_state, bn))
-        k.chunk_state_kernel[grid](
-            u, *su, self.dt, self.acs, v, *sv, out, self.nchunks, self.length,
-            self.nheads, self.rep, self.q, self.head_dim, self.d_state, self.tile, self.bp, bn,
-            mode, self.dot_prec, self.upcast, num_warps=self.warps,
-        )  # fmt: skip
-        return out
+    def _state_grid(self) -> tuple[tuple[int, int, int], int, int]:
+        # Blocks of a head's state: 64 x 64 over half-precision operands (wgmma), 32 x 32 over
+        # float32 (exact FMA dots); each program carries its block over every chunk of its row.
+        side = 32 if self.op == torch.float32 else 64
+        bp, bn = min(side, self.bp), min(side, self.bn)
+        grid = (self.bsz * self.nheads, triton.cdiv(self.head_dim, bp), triton.cdiv(self.d_state, bn))
+        return grid, bp, bn
 
-    def pass_states(self, states: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
-        """`state_pass_kernel`: `states` becomes the states entering the chunks (in place); returns
-        the final state [b, h, P, N] float32."""
-        pn = self.head_dim * self.d_state
-        final = torch.empty(
-            self.bsz, self.nheads, self.head_dim, self.d_state, dtype=torch.float32, device=states.device
-        )
+    def states(self, initial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`state_forward_kernel`: the states entering the chunks [b, c, h, P, N] (operand dtype)
+        and the final state [b, h, P, N] float32."""
+        entering = torch.empty(self.states_shape(), dtype=self.op, device=self.x.device)
+        shape = (self.bsz, self.nheads, self.head_dim, self.d_state)
+        final = torch.empty(shape, dtype=torch.float32, device=self.x.device)
         init = final if initial is None else initial.float().contiguous()
-        grid = (self.bsz, self.nheads, triton.cdiv(pn, _PASS_BLOCK))
-        k.state_pass_kernel[grid](
-            states,
-            self.acs,
-            init,
-            final,
-            self.nchunks,
-            self.nheads,
-            self.q,
-            pn,
-            _PASS_BLOCK,
-            initial is not None,
+        grid, bp, bn = self._state_grid()
+        k.state_forward_kernel[grid](
+            self.x, *self.sx, self.dt, self.acs, self.B, *self.sb, init, entering, final,
+            self.nchunks, self.length, self.nheads, self.rep, self.q, self.head_dim, self.d_state,
+            self.tile, bp, bn, initial is not None, self.dot_prec, self.upcast, num_warps=4,
+        )  # fmt: skip
+        return entering, final
+
+    def state_grads(
+        self, dy: torch.Tensor, entering: torch.Tensor, d_final: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`state_backward_kernel`: the gradients of the chunks' own states [b, c, h, P, N] (operand
+        dtype), of the initial state [b, h, P, N] float32 and of each chunk's log-decay [b, h, c]."""
+        d_states = torch.empty(self.states_shape(), dtype=self.op, device=dy.device)
+        d_init = torch.empty(
+            self.bsz, self.nheads, self.head_dim, self.d_state, dtype=torch.float32, device=dy.device
         )
-        return final
+        grid, bp, bn = self._state_grid()
+        d_decay = torch.empty(
+            self.bsz, self.nheads, self.nchunks, grid[1] * grid[2], dtype=torch.float32, device=dy.device
+        )
+        dfin = d_init if d_final is None else d_final.float().contiguous()
+        k.state_backward_kernel[grid](
+            dy, self.dt, self.acs, self.C, *self.sc, entering, dfin, d_states, d_init, d_decay, self.nchunks,
+            self.length, self.nheads, self.rep, self.q, self.head_dim, self.d_state, self.tile, bp, bn,
+            d_final is not None, self.dot_prec, self.upcast, num_warps=4,
+        )  # fmt: skip
+        return d_states, d_init, d_decay.sum(-1)
 
 
 def _forward(
@@ -166,8 +170,7 @@ def _forward(
     initial_state: torch.Tensor | None, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     s = _Prep(x, dt, A, B, C, chunk_size)
-    entering = s.chunk_states(s.x, s.B, 0)
-    final = s.pass_states(entering, initial_state)
+    entering, final = s.states(initial_state)
     y = torch.empty(s.bsz, s.length, s.nheads, s.head_dim, dtype=torch.float32, device=x.device)
     grid = (s.bsz * s.nchunks, s.nheads, s.q // s.tile)
     k.chunk_scan_kernel[grid](
@@ -224,29 +227,8 @@ def _backward(
     dev = x.device
     dy = dy.float().contiguous()
 
-    entering = s.chunk_states(s.x, s.B, 0)
-    s.pass_states(entering, initial_state)
-    d_states = s.chunk_states(dy, s.C, 1)
-    pn = s.head_dim * s.d_state
-    nblocks = triton.cdiv(pn, _PASS_BLOCK)
-    d_decay = torch.empty(bsz, nh, nc, nblocks, dtype=torch.float32, device=dev)
-    d_init = torch.empty(bsz, nh, s.head_dim, s.d_state, dtype=torch.float32, device=dev)
-    dfin = d_init if d_final is None else d_final.float().contiguous()
-    k.state_pass_backward_kernel[(bsz, nh, nblocks)](
-        d_states,
-        entering,
-        s.acs,
-        dfin,
-        d_init,
-        d_decay,
-        nc,
-        nblocks,
-        nh,
-        q,
-        pn,
-        _PASS_BLOCK,
-        d_final is not None,
-    )
+    entering, _ = s.states(initial_state)
+    d_states, d_init, d_decay = s.state_grads(dy, entering, d_final)
 
     dx = torch.empty(bsz, length, nh, s.head_dim, dtype=s.op, device=dev)
     ddt = torch.empty(bsz, length, nh, dtype=torch.float32, device=dev)
@@ -304,7 +286,7 @@ def _backward(
 
     d_exp_b = per_chunk(d_exp_b)
     d_acs = (row.sum(2) - col.sum(2)).view(bsz, nc, nh, q).permute(0, 2, 1, 3) + per_chunk(d_exp_c) - d_exp_b
-    d_end = d_exp_b.sum(-1) + d_decay.sum(-1)  # cs[Q-1] of each chunk: the state's decay to the chunk end
+    d_end = d_exp_b.sum(-1) + d_decay  # cs[Q-1] of each chunk: the state's decay to the chunk end
     d_acs = torch.cat([d_acs[..., :-1], d_acs[..., -1:] + d_end[..., None]], dim=-1)
     # Back through the running sum (a reversed cumulative sum) to each step's log-decay dt * A.
     d_a = d_acs.flip(-1).cumsum(-1).flip(-1).permute(0, 2, 3, 1).reshape(bsz, length, nh)
