@@ -1,16 +1,16 @@
 """The whole SSD scan of Mamba-2 as fused Triton kernels (`viaduct.models.mamba.ssd_kernels`).
 
-`ssd_scan(x, dt, A, B, C, initial_state, chunk_size)` computes what `ssd_chunked` computes (same
+`ssd_scan_op(x, dt, A, B, C, initial_state, chunk_size)` computes what `ssd_chunked` computes (same
 arguments, positions a multiple of the chunk) without the intermediates of the PyTorch form: that
 form builds a [chunk, chunk] weight matrix per head and chunk, decays and states as separate float32
 tensors, and autograd keeps them (at Mamba-2 780M's shape, several GB per layer moved per step). Here
 
-    forward   the chunks' own states (one matmul per chunk and head), the pass that turns them into
-              the states entering each chunk (a loop over the chunks, in place), and the output
-              (the entering state through C plus the chunk's own inputs, the [chunk, chunk] weights
-              built tile by tile in registers);
-    backward  saves only the inputs and recomputes those states (two cheap passes), then the
-              gradients by five kernels (see `_backward`) and a few small PyTorch sums.
+    forward   the states entering each chunk (one kernel: a program carries a block of a head's
+              state over the chunks of its row, adding each chunk's own state, a matmul, as it
+              goes), then the output (the entering state through C plus the chunk's own inputs,
+              the [chunk, chunk] weights built tile by tile in registers);
+    backward  saves only the inputs and recomputes the entering states, then the gradients by
+              five kernels (see `_backward`) and a few small PyTorch sums.
 
 Both directions are `torch.library` custom ops with fake (meta) implementations, so torch.compile
 treats them as opaque calls inside a full graph and never traces Triton itself; the scan needs no
@@ -212,10 +212,10 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients of x, dt, A, B, C and the initial state (x, B, C in their dtypes; the rest float32).
 
-    1. Recompute the states entering the chunks (forward's first two kernels).
-    2. The gradient reaching each entering state from its chunk's outputs (`chunk_state_kernel`,
-       mode 1), passed backwards over the chunks into each chunk's own-state gradient and the chunk
-       decays' gradients (`state_pass_backward_kernel`).
+    1. Recompute the states entering the chunks (forward's first kernel).
+    2. The state pass backwards (`state_backward_kernel`): each chunk's outputs send a gradient to
+       its entering state (a matmul), which is carried back over the chunks into each chunk's
+       own-state gradient and the chunk decays' gradients.
     3. d x and d dt through xdt (`chunk_dx_kernel`); d CB and the within-chunk decay exponents
        (`chunk_cb_backward_kernel`); C's gradient through the entering states and B's through the
        own states, with their exponents' gradients (`head_sum_kernel`, modes 0 and 1).
