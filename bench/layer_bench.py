@@ -121,7 +121,11 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="SSD chunk lengths to try")
     ap.add_argument("--profile", type=int, default=0, help="list this many costliest GPU kernels")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--keep-scan", action="store_true", help="no recompute of the SSD scan in backward")
+    ap.add_argument(
+        "--keep-scan",
+        action="store_true",
+        help="no recompute of the SSD scan in backward (PyTorch path; the fused kernels always recompute)",
+    )
     ap.add_argument("--cpu", action="store_true", help="run on the CPU in float32 (a smoke test)")
     ap.add_argument(
         "--ssd",

@@ -74,20 +74,15 @@ def _scan_inputs(
     return [x, dt, A, B / d_state**0.25, C / d_state**0.25, init]
 
 
-def _run(inputs: list[torch.Tensor | None], chunk: int, backend: str, dtype: torch.dtype | None = None):
-    """y, the final state and the gradients of every input (for fixed output gradients) by `backend`,
-    the inputs first cast to `dtype` where given."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    args = [
-        None if t is None else (t.to(dtype) if dtype is not None and t.dtype != torch.float32 else t)
-        for t in leaves
-    ]
+def _run(inputs: list[torch.Tensor | None], chunk: int, backend: str):
+    """y, the final state and the gradients of every input (for fixed output gradients) by `backend`."""
+    args = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
     with ssd_backend(backend):
         y, state = ssd_chunked(*args[:5], chunk_size=chunk, initial_state=args[5])
     gen = torch.Generator(device=y.device).manual_seed(1)
     dy = torch.randn(y.shape, generator=gen, device=y.device)
     dstate = torch.randn(state.shape, generator=gen, device=y.device)
-    used = [t for t in leaves if t is not None]
+    used = [t for t in args if t is not None]
     grads = torch.autograd.grad((y.float() * dy).sum() + (state * dstate).sum(), used)
     return y.detach().float(), state.detach(), grads
 
