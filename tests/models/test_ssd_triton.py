@@ -243,6 +243,44 @@ def test_compiled_mamba_layer_kernels_match_torch_path() -> None:
         assert _rel(got, want) < 3e-2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: int) -> None:
+    # The mixer's kernel path as a whole (convolution, scan, gated norm with the skip) against its
+    # PyTorch path: output and every parameter's gradient, in float32, with groups normalised apart.
+    from viaduct.models import MambaModelProvider
+    from viaduct.models.mamba.model import MambaLayer
+
+    p = MambaModelProvider(
+        num_layers=1,
+        hidden_size=64,
+        mamba_num_groups=groups,
+        mamba_head_dim=16,
+        mamba_state_dim=16,
+        mamba_chunk_size=16,
+        vocab_size=100,
+        seq_length=40,
+    )
+    p.finalize()
+    torch.manual_seed(0)
+    layer = MambaLayer(p, 1, device=device, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norm weights, skip and biases, so their gradients differ
+        for name, param in layer.named_parameters():
+            if "norm" in name or name.endswith(("D", "bias")):
+                param.add_(0.3 * torch.randn_like(param))
+    x = torch.randn(2, 40, 64, device=device, requires_grad=True)
+    results = []
+    for backend in ("triton", "torch"):
+        with ssd_backend(backend):
+            out = layer(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+        results.append((out, grads))
+    (out, grads), (out_t, grads_t) = results
+    assert _rel(out, out_t) < 1e-5
+    for (name, _), got, want in zip([("x", x), *layer.named_parameters()], grads, grads_t):
+        assert _rel(got, want) < 1e-4, name
+
+
 def test_auto_keeps_torch_path_on_cpu() -> None:
     x = torch.zeros(1, 64, 2, 16)
     assert not ssd.uses_kernels(x, 16, 16)

@@ -305,18 +305,25 @@ class Mamba2Mixer(nn.Module):
         conv_w, conv_b = params["conv1d.weight"], params.get("conv1d.bias")
         xbc = xbc.flatten(-2)
         valid = None
+        # Training and prefill without a cache run the convolution, scan and norm as fused Triton
+        # kernels where the scan's kernels run (CUDA); the PyTorch forms are the reference elsewhere.
+        fused = cache is None and uses_kernels(xbc, self.chunk_size, n, head_dim=p)
         if cache is not None:
             if cache_position is None:
                 raise ValueError("a Mamba layer with a generation cache needs cache_position")
             valid = cache.valid[:, cache_position]  # [batch, seq]
             xbc = xbc * valid[..., None].to(xbc.dtype)
             conv_in = torch.cat([cache.conv.to(xbc.dtype), xbc], dim=1)
-            conv = _causal_depthwise_conv(conv_in, conv_w, conv_b)[:, -seq:]
+            act = F.silu(_causal_depthwise_conv(conv_in, conv_w, conv_b)[:, -seq:])
             if self.conv_kernel > 1:
                 cache.conv.copy_(conv_in[:, conv_in.shape[1] - (self.conv_kernel - 1) :])
+        elif fused:
+            from viaduct.models.mamba.conv_triton import conv_silu
+
+            act = conv_silu(xbc, conv_w, conv_b)
         else:
-            conv = _causal_depthwise_conv(xbc, conv_w, conv_b)
-        x, B, C = F.silu(conv).unflatten(-1, (groups, -1)).split([d_group, n, n], dim=-1)
+            act = F.silu(_causal_depthwise_conv(xbc, conv_w, conv_b))
+        x, B, C = act.unflatten(-1, (groups, -1)).split([d_group, n, n], dim=-1)
 
         compute = torch.promote_types(hidden.dtype, torch.float32)
         dt = F.softplus(dt.reshape(bsz, seq, heads).to(compute) + params["dt_bias"].to(compute))
@@ -332,7 +339,7 @@ class Mamba2Mixer(nn.Module):
             else:
                 y, state = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=cache.ssm)
             cache.ssm.copy_(state)
-        elif torch.is_grad_enabled() and self.recompute_scan and not uses_kernels(x, self.chunk_size, n):
+        elif torch.is_grad_enabled() and self.recompute_scan and not fused:
             # The PyTorch scan's float32 intermediates (a [chunk, chunk] decay matrix per head and
             # chunk, the states) are many times its inputs: keeping them for backward runs a 780M
             # model at sequence 4096 out of memory, so backward recomputes them from x, dt, B, C.

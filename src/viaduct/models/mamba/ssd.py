@@ -113,17 +113,20 @@ def triton_available() -> bool:
     return True
 
 
-def uses_kernels(x: torch.Tensor, chunk_size: int, state_dim: int) -> bool:
+def uses_kernels(x: torch.Tensor, chunk_size: int, state_dim: int, head_dim: int | None = None) -> bool:
     """Whether `ssd_chunked` runs the fused Triton kernels for inputs like x [b, l, h, p] (which then
-    keep only the scan's inputs for backward, so no activation checkpoint is needed around it).
-    Raises where the backend is forced to "triton" and they cannot run."""
+    keep only the scan's inputs for backward, so no activation checkpoint is needed around it), or
+    for a tensor with x's dtype and device and heads `head_dim` wide. The Mamba mixer runs its
+    convolution and gated norm by kernels too exactly where this holds. Raises where the backend is
+    forced to "triton" and they cannot run."""
     if _backend == "torch":
         return False
+    head_dim = x.shape[-1] if head_dim is None else head_dim
     ready = triton_available()
     if ready:
         from viaduct.models.mamba import ssd_triton
 
-        fits = ssd_triton.supports(chunk_size, x.shape[-1], state_dim, x.dtype)
+        fits = ssd_triton.supports(chunk_size, head_dim, state_dim, x.dtype)
         if fits and (_backend == "triton" or x.is_cuda):
             return True
     if _backend == "triton":
@@ -131,7 +134,7 @@ def uses_kernels(x: torch.Tensor, chunk_size: int, state_dim: int) -> bool:
             "Triton is not importable"
             if not ready
             else (
-                f"chunk {chunk_size} (a power of two >= 16 is needed), head_dim {x.shape[-1]} (at most 128), "
+                f"chunk {chunk_size} (a power of two >= 16 is needed), head_dim {head_dim} (at most 128), "
                 f"state_dim {state_dim} (at most 256) or dtype {x.dtype} (bf16, fp16 or fp32) does not "
                 "suit the kernels"
             )

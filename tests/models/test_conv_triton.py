@@ -1,0 +1,142 @@
+"""The Triton causal convolution + SiLU of the Mamba mixer against its PyTorch form.
+
+Run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's interpreter
+(`TRITON_INTERPRET=1`, with Triton importable); skipped elsewhere.
+
+    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_conv_triton.py   # CPU
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from viaduct.models.mamba.mixer import _causal_depthwise_conv
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not (_HAS_TRITON and _INTERPRET), reason="needs Triton and TRITON_INTERPRET=1 on the CPU"
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA"
+            ),
+        ],
+    ),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    out = _causal_depthwise_conv(x, w, b)
+    return F.silu(out) if silu else out
+
+
+def _inputs(
+    bsz: int, length: int, chans: int, width: int, device: str, dtype: torch.dtype, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    # x is a strided slice of a wider projection, as the mixer hands it over.
+    proj = torch.randn(bsz, length, chans + 24, device=device, dtype=dtype)
+    x = proj[..., 8 : 8 + chans].detach().requires_grad_()
+    w = (torch.randn(chans, 1, width, device=device) / width**0.5).to(dtype).requires_grad_()
+    b = (0.3 * torch.randn(chans, device=device)).to(dtype).requires_grad_() if bias else None
+    return proj, x, w, b
+
+
+def _forward_backward(
+    fn: object, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool, dout: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [x, w] + ([b] if b is not None else [])
+    out = fn(x, w, b, silu)  # type: ignore[operator]
+    return out, list(torch.autograd.grad(out, leaves, dout))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("length", "chans", "width", "bias", "silu"),
+    [(100, 136, 4, True, True), (64, 128, 4, False, True), (70, 40, 3, True, False), (5, 8, 4, True, True)],
+)
+def test_matches_pytorch_in_float32(
+    device: str, length: int, chans: int, width: int, bias: bool, silu: bool
+) -> None:
+    # Positions and channels that fill no tile, a sequence shorter than the convolution, no bias,
+    # another width, without the SiLU: output and every gradient against float64.
+    from viaduct.models.mamba.conv_triton import conv_silu
+
+    torch.manual_seed(0)
+    _, x, w, b = _inputs(2, length, chans, width, device, torch.float32, bias)
+    dout = torch.randn(2, length, chans, device=device)
+    out, grads = _forward_backward(lambda *a: conv_silu(*a[:3], silu=a[3]), x, w, b, silu, dout)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    out64, grads64 = _forward_backward(_reference, x64, w64, b64, silu, dout.double())
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert _rel(out, out64) < 1e-6
+    for got, want in zip(grads, grads64):
+        assert got.shape == want.shape
+        assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_against_float32(device: str) -> None:
+    from viaduct.models.mamba.conv_triton import conv_silu
+
+    torch.manual_seed(1)
+    _, x, w, b = _inputs(2, 96, 72, 4, device, torch.bfloat16, True)
+    dout = torch.randn(2, 96, 72, device=device, dtype=torch.bfloat16)
+    out, grads = _forward_backward(lambda *a: conv_silu(*a[:3], silu=a[3]), x, w, b, True, dout)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert b is not None
+    leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    want, want_grads = _forward_backward(_reference, *leaves, True, dout.float())
+    assert _rel(out, want) < 1e-2
+    for got, ref in zip(grads, want_grads):
+        assert _rel(got, ref) < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_full_graph(device: str) -> None:
+    # The custom ops are opaque to torch.compile: forward and backward trace as one graph. The CPU
+    # interpreter runs under aot_eager (dynamo and autograd tracing, no code generation).
+    from viaduct.models.mamba.conv_triton import conv_silu
+
+    torch.manual_seed(2)
+    proj, _, w, b = _inputs(1, 80, 48, 4, device, torch.float32, True)
+
+    def f(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return conv_silu(p[..., 8:56], w, b).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    leaves = [proj.detach().requires_grad_(), w, b]
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    want = torch.autograd.grad(_reference(leaves[0][..., 8:56], w, b, True).square().sum(), leaves)
+    for g, r in zip(got, want):
+        assert _rel(g, r) < 1e-5
+
+
+def test_refuses_a_convolution_wider_than_its_kernels() -> None:
+    pytest.importorskip("triton")
+    from viaduct.models.mamba.conv_triton import MAX_WIDTH, conv_silu
+
+    x = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="wide exceeds"):
+        conv_silu(x, torch.zeros(8, 1, MAX_WIDTH + 1), None)
