@@ -6,15 +6,17 @@ Position t sees positions t-k+1 .. t; earlier ones count as zero.
 
 Written as a sum of k shifted copies, torch.compile turns this and its backward into several passes:
 each shift's gradient becomes its own padded copy, and the weight's gradient a separate reduction.
-That costs about 1 ms a layer at Mamba-2 780M's shape on an H100. Here each direction is one kernel
-that reads its inputs once:
+That costs about 1 ms a layer at Mamba-2 780M's shape on an H100. Here:
 
-    forward   out[t] = silu(bias + sum_j w[j] * x[t - (k-1) + j]), accumulated in float32;
-    backward  recomputes the pre-activation at t .. t+k-1 from x (the shifted reads hit the cache),
-              takes the SiLU's derivative, and from the same tile gives
-              dx[t] = sum_s dpre[t + s] * w[k-1-s],
-              plus per-block float32 partial sums for the weight's and bias's gradients (added up
-              afterwards, in a fixed order: no atomics, so the result is deterministic).
+    forward   one kernel: out[t] = silu(bias + sum_j w[j] * x[t - (k-1) + j]), accumulated in
+              float32;
+    backward  two: the first recomputes the pre-activation from x and takes the SiLU's derivative
+              (dpre, stored in float32), with per-tile float32 partial sums of the weight's and
+              bias's gradients (added up afterwards in a fixed order: no atomics, so the result is
+              deterministic); the second gives dx[t] = sum_s dpre[t + s] * w[k-1-s].
+
+(One backward kernel that recomputed the pre-activation at every shift instead of storing dpre
+needed k times the tiles live at once and spilled registers: 2.6 ms a layer.)
 
 Both directions are `torch.library` custom ops with fake implementations, so torch.compile keeps
 them as opaque calls inside a full graph. This module imports Triton at import time; the mixer uses
@@ -28,9 +30,9 @@ import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 
-# A tile of positions x channels per program: 64 x 128 keeps the float32 accumulators of the
-# backward (the input gradient, plus a pre-activation per shift) in registers at 4 warps.
-_BLOCK_L, _BLOCK_C = 64, 128
+# A tile of positions x channels per program (4 warps): 32 x 128 keeps each kernel's few float32
+# tiles in registers.
+_BLOCK_L, _BLOCK_C = 32, 128
 MAX_WIDTH = 16
 """The widest convolution the kernels unroll (Mamba uses 4)."""
 
@@ -72,52 +74,62 @@ def conv_forward_kernel(
 
 
 @triton.jit
-def conv_backward_kernel(
-    x_ptr, sxb, sxl, w_ptr, bias_ptr, dout_ptr, sdb, sdl, dx_ptr, dw_ptr, db_ptr, L, C,
+def conv_dpre_kernel(
+    x_ptr, sxb, sxl, w_ptr, bias_ptr, dout_ptr, sdb, sdl, dpre_ptr, dw_ptr, db_ptr, L, C,
     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """dx [b, L, C] (contiguous, x's dtype) and this program's partial sums of the weight's gradient
-    [C, KP] and the bias's [C] (float32, at row pid_b * n_blocks + pid_l of dw and db)."""
+    """The pre-activation's gradient dpre [b, L, C] (float32, contiguous), and this tile's partial
+    sums of the weight's gradient [C, KP] and the bias's [C] (float32, at row
+    pid_b * n_blocks + pid_l of dw and db)."""
     pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = pid_l * BL + tl.arange(0, BL)
     chan = pid_c * BC + tl.arange(0, BC)
     cmask = chan < C
+    inside = (pos < L)[:, None] & cmask[None, :]
+    g = tl.load(dout_ptr + pid_b * sdb + pos[:, None] * sdl + chan[None, :], mask=inside, other=0.0)
+    g = g.to(tl.float32)
+    if SILU:
+        pre = _pre_activation(
+            x_ptr, sxb, sxl, w_ptr, bias_ptr, pid_b, pos, chan, cmask, L, K, HAS_BIAS, BL, BC
+        )
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(dpre_ptr + pid_b * L * C + pos[:, None] * C + chan[None, :], g, mask=inside)
+    # The tap-j weight multiplies x[pos - (K-1) + j] into position pos (the reads hit the cache).
     taps = tl.arange(0, KP)
-    dx = tl.zeros([BL, BC], dtype=tl.float32)
     dw = tl.zeros([BC, KP], dtype=tl.float32)
-    db = tl.zeros([BC], dtype=tl.float32)
-    # Output position u = pos + s reads x[pos] through tap K-1-s: dx[pos] gathers dpre[pos + s] from
-    # every shift s, recomputing the pre-activation there (the tile's k-1 positions past its end too).
-    for s in tl.static_range(K):
-        u = pos + s
-        inside = (u < L)[:, None] & cmask[None, :]
-        g = tl.load(dout_ptr + pid_b * sdb + u[:, None] * sdl + chan[None, :], mask=inside, other=0.0)
-        g = g.to(tl.float32)
-        if SILU:
-            pre = _pre_activation(
-                x_ptr, sxb, sxl, w_ptr, bias_ptr, pid_b, u, chan, cmask, L, K, HAS_BIAS, BL, BC
-            )
-            sig = tl.sigmoid(pre)
-            g = g * sig * (1.0 + pre * (1.0 - sig))
-        w_tap = tl.load(w_ptr + chan * K + (K - 1 - s), mask=cmask, other=0.0).to(tl.float32)
-        dx += g * w_tap[None, :]
-        if s == 0:
-            # Each output position is owned by exactly one tile: the parameter gradients from here.
-            db += tl.sum(g, axis=0)
-            for j in tl.static_range(K):
-                src = pos - (K - 1) + j
-                m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
-                xv = tl.load(x_ptr + pid_b * sxb + src[:, None] * sxl + chan[None, :], mask=m, other=0.0)
-                part = tl.sum(g * xv.to(tl.float32), axis=0)
-                dw += tl.where(taps[None, :] == j, part[:, None], 0.0)
-    m = (pos < L)[:, None] & cmask[None, :]
-    offs = pid_b * L * C + pos[:, None] * C + chan[None, :]
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    for j in tl.static_range(K):
+        src = pos - (K - 1) + j
+        m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
+        xv = tl.load(x_ptr + pid_b * sxb + src[:, None] * sxl + chan[None, :], mask=m, other=0.0)
+        part = tl.sum(g * xv.to(tl.float32), axis=0)
+        dw += tl.where(taps[None, :] == j, part[:, None], 0.0)
     row = pid_b * tl.num_programs(1) + pid_l
     tl.store(dw_ptr + row * C * KP + chan[:, None] * KP + taps[None, :], dw, mask=cmask[:, None])
     if HAS_BIAS:
-        tl.store(db_ptr + row * C + chan, db, mask=cmask)
+        tl.store(db_ptr + row * C + chan, tl.sum(g, axis=0), mask=cmask)
+
+
+@triton.jit
+def conv_dx_kernel(
+    dpre_ptr, w_ptr, dx_ptr, L, C, K: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """dx [b, L, C] (contiguous, its dtype): position t reaches output t + s through tap K-1-s."""
+    pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pos = pid_l * BL + tl.arange(0, BL)
+    chan = pid_c * BC + tl.arange(0, BC)
+    cmask = chan < C
+    dx = tl.zeros([BL, BC], dtype=tl.float32)
+    for s in tl.static_range(K):
+        u = pos + s
+        m = (u < L)[:, None] & cmask[None, :]
+        g = tl.load(dpre_ptr + pid_b * L * C + u[:, None] * C + chan[None, :], mask=m, other=0.0)
+        w_tap = tl.load(w_ptr + chan * K + (K - 1 - s), mask=cmask, other=0.0).to(tl.float32)
+        dx += g * w_tap[None, :]
+    m = (pos < L)[:, None] & cmask[None, :]
+    offs = pid_b * L * C + pos[:, None] * C + chan[None, :]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -162,14 +174,16 @@ def conv_silu_backward_op(
     chans, width = weight.shape
     grid = _grid(x)
     taps = triton.next_power_of_2(width)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     dw = torch.empty(grid[0] * grid[1], chans, taps, dtype=torch.float32, device=x.device)
     db = torch.zeros(grid[0] * grid[1], chans, dtype=torch.float32, device=x.device)
-    conv_backward_kernel[grid](
+    conv_dpre_kernel[grid](
         x, x.stride(0), x.stride(1), weight, weight if bias is None else bias, dout, dout.stride(0),
-        dout.stride(1), dx, dw, db, x.shape[1], chans, width, taps, bias is not None, silu,
+        dout.stride(1), dpre, dw, db, x.shape[1], chans, width, taps, bias is not None, silu,
         _BLOCK_L, _BLOCK_C, num_warps=4,
     )  # fmt: skip
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    conv_dx_kernel[grid](dpre, weight, dx, x.shape[1], chans, width, _BLOCK_L, _BLOCK_C, num_warps=4)
     return dx, dw.sum(0)[:, :width].to(weight.dtype), db.sum(0).to(weight.dtype)
 
 

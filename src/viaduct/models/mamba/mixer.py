@@ -347,15 +347,29 @@ class Mamba2Mixer(nn.Module):
             y = checkpoint(_scan, x, dt, A, B, C, self.chunk_size, use_reentrant=False)
         else:
             y = _scan(x, dt, A, B, C, self.chunk_size)
-        y = y + x.to(compute) * params["D"].to(compute)[:, None]  # the skip connection, per head
-        y = gated_rms_norm(
-            y.reshape(bsz, seq, d_inner),
-            z.reshape(bsz, seq, d_inner),
-            params["norm.weight"],
-            self.norm.group_size,
-            self.norm.eps,
-        )
         out_w = params["out_proj.weight"]
+        if fused and _norm_kernel_fits(d_inner, self.norm.group_size, x.dtype):
+            from viaduct.models.mamba.norm_triton import gated_norm_skip
+
+            y = gated_norm_skip(
+                y,
+                x,
+                params["D"],
+                z.reshape(bsz, seq, d_inner),
+                params["norm.weight"],
+                self.norm.group_size,
+                self.norm.eps,
+                out_w.dtype,
+            )
+        else:
+            y = y + x.to(compute) * params["D"].to(compute)[:, None]  # the skip connection, per head
+            y = gated_rms_norm(
+                y.reshape(bsz, seq, d_inner),
+                z.reshape(bsz, seq, d_inner),
+                params["norm.weight"],
+                self.norm.group_size,
+                self.norm.eps,
+            )
         if out_proj is not None:
             return out_proj(y.to(out_w.dtype))
         return F.linear(y.to(out_w.dtype), out_w, params.get("out_proj.bias"))
@@ -366,6 +380,14 @@ class Mamba2Mixer(nn.Module):
             f"head_dim={self.head_dim}, num_groups={self.num_groups}, state_dim={self.state_dim}, "
             f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}"
         )
+
+
+def _norm_kernel_fits(size: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the fused skip + gated norm kernel takes rows of `size` in groups of `group_size`
+    (only asked where the scan's kernels run, so Triton is importable)."""
+    from viaduct.models.mamba.norm_triton import supports
+
+    return supports(size, group_size, dtype)
 
 
 def _causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
