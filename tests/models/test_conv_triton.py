@@ -1,47 +1,21 @@
 """The Triton causal convolution + SiLU of the Mamba mixer against its PyTorch form.
 
 Run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's interpreter
-(`TRITON_INTERPRET=1`, with Triton importable); skipped elsewhere.
+(`TRITONINTERPRET=1`, with Triton importable); skipped elsewhere.
 
-    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_conv_triton.py   # CPU
+    PYTHONPATH=/path/to/triton TRITONINTERPRET=1 pytest -q tests/models/test_conv_triton.py   # CPU
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from viaduct.models.mamba.mixer import _causal_depthwise_conv
+from viaduct.testing.kernels import TRITON_DEVICES, relative_error
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not (_HAS_TRITON and _INTERPRET), reason="needs Triton and TRITON_INTERPRET=1 on the CPU"
-        ),
-    ),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA"
-            ),
-        ],
-    ),
-]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+DEVICES = TRITON_DEVICES
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool) -> torch.Tensor:
@@ -88,10 +62,10 @@ def test_matches_pytorch_in_float32(
     b64 = None if b is None else b.detach().double().requires_grad_()
     out64, grads64 = _forward_backward(_reference, x64, w64, b64, silu, dout.double())
     assert out.dtype == torch.float32 and out.is_contiguous()
-    assert _rel(out, out64) < 1e-6
+    assert relative_error(out, out64) < 1e-6
     for got, want in zip(grads, grads64):
         assert got.shape == want.shape
-        assert _rel(got, want) < 1e-5
+        assert relative_error(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,9 +80,9 @@ def test_bf16_against_float32(device: str) -> None:
     assert b is not None
     leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
     want, want_grads = _forward_backward(_reference, *leaves, True, dout.float())
-    assert _rel(out, want) < 1e-2
+    assert relative_error(out, want) < 1e-2
     for got, ref in zip(grads, want_grads):
-        assert _rel(got, ref) < 1e-2
+        assert relative_error(got, ref) < 1e-2
 
 
 @pytest.mark.slow
@@ -130,7 +104,7 @@ def test_compiled_full_graph(device: str) -> None:
     got = torch.autograd.grad(compiled(*leaves), leaves)
     want = torch.autograd.grad(_reference(leaves[0][..., 8:56], w, b, True).square().sum(), leaves)
     for g, r in zip(got, want):
-        assert _rel(g, r) < 1e-5
+        assert relative_error(g, r) < 1e-5
 
 
 def test_refuses_a_convolution_wider_than_its_kernels() -> None:

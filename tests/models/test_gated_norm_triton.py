@@ -1,51 +1,25 @@
 """The fused Triton D skip + gated RMSNorm (forward and backward) against a float64 evaluation.
 
 The tests run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's interpreter
-(`TRITON_INTERPRET=1`, with Triton importable); elsewhere they are skipped.
+(`TRITONINTERPRET=1`, with Triton importable); elsewhere they are skipped.
 
-    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_gated_norm_triton.py   # CPU
+    PYTHONPATH=/path/to/triton TRITONINTERPRET=1 pytest -q tests/models/test_gated_norm_triton.py   # CPU
     pytest -q -m gpu tests/models/test_gated_norm_triton.py                                        # GPU
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from viaduct.testing.kernels import TRITON_DEVICES, relative_error
 
-# Each test runs on every device that can run the kernels.
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not (_HAS_TRITON and _INTERPRET), reason="needs Triton and TRITON_INTERPRET=1 on the CPU"
-        ),
-    ),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA"
-            ),
-        ],
-    ),
-]
+DEVICES = TRITON_DEVICES
 
 EPS = 1e-5
 # y, x, D, z, weight: the differentiable inputs of `gated_norm_skip`.
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _reference(
@@ -99,11 +73,11 @@ def test_float32_against_float64(device: str, bsz: int, length: int, h: int, p: 
     out = gated_norm_skip(*inputs, group_size, EPS, torch.float32)
     want = _reference(*inputs, group_size)
     assert out.shape == (bsz, length, h * p) and out.dtype == torch.float32
-    assert _rel(out, want) < 1e-6
+    assert relative_error(out, want) < 1e-6
     dout = torch.randn_like(want)
     for got, ref in zip(_grads(out, inputs, dout), _grads(want, inputs, dout)):
         assert got.dtype == torch.float32
-        assert _rel(got, ref) < 1e-5
+        assert relative_error(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -116,10 +90,10 @@ def test_row_blocks_with_a_remainder(device: str, monkeypatch: pytest.MonkeyPatc
     inputs = _inputs(2, 13, 2, 16, device)
     out = norm_triton.gated_norm_skip(*inputs, 16, EPS, torch.float32)
     want = _reference(*inputs, 16)
-    assert _rel(out, want) < 1e-6
+    assert relative_error(out, want) < 1e-6
     dout = torch.randn_like(want)
     for got, ref in zip(_grads(out, inputs, dout), _grads(want, inputs, dout)):
-        assert _rel(got, ref) < 1e-5
+        assert relative_error(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,10 +107,10 @@ def test_heads_not_back_to_back(device: str) -> None:
     inputs = (y, x, D, z, w)
     out = gated_norm_skip(*inputs, 60, EPS, torch.float32)
     want = _reference(*inputs, 60)
-    assert _rel(out, want) < 1e-6
+    assert relative_error(out, want) < 1e-6
     dout = torch.randn_like(want)
     for got, ref in zip(_grads(out, inputs, dout), _grads(want, inputs, dout)):
-        assert _rel(got, ref) < 1e-5
+        assert relative_error(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,11 +123,11 @@ def test_bf16(device: str) -> None:
     out = gated_norm_skip(*inputs, 32, EPS, torch.bfloat16)
     want = _reference(*inputs, 32)
     assert out.dtype == torch.bfloat16
-    assert _rel(out, want) < 1e-2
+    assert relative_error(out, want) < 1e-2
     dout = torch.randn_like(want).bfloat16()
     for got, ref, t in zip(_grads(out, inputs, dout), _grads(want, inputs, dout), inputs):
         assert got.dtype == t.dtype
-        assert _rel(got, ref) < 1e-2
+        assert relative_error(got, ref) < 1e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,9 +148,9 @@ def test_compiled_full_graph(device: str) -> None:
     grads = torch.autograd.grad(out.square().sum(), inputs)
     out_e = fn(*inputs)
     grads_e = torch.autograd.grad(out_e.square().sum(), inputs)
-    assert _rel(out, out_e) < 1e-6
+    assert relative_error(out, out_e) < 1e-6
     for got, want in zip(grads, grads_e):
-        assert _rel(got, want) < 1e-6
+        assert relative_error(got, want) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)

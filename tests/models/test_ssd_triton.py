@@ -1,17 +1,14 @@
 """The fused Triton SSD scan (forward and backward) against the PyTorch path and the recurrence.
 
 The kernel tests run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's
-interpreter (`TRITON_INTERPRET=1`, with Triton importable); elsewhere they are skipped. The dispatch
+interpreter (`TRITONINTERPRET=1`, with Triton importable); elsewhere they are skipped. The dispatch
 tests need neither.
 
-    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_ssd_triton.py   # CPU
+    PYTHONPATH=/path/to/triton TRITONINTERPRET=1 pytest -q tests/models/test_ssd_triton.py   # CPU
     pytest -q -m gpu tests/models/test_ssd_triton.py                                        # GPU
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -19,33 +16,9 @@ import torch.nn.functional as F
 
 from viaduct.models.mamba import ssd
 from viaduct.models.mamba.ssd import ssd_backend, ssd_chunked, ssd_recurrence
+from viaduct.testing.kernels import HAS_TRITON, TRITON_DEVICES, relative_error
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Each kernel test runs on every device that can run the kernels.
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not (_HAS_TRITON and _INTERPRET), reason="needs Triton and TRITON_INTERPRET=1 on the CPU"
-        ),
-    ),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA"
-            ),
-        ],
-    ),
-]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+DEVICES = TRITON_DEVICES
 
 
 def _scan_inputs(
@@ -114,7 +87,11 @@ def test_scan_matches_torch_float32(shape: tuple, device: str) -> None:
         ["y", "state", *names], [y, state, *grads], [y_t, state_t, *grads_t], [y_x, state_x, *grads_x]
     ):
         assert got.shape == want.shape and torch.isfinite(got).all(), name
-        assert _rel(got, want) < max(2 * _rel(ref, want), 1e-5), (name, _rel(got, want), _rel(ref, want))
+        assert relative_error(got, want) < max(2 * relative_error(ref, want), 1e-5), (
+            name,
+            relative_error(got, want),
+            relative_error(ref, want),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,7 +106,7 @@ def test_scan_with_heads_split_among_programs(device: str, monkeypatch: pytest.M
     _, _, grads = _run(inputs, 32, "triton")
     _, _, grads_t = _run(inputs, 32, "torch")
     for got, want in zip(grads, grads_t):
-        assert _rel(got, want) < 1e-5
+        assert relative_error(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,7 +122,7 @@ def test_scan_half_precision_is_as_close_as_the_torch_path(dtype: torch.dtype, d
     for got, ref, want in zip(
         [half[0], half[1], *half[2]], [half_t[0], half_t[1], *half_t[2]], [exact[0], exact[1], *exact[2]]
     ):
-        assert _rel(got, want) < max(2 * _rel(ref, want), 2e-2)
+        assert relative_error(got, want) < max(2 * relative_error(ref, want), 2e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,7 +132,7 @@ def test_scan_matches_recurrence(device: str) -> None:
     with ssd_backend("triton"):
         y, state = ssd_chunked(*inputs[:5], chunk_size=32, initial_state=inputs[5])
     y_ref, state_ref = ssd_recurrence(*[t.double() for t in inputs[:5]], initial_state=inputs[5].double())
-    assert _rel(y, y_ref) < 1e-5 and _rel(state, state_ref) < 1e-5
+    assert relative_error(y, y_ref) < 1e-5 and relative_error(state, state_ref) < 1e-5
 
 
 @pytest.mark.slow
@@ -177,13 +154,13 @@ def test_compiled_full_graph_with_kernels(device: str) -> None:
     with ssd_backend("torch"):
         y_t = scan(*inputs)
         grads_t = torch.autograd.grad(y_t.square().sum(), inputs)
-    assert _rel(y, y_t) < 1e-5
+    assert relative_error(y, y_t) < 1e-5
     for got, want in zip(grads, grads_t):
-        assert _rel(got, want) < 1e-4
+        assert relative_error(got, want) < 1e-4
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA")
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA")
 @pytest.mark.parametrize("chunk", [128, 256])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_mamba_780m_shape_bf16_on_cuda(chunk: int, head_dim: int) -> None:
@@ -195,11 +172,11 @@ def test_mamba_780m_shape_bf16_on_cuda(chunk: int, head_dim: int) -> None:
     half_t = _run(inputs, chunk, "torch")
     half = _run(inputs, chunk, "triton")
     for got, ref, want in zip([half[0], *half[2]], [half_t[0], *half_t[2]], [exact[0], *exact[2]]):
-        assert _rel(got, want) < max(2 * _rel(ref, want), 2e-2)
+        assert relative_error(got, want) < max(2 * relative_error(ref, want), 2e-2)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA")
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA")
 def test_auto_uses_kernels_on_cuda() -> None:
     x = torch.zeros(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert ssd.uses_kernels(x, 64, 128)
@@ -208,7 +185,7 @@ def test_auto_uses_kernels_on_cuda() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (_HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA")
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs Triton and CUDA")
 def test_compiled_mamba_layer_kernels_match_torch_path() -> None:
     # A whole Mamba-2 layer, bf16 and compiled with fullgraph=True as the benchmark runs it: the
     # kernels' forward and gradients against the PyTorch path's (which checkpoints its scan).
@@ -238,9 +215,9 @@ def test_compiled_mamba_layer_kernels_match_torch_path() -> None:
             grads = torch.autograd.grad(out.float().square().sum(), [x, *layer.parameters()])
         results.append((out, grads))
     (out, grads), (out_t, grads_t) = results
-    assert _rel(out, out_t) < 1e-2
+    assert relative_error(out, out_t) < 1e-2
     for got, want in zip(grads, grads_t):
-        assert _rel(got, want) < 3e-2
+        assert relative_error(got, want) < 3e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -276,9 +253,9 @@ def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: in
             grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
         results.append((out, grads))
     (out, grads), (out_t, grads_t) = results
-    assert _rel(out, out_t) < 1e-5
+    assert relative_error(out, out_t) < 1e-5
     for (name, _), got, want in zip([("x", x), *layer.named_parameters()], grads, grads_t):
-        assert _rel(got, want) < 1e-4, name
+        assert relative_error(got, want) < 1e-4, name
 
 
 def test_auto_keeps_torch_path_on_cpu() -> None:
@@ -305,4 +282,4 @@ def test_forced_triton_refuses_what_the_kernels_cannot_run() -> None:
         ssd_chunked(*inputs, chunk_size=12)
     with ssd_backend("auto"):
         y, _ = ssd_chunked(*inputs, chunk_size=12)
-    assert _rel(y, ssd_recurrence(*inputs)[0]) < 1e-5
+    assert relative_error(y, ssd_recurrence(*inputs)[0]) < 1e-5
