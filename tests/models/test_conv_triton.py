@@ -45,13 +45,14 @@ def _forward_backward(
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("length", "chans", "width", "bias", "silu"),
-    [(100, 136, 4, True, True), (64, 128, 4, False, True), (70, 40, 3, True, False), (5, 8, 4, True, True)],
+    [(300, 136, 4, True, True), (64, 128, 4, False, True), (70, 40, 3, True, False), (5, 8, 4, True, True)],
 )
 def test_matches_pytorch_in_float32(
     device: str, length: int, chans: int, width: int, bias: bool, silu: bool
 ) -> None:
-    # Positions and channels that fill no tile, a sequence shorter than the convolution, no bias,
-    # another width, without the SiLU: output and every gradient against float64.
+    # Positions and channels that fill no tile (300 positions: two programs of the backward's second
+    # pass), a sequence shorter than the convolution, no bias, another width, without the SiLU:
+    # output and every gradient against float64.
     from viaduct.models.mamba.conv_triton import conv_silu
 
     torch.manual_seed(0)

@@ -10,10 +10,11 @@ That costs about 1 ms a layer at Mamba-2 780M's shape on an H100. Here:
 
     forward   one kernel: out[t] = silu(bias + sum_j w[j] * x[t - (k-1) + j]), accumulated in
               float32;
-    backward  two: the first recomputes the pre-activation from x and takes the SiLU's derivative
-              (dpre, stored in float32), with per-tile float32 partial sums of the weight's and
-              bias's gradients (added up afterwards in a fixed order: no atomics, so the result is
-              deterministic); the second gives dx[t] = sum_s dpre[t + s] * w[k-1-s].
+    backward  two: the first recomputes the pre-activation from x and takes the SiLU's
+              derivative (dpre, stored in float32); the second gives
+              dx[t] = sum_s dpre[t + s] * w[k-1-s], and from the same tiles per-program float32
+              partial sums of the weight's and bias's gradients (added up afterwards in a fixed
+              order: no atomics, so the result is deterministic).
 
 (One backward kernel that recomputed the pre-activation at every shift instead of storing dpre
 needed k times the tiles live at once and spilled registers: 2.6 ms a layer.)
@@ -33,6 +34,7 @@ import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 # A tile of positions x channels per program (4 warps): 32 x 128 keeps each kernel's few float32
 # tiles in registers.
 _BLOCK_L, _BLOCK_C = 32, 128
+_DX_BLOCKS = 8  # blocks of positions per program of the backward's second pass
 MAX_WIDTH = 16
 """The widest convolution the kernels unroll (Mamba uses 4)."""
 
@@ -75,13 +77,10 @@ def conv_forward_kernel(
 
 @triton.jit
 def conv_dpre_kernel(
-    x_ptr, sxb, sxl, w_ptr, bias_ptr, dout_ptr, sdb, sdl, dpre_ptr, dw_ptr, db_ptr, L, C,
-    K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BL: tl.constexpr, BC: tl.constexpr,
+    x_ptr, sxb, sxl, w_ptr, bias_ptr, dout_ptr, sdb, sdl, dpre_ptr, L, C,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """The pre-activation's gradient dpre [b, L, C] (float32, contiguous), and this tile's partial
-    sums of the weight's gradient [C, KP] and the bias's [C] (float32, at row
-    pid_b * n_blocks + pid_l of dw and db)."""
+    """The pre-activation's gradient dpre [b, L, C] (float32, contiguous)."""
     pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = pid_l * BL + tl.arange(0, BL)
     chan = pid_c * BC + tl.arange(0, BC)
@@ -96,40 +95,42 @@ def conv_dpre_kernel(
         sig = tl.sigmoid(pre)
         g = g * sig * (1.0 + pre * (1.0 - sig))
     tl.store(dpre_ptr + pid_b * L * C + pos[:, None] * C + chan[None, :], g, mask=inside)
-    # The tap-j weight multiplies x[pos - (K-1) + j] into position pos (the reads hit the cache).
-    taps = tl.arange(0, KP)
-    dw = tl.zeros([BC, KP], dtype=tl.float32)
-    for j in tl.static_range(K):
-        src = pos - (K - 1) + j
-        m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
-        xv = tl.load(x_ptr + pid_b * sxb + src[:, None] * sxl + chan[None, :], mask=m, other=0.0)
-        part = tl.sum(g * xv.to(tl.float32), axis=0)
-        dw += tl.where(taps[None, :] == j, part[:, None], 0.0)
-    row = pid_b * tl.num_programs(1) + pid_l
-    tl.store(dw_ptr + row * C * KP + chan[:, None] * KP + taps[None, :], dw, mask=cmask[:, None])
-    if HAS_BIAS:
-        tl.store(db_ptr + row * C + chan, tl.sum(g, axis=0), mask=cmask)
 
 
 @triton.jit
 def conv_dx_kernel(
-    dpre_ptr, w_ptr, dx_ptr, L, C, K: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+    x_ptr, sxb, sxl, dpre_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, L, C, K: tl.constexpr, KP: tl.constexpr,
+    NB: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """dx [b, L, C] (contiguous, its dtype): position t reaches output t + s through tap K-1-s."""
+    """dx [b, L, C] (contiguous, its dtype) over NB blocks of BL positions, and their partial sums of
+    the weight's gradient [C, KP] and the bias's [C] (float32, at row pid_b * programs + pid_l of dw
+    and db). Position t reaches output t + s through tap K-1-s, so x[t] meets dpre[t + s] there."""
     pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pos = pid_l * BL + tl.arange(0, BL)
     chan = pid_c * BC + tl.arange(0, BC)
     cmask = chan < C
-    dx = tl.zeros([BL, BC], dtype=tl.float32)
-    for s in tl.static_range(K):
-        u = pos + s
-        m = (u < L)[:, None] & cmask[None, :]
-        g = tl.load(dpre_ptr + pid_b * L * C + u[:, None] * C + chan[None, :], mask=m, other=0.0)
-        w_tap = tl.load(w_ptr + chan * K + (K - 1 - s), mask=cmask, other=0.0).to(tl.float32)
-        dx += g * w_tap[None, :]
-    m = (pos < L)[:, None] & cmask[None, :]
-    offs = pid_b * L * C + pos[:, None] * C + chan[None, :]
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    taps = tl.arange(0, KP)
+    dw = tl.zeros([BC, KP], dtype=tl.float32)
+    db = tl.zeros([BC], dtype=tl.float32)
+    for blk in range(NB):
+        pos = (pid_l * NB + blk) * BL + tl.arange(0, BL)
+        m = (pos < L)[:, None] & cmask[None, :]
+        xv = tl.load(x_ptr + pid_b * sxb + pos[:, None] * sxl + chan[None, :], mask=m, other=0.0)
+        xv = xv.to(tl.float32)
+        dx = tl.zeros([BL, BC], dtype=tl.float32)
+        for s in tl.static_range(K):
+            u = pos + s
+            mu = (u < L)[:, None] & cmask[None, :]
+            g = tl.load(dpre_ptr + pid_b * L * C + u[:, None] * C + chan[None, :], mask=mu, other=0.0)
+            w_tap = tl.load(w_ptr + chan * K + (K - 1 - s), mask=cmask, other=0.0).to(tl.float32)
+            dx += g * w_tap[None, :]
+            dw += tl.where(taps[None, :] == K - 1 - s, tl.sum(g * xv, axis=0)[:, None], 0.0)
+            if s == 0:
+                db += tl.sum(g, axis=0)
+        offs = pid_b * L * C + pos[:, None] * C + chan[None, :]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    row = pid_b * tl.num_programs(1) + pid_l
+    tl.store(dw_ptr + row * C * KP + chan[:, None] * KP + taps[None, :], dw, mask=cmask[:, None])
+    tl.store(db_ptr + row * C + chan, db, mask=cmask)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -173,17 +174,23 @@ def conv_silu_backward_op(
     weight = weight.contiguous()
     chans, width = weight.shape
     grid = _grid(x)
-    taps = triton.next_power_of_2(width)
     dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    dw = torch.empty(grid[0] * grid[1], chans, taps, dtype=torch.float32, device=x.device)
-    db = torch.zeros(grid[0] * grid[1], chans, dtype=torch.float32, device=x.device)
     conv_dpre_kernel[grid](
         x, x.stride(0), x.stride(1), weight, weight if bias is None else bias, dout, dout.stride(0),
-        dout.stride(1), dpre, dw, db, x.shape[1], chans, width, taps, bias is not None, silu,
-        _BLOCK_L, _BLOCK_C, num_warps=4,
+        dout.stride(1), dpre, x.shape[1], chans, width, bias is not None, silu, _BLOCK_L, _BLOCK_C,
+        num_warps=4,
     )  # fmt: skip
+    # Each program of the second pass walks several blocks of positions, so the partial sums of the
+    # weight's and bias's gradients (one row per program) stay a few MB.
+    dx_grid = (grid[0], triton.cdiv(grid[1], _DX_BLOCKS), grid[2])
+    taps = triton.next_power_of_2(width)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    conv_dx_kernel[grid](dpre, weight, dx, x.shape[1], chans, width, _BLOCK_L, _BLOCK_C, num_warps=4)
+    dw = torch.empty(dx_grid[0] * dx_grid[1], chans, taps, dtype=torch.float32, device=x.device)
+    db = torch.empty(dx_grid[0] * dx_grid[1], chans, dtype=torch.float32, device=x.device)
+    conv_dx_kernel[dx_grid](
+        x, x.stride(0), x.stride(1), dpre, weight, dx, dw, db, x.shape[1], chans, width, taps,
+        _DX_BLOCKS, _BLOCK_L, _BLOCK_C, num_warps=4,
+    )  # fmt: skip
     return dx, dw.sum(0)[:, :width].to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
