@@ -258,6 +258,44 @@ def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: in
         assert relative_error(got, want) < 1e-4, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba_layer_kernels_in_bf16(device: str) -> None:
+    # In bf16 the kernel path hands the scan's output to the norm in bf16 (the PyTorch path keeps it
+    # in float32): both against a float32 evaluation of the same bf16 weights and input.
+    from viaduct.models import MambaModelProvider
+    from viaduct.models.mamba.model import MambaLayer
+
+    p = MambaModelProvider(
+        num_layers=1,
+        hidden_size=64,
+        mamba_num_groups=1,
+        mamba_head_dim=16,
+        mamba_state_dim=16,
+        mamba_chunk_size=16,
+        vocab_size=100,
+        seq_length=48,
+    )
+    p.finalize()
+    torch.manual_seed(0)
+    layer = MambaLayer(p, 1, device=device, dtype=torch.bfloat16)
+    x = torch.randn(2, 48, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def run(backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        layer.to(dtype)
+        xs = x.detach().to(dtype).requires_grad_()
+        with ssd_backend(backend):
+            out = layer(xs)
+            grads = torch.autograd.grad(out.float().square().sum(), [xs, *layer.parameters()])
+        return [out, *grads]
+
+    half = run("triton", torch.bfloat16)
+    half_t = run("torch", torch.bfloat16)
+    exact = run("torch", torch.float32)  # the same values: bf16 widens to float32 exactly
+    assert half[0].dtype == torch.bfloat16
+    for got, ref, want in zip(half, half_t, exact):
+        assert relative_error(got, want) < max(2 * relative_error(ref, want), 2e-2)
+
+
 def test_auto_keeps_torch_path_on_cpu() -> None:
     x = torch.zeros(1, 64, 2, 16)
     assert not ssd.uses_kernels(x, 16, 16)

@@ -346,7 +346,9 @@ class Mamba2Mixer(nn.Module):
             # (The fused kernels keep only their inputs already.)
             y = checkpoint(_scan, x, dt, A, B, C, self.chunk_size, use_reentrant=False)
         else:
-            y = _scan(x, dt, A, B, C, self.chunk_size)
+            # On the kernel path y comes in x's dtype: the norm reads it, and its gradient, in half
+            # the bytes (the kernels accumulate in float32 and the norm computes in float32).
+            y = _scan(x, dt, A, B, C, self.chunk_size, x.dtype if fused else None)
         out_w = params["out_proj.weight"]
         if fused and _norm_kernel_fits(d_inner, self.norm.group_size, x.dtype):
             from viaduct.models.mamba.norm_triton import gated_norm_skip
@@ -404,7 +406,13 @@ def _causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def _scan(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`ssd_chunked`'s output alone (what the mixer keeps, and recomputes in backward)."""
-    return ssd_chunked(x, dt, A, B, C, chunk_size)[0]
+    return ssd_chunked(x, dt, A, B, C, chunk_size, out_dtype=out_dtype)[0]

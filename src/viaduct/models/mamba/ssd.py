@@ -167,6 +167,8 @@ def ssd_chunked(
     C: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSD scan by chunks.
 
@@ -179,6 +181,9 @@ def ssd_chunked(
         chunk_size: positions per chunk; any length works (the last chunk is padded with dt = 0,
             which neither decays the state nor adds to it).
         initial_state: the state before the first position [batch, heads, head_dim, d_state].
+        out_dtype: y's dtype, if not the computation's. The fused kernels write y in it directly:
+            a half-precision y halves the traffic of writing it and of every pass that reads it and
+            its gradient (the Mamba mixer's training path asks for x's dtype).
 
     Returns:
         y [batch, length, heads, head_dim] and the state after the last position
@@ -197,7 +202,7 @@ def ssd_chunked(
 
     pad = (-length) % chunk_size
     if uses_kernels(x, chunk_size, d_state):
-        return _scan_with_kernels(x, dt, A, B, C, chunk_size, initial_state, pad)
+        return _scan_with_kernels(x, dt, A, B, C, chunk_size, initial_state, pad, out_dtype or dtype)
     nchunks = (length + pad) // chunk_size
     q = chunk_size
     # The matmuls take their operands in the inputs' dtype (bf16 tensor cores on a GPU); decays,
@@ -253,7 +258,7 @@ def ssd_chunked(
     y_off = torch.einsum("bclgn,bgrcpn->bclgrp", C, entering.to(op)).to(dtype) * decay_from_start[..., None]
 
     y = (y_diag.to(dtype) + y_off).reshape(bsz, nchunks * q, nheads, head_dim)[:, :length]
-    return y, final_state.reshape(bsz, nheads, head_dim, d_state)
+    return y.to(out_dtype or dtype), final_state.reshape(bsz, nheads, head_dim, d_state)
 
 
 def _scan_with_kernels(
@@ -265,9 +270,11 @@ def _scan_with_kernels(
     chunk_size: int,
     initial_state: torch.Tensor | None,
     pad: int,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ssd_chunked` by the fused Triton kernels: B and C in x's dtype, dt, A and the initial state in
-    float32, the positions padded to whole chunks (dt = 0 there) only when they are not."""
+    float32, the positions padded to whole chunks (dt = 0 there) only when they are not; y in
+    out_dtype."""
     from viaduct.models.mamba import ssd_triton
 
     length = x.shape[1]
@@ -276,7 +283,7 @@ def _scan_with_kernels(
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     init = None if initial_state is None else initial_state.float()
-    y, final_state = ssd_triton.ssd_scan_op(x, dt, A, B, C, init, chunk_size)
+    y, final_state = ssd_triton.ssd_scan_op(x, dt, A, B, C, init, chunk_size, out_dtype)
     return (y[:, :length] if pad else y), final_state
 
 

@@ -283,7 +283,11 @@ def chunk_scan_kernel(
             dts = tl.load(DT + (b * L + t_s) * H + h)
             xdt = (xs.to(tl.float32) * dts[:, None]).to(xs.dtype)
             acc += _mm(w.to(xs.dtype), xdt, DOT_PREC, UPCAST)
-    tl.store(Y + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :], acc, mask=p_ok[None, :])
+    tl.store(
+        Y + ((b * L + t_l[:, None]) * H + h) * P + offs_p[None, :],
+        acc.to(Y.dtype.element_ty),
+        mask=p_ok[None, :],
+    )
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """The whole SSD scan of Mamba-2 as fused Triton kernels (`viaduct.models.mamba.ssd_kernels`).
 
-`ssd_scan_op(x, dt, A, B, C, initial_state, chunk_size)` computes what `ssd_chunked` computes (same
+`ssd_scan_op(x, dt, A, B, C, initial_state, chunk_size, out_dtype)` computes what `ssd_chunked` computes (same
 arguments, positions a multiple of the chunk) without the intermediates of the PyTorch form: that
 form builds a [chunk, chunk] weight matrix per head and chunk, decays and states as separate float32
 tensors, and autograd keeps them (at Mamba-2 780M's shape, several GB per layer moved per step). Here
@@ -167,11 +167,11 @@ class _Prep:
 
 def _forward(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    initial_state: torch.Tensor | None, chunk_size: int,
+    initial_state: torch.Tensor | None, chunk_size: int, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     s = _Prep(x, dt, A, B, C, chunk_size)
     entering, final = s.states(initial_state)
-    y = torch.empty(s.bsz, s.length, s.nheads, s.head_dim, dtype=torch.float32, device=x.device)
+    y = torch.empty(s.bsz, s.length, s.nheads, s.head_dim, dtype=out_dtype, device=x.device)
     grid = (s.bsz * s.nchunks, s.nheads, s.q // s.tile)
     k.chunk_scan_kernel[grid](
         s.x, *s.sx, s.dt, s.acs, s.cb, s.C, *s.sc, entering, y, s.nchunks, s.length,
@@ -190,20 +190,21 @@ def ssd_scan_op(
     C: torch.Tensor,
     initial_state: torch.Tensor | None,
     chunk_size: int,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [b, L, h, p] and the final state [b, h, p, n], both float32, from x [b, L, h, p], dt [b, L, h]
-    (float32), A [h], B and C [b, L, g, n] (x's dtype) and an optional initial state [b, h, p, n];
-    L a multiple of chunk_size."""
-    return _forward(x, dt, A, B, C, initial_state, chunk_size)
+    """y [b, L, h, p] (in out_dtype) and the final state [b, h, p, n] (float32) from x [b, L, h, p],
+    dt [b, L, h] (float32), A [h], B and C [b, L, g, n] (x's dtype) and an optional initial state
+    [b, h, p, n]; L a multiple of chunk_size."""
+    return _forward(x, dt, A, B, C, initial_state, chunk_size, out_dtype)
 
 
 @ssd_scan_op.register_fake
 def _(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    initial_state: torch.Tensor | None, chunk_size: int,
+    initial_state: torch.Tensor | None, chunk_size: int, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     b, _, h, p = x.shape
-    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((b, h, p, B.shape[3]), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((b, h, p, B.shape[3]), dtype=torch.float32)
 
 
 def _backward(
@@ -225,7 +226,7 @@ def _backward(
     s = _Prep(x, dt, A, B, C, chunk_size)
     bsz, length, nh, nc, q, ng = s.bsz, s.length, s.nheads, s.nchunks, s.q, s.ngroups
     dev = x.device
-    dy = dy.float().contiguous()
+    dy = dy.contiguous()  # y's dtype: the kernels read it in the operand dtype of their matmuls
 
     entering, _ = s.states(initial_state)
     d_states, d_init, d_decay = s.state_grads(dy, entering, d_final)
@@ -332,13 +333,21 @@ def _(
 def _setup_context(
     ctx: torch.autograd.function.FunctionCtx,
     inputs: tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor | None,
+        int,
+        torch.dtype,
     ],
     output: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
-    x, dt, A, B, C, initial_state, chunk_size = inputs
+    x, dt, A, B, C, initial_state, chunk_size, out_dtype = inputs
     ctx.save_for_backward(x, dt, A, B, C, initial_state)  # type: ignore[arg-type]  # None is saved as None
     ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+    ctx.out_dtype = out_dtype  # type: ignore[attr-defined]
     ctx.has_initial = initial_state is not None  # type: ignore[attr-defined]
 
 
@@ -347,7 +356,7 @@ def _autograd_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     x, dt, A, B, C, initial_state = ctx.saved_tensors  # type: ignore[attr-defined]
     if dy is None:
-        dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        dy = torch.zeros(x.shape, dtype=ctx.out_dtype, device=x.device)  # type: ignore[attr-defined]
     dx, d_dt, d_A, dB, dC, d_init = ssd_scan_backward_op(
         dy,
         d_final,
@@ -359,7 +368,7 @@ def _autograd_backward(
         initial_state,
         ctx.chunk_size,  # type: ignore[attr-defined]
     )
-    return dx, d_dt, d_A, dB, dC, (d_init if ctx.has_initial else None), None  # type: ignore[attr-defined]
+    return dx, d_dt, d_A, dB, dC, (d_init if ctx.has_initial else None), None, None  # type: ignore[attr-defined]
 
 
 ssd_scan_op.register_autograd(_autograd_backward, setup_context=_setup_context)
