@@ -98,9 +98,9 @@ def test_scan_matches_torch_float32(shape: tuple, device: str) -> None:
 def test_scan_with_heads_split_among_programs(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Where one program per tile would leave the GPU idle, a group's heads are split among a few
     # programs whose partial gradients are summed.
-    from viaduct.models.mamba import ssd_triton
+    from viaduct.models.mamba import kernel_shapes
 
-    monkeypatch.setattr(ssd_triton, "_MIN_PROGRAMS", 8)
+    monkeypatch.setattr(kernel_shapes, "MIN_PROGRAMS", 8)
     torch.manual_seed(0)
     inputs = _scan_inputs(1, 64, 1, 4, 16, 16, device)
     _, _, grads = _run(inputs, 32, "triton")

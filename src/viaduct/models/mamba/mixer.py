@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from viaduct.models.mamba.kernel_shapes import norm_fits
 from viaduct.models.mamba.ssd import ssd_chunked, ssd_recurrence, uses_kernels
 
 
@@ -350,7 +351,7 @@ class Mamba2Mixer(nn.Module):
             # the bytes (the kernels accumulate in float32 and the norm computes in float32).
             y = _scan(x, dt, A, B, C, self.chunk_size, x.dtype if fused else None)
         out_w = params["out_proj.weight"]
-        if fused and _norm_kernel_fits(d_inner, self.norm.group_size, x.dtype):
+        if fused and norm_fits(d_inner, self.norm.group_size, x.dtype):
             from viaduct.models.mamba.norm_triton import gated_norm_skip
 
             y = gated_norm_skip(
@@ -382,14 +383,6 @@ class Mamba2Mixer(nn.Module):
             f"head_dim={self.head_dim}, num_groups={self.num_groups}, state_dim={self.state_dim}, "
             f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}"
         )
-
-
-def _norm_kernel_fits(size: int, group_size: int, dtype: torch.dtype) -> bool:
-    """Whether the fused skip + gated norm kernel takes rows of `size` in groups of `group_size`
-    (only asked where the scan's kernels run, so Triton is importable)."""
-    from viaduct.models.mamba.norm_triton import supports
-
-    return supports(size, group_size, dtype)
 
 
 def _causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -32,9 +32,8 @@ import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAX_GROUP_SIZE = 8192
-"""The widest group the kernels hold in registers (masked up to the next power of two)."""
+from viaduct.models.mamba.kernel_shapes import norm_fits
+
 # Programs per group of channels in the backward: enough to fill an H100 (132 multiprocessors, a few
 # 16-warp programs on each), few enough that the [programs, h*p] partial sums stay a few percent of
 # the traffic (each program loops over a block of rows).
@@ -42,9 +41,9 @@ _BACKWARD_PROGRAMS = 512
 
 
 def supports(size: int, group_size: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels handle rows of `size` channels in groups of `group_size` (dividing it,
-    up to `MAX_GROUP_SIZE`, any value) for x and z of `dtype` (half precision or float32)."""
-    return 1 <= group_size <= MAX_GROUP_SIZE and size % group_size == 0 and dtype in SUPPORTED_DTYPES
+    """Whether the kernels handle rows of `size` channels in groups of `group_size`
+    (`viaduct.models.mamba.kernel_shapes.norm_fits`)."""
+    return norm_fits(size, group_size, dtype)
 
 
 def _block(group_size: int) -> tuple[int, int]:

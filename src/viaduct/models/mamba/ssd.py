@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from viaduct.models.mamba.kernel_shapes import scan_fits
+
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """Segment sums of `a` [..., T] as a [..., T, T] matrix: out[..., i, j] = a[j+1] + ... + a[i] for
@@ -123,11 +125,8 @@ def uses_kernels(x: torch.Tensor, chunk_size: int, state_dim: int, head_dim: int
         return False
     head_dim = x.shape[-1] if head_dim is None else head_dim
     ready = triton_available()
-    if ready:
-        from viaduct.models.mamba import ssd_triton
-
-        fits = ssd_triton.supports(chunk_size, head_dim, state_dim, x.dtype)
-        if fits and (_backend == "triton" or x.is_cuda):
+    if ready and scan_fits(chunk_size, head_dim, state_dim, x.dtype):
+        if _backend == "triton" or x.is_cuda:
             return True
     if _backend == "triton":
         why = (

@@ -29,29 +29,12 @@ import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
 
 from viaduct.models.mamba import ssd_kernels as k
-
-# The dtypes the kernels take for x, B and C: the matmul operands of the scan (float64 stays on the
-# PyTorch path).
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The widest head and state the kernels keep in registers (float32 [block, width] accumulators).
-MAX_HEAD_DIM = 128
-MAX_STATE_DIM = 256
-# Programs enough to keep an H100's 132 multiprocessors busy (several resident on each).
-_MIN_PROGRAMS = 1024
+from viaduct.models.mamba.kernel_shapes import head_splits, head_sum_rows, scan_fits
 
 
 def supports(chunk: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels handle this shape: a chunk length that is a power of two of at least 16
-    (the tiles divide it and tl.dot needs 16 along every side), head_dim up to `MAX_HEAD_DIM`,
-    state_dim up to `MAX_STATE_DIM` (any values: both are masked up to the next power of two) and a
-    half-precision or float32 dtype."""
-    return (
-        chunk >= 16
-        and chunk & (chunk - 1) == 0
-        and 1 <= head_dim <= MAX_HEAD_DIM
-        and 1 <= state_dim <= MAX_STATE_DIM
-        and dtype in SUPPORTED_DTYPES
-    )
+    """Whether the kernels handle this shape (`viaduct.models.mamba.kernel_shapes.scan_fits`)."""
+    return scan_fits(chunk, head_dim, state_dim, dtype)
 
 
 def _tile(chunk: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -81,15 +64,6 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t, t.stride(0), t.stride(1), t.stride(2)
-
-
-def _split(programs: int, per_group: int) -> int:
-    """How many programs share a group's heads: the fewest (a divisor of the heads per group) that
-    give at least `_MIN_PROGRAMS` programs."""
-    return next(
-        (d for d in range(1, per_group + 1) if per_group % d == 0 and programs * d >= _MIN_PROGRAMS),
-        per_group,
-    )
 
 
 class _Prep:
@@ -245,7 +219,7 @@ def _backward(
     # at 64 x 64 tiles in this kernel: half the tile there.
     tile = s.tile if s.head_dim <= 64 else min(s.tile, 32)
     nt = q // tile
-    splits = _split(bsz * nc * ng * nt * (nt + 1) // 2, s.rep)
+    splits = head_splits(bsz * nc * ng * nt * (nt + 1) // 2, s.rep)
     dcb = torch.zeros((splits, *s.cb.shape), dtype=torch.float32, device=dev)
     row = torch.zeros(bsz * nc, nh, nt, q, dtype=torch.float32, device=dev)
     col = torch.zeros_like(row)
@@ -257,8 +231,8 @@ def _backward(
     dcb_sum = dcb.sum(0)
 
     # B and C's gradients through the states, and the exponents' gradients that come with them.
-    br = min(q, 64 if s.d_state <= 128 and s.op != torch.float32 else 32)
-    hs_splits = _split(bsz * nc * ng * (q // br), s.rep)
+    br = head_sum_rows(q, s.d_state, s.op)
+    hs_splits = head_splits(bsz * nc * ng * (q // br), s.rep)
     d_c = torch.empty(hs_splits, bsz, length, ng, s.d_state, dtype=torch.float32, device=dev)
     d_b = torch.empty_like(d_c)
     d_exp_c = torch.empty(bsz, length, nh, dtype=torch.float32, device=dev)
