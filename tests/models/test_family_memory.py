@@ -30,6 +30,7 @@ from viaduct.models.family_memory import (
     attention_layer_bytes,
     mamba_layer_bytes,
     mamba_scan_recompute_bytes,
+    mixer_kernels_run,
     mlp_layer_bytes,
     stack_activations,
     t5_decoder_layer_bytes,
@@ -38,9 +39,10 @@ from viaduct.models.family_memory import (
 )
 from viaduct.models.mamba.model import AttentionLayer, MambaLayer, MLPLayer
 from viaduct.models.mamba.provider import HybridModelProvider
-from viaduct.models.mamba.ssd import ssd_chunked
+from viaduct.models.mamba.ssd import ssd_backend, ssd_chunked
 from viaduct.models.t5.model import _additive_mask
 from viaduct.models.t5.provider import T5ModelProvider, t5_provider_num_parameters
+from viaduct.testing.kernels import HAS_TRITON, INTERPRET
 
 B, S, H = 2, 32, 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -118,6 +120,40 @@ def test_mamba_layer_keeps_what_the_formula_says(dtype: str, norm: str, groups: 
     measured = layer_saved(MambaLayer(p, 1, dtype=DTYPES[dtype]), DTYPES[dtype])
     expected = B * S * (mamba_layer_bytes(p, a, S, compiled=False) + cpu_rms_norm_extra(norm, a))
     assert measured == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs Triton and TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("groups", [1, 2], ids=["1-group", "2-groups"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba_layer_on_the_kernel_path_keeps_what_the_formula_says(
+    dtype: str, groups: int, compiled: bool
+) -> None:
+    # The fused kernels (a CUDA run's path; here under Triton's interpreter) keep their inputs only:
+    # no shifted copies, no float32 chain, y in the compute dtype.
+    p = hybrid(dtype, normalization="RMSNorm", mamba_num_groups=groups, mamba_chunk_size=16)
+    d = DTYPES[dtype]
+    assert mixer_kernels_run(p, d.itemsize)
+    with ssd_backend("triton"):
+        measured = layer_saved(MambaLayer(p, 1, dtype=d), d, compiled=compiled)
+    extra = 0 if compiled else cpu_rms_norm_extra("RMSNorm", d.itemsize)  # compiled: CUDA's norm
+    expected = B * S * (mamba_layer_bytes(p, d.itemsize, S, compiled=compiled) + extra)
+    assert measured == pytest.approx(expected, rel=0.02)
+    torch_path = B * S * (mamba_layer_bytes(p, d.itemsize, S, compiled=compiled, kernels=False) + extra)
+    assert expected < 0.8 * torch_path
+
+
+def test_estimate_takes_the_kernel_path_where_its_shapes_fit() -> None:
+    # The estimate is for a CUDA run: Mamba-2 780M's shape in bf16 takes the kernels (less kept, no
+    # [chunk, chunk] transient); a chunk they do not take, or float64, keeps the PyTorch path's.
+    p = hybrid("bf16", mamba_chunk_size=128, mamba_head_dim=64, mamba_state_dim=128, seq_length=256)
+    assert mixer_kernels_run(p, 2) and mixer_kernels_run(p, 4) and not mixer_kernels_run(p, 8)
+    assert mamba_layer_bytes(p, 2, 256) < mamba_layer_bytes(p, 2, 256, kernels=False)
+    scan = mamba_scan_recompute_bytes(p, 2, 4, 256)
+    assert scan < mamba_scan_recompute_bytes(p, 2, 4, 256, kernels=False) / 2
+    odd = replace(p, mamba_chunk_size=96)
+    assert not mixer_kernels_run(odd, 2)
+    assert mamba_layer_bytes(odd, 2, 256) == mamba_layer_bytes(odd, 2, 256, kernels=False)
 
 
 @pytest.mark.parametrize("seq", [S, 20], ids=["whole-chunks", "padded"])

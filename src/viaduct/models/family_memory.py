@@ -66,6 +66,25 @@ sequence f H C (P N + 1) (the state entering each of the C chunks and its decay)
 the states on (up to 64 chunks), or f H (C + 1) (P N + C + 1) where a matmul does (the chunk-end
 states and their decay matrix).
 
+That is the PyTorch path. A CUDA run takes the mixer's fused Triton kernels wherever their shapes
+suit them (`mixer_kernels_run`: a power-of-two chunk of at least 16, heads up to 128 wide, states up
+to 256, norm groups up to 8192, 16- or 32-bit activations), and the estimate, made for CUDA, counts
+that path there. The kernels keep only their inputs, per token:
+
+    2 a h + norm statistics           the block norm's input and in_proj's input
+    a (d + c + H), or a c + 2 a d     in_proj's output (one group on the rank: the conv's input, z
+                                      and dt are views of it), or copies of x B C, x and z
+    a c + f H                         the conv's output (the scan's x, B, C); dt in float32
+    2 a d + f G                       y in the compute dtype, out_proj's input; the norm's rstd
+    f H (eager), a H (compiled,       softplus's input; under torch.compile dt's copy, or in float32
+      several groups or float32)      its sum with dt_bias
+
+and their backward's transient is the states entering each chunk and their gradients (2 a H P N per
+chunk) with the float32 partial sums of B's and C's gradients (2 f G N per token per share of a
+group's heads: `kernel_shapes.head_splits`). The layer's count is checked on the CPU under
+Triton's interpreter. On an H100, Mamba-2 780M at 4 x 4096 tokens peaked at 50.31 GiB while the
+scan's output was still float32; this count with y in float32 gives 50.25 GiB.
+
 An attention layer keeps its norm's input and output, the fused q, k, v projection output, the
 kernel's output (linear_proj's input) and its float32 log-sum-exp (4 bytes per head); rotary
 embeddings or QK norm add new copies of q and k. An MLP layer keeps its norm's input and output,
@@ -92,6 +111,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from typing import TYPE_CHECKING
+
+import torch
 
 from viaduct.config.errors import ConfigError, Problem
 from viaduct.models.family_weights import _weights, pipeline_parts
@@ -207,6 +228,20 @@ def mlp_layer_bytes(
     )
 
 
+def mixer_kernels_run(p: HybridModelProvider, a: int) -> bool:
+    """Whether a CUDA run of `p` with `a`-byte activations takes the Mamba mixer's fused Triton
+    kernels (convolution, scan, gated norm): where their shapes suit them (`kernel_shapes`)."""
+    from viaduct.models.mamba.kernel_shapes import norm_fits, scan_fits
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(a)
+    group = p.mamba_heads() * p.mamba_head_dim // p.mamba_num_groups
+    return (
+        dtype is not None
+        and scan_fits(p.mamba_chunk_size, p.mamba_head_dim, p.mamba_state_dim, dtype)
+        and norm_fits(group, group, dtype)
+    )
+
+
 def mamba_layer_bytes(
     p: HybridModelProvider,
     a: int,
@@ -214,11 +249,13 @@ def mamba_layer_bytes(
     compiled: bool = True,
     *,
     layout: ParallelLayout | None = None,
+    kernels: bool = True,
 ) -> int:
     """Bytes per token a Mamba layer keeps for backward at sequence length `seq`, eagerly or under
     torch.compile, on one tensor-parallel rank of `layout` (default one rank), which holds
     mamba_num_groups / tp whole B/C groups (see the module docstring; the shifted copies' padding is
-    spread over the sequence, rounded up)."""
+    spread over the sequence, rounded up). `kernels`: on the fused kernels' path where they run
+    (`mixer_kernels_run`, a CUDA run); False: the PyTorch path."""
     from viaduct.models.accounting import _MAMBA_CONV_KERNEL, _mamba_sizes, _per_tp_rank
 
     layout = layout or _one_rank()
@@ -228,6 +265,16 @@ def mamba_layer_bytes(
     # conv reads (and keeps) in_proj's output whole, and x and z need no copy. With more, x B C, x
     # and z are each copied out of the interleaved groups.
     one_group = p.mamba_num_groups // layout.tp == 1
+    if kernels and mixer_kernels_run(p, a):
+        # The kernels keep their inputs: in_proj's output (or the copies), the convolution's
+        # output (the scan's x, B, C), dt in float32, y in the compute dtype, the norm's rstd.
+        n = a * (d + c + heads) if one_group else a * c + 2 * a * d
+        n += a * c + _F32 * heads + 2 * a * d + _F32 * p.mamba_num_groups  # y and out_proj's input
+        if not compiled:
+            n += _F32 * heads  # softplus's input
+        elif not one_group or a == _F32:
+            n += a * heads  # dt's copy, or in float32 its sum with dt_bias
+        return _per_tp_rank(layout, split=n, stream=_pre_norm(p, a), replicated=_gemm_input(p, a))
     n = a * (d + c + heads) if one_group else a * c  # the conv's input
     # Its k - 1 shifted copies (each seq + shift rows long) and silu's output (the scan's x, B and C).
     n += _ceil_div(a * c * ((k - 1) * seq + k * (k - 1) // 2), seq) + a * c
@@ -253,18 +300,33 @@ def mamba_layer_bytes(
 
 
 def mamba_scan_recompute_bytes(
-    p: HybridModelProvider, a: int, sequences: int, seq: int, *, layout: ParallelLayout | None = None
+    p: HybridModelProvider,
+    a: int,
+    sequences: int,
+    seq: int,
+    *,
+    layout: ParallelLayout | None = None,
+    kernels: bool = True,
 ) -> int:
     """The SSD scan's intermediates one Mamba layer recomputes in backward (transient, one layer at a
     time) for `sequences` sequences of `seq` tokens with `a`-byte inputs, on one tensor-parallel rank
-    (its heads and groups): the tensors `ssd_chunked` saves (see the module docstring)."""
+    (its heads and groups): the tensors `ssd_chunked` saves (see the module docstring), or, on the
+    fused kernels' path (`kernels`, where they run), their backward's largest buffers."""
     from viaduct.models.accounting import _mamba_sizes, _per_tp_rank
+    from viaduct.models.mamba.kernel_shapes import head_splits, head_sum_rows
     from viaduct.models.mamba.ssd import SEQUENTIAL_CHUNKS
 
     _, heads, _ = _mamba_sizes(p)
     q = p.mamba_chunk_size  # the scan pads the sequence to whole chunks of this size
     chunks = sequences * _ceil_div(seq, q)
     g, hp, n = p.mamba_num_groups, heads * p.mamba_head_dim, p.mamba_state_dim
+    if kernels and mixer_kernels_run(p, a):
+        # The states entering the chunks and their gradients (the operand dtype), and the float32
+        # partial sums of B's and C's gradients, one per share of a group's heads.
+        rows = head_sum_rows(q, n, torch.bfloat16 if a < _F32 else torch.float32)
+        splits = head_splits(chunks * g * (q // rows), heads // g)
+        total = 2 * a * chunks * hp * n + 2 * splits * _F32 * chunks * q * g * n
+        return _per_tp_rank(layout or _one_rank(), split=total)
     per_padded = _F32 * heads * (2 * q + 3) + _F32 * g * q + a * heads * q + 4 * a * g * n
     per_padded += 2 * (a + _F32) * hp
     total = chunks * q * per_padded + chunks * a * hp * n
