@@ -63,7 +63,8 @@ def conv_forward_kernel(
     SILU: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """out [b, L, C] (contiguous) from x [b, L, C] (strides sxb, sxl; channels contiguous)."""
-    pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # An int64 batch index: a batch of long, wide sequences passes 2^31 elements.
+    pid_b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     pos = pid_l * BL + tl.arange(0, BL)
     chan = pid_c * BC + tl.arange(0, BC)
     cmask = chan < C
@@ -81,7 +82,8 @@ def conv_dpre_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """The pre-activation's gradient dpre [b, L, C] (float32, contiguous)."""
-    pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # An int64 batch index: a batch of long, wide sequences passes 2^31 elements.
+    pid_b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     pos = pid_l * BL + tl.arange(0, BL)
     chan = pid_c * BC + tl.arange(0, BC)
     cmask = chan < C
@@ -105,7 +107,8 @@ def conv_dx_kernel(
     """dx [b, L, C] (contiguous, its dtype) over NB blocks of BL positions, and their partial sums of
     the weight's gradient [C, KP] and the bias's [C] (float32, at row pid_b * programs + pid_l of dw
     and db). Position t reaches output t + s through tap K-1-s, so x[t] meets dpre[t + s] there."""
-    pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # An int64 batch index: a batch of long, wide sequences passes 2^31 elements.
+    pid_b, pid_l, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     chan = pid_c * BC + tl.arange(0, BC)
     cmask = chan < C
     taps = tl.arange(0, KP)

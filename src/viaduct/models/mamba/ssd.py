@@ -1,4 +1,4 @@
-"""The state-space-dual (SSD) scan of Mamba-2, in PyTorch (with fused Triton kernels for one step).
+"""The state-space-dual (SSD) scan of Mamba-2, in PyTorch and (on CUDA) as fused Triton kernels.
 
 The selective state space recurrence of one head h (state [head_dim p, d_state n]) is
 
@@ -186,10 +186,10 @@ def ssd_chunked(
 
     Returns:
         y [batch, length, heads, head_dim] and the state after the last position
-        [batch, heads, head_dim, d_state], both in float32 (float64 inputs stay float64): the decays
-        are exponentials of long sums, too coarse in half precision. With bf16 or fp16 inputs the
-        matmuls take their operands in that dtype (accumulating in float32), the decays and the
-        states passed between chunks stay float32.
+        [batch, heads, head_dim, d_state], both in float32 (float64 inputs stay float64; y in
+        out_dtype where that is given): the decays are exponentials of long sums, too coarse in
+        half precision. With bf16 or fp16 inputs the matmuls take their operands in that dtype
+        (accumulating in float32), the decays and the states passed between chunks stay float32.
     """
     if chunk_size < 1:
         raise ValueError(f"SSD scan: chunk_size must be a positive integer, got {chunk_size}")
