@@ -220,11 +220,8 @@ def test_compiled_mamba_layer_kernels_match_torch_path() -> None:
         assert relative_error(got, want) < 3e-2
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("groups", [1, 2])
-def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: int) -> None:
-    # The mixer's kernel path as a whole (convolution, scan, gated norm with the skip) against its
-    # PyTorch path: output and every parameter's gradient, in float32, with groups normalised apart.
+def _small_layer(groups: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A Mamba layer 64 wide with heads and states of 16 and chunks of 16 (seeded)."""
     from viaduct.models import MambaModelProvider
     from viaduct.models.mamba.model import MambaLayer
 
@@ -236,11 +233,19 @@ def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: in
         mamba_state_dim=16,
         mamba_chunk_size=16,
         vocab_size=100,
-        seq_length=40,
+        seq_length=64,
     )
     p.finalize()
     torch.manual_seed(0)
-    layer = MambaLayer(p, 1, device=device, dtype=torch.float32)
+    return MambaLayer(p, 1, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: int) -> None:
+    # The mixer's kernel path as a whole (convolution, scan, gated norm with the skip) against its
+    # PyTorch path: output and every parameter's gradient, in float32, with groups normalised apart.
+    layer = _small_layer(groups, device, torch.float32)
     with torch.no_grad():  # non-trivial norm weights, skip and biases, so their gradients differ
         for name, param in layer.named_parameters():
             if "norm" in name or name.endswith(("D", "bias")):
@@ -262,22 +267,7 @@ def test_mamba_layer_kernels_match_torch_path_in_float32(device: str, groups: in
 def test_mamba_layer_kernels_in_bf16(device: str) -> None:
     # In bf16 the kernel path hands the scan's output to the norm in bf16 (the PyTorch path keeps it
     # in float32): both against a float32 evaluation of the same bf16 weights and input.
-    from viaduct.models import MambaModelProvider
-    from viaduct.models.mamba.model import MambaLayer
-
-    p = MambaModelProvider(
-        num_layers=1,
-        hidden_size=64,
-        mamba_num_groups=1,
-        mamba_head_dim=16,
-        mamba_state_dim=16,
-        mamba_chunk_size=16,
-        vocab_size=100,
-        seq_length=48,
-    )
-    p.finalize()
-    torch.manual_seed(0)
-    layer = MambaLayer(p, 1, device=device, dtype=torch.bfloat16)
+    layer = _small_layer(1, device, torch.bfloat16)
     x = torch.randn(2, 48, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
 
     def run(backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
