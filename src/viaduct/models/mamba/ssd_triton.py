@@ -1,7 +1,8 @@
 """The whole SSD scan of Mamba-2 as fused Triton kernels (`viaduct.models.mamba.ssd_kernels`).
 
-`ssd_scan_op(x, dt, A, B, C, initial_state, chunk_size, out_dtype)` computes what `ssd_chunked` computes (same
-arguments, positions a multiple of the chunk) without the intermediates of the PyTorch form: that
+`ssd_scan_op(x, dt, A, B, C, initial_state, chunk_size, out_dtype)` computes what `ssd_chunked`
+computes (same arguments, positions a multiple of the chunk, y in out_dtype) without the
+intermediates of the PyTorch form: that
 form builds a [chunk, chunk] weight matrix per head and chunk, decays and states as separate float32
 tensors, and autograd keeps them (at Mamba-2 780M's shape, several GB per layer moved per step). Here
 
