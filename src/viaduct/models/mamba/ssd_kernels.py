@@ -155,7 +155,7 @@ def state_forward_kernel(
 
 @triton.jit
 def state_backward_kernel(
-    DY,  # gradient of y [b, L, h, P] float32, contiguous
+    DY,  # gradient of y [b, L, h, P] (y's dtype), contiguous
     DT,  # [b, L, h] float32 (unused by this mode of `_chunk_outer`; any pointer)
     ACS,  # [b, h, NC, Q]
     C,  # [b, L, g, N], strided
@@ -228,7 +228,7 @@ def chunk_scan_kernel(
     sc_l,
     sc_g,
     ENT,  # states entering the chunks [b, NC, h, P, N]
-    Y,  # out [b, L, h, P] float32, contiguous
+    Y,  # out [b, L, h, P] (out_dtype), contiguous
     NC,
     L,
     H: tl.constexpr,
@@ -304,7 +304,7 @@ def chunk_dx_kernel(
     sb_l,
     sb_g,
     DST,  # gradient of each chunk's own state [b, NC, h, P, N]
-    DY,  # [b, L, h, P] float32, contiguous
+    DY,  # [b, L, h, P] (y's dtype), contiguous
     DX,  # out [b, L, h, P] in x's dtype, contiguous
     DDT,  # out [b, L, h] float32: the time step's gradient through xdt
     NC,
@@ -379,7 +379,7 @@ def chunk_cb_backward_kernel(
     DT,  # [b, L, h] float32
     ACS,  # [b, h, NC, Q]
     CB,  # [b, NC, g, Q, Q]
-    DY,  # [b, L, h, P] float32, contiguous
+    DY,  # [b, L, h, P] (y's dtype), contiguous
     DCB,  # out: [splits, b, NC, g, Q, Q], zero-filled (tiles above the diagonal stay 0)
     ROW,  # out: partial row sums of dM * W [b * NC, h, column blocks, Q] float32
     COL,  # out: partial column sums of dM * W [b * NC, h, row blocks, Q] float32
