@@ -286,6 +286,11 @@ def test_mamba_layer_kernels_in_bf16(device: str) -> None:
         assert relative_error(got, want) < max(2 * relative_error(ref, want), 2e-2)
 
 
+def test_auto_runs_the_kernels_from_ampere_on() -> None:
+    assert ssd.kernel_capable((8, 0)) and ssd.kernel_capable((9, 0)) and ssd.kernel_capable((12, 1))
+    assert not ssd.kernel_capable((7, 5)) and not ssd.kernel_capable((7, 0))
+
+
 def test_auto_keeps_torch_path_on_cpu() -> None:
     x = torch.zeros(1, 64, 2, 16)
     assert not ssd.uses_kernels(x, 16, 16)

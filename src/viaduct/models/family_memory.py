@@ -229,8 +229,9 @@ def mlp_layer_bytes(
 
 
 def mixer_kernels_run(p: HybridModelProvider, a: int) -> bool:
-    """Whether a CUDA run of `p` with `a`-byte activations takes the Mamba mixer's fused Triton
-    kernels (convolution, scan, gated norm): where their shapes suit them (`kernel_shapes`)."""
+    """Whether a CUDA run of `p` with `a`-byte activations (on an Ampere or newer GPU, which the
+    estimate assumes) takes the Mamba mixer's fused Triton kernels (convolution, scan, gated norm):
+    where their shapes suit them (`kernel_shapes`)."""
     from viaduct.models.mamba.kernel_shapes import norm_fits, scan_fits
 
     dtype = {2: torch.bfloat16, 4: torch.float32}.get(a)

@@ -75,7 +75,8 @@ def _check_shapes(
 
 
 # Which implementation computes `ssd_chunked`: "auto" (the fused Triton kernels where the inputs are
-# on CUDA, Triton is importable and the shape suits them; PyTorch otherwise), "torch" (always
+# on a CUDA GPU of compute capability 8.0 or newer, Triton is importable and the shape suits them;
+# PyTorch otherwise), "torch" (always
 # PyTorch: the reference) or "triton" (always the kernels; an error where they cannot run). Read when
 # a call is traced, so a compiled model keeps the choice it was compiled with until it recompiles.
 SSD_BACKENDS = ("auto", "torch", "triton")
@@ -104,6 +105,23 @@ def ssd_backend(backend: str) -> Iterator[None]:
         set_ssd_backend(previous)
 
 
+MIN_CAPABILITY = (8, 0)
+"""The oldest CUDA compute capability "auto" runs the kernels on: Ampere, whose tensor cores take
+their bf16 matmuls (they are tested on Hopper); older GPUs keep the PyTorch path."""
+
+
+def kernel_capable(capability: tuple[int, int]) -> bool:
+    """Whether "auto" runs the kernels on a GPU of this compute capability."""
+    return tuple(capability) >= MIN_CAPABILITY
+
+
+@torch.compiler.assume_constant_result
+def current_gpu_capable() -> bool:
+    """`kernel_capable` of the current CUDA device (where a run keeps its tensors). A constant to
+    torch.compile, like `triton_available`."""
+    return kernel_capable(torch.cuda.get_device_capability())
+
+
 @torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether the Triton kernels can be loaded (Triton importable). A constant to torch.compile, so the
@@ -126,7 +144,7 @@ def uses_kernels(x: torch.Tensor, chunk_size: int, state_dim: int, head_dim: int
     head_dim = x.shape[-1] if head_dim is None else head_dim
     ready = triton_available()
     if ready and scan_fits(chunk_size, head_dim, state_dim, x.dtype):
-        if _backend == "triton" or x.is_cuda:
+        if _backend == "triton" or (x.is_cuda and current_gpu_capable()):
             return True
     if _backend == "triton":
         why = (
