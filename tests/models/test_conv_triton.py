@@ -1,9 +1,9 @@
 """The Triton causal convolution + SiLU of the Mamba mixer against its PyTorch form.
 
 Run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's interpreter
-(`TRITONINTERPRET=1`, with Triton importable); skipped elsewhere.
+(`TRITON_INTERPRET=1`, with Triton importable); skipped elsewhere.
 
-    PYTHONPATH=/path/to/triton TRITONINTERPRET=1 pytest -q tests/models/test_conv_triton.py   # CPU
+    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_conv_triton.py   # CPU
 """
 
 from __future__ import annotations

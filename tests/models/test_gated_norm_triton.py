@@ -1,9 +1,9 @@
 """The fused Triton D skip + gated RMSNorm (forward and backward) against a float64 evaluation.
 
 The tests run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's interpreter
-(`TRITONINTERPRET=1`, with Triton importable); elsewhere they are skipped.
+(`TRITON_INTERPRET=1`, with Triton importable); elsewhere they are skipped.
 
-    PYTHONPATH=/path/to/triton TRITONINTERPRET=1 pytest -q tests/models/test_gated_norm_triton.py   # CPU
+    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_gated_norm_triton.py   # CPU
     pytest -q -m gpu tests/models/test_gated_norm_triton.py                                        # GPU
 """
 

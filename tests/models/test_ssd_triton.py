@@ -1,10 +1,10 @@
 """The fused Triton SSD scan (forward and backward) against the PyTorch path and the recurrence.
 
 The kernel tests run on CUDA where it is available (marked `gpu`) and on the CPU under Triton's
-interpreter (`TRITONINTERPRET=1`, with Triton importable); elsewhere they are skipped. The dispatch
+interpreter (`TRITON_INTERPRET=1`, with Triton importable); elsewhere they are skipped. The dispatch
 tests need neither.
 
-    PYTHONPATH=/path/to/triton TRITONINTERPRET=1 pytest -q tests/models/test_ssd_triton.py   # CPU
+    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 pytest -q tests/models/test_ssd_triton.py   # CPU
     pytest -q -m gpu tests/models/test_ssd_triton.py                                        # GPU
 """
 
