@@ -2,9 +2,9 @@
 
 `ssd_scan_op(x, dt, A, B, C, initial_state, chunk_size, out_dtype)` computes what `ssd_chunked`
 computes (same arguments, positions a multiple of the chunk, y in out_dtype) without the
-intermediates of the PyTorch form: that
-form builds a [chunk, chunk] weight matrix per head and chunk, decays and states as separate float32
-tensors, and autograd keeps them (at Mamba-2 780M's shape, several GB per layer moved per step). Here
+intermediates of the PyTorch form: that form builds a [chunk, chunk] weight matrix per head and
+chunk, decays and states as separate float32 tensors, and autograd keeps them (at Mamba-2 780M's
+shape, several GB per layer moved per step). Here
 
     forward   the states entering each chunk (one kernel: a program carries a block of a head's
               state over the chunks of its row, adding each chunk's own state, a matmul, as it
