@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from viaduct.models.mamba.mixer import _causal_depthwise_conv
+from viaduct.models.mamba.kernel_shapes import MAX_CONV_WIDTH
+from viaduct.models.mamba.mixer import Mamba2Mixer, _causal_depthwise_conv
+from viaduct.models.mamba.ssd import ssd_backend
 from viaduct.testing.kernels import TRITON_DEVICES, relative_error
 
 DEVICES = TRITON_DEVICES
@@ -110,8 +112,28 @@ def test_compiled_full_graph(device: str) -> None:
 
 def test_refuses_a_convolution_wider_than_its_kernels() -> None:
     pytest.importorskip("triton")
-    from viaduct.models.mamba.conv_triton import MAX_WIDTH, conv_silu
+    from viaduct.models.mamba.conv_triton import conv_silu
 
     x = torch.zeros(1, 4, 8)
-    with pytest.raises(ValueError, match="wide exceeds"):
-        conv_silu(x, torch.zeros(8, 1, MAX_WIDTH + 1), None)
+    with pytest.raises(ValueError, match="wide is outside"):
+        conv_silu(x, torch.zeros(8, 1, MAX_CONV_WIDTH + 1), None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_mixer_wider_than_the_kernels_keeps_the_pytorch_convolution(device: str) -> None:
+    # The scan and norm still take their kernels; the convolution falls back instead of failing.
+    torch.manual_seed(3)
+    mixer = Mamba2Mixer(
+        32, state_dim=16, head_dim=16, num_groups=1, chunk_size=16, conv_kernel=MAX_CONV_WIDTH + 1
+    )
+    mixer.to(device)
+    x = torch.randn(2, 40, 32, device=device, requires_grad=True)
+    outs = []
+    for backend in ("triton", "torch"):
+        with ssd_backend(backend):
+            out = mixer(x)
+            outs.append((out, torch.autograd.grad(out.square().sum(), [x, mixer.conv1d.weight])))
+    (out, grads), (out_t, grads_t) = outs
+    assert relative_error(out, out_t) < 1e-5
+    for got, want in zip(grads, grads_t):
+        assert relative_error(got, want) < 1e-4

@@ -155,13 +155,9 @@ def test_compiled_full_graph(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_registered_ops(device: str) -> None:
-    from viaduct.models.mamba import norm_triton
 
     assert hasattr(torch.ops.viaduct, "gated_norm_skip")
     assert hasattr(torch.ops.viaduct, "gated_norm_skip_backward")
-    assert norm_triton.supports(120, 60, torch.bfloat16)
-    assert not norm_triton.supports(120, 50, torch.bfloat16)
-    assert not norm_triton.supports(2 * 16384, 16384, torch.float32)
     torch.manual_seed(4)
     y, x, D, z, w = (t.detach() for t in _inputs(1, 3, 2, 16, device))
     args = (y.requires_grad_(), x.requires_grad_(), D.requires_grad_(), z.requires_grad_(), w)

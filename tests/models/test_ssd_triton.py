@@ -286,6 +286,18 @@ def test_mamba_layer_kernels_in_bf16(device: str) -> None:
         assert relative_error(got, want) < max(2 * relative_error(ref, want), 2e-2)
 
 
+def test_kernel_shape_rules() -> None:
+    # What the scan's, the convolution's and the norm's kernels take (no Triton needed to ask).
+    from viaduct.models.mamba.kernel_shapes import conv_fits, norm_fits, scan_fits
+
+    assert scan_fits(128, 64, 128, torch.bfloat16) and scan_fits(16, 100, 256, torch.float32)
+    assert not scan_fits(96, 64, 128, torch.bfloat16) and not scan_fits(8, 64, 128, torch.bfloat16)
+    assert not scan_fits(128, 256, 128, torch.bfloat16) and not scan_fits(128, 64, 128, torch.float64)
+    assert norm_fits(120, 60, torch.bfloat16) and not norm_fits(120, 50, torch.bfloat16)
+    assert not norm_fits(2 * 16384, 16384, torch.float32)
+    assert conv_fits(4) and conv_fits(16) and not conv_fits(17) and not conv_fits(0)
+
+
 def test_auto_runs_the_kernels_from_ampere_on() -> None:
     assert ssd.kernel_capable((8, 0)) and ssd.kernel_capable((9, 0)) and ssd.kernel_capable((12, 1))
     assert not ssd.kernel_capable((7, 5)) and not ssd.kernel_capable((7, 0))

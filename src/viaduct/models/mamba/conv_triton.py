@@ -31,12 +31,12 @@ import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 
+from viaduct.models.mamba.kernel_shapes import MAX_CONV_WIDTH, conv_fits
+
 # A tile of positions x channels per program (4 warps): 32 x 128 keeps each kernel's few float32
 # tiles in registers.
 _BLOCK_L, _BLOCK_C = 32, 128
 _DX_BLOCKS = 8  # blocks of positions per program of the backward's second pass
-MAX_WIDTH = 16
-"""The widest convolution the kernels unroll (Mamba uses 4)."""
 
 
 @triton.jit
@@ -236,6 +236,8 @@ def conv_silu(
     `weight` is `nn.Conv1d`'s depthwise [C, 1, k] (or [C, k]). The result has x's dtype."""
     if weight.dim() == 3:
         weight = weight[:, 0, :]
-    if weight.shape[1] > MAX_WIDTH:
-        raise ValueError(f"conv_silu: a convolution {weight.shape[1]} wide exceeds the kernels' {MAX_WIDTH}")
+    if not conv_fits(weight.shape[1]):
+        raise ValueError(
+            f"conv_silu: a convolution {weight.shape[1]} wide is outside the kernels' 1 to {MAX_CONV_WIDTH}"
+        )
     return conv_silu_op(x, weight, bias, silu)

@@ -17,6 +17,8 @@ MAX_STATE_DIM = 256
 """The widest state the scan's kernels keep in registers."""
 MAX_GROUP_SIZE = 8192
 """The widest group the gated norm's kernels hold in registers (masked up to a power of two)."""
+MAX_CONV_WIDTH = 16
+"""The widest convolution the convolution's kernels unroll (Mamba-2 uses 4)."""
 
 
 def scan_fits(chunk: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> bool:
@@ -31,6 +33,11 @@ def scan_fits(chunk: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> 
         and 1 <= state_dim <= MAX_STATE_DIM
         and dtype in KERNEL_DTYPES
     )
+
+
+def conv_fits(width: int) -> bool:
+    """Whether the convolution's kernels take a convolution `width` taps wide."""
+    return 1 <= width <= MAX_CONV_WIDTH
 
 
 def norm_fits(size: int, group_size: int, dtype: torch.dtype) -> bool:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from viaduct.models.mamba.kernel_shapes import norm_fits
+from viaduct.models.mamba.kernel_shapes import conv_fits, norm_fits
 from viaduct.models.mamba.ssd import ssd_chunked, ssd_recurrence, uses_kernels
 
 
@@ -318,7 +318,7 @@ class Mamba2Mixer(nn.Module):
             act = F.silu(_causal_depthwise_conv(conv_in, conv_w, conv_b)[:, -seq:])
             if self.conv_kernel > 1:
                 cache.conv.copy_(conv_in[:, conv_in.shape[1] - (self.conv_kernel - 1) :])
-        elif fused:
+        elif fused and conv_fits(self.conv_kernel):
             from viaduct.models.mamba.conv_triton import conv_silu
 
             act = conv_silu(xbc, conv_w, conv_b)

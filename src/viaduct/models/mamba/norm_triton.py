@@ -32,18 +32,10 @@ import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 
-from viaduct.models.mamba.kernel_shapes import norm_fits
-
 # Programs per group of channels in the backward: enough to fill an H100 (132 multiprocessors, a few
 # 16-warp programs on each), few enough that the [programs, h*p] partial sums stay a few percent of
 # the traffic (each program loops over a block of rows).
 _BACKWARD_PROGRAMS = 512
-
-
-def supports(size: int, group_size: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels handle rows of `size` channels in groups of `group_size`
-    (`viaduct.models.mamba.kernel_shapes.norm_fits`)."""
-    return norm_fits(size, group_size, dtype)
 
 
 def _block(group_size: int) -> tuple[int, int]:
@@ -261,5 +253,6 @@ def gated_norm_skip(
 ) -> torch.Tensor:
     """rmsnorm_groups((y + x * D) * silu(z)) * weight in out_dtype, [b, L, h*p], computed in float32
     (see the module docstring); differentiable in y, x, D, z and weight. Shapes: y and x
-    [b, L, h, p], z [b, L, h*p], D [h], weight [h*p]; `supports` tells the sizes the kernels take."""
+    [b, L, h, p], z [b, L, h*p], D [h], weight [h*p]; `kernel_shapes.norm_fits` tells the sizes
+    the kernels take."""
     return gated_norm_skip_op(y, x, D, z, weight, group_size, eps, out_dtype)[0]

@@ -30,12 +30,7 @@ import torch
 import triton  # type: ignore[import-not-found,unused-ignore]
 
 from viaduct.models.mamba import ssd_kernels as k
-from viaduct.models.mamba.kernel_shapes import head_splits, head_sum_rows, scan_fits
-
-
-def supports(chunk: int, head_dim: int, state_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels handle this shape (`viaduct.models.mamba.kernel_shapes.scan_fits`)."""
-    return scan_fits(chunk, head_dim, state_dim, dtype)
+from viaduct.models.mamba.kernel_shapes import head_splits, head_sum_rows
 
 
 def _tile(chunk: int, dtype: torch.dtype) -> tuple[int, int]:
