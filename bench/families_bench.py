@@ -5,6 +5,7 @@
     python bench/families_bench.py all
     python bench/families_bench.py mamba model.mamba_chunk_size=64   # overrides for the family's run
     python bench/families_bench.py t5 --profile 25   # + the costliest GPU kernels of the timed steps
+    python bench/families_bench.py t5 model.cuda_graph_impl=local   # T5 replaying CUDA graphs
 
 Targets: the Mamba-2 780M shape at sequence 4096 runs at least 60% of the tokens/s of a GPT (Llama
 architecture) of about the same parameter count and vocabulary at the same sequence length; T5-base

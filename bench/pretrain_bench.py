@@ -4,6 +4,7 @@
     python bench/pretrain_bench.py --compare                         # also the model benchmark: loop overhead
     torchrun --nproc-per-node 2 bench/pretrain_bench.py --mbs 16 --gbs 32   # data parallel
     python bench/pretrain_bench.py --profile 20                      # + the 20 costliest GPU kernels
+    python bench/pretrain_bench.py --trace /tmp/t.json               # + a Chrome trace of two steps
 
 The run is a real `pretrain()` of a recipe (mock data through DataLoader workers, the optimizer,
 scheduler, logging every `--log-interval` steps) with checkpoints and evaluation off. Timing: the
@@ -61,9 +62,12 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
             self.peak_mem_max: float | None = None
             self.profiler: torch.profiler.profile | None = None
             self.kernels: dict[str, float] = {}
+            self.tracer: torch.profiler.profile | None = None
 
         def on_train_step_end(self, ctx: Any) -> None:
             self.done += 1
+            if args.trace and self.done in (args.warmup, args.warmup + 2) and torch.cuda.is_available():
+                self._trace()
             if self.done == args.warmup or ctx.state.train_state.step == steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.t[self.done] = time.perf_counter()
@@ -77,6 +81,16 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     n = self.done - args.warmup
                     self.kernels = {e.key[:90]: round(e.device_time_total / n / 1e3, 3) for e in events}
+
+        def _trace(self) -> None:
+            """Record CPU and GPU activity of two steps after the warm-up into `args.trace`."""
+            if self.done == args.warmup:
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.tracer = torch.profiler.profile(activities=acts)
+                self.tracer.__enter__()
+            elif self.tracer is not None:
+                self.tracer.__exit__(None, None, None)
+                self.tracer.export_chrome_trace(args.trace)
 
         def on_train_end(self, ctx: Any) -> None:
             # Ranks differ under pipeline parallelism (the first stage keeps the most micro-batches'
@@ -179,6 +193,7 @@ def main() -> None:
         default=0,
         help="profile the timed steps (GPU): list this many costliest kernels",
     )
+    ap.add_argument("--trace", help="write a Chrome trace (CPU and GPU) of two steps after the warm-up here")
     ap.add_argument("overrides", nargs="*", help="config overrides (a.b=v)")
     args = ap.parse_intermixed_args()  # overrides may come on both sides of the options
     model_result: dict[str, Any] | None = None

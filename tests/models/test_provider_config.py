@@ -280,7 +280,7 @@ RULES = [
     ({"fp4": "e2m1"}, "fp4", "FP4 training is not supported yet"),
     ({"cpu_offloading": True}, "cpu_offloading", "not supported yet"),
     ({"fine_grained_activation_offloading": True}, "fine_grained_activation_offloading", "not supported yet"),
-    ({"cuda_graph_impl": "local"}, "cuda_graph_impl", "CUDA graphs is not supported yet"),
+    ({"cuda_graph_impl": "transformer_engine"}, "cuda_graph_impl", "CUDA graphs are not supported yet"),
     ({"tp_comm_overlap": True}, "tp_comm_overlap", "but tensor_model_parallel_size is 1"),
     (
         {"tp_comm_overlap": True, "tensor_model_parallel_size": 2},

@@ -112,19 +112,15 @@ EVEN_VOCAB = "model.vocab_size=300"
 @pytest.mark.parametrize(
     ("model", "layout", "world"),
     [
-        ((EVEN_VOCAB, RELATIVE), (TP,), 2),
-        (
-            (EVEN_VOCAB, "model.share_embeddings_and_output_weights=false"),
-            (TP, "model.sequence_parallel=true"),
-            2,
-        ),
+        # Two ranks without sequence parallelism; four with it, sharding and relative positions.
+        ((EVEN_VOCAB, "model.share_embeddings_and_output_weights=false"), (TP,), 2),
         (
             (EVEN_VOCAB, RELATIVE, "model.recompute_granularity=full", "model.recompute_method=uniform"),
             (TP, "model.sequence_parallel=true", "ddp.use_distributed_optimizer=true"),
             4,
         ),
     ],
-    ids=["tp2-relative", "tp2-sp-untied", "tp2-sp-fsdp2-relative-recompute"],
+    ids=["tp2-untied", "tp2-sp-fsdp2-relative-recompute"],
 )
 def test_t5_under_tensor_parallelism_matches_one_process(
     model: tuple[str, ...], layout: tuple[str, ...], world: int

@@ -174,9 +174,7 @@ class MegatronCompatFields(ConfigBase):
     """Use the persistent layer-norm kernel (a Megatron kernel; no effect in viaduct)."""
     use_te_rng_tracker: bool = False
     """Use Transformer Engine's RNG tracker (kept in sync with rng.te_rng_tracker)."""
-    cuda_graph_impl: Literal["none", "local", "transformer_engine", "full_iteration"] = unsupported(
-        "CUDA graphs", default="none"
-    )
-    """Capture CUDA graphs: none, per layer (local / transformer_engine) or the whole iteration."""
+    cuda_graph_impl: Literal["none", "local", "transformer_engine", "full_iteration"] = "none"
+    """Replay CUDA graphs: none, or local (torch.compile's CUDA graphs of the compiled model, one GPU)."""
     deterministic_mode: bool = unsupported("deterministic-only kernels", default=False)
     """Use deterministic kernels only (bitwise reproducible, slower)."""

@@ -208,9 +208,9 @@ class TransformerConfig(MegatronCompatFields):
         "tp_only_amax_red": "FP8 is not supported",
         "fp8_interval": "deprecated in Transformer Engine, ignored",
         "activation_func_fp8_input_store": "FP8 is not supported",
-        "enable_cuda_graph": "CUDA graphs are not supported (see cuda_graph_impl)",
-        "cuda_graph_scope": "CUDA graphs are not supported",
-        "cuda_graph_warmup_steps": "CUDA graphs are not supported",
+        "enable_cuda_graph": "Transformer Engine's CUDA graphs are not supported (see cuda_graph_impl=local)",
+        "cuda_graph_scope": "cuda_graph_impl=local graphs the whole compiled model, not chosen parts",
+        "cuda_graph_warmup_steps": "with cuda_graph_impl=local, torch.compile decides when to record",
         "restore_modelopt_state": "no ModelOpt integration",
         "generation_config": "Hugging Face generation settings are not training configuration",
         "mtp_enabled": "multi-token prediction is not supported (see mtp_num_layers)",
@@ -438,6 +438,13 @@ class TransformerConfig(MegatronCompatFields):
                 "contradicts fp16/bf16",
                 dtype,
                 fix="make model.params_dtype match model.fp16/bf16 (or use mixed_precision)",
+            )
+        if "cuda_graph_impl" not in bad and self.cuda_graph_impl in ("transformer_engine", "full_iteration"):
+            p.add(
+                "cuda_graph_impl",
+                f"{self.cuda_graph_impl} CUDA graphs are not supported yet",
+                self.cuda_graph_impl,
+                fix="set model.cuda_graph_impl=local (torch.compile's CUDA graphs) or none",
             )
         if "cross_entropy_fusion_impl" not in bad and self.cross_entropy_fusion_impl == "te":
             p.add(

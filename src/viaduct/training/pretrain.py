@@ -16,7 +16,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
@@ -43,7 +43,7 @@ from viaduct.training.checkpoint.checkpointer import Checkpointer
 from viaduct.training.checkpoint.lock import lock_save_dir
 from viaduct.training.config import ConfigContainer
 from viaduct.training.fault_tolerance import FaultTolerance, rank_from_env
-from viaduct.training.forward_contract import prepare_forward_step
+from viaduct.training.forward_contract import ForwardStepFunc, LossFunc, prepare_forward_step
 from viaduct.training.gpt_step import forward_step as default_forward_step
 from viaduct.training.logging import ProgressFile, TrainingLogger, write_config_file
 from viaduct.training.logging.setup import setup_python_logging, teardown_python_logging
@@ -253,6 +253,15 @@ def _setup(
     )
     resources.append(profiler.close)
     profiler.start_run()
+    if _cuda_graphs(cfg) and ctx.device.type != "cuda":
+        raise ConfigError(
+            Problem(
+                "model.cuda_graph_impl",
+                f"CUDA graphs need a CUDA device, but this run is on {ctx.device.type}",
+                "local",
+                fix="run on a GPU, or set model.cuda_graph_impl=none",
+            )
+        )
     pmesh = build_mesh(layout_of(cfg, ctx.world_size), ctx.device)
     ctx.parallel = pmesh
     layout = pmesh.layout
@@ -393,7 +402,8 @@ def _setup(
     callbacks.callbacks.extend(stragglers)  # built-in callbacks, after the user's
     context = TrainContext(
         forward_step=time_forward_step(
-            prepare_forward_step(forward_step_func or default_step, state), stragglers
+            _cuda_graph_steps(cfg, prepare_forward_step(forward_step_func or default_step, state)),
+            stragglers,
         ),
         trained_model=trained_model,
         plain_model=model,
@@ -547,8 +557,33 @@ def _build_t5(
 def _compiled(
     cfg: ConfigContainer, ctx: DistributedContext, model: nn.Module, *, scope: Literal["model", "layers"]
 ) -> nn.Module:
-    """`model` compiled in place when the run compiles (`_compile_enabled`), else as it is."""
-    return compile_model(model, scope=scope) if _compile_enabled(cfg, ctx) else model
+    """`model` compiled in place when the run compiles (`_compile_enabled`), else as it is; with
+    model.cuda_graph_impl=local, in the mode that replays CUDA graphs of the compiled code."""
+    if not _compile_enabled(cfg, ctx):
+        return model
+    if _cuda_graphs(cfg):
+        return compile_model(model, scope=scope, mode="reduce-overhead")
+    return compile_model(model, scope=scope)
+
+
+def _cuda_graphs(cfg: ConfigContainer) -> bool:
+    """Whether the run replays CUDA graphs (validation allows it on one process that compiles)."""
+    return getattr(cfg.model, "cuda_graph_impl", "none") == "local"
+
+
+def _cuda_graph_steps(cfg: ConfigContainer, forward_step: ForwardStepFunc) -> ForwardStepFunc:
+    """`forward_step`, marking each micro-batch as a new step of torch.compile's CUDA graphs: the last
+    micro-batch's graph outputs (its loss reduced, its backward run) may then be overwritten. torch
+    guesses these boundaries in training (a forward after a backward) but not across evaluation's
+    forward-only passes."""
+    if not _cuda_graphs(cfg):
+        return forward_step
+
+    def step(data_iterator: Iterator[Any], model: nn.Module) -> tuple[Any, LossFunc]:
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward_step(data_iterator, model)
+
+    return step
 
 
 def _step_groups(pmesh: ParallelMesh) -> StepGroups:

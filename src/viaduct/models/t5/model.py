@@ -746,11 +746,22 @@ def _fold_bias(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden @ weight.T + bias as one matrix product, for the loss paths that take no bias: a column
-    of ones appended to the hidden states and the bias appended to the weight as a column."""
+    of ones appended to the hidden states and the bias appended to the weight as a column.
+
+    Zero columns follow on both sides up to a multiple of 8: a row length of hidden + 1 would leave
+    the GEMMs misaligned for tensor cores, and cuBLAS then falls back to kernels several times slower.
+    """
     if bias is None:
         return hidden, weight
+    pad = -(hidden.shape[-1] + 1) % 8
+    column = bias[:, None].to(weight.dtype)
+    # zeros_like keeps the bias's kind: under tensor parallelism it is a DTensor, like the weight.
+    weight_parts = (
+        (weight, column) if pad == 0 else (weight, column, torch.zeros_like(column).expand(-1, pad))
+    )
     ones = torch.ones(*hidden.shape[:-1], 1, dtype=hidden.dtype, device=hidden.device)
-    return torch.cat((hidden, ones), dim=-1), torch.cat((weight, bias[:, None].to(weight.dtype)), dim=-1)
+    zeros = torch.zeros(*hidden.shape[:-1], pad, dtype=hidden.dtype, device=hidden.device)
+    return torch.cat((hidden, ones, zeros), dim=-1), torch.cat(weight_parts, dim=-1)
 
 
 def _init_part(module_name: str) -> str:

@@ -31,9 +31,9 @@ import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from viaduct.config import ConfigBase, ConfigError, Problem, derived
+from viaduct.config import ConfigBase, ConfigError, DType, Problem, derived
 from viaduct.config.errors import fields_with_problems, warn
 from viaduct.config.provenance import is_user_set
 from viaduct.models.gpt.provider import GPTModelProvider
@@ -65,6 +65,9 @@ from viaduct.training.mixed_precision import (
     apply_mixed_precision,
     get_mixed_precision_config,
 )
+
+if TYPE_CHECKING:
+    from viaduct.distributed.layout import ParallelLayout
 
 # The order in which components finalize (step 6 above). A component's finalize may rely on the
 # ones before it having run (e.g. train before scheduler).
@@ -614,6 +617,7 @@ class ConfigContainer(ConfigBase):
                         fix="set train.torch_compile=true (or leave it unset), or tp_comm_overlap=false",
                     )
                 )
+        problems += self._cuda_graph_problems(layout, broken)
         if layout.uses_fsdp and "train" not in broken and self.train.torch_compile_scope == "model":
             problems.append(
                 Problem(
@@ -622,6 +626,59 @@ class ConfigContainer(ConfigBase):
                     "weights around it: only per-layer compilation fits",
                     "model",
                     fix="set train.torch_compile_scope=layers (or leave it unset)",
+                )
+            )
+        return problems
+
+    def _cuda_graph_problems(self, layout: "ParallelLayout", broken: set[str]) -> list[Problem]:
+        """model.cuda_graph_impl=local: CUDA graphs are what torch.compile records of the compiled
+        model, so the run must compile; and only a run in one process is built yet."""
+        if getattr(self.model, "cuda_graph_impl", "none") != "local" or "model" in broken:
+            return []
+        problems: list[Problem] = []
+        if "train" not in broken and self.train.torch_compile is False:
+            problems.append(
+                Problem(
+                    "model.cuda_graph_impl",
+                    "local CUDA graphs are recorded by torch.compile, but train.torch_compile is false",
+                    "local",
+                    fix="set train.torch_compile=true (or leave it unset), or model.cuda_graph_impl=none",
+                )
+            )
+        params_dtype = DType.canonical_name(self.model.params_dtype)
+        sixteen_bit = params_dtype in ("bfloat16", "float16")
+        if "ddp" not in broken and not (sixteen_bit and self.ddp.grad_reduce_in_fp32):
+            # A parameter's .grad written by a graph lives in the graphs' memory, which the next
+            # micro-batch's replay overwrites; float32 main gradients take every 16-bit gradient out
+            # of it as soon as autograd produces it.
+            problems.append(
+                Problem(
+                    "model.cuda_graph_impl",
+                    "local CUDA graphs need 16-bit parameters whose gradients go to float32 main "
+                    f"gradients, but params_dtype is {params_dtype} and "
+                    f"ddp.grad_reduce_in_fp32 is {self.ddp.grad_reduce_in_fp32}",
+                    "local",
+                    fix="set mixed_precision=bf16_mixed (and ddp.grad_reduce_in_fp32=true), or "
+                    "model.cuda_graph_impl=none",
+                )
+            )
+        if self.peft is not None:
+            problems.append(
+                Problem(
+                    "model.cuda_graph_impl",
+                    "CUDA graphs with parameter-efficient fine-tuning are not supported yet",
+                    "local",
+                    fix="set model.cuda_graph_impl=none",
+                )
+            )
+        if layout.world_size > 1 or layout.uses_fsdp:
+            problems.append(
+                Problem(
+                    "model.cuda_graph_impl",
+                    "CUDA graphs run in one unsharded process only so far; the layout is "
+                    f"{layout.describe()}",
+                    "local",
+                    fix="run on one GPU, or set model.cuda_graph_impl=none",
                 )
             )
         return problems
