@@ -631,8 +631,9 @@ class ConfigContainer(ConfigBase):
         return problems
 
     def _cuda_graph_problems(self, layout: "ParallelLayout", broken: set[str]) -> list[Problem]:
-        """model.cuda_graph_impl=local: CUDA graphs are what torch.compile records of the compiled
-        model, so the run must compile; and only a run in one process is built yet."""
+        """model.cuda_graph_impl=local: the graphs are what torch.compile records of the compiled
+        model, so the run must compile; gradients must leave the graphs' memory as autograd makes
+        them (16-bit parameters with float32 main gradients); no PEFT; and one unsharded process."""
         if getattr(self.model, "cuda_graph_impl", "none") != "local" or "model" in broken:
             return []
         problems: list[Problem] = []
