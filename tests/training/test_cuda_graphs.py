@@ -1,8 +1,8 @@
 """model.cuda_graph_impl=local: torch.compile's CUDA graphs of the compiled model, on one GPU.
 
-Validation refuses what is not built (no compilation, several processes, Transformer Engine's
-graphs) and a CPU run refuses at setup; on a GPU a graphed run trains exactly like the same run
-without graphs.
+Validation refuses what is not built (no compilation, float32 parameters, several processes,
+Transformer Engine's graphs) and a CPU run refuses at setup; on a GPU a graphed run trains like the
+same run without graphs.
 """
 
 from __future__ import annotations
