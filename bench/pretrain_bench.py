@@ -66,8 +66,8 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
         def on_train_step_end(self, ctx: Any) -> None:
             self.done += 1
-            if args.trace and self.done in (args.warmup, args.warmup + 2) and torch.cuda.is_available():
-                self._trace()
+            if args.trace:
+                self._trace(last=ctx.state.train_state.step == steps)
             if self.done == args.warmup or ctx.state.train_state.step == steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.t[self.done] = time.perf_counter()
@@ -82,15 +82,19 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
                     n = self.done - args.warmup
                     self.kernels = {e.key[:90]: round(e.device_time_total / n / 1e3, 3) for e in events}
 
-        def _trace(self) -> None:
-            """Record CPU and GPU activity of two steps after the warm-up into `args.trace`."""
-            if self.done == args.warmup:
-                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        def _trace(self, *, last: bool) -> None:
+            """Record CPU (and GPU) activity of the two steps after the warm-up (fewer if the run ends
+            first) into `args.trace`."""
+            if self.done == args.warmup and not last:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
                 self.tracer = torch.profiler.profile(activities=acts)
                 self.tracer.__enter__()
-            elif self.tracer is not None:
+            elif self.tracer is not None and (self.done == args.warmup + 2 or last):
                 self.tracer.__exit__(None, None, None)
                 self.tracer.export_chrome_trace(args.trace)
+                self.tracer = None
 
         def on_train_end(self, ctx: Any) -> None:
             # Ranks differ under pipeline parallelism (the first stage keeps the most micro-batches'
