@@ -4,7 +4,7 @@
     python bench/pretrain_bench.py --compare                         # also the model benchmark: loop overhead
     torchrun --nproc-per-node 2 bench/pretrain_bench.py --mbs 16 --gbs 32   # data parallel
     python bench/pretrain_bench.py --profile 20                      # + the 20 costliest GPU kernels
-    python bench/pretrain_bench.py --trace /tmp/t.json               # + a Chrome trace of two steps
+    python bench/pretrain_bench.py --trace /tmp/t.json               # + a Chrome trace of two more steps
 
 The run is a real `pretrain()` of a recipe (mock data through DataLoader workers, the optimizer,
 scheduler, logging every `--log-interval` steps) with checkpoints and evaluation off. Timing: the
@@ -34,14 +34,17 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = get_recipe(args.recipe)()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps  # the timed window ends here
+    # A trace records two more steps after the timed ones: the profiler's overhead and the trace's
+    # export (seconds) stay out of the timing.
+    total = steps + (2 if args.trace else 0)
     apply_overrides(
         cfg,
         [
             f"model.seq_length={args.seq}",
             f"train.micro_batch_size={args.mbs}",
             f"train.global_batch_size={args.gbs}",
-            f"train.train_iters={steps}",
+            f"train.train_iters={total}",
             "train.eval_iters=0",
             "scheduler.lr_warmup_iters=2",
             "checkpoint.save=null",
@@ -58,6 +61,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
         def __init__(self) -> None:
             self.done = 0
+            self.timed_steps = 0
             self.t: dict[int, float] = {}
             self.peak_mem_max: float | None = None
             self.profiler: torch.profiler.profile | None = None
@@ -66,11 +70,11 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
         def on_train_step_end(self, ctx: Any) -> None:
             self.done += 1
-            if args.trace:
-                self._trace(last=ctx.state.train_state.step == steps)
-            if self.done == args.warmup or ctx.state.train_state.step == steps:
+            step = ctx.state.train_state.step
+            if self.done == args.warmup or step == steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.t[self.done] = time.perf_counter()
+                self.timed_steps = self.done - args.warmup
                 if args.profile and self.done == args.warmup and torch.cuda.is_available():
                     self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
                     self.profiler.__enter__()
@@ -81,17 +85,18 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     n = self.done - args.warmup
                     self.kernels = {e.key[:90]: round(e.device_time_total / n / 1e3, 3) for e in events}
+            if args.trace:
+                self._trace(step)
 
-        def _trace(self, *, last: bool) -> None:
-            """Record CPU (and GPU) activity of the two steps after the warm-up (fewer if the run ends
-            first) into `args.trace`."""
-            if self.done == args.warmup and not last:
+        def _trace(self, step: int) -> None:
+            """Record CPU (and GPU) activity of the two steps after the timed ones into `args.trace`."""
+            if step == steps:
                 acts = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     acts.append(torch.profiler.ProfilerActivity.CUDA)
                 self.tracer = torch.profiler.profile(activities=acts)
                 self.tracer.__enter__()
-            elif self.tracer is not None and (self.done == args.warmup + 2 or last):
+            elif self.tracer is not None and step == total:
                 self.tracer.__exit__(None, None, None)
                 self.tracer.export_chrome_trace(args.trace)
                 self.tracer = None
@@ -117,7 +122,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
             estimate = round(estimate_config_memory(cfg).total / 2**30, 2)
         except ValueError as exc:  # a layout the estimate does not cover: say why, keep the timing
             estimate = f"not estimated: {exc}"
-    dt = (clock.t[clock.done] - clock.t[args.warmup]) / (clock.done - args.warmup)
+    dt = (clock.t[args.warmup + clock.timed_steps] - clock.t[args.warmup]) / clock.timed_steps
     from viaduct.models.t5.provider import T5ModelProvider, t5_flops_per_sample
 
     if isinstance(cfg.model, T5ModelProvider):  # encoder and decoder tokens; the sample's FLOPs
@@ -197,7 +202,9 @@ def main() -> None:
         default=0,
         help="profile the timed steps (GPU): list this many costliest kernels",
     )
-    ap.add_argument("--trace", help="write a Chrome trace (CPU and GPU) of two steps after the warm-up here")
+    ap.add_argument(
+        "--trace", help="write a Chrome trace (CPU and GPU) of two extra steps after the timed ones here"
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides (a.b=v)")
     args = ap.parse_intermixed_args()  # overrides may come on both sides of the options
     model_result: dict[str, Any] | None = None
