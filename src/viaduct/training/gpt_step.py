@@ -20,7 +20,11 @@ def get_batch(
     data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device
 ) -> dict[str, torch.Tensor]:
     """The next micro-batch, moved to `device` (asynchronously from pinned memory)."""
-    batch = next(data_iterator)
+    return move_batch(next(data_iterator), device)
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`batch` on `device` (asynchronously from pinned memory)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
