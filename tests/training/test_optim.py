@@ -120,6 +120,32 @@ def test_main_grads_accumulate_micro_batches_in_fp32():
         torch.testing.assert_close(s.master.grad, expected[s.name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("flush_bytes", [1, 200, 2**30], ids=["each", "some", "at-the-end"])
+def test_main_grads_are_widened_in_batches_by_the_end_of_each_backward(flush_bytes: int) -> None:
+    """However many 16-bit gradients wait before they are widened, each backward pass ends with all of
+    them in the main gradients, copied by the first micro-batch and added by the next."""
+    torch.manual_seed(0)
+    model = Tiny(torch.bfloat16)
+    opt = build_optimizer(_cfg(), model, fp32_main_grads=False)  # no hooks of its own
+    main = opt.main_grads = AccumulatedMainGrads(opt.slots, flush_bytes=flush_bytes)
+    batches = _batches(2)
+    expected: dict[str, torch.Tensor] = {}
+    opt.zero_grad()
+    for b in batches:
+        main.accumulate_in_backward(False)
+        for p in model.parameters():
+            p.grad = None
+        model(b["x"], b["y"]).float().mean().backward()
+        for s in opt.slots:
+            expected[s.name] = expected.get(s.name, 0) + s.param.grad.float()
+            s.param.grad = None
+        main.accumulate_in_backward(True)
+        model(b["x"], b["y"]).float().mean().backward()
+        for s in opt.slots:  # read straight after the backward pass: nothing waits any more
+            assert s.param.grad is None
+            torch.testing.assert_close(s.master.grad, expected[s.name], rtol=0, atol=0)
+
+
 def test_main_grads_implementation_follows_the_precision():
     def kind(dtype: torch.dtype, fp32_main_grads: bool) -> type:
         return type(build_optimizer(_cfg(), Tiny(dtype), fp32_main_grads=fp32_main_grads).main_grads)

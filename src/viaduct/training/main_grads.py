@@ -16,10 +16,14 @@ know how it is done:
 Two implementations:
 
 * `AccumulatedMainGrads` (16-bit parameters with `ddp.grad_reduce_in_fp32`): a post-accumulate-grad
-  hook adds each 16-bit gradient into the parameter's float32 main gradient as soon as autograd
-  produces it and frees it, so micro-batches accumulate in float32. Under DDP the main gradients of
-  one bucket are views into one flat float32 buffer: the last micro-batch's 16-bit bucket is added
-  into it with one kernel and the float32 sum is all-reduced in place (as Megatron does).
+  hook takes each 16-bit gradient from its parameter as soon as autograd produces it, so
+  micro-batches accumulate in float32. The gradients taken are widened into their float32 main
+  gradients (copied, or added) in batches: whenever `flush_bytes` of them wait, and at the end of
+  each backward pass. On CUDA one batch is one Triton kernel launch (`widen_triton`), instead of a
+  slow mixed-dtype kernel per parameter; elsewhere, and where Triton is missing, PyTorch copies and
+  adds them one by one. Under DDP the main gradients of one bucket are views into one flat float32
+  buffer: the last micro-batch's 16-bit bucket is added into it with one kernel and the float32 sum
+  is all-reduced in place (as Megatron does).
 * `ParamGrads` (everything else): a parameter's own `.grad` is its gradient; a 16-bit one
   accumulates in its own dtype and is widened to float32 at the step.
 
@@ -35,16 +39,56 @@ bookkeeping sharding needs (e.g. gradients of parameters FSDP did not reduce) be
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
     from viaduct.training.optim import ParamSlot
+
+
+FLUSH_BYTES = 64 * 2**20
+"""16-bit gradients held back at most (bytes) before they are widened into the main gradients."""
+
+
+class _Widen(Protocol):
+    def __call__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor], *, accumulate: bool) -> None: ...
+
+
+@functools.cache
+def _widen_kernel() -> _Widen | None:
+    """`widen_triton.widen_into` where Triton imports, else None."""
+    try:
+        from viaduct.training.widen_triton import widen_into
+    except ImportError:
+        return None
+    return widen_into
+
+
+def widen(dsts: list[torch.Tensor], srcs: list[torch.Tensor], *, accumulate: bool) -> None:
+    """dst += src (accumulate) or dst = src for each pair of float32 `dsts` and 16-bit `srcs`: CUDA
+    tensors of plain layout in one Triton launch, the others one PyTorch kernel each."""
+    kernel = _widen_kernel()
+    fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for d, s in zip(dsts, srcs, strict=True):
+        plain = type(d) is torch.Tensor and type(s) is torch.Tensor
+        if kernel is not None and plain and d.is_cuda and d.is_contiguous() and s.is_contiguous():
+            if fused[1] and s.dtype != fused[1][0].dtype:  # one source dtype a launch
+                kernel(*fused, accumulate=accumulate)
+                fused = ([], [])
+            fused[0].append(d)
+            fused[1].append(s)
+        elif accumulate:
+            d.add_(s)
+        else:
+            d.copy_(s)
+    if kernel is not None and fused[0]:
+        kernel(*fused, accumulate=accumulate)
 
 
 @dataclass
@@ -138,21 +182,24 @@ class _MainGrad:
 
     def accumulate(self, grad: torch.Tensor) -> None:
         """Add `grad` (any dtype) into the main gradient (copy it, for the first write of a step)."""
-        if self.fresh:
-            self.grad.copy_(grad)
-            self.fresh = False
-        else:
-            self.grad.add_(grad)
+        widen([self.grad], [grad], accumulate=not self.fresh)
+        self.fresh = False
 
 
 class AccumulatedMainGrads(MainGrads):
     """Float32 main gradients for the 16-bit parameters, accumulated by post-accumulate-grad hooks.
 
     Parameters without a float32 copy (float32 ones in a mixed model) keep their own `.grad`.
+    `flush_bytes`: how many bytes of 16-bit gradients may wait to be widened (see the module
+    docstring); they wait at most until the end of their backward pass.
     """
 
-    def __init__(self, slots: list[ParamSlot]) -> None:
+    def __init__(self, slots: list[ParamSlot], *, flush_bytes: int = FLUSH_BYTES) -> None:
         self.slots = slots
+        self.flush_bytes = flush_bytes
+        self._waiting: list[tuple[_MainGrad, torch.Tensor]] = []
+        self._waiting_bytes = 0
+        self._flush_queued = False
         # Aligned with `slots`: None for a parameter that is its own master (float32).
         self._of_slot: list[_MainGrad | None] = []
         self._by_param: dict[int, _MainGrad] = {}
@@ -171,12 +218,38 @@ class AccumulatedMainGrads(MainGrads):
         def hook(p: torch.Tensor) -> None:
             if not self._active or p.grad is None:
                 return
-            main.accumulate(p.grad)
-            p.grad = None  # the 16-bit gradient is freed as soon as it is taken
+            grad, p.grad = p.grad, None  # the 16-bit gradient is freed once widened
+            self._waiting.append((main, grad))
+            self._waiting_bytes += grad.numel() * grad.element_size()
+            if not self._flush_queued:  # the rest waits until this backward pass ends at most
+                self._flush_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            if self._waiting_bytes >= self.flush_bytes:
+                self._flush()
 
         return hook
 
+    def _end_of_backward(self) -> None:
+        self._flush_queued = False
+        self._flush()
+
+    def _flush(self) -> None:
+        """Widen the waiting 16-bit gradients into their main gradients: one `widen` call for the
+        first writes of the step (copies) and one for the rest (adds)."""
+        waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
+        copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        adds: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for main, grad in waiting:
+            into = copies if main.fresh else adds
+            into[0].append(main.grad)
+            into[1].append(grad)
+            main.fresh = False
+        widen(*copies, accumulate=False)
+        widen(*adds, accumulate=True)
+
     def begin_step(self) -> None:
+        # What a failed backward pass left: its gradients and its end-of-pass callback (never run).
+        self._waiting, self._waiting_bytes, self._flush_queued = [], 0, False
         for s in self.slots:
             s.param.grad = None
         for main in self._by_param.values():
@@ -186,6 +259,7 @@ class AccumulatedMainGrads(MainGrads):
         self._active = active
 
     def grads(self) -> list[torch.Tensor]:
+        self._flush()
         out = []
         for s, main in zip(self.slots, self._of_slot):
             if main is not None and main.fresh:
@@ -198,6 +272,7 @@ class AccumulatedMainGrads(MainGrads):
     def bucket_to_reduce(
         self, bucket: dist.GradBucket, buffer: torch.Tensor, *, reduce_in_fp32: bool
     ) -> BucketReduction:
+        self._flush()
         params = bucket.parameters()
         mains = [m for m in (self._by_param.get(id(p)) for p in params) if m is not None]
         if len(mains) != len(params):
