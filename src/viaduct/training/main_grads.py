@@ -40,6 +40,7 @@ bookkeeping sharding needs (e.g. gradients of parameters FSDP did not reduce) be
 from __future__ import annotations
 
 import functools
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,34 +62,47 @@ class _Widen(Protocol):
 
 
 @functools.cache
-def _widen_kernel() -> _Widen | None:
-    """`widen_triton.widen_into` where Triton imports, else None."""
+def _widen_kernel(device: torch.device) -> _Widen | None:
+    """`widen_triton.widen_into` where Triton imports and the kernel gives the right sums on `device`
+    (checked once per device), else None: PyTorch's kernels then do the work."""
     try:
         from viaduct.training.widen_triton import widen_into
     except ImportError:
         return None
-    return widen_into
+    try:
+        src = torch.arange(5, dtype=torch.bfloat16, device=device)
+        dst = torch.ones(5, device=device)
+        widen_into([dst], [src], accumulate=True)
+        works = torch.equal(dst, src.float() + 1)
+    except Exception as exc:  # a Triton that cannot build the kernel for this GPU
+        warnings.warn(
+            f"float32 main gradients: the Triton kernel fails ({exc}); using PyTorch's", stacklevel=2
+        )
+        return None
+    if not works:
+        warnings.warn("float32 main gradients: the Triton kernel sums wrongly; using PyTorch's", stacklevel=2)
+    return widen_into if works else None
 
 
 def widen(dsts: list[torch.Tensor], srcs: list[torch.Tensor], *, accumulate: bool) -> None:
     """dst += src (accumulate) or dst = src for each pair of float32 `dsts` and 16-bit `srcs`: CUDA
-    tensors of plain layout in one Triton launch, the others one PyTorch kernel each."""
-    kernel = _widen_kernel()
-    fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    tensors of plain layout in one Triton launch per device and dtype, the others one PyTorch kernel
+    each."""
+    fused: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for d, s in zip(dsts, srcs, strict=True):
         plain = type(d) is torch.Tensor and type(s) is torch.Tensor
-        if kernel is not None and plain and d.is_cuda and d.is_contiguous() and s.is_contiguous():
-            if fused[1] and s.dtype != fused[1][0].dtype:  # one source dtype a launch
-                kernel(*fused, accumulate=accumulate)
-                fused = ([], [])
-            fused[0].append(d)
-            fused[1].append(s)
+        if plain and d.is_cuda and d.is_contiguous() and s.is_contiguous() and _widen_kernel(d.device):
+            pairs = fused.setdefault((d.device, s.dtype), ([], []))
+            pairs[0].append(d)
+            pairs[1].append(s)
         elif accumulate:
             d.add_(s)
         else:
             d.copy_(s)
-    if kernel is not None and fused[0]:
-        kernel(*fused, accumulate=accumulate)
+    for (device, _), pairs in fused.items():
+        kernel = _widen_kernel(device)
+        assert kernel is not None  # only pairs it takes were gathered
+        kernel(*pairs, accumulate=accumulate)
 
 
 @dataclass
