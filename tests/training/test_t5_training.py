@@ -24,6 +24,7 @@ BUILTIN = (
     "dataset=t5",
     "dataset.data_path=builtin:pydoc",
     "dataset.split=90,5,5",
+    "dataset.num_workers=0",
     "tokenizer.tokenizer_type=HuggingFaceTokenizer",
     "tokenizer.tokenizer_model=builtin:pydoc-bpe",
 )
@@ -32,7 +33,11 @@ BUILTIN = (
 def tiny_t5(*overrides: str) -> ConfigContainer:
     """A 2 + 2 layer, 64-wide T5 on synthetic span corruption (encoder 64, decoder 16 tokens)."""
     cfg = tiny_pretrain_config(
-        "train.train_iters=4", "train.eval_iters=0", "dataset=mock_t5", "tokenizer.vocab_extra_ids=40"
+        "train.train_iters=4",
+        "train.eval_iters=0",
+        "dataset=mock_t5",
+        "dataset.num_workers=0",  # a new dataset section starts with 2 worker processes a rank
+        "tokenizer.vocab_extra_ids=40",
     )
     cfg.model = T5ModelProvider(
         num_layers=2,
