@@ -25,6 +25,8 @@ def test_causal_covers_right_padding_without_loss_only() -> None:
     assert not causal_covers_padding(_mask([[0, 1, 1, 1]]), _mask([[0, 1, 1, 1]]).float())
     # A loss on a padded position depends on what the padding sees.
     assert not causal_covers_padding(_mask([[1, 1, 0, 0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    # A loss mask of another shape is left for the model and the loss to report.
+    assert not causal_covers_padding(right, right.float().view(-1))
     # Tensors on a device are not read (that would wait for it): the mask stays.
     assert not causal_covers_padding(right.to("meta"), right.float())
 

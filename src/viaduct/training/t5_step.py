@@ -46,8 +46,9 @@ def causal_covers_padding(dec_mask: torch.Tensor, loss_mask: torch.Tensor) -> bo
     `dec_mask` [batch, seq] (True = real token): each row is real tokens then padding only, and
     `loss_mask` is zero on the padding. Answered on the host only (False for device tensors: the
     check would wait for the device)."""
-    if dec_mask.device.type != "cpu" or loss_mask.device.type != "cpu" or dec_mask.dim() != 2:
-        return False
+    on_host = dec_mask.device.type == "cpu" and loss_mask.device.type == "cpu"
+    if not on_host or dec_mask.dim() != 2 or loss_mask.shape != dec_mask.shape:
+        return False  # the model and the loss report what is wrong with other shapes
     real = dec_mask.bool()
     suffix = not bool((real[:, 1:] & ~real[:, :-1]).any())
-    return suffix and not bool(loss_mask.reshape(real.shape)[~real].any())
+    return suffix and not bool(loss_mask[~real].any())
