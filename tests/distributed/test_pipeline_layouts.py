@@ -180,10 +180,10 @@ def test_checkpoints_reshard_across_pipeline_sizes(tmp_path: Path) -> None:
     """PP 2 saves, PP 1 resumes and saves, PP 4 resumes: the same run as one process throughout."""
     ref = _train(0, 1, ("train.train_iters=6",))
     save = str(tmp_path / "ckpt")
-    first = _merged(run_distributed(_resume, 2, PP2, save, 6, 2, timeout=300, all_ranks=True))
+    first = _merged(run_distributed(_resume, 2, PP2, save, 6, 2, timeout=300, all_ranks=True, reuse=True))
     second = _resume(0, 1, (), save, 6, 4)
     pp4 = ("model.pipeline_model_parallel_size=4",)
-    third = _merged(run_distributed(_resume, 4, pp4, save, 6, 6, timeout=300, all_ranks=True))
+    third = _merged(run_distributed(_resume, 4, pp4, save, 6, 6, timeout=300, all_ranks=True, reuse=True))
     losses = first["losses"] + second["losses"] + third["losses"]
     _assert_same_run({"losses": losses, "weights": third["weights"]}, ref)
 
@@ -192,7 +192,9 @@ def test_resume_on_the_same_pipeline_layout_is_bitwise(tmp_path: Path) -> None:
     overrides = (*PP2, "model.virtual_pipeline_model_parallel_size=2")
 
     def run(save: str, stop: int) -> dict[str, Any]:
-        return _merged(run_distributed(_resume, 2, overrides, save, 4, stop, timeout=300, all_ranks=True))
+        return _merged(
+            run_distributed(_resume, 2, overrides, save, 4, stop, timeout=300, all_ranks=True, reuse=True)
+        )
 
     straight = run(str(tmp_path / "a"), 4)
     save = str(tmp_path / "b")
@@ -227,7 +229,7 @@ def test_logged_metrics_cover_every_stage(tmp_path: Path) -> None:
     """The last rank logs the whole model's figures: norms over every stage (the tied table once),
     the per-layer gradient norms of every stage's layers, the loss of every step."""
     _logged(0, 1, (), str(tmp_path / "one"))
-    run_distributed(_logged, 2, PP2, str(tmp_path / "pp"), timeout=300)
+    run_distributed(_logged, 2, PP2, str(tmp_path / "pp"), timeout=300, reuse=True)
     ref, got = _scalars(tmp_path / "one"), _scalars(tmp_path / "pp")
     assert len(got["lm loss"]) == STEPS
     layers = {t for t in ref if t.startswith("grad-norm/decoder.layers.")}

@@ -248,7 +248,9 @@ def _run(rank: int, world_size: int, overrides: list[str], slow: str, toggles: d
 
 def _two_ranks(*overrides: str, slow: str = "always", toggles: dict[int, str] | None = None) -> list[dict]:
     base = ["train.train_iters=12", "train.eval_interval=100", "train.eval_iters=1"]
-    return run_distributed(_run, 2, base + list(overrides), slow, toggles or {}, timeout=240, all_ranks=True)
+    return run_distributed(
+        _run, 2, base + list(overrides), slow, toggles or {}, timeout=240, all_ranks=True, reuse=True
+    )
 
 
 @pytest.mark.slow
