@@ -651,7 +651,7 @@ class ConfigContainer(ConfigBase):
         if "ddp" not in broken and not (sixteen_bit and self.ddp.grad_reduce_in_fp32):
             # A parameter's .grad written by a graph lives in the graphs' memory, which the next
             # micro-batch's replay overwrites; float32 main gradients take every 16-bit gradient out
-            # of it as soon as autograd produces it.
+            # of it by the end of its backward pass, before that replay.
             problems.append(
                 Problem(
                     "model.cuda_graph_impl",
