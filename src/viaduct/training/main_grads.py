@@ -194,10 +194,19 @@ class _MainGrad:
     fresh: bool = True
     """Not written yet this step: the first write copies, later ones add."""
 
-    def accumulate(self, grad: torch.Tensor) -> None:
-        """Add `grad` (any dtype) into the main gradient (copy it, for the first write of a step)."""
-        widen([self.grad], [grad], accumulate=not self.fresh)
-        self.fresh = False
+
+def _widen_into_mains(pairs: list[tuple[_MainGrad, torch.Tensor]]) -> None:
+    """Widen each 16-bit gradient into its main gradient: one `widen` call for the first writes of
+    the step (copies) and one for the rest (adds)."""
+    copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    adds: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for main, grad in pairs:
+        into = copies if main.fresh else adds
+        into[0].append(main.grad)
+        into[1].append(grad)
+        main.fresh = False
+    widen(*copies, accumulate=False)
+    widen(*adds, accumulate=True)
 
 
 class AccumulatedMainGrads(MainGrads):
@@ -248,18 +257,9 @@ class AccumulatedMainGrads(MainGrads):
         self._flush()
 
     def _flush(self) -> None:
-        """Widen the waiting 16-bit gradients into their main gradients: one `widen` call for the
-        first writes of the step (copies) and one for the rest (adds)."""
+        """Widen the waiting 16-bit gradients into their main gradients."""
         waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
-        copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        adds: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        for main, grad in waiting:
-            into = copies if main.fresh else adds
-            into[0].append(main.grad)
-            into[1].append(grad)
-            main.fresh = False
-        widen(*copies, accumulate=False)
-        widen(*adds, accumulate=True)
+        _widen_into_mains(waiting)
 
     def begin_step(self) -> None:
         # What a failed backward pass left: its gradients and its end-of-pass callback (never run).
@@ -300,8 +300,7 @@ class AccumulatedMainGrads(MainGrads):
         elif flat.numel() == buffer.numel() and not any(fresh):
             flat.add_(buffer)
         else:
-            for m, g in zip(mains, bucket.gradients()):
-                m.accumulate(g)
+            _widen_into_mains(list(zip(mains, bucket.gradients(), strict=True)))
         for m in mains:
             m.fresh = False
         return BucketReduction(flat, write_back=False)
